@@ -1,1 +1,36 @@
 """upop_fx: structured pruning of Transformer models (UPop) as a compiler pipeline over FX graphs."""
+
+from .api import METHODS, Result, compress
+from .capture import Captured, capture
+from .errors import (
+    CaptureError,
+    ConfigError,
+    InputError,
+    NoPrunableGroupError,
+    SurgeryCheckError,
+    SurgeryError,
+    UnsupportedGraphError,
+    UPopError,
+)
+from .groups import DimGroup, GroupAnalysis
+from .report import Report
+
+__all__ = [
+    "compress",
+    "Result",
+    "METHODS",
+    "capture",
+    "Captured",
+    "DimGroup",
+    "GroupAnalysis",
+    "Report",
+    "UPopError",
+    "ConfigError",
+    "InputError",
+    "CaptureError",
+    "NoPrunableGroupError",
+    "UnsupportedGraphError",
+    "SurgeryError",
+    "SurgeryCheckError",
+]
+__version__ = "0.1.0"

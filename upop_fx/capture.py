@@ -1,0 +1,135 @@
+"""Capture: ``nn.Module`` → ``torch.fx.GraphModule`` with torch.export (non-strict, default IR).
+
+The batch axis (axis 0 of every tensor input) and the sequence axis (axis 1 of integer token tensors of rank 2
+and of float tensors of rank 3) are made dynamic, so the captured graph — and everything made from it — runs at
+other batch sizes and sequence lengths than the example's.
+
+Example:
+    >>> import torch
+    >>> from upop_fx import capture
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> cap = capture(layer, torch.randn(2, 5, 16))
+    >>> cap.gm(torch.randn(3, 7, 16)).shape
+    torch.Size([3, 7, 16])
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from .errors import CaptureError, InputError
+
+__all__ = ["Captured", "capture", "normalize_inputs", "run_module"]
+
+log = logging.getLogger(__name__)
+
+CAPTURE_META_KEY = "upop_capture"
+
+
+@dataclass
+class Captured:
+    """What capture produces: the graph module and how to call it."""
+
+    gm: torch.fx.GraphModule
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    batch_size: int
+
+    def run(self, module: torch.nn.Module | None = None) -> Any:
+        """Run ``module`` (default: the captured graph) on the example inputs."""
+        return run_module(module if module is not None else self.gm, self.args, self.kwargs)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``."""
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise InputError(
+            f"example_inputs must be a tensor, a tuple of positional args or a dict of keyword args, "
+            f"not {type(example_inputs).__name__}"
+        )
+    tensors = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise InputError("example_inputs contain no tensor")
+    batch = {int(t.shape[0]) for t in tensors if t.dim() > 0}
+    if len(batch) != 1:
+        raise InputError(f"every tensor input needs the same batch size on axis 0; found sizes {sorted(batch)}")
+    if batch.pop() < 2:
+        raise InputError("the example batch must hold at least 2 samples, or torch.export specialises the batch size")
+    return args, kwargs
+
+
+def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def _dynamic_axes(t: Any) -> dict[int, Any] | None:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    axes: dict[int, Any] = {0: Dim.AUTO}
+    is_tokens = not t.is_floating_point() and t.dim() == 2
+    is_sequence = t.is_floating_point() and t.dim() == 3
+    if (is_tokens or is_sequence) and t.shape[1] > 1:
+        axes[1] = Dim.AUTO
+    return axes
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Dynamic-shape spec keyed by the forward's parameter names (what torch.export expects for kwargs)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"example_inputs do not match {type(model).__name__}.forward: {exc}") from exc
+    spec: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        param = bound.signature.parameters[name]
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            spec[name] = tuple(_dynamic_axes(v) for v in value)
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            spec[name] = {k: _dynamic_axes(v) for k, v in value.items()}
+        else:
+            spec[name] = _dynamic_axes(value)
+    return spec
+
+
+def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
+    """Capture ``model`` called on ``example_inputs`` as a GraphModule (the model itself is not touched).
+
+    Raises:
+        InputError: the inputs are malformed or the model raises on them.
+        CaptureError: torch.export fails; the message carries its reason.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    work = copy.deepcopy(model).eval()
+    try:
+        run_module(work, args, kwargs)
+    except Exception as exc:  # the model's own error, re-raised with context
+        raise InputError(f"the model raises on example_inputs: {type(exc).__name__}: {exc}") from exc
+    dynamic = _dynamic_shapes(work, args, kwargs)
+    try:
+        ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
+        ) from exc
+    gm = ep.module()
+    batch = next(int(t.shape[0]) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+    log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
+    return Captured(gm=gm, args=args, kwargs=kwargs, batch_size=batch)

@@ -1,0 +1,159 @@
+"""The typed data that passes exchange: channel blocks, parameter uses, attention sites and dimension groups.
+
+Vocabulary:
+    label     an integer naming one channel of one producing op (a row of a Linear weight, say).
+    class     a set of labels that must be removed together (their union-find root).
+    Block     where the labels sit on a tensor: ``node.meta["upop_dims"]`` (see :data:`DIMS_KEY`).
+    ParamUse  one parameter axis whose entries are tied to labels (sliced by surgery).
+    DimGroup  the classes of one coupled structure (an attention layer's q/k dims, its v dims, an MLP's
+              hidden neurons), in a canonical channel order, with each channel's exact cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DIMS_KEY",
+    "GROUPS_KEY",
+    "Block",
+    "ParamUse",
+    "AttentionSite",
+    "DimGroup",
+    "GroupAnalysis",
+    "get_analysis",
+]
+
+#: ``node.meta`` key holding the node's :class:`Block` (or a list of them for multi-output nodes, or None).
+DIMS_KEY = "upop_dims"
+#: ``gm.meta`` key holding the :class:`GroupAnalysis` of a graph.
+GROUPS_KEY = "upop_groups"
+
+GroupKind = Literal["qk", "v", "mlp", "other"]
+
+
+@dataclass
+class Block:
+    """Channel labels carried by a tensor.
+
+    ``axes`` are the tensor axes that carry labels (increasing); ``labels`` has one dimension per axis. A tensor
+    axis may also hold an unlabelled *outer* factor (``view(T, B, C) → (T, B·H, d)`` puts the batch outside the
+    head index): then ``size(axis) == outer[i] * labels.shape[i]``.
+    ``zero`` says whether a removed channel is exactly zero here when its producers are zeroed.
+    """
+
+    axes: tuple[int, ...]
+    labels: np.ndarray
+    outer: tuple[Any, ...] = ()
+    zero: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.outer:
+            self.outer = (1,) * len(self.axes)
+        assert len(self.axes) == self.labels.ndim == len(self.outer), (self.axes, self.labels.shape, self.outer)
+
+    def axis_labels(self, axis: int) -> int:
+        return int(self.labels.shape[self.axes.index(axis)])
+
+
+@dataclass
+class ParamUse:
+    """Parameter (or buffer) ``name`` has its entries along ``axis`` tied to ``labels`` (one per entry).
+
+    ``role`` is ``"out"`` where the entry produces the channel's value (weight rows, biases, scales) and
+    ``"in"`` where it consumes it (the contracted axis of a following Linear).
+    """
+
+    name: str
+    axis: int
+    labels: np.ndarray
+    role: Literal["in", "out"]
+    node: str
+    flops: float = 0.0  # FLOPs per entry on the example batch (matmul-like ops only)
+
+
+@dataclass
+class AttentionSite:
+    """One scaled-dot-product attention: the labels of its q, k and v head blocks, each (heads, head_dim)."""
+
+    node: str
+    q: np.ndarray | None
+    k: np.ndarray | None
+    v: np.ndarray | None
+    scale: float | None
+    index: int
+    flops_qk: float = 0.0  # FLOPs per q/k entry (one head, one dim) on the example batch
+    flops_v: float = 0.0
+    cross: bool = False
+
+
+@dataclass
+class DimGroup:
+    """One set of coupled channels: removing channel ``c`` means removing every entry tied to it.
+
+    Channels are numbered ``0 .. width-1``; for attention groups channel ``c`` is head ``c // head_dim``,
+    dim ``c % head_dim``. ``cost_params[c]`` is the number of parameters removed with channel ``c``;
+    ``cost_flops[c]`` the FLOPs per sample it saves at the example sequence length (matmuls and attention,
+    including the T×T terms).
+    """
+
+    id: int
+    kind: GroupKind
+    width: int
+    tower: str
+    layer: int
+    scope: str
+    heads: int | None = None
+    head_dim: int | None = None
+    cross: bool = False
+    site: int | None = None
+    prunable: bool = True
+    reason: str | None = None
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    producers: list[tuple[str, int, np.ndarray]] = field(default_factory=list, repr=False)
+    consumers: list[tuple[str, int, np.ndarray]] = field(default_factory=list, repr=False)
+    shape_nodes: list[str] = field(default_factory=list, repr=False)
+    cost_params: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    cost_flops: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    def describe(self) -> str:
+        heads = f" heads={self.heads}x{self.head_dim}" if self.heads else ""
+        where = f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.scope or "<root>"
+        cross = " cross" if self.cross else ""
+        state = "" if self.prunable else f" (not prunable: {self.reason})"
+        return f"#{self.id} {self.kind}{cross} {where}{heads} width={self.width}{state}"
+
+    def signature(self) -> tuple[Any, ...]:
+        """(kind, tower, layer, heads, head_dim, width, cross): what golden listings compare."""
+        return (self.kind, self.tower, self.layer, self.heads, self.head_dim, self.width, self.cross)
+
+
+@dataclass
+class GroupAnalysis:
+    """Result of :class:`~upop_fx.passes.find_groups.FindGroups`, stored under ``gm.meta[GROUPS_KEY]``."""
+
+    groups: list[DimGroup]
+    uses: list[ParamUse]
+    sites: list[AttentionSite]
+    label_class: np.ndarray  # label -> class id (its union-find root)
+    class_channel: dict[int, tuple[int, int]]  # class id -> (group id, channel index)
+    batch_size: int
+
+    @property
+    def prunable(self) -> list[DimGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def group(self, gid: int) -> DimGroup:
+        return self.groups[gid]
+
+
+def get_analysis(gm: torch.fx.GraphModule) -> GroupAnalysis:
+    """The group analysis of ``gm``; raises if :class:`FindGroups` has not been run on it."""
+    analysis = getattr(gm, "meta", {}).get(GROUPS_KEY)
+    if analysis is None:
+        raise LookupError("no dimension-group analysis on this graph: run upop_fx.passes.FindGroups first")
+    return analysis

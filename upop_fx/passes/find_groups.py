@@ -1,0 +1,216 @@
+"""FindGroups: the analysis pass that finds every set of channels that must be removed together.
+
+Requires: a GraphModule captured by :func:`upop_fx.capture` (nodes carry ``meta["val"]``; parameters are
+``get_attr`` nodes).
+Ensures: ``gm.meta["upop_groups"]`` holds a :class:`~upop_fx.groups.GroupAnalysis`, each node's
+``meta["upop_dims"]`` its channel :class:`~upop_fx.groups.Block`; the graph itself is unchanged.
+
+Labels are created where channels are produced (Linear/conv outputs, embeddings) and flow forward through one
+rule per op family (``passes/rules``). Classes (labels that must go together) come from a union-find; groups
+are the connected components of the producer–class graph held by networkx. A group is classified from the graph
+alone: its classes are the q/k dims of an attention (``qk``), its v dims (``v``), or hidden neurons consumed by
+a following matmul (``mlp``). A group that touches an op without a rule, reaches the model output, or is
+normalised is kept in the listing as not prunable, with the node and reason.
+
+Example:
+    >>> import torch, upop_fx
+    >>> from upop_fx.passes import FindGroups
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> cap = upop_fx.capture(layer, torch.randn(2, 5, 16))
+    >>> [g.kind for g in FindGroups()(cap.gm, cap.batch_size).value.prunable]
+    ['qk', 'v', 'mlp']
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import networkx as nx
+import numpy as np
+import torch
+
+from ..groups import GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis
+from ..search.cost import class_costs
+from .base import GraphPass, PassResult
+from .trace import LabelTracer
+
+__all__ = ["FindGroups", "find_groups"]
+
+log = logging.getLogger(__name__)
+
+
+class FindGroups(GraphPass[GroupAnalysis]):
+    requires = "a captured GraphModule with meta['val'] on every node"
+    ensures = "gm.meta['upop_groups'] holds the GroupAnalysis; node.meta['upop_dims'] the channel blocks"
+
+    def run(self, gm: torch.fx.GraphModule, batch_size: int = 1) -> PassResult[GroupAnalysis]:
+        tracer = LabelTracer(gm)
+        tracer.run()
+        analysis = _group(gm, tracer, batch_size)
+        gm.meta[GROUPS_KEY] = analysis
+        for g in analysis.groups:
+            log.debug("group %s", g.describe())
+        return PassResult(gm, False, analysis)
+
+
+def find_groups(gm: torch.fx.GraphModule, batch_size: int = 1) -> GroupAnalysis:
+    """Functional form of :class:`FindGroups`."""
+    return FindGroups()(gm, batch_size).value
+
+
+def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
+    roots = tracer.roots()
+    graph = _coupling_graph(tracer, roots)
+    refused: dict[int, str] = {}
+    for label, reason in tracer.refusals.items():
+        refused.setdefault(int(roots[label]), reason)
+    shapes = {n.target: tuple(int(d) for d in n.meta["val"].shape) for n in gm.graph.nodes if n.op == "get_attr"}
+    cost_p, cost_f = class_costs(roots, tracer.uses, tracer.sites, shapes, batch_size)
+    uses_by_class: dict[int, list[int]] = defaultdict(list)
+    for i, u in enumerate(tracer.uses):
+        for r in set(roots[u.labels].tolist()):
+            uses_by_class[r].append(i)
+    site_role: dict[int, tuple[str, AttentionSite]] = {}
+    for site in tracer.sites:
+        for role, labels in (("qk", site.q), ("v", site.v)):
+            if labels is not None:
+                for r in np.unique(roots[labels]).tolist():
+                    site_role.setdefault(r, (role, site))
+    node_scope = _node_scopes(gm)
+    seed_nodes = {name: n for n in gm.graph.nodes for name in [n.name]}
+    groups: list[DimGroup] = []
+    class_channel: dict[int, tuple[int, int]] = {}
+    seed_of_class: dict[int, int] = {}
+    for s, (_, labels) in enumerate(tracer.seeds):
+        for r in roots[labels].tolist():
+            seed_of_class.setdefault(r, s)
+    components = sorted(nx.connected_components(graph), key=lambda c: min(seed_of_class[r] for r in c))
+    for classes in components:
+        seeds = sorted({seed_of_class[r] for r in classes})
+        gid = len(groups)
+        g = _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_class)
+        used = sorted({i for r in classes for i in uses_by_class[r]})
+        scope = _common_scope([node_scope.get(tracer.uses[i].node, "") for i in used])
+        g.scope = scope
+        g.tower, g.layer = _tower_layer(scope)
+        if g.site is not None and g.kind in ("qk", "v"):
+            g.cross = _is_cross(tracer.sites[g.site], tracer, roots, seed_nodes)
+        order = g.classes
+        pos = {int(r): c for c, r in enumerate(order.tolist())}
+        g.cost_params = cost_p[order]
+        g.cost_flops = cost_f[order]
+        for i in used:
+            u = tracer.uses[i]
+            chan = np.array([pos.get(int(r), -1) for r in roots[u.labels]], dtype=np.int64)
+            (g.producers if u.role == "out" else g.consumers).append((u.name, u.axis, chan))
+        for c, r in enumerate(order.tolist()):
+            class_channel[int(r)] = (gid, c)
+        groups.append(g)
+    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size)
+
+
+def _coupling_graph(tracer: LabelTracer, roots: np.ndarray) -> nx.Graph:
+    """Classes linked into structures: an attention's q/k dims, its v dims, and the rest of each producer."""
+    graph = nx.Graph()
+    graph.add_nodes_from(np.unique(roots).tolist())
+    claimed: set[int] = set()
+    for site in tracer.sites:
+        for labels in (site.q, site.v):
+            if labels is not None:
+                r = np.unique(roots[labels]).tolist()
+                claimed.update(r)
+                nx.add_path(graph, r)
+    for _, labels in tracer.seeds:
+        free = [r for r in dict.fromkeys(roots[labels].tolist()) if r not in claimed]
+        nx.add_path(graph, free)
+    return graph
+
+
+def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_class) -> DimGroup:  # noqa: ANN001
+    roles = {site_role[r][0] for r in classes if r in site_role}
+    sites = {site_role[r][1].index for r in classes if r in site_role}
+    reason = next((refused[r] for r in sorted(classes) if r in refused), None)
+    kind, heads, head_dim, site_idx = "other", None, None, None
+    if len(roles) == 1 and len(sites) == 1:
+        kind = roles.pop()
+        site_idx = sites.pop()
+        site = tracer.sites[site_idx]
+        labels = site.q if kind == "qk" else site.v
+        order = roots[labels.reshape(-1)]
+        heads, head_dim = int(labels.shape[0]), int(labels.shape[1])
+        if len(set(order.tolist())) != len(order) or set(order.tolist()) != classes:
+            reason = reason or f"the {kind} dims of attention {site.node} are coupled with other channels"
+    elif roles:
+        reason = reason or "channels shared between attention roles or layers"
+        order = np.array(sorted(classes), dtype=np.int64)
+    else:
+        seen: dict[int, None] = {}
+        for s in seeds:
+            for r in roots[tracer.seeds[s][1]].tolist():
+                if r in classes:
+                    seen.setdefault(int(r), None)
+        order = np.array(list(seen), dtype=np.int64)
+        consumed = any(tracer.uses[i].role == "in" for r in classes for i in uses_by_class[r])
+        kind = "mlp" if consumed else "other"
+        if not consumed:
+            reason = reason or "no matmul consumes these channels"
+    if reason is not None and kind == "mlp":
+        kind = "other"
+    if kind == "other" and reason is None:
+        reason = "not a recognised structure"
+    return DimGroup(
+        id=gid, kind=kind, width=len(order), tower="", layer=-1, scope="", heads=heads, head_dim=head_dim,
+        site=site_idx, prunable=reason is None, reason=reason, classes=order,
+    )  # fmt: skip
+
+
+def _node_scopes(gm: torch.fx.GraphModule) -> dict[str, str]:
+    out = {}
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            out[n.name] = list(stack.values())[-1][0]
+    return out
+
+
+def _common_scope(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    common = []
+    for xs in zip(*parts):
+        if len(set(xs)) != 1:
+            break
+        common.append(xs[0])
+    return ".".join(common)
+
+
+def _tower_layer(scope: str) -> tuple[str, int]:
+    parts = scope.split(".") if scope else []
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i]), int(p)
+    return scope, -1
+
+
+def _is_cross(site: AttentionSite, tracer: LabelTracer, roots: np.ndarray, nodes: dict) -> bool:  # noqa: ANN001
+    """Cross-attention: q and k are projected from different tensors."""
+    if site.q is None or site.k is None:
+        return False
+
+    def source(label: int) -> object:
+        for name, labels in tracer.seeds:
+            if labels[0] <= label <= labels[-1]:
+                node = nodes[name]
+                return _activation_input(node)
+        return None
+
+    return source(int(site.q.reshape(-1)[0])) is not source(int(site.k.reshape(-1)[0]))
+
+
+def _activation_input(node: torch.fx.Node) -> object:
+    for a in node.args:
+        if isinstance(a, torch.fx.Node) and a.op != "get_attr":
+            return a
+    return None

@@ -1,0 +1,145 @@
+"""``scaled_dot_product_attention``: where q/k and v head dims are found and coupled.
+
+q and k enter as ``(..., H, T, d)`` with their labels on the head and dim axes; ``q[h, j]`` meets ``k[h, j]`` in
+the score ``q·kᵀ``, so the two are unioned. v's labels pass to the output (``out[h, :, j]`` is a mix of
+``v[h, :, j]``). The site is recorded for the group analysis; surgery pins the scale, which SDPA would otherwise
+recompute from the reduced head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from ...groups import AttentionSite, Block
+from . import rewrite, rule
+from ._util import arg, rank, val
+
+aten = torch.ops.aten
+
+
+def _heads(ctx: Any, x: Any) -> tuple[np.ndarray | None, bool]:
+    """(labels as (H, d), well-formed?) for an attention operand."""
+    b = ctx.block(x)
+    if b is None:
+        return None, True
+    r = rank(x)
+    if any(o != 1 for o in b.outer):
+        return None, False
+    if b.axes == (r - 3, r - 1):
+        return b.labels, b.zero
+    if b.axes == (r - 1,) and int(val(x).shape[r - 3]) == 1:
+        return b.labels[None], b.zero
+    return None, False
+
+
+@rule(aten.scaled_dot_product_attention)
+def sdpa(ctx: Any, node: Node) -> Block | None:
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    (ql, q_ok), (kl, k_ok), (vl, v_ok) = _heads(ctx, q), _heads(ctx, k), _heads(ctx, v)
+    if not (q_ok and k_ok and v_ok):
+        for x in (q, k, v):
+            ctx.refuse_block(ctx.block(x), "attention operand without a clean (heads, head_dim) layout")
+        return None
+    if (ql is None) != (kl is None) or (ql is not None and ql.shape != kl.shape):
+        ctx.refuse(ql, "q and k head layouts differ (grouped-query attention is not analysed)")
+        ctx.refuse(kl, "q and k head layouts differ (grouped-query attention is not analysed)")
+        ql = kl = None
+    if ql is not None:
+        ctx.union(ql, kl)
+    mask = arg(node, 3, "attn_mask")
+    if mask is not None:
+        ctx.refuse_block(ctx.block(mask), "channels used as an attention mask")
+    qv, kv = val(q), val(k)
+    from ..trace import concrete
+
+    batch = 1
+    for d in qv.shape[:-3]:
+        batch *= concrete(d)
+    pair_flops = 2.0 * batch * concrete(qv.shape[-2]) * concrete(kv.shape[-2])
+    ctx.sites.append(
+        AttentionSite(
+            node=node.name, q=ql, k=kl, v=vl, scale=arg(node, 6, "scale"), index=len(ctx.sites),
+            flops_qk=pair_flops, flops_v=pair_flops,
+        )
+    )  # fmt: skip
+    if vl is None:
+        return None
+    r = rank(node)
+    return Block((r - 3, r - 1), vl, zero=ctx.block(v).zero)
+
+
+SCORES_KEY = "upop_scores_site"
+
+
+def _site_upstream(node: Node, depth: int = 16) -> int | None:
+    """The eager attention site whose q·kᵀ scores feed ``node`` (softmax, scale, mask and dropout between)."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen or not isinstance(n, Node):
+                continue
+            seen.add(n)
+            if SCORES_KEY in n.meta:
+                return n.meta[SCORES_KEY]
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return None
+
+
+def activation_matmul(ctx: Any, node: Node) -> Block | None:
+    """Eager attention written as matmuls: ``q @ kᵀ`` (contracts head dims) and ``probs @ v``."""
+    a, b = node.args[0], node.args[1]
+    ab, bb = ctx.block(a), ctx.block(b)
+    ra, rb, r = rank(a), rank(b), rank(node)
+    from ..trace import concrete
+
+    if ab is not None and bb is not None and ab.axes == (ra - 3, ra - 1) and bb.axes == (rb - 3, rb - 2):
+        if ab.labels.shape != bb.labels.shape or any(o != 1 for o in ab.outer + bb.outer) or not (ab.zero and bb.zero):
+            ctx.refuse_block(ab, "attention scores with mismatched q/k head layouts")
+            ctx.refuse_block(bb, "attention scores with mismatched q/k head layouts")
+            return None
+        ctx.union(ab.labels, bb.labels)
+        out = val(node)
+        batch = 1
+        for d in out.shape[:-3]:
+            batch *= concrete(d)
+        flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(out.shape[-1])
+        site = AttentionSite(node=node.name, q=ab.labels, k=bb.labels, v=None, scale=None, index=len(ctx.sites), flops_qk=flops)
+        ctx.sites.append(site)
+        node.meta[SCORES_KEY] = site.index
+        return None
+    if ab is None and bb is not None and bb.axes == (rb - 3, rb - 1) and all(o == 1 for o in bb.outer):
+        idx = _site_upstream(a)
+        out = val(node)
+        batch = 1
+        for d in out.shape[:-3]:
+            batch *= concrete(d)
+        flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(val(a).shape[-1])
+        if idx is not None and ctx.sites[idx].v is None:
+            ctx.sites[idx].v, ctx.sites[idx].flops_v = bb.labels, flops
+        else:
+            ctx.sites.append(AttentionSite(node=node.name, q=None, k=None, v=bb.labels, scale=None, index=len(ctx.sites), flops_v=flops))
+        return Block((r - 3, r - 1), bb.labels, zero=bb.zero)
+    for x in (ab, bb):
+        ctx.refuse_block(x, "matmul of two activations that is not an attention pattern")
+    return None
+
+
+@rewrite(aten.scaled_dot_product_attention)
+def pin_scale(ctx: Any, node: Node) -> None:
+    """Keep the softmax temperature of the original head dim: SDPA's default is 1/sqrt(current d)."""
+    if arg(node, 6, "scale") is None:
+        scale = 1.0 / math.sqrt(int(val(node.args[0]).shape[-1]))
+        if len(node.args) > 6:
+            node.args = (*node.args[:6], scale, *node.args[7:])
+        else:
+            node.kwargs = {**node.kwargs, "scale": scale}
+
+
+__all__ = ["activation_matmul"]

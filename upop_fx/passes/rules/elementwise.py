@@ -1,0 +1,163 @@
+"""Elementwise ops, activations, normalisation, softmax and reductions.
+
+Broadcasting ops couple the labels of their labelled operands (a residual add unions two streams); an unlabelled
+*parameter* operand that spans a channel axis (a bias add, a LayerNorm weight, a layer scale) becomes an
+``out`` use. ``Block.zero`` tracks whether a removed channel stays exactly zero (``gelu(0) = 0`` but
+``sigmoid(0) = 0.5``; ``x·sigmoid(1.702x)`` is zero again), so that a group whose removal would not be exact
+is refused at its consumer.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from ...groups import Block
+from . import rule
+from ._util import arg, rank, val
+
+aten = torch.ops.aten
+
+#: f(0) == 0: a zero channel stays zero.
+ZERO_PRESERVING = [
+    aten.relu, aten.gelu, aten.silu, aten.tanh, aten.neg, aten.erf, aten.abs, aten.sin, aten.hardtanh,
+    aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.feature_dropout, aten.alpha_dropout,
+    aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy, aten.type_as,
+    aten.lift_fresh_copy, aten.sqrt, aten.relu6, aten.hardswish, aten.sign,
+]  # fmt: skip
+#: f(0) != 0 in general.
+NOT_ZERO_PRESERVING = [aten.sigmoid, aten.exp, aten.cos, aten.softplus, aten.log, aten.rsqrt, aten.reciprocal]
+
+
+def _aligned(block: Block, offset: int) -> Block:
+    return Block(tuple(a + offset for a in block.axes), block.labels, block.outer, block.zero)
+
+
+@rule(*ZERO_PRESERVING, *NOT_ZERO_PRESERVING)
+def unary(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    if b is None:
+        return None
+    if isinstance(val(node), torch.Tensor) and tuple(val(node).shape) != tuple(val(node.args[0]).shape):
+        ctx.refuse_block(b, "an elementwise op changed the shape")
+        return None
+    zero = b.zero and node.target.overloadpacket not in NOT_ZERO_PRESERVING
+    return Block(b.axes, b.labels, b.outer, zero)
+
+
+_BINARY = [
+    aten.add, aten.sub, aten.mul, aten.div, aten.where, aten.masked_fill, aten.maximum, aten.minimum,
+    aten.pow, aten.rsub, aten.add_, aten.sub_, aten.mul_, aten.div_, aten.masked_fill_,
+    operator.add, operator.mul, operator.sub, operator.truediv,
+]  # fmt: skip
+
+
+@rule(*_BINARY)
+def broadcast(ctx: Any, node: Node) -> Block | None:
+    out = val(node)
+    if not isinstance(out, torch.Tensor):
+        return None
+    R = out.dim()
+    operands = [a for a in node.args if isinstance(a, Node) and isinstance(val(a), torch.Tensor)]
+    labelled = [(a, _aligned(ctx.block(a), R - rank(a))) for a in operands if ctx.block(a) is not None]
+    if not labelled:
+        return None
+    ref = labelled[0][1]
+    for _, b in labelled[1:]:
+        if b.axes != ref.axes or b.labels.shape != ref.labels.shape or b.outer != ref.outer:
+            for _, bb in labelled:
+                ctx.refuse_block(bb, "operands carry channels on different axes")
+            return None
+        ctx.union(ref.labels, b.labels)
+    broadcast_other = False
+    for a in operands:
+        if ctx.block(a) is not None:
+            continue
+        off = R - rank(a)
+        sizes = [int(val(a).shape[ax - off]) if ax - off >= 0 else 1 for ax in ref.axes]
+        full = [i for i, s in enumerate(sizes) if s != 1]
+        if not full:
+            broadcast_other = True
+            continue
+        if not ctx.is_param(a) or len(full) != 1 or ref.outer[full[0]] != 1:
+            ctx.refuse_block(ref, f"operand {a.name} of unknown channels spans a channel axis")
+            continue
+        i = full[0]
+        lab = np.moveaxis(ref.labels, i, -1).reshape(-1, ref.labels.shape[i])
+        if lab.shape[0] > 1:  # one parameter entry shared by every position of the other labelled axes
+            ctx.union(lab, lab[0:1])
+        ctx.use(a, ref.axes[i] - off, lab[0], "out")
+    zero = _zero_after(node, [b for _, b in labelled], broadcast_other)
+    return Block(ref.axes, ref.labels, ref.outer, zero)
+
+
+def _zero_after(node: Node, labelled: list[Block], broadcast_other: bool) -> bool:
+    """Is a removed channel still exactly zero after this op?"""
+    target = getattr(node.target, "overloadpacket", node.target)
+    target = _INPLACE.get(target, target)
+    first = node.args[0]
+    first_zero = isinstance(first, Node) and labelled and first.meta.get("upop_dims") is not None
+    scalars = [a for a in node.args[1:] if isinstance(a, (int, float))]
+    if target in (aten.mul, operator.mul):
+        return any(b.zero for b in labelled)
+    if target in (aten.div, operator.truediv):
+        return bool(first_zero) and labelled[0].zero
+    if target in (aten.add, aten.sub, operator.add, operator.sub):
+        return all(b.zero for b in labelled) and not broadcast_other and all(s == 0 for s in scalars)
+    if target is aten.masked_fill:
+        return bool(first_zero) and labelled[0].zero and all(s == 0 for s in scalars)
+    if target is aten.pow:
+        return all(b.zero for b in labelled) and all(s > 0 for s in scalars) and len(labelled) == 1
+    return False
+
+
+_INPLACE = {aten.add_: aten.add, aten.sub_: aten.sub, aten.mul_: aten.mul, aten.div_: aten.div, aten.masked_fill_: aten.masked_fill}
+
+
+@rule(aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm, aten.batch_norm)
+def norm(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    if b is None:
+        return None
+    ctx.refuse_block(b, "normalisation statistics change when channels are removed")
+    weights = [a for a in node.args[1:] if ctx.is_param(a) and rank(a) == 1]
+    last = rank(node.args[0]) - 1
+    if last in b.axes and b.labels.ndim == 1:
+        for w in weights:
+            if int(val(w).shape[0]) == b.labels.shape[0]:
+                ctx.use(w, 0, b.labels, "out")
+    out = Block(b.axes, b.labels, b.outer, False)
+    return [out, None, None] if isinstance(val(node), (tuple, list)) else out
+
+
+@rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def softmax(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    dim = node.args[1] % rank(node.args[0])
+    if dim in b.axes:
+        ctx.refuse_block(b, "softmax over channels")
+        return None
+    return Block(b.axes, b.labels, b.outer, False)
+
+
+@rule(aten.mean, aten.sum, aten.amax, aten.amin)
+def reduction(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    r = rank(node.args[0])
+    dims = arg(node, 1, "dim", None)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        dims = list(range(r))
+    dims = [d % r for d in ([dims] if isinstance(dims, int) else dims)]
+    if any(d in b.axes for d in dims) or isinstance(val(node), (tuple, list)):
+        ctx.refuse_block(b, "reduction over channels")
+        return None
+    keep = bool(arg(node, 2, "keepdim", False))
+    axes = b.axes if keep else tuple(a - sum(d < a for d in dims) for a in b.axes)
+    return Block(axes, b.labels, b.outer, b.zero)
+
+
+__all__: list[str] = []

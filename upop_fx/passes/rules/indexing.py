@@ -1,0 +1,174 @@
+"""Splitting, selecting, slicing and concatenating: how packed QKV is taken apart.
+
+Along an unlabelled axis these ops pass the labels through; along a labelled axis they cut the labels array the
+same way they cut the tensor (``split(3·C)`` of GPT-2's ``c_attn``, ``unbind(0)`` of timm's ``(3, B, H, T, d)``,
+``select`` of ``nn.MultiheadAttention``'s unflattened ``in_proj``). Surgery recomputes split sizes, indices
+and slice bounds from the labels that survive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from ...groups import Block
+from . import rewrite, rule
+from ._util import arg, rank, val
+
+aten = torch.ops.aten
+
+
+def _cut(b: Block, axis: int, sizes: list[int]) -> list[Block]:
+    i = b.axes.index(axis)
+    if b.outer[i] != 1:
+        raise ValueError
+    bounds = np.cumsum([0, *sizes])
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        lab = np.take(b.labels, np.arange(lo, hi), axis=i)
+        out.append(Block(b.axes, lab, b.outer, b.zero))
+    return out
+
+
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
+def split(ctx: Any, node: Node) -> list[Block | None] | None:
+    b = ctx.block(node.args[0])
+    r = rank(node.args[0])
+    outs = val(node)
+    unbind = node.target.overloadpacket is aten.unbind
+    dim = arg(node, 1, "dim", 0) if unbind else arg(node, 2, "dim", 0)
+    dim %= r
+    if dim not in b.axes:
+        if unbind:
+            return [Block(tuple(a - (a > dim) for a in b.axes), b.labels, b.outer, b.zero) for _ in outs]
+        return [b for _ in outs]
+    sizes = [1 if unbind else int(o.shape[dim]) for o in outs]
+    try:
+        parts = _cut(b, dim, sizes)
+    except ValueError:
+        ctx.refuse_block(b, "split of an axis that mixes channels with other dims")
+        return None
+    if not unbind:
+        return parts
+    i = b.axes.index(dim)
+    axes = tuple(a - (a > dim) for a in b.axes if a != dim)
+    outer = tuple(o for j, o in enumerate(b.outer) if j != i)
+    return [Block(axes, np.take(p.labels, 0, axis=i), outer, b.zero) if axes else None for p in parts]
+
+
+@rule(aten.select)
+def select(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    r = rank(node.args[0])
+    dim, index = node.args[1] % r, node.args[2]
+    if dim not in b.axes:
+        return Block(tuple(a - (a > dim) for a in b.axes), b.labels, b.outer, b.zero)
+    i = b.axes.index(dim)
+    if b.outer[i] != 1 or not isinstance(index, int):
+        ctx.refuse_block(b, "select on an axis that mixes channels with other dims")
+        return None
+    axes = tuple(a - (a > dim) for a in b.axes if a != dim)
+    if not axes:
+        ctx.refuse_block(b, "select of a single channel")
+        return None
+    outer = tuple(o for j, o in enumerate(b.outer) if j != i)
+    return Block(axes, np.take(b.labels, index % b.labels.shape[i], axis=i), outer, b.zero)
+
+
+@rule(aten.slice)
+def slice_(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    r = rank(node.args[0])
+    dim = arg(node, 1, "dim", 0) % r
+    if dim not in b.axes:
+        return b
+    i = b.axes.index(dim)
+    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    if b.outer[i] != 1 or not all(isinstance(x, (int, type(None))) for x in (start, end, step)):
+        ctx.refuse_block(b, "slice of an axis that mixes channels with other dims")
+        return None
+    idx = np.arange(b.labels.shape[i])[slice(start, end, step)]
+    return Block(b.axes, np.take(b.labels, idx, axis=i), b.outer, b.zero)
+
+
+@rule(aten.cat, aten.concat, aten.concatenate)
+def cat(ctx: Any, node: Node) -> Block | None:
+    tensors = node.args[0]
+    r = rank(node)
+    dim = arg(node, 1, "dim", 0) % r
+    blocks = [ctx.block(t) for t in tensors]
+    labelled = [b for b in blocks if b is not None]
+    if any(b.axes != labelled[0].axes for b in labelled):
+        for b in labelled:
+            ctx.refuse_block(b, "concatenated operands carry channels on different axes")
+        return None
+    ref = labelled[0]
+    if any(b is None for b in blocks):
+        ctx.refuse_block(ref, "concatenation with an operand of unknown channels")
+        if dim in ref.axes:
+            return None
+        blocks = labelled
+    if dim in ref.axes:
+        i = ref.axes.index(dim)
+        if any(o != 1 for b in labelled for o in b.outer):
+            ctx.refuse_block(ref, "concatenation along a mixed axis")
+            return None
+        return Block(ref.axes, np.concatenate([b.labels for b in labelled], axis=i), ref.outer, all(b.zero for b in labelled))
+    for b in labelled[1:]:
+        if b.labels.shape != ref.labels.shape:
+            ctx.refuse_block(b, "concatenated operands carry different channels")
+            return None
+        ctx.union(ref.labels, b.labels)
+    return Block(ref.axes, ref.labels, ref.outer, all(b.zero for b in labelled))
+
+
+# ------------------------------------------------------------------ rewrites
+@rewrite(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
+def rewrite_split(ctx: Any, node: Node) -> None:
+    old = ctx.old_block(node.args[0])
+    r = rank(node.args[0])
+    dim = arg(node, 2, "dim", 0) % r
+    if old is None or dim not in old.axes:
+        return
+    i = old.axes.index(dim)
+    sizes = [int(b.labels.shape[i]) for b in ctx.new_block(node)]
+    node.target = aten.split_with_sizes.default
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}
+
+
+@rewrite(aten.select)
+def rewrite_select(ctx: Any, node: Node) -> None:
+    old = ctx.old_block(node.args[0])
+    dim = node.args[1] % rank(node.args[0])
+    if old is None or dim not in old.axes:
+        return
+    i = old.axes.index(dim)
+    kept = ctx.kept_positions(node.args[0], i)
+    index = node.args[2] % old.labels.shape[i]
+    if index not in kept:
+        raise ValueError(f"node {node.name}: the selected slice {index} was removed entirely")
+    node.args = (node.args[0], dim, kept.index(index))
+
+
+@rewrite(aten.slice)
+def rewrite_slice(ctx: Any, node: Node) -> None:
+    old = ctx.old_block(node.args[0])
+    dim = arg(node, 1, "dim", 0) % rank(node.args[0])
+    if old is None or dim not in old.axes:
+        return
+    i = old.axes.index(dim)
+    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    if step not in (None, 1):
+        raise ValueError(f"node {node.name}: a strided slice of a channel axis cannot be rewritten")
+    n = old.labels.shape[i]
+    lo, hi, _ = slice(start, end).indices(n)
+    kept = ctx.kept_positions(node.args[0], i)
+    new_lo = sum(1 for k in kept if k < lo)
+    new_hi = sum(1 for k in kept if k < hi)
+    node.args, node.kwargs = (node.args[0], dim, new_lo, new_hi, 1), {}
+
+
+__all__: list[str] = []

@@ -1,0 +1,174 @@
+"""The label tracer: forward propagation of channel labels over an aten graph, one rule per op family.
+
+It is the engine of :class:`~upop_fx.passes.find_groups.FindGroups`; rules (``passes/rules``) call its small
+API. Labels live in a union-find; every coupling an op implies (a residual add, q·kᵀ in attention) is a union.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import sympy
+import torch
+from torch.fx import Node
+
+from ..groups import DIMS_KEY, AttentionSite, Block, ParamUse
+from .rules import RULES, SEEDING, key_of, load_all
+
+__all__ = ["LabelTracer", "dim_expr", "shape_exprs", "concrete"]
+
+# Ops that take tensors but return nothing that carries channels (asserts, shape queries).
+_IGNORED = {
+    key_of(torch.ops.aten._assert_tensor_metadata.default),
+    key_of(torch.ops.aten.sym_size.int),
+    key_of(torch.ops.aten.sym_numel.default),
+    key_of(torch.ops.aten._assert_scalar.default),
+    key_of(torch.ops.aten.sym_constrain_range_for_size.default),
+}
+
+
+def dim_expr(d: Any) -> Any:
+    """A tensor size as a sympy expression (ints stay ints)."""
+    if isinstance(d, torch.SymInt):
+        return d.node.expr
+    return int(d)
+
+
+def shape_exprs(node: Any) -> tuple[Any, ...]:
+    return tuple(dim_expr(d) for d in node.meta["val"].shape)
+
+
+def concrete(d: Any) -> int:
+    """The example value of a size (a SymInt's hint)."""
+    if isinstance(d, torch.SymInt):
+        hint = d.node.hint
+        if hint is None:
+            hint = torch.fx.experimental.symbolic_shapes.optimization_hint(d)
+        return int(hint)
+    if isinstance(d, sympy.Basic):
+        return int(d)
+    return int(d)
+
+
+class LabelTracer:
+    """Propagates labels through ``gm.graph``; rules read and write through this object."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        load_all()
+        self.gm = gm
+        self.parent = np.zeros(0, dtype=np.int64)
+        self.uses: list[ParamUse] = []
+        self.sites: list[AttentionSite] = []
+        self.seeds: list[tuple[str, np.ndarray]] = []
+        self.refusals: dict[int, str] = {}  # label -> first reason its class cannot be removed
+        self.node: Node | None = None
+
+    # ----------------------------------------------------------------- labels
+    def new_labels(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape)) if shape else 1
+        start = len(self.parent)
+        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
+        labels = np.arange(start, start + n, dtype=np.int64).reshape(shape)
+        self.seeds.append((self.node.name if self.node is not None else "", labels.reshape(-1)))
+        return labels
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return int(root)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Couple labels elementwise: ``a[i]`` and ``b[i]`` must be removed together."""
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+    # ------------------------------------------------------------ recording
+    def refuse(self, labels: np.ndarray | None, reason: str) -> None:
+        """Mark the classes of ``labels`` as not removable, with a reason naming the current node."""
+        if labels is None:
+            return
+        where = f"node {self.node.name} ({_op_name(self.node)})" if self.node is not None else "graph"
+        for x in np.asarray(labels).reshape(-1).tolist():
+            self.refusals.setdefault(int(x), f"{where}: {reason}")
+
+    def refuse_block(self, block: Block | None, reason: str) -> None:
+        if block is not None:
+            self.refuse(block.labels, reason)
+
+    def use(self, param: Node, axis: int, labels: np.ndarray, role: str, flops: float = 0.0) -> None:
+        """Record that parameter ``param`` (a get_attr node) has its ``axis`` tied to ``labels``."""
+        assert param.op == "get_attr"
+        size = param.meta["val"].shape[axis]
+        assert labels.shape == (size,), (param.target, axis, labels.shape, size)
+        self.uses.append(ParamUse(str(param.target), axis, labels.copy(), role, self.node.name, flops))
+
+    # ---------------------------------------------------------------- access
+    @staticmethod
+    def block(arg: Any) -> Block | None:
+        if isinstance(arg, Node):
+            b = arg.meta.get(DIMS_KEY)
+            return b if isinstance(b, Block) else None
+        return None
+
+    @staticmethod
+    def is_param(arg: Any) -> bool:
+        return isinstance(arg, Node) and arg.op == "get_attr"
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.node = node
+            node.meta[DIMS_KEY] = None
+            if node.op == "output":
+                self._refuse_outputs(node)
+                continue
+            if node.op != "call_function":
+                continue
+            inputs = [n for n in node.all_input_nodes if _carries(n)]
+            if not inputs and key_of(node.target) not in SEEDING:
+                continue
+            if node.target is operator.getitem:
+                blocks = node.args[0].meta.get(DIMS_KEY)
+                if isinstance(blocks, list):
+                    node.meta[DIMS_KEY] = blocks[node.args[1]]
+                continue
+            if key_of(node.target) in _IGNORED:
+                continue
+            fn = RULES.get(key_of(node.target))
+            if fn is None:
+                for n in inputs:
+                    self.refuse_block(self.block(n), f"no channel rule for {_op_name(node)}")
+                continue
+            node.meta[DIMS_KEY] = fn(self, node)
+        self.node = None
+
+    def _refuse_outputs(self, node: Node) -> None:
+        flat, _ = torch.utils._pytree.tree_flatten(node.args)
+        for n in flat:
+            b = self.block(n)
+            if b is not None:
+                self.refuse(b.labels, "its channels reach the model output")
+
+
+def _carries(n: Node) -> bool:
+    b = n.meta.get(DIMS_KEY)
+    if isinstance(b, list):
+        return any(x is not None for x in b)
+    return b is not None
+
+
+def _op_name(node: Node) -> str:
+    t = node.target
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))

@@ -1,0 +1,90 @@
+"""The compression report: what was kept per group and layer, and the model's cost before and after."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .capture import run_module
+
+__all__ = ["GroupRow", "Report", "count_params", "count_flops"]
+
+
+@dataclass
+class GroupRow:
+    group: int
+    kind: str
+    tower: str
+    layer: int
+    heads: int | None
+    head_dim: int | None
+    kept: int
+    total: int
+    cross: bool = False
+    kept_heads: int | None = None  # attention groups: heads with at least one kept dim
+
+    @property
+    def shape(self) -> str:
+        """``heads x head_dim`` kept, for attention groups."""
+        if not self.heads or not self.kept_heads:
+            return ""
+        return f"{self.heads}x{self.head_dim}->{self.kept_heads}x{self.kept // self.kept_heads}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.tower or "<root>"
+
+
+@dataclass
+class Report:
+    """Per-group kept/total, and params/FLOPs of the whole model before and after (FLOPs on the example inputs,
+    counted by ``torch.utils.flop_counter``)."""
+
+    method: str
+    ratio: float
+    budget: str
+    granularity: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    prunable_cost_removed: float  # the fraction of the prunable cost (in `budget` units) removed
+    groups: list[GroupRow] = field(default_factory=list)
+    not_prunable: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable plain-text table."""
+        lines = [
+            f"method={self.method} ratio={self.ratio} budget={self.budget} granularity={self.granularity}",
+            f"{'where':<34} {'kind':<9} {'heads x dim':>14} {'kept':>11} {'kept %':>7}",
+        ]
+        for r in self.groups:
+            kind = ("x-" if r.cross else "") + r.kind
+            lines.append(f"{r.where:<34} {kind:<9} {r.shape:>14} {r.kept:>5}/{r.total:<5} {100 * r.kept / r.total:>6.1f}")
+        lines += [
+            f"parameters: {self.params_before:,} -> {self.params_after:,} "
+            f"({self.params_before / max(self.params_after, 1):.2f}x smaller)",
+            f"FLOPs:      {self.flops_before:,} -> {self.flops_after:,} "
+            f"({self.flops_before / max(self.flops_after, 1):.2f}x fewer)",
+            f"prunable {self.budget} removed: {100 * self.prunable_cost_removed:.1f}% (asked {100 * self.ratio:.1f}%)",
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run_module(module, args, kwargs)
+    return int(counter.get_total_flops())

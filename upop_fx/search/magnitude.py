@@ -1,0 +1,42 @@
+"""The one-shot magnitude baseline: rank entries by the mean |weight| of every parameter slice tied to them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..groups import GroupAnalysis
+from .structures import Entry
+
+__all__ = ["channel_magnitude", "magnitude_scores"]
+
+
+def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel of group ``gid``: the sum of |w| over its tied parameter slices, and their element count."""
+    g = analysis.groups[gid]
+    total = np.zeros(g.width)
+    count = np.zeros(g.width)
+    for name, axis, chan in g.producers + g.consumers:
+        mod, _, attr = name.rpartition(".")
+        t = getattr(gm.get_submodule(mod) if mod else gm, attr).detach().double().abs()
+        per_entry = t.sum(dim=[d for d in range(t.dim()) if d != axis]).numpy() if t.dim() > 1 else t.numpy()
+        n = t.numel() // t.shape[axis]
+        hit = chan >= 0
+        np.add.at(total, chan[hit], per_entry[hit])
+        np.add.at(count, chan[hit], n)
+    return total, count
+
+
+def magnitude_scores(gm: torch.nn.Module, analysis: GroupAnalysis, entries: list[Entry]) -> np.ndarray:
+    """Mean |w| per entry (higher = more important)."""
+    cache = {}
+    scores = np.zeros(len(entries))
+    for i, e in enumerate(entries):
+        tot = cnt = 0.0
+        for gid, ch in e.channels.items():
+            if gid not in cache:
+                cache[gid] = channel_magnitude(gm, analysis, gid)
+            tot += cache[gid][0][ch].sum()
+            cnt += cache[gid][1][ch].sum()
+        scores[i] = tot / max(cnt, 1.0)
+    return scores

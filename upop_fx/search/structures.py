@@ -1,0 +1,97 @@
+"""Ranking entries: what one step of a ranking removes, at a chosen granularity.
+
+An *entry* is the smallest unit a ranking can remove and still leave a dense graph:
+
+* ``"upop"`` (UPop's default): per attention layer, head-dim index ``j`` — q, k and v dim ``j`` of every head
+  together (one mask shared across heads and q/k/v); per MLP, one hidden neuron.
+* ``"qk_v"``: q/k dim ``j`` and v dim ``j`` are separate entries (all heads together).
+* ``"heads"``: whole heads (q, k and v of head ``h``).
+
+A *structure* is the set of entries of one attention layer or one MLP; each keeps at least one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..groups import DimGroup, GroupAnalysis
+
+__all__ = ["Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries"]
+
+GRANULARITIES = ("upop", "qk_v", "heads")
+BUDGETS = ("params", "flops")
+
+
+@dataclass
+class Structure:
+    kind: str  # "attn", "qk", "v" or "mlp": the unit of z-scoring
+    name: str
+    groups: list[int]
+
+
+@dataclass
+class Entry:
+    structure: int
+    kind: str
+    channels: dict[int, np.ndarray] = field(default_factory=dict)  # group id -> channel indices
+    cost: float = 0.0
+
+
+def _head_channels(g: DimGroup, j: int) -> np.ndarray:
+    return np.arange(g.heads, dtype=np.int64) * g.head_dim + j
+
+
+def _head(g: DimGroup, h: int) -> np.ndarray:
+    return h * g.head_dim + np.arange(g.head_dim, dtype=np.int64)
+
+
+def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: str = "params") -> tuple[list[Structure], list[Entry]]:
+    """Structures and entries over every prunable group of ``analysis``."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {budget!r}; choose one of {BUDGETS}")
+    structures: list[Structure] = []
+    entries: list[Entry] = []
+    by_site: dict[int, dict[str, DimGroup]] = {}
+    for g in analysis.prunable:
+        if g.kind in ("qk", "v"):
+            by_site.setdefault(g.site, {})[g.kind] = g
+    done: set[int] = set()
+
+    def add(kind: str, name: str, groups: list[DimGroup], chans: list[dict[int, np.ndarray]]) -> None:
+        structures.append(Structure(kind, name, [g.id for g in groups]))
+        for ch in chans:
+            entries.append(Entry(len(structures) - 1, kind, ch))
+
+    for g in analysis.prunable:
+        if g.id in done:
+            continue
+        name = f"{g.tower}[{g.layer}]" if g.layer >= 0 else (g.scope or "<root>")
+        if g.kind == "mlp":
+            add("mlp", f"{name} mlp", [g], [{g.id: np.array([c])} for c in range(g.width)])
+            done.add(g.id)
+            continue
+        pair = by_site.get(g.site, {})
+        qk, v = pair.get("qk"), pair.get("v")
+        both = qk is not None and v is not None and qk.heads == v.heads
+        label = f"{name} {'cross-' if g.cross else ''}attn"
+        if granularity == "heads" and both:
+            add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
+            done.update({qk.id, v.id})
+        elif granularity == "upop" and both and qk.head_dim == v.head_dim:
+            add("attn", label, [qk, v], [{qk.id: _head_channels(qk, j), v.id: _head_channels(v, j)} for j in range(qk.head_dim)])
+            done.update({qk.id, v.id})
+        else:  # qk_v, or a layer whose q/k and v cannot share entries
+            add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head_channels(g, j)} for j in range(g.head_dim)])
+            done.add(g.id)
+    for e in entries:
+        e.cost = float(sum(_cost(analysis.groups[gid], budget)[ch].sum() for gid, ch in e.channels.items()))
+    return structures, entries
+
+
+def _cost(g: DimGroup, budget: str) -> np.ndarray:
+    return g.cost_params if budget == "params" else g.cost_flops
