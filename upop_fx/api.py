@@ -24,6 +24,7 @@ from .capture import capture
 from .errors import ConfigError, NoPrunableGroupError
 from .groups import GroupAnalysis
 from .passes import FindGroups, Surgery
+from .passes.surgery import removed_labels, zeroed_reference
 from .report import GroupRow, Report, count_flops, count_params
 from .search.magnitude import magnitude_scores
 from .search.ranking import select_pruned
@@ -44,6 +45,11 @@ class Result:
     report: Report  #: kept/total per group; params and FLOPs before and after
     analysis: GroupAnalysis  #: the dimension groups of the original graph
     keep: dict[int, list[int]]  #: kept channel indices per group id
+    dense: torch.fx.GraphModule  #: the captured original graph (a copy; the caller's model is untouched)
+
+    def reference(self) -> torch.fx.GraphModule:
+        """The original graph with every removed channel zeroed where it is produced: what ``model`` equals."""
+        return zeroed_reference(self.dense, removed_labels(self.analysis, self.keep))
 
 
 def compress(
@@ -89,8 +95,7 @@ def compress(
             for gid, ch in e.channels.items():
                 keep[gid][ch] = False
     keep_idx = {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
-    small = Surgery()(cap.gm, keep_idx, cap.args, cap.kwargs).gm
-    result_model = capture(small, cap.kwargs or cap.args).gm  # fresh shapes in node.meta for later passes
+    result_model = Surgery()(cap.gm, keep_idx, cap.args, cap.kwargs).gm
     total = sum(e.cost for e in entries)
     removed = sum(e.cost for e, p in zip(entries, pruned) if p)
     report = Report(
@@ -113,4 +118,4 @@ def compress(
         type(model).__name__, report.params_before, report.params_after, report.flops_before, report.flops_after,
     )  # fmt: skip
     log.debug("\n%s", report.table())
-    return Result(result_model, report, analysis, keep_idx)
+    return Result(result_model, report, analysis, keep_idx, cap.gm)

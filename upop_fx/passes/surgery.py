@@ -1,7 +1,8 @@
 """Surgery: cut removed channels out of the graph and emit a dense, smaller GraphModule.
 
 Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; keep-sets for prunable groups.
-Ensures: a *new* GraphModule (the input is untouched) whose parameters are sliced, whose literal shapes, split
+Ensures: a *new* GraphModule (the input is untouched; its nodes carry no stale ``meta["val"]`` — capture it
+again to analyse it further) whose parameters are sliced, whose literal shapes, split
 sizes, indices and attention scales are rewritten, which passes ``graph.lint()``, and whose outputs on the
 example inputs equal the reference — the original graph with the producers of removed channels zeroed —
 within ``rtol`` (relative error in norm). Otherwise :class:`~upop_fx.errors.SurgeryCheckError` is raised.
@@ -37,7 +38,7 @@ from ..groups import DIMS_KEY, Block, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
 from .rules import REWRITES, key_of, load_all
 
-__all__ = ["Surgery", "SurgeryInfo", "compact", "zeroed_reference", "relative_error"]
+__all__ = ["Surgery", "SurgeryInfo", "compact", "zeroed_reference", "removed_labels", "relative_error"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def compact(labels: np.ndarray, kept: np.ndarray, where: str) -> np.ndarray:
     if len({r.shape for r in rows}) != 1:
         shapes = sorted({r.shape for r in rows})
         raise SurgeryError(
-            f"{where}: the kept channels do not form a dense block (rows keep {shapes}); with heads, every head "
-            f"must keep the same number of dims — use a head-uniform keep-set"
+            f"{where}: the kept channels do not form a dense block (rows keep {shapes}): every head must keep as "
+            f"many dims, and a packed q/k/v projection must keep as many q/k as v dims (granularity 'upop' or "
+            f"'heads' guarantees both)"
         )
     return np.stack(rows)
 
@@ -152,8 +154,9 @@ class Surgery(GraphPass[SurgeryInfo]):
             except ValueError as exc:
                 raise SurgeryError(str(exc)) from exc
             rewritten.append(node.name)
-        for node in new_gm.graph.nodes:
-            node.meta.pop(DIMS_KEY, None)
+        for node in new_gm.graph.nodes:  # shapes recorded at capture no longer hold
+            for key in (DIMS_KEY, "val", "tensor_meta"):
+                node.meta.pop(key, None)
         sliced = _slice_params(new_gm, analysis, removed)
         new_gm.graph.lint()
         new_gm.recompile()
@@ -161,7 +164,13 @@ class Surgery(GraphPass[SurgeryInfo]):
         err = 0.0
         if self.check and (args or kwargs):
             ref = zeroed_reference(gm, removed)
-            err = relative_error(run_module(new_gm, args, kwargs or {}), run_module(ref, args, kwargs or {}))
+            try:
+                out = run_module(new_gm, args, kwargs or {})
+            except Exception as exc:
+                raise SurgeryCheckError(
+                    f"the reduced graph fails to run on the example inputs: {type(exc).__name__}: {exc}"
+                ) from exc
+            err = relative_error(out, run_module(ref, args, kwargs or {}))
             if not err <= self.rtol:
                 raise SurgeryCheckError(
                     f"the reduced graph differs from the zeroed reference (relative error {err:.3g} > {self.rtol:g}); "

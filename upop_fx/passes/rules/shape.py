@@ -160,7 +160,7 @@ def _new_size(old: Any, old_block: Block, new_block: Block, axis: int, graph_nod
     """The literal for ``axis`` after surgery: an int, or an fx node computing ``old // n_old * n_new``."""
     i = old_block.axes.index(axis)
     n_old, n_new = int(old_block.labels.shape[i]), int(new_block.labels.shape[i])
-    if n_old == n_new:
+    if n_old == n_new and old != -1:
         return old
     if isinstance(old, Node):  # a symbolic size (an outer batch factor times the channel count)
         g = graph_node.graph

@@ -1,0 +1,231 @@
+"""The dimension-group analysis finds exactly the expected structures on every zoo model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.groups import DIMS_KEY, GROUPS_KEY, get_analysis
+from upop_fx.passes import FindGroups
+
+from .models import ZOO
+
+# (kind, tower, layer, heads, head_dim, width, cross) of every prunable group, in graph order.
+GOLDEN = {
+    "bert": [
+        ('qk', 'encoder.layer', 0, 4, 8, 32, False),
+        ('v', 'encoder.layer', 0, 4, 8, 32, False),
+        ('mlp', 'encoder.layer', 0, None, None, 64, False),
+        ('qk', 'encoder.layer', 1, 4, 8, 32, False),
+        ('v', 'encoder.layer', 1, 4, 8, 32, False),
+        ('mlp', 'encoder.layer', 1, None, None, 64, False),
+    ],
+    "bert_cls": [
+        ('qk', 'bert.encoder.layer', 0, 4, 8, 32, False),
+        ('v', 'bert.encoder.layer', 0, 4, 8, 32, False),
+        ('mlp', 'bert.encoder.layer', 0, None, None, 64, False),
+        ('qk', 'bert.encoder.layer', 1, 4, 8, 32, False),
+        ('v', 'bert.encoder.layer', 1, 4, 8, 32, False),
+        ('mlp', 'bert.encoder.layer', 1, None, None, 64, False),
+        ('mlp', '', -1, None, None, 32, False),
+    ],
+    "vit": [
+        ('qk', 'vit.layers', 0, 4, 8, 32, False),
+        ('v', 'vit.layers', 0, 4, 8, 32, False),
+        ('mlp', 'vit.layers', 0, None, None, 64, False),
+        ('qk', 'vit.layers', 1, 4, 8, 32, False),
+        ('v', 'vit.layers', 1, 4, 8, 32, False),
+        ('mlp', 'vit.layers', 1, None, None, 64, False),
+    ],
+    "deit": [
+        ('qk', 'layers', 0, 4, 8, 32, False),
+        ('v', 'layers', 0, 4, 8, 32, False),
+        ('mlp', 'layers', 0, None, None, 64, False),
+        ('qk', 'layers', 1, 4, 8, 32, False),
+        ('v', 'layers', 1, 4, 8, 32, False),
+        ('mlp', 'layers', 1, None, None, 64, False),
+    ],
+    "distilbert": [
+        ('qk', 'transformer.layer', 0, 4, 8, 32, False),
+        ('v', 'transformer.layer', 0, 4, 8, 32, False),
+        ('mlp', 'transformer.layer', 0, None, None, 64, False),
+        ('qk', 'transformer.layer', 1, 4, 8, 32, False),
+        ('v', 'transformer.layer', 1, 4, 8, 32, False),
+        ('mlp', 'transformer.layer', 1, None, None, 64, False),
+    ],
+    "gpt2": [
+        ('qk', 'transformer.h', 0, 4, 8, 32, False),
+        ('v', 'transformer.h', 0, 4, 8, 32, False),
+        ('mlp', 'transformer.h', 0, None, None, 128, False),
+        ('qk', 'transformer.h', 1, 4, 8, 32, False),
+        ('v', 'transformer.h', 1, 4, 8, 32, False),
+        ('mlp', 'transformer.h', 1, None, None, 128, False),
+    ],
+    "clip": [
+        ('qk', 'vision_model.encoder.layers', 0, 4, 12, 48, False),
+        ('v', 'vision_model.encoder.layers', 0, 4, 12, 48, False),
+        ('mlp', 'vision_model.encoder.layers', 0, None, None, 96, False),
+        ('qk', 'vision_model.encoder.layers', 1, 4, 12, 48, False),
+        ('v', 'vision_model.encoder.layers', 1, 4, 12, 48, False),
+        ('mlp', 'vision_model.encoder.layers', 1, None, None, 96, False),
+        ('qk', 'text_model.encoder.layers', 0, 4, 8, 32, False),
+        ('v', 'text_model.encoder.layers', 0, 4, 8, 32, False),
+        ('mlp', 'text_model.encoder.layers', 0, None, None, 64, False),
+        ('qk', 'text_model.encoder.layers', 1, 4, 8, 32, False),
+        ('v', 'text_model.encoder.layers', 1, 4, 8, 32, False),
+        ('mlp', 'text_model.encoder.layers', 1, None, None, 64, False),
+    ],
+    "blip_vqa": [
+        ('qk', 'vision_model.encoder.layers', 0, 4, 8, 32, False),
+        ('v', 'vision_model.encoder.layers', 0, 4, 8, 32, False),
+        ('mlp', 'vision_model.encoder.layers', 0, None, None, 96, False),
+        ('qk', 'vision_model.encoder.layers', 1, 4, 8, 32, False),
+        ('v', 'vision_model.encoder.layers', 1, 4, 8, 32, False),
+        ('mlp', 'vision_model.encoder.layers', 1, None, None, 96, False),
+        ('qk', 'text_encoder.encoder.layer', 0, 2, 16, 32, False),
+        ('v', 'text_encoder.encoder.layer', 0, 2, 16, 32, False),
+        ('qk', 'text_encoder.encoder.layer', 0, 2, 16, 32, True),
+        ('v', 'text_encoder.encoder.layer', 0, 2, 16, 32, True),
+        ('mlp', 'text_encoder.encoder.layer', 0, None, None, 64, False),
+        ('qk', 'text_encoder.encoder.layer', 1, 2, 16, 32, False),
+        ('v', 'text_encoder.encoder.layer', 1, 2, 16, 32, False),
+        ('qk', 'text_encoder.encoder.layer', 1, 2, 16, 32, True),
+        ('v', 'text_encoder.encoder.layer', 1, 2, 16, 32, True),
+        ('mlp', 'text_encoder.encoder.layer', 1, None, None, 64, False),
+        ('qk', 'text_decoder.bert.encoder.layer', 0, 2, 16, 32, False),
+        ('v', 'text_decoder.bert.encoder.layer', 0, 2, 16, 32, False),
+        ('qk', 'text_decoder.bert.encoder.layer', 0, 2, 16, 32, True),
+        ('v', 'text_decoder.bert.encoder.layer', 0, 2, 16, 32, True),
+        ('mlp', 'text_decoder.bert.encoder.layer', 0, None, None, 64, False),
+        ('qk', 'text_decoder.bert.encoder.layer', 1, 2, 16, 32, False),
+        ('v', 'text_decoder.bert.encoder.layer', 1, 2, 16, 32, False),
+        ('qk', 'text_decoder.bert.encoder.layer', 1, 2, 16, 32, True),
+        ('v', 'text_decoder.bert.encoder.layer', 1, 2, 16, 32, True),
+        ('mlp', 'text_decoder.bert.encoder.layer', 1, None, None, 64, False),
+    ],
+    "torch_encoder": [
+        ('qk', 'layers', 0, 4, 8, 32, False),
+        ('v', 'layers', 0, 4, 8, 32, False),
+        ('mlp', 'layers', 0, None, None, 64, False),
+        ('qk', 'layers', 1, 4, 8, 32, False),
+        ('v', 'layers', 1, 4, 8, 32, False),
+        ('mlp', 'layers', 1, None, None, 64, False),
+    ],
+    "timm_vit": [
+        ('qk', 'blocks', 0, 4, 8, 32, False),
+        ('v', 'blocks', 0, 4, 8, 32, False),
+        ('mlp', 'blocks', 0, None, None, 128, False),
+        ('qk', 'blocks', 1, 4, 8, 32, False),
+        ('v', 'blocks', 1, 4, 8, 32, False),
+        ('mlp', 'blocks', 1, None, None, 128, False),
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ZOO))
+def analysed(request):
+    zoo = ZOO[request.param]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    result = FindGroups()(cap.gm, cap.batch_size)
+    return zoo, cap, result
+
+
+def test_golden_listing(analysed):
+    zoo, cap, result = analysed
+    assert [g.signature() for g in result.value.prunable] == GOLDEN[zoo.name]
+    assert not result.modified
+    cap.gm.graph.lint()
+
+
+def test_groups_are_consistent(analysed):
+    """Every channel has a positive cost, producers cover every channel, and classes are disjoint."""
+    zoo, cap, result = analysed
+    analysis = result.value
+    assert get_analysis(cap.gm) is analysis
+    seen: set[int] = set()
+    for g in analysis.prunable:
+        assert g.width == len(g.classes) == len(g.cost_params) == len(g.cost_flops)
+        assert (g.cost_params > 0).all() and (g.cost_flops > 0).all(), g.describe()
+        assert not seen & set(g.classes.tolist())
+        seen |= set(g.classes.tolist())
+        covered = np.zeros(g.width, dtype=bool)
+        for _, _, chan in g.producers:
+            covered[chan[chan >= 0]] = True
+        assert covered.all(), g.describe()
+        if g.heads:
+            assert g.heads * g.head_dim == g.width
+
+
+def test_param_cost_matches_weights(analysed):
+    """Removing every channel of a group removes exactly its producer rows and consumer columns."""
+    zoo, cap, result = analysed
+    params = dict(cap.gm.named_parameters())
+    for g in result.value.prunable:
+        expected = 0
+        seen = set()
+        for name, axis, chan in g.producers + g.consumers:
+            if (name, axis) in seen:
+                continue
+            seen.add((name, axis))
+            p = params[name]
+            expected += int((chan >= 0).sum()) * p.numel() // p.shape[axis]
+        assert g.cost_params.sum() == expected, g.describe()
+
+
+def test_attention_flops_include_score_matrix():
+    zoo = ZOO["bert"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    qk = next(g for g in analysis.prunable if g.kind == "qk")
+    seq = zoo.example_inputs["input_ids"].shape[1]
+    hidden = zoo.model.config.hidden_size
+    # q row + k row (2·T·C each) + one dim of one head in Q·Kᵀ (2·T·T), per sample
+    assert qk.cost_flops[0] == pytest.approx(2 * (2 * seq * hidden) + 2 * seq * seq)
+
+
+def test_no_rule_is_reported_not_guessed():
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.cumsum(self.fc1(x), dim=-1)  # no channel rule for cumsum
+            return self.fc2(h)
+
+    cap = upop_fx.capture(Odd().eval(), torch.randn(2, 8))
+    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    hidden = next(g for g in analysis.groups if g.width == 16)
+    assert not hidden.prunable
+    assert "cumsum" in hidden.reason and "no channel rule" in hidden.reason
+
+
+def test_non_zero_preserving_activation_is_refused():
+    class Sig(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.sigmoid(self.fc1(x)))  # sigmoid(0) = 0.5: removal is not exact
+
+    cap = upop_fx.capture(Sig().eval(), torch.randn(2, 8))
+    hidden = next(g for g in FindGroups()(cap.gm, cap.batch_size).value.groups if g.width == 16)
+    assert not hidden.prunable and "not be exactly zero" in hidden.reason
+
+
+def test_blocks_recorded_on_nodes():
+    zoo = ZOO["timm_vit"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    FindGroups()(cap.gm, cap.batch_size)
+    assert GROUPS_KEY in cap.gm.meta
+    blocks = [n.meta.get(DIMS_KEY) for n in cap.gm.graph.nodes]
+    assert any(b is not None for b in blocks)
+
+
+def test_accessor_says_which_pass_to_run():
+    cap = upop_fx.capture(torch.nn.Linear(4, 4), torch.randn(2, 4))
+    with pytest.raises(LookupError, match="FindGroups"):
+        get_analysis(cap.gm)

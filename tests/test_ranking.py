@@ -1,0 +1,39 @@
+"""The unified ranking: per-kind z-scores, the exact cost budget, at least one entry per structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from upop_fx.search.ranking import select_pruned, zscore_by_kind
+from upop_fx.search.structures import Entry, Structure
+
+
+def _entries(costs, kinds, structures):
+    return [Entry(structure=s, kind=k, cost=c) for c, k, s in zip(costs, kinds, structures)]
+
+
+def test_zscore_per_kind_removes_scale():
+    z = zscore_by_kind(np.array([1.0, 2.0, 3.0, 100.0, 200.0, 300.0]), ["a"] * 3 + ["b"] * 3)
+    np.testing.assert_allclose(z[:3], z[3:])
+    assert zscore_by_kind(np.array([5.0, 5.0]), ["a", "a"]).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.33, 0.5, 0.9])
+def test_budget_met_within_one_entry(ratio):
+    rng = np.random.default_rng(0)
+    n = 200
+    costs = rng.integers(1, 50, n).astype(float)
+    entries = _entries(costs, ["mlp"] * n, [i % 10 for i in range(n)])
+    pruned = select_pruned(rng.normal(size=n), entries, [Structure("mlp", str(i), []) for i in range(10)], ratio)
+    removed = costs[pruned].sum()
+    assert ratio * costs.sum() <= removed < ratio * costs.sum() + costs.max()
+
+
+def test_least_important_first_and_one_entry_kept():
+    entries = _entries([1.0] * 4, ["mlp"] * 4, [0, 0, 1, 1])
+    structures = [Structure("mlp", "a", []), Structure("mlp", "b", [])]
+    pruned = select_pruned(np.array([0.0, 1.0, 2.0, 3.0]), entries, structures, 0.5)
+    assert pruned.tolist() == [True, False, True, False]
+    pruned = select_pruned(np.array([0.0, 1.0, 2.0, 3.0]), entries, structures, 0.99)
+    assert pruned.sum() == 2  # each structure keeps one entry, whatever the ratio

@@ -1,0 +1,114 @@
+"""Surgery: dense output, the reference check catches wrong rewrites, bad keep-sets are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.errors import SurgeryCheckError, SurgeryError
+from upop_fx.passes import FindGroups, Surgery
+from upop_fx.passes.rules import REWRITES, key_of
+from upop_fx.passes.surgery import compact
+
+from .models import ZOO
+
+
+@pytest.fixture(scope="module")
+def bert():
+    zoo = ZOO["bert"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    return zoo, cap, analysis
+
+
+def _half_head_dims(g):
+    return [h * g.head_dim + j for h in range(g.heads) for j in range(g.head_dim // 2)]
+
+
+def test_surgery_is_functional_and_dense(bert):
+    zoo, cap, analysis = bert
+    before = {k: v.clone() for k, v in cap.gm.state_dict().items()}
+    keep = {g.id: _half_head_dims(g) if g.heads else list(range(0, g.width, 3)) for g in analysis.prunable}
+    result = Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+    assert result.modified and result.value.max_error <= 1e-4
+    for k, v in cap.gm.state_dict().items():  # the input graph module is untouched
+        assert torch.equal(before[k], v)
+    q = result.gm.get_submodule("encoder.layer.0.attention.self.query")
+    assert q.weight.shape == (16, 32) and q.bias.shape == (16,)
+    result.gm.graph.lint()
+    # the head-dim literal was rewritten explicitly: no -1 left on a channel axis of a head split
+    views = [n for n in result.gm.graph.nodes if n.target == torch.ops.aten.view.default]
+    assert any(list(n.args[1])[-2:] == [4, 4] for n in views)
+
+
+def test_wrong_rewrite_is_caught(bert, monkeypatch):
+    """A head-dim constant left unchanged lets ``-1`` absorb the pruned dim: runs, but wrong — and refused."""
+    zoo, cap, analysis = bert
+    monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.view.default), lambda ctx, node: None)
+    # half of every head's q, k and v dims in layer 0: view(x, [B, T, -1, 8]) then yields 2 heads of 8,
+    # attention runs on the wrong heads, and the shapes still fit
+    qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
+    keep = {qk.id: _half_head_dims(qk), v.id: _half_head_dims(v)}
+    with pytest.raises(SurgeryCheckError, match="differs from the zeroed reference"):
+        Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+
+
+def test_rewrite_that_fails_to_run_is_a_check_error(bert, monkeypatch):
+    zoo, cap, analysis = bert
+    monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.view.default), lambda ctx, node: None)
+    qk = next(g for g in analysis.prunable if g.kind == "qk")  # q/k get 2 heads, v keeps 4: SDPA fails
+    with pytest.raises(SurgeryCheckError, match="fails to run"):
+        Surgery()(cap.gm, {qk.id: _half_head_dims(qk)}, cap.args, cap.kwargs)
+
+
+def test_unpinned_scale_is_caught(bert, monkeypatch):
+    zoo = ZOO["torch_encoder"]()  # nn.MultiheadAttention: SDPA with the implicit 1/sqrt(d) scale
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
+    keep = {qk.id: _half_head_dims(qk), v.id: _half_head_dims(v)}  # the packed in_proj needs equal widths
+    Surgery()(cap.gm, keep, cap.args, cap.kwargs)  # correct with the scale pinned
+    monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.scaled_dot_product_attention.default), lambda ctx, node: None)
+    with pytest.raises(SurgeryCheckError):
+        Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+
+
+def test_bad_keep_sets(bert):
+    zoo, cap, analysis = bert
+    g = analysis.prunable[0]
+    with pytest.raises(SurgeryError, match="at least one channel"):
+        Surgery()(cap.gm, {g.id: []}, cap.args, cap.kwargs)
+    with pytest.raises(SurgeryError, match="out of range"):
+        Surgery()(cap.gm, {g.id: [g.width]}, cap.args, cap.kwargs)
+    with pytest.raises(SurgeryError, match="no group"):
+        Surgery()(cap.gm, {10_000: [0]}, cap.args, cap.kwargs)
+    residual = next(x for x in analysis.groups if not x.prunable)
+    with pytest.raises(SurgeryError, match="cannot be pruned"):
+        Surgery()(cap.gm, {residual.id: [0]}, cap.args, cap.kwargs)
+    qk = next(x for x in analysis.prunable if x.kind == "qk")
+    ragged = [c for c in range(qk.width) if c != 0]  # head 0 keeps one dim fewer than the others
+    with pytest.raises(SurgeryError, match="dense block"):
+        Surgery()(cap.gm, {qk.id: ragged}, cap.args, cap.kwargs)
+
+
+def test_compact_keeps_rows_rectangular():
+    labels = np.arange(12).reshape(3, 4)
+    kept = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 0]], dtype=bool)
+    assert compact(labels, kept, "x").tolist() == [[0, 2], [9, 10]]
+    with pytest.raises(SurgeryError):
+        compact(labels, np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=bool), "x")
+
+
+@pytest.mark.parametrize("granularity", ["upop", "heads"])
+def test_whole_heads_removed_from_packed_projection(granularity):
+    """nn.MultiheadAttention: the SymInt ``B·H`` size is rewritten when heads go."""
+    zoo = ZOO["torch_encoder"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, granularity=granularity)
+    ref = result.reference()
+    for x in (zoo.example_inputs, zoo.other_inputs):
+        with torch.no_grad():
+            torch.testing.assert_close(result.model(*x), ref(*x), rtol=1e-4, atol=1e-5)
+    if granularity == "heads":
+        assert any(r.kept_heads < r.heads for r in result.report.groups if r.heads)
