@@ -37,3 +37,36 @@ def test_least_important_first_and_one_entry_kept():
     assert pruned.tolist() == [True, False, True, False]
     pruned = select_pruned(np.array([0.0, 1.0, 2.0, 3.0]), entries, structures, 0.99)
     assert pruned.sum() == 2  # each structure keeps one entry, whatever the ratio
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_round_to_keeps_multiples_and_meets_budget(n):
+    rng = np.random.default_rng(1)
+    sizes = [64, 37, 16, 5]
+    structure = np.repeat(np.arange(len(sizes)), sizes)
+    costs = rng.integers(1, 9, len(structure)).astype(float)
+    entries = _entries(costs, ["mlp"] * len(structure), structure.tolist())
+    structures = [Structure("mlp", str(i), []) for i in range(len(sizes))]
+    pruned = select_pruned(rng.normal(size=len(structure)), entries, structures, 0.5, round_to=n)
+    assert costs[pruned].sum() >= 0.5 * costs.sum()
+    for s, size in enumerate(sizes):
+        kept = int((~pruned[structure == s]).sum())
+        assert kept >= 1
+        assert kept % n == 0 or kept == size, (s, kept)
+
+
+def test_round_to_through_compress():
+    import torch
+
+    import upop_fx
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    result = upop_fx.compress(model, torch.randn(2, 6, 64), ratio=0.5, round_to=8)
+    assert result.report.prunable_cost_removed >= 0.5
+    for row in result.report.groups:
+        per_head = row.kept // (row.kept_heads or 1)
+        assert per_head % 8 == 0 or row.kept == row.total, row
+    with pytest.raises(upop_fx.ConfigError, match="round_to"):
+        upop_fx.compress(model, torch.randn(2, 6, 64), ratio=0.5, round_to=0)

@@ -60,6 +60,7 @@ def compress(
     *,
     budget: str = "params",
     granularity: str = "upop",
+    round_to: int = 1,
 ) -> Result:
     """Remove ``ratio`` of the prunable cost of ``model`` and return a dense, smaller model.
 
@@ -71,12 +72,16 @@ def compress(
         method: ``"magnitude"`` — one-shot global ranking by mean |weight| under the exact cost budget.
         budget: ``"params"`` or ``"flops"`` — the unit of cost.
         granularity: ``"upop"`` (head-dims shared across heads and q/k/v), ``"qk_v"`` or ``"heads"``.
+        round_to: keep head dims and MLP widths at multiples of this (matrix units waste odd widths); the
+            budget is still met. With ``granularity="heads"`` it rounds the number of kept heads.
 
     Raises:
         ConfigError, InputError, CaptureError, NoPrunableGroupError, SurgeryError — all :class:`UPopError`.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     cap = capture(model, example_inputs)
@@ -88,7 +93,7 @@ def compress(
         )
     structures, entries = build_entries(analysis, granularity, budget)
     scores = magnitude_scores(cap.gm, analysis, entries)
-    pruned = select_pruned(scores, entries, structures, float(ratio))
+    pruned = select_pruned(scores, entries, structures, float(ratio), round_to)
     keep = {g.id: np.ones(g.width, dtype=bool) for g in analysis.prunable}
     for e, p in zip(entries, pruned):
         if p:

@@ -29,12 +29,21 @@ def zscore_by_kind(scores: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
     return out
 
 
-def select_pruned(scores: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], ratio: float) -> np.ndarray:
+def select_pruned(
+    scores: np.ndarray,
+    entries: Sequence[Entry],
+    structures: Sequence[Structure],
+    ratio: float,
+    round_to: int = 1,
+) -> np.ndarray:
     """Boolean mask over entries: True = prune. Higher score = more important.
 
     Removes the lowest z-scored entries until their cost reaches ``ratio`` of the total (overshooting by less
-    than one entry), never the last entry of a structure.
+    than one entry, or one chunk with ``round_to``), never the last entry of a structure. With ``round_to=N``
+    every structure keeps a multiple of N entries (or all of them when it has fewer than N).
     """
+    if round_to > 1:
+        return _select_rounded(scores, entries, structures, ratio, round_to)
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
     target = ratio * costs.sum()
@@ -50,4 +59,39 @@ def select_pruned(scores: np.ndarray, entries: Sequence[Entry], structures: Sequ
         pruned[i] = True
         left[s] -= 1
         removed += costs[i]
+    return pruned
+
+
+def _select_rounded(
+    scores: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], ratio: float, n: int
+) -> np.ndarray:
+    """The same walk over *chunks*: per structure, its entries in ascending z-order cut so that what is left is
+    always a multiple of ``n``; chunks are taken in order of their mean z-score, each after its predecessor."""
+    import heapq
+
+    z = zscore_by_kind(scores, [e.kind for e in entries])
+    costs = np.array([e.cost for e in entries])
+    target = ratio * costs.sum()
+    chunks: list[list[np.ndarray]] = []
+    for s in range(len(structures)):
+        idx = np.array([i for i, e in enumerate(entries) if e.structure == s], dtype=np.int64)
+        idx = idx[np.argsort(z[idx], kind="stable")]
+        if len(idx) <= n:
+            chunks.append([])
+            continue
+        first = len(idx) % n
+        cuts = ([first] if first else []) + list(range(first + n if first else n, len(idx), n))
+        bounds = [0, *cuts]
+        chunks.append([idx[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a and len(idx) - b >= 1])
+    heap = [(float(z[c[0]].mean()), s, 0) for s, c in enumerate(chunks) if c]
+    heapq.heapify(heap)
+    pruned = np.zeros(len(entries), dtype=bool)
+    removed = 0.0
+    while heap and removed < target:
+        _, s, k = heapq.heappop(heap)
+        chunk = chunks[s][k]
+        pruned[chunk] = True
+        removed += costs[chunk].sum()
+        if k + 1 < len(chunks[s]):
+            heapq.heappush(heap, (float(z[chunks[s][k + 1]].mean()), s, k + 1))
     return pruned
