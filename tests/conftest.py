@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import warnings
 
-import pytest
-import torch
+# Kernel tests run Triton in its CPU interpreter. Triton reads this once, when it is first imported — and
+# torch may import it early — so it is set here, before torch, for the whole test process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
-# one thread per xdist worker: the CI machine has 2 cores and runs 2 workers
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per test process: CI runs 2 xdist workers on 2 cores, and on a loaded machine two
+# spinning OpenMP threads per process make small ops a hundred times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """upop_fx: structured pruning of Transformer models (UPop) as a compiler pipeline over FX graphs."""
 
-from .api import METHODS, Result, compress
+from .api import METHODS, Result, compress, retrain
 from .capture import Captured, capture
 from .errors import (
     CaptureError,
@@ -14,9 +14,12 @@ from .errors import (
 )
 from .groups import DimGroup, GroupAnalysis
 from .report import Report
+from .search.upop import UPop
 
 __all__ = [
     "compress",
+    "retrain",
+    "UPop",
     "Result",
     "METHODS",
     "capture",

@@ -1,0 +1,176 @@
+"""UPop: unified and progressive search over learnable masks (Shi et al., ICML 2023), as prepare → step →
+finalize.
+
+* **Scores** are the mask gradients accumulated over the whole search (never zeroed); masks are not trained;
+  weights train jointly with the task loss.
+* **Unified ranking**: accumulated scores are z-scored per structure kind, all layers and towers are ranked
+  together, weighted by each entry's exact cost (``budget="params"`` or ``"flops"``), and the entries past
+  ``π_t × total cost`` are marked for pruning (a large accumulated gradient means raising the mask raises the
+  loss: the entry matters little). Each structure keeps at least one entry.
+* **Progressive pruning**: ``π_t = p · sin(π (t+1) / (2T))``; marked masks are set to ``1 − π_t / p``, the
+  others to 1, re-selected every ``interval`` steps and at the last step, where the marked masks are exactly 0,
+  so surgery changes nothing ("no weight gap").
+
+Example (your own training loop):
+    >>> import torch, upop_fx
+    >>> model = torch.nn.TransformerEncoder(
+    ...     torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False).eval()
+    >>> x = torch.randn(4, 10, 32)
+    >>> pruner = upop_fx.UPop(model, x, ratio=0.5, total_steps=20)
+    >>> opt = torch.optim.AdamW(pruner.parameters(), lr=1e-4)
+    >>> for _ in range(20):
+    ...     loss = (pruner.model(x) - model(x).detach()).pow(2).mean()
+    ...     loss.backward()
+    ...     pi = pruner.step()     # reads the mask gradients, updates π_t and the masks
+    ...     opt.step(); opt.zero_grad()
+    >>> result = pruner.finalize()
+    >>> result.report.prunable_cost_removed >= 0.5
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..capture import capture
+from ..errors import ConfigError, NoPrunableGroupError, UPopError
+from ..passes import FindGroups, InsertMasks, Surgery, get_masks
+from ..passes.surgery import relative_error
+from .ranking import select_pruned
+
+__all__ = ["UPop", "schedule"]
+
+log = logging.getLogger(__name__)
+
+
+def schedule(t: int, total_steps: int, ratio: float) -> float:
+    """π_t = p · sin(π (t+1) / (2T)): the fraction of the cost marked for pruning at step ``t`` (0-based)."""
+    return ratio * math.sin(math.pi * (t + 1) / (2 * total_steps))
+
+
+class UPop:
+    """The UPop search on a masked graph: ``model`` to train, :meth:`step` after each backward,
+    :meth:`finalize` for the dense small model (see the module docstring for a runnable example)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        example_inputs: Any,
+        ratio: float = 0.5,
+        *,
+        total_steps: int = 100,
+        interval: int = 10,
+        budget: str = "params",
+        granularity: str = "upop",
+        seed: int = 0,
+        round_to: int = 1,
+    ) -> None:
+        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if not isinstance(interval, int) or interval < 1:
+            raise ConfigError(f"interval must be a positive integer, got {interval!r}")
+        torch.manual_seed(seed)
+        self.ratio, self.total_steps, self.interval = float(ratio), total_steps, interval
+        self.cap = capture(model, example_inputs)
+        self.analysis = FindGroups()(self.cap.gm, self.cap.batch_size).value
+        if not self.analysis.prunable:
+            reasons = sorted({g.reason for g in self.analysis.groups if g.reason})[:5]
+            raise NoPrunableGroupError(f"{type(model).__name__} has no prunable group; reasons: " + "; ".join(reasons))
+        self.model: torch.fx.GraphModule = InsertMasks(granularity, budget)(self.cap.gm).gm
+        self.state = get_masks(self.model)
+        self._masks = self.state.masks(self.model)
+        self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
+        self.pruned = np.zeros(len(self.state.entries), dtype=bool)
+        self.t = 0
+        self.pi = 0.0
+        self.budget, self.granularity, self.round_to = budget, granularity, round_to
+
+    # --------------------------------------------------------------- training
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The model's weights, masks excluded: give these to your optimizer."""
+        masks = {id(m) for m in self._masks}
+        return (p for p in self.model.parameters() if id(p) not in masks)
+
+    def mask_values(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for m in self._masks]
+
+    def step(self) -> float:
+        """Call once per training step, after ``backward()``: accumulates the mask gradients and, every
+        ``interval`` steps and at the last one, re-selects the entries to prune and sets the masks."""
+        if self.t >= self.total_steps:
+            raise UPopError(f"the search has already run its {self.total_steps} steps; call finalize()")
+        for m, s in zip(self._masks, self.scores):
+            if m.grad is not None:
+                s += m.grad.detach().double()
+                m.grad = None
+        last = self.t == self.total_steps - 1
+        if self.t % self.interval == 0 or last:
+            self.pi = schedule(self.t, self.total_steps, self.ratio)
+            self._select(self.pi)
+        self.t += 1
+        return self.pi
+
+    def _select(self, pi: float) -> None:
+        importance = -torch.cat(self.scores).numpy()  # a large accumulated gradient: the entry matters little
+        self.pruned = select_pruned(importance, self.state.entries, self.state.structures, pi, self.round_to)
+        value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
+        with torch.no_grad():
+            for s, (a, b) in enumerate(self.state.entry_slices):
+                m = torch.ones(b - a, dtype=self._masks[s].dtype)
+                m[torch.as_tensor(self.pruned[a:b])] = value
+                self._masks[s].copy_(m)
+        log.debug("step %d: pi=%.4f, %d entries marked", self.t, pi, int(self.pruned.sum()))
+
+    # --------------------------------------------------------------- result
+    def keep(self) -> dict[int, list[int]]:
+        keep = {g.id: np.ones(g.width, dtype=bool) for g in self.analysis.prunable}
+        for e, p in zip(self.state.entries, self.pruned):
+            if p:
+                for gid, ch in e.channels.items():
+                    keep[gid][ch] = False
+        return {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
+
+    def dense_trained(self) -> torch.fx.GraphModule:
+        """The captured graph carrying the weights trained during the search (masks left out)."""
+        gm = copy.deepcopy(self.cap.gm)
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("upop_masks.")}
+        gm.load_state_dict(state, strict=True)
+        return gm
+
+    def finalize(self) -> Any:
+        """Cut the pruned entries out: the dense small model (``Result``), equal to the final masked model."""
+        from ..api import build_result
+
+        if self.t < self.total_steps:
+            raise UPopError(
+                f"finalize() after {self.t} of {self.total_steps} steps: the masks are not yet 0/1, "
+                f"so cutting now would change the model; run the remaining steps"
+            )
+        keep = self.keep()
+        dense = self.dense_trained()
+        small = Surgery()(dense, keep, self.cap.args, self.cap.kwargs).gm
+        with torch.no_grad():
+            gap = relative_error(_run(small, self.cap), _run(self.model, self.cap))
+        log.info("finalize: surgery vs final masked model, relative error %.2e", gap)
+        if not gap <= 1e-4:
+            raise UPopError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
+        entries = self.state.entries
+        total = sum(e.cost for e in entries)
+        removed = sum(e.cost for e, p in zip(entries, self.pruned) if p)
+        return build_result(
+            small, dense, self.cap, self.analysis, keep, "upop", self.ratio, self.budget, self.granularity,
+            removed / total if total else 0.0,
+        )  # fmt: skip
+
+
+def _run(module: torch.nn.Module, cap: Any) -> Any:
+    return module(*cap.args, **cap.kwargs)
