@@ -198,6 +198,10 @@ def _magnitude(model: torch.nn.Module, example_inputs: Any, ratio: float, budget
     return build_result(small, cap.gm, cap, analysis, keep_idx, "magnitude", ratio, budget, granularity, removed / total if total else 0.0)
 
 
+def _cost(g: Any, budget: str) -> np.ndarray:
+    return g.cost_params if budget == "params" else g.cost_flops
+
+
 def build_result(
     small: torch.fx.GraphModule,
     dense: torch.fx.GraphModule,
@@ -221,6 +225,7 @@ def build_result(
             GroupRow(
                 g.id, g.kind, g.tower, g.layer, g.heads, g.head_dim, len(keep[g.id]), g.width, g.cross,
                 len({c // g.head_dim for c in keep[g.id]}) if g.heads else None,
+                float(_cost(g, budget)[keep[g.id]].sum()), float(_cost(g, budget).sum()),
             )
             for g in analysis.prunable
         ],

@@ -25,6 +25,8 @@ class GroupRow:
     total: int
     cross: bool = False
     kept_heads: int | None = None  # attention groups: heads with at least one kept dim
+    cost_kept: float = 0.0  # in the report's budget unit (parameters or FLOPs)
+    cost_total: float = 0.0
 
     @property
     def shape(self) -> str:
@@ -56,7 +58,28 @@ class Report:
     not_prunable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["towers"] = self.towers()
+        return out
+
+    def towers(self) -> dict[str, dict[str, float]]:
+        """Per tower (the module list holding the layers): the kept fraction of its prunable cost, overall and
+        per layer — what the unified ranking chose for each modality."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.groups:
+            t = out.setdefault(r.tower or "<root>", {"kept": 0.0, "total": 0.0, "layers": {}})
+            t["kept"] += r.cost_kept
+            t["total"] += r.cost_total
+            layer = t["layers"].setdefault(r.layer, [0.0, 0.0])
+            layer[0] += r.cost_kept
+            layer[1] += r.cost_total
+        return {
+            name: {
+                "kept_fraction": t["kept"] / t["total"] if t["total"] else 1.0,
+                "layers": {layer: k / n if n else 1.0 for layer, (k, n) in sorted(t["layers"].items())},
+            }
+            for name, t in out.items()
+        }
 
     def table(self) -> str:
         """A readable plain-text table."""
@@ -74,6 +97,9 @@ class Report:
             f"({self.flops_before / max(self.flops_after, 1):.2f}x fewer)",
             f"prunable {self.budget} removed: {100 * self.prunable_cost_removed:.1f}% (asked {100 * self.ratio:.1f}%)",
         ]
+        towers = self.towers()
+        if len(towers) > 1:
+            lines.append("kept per tower: " + ", ".join(f"{n} {100 * t['kept_fraction']:.1f}%" for n, t in towers.items()))
         return "\n".join(lines)
 
     def __str__(self) -> str:

