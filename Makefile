@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-kernels bench-digits lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,26 @@ test: $(STAMP)
 	$(PY) -m ruff check upop_fx tests benchmarks
 	$(PY) -m pytest -q -n 2 tests
 
-bench: $(STAMP)
+BENCH := $(VENV)/.bench-installed
+$(BENCH): $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) -m pytest -q -m slow tests
+	touch $(BENCH)
+
+# Slow benchmarks: not part of `make test`; each writes benchmarks/results/<name>.json and .md.
+bench: bench-accuracy bench-latency bench-digits bench-kernels
+
+bench-accuracy: $(BENCH)   ## MiniLM on BBC News: UPop vs magnitude vs Torch-Pruning
+	$(PY) -m benchmarks.accuracy_minilm
+
+bench-latency: $(BENCH)    ## dense vs compressed latency in PyTorch and ONNX Runtime
+	$(PY) -m benchmarks.latency
+
+bench-digits: $(BENCH)     ## ViT and CLIP trained on digits, compressed 2x
+	$(PY) -m benchmarks.vit_digits
+	$(PY) -m benchmarks.clip_digits
+
+bench-kernels: $(BENCH)    ## Triton masked attention vs eager (needs a CUDA GPU)
+	$(PY) -m benchmarks.kernels
 
 lint: $(STAMP)
 	$(PY) -m ruff check upop_fx tests benchmarks

@@ -1,6 +1,7 @@
 """upop_fx: structured pruning of Transformer models (UPop) as a compiler pipeline over FX graphs."""
 
 from .api import METHODS, Result, compress, retrain
+from .artifacts import load, save
 from .capture import Captured, capture
 from .errors import (
     CaptureError,
@@ -12,12 +13,16 @@ from .errors import (
     UnsupportedGraphError,
     UPopError,
 )
+from .export import ExportError, export_onnx
 from .groups import DimGroup, GroupAnalysis
 from .report import Report
 from .search.upop import UPop
 
 __all__ = [
     "compress",
+    "save",
+    "load",
+    "export_onnx",
     "retrain",
     "UPop",
     "Result",
@@ -35,5 +40,6 @@ __all__ = [
     "UnsupportedGraphError",
     "SurgeryError",
     "SurgeryCheckError",
+    "ExportError",
 ]
 __version__ = "0.1.0"

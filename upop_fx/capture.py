@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from .errors import CaptureError, InputError
 
-__all__ = ["Captured", "capture", "normalize_inputs", "run_module"]
+__all__ = ["Captured", "capture", "export_program", "normalize_inputs", "run_module"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,15 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
         InputError: the inputs are malformed or the model raises on them.
         CaptureError: torch.export fails; the message carries its reason.
     """
+    ep, args, kwargs = export_program(model, example_inputs)
+    gm = ep.module()
+    batch = next(int(t.shape[0]) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+    log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
+    return Captured(gm=gm, args=args, kwargs=kwargs, batch_size=batch)
+
+
+def export_program(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any]]:
+    """``torch.export`` of a deep copy of ``model`` in eval mode, with dynamic batch and sequence axes."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
@@ -129,7 +138,4 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
         ) from exc
-    gm = ep.module()
-    batch = next(int(t.shape[0]) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
-    log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
-    return Captured(gm=gm, args=args, kwargs=kwargs, batch_size=batch)
+    return ep, args, kwargs

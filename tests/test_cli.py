@@ -1,0 +1,117 @@
+"""The ``upop-fx`` command, driven as a user would: the README's commands, then checks on what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.cli import SAMPLE_TEXT, text_batches
+from upop_fx.datasets import load_minilm, minilm_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _readme_commands() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## From the command line", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Run the README's command-line block in a fresh directory."""
+    d = tmp_path_factory.mktemp("cli")
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", _readme_commands()], cwd=d, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d, proc.stdout
+
+
+def test_readme_commands_write_every_artifact(workdir):
+    d, stdout = workdir
+    assert sorted(p.name for p in (d / "small").iterdir()) == sorted(upop_fx.artifacts.FILES)
+    assert "onnxruntime-cpu" in stdout and "speedup" in stdout
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_saved_model_equals_in_process_compress(workdir):
+    d, _ = workdir
+    model, tokenizer = load_minilm()
+    example = text_batches(tokenizer, SAMPLE_TEXT, 32, 8)[0]
+    expected = upop_fx.compress(model, example, 0.5, "magnitude", retrain_steps=0).model
+    loaded = upop_fx.load(d / "small")
+    other = text_batches(tokenizer, SAMPLE_TEXT[::-1] * 2, 20, 3)[0]
+    with torch.no_grad():
+        for inputs in (example, other):
+            torch.testing.assert_close(loaded(**inputs).last_hidden_state, expected(**inputs).last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_runs_in_onnxruntime(workdir):
+    import onnxruntime as ort
+
+    d, _ = workdir
+    sess = ort.InferenceSession(str(d / "small" / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, tokenizer = load_minilm()
+    batch = text_batches(tokenizer, SAMPLE_TEXT, 24, 3)[0]
+    out = sess.run(None, {i.name: batch[i.name].numpy() for i in sess.get_inputs()})
+    ref = upop_fx.load(d / "small")(**batch).last_hidden_state.detach().numpy()
+    assert np.linalg.norm(out[0] - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_report_json_matches_markdown(workdir):
+    d, _ = workdir
+    report = json.loads((d / "small" / "report.json").read_text())
+    md = (d / "small" / "report.md").read_text()
+    assert f"| parameters | {report['params_before']} | {report['params_after']} |" in md
+    assert f"| FLOPs | {report['flops_before']} | {report['flops_after']} |" in md
+    for g in report["groups"]:
+        assert re.search(rf"\| {g['group']} \| {re.escape(g['tower'])} \| {g['layer']} \| [^|]*{g['kind']} \|[^|]*\| {g['kept']} \| {g['total']} \|", md)
+    for tower, t in report["towers"].items():
+        assert f"| {tower} | {t['kept_fraction']:.4f} |" in md
+    assert report["cli"]["source"] == str(minilm_path().resolve())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "/nonexistent/model", "--ratio", "0.5", "--out", "o"], "neither a model directory"),
+        (["compress", "MODEL", "--ratio", "0.5", "--out", "o", "--method", "random"], "unknown method"),
+        (["compress", "MODEL", "--ratio", "1.5", "--out", "o"], "--ratio must be in [0, 1)"),
+        (["compress", "MODEL", "--ratio", "0.5", "--out", "taken"], "exists and is not empty"),
+        (["bench", "nowhere"], "no report.json"),
+    ],
+)
+def test_bad_input_exits_with_one_line(tmp_path, argv, message):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    argv = [str(minilm_path()) if a == "MODEL" else a for a in argv]
+    proc = subprocess.run([str(BIN / "upop-fx"), *argv], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("upop-fx")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing half-written
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_help_explains_every_option():
+    proc = subprocess.run([str(BIN / "upop-fx"), "compress", "--help"], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0
+    for opt in ("--ratio", "--out", "--method", "--data", "--budget", "--round-to", "--search-steps", "--retrain-steps", "examples:"):
+        assert opt in proc.stdout

@@ -1,0 +1,222 @@
+"""The ``upop-fx`` command: compress a model from the shell, keep the artifacts, time them.
+
+    upop-fx compress MODEL --ratio 0.5 --out DIR [--method upop|magnitude] [--data PATH] ...
+    upop-fx bench DIR
+
+MODEL is a local Hugging Face model directory (loaded offline) or ``module:function`` returning
+``(model, example_inputs)``. Any error exits non-zero with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, InputError, UPopError
+
+__all__ = ["main", "load_source", "text_batches"]
+
+log = logging.getLogger("upop_fx.cli")
+
+SAMPLE_TEXT = [
+    "Structured pruning removes whole attention heads, head dimensions and MLP neurons.",
+    "The dense small model runs faster in PyTorch and in ONNX Runtime.",
+    "Markets rallied after the central bank held interest rates steady.",
+    "The striker scored twice in the second half to win the cup final.",
+]
+
+COMPRESS_EPILOG = """examples:
+  upop-fx compress ./all-MiniLM-L6-v2 --ratio 0.5 --out small/ --method magnitude
+  upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/ --search-steps 200
+  upop-fx compress mypkg.models:build --ratio 0.3 --out small/ --budget flops --round-to 8
+
+MODEL is a local Hugging Face model directory (config.json + weights; loaded offline, never downloaded)
+or module:function, a Python callable returning (model, example_inputs). DIR receives model.pt2,
+model.onnx, report.json, report.md and widths.png; it is written atomically."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="upop-fx",
+        description="Compress Transformer models by structured pruning (UPop) and keep deployable artifacts.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compress,bench}")
+    c = sub.add_parser("compress", help="compress a model and write its artifacts", epilog=COMPRESS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compress MODEL: remove --ratio of its prunable cost and save the dense small model.")
+    c.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory, or module:function")
+    c.add_argument("--ratio", type=float, required=True, help="fraction of the prunable cost to remove, in [0, 1)")
+    c.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    c.add_argument("--method", default="upop", help="upop (search; default) or magnitude (one-shot)")
+    c.add_argument("--data", metavar="PATH", help="a folder of .txt files (text models) or images (vision models) "
+                   "for the search and the retrain; default: built-in sample inputs")
+    c.add_argument("--budget", default="params", help="cost unit: params (default) or flops")
+    c.add_argument("--granularity", default="upop", help="upop (default), qk_v or heads")
+    c.add_argument("--round-to", type=int, default=1, metavar="N", help="keep widths at multiples of N (default 1)")
+    c.add_argument("--search-steps", type=int, default=100, metavar="N", help="UPop search steps (default 100)")
+    c.add_argument("--retrain-steps", type=int, default=100, metavar="N", help="retrain steps after the cut (default 100)")
+    c.add_argument("--seq", type=int, default=128, help="tokens per text example (default 128)")
+    c.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
+    c.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    c.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    b = sub.add_parser("bench", help="time a saved model against its original (ONNX Runtime and PyTorch)",
+                       description="Time DIR/model.onnx and DIR/model.pt2 against the original model recorded in "
+                       "DIR/report.json, on its example inputs, interleaved, median of --runs.",
+                       epilog="example:\n  upop-fx bench small/", formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("dir", metavar="DIR")
+    b.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20)")
+    b.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes on absent torchvision ops
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return _compress(args) if args.command == "compress" else _bench(args)
+    except (UPopError, OSError) as exc:
+        print(f"upop-fx: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("upop-fx: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------ sources
+def load_source(spec: str, seq: int = 128, batch_size: int = 8, data: str | None = None) -> tuple[torch.nn.Module, Any, list[Any] | None]:
+    """(model, example_inputs, batches) for MODEL = a HF directory or ``module:function``."""
+    path = Path(spec)
+    if path.is_dir():
+        return _hf_source(path, seq, batch_size, data)
+    if ":" in spec and not path.exists():
+        mod_name, _, fn_name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(f"cannot import {spec}: {exc}") from exc
+        model, example = fn()
+        return model, example, None
+    raise InputError(f"MODEL {spec!r} is neither a model directory nor module:function")
+
+
+def _hf_source(path: Path, seq: int, batch_size: int, data: str | None) -> tuple[torch.nn.Module, Any, list[Any] | None]:
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has no config.json: not a Hugging Face model directory")
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    if getattr(model.config, "image_size", None) and not hasattr(model.config, "vocab_size"):
+        size = model.config.image_size
+        chans = getattr(model.config, "num_channels", 3)
+        batches = _image_batches(path, Path(data), batch_size) if data else None
+        example = batches[0] if batches else {"pixel_values": torch.randn(batch_size, chans, size, size, generator=torch.Generator().manual_seed(0))}
+        return model, example, batches
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    texts = _read_texts(Path(data)) if data else SAMPLE_TEXT
+    batches = text_batches(tokenizer, texts, seq, batch_size)
+    return model, batches[0], batches if data else None
+
+
+def text_batches(tokenizer: Any, texts: list[str], seq: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Tokenised batches (``input_ids``, ``attention_mask``) of at least 2 texts each."""
+    if len(texts) < 2:
+        raise InputError("need at least 2 texts")
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        if len(chunk) < 2:
+            break
+        t = tokenizer(chunk, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        out.append({"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]})
+    return out
+
+
+def _read_texts(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise InputError(f"--data {folder} is not a directory")
+    texts = [p.read_text(errors="ignore").strip() for p in sorted(folder.rglob("*.txt"))]
+    texts = [t for t in texts if t]
+    if len(texts) < 2:
+        raise InputError(f"--data {folder} holds fewer than 2 non-empty .txt files")
+    return texts
+
+
+def _image_batches(model_dir: Path, folder: Path, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    import transformers
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
+    if len(files) < 2:
+        raise InputError(f"--data {folder} holds fewer than 2 images")
+    processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    out = []
+    for i in range(0, len(files) - 1, batch_size):
+        images = [Image.open(f).convert("RGB") for f in files[i : i + batch_size]]
+        if len(images) >= 2:
+            out.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
+    return out
+
+
+# ------------------------------------------------------------------ commands
+def _compress(args: argparse.Namespace) -> int:
+    from . import compress
+    from .api import METHODS
+    from .artifacts import save
+
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= args.ratio < 1.0:
+        raise ConfigError(f"--ratio must be in [0, 1), got {args.ratio}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise InputError(f"{out} exists and is not empty (use --force to replace it)")
+    model, example, batches = load_source(args.model, args.seq, args.batch_size, args.data)
+    t0 = time.perf_counter()
+    result = compress(
+        model, example, args.ratio, args.method, data=batches, search_steps=args.search_steps,
+        retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
+        round_to=args.round_to, seed=args.seed,
+    )  # fmt: skip
+    source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
+              "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
+    save(result, example, out, force=args.force, onnx=not args.no_onnx, extra={"cli": source})
+    print(result.report.table())
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .artifacts import load
+    from .bench import time_pair
+
+    d = Path(args.dir)
+    meta_file = d / "report.json"
+    if not meta_file.is_file():
+        raise InputError(f"{d} has no report.json: not a directory written by upop-fx compress")
+    meta = json.loads(meta_file.read_text()).get("cli")
+    if not meta:
+        raise InputError(f"{meta_file} does not record the original model (it was not written by upop-fx compress)")
+    original, example, _ = load_source(meta["source"], meta["seq"], meta["batch_size"])
+    small = load(d)
+    rows = time_pair(original, small, example, d / "model.onnx", runs=args.runs)
+    print(f"{'runtime':<16} {'original ms':>12} {'compressed ms':>14} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['runtime']:<16} {r['ms_dense']:>12.2f} {r['ms_pruned']:>14.2f} {r['speedup']:>7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
