@@ -83,8 +83,9 @@ class InsertMasks(GraphPass[MaskState]):
             start += n
         new = copy.deepcopy(gm)
         holder = torch.nn.Module()
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for s, (a, b) in enumerate(slices):
-            holder.register_parameter(f"m{s}", torch.nn.Parameter(torch.ones(b - a)))
+            holder.register_parameter(f"m{s}", torch.nn.Parameter(torch.ones(b - a, device=device)))
         new.add_module(_MODULE, holder)
         label_slot = _label_slots(analysis, entries, slices)
         state = MaskState(self.granularity, self.budget, structures, entries, slices)
@@ -133,7 +134,9 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
             dtype=np.int64,
         )
         idx_name = f"idx_{name}"
-        gm.get_submodule(_MODULE).register_buffer(idx_name, torch.as_tensor(local), persistent=False)
+        holder = gm.get_submodule(_MODULE)
+        device = holder.m0.device
+        holder.register_buffer(idx_name, torch.as_tensor(local, device=device), persistent=False)
         axis = block.axes[0]
         rank = node.meta["val"].dim()
         users = list(node.users)

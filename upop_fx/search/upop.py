@@ -42,6 +42,7 @@ import torch
 from ..capture import capture
 from ..errors import ConfigError, NoPrunableGroupError, UPopError
 from ..passes import FindGroups, InsertMasks, Surgery, get_masks
+from ..passes.fuse_attention import FuseMaskedAttention
 from ..passes.surgery import relative_error
 from .ranking import select_pruned
 
@@ -57,7 +58,8 @@ def schedule(t: int, total_steps: int, ratio: float) -> float:
 
 class UPop:
     """The UPop search on a masked graph: ``model`` to train, :meth:`step` after each backward,
-    :meth:`finalize` for the dense small model (see the module docstring for a runnable example)."""
+    :meth:`finalize` for the dense small model (see the module docstring for a runnable example).
+    On CUDA, ``model``'s masked attention sites run the fused Triton kernel (``FuseMaskedAttention``)."""
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class UPop:
             reasons = sorted({g.reason for g in self.analysis.groups if g.reason})[:5]
             raise NoPrunableGroupError(f"{type(model).__name__} has no prunable group; reasons: " + "; ".join(reasons))
         self.model: torch.fx.GraphModule = InsertMasks(granularity, budget)(self.cap.gm).gm
+        self.model = FuseMaskedAttention(device="cuda")(self.model).gm  # in place; a no-op off CUDA
         self.state = get_masks(self.model)
         self._masks = self.state.masks(self.model)
         self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
@@ -120,7 +123,7 @@ class UPop:
         return self.pi
 
     def _select(self, pi: float) -> None:
-        importance = -torch.cat(self.scores).numpy()  # a large accumulated gradient: the entry matters little
+        importance = -torch.cat(self.scores).cpu().numpy()  # a large accumulated gradient: the entry matters little
         self.pruned = select_pruned(importance, self.state.entries, self.state.structures, pi, self.round_to)
         value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
         with torch.no_grad():
