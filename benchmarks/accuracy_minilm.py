@@ -77,8 +77,9 @@ def embed(model: torch.nn.Module, tokens: dict[str, torch.Tensor], batch_size: i
     return torch.nn.functional.normalize(torch.cat(outs), dim=-1)
 
 
-def evaluate(model: torch.nn.Module, corpus: Corpus, dense: dict[str, Any]) -> dict[str, float]:
-    h, b = embed(model, corpus.heads), embed(model, corpus.bodies)
+def evaluate(model: torch.nn.Module, corpus: Corpus, dense: dict[str, Any], bodies: torch.Tensor | None = None) -> dict[str, float]:
+    h = embed(model, corpus.heads)
+    b = embed(model, corpus.bodies) if bodies is None else bodies
     sim = h @ b.T
     target = sim.diagonal().unsqueeze(1)
     rank = (sim > target).sum(1) + 1  # 1 = the right body is the nearest
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     params_dense = sum(p.numel() for p in model.parameters())
     if "dense" in args.methods:
-        rows.append({"method": "dense", "ratio": 0.0, "params_after": params_dense, **evaluate(model, corpus, dense), "minutes": 0.0})
+        rows.append({"method": "dense", "ratio": 0.0, "params_after": params_dense, **evaluate(model, corpus, dense, dense["bodies"]), "minutes": 0.0})
         log.info("dense: %s (%.1f min)", rows[-1], (time.perf_counter() - t0) / 60)
     steps = args.search_steps + args.retrain_steps
     data = corpus.batches(steps, args.batch_size)
