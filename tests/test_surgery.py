@@ -112,3 +112,28 @@ def test_whole_heads_removed_from_packed_projection(granularity):
             torch.testing.assert_close(result.model(*x), ref(*x), rtol=1e-4, atol=1e-5)
     if granularity == "heads":
         assert any(r.kept_heads < r.heads for r in result.report.groups if r.heads)
+
+
+@pytest.mark.parametrize("name", ["torch_encoder", "timm_vit", "blip_vqa"])
+def test_packed_projection_with_different_qk_and_v_widths(name):
+    """qk keeps 3 dims per head, v keeps 5: each slot of the packed projection gets its own chain."""
+    zoo = ZOO[name]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    keep = {}
+    for g in analysis.prunable:
+        if g.kind in ("qk", "v") and not g.cross:
+            n = 3 if g.kind == "qk" else 5
+            keep[g.id] = [h * g.head_dim + j for h in range(g.heads) for j in range(n)]
+    result = Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+    result.gm.graph.lint()
+    from upop_fx.passes.surgery import relative_error, removed_labels, zeroed_reference
+
+    ref = zeroed_reference(cap.gm, removed_labels(analysis, keep))
+    inputs = zoo.other_inputs
+    with torch.no_grad():
+        out = result.gm(**inputs) if isinstance(inputs, dict) else result.gm(*inputs)
+        want = ref(**inputs) if isinstance(inputs, dict) else ref(*inputs)
+    assert relative_error(out, want) <= 1e-4
+    packed = [p for p in result.gm.parameters() if p.dim() == 2 and p.shape[0] == 4 * (3 + 3 + 5)]
+    assert packed, "the packed projection keeps q, k (3 dims per head) and v (5 dims per head)"

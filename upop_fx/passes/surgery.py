@@ -37,6 +37,7 @@ from ..errors import SurgeryCheckError, SurgeryError
 from ..groups import DIMS_KEY, Block, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
 from .rules import REWRITES, key_of, load_all
+from .split_slots import RAGGED, split_ragged
 
 __all__ = ["Surgery", "SurgeryInfo", "compact", "zeroed_reference", "removed_labels", "relative_error"]
 
@@ -63,8 +64,7 @@ def compact(labels: np.ndarray, kept: np.ndarray, where: str) -> np.ndarray:
         shapes = sorted({r.shape for r in rows})
         raise SurgeryError(
             f"{where}: the kept channels do not form a dense block (rows keep {shapes}): every head must keep as "
-            f"many dims, and a packed q/k/v projection must keep as many q/k as v dims (granularity 'upop' or "
-            f"'heads' guarantees both)"
+            f"many dims"
         )
     return np.stack(rows)
 
@@ -143,8 +143,12 @@ class Surgery(GraphPass[SurgeryInfo]):
         old_blocks = {n.name: n.meta.get(DIMS_KEY) for n in gm.graph.nodes}
         new_blocks = {name: _compact_any(b, removed, name) for name, b in old_blocks.items()}
         ctx = _Context(old_blocks, new_blocks, removed)
-        rewritten = []
+        ragged = {name for name, b in new_blocks.items() if b is RAGGED}
+        made = split_ragged(new_gm, ctx, ragged) if ragged else set()
+        rewritten = sorted(made)
         for node in list(new_gm.graph.nodes):
+            if node.name in made:
+                continue
             fn = REWRITES.get(key_of(node.target)) if node.op == "call_function" else None
             touched = [n for n in [node, *node.all_input_nodes] if _changed(old_blocks.get(n.name), new_blocks.get(n.name))]
             if fn is None or not touched:
@@ -207,11 +211,16 @@ def _compact_any(b: Any, removed: np.ndarray, where: str) -> Any:
         return [_compact_any(x, removed, where) for x in b]
     if not isinstance(b, Block):
         return b
-    labels = compact(b.labels, ~removed[b.labels], f"node {where}")
+    try:
+        labels = compact(b.labels, ~removed[b.labels], f"node {where}")
+    except SurgeryError:
+        return RAGGED  # resolved by split_ragged (packed projections), or refused there
     return Block(b.axes, labels, b.outer, b.zero)
 
 
 def _changed(old: Any, new: Any) -> bool:
+    if new is RAGGED:
+        return True
     if isinstance(old, list):
         return any(_changed(o, n) for o, n in zip(old, new))
     return isinstance(old, Block) and old.labels.shape != new.labels.shape
