@@ -229,3 +229,15 @@ def test_accessor_says_which_pass_to_run():
     cap = upop_fx.capture(torch.nn.Linear(4, 4), torch.randn(2, 4))
     with pytest.raises(LookupError, match="FindGroups"):
         get_analysis(cap.gm)
+
+
+def test_shape_constants_listed_per_group():
+    zoo = ZOO["bert"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    qk = next(g for g in analysis.prunable if g.kind == "qk")
+    targets = {str(n.target) for n in cap.gm.graph.nodes if n.name in qk.shape_nodes}
+    # the head split of q and k, and the attention whose scale surgery pins
+    assert "aten.view.default" in targets and "aten.scaled_dot_product_attention.default" in targets
+    mlp = next(g for g in analysis.prunable if g.kind == "mlp")
+    assert mlp.shape_nodes == []  # fc1 -> gelu -> fc2 has no literal width

@@ -81,6 +81,7 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
     seed_nodes = {name: n for n in gm.graph.nodes for name in [n.name]}
     groups: list[DimGroup] = []
     class_channel: dict[int, tuple[int, int]] = {}
+    shape_nodes = _shape_nodes(gm, roots)
     seed_of_class: dict[int, int] = {}
     for s, (_, labels) in enumerate(tracer.seeds):
         for r in roots[labels].tolist():
@@ -106,8 +107,29 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
             (g.producers if u.role == "out" else g.consumers).append((u.name, u.axis, chan))
         for c, r in enumerate(order.tolist()):
             class_channel[int(r)] = (gid, c)
+        g.shape_nodes = [name for name, rs in shape_nodes.items() if rs & classes]
         groups.append(g)
     return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size)
+
+
+def _shape_nodes(gm: torch.fx.GraphModule, roots: np.ndarray) -> dict[str, set[int]]:
+    """Nodes whose literal arguments surgery rewrites (shapes, split sizes, indices, the attention scale),
+    with the classes their channel blocks carry."""
+    from ..groups import DIMS_KEY
+    from .rules import REWRITES, key_of
+
+    out: dict[str, set[int]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or key_of(n.target) not in REWRITES:
+            continue
+        classes: set[int] = set()
+        for b in [n.meta.get(DIMS_KEY), *(a.meta.get(DIMS_KEY) for a in n.all_input_nodes)]:
+            for x in b if isinstance(b, list) else [b]:
+                if x is not None and hasattr(x, "labels"):
+                    classes.update(np.unique(roots[x.labels]).tolist())
+        if classes:
+            out[n.name] = classes
+    return out
 
 
 def _coupling_graph(tracer: LabelTracer, roots: np.ndarray) -> nx.Graph:
