@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=128, help="tokens per text (default 128)")
     parser.add_argument("--out", default="out", help="where small.onnx is written (default ./out)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("upop_fx").setLevel(logging.INFO)  # progress of the search and the retrain
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
