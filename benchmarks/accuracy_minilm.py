@@ -121,7 +121,7 @@ def torch_pruning(model: torch.nn.Module, example: dict[str, torch.Tensor], rati
     return model
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_minilm()
     corpus = Corpus(tokenizer, 64 if args.quick else None)
@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "dense" in args.methods:
         rows.append({"method": "dense", "ratio": 0.0, "params_after": params_dense, **evaluate(model, corpus, dense, dense["bodies"]), "minutes": 0.0})
         log.info("dense: %s (%.1f min)", rows[-1], (time.perf_counter() - t0) / 60)
+        if save is not None:
+            save(_payload(args, corpus, rows, complete=False))
     steps = args.search_steps + args.retrain_steps
     data = corpus.batches(steps, args.batch_size)
     example = data[0]
@@ -159,8 +161,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    **evaluate(small, corpus, dense), "minutes": round(minutes, 2)}
             rows.append(row)
             log.info("%s", row)
+            if save is not None:  # partial results survive an interrupted run
+                save(_payload(args, corpus, rows, complete=False))
+    return _payload(args, corpus, rows, complete=True)
+
+
+def _payload(args: argparse.Namespace, corpus: Corpus, rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
     return {
         "machine": machine(),
+        "complete": complete,
         "setup": {"seq": SEQ, "articles": int(len(corpus.labels)), "search_steps": args.search_steps,
                   "retrain_steps": args.retrain_steps, "batch_size": args.batch_size, "lr": args.lr,
                   "interval": args.interval, "note": "minutes = search + retrain wall time on this machine"},
@@ -184,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    payload = run(args)
     from pathlib import Path
 
     name = "accuracy_minilm_quick" if args.quick else "accuracy_minilm"
+    payload = run(args, save=lambda p: write_results(name, p, COLUMNS, Path(args.out)))
     path = write_results(name, payload, COLUMNS, Path(args.out))
     print(open(path.with_suffix(".md")).read())
     return 0
