@@ -1,9 +1,10 @@
 """ONNX export: ONNX Runtime parity on the zoo (original and compressed), names and axes, and clean failures.
 
-The exporter takes ~3-8 s per model on 2 cores, so the default run exports three zoo models that cover the
-input/output kinds (dict of token tensors returning a ModelOutput; positional pixels returning a tensor;
-nested ModelOutput names are unit-tested); ``pytest -m slow tests/test_export.py`` exports every zoo model,
-original and ``compress(ratio=0.5)``.
+The exporter takes ~3-10 s per model on 2 cores, so the default run exports two zoo models that cover the
+input/output kinds and both model kinds: a compressed BERT (GraphModule; dict of token tensors, ModelOutput) and
+the original timm-style ViT (nn.Module; positional pixels, a tensor); nested ModelOutput names are unit-tested.
+``pytest -m slow tests/test_export.py`` exports every zoo model, original and ``compress(ratio=0.5)``: all 20
+pass (9 min on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from upop_fx.export import PARITY_TOLERANCE, ExportError, ExportInfo, export_onn
 
 from .models import ZOO, ZooModel
 
-FAST = [("bert", "original"), ("bert", "compressed"), ("timm_vit", "compressed")]
+FAST = [("bert", "compressed"), ("timm_vit", "original")]
 ALL = [(name, variant) for name in ZOO for variant in ("original", "compressed")]
 
 
@@ -199,7 +200,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
     assert _listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("model,match", [(NoOnnx, "ONNX exporter could not translate NoOnnx"),
+@pytest.mark.parametrize("model,match", [(NoOnnx, "ONNX exporter could not translate NoOnnx: .*No ONNX function found"),
                                          (DataDependent, "torch.export could not capture")])
 def test_model_the_exporter_cannot_handle(model: type, match: str, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=match) as info:

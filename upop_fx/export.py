@@ -44,6 +44,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -196,8 +197,18 @@ def _check_written_opset(file: Path, opset: int | None) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a ``raise ... from`` chain: the exporter wraps the real reason (e.g. "No ONNX
+    function found for <OpOverload ...>") in a generic ConversionError."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
 
 
 def _eval_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -262,8 +273,9 @@ def _onnx_program(ep: torch.export.ExportedProgram, opset: int | None, model_nam
             warnings.simplefilter("ignore")
             return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
     except Exception as exc:
+        root = _root_cause(exc)
         raise ExportError(
-            f"the ONNX exporter could not translate {model_name}: {type(exc).__name__}: {_first_line(exc)}"
+            f"the ONNX exporter could not translate {model_name}: {type(root).__name__}: {_first_line(root)}"
         ) from exc
 
 
