@@ -39,6 +39,7 @@ checked on the numbers (``verdict``): at 2×, unified keeps i2t R@1 within 3 poi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ from .digits_data import (
     shift,
     towers_summary,
     train_loop,
+    unified_vs_uniform,
     write_markdown,
 )
 
@@ -111,6 +113,8 @@ class Tokenizer:
 SWEEP_COLUMNS = ["method", "search", "lr", "interval", "retrain", "i2t_cls_cut", "i2t_cls", "i2t_all", "t2i",
                  "kept_vision", "kept_text", "minutes"]
 SWEEP = ["600:3e-4:10:100", "300:1e-3:10:100", "300:1e-4:10:100", "300:3e-4:5:100"]
+
+NOTES = ["Search and retrain loss: the same contrastive loss_fn as training (the task loss, not distillation)."]
 
 
 def build_model(vocab_size: int, eos: int, hidden: int = 64, layers: int = 4, heads: int = 4, mlp: int = 256,
@@ -220,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row[f"kept_{name}"] = round(towers[name]["kept_fraction"], 3)
             row[f"{name}_layers"] = " ".join(f"{v:.2f}" for v in towers[name]["layers"].values())
         if job.table == "sweep":
-            row.update(search=job.search_steps, lr=job.lr, interval=job.interval, method=method)
+            row.update(search=job.search_steps, lr=f"{job.lr:g}", interval=job.interval, method=method)
         (rows if job.table == "main" else sweep).append(row)
         details[label] = {
             "metrics_cut": out.metrics_cut, "towers": towers, "prunable_cost_removed": rep.prunable_cost_removed,
@@ -247,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "t2i": "text->image R@1, held-out captions over held-out images (hit = right digit)",
             "*_cut": "right after the cut, before the retrain",
         },
+        "n_test": n_test,
         "rows": rows,
         "sweep": sweep,
         "details": details,
@@ -273,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="*", default=list(SWEEP), metavar="SEARCH:LR:INTERVAL:RETRAIN",
                    help="extra unified + uniform runs with these settings (default: %(default)s; none: --sweep)")
     p.add_argument("--dense-cache", default=None, help="a .pt file: load the trained dense model from it, or save it there")
+    p.add_argument("--render", default=None, metavar="JSON", help="only re-write verdict + markdown from a results file")
     p.add_argument("--out", default=None, help="results name under benchmarks/results (default clip_digits)")
     args = p.parse_args(argv)
     if args.quick:
@@ -281,44 +287,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def verdict(rows: list[dict[str, Any]]) -> list[str]:
+def verdict(payload: dict[str, Any]) -> list[str]:
     """The issue's target, checked on the numbers: at 2×, unified keeps image→text R@1 (``i2t_cls``) within 3
-    points of dense and beats the uniform allocation."""
-    by = {r["method"]: r for r in rows}
+    points of dense and beats the uniform allocation — for the main settings and over the sweep."""
+    by = {r["method"]: r for r in payload["rows"]}
     if not {"dense", "unified", "uniform"} <= set(by):
         return []
-    d, u, f = by["dense"], by["unified"], by["uniform"]
+    d, u, f = by["dense"]["i2t_cls"], by["unified"], by["uniform"]
+    n = int(payload.get("n_test", 360))
     out = []
     for key, when in (("i2t_cls", "after the retrain"), ("i2t_cls_cut", "right after the cut (no retrain)")):
-        within = u[key] >= d["i2t_cls"] - 0.03
-        beats = u[key] > f[key]
-        met = "MET" if within and beats else "NOT MET"
+        within, beats = u[key] >= d - 0.03, u[key] > f[key]
         out.append(
-            f"Target {met} {when}: unified i2t R@1 {100 * u[key]:.1f} vs dense {100 * d['i2t_cls']:.1f} "
-            f"({100 * (u[key] - d['i2t_cls']):+.1f} points; within 3: {'yes' if within else 'no'}), "
-            f"uniform {100 * f[key]:.1f} (unified ahead: {'yes' if beats else 'no'}, "
-            f"{100 * (u[key] - f[key]):+.1f} points)."
+            f"Main settings, {when}: target {'MET' if within and beats else 'NOT MET'} — unified i2t R@1 "
+            f"{100 * u[key]:.1f} vs dense {100 * d:.1f} ({100 * (u[key] - d):+.1f} points), uniform "
+            f"{100 * f[key]:.1f} (unified {100 * (u[key] - f[key]):+.1f} points = {round(n * (u[key] - f[key])):+d} "
+            f"of {n} images)."
         )
+    pairs = unified_vs_uniform(payload, "i2t_cls_cut", "i2t_cls")
+    for when, uk, fk in (("right after the cut", "unified_cut", "uniform_cut"), ("after the retrain", "unified", "uniform")):
+        ahead = sum(p[uk] > p[fk] for p in pairs)
+        within = sum(p[uk] >= d - 0.03 for p in pairs)
+        diffs = ", ".join(f"{100 * (p[uk] - p[fk]):+.1f}" for p in pairs)
+        out.append(f"All {len(pairs)} settings (main + sweep), {when}: unified ahead of uniform in {ahead}, within 3 "
+                   f"points of dense in {within}; unified - uniform = {diffs} points.")
+    every = [*payload["rows"], *payload.get("sweep", [])]
+    if all(r["t2i"] == 1.0 for r in every):
+        out.append("t2i is 1.000 for every model (each held-out caption's nearest held-out image shows its digit): "
+                   "saturated, it cannot rank the methods.")
+    out.append(f"One held-out image is {100 / n:.2f} points of i2t R@1.")
     out.append(
-        f"Kept fraction of the prunable parameters: unified vision {u['kept_vision']:.2f} / text {u['kept_text']:.2f}; "
+        f"Kept fraction of the prunable parameters: unified vision {u['kept_vision']:.2f} / text {u['kept_text']:.2f} "
+        f"(over the sweep: text {min(r['kept_text'] for r in [u, *payload.get('sweep', [])] if r['method'] == 'unified'):.2f}"
+        f"-{max(r['kept_text'] for r in [u, *payload.get('sweep', [])] if r['method'] == 'unified'):.2f}); "
         f"uniform {f['kept_vision']:.2f} / {f['kept_text']:.2f}."
     )
     return out
+
+
+def finish(payload: dict[str, Any], name: str | None) -> None:
+    """Add the verdict, log it, and write ``<name>.json`` + ``<name>.md``."""
+    payload["verdict"] = verdict(payload) + NOTES
+    for line in payload["verdict"]:
+        log.info("%s", line)
+    if name:
+        path = write_results(name, payload, COLUMNS)
+        write_markdown(path.with_suffix(".md"), payload, SWEEP_COLUMNS)
+        log.info("wrote %s", path)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("upop_fx").setLevel(logging.WARNING)
     args = parse_args(argv)
-    payload = run(args)
-    payload["verdict"] = verdict(payload["rows"])
-    for line in payload["verdict"]:
-        log.info("%s", line)
     name = args.out or (None if args.quick else "clip_digits")
-    if name:
-        path = write_results(name, payload, COLUMNS)
-        write_markdown(path.with_suffix(".md"), payload, SWEEP_COLUMNS)
-        log.info("wrote %s", path)
+    if args.render:  # re-write the verdict and the markdown of an earlier run
+        finish(json.loads(Path(args.render).read_text()), name)
+        return
+    finish(run(args), name)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ __all__ = [
     "Job",
     "jobs",
     "write_markdown",
+    "unified_vs_uniform",
 ]
 
 METHODS = ("unified", "uniform", "magnitude", "uniform_magnitude")
@@ -309,6 +310,25 @@ def jobs(args: Any) -> list[Job]:
             out.append(Job(f"{m} search={s} lr={float(lr):g} interval={i} retrain={r}", m, int(s), int(r), float(lr),
                            int(i), "sweep"))
     return out
+
+
+def unified_vs_uniform(payload: dict[str, Any], cut: str, after: str) -> list[dict[str, Any]]:
+    """Every unified/uniform pair of the run (the main table's, then the sweep's), with its settings and the
+    metric ``cut`` (right after the cut) and ``after`` (after the retrain) of both."""
+    cfg = payload["config"]
+    main = {r["method"]: r for r in payload["rows"]}
+    pairs = []
+    if "unified" in main and "uniform" in main:
+        pairs.append(({"search": cfg["search_steps"], "lr": cfg["lr"], "interval": cfg["interval"],
+                       "retrain": cfg["retrain_steps"], "main": True}, main["unified"], main["uniform"]))
+    sweep = payload.get("sweep", [])
+    for u in (r for r in sweep if r["method"] == "unified"):
+        key = (u["search"], u["lr"], u["interval"], u["retrain"])
+        f = next((r for r in sweep if r["method"] == "uniform" and (r["search"], r["lr"], r["interval"], r["retrain"]) == key), None)
+        if f is not None:
+            pairs.append(({"search": key[0], "lr": key[1], "interval": key[2], "retrain": key[3], "main": False}, u, f))
+    return [{**s, "unified_cut": u[cut], "uniform_cut": f[cut], "unified": u[after], "uniform": f[after]}
+            for s, u, f in pairs]
 
 
 def towers_summary(report: upop_fx.Report) -> dict[str, dict[str, Any]]:
