@@ -35,7 +35,7 @@ import upop_fx
 from upop_fx.api import build_result
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.search.magnitude import magnitude_scores
-from upop_fx.search.structures import Entry, build_entries
+from upop_fx.search.structures import Entry, build_entries, keep_sets, removed_fraction
 from upop_fx.search.train import batch_loss, cycle_batches
 
 __all__ = [
@@ -203,17 +203,10 @@ def _uniform_magnitude(model: torch.nn.Module, example: Any, ratio: float, budge
     _, entries = build_entries(analysis, granularity, budget)
     scores = magnitude_scores(cap.gm, analysis, entries)
     pruned = uniform_select(scores, entries, ratio)
-    keep = {g.id: np.ones(g.width, dtype=bool) for g in analysis.prunable}
-    for e, p in zip(entries, pruned):
-        if p:
-            for gid, ch in e.channels.items():
-                keep[gid][ch] = False
-    keep_idx = {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
-    small = Surgery()(cap.gm, keep_idx, cap.args, cap.kwargs).gm
-    total = sum(e.cost for e in entries)
-    removed = sum(e.cost for e, p in zip(entries, pruned) if p)
-    return build_result(small, cap.gm, cap, analysis, keep_idx, "uniform_magnitude", ratio, budget, granularity,
-                        removed / total if total else 0.0)
+    keep = keep_sets(analysis, entries, pruned)
+    small = Surgery()(cap.gm, keep, cap.args, cap.kwargs).gm
+    return build_result(small, cap.gm, cap, analysis, keep, "uniform_magnitude", ratio, budget, granularity,
+                        removed_fraction(entries, pruned))
 
 
 # ---------------------------------------------------------------------------------------------- one method, end to end

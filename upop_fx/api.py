@@ -19,19 +19,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .capture import Captured, capture
-from .errors import ConfigError, NoPrunableGroupError
+from .errors import ConfigError
 from .groups import GroupAnalysis
 from .passes import FindGroups, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
 from .report import GroupRow, Report, count_flops, count_params
 from .search.magnitude import magnitude_scores
 from .search.ranking import select_pruned
-from .search.structures import build_entries
+from .search.structures import build_entries, group_cost, keep_sets, removed_fraction
 from .search.train import batch_loss, cycle_batches
 
 __all__ = ["compress", "retrain", "Result", "METHODS", "build_result"]
@@ -178,28 +177,15 @@ def retrain(
 def _magnitude(model: torch.nn.Module, example_inputs: Any, ratio: float, budget: str, granularity: str, round_to: int) -> Result:
     cap = capture(model, example_inputs)
     analysis = FindGroups()(cap.gm, cap.batch_size).value
-    if not analysis.prunable:
-        reasons = sorted({g.reason for g in analysis.groups if g.reason})[:5]
-        raise NoPrunableGroupError(
-            f"{type(model).__name__} has no prunable group of channels; reasons: " + "; ".join(reasons or ["none found"])
-        )
+    analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, budget)
     scores = magnitude_scores(cap.gm, analysis, entries)
     pruned = select_pruned(scores, entries, structures, ratio, round_to)
-    keep = {g.id: np.ones(g.width, dtype=bool) for g in analysis.prunable}
-    for e, p in zip(entries, pruned):
-        if p:
-            for gid, ch in e.channels.items():
-                keep[gid][ch] = False
-    keep_idx = {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
-    small = Surgery()(cap.gm, keep_idx, cap.args, cap.kwargs).gm
-    total = sum(e.cost for e in entries)
-    removed = sum(e.cost for e, p in zip(entries, pruned) if p)
-    return build_result(small, cap.gm, cap, analysis, keep_idx, "magnitude", ratio, budget, granularity, removed / total if total else 0.0)
-
-
-def _cost(g: Any, budget: str) -> np.ndarray:
-    return g.cost_params if budget == "params" else g.cost_flops
+    keep = keep_sets(analysis, entries, pruned)
+    small = Surgery()(cap.gm, keep, cap.args, cap.kwargs).gm
+    return build_result(
+        small, cap.gm, cap, analysis, keep, "magnitude", ratio, budget, granularity, removed_fraction(entries, pruned)
+    )
 
 
 def build_result(
@@ -225,7 +211,7 @@ def build_result(
             GroupRow(
                 g.id, g.kind, g.tower, g.layer, g.heads, g.head_dim, len(keep[g.id]), g.width, g.cross,
                 len({c // g.head_dim for c in keep[g.id]}) if g.heads else None,
-                float(_cost(g, budget)[keep[g.id]].sum()), float(_cost(g, budget).sum()),
+                float(group_cost(g, budget)[keep[g.id]].sum()), float(group_cost(g, budget).sum()),
             )
             for g in analysis.prunable
         ],

@@ -150,6 +150,17 @@ class GroupAnalysis:
     def group(self, gid: int) -> DimGroup:
         return self.groups[gid]
 
+    def require_prunable(self, model_name: str) -> None:
+        """Raise :class:`~upop_fx.errors.NoPrunableGroupError`, with the reasons, when nothing can be pruned."""
+        if self.prunable:
+            return
+        from .errors import NoPrunableGroupError
+
+        reasons = sorted({g.reason for g in self.groups if g.reason})[:5]
+        raise NoPrunableGroupError(
+            f"{model_name} has no prunable group of channels; reasons: " + "; ".join(reasons or ["none found"])
+        )
+
 
 def get_analysis(gm: torch.fx.GraphModule) -> GroupAnalysis:
     """The group analysis of ``gm``; raises if :class:`FindGroups` has not been run on it."""

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..groups import DimGroup, GroupAnalysis
 
-__all__ = ["Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries"]
+__all__ = ["Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "group_cost", "keep_sets", "removed_fraction"]
 
 GRANULARITIES = ("upop", "qk_v", "heads")
 BUDGETS = ("params", "flops")
@@ -89,9 +89,26 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
             add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head_channels(g, j)} for j in range(g.head_dim)])
             done.add(g.id)
     for e in entries:
-        e.cost = float(sum(_cost(analysis.groups[gid], budget)[ch].sum() for gid, ch in e.channels.items()))
+        e.cost = float(sum(group_cost(analysis.groups[gid], budget)[ch].sum() for gid, ch in e.channels.items()))
     return structures, entries
 
 
-def _cost(g: DimGroup, budget: str) -> np.ndarray:
+def group_cost(g: DimGroup, budget: str) -> np.ndarray:
+    """Per-channel cost of ``g`` in the budget's unit (parameters or FLOPs)."""
     return g.cost_params if budget == "params" else g.cost_flops
+
+
+def keep_sets(analysis: GroupAnalysis, entries: list[Entry], pruned: np.ndarray) -> dict[int, list[int]]:
+    """Kept channel indices per prunable group, once the ``pruned`` entries are removed."""
+    keep = {g.id: np.ones(g.width, dtype=bool) for g in analysis.prunable}
+    for e, p in zip(entries, pruned):
+        if p:
+            for gid, ch in e.channels.items():
+                keep[gid][ch] = False
+    return {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
+
+
+def removed_fraction(entries: list[Entry], pruned: np.ndarray) -> float:
+    """The fraction of the entries' total cost that the ``pruned`` ones carry."""
+    total = sum(e.cost for e in entries)
+    return sum(e.cost for e, p in zip(entries, pruned) if p) / total if total else 0.0

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from ..capture import capture
-from ..errors import ConfigError, NoPrunableGroupError, UPopError
+from ..errors import ConfigError, UPopError
 from ..passes import FindGroups, InsertMasks, Surgery, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
 from ..passes.surgery import relative_error
 from .ranking import select_pruned
+from .structures import keep_sets, removed_fraction
 
 __all__ = ["UPop", "schedule"]
 
@@ -84,9 +85,7 @@ class UPop:
         self.ratio, self.total_steps, self.interval = float(ratio), total_steps, interval
         self.cap = capture(model, example_inputs)
         self.analysis = FindGroups()(self.cap.gm, self.cap.batch_size).value
-        if not self.analysis.prunable:
-            reasons = sorted({g.reason for g in self.analysis.groups if g.reason})[:5]
-            raise NoPrunableGroupError(f"{type(model).__name__} has no prunable group; reasons: " + "; ".join(reasons))
+        self.analysis.require_prunable(type(model).__name__)
         self.model: torch.fx.GraphModule = InsertMasks(granularity, budget)(self.cap.gm).gm
         self.model = FuseMaskedAttention(device="cuda")(self.model).gm  # in place; a no-op off CUDA
         self.state = get_masks(self.model)
@@ -135,12 +134,7 @@ class UPop:
 
     # --------------------------------------------------------------- result
     def keep(self) -> dict[int, list[int]]:
-        keep = {g.id: np.ones(g.width, dtype=bool) for g in self.analysis.prunable}
-        for e, p in zip(self.state.entries, self.pruned):
-            if p:
-                for gid, ch in e.channels.items():
-                    keep[gid][ch] = False
-        return {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
+        return keep_sets(self.analysis, self.state.entries, self.pruned)
 
     def dense_trained(self) -> torch.fx.GraphModule:
         """The captured graph carrying the weights trained during the search (masks left out)."""
@@ -166,12 +160,9 @@ class UPop:
         log.info("finalize: surgery vs final masked model, relative error %.2e", gap)
         if not gap <= 1e-4:
             raise UPopError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
-        entries = self.state.entries
-        total = sum(e.cost for e in entries)
-        removed = sum(e.cost for e, p in zip(entries, self.pruned) if p)
         return build_result(
             small, dense, self.cap, self.analysis, keep, "upop", self.ratio, self.budget, self.granularity,
-            removed / total if total else 0.0,
+            removed_fraction(self.state.entries, self.pruned),
         )  # fmt: skip
 
 
