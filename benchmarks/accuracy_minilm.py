@@ -49,6 +49,9 @@ class Corpus:
         self.train, self.test = np.sort(perm[:cut]), np.sort(perm[cut:])
         self.heads = self._tok(tokenizer, [a.headline for a in articles])
         self.bodies = self._tok(tokenizer, [a.body for a in articles])
+        # Headlines are short: evaluation embeds them trimmed to the longest one (right padding, so exact).
+        longest = int(self.heads["attention_mask"].sum(1).max())
+        self.heads_eval = {k: v[:, :longest] for k, v in self.heads.items()}
 
     @staticmethod
     def _tok(tokenizer: Any, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -78,7 +81,7 @@ def embed(model: torch.nn.Module, tokens: dict[str, torch.Tensor], batch_size: i
 
 
 def evaluate(model: torch.nn.Module, corpus: Corpus, dense: dict[str, Any], bodies: torch.Tensor | None = None) -> dict[str, float]:
-    h = embed(model, corpus.heads)
+    h = embed(model, corpus.heads_eval)
     b = embed(model, corpus.bodies) if bodies is None else bodies
     sim = h @ b.T
     target = sim.diagonal().unsqueeze(1)
@@ -177,6 +180,12 @@ def _payload(args: argparse.Namespace, corpus: Corpus, rows: list[dict[str, Any]
     }
 
 
+def _previous_rows(path: Any) -> list[dict[str, Any]]:
+    import json
+
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy_minilm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an earlier results file that this run does not redo (same setup assumed)")
     p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -196,8 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     name = "accuracy_minilm_quick" if args.quick else "accuracy_minilm"
-    payload = run(args, save=lambda p: write_results(name, p, COLUMNS, Path(args.out)))
-    path = write_results(name, payload, COLUMNS, Path(args.out))
+    previous = _previous_rows(Path(args.out) / f"{name}.json") if args.merge else []
+
+    def save(payload: dict[str, Any]) -> Path:
+        done = {(r["method"], r["ratio"]) for r in payload["rows"]}
+        kept = [r for r in previous if (r["method"], r["ratio"]) not in done]
+        rows = sorted(kept + payload["rows"], key=lambda r: r["ratio"])
+        return write_results(name, {**payload, "rows": rows}, COLUMNS, Path(args.out))
+
+    payload = run(args, save=save)
+    path = save(payload)
     print(open(path.with_suffix(".md")).read())
     return 0
 

@@ -168,14 +168,23 @@ def test_loss_fn_requires_pairs(tiny):
         upop_fx.compress(model, data[0], data=data, loss_fn=lambda out, t: out.sum(), search_steps=2, retrain_steps=0)
 
 
-def test_scores_are_accumulated_gradients(tiny):
+@pytest.mark.parametrize("score", ["gradient", "sensitivity"])
+def test_scores_are_accumulated_gradients(tiny, score):
     model, data = tiny
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=4, interval=100)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=4, interval=100, score=score)
     grads = np.zeros(sum(m.numel() for m in pruner.mask_values()))
     for i in range(2):
         out = pruner.model(data[i])
         loss = out.pow(2).mean()
         loss.backward()
-        grads += torch.cat([m.grad for m in pruner.state.masks(pruner.model)]).double().numpy()
+        g = torch.cat([m.grad for m in pruner.state.masks(pruner.model)]).double().numpy()
+        grads += np.abs(g) if score == "sensitivity" else g
         pruner.step()
     np.testing.assert_allclose(torch.cat(pruner.scores).numpy(), grads, rtol=1e-12)
+    assert (grads < 0).any() == (score == "gradient")
+
+
+def test_unknown_score_is_refused(tiny):
+    model, data = tiny
+    with pytest.raises(upop_fx.ConfigError, match="score must be one of gradient, sensitivity"):
+        upop_fx.compress(model, data[0], score="taylor")

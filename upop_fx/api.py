@@ -72,6 +72,7 @@ def compress(
     lr: float = 1e-4,
     interval: int = 10,
     seed: int = 0,
+    score: str = "gradient",
 ) -> Result:
     """Remove ``ratio`` of the prunable cost of ``model`` and return a dense, smaller model.
 
@@ -94,6 +95,9 @@ def compress(
         lr: AdamW learning rate of the search and the retrain.
         interval: the search re-selects the entries to prune every ``interval`` steps.
         seed: results are deterministic for a seed (and the same data).
+        score: how the UPop search ranks entries: ``"gradient"`` — the signed accumulated mask gradient, as in
+            the paper; ``"sensitivity"`` — the accumulated ``|∂L/∂mask|``, which prunes entries the loss never
+            sees (dead neurons, an unused tower) first. Ignored by ``"magnitude"``.
 
     Raises:
         ConfigError, InputError, CaptureError, NoPrunableGroupError, SurgeryError — all :class:`UPopError`.
@@ -112,7 +116,7 @@ def compress(
 
         pruner = UPop(
             model, example_inputs, ratio, total_steps=search_steps, interval=interval, budget=budget,
-            granularity=granularity, seed=seed, round_to=round_to,
+            granularity=granularity, seed=seed, round_to=round_to, score=score,
         )  # fmt: skip
         run_search(pruner, data, loss_fn, lr)
         result = pruner.finalize()

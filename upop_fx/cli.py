@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    "for the search and the retrain; default: built-in sample inputs")
     c.add_argument("--budget", default="params", help="cost unit: params (default) or flops")
     c.add_argument("--granularity", default="upop", help="upop (default), qk_v or heads")
+    c.add_argument("--score", default="gradient", choices=["gradient", "sensitivity"],
+                   help="UPop ranking: gradient (signed accumulated mask gradient, the paper's; default) or "
+                   "sensitivity (accumulated |gradient|: prunes what the loss never sees first)")
     c.add_argument("--round-to", type=int, default=1, metavar="N", help="keep widths at multiples of N (default 1)")
     c.add_argument("--search-steps", type=int, default=100, metavar="N", help="UPop search steps (default 100)")
     c.add_argument("--retrain-steps", type=int, default=100, metavar="N", help="retrain steps after the cut (default 100)")
@@ -189,7 +192,7 @@ def _compress(args: argparse.Namespace) -> int:
     result = compress(
         model, example, args.ratio, args.method, data=batches, search_steps=args.search_steps,
         retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
-        round_to=args.round_to, seed=args.seed,
+        round_to=args.round_to, seed=args.seed, score=args.score,
     )  # fmt: skip
     source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
               "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}

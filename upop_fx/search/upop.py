@@ -7,6 +7,10 @@ finalize.
   together, weighted by each entry's exact cost (``budget="params"`` or ``"flops"``), and the entries past
   ``π_t × total cost`` are marked for pruning (a large accumulated gradient means raising the mask raises the
   loss: the entry matters little). Each structure keeps at least one entry.
+* ``score="sensitivity"`` (opt-in, not the paper's) accumulates ``|∂L/∂mask|`` instead: the first-order
+  Taylor estimate of what removing the entry costs, so an entry whose mask never gets a gradient — a dead
+  neuron, a tower the loss does not see — ranks last and goes first. The paper's signed score puts such an
+  entry at 0, the middle of the ranking, and prunes live entries with a positive accumulated gradient before it.
 * **Progressive pruning**: ``π_t = p · sin(π (t+1) / (2T))``; marked masks are set to ``1 − π_t / p``, the
   others to 1, re-selected every ``interval`` steps and at the last step, where the marked masks are exactly 0,
   so surgery changes nothing ("no weight gap").
@@ -47,7 +51,9 @@ from ..passes.surgery import relative_error
 from .ranking import select_pruned
 from .structures import keep_sets, removed_fraction
 
-__all__ = ["UPop", "schedule"]
+__all__ = ["UPop", "schedule", "SCORES"]
+
+SCORES = ("gradient", "sensitivity")
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,10 @@ class UPop:
         granularity: str = "upop",
         seed: int = 0,
         round_to: int = 1,
+        score: str = "gradient",
     ) -> None:
+        if score not in SCORES:
+            raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
         if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
             raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
         if not isinstance(total_steps, int) or total_steps < 1:
@@ -94,7 +103,7 @@ class UPop:
         self.pruned = np.zeros(len(self.state.entries), dtype=bool)
         self.t = 0
         self.pi = 0.0
-        self.budget, self.granularity, self.round_to = budget, granularity, round_to
+        self.budget, self.granularity, self.round_to, self.score = budget, granularity, round_to, score
 
     # --------------------------------------------------------------- training
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -112,7 +121,8 @@ class UPop:
             raise UPopError(f"the search has already run its {self.total_steps} steps; call finalize()")
         for m, s in zip(self._masks, self.scores):
             if m.grad is not None:
-                s += m.grad.detach().double()
+                g = m.grad.detach().double()
+                s += g.abs() if self.score == "sensitivity" else g
                 m.grad = None
         last = self.t == self.total_steps - 1
         if self.t % self.interval == 0 or last:
@@ -122,7 +132,9 @@ class UPop:
         return self.pi
 
     def _select(self, pi: float) -> None:
-        importance = -torch.cat(self.scores).cpu().numpy()  # a large accumulated gradient: the entry matters little
+        scores = torch.cat(self.scores).cpu().numpy()
+        # "gradient": a large accumulated gradient means the entry matters little; "sensitivity": it matters much
+        importance = scores if self.score == "sensitivity" else -scores
         self.pruned = select_pruned(importance, self.state.entries, self.state.structures, pi, self.round_to)
         value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
         with torch.no_grad():
