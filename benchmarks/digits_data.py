@@ -12,11 +12,9 @@
   - ``magnitude``: ``upop_fx.compress(method="magnitude")`` — global one-shot ranking by mean |weight|;
   - ``uniform_magnitude``: mean |weight| ranking, the same fraction in every structure.
 
-  The uniform allocation is built from public pieces: ``UPop.state`` (structures, entries, entry slices, the
-  mask parameters), ``UPop.scores``, ``UPop.pruned`` and ``UPop.finalize()``; for magnitude,
-  ``search.structures.build_entries`` + ``search.magnitude.magnitude_scores`` + ``passes.Surgery`` +
-  ``api.build_result``. ``UPop`` has no hook for another allocation rule, so :func:`run_search` re-selects
-  right after ``UPop.step()`` has done its own unified selection and overwrites ``pruned`` and the masks.
+  The uniform allocation is ``UPop(allocate=uniform_allocation)``: the search loop, the scores, the schedule
+  and the mask updates stay UPop's; for magnitude, ``search.structures.build_entries`` +
+  ``search.magnitude.magnitude_scores`` + ``passes.Surgery`` + ``api.build_result``.
 """
 
 from __future__ import annotations
@@ -32,11 +30,10 @@ import numpy as np
 import torch
 
 import upop_fx
-from upop_fx.api import build_result
+from upop_fx.api import build_result, run_search
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.search.magnitude import magnitude_scores
 from upop_fx.search.structures import Entry, build_entries, keep_sets, removed_fraction
-from upop_fx.search.train import batch_loss, cycle_batches
 
 __all__ = [
     "Digits",
@@ -44,7 +41,7 @@ __all__ = [
     "shift",
     "train_loop",
     "uniform_select",
-    "run_search",
+    "uniform_allocation",
     "compress_run",
     "RunOutcome",
     "METHODS",
@@ -164,37 +161,9 @@ def uniform_select(importance: np.ndarray, entries: Sequence[Entry], fraction: f
     return pruned
 
 
-def _apply_uniform(pruner: upop_fx.UPop) -> None:
-    """Replace the unified selection ``pruner.step()`` just made by the uniform one, with the same π_t and the
-    same accumulated scores; set the masks as UPop does (marked → 1 − π_t/p, others → 1)."""
-    importance = -torch.cat(pruner.scores).numpy()  # UPop: a large accumulated gradient = matters little
-    pruner.pruned = uniform_select(importance, pruner.state.entries, pruner.pi)
-    value = 1.0 - pruner.pi / pruner.ratio if pruner.ratio > 0 else 1.0
-    masks = pruner.state.masks(pruner.model)
-    with torch.no_grad():
-        for s, (a, b) in enumerate(pruner.state.entry_slices):
-            m = torch.ones(b - a, dtype=masks[s].dtype)
-            m[torch.as_tensor(pruner.pruned[a:b])] = value
-            masks[s].copy_(m)
-
-
-def run_search(pruner: upop_fx.UPop, data: list[Any], loss_fn: Any, lr: float, allocation: str = "unified") -> list[float]:
-    """The search loop of ``upop_fx.compress`` (``api.run_search``: AdamW on the weights, then ``step()``), with
-    the uniform allocation swapped in after every selection step when ``allocation == "uniform"``."""
-    opt = torch.optim.AdamW(list(pruner.parameters()), lr=lr, weight_decay=0.0)
-    teacher = pruner.cap.gm if loss_fn is None else None
-    losses = []
-    for batch in cycle_batches(data, None, pruner.total_steps):
-        loss = batch_loss(pruner.model, teacher, batch, loss_fn)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t = pruner.t
-        pruner.step()
-        if allocation == "uniform" and (t % pruner.interval == 0 or t == pruner.total_steps - 1):
-            _apply_uniform(pruner)
-        losses.append(loss.item())
-    return losses
+def uniform_allocation(importance: np.ndarray, entries: Sequence[Entry], structures: Any, pi: float) -> np.ndarray:
+    """``UPop(allocate=...)`` for the uniform baseline: the same scores and π_t, cut evenly in every structure."""
+    return uniform_select(importance, entries, pi)
 
 
 def _uniform_magnitude(model: torch.nn.Module, example: Any, ratio: float, budget: str, granularity: str) -> upop_fx.Result:
@@ -247,9 +216,10 @@ def compress_run(
     search_losses: list[float] = []
     if method in ("unified", "uniform"):
         pruner = upop_fx.UPop(model, example, ratio, total_steps=search_steps, interval=interval, budget=budget,
-                              granularity=granularity, seed=seed)
-        search_losses = run_search(pruner, data, loss_fn, lr, allocation=method)
-        result = pruner.finalize()
+                              granularity=granularity, seed=seed,
+                              allocate=uniform_allocation if method == "uniform" else None)
+        search_losses = run_search(pruner, data, loss_fn, lr)
+        result = pruner.finalize(method)
     elif method == "magnitude":
         torch.manual_seed(seed)
         result = upop_fx.compress(model, example, ratio, "magnitude", data=data, loss_fn=loss_fn, retrain_steps=0,

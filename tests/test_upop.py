@@ -188,3 +188,35 @@ def test_unknown_score_is_refused(tiny):
     model, data = tiny
     with pytest.raises(upop_fx.ConfigError, match="score must be one of gradient, sensitivity"):
         upop_fx.compress(model, data[0], score="taylor")
+
+
+def test_allocate_hook_replaces_the_unified_ranking(tiny):
+    """A custom allocation (here: the same fraction of every structure) keeps UPop's schedule and mask updates."""
+    model, data = tiny
+    calls = []
+
+    def per_structure(importance, entries, structures, pi):
+        calls.append(pi)
+        pruned = np.zeros(len(entries), dtype=bool)
+        for s in range(len(structures)):
+            idx = np.array([i for i, e in enumerate(entries) if e.structure == s])
+            k = min(len(idx) - 1, int(round(pi * len(idx))))
+            pruned[idx[np.argsort(importance[idx], kind="stable")[:k]]] = True
+        return pruned
+
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=6, interval=2, allocate=per_structure)
+    _run_loop(pruner, model, data, 6)
+    assert calls == pytest.approx([schedule(t, 6, 0.5) for t in (0, 2, 4, 5)])
+    result = pruner.finalize("per_structure")
+    assert result.report.method == "per_structure"
+    kept = {len(v) for v in result.keep.values()}
+    assert kept == {16, 32}, kept  # in every layer: 4 of 8 dims in each of 4 heads, 32 of 64 neurons
+    for m in pruner.mask_values():
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_allocate_must_return_one_flag_per_entry(tiny):
+    model, data = tiny
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=2, allocate=lambda imp, e, s, pi: np.zeros(3, bool))
+    with pytest.raises(UPopError, match="allocate returned shape"):
+        _run_loop(pruner, model, data, 1)

@@ -135,21 +135,25 @@ def compress(
     return result
 
 
-def run_search(pruner: Any, data: Iterable[Any] | None, loss_fn: Any, lr: float) -> None:
-    """The UPop search loop: task loss (or distillation from the dense model) on the masked graph."""
+def run_search(pruner: Any, data: Iterable[Any] | None, loss_fn: Any, lr: float) -> list[float]:
+    """The UPop search loop: task loss (or distillation from the dense model) on the masked graph; returns the
+    loss of every step."""
     opt = torch.optim.AdamW(list(pruner.parameters()), lr=lr, weight_decay=0.0)
     teacher = pruner.cap.gm if loss_fn is None else None
     example = pruner.cap.kwargs or pruner.cap.args
     bar = tqdm(cycle_batches(data, example, pruner.total_steps), total=pruner.total_steps, desc="upop search", leave=False)
+    losses = []
     for batch in bar:
         loss = batch_loss(pruner.model, teacher, batch, loss_fn)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         pi = pruner.step()
-        bar.set_postfix(pi=f"{pi:.3f}", loss=f"{loss.item():.4f}")
+        losses.append(loss.item())
+        bar.set_postfix(pi=f"{pi:.3f}", loss=f"{losses[-1]:.4f}")
         if pruner.t % pruner.interval == 0 or pruner.t == pruner.total_steps:
-            log.info("search step %d/%d: pi_t=%.4f loss=%.5f", pruner.t, pruner.total_steps, pi, loss.item())
+            log.info("search step %d/%d: pi_t=%.4f loss=%.5f", pruner.t, pruner.total_steps, pi, losses[-1])
+    return losses
 
 
 def retrain(

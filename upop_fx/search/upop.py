@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,11 +49,15 @@ from ..passes import FindGroups, InsertMasks, Surgery, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
 from ..passes.surgery import relative_error
 from .ranking import select_pruned
-from .structures import keep_sets, removed_fraction
+from .structures import Entry, Structure, keep_sets, removed_fraction
 
 __all__ = ["UPop", "schedule", "SCORES"]
 
 SCORES = ("gradient", "sensitivity")
+
+#: ``allocate(importance, entries, structures, pi) -> prune mask``: importance is higher for entries that matter
+#: more; the mask is True for the entries to mark at ``π_t = pi``. The default is the unified ranking.
+Allocate = Callable[[np.ndarray, Sequence[Entry], Sequence[Structure], float], np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,12 @@ def schedule(t: int, total_steps: int, ratio: float) -> float:
 class UPop:
     """The UPop search on a masked graph: ``model`` to train, :meth:`step` after each backward,
     :meth:`finalize` for the dense small model (see the module docstring for a runnable example).
-    On CUDA, ``model``'s masked attention sites run the fused Triton kernel (``FuseMaskedAttention``)."""
+    On CUDA, ``model``'s masked attention sites run the fused Triton kernel (``FuseMaskedAttention``).
+
+    ``score`` is ``"gradient"`` (the paper's signed accumulated mask gradient) or ``"sensitivity"`` (accumulated
+    ``|gradient|``). ``allocate`` replaces the unified ranking by your own allocation (see :data:`Allocate`),
+    e.g. a fixed fraction per layer, keeping the scores, the schedule and the mask updates.
+    """
 
     def __init__(
         self,
@@ -81,6 +90,7 @@ class UPop:
         seed: int = 0,
         round_to: int = 1,
         score: str = "gradient",
+        allocate: Allocate | None = None,
     ) -> None:
         if score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
@@ -104,6 +114,7 @@ class UPop:
         self.t = 0
         self.pi = 0.0
         self.budget, self.granularity, self.round_to, self.score = budget, granularity, round_to, score
+        self.allocate = allocate
 
     # --------------------------------------------------------------- training
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -135,7 +146,12 @@ class UPop:
         scores = torch.cat(self.scores).cpu().numpy()
         # "gradient": a large accumulated gradient means the entry matters little; "sensitivity": it matters much
         importance = scores if self.score == "sensitivity" else -scores
-        self.pruned = select_pruned(importance, self.state.entries, self.state.structures, pi, self.round_to)
+        if self.allocate is None:
+            self.pruned = select_pruned(importance, self.state.entries, self.state.structures, pi, self.round_to)
+        else:
+            self.pruned = np.asarray(self.allocate(importance, self.state.entries, self.state.structures, pi), dtype=bool)
+            if self.pruned.shape != (len(self.state.entries),):
+                raise UPopError(f"allocate returned shape {self.pruned.shape}, expected ({len(self.state.entries)},)")
         value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
         with torch.no_grad():
             for s, (a, b) in enumerate(self.state.entry_slices):
@@ -155,8 +171,9 @@ class UPop:
         gm.load_state_dict(state, strict=True)
         return gm
 
-    def finalize(self) -> Any:
-        """Cut the pruned entries out: the dense small model (``Result``), equal to the final masked model."""
+    def finalize(self, method: str = "upop") -> Any:
+        """Cut the pruned entries out: the dense small model (``Result``, its report labelled ``method``), equal
+        to the final masked model."""
         from ..api import build_result
 
         if self.t < self.total_steps:
@@ -173,7 +190,7 @@ class UPop:
         if not gap <= 1e-4:
             raise UPopError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
         return build_result(
-            small, dense, self.cap, self.analysis, keep, "upop", self.ratio, self.budget, self.granularity,
+            small, dense, self.cap, self.analysis, keep, method, self.ratio, self.budget, self.granularity,
             removed_fraction(self.state.entries, self.pruned),
         )  # fmt: skip
 
