@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["dense", "magnitude", "torch_pruning", "upop"],
                    choices=["dense", "magnitude", "torch_pruning", "upop", "upop_sensitivity"],
                    help="rows to run (upop_sensitivity: UPop with score='sensitivity')")
-    p.add_argument("--search-steps", type=int, default=80, help="UPop search steps (default 80)")
-    p.add_argument("--retrain-steps", type=int, default=80,
-                   help="retrain steps after UPop's cut; the other methods retrain search+retrain steps (default 80)")
+    p.add_argument("--search-steps", type=int, default=150, help="UPop search steps (default 150)")
+    p.add_argument("--retrain-steps", type=int, default=150,
+                   help="retrain steps after UPop's cut; the other methods retrain search+retrain steps (default 150)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--interval", type=int, default=10)
