@@ -188,6 +188,8 @@ def test_unknown_score_is_refused(tiny):
     model, data = tiny
     with pytest.raises(upop_fx.ConfigError, match="score must be one of gradient, sensitivity"):
         upop_fx.compress(model, data[0], score="taylor")
+    with pytest.raises(upop_fx.ConfigError, match="score must be one of"):
+        upop_fx.compress(model, data[0], method="magnitude", score="taylor")
 
 
 def test_allocate_hook_replaces_the_unified_ranking(tiny):

@@ -111,8 +111,11 @@ def compress(
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(retrain_steps, int) or retrain_steps < 0:
         raise ConfigError(f"retrain_steps must be a non-negative integer, got {retrain_steps!r}")
+    from .search.upop import SCORES, UPop
+
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     if method == "upop":
-        from .search.upop import UPop
 
         pruner = UPop(
             model, example_inputs, ratio, total_steps=search_steps, interval=interval, budget=budget,
