@@ -219,7 +219,7 @@ def render(payload: dict[str, Any]) -> str:
         f"- search/retrain: unlabelled distillation, batch {setup['batch_size']}, lr {setup['lr']}, "
         f"upop {setup['search_steps']} search + {setup['retrain_steps']} retrain steps (interval "
         f"{setup['interval']}); magnitude and Torch-Pruning retrain for all {setup['search_steps'] + setup['retrain_steps']}",
-        f"- batches: {setup.get('batches', 'bodies and headlines mixed, all padded to 128 tokens')}",
+        f"- batches: {setup.get('batches', 'not recorded')}",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
         "minutes = search + retrain wall time",
         f"- complete: {payload['complete']}",
