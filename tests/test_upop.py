@@ -116,6 +116,7 @@ def test_prepare_step_finalize_equals_compress(tiny):
     _run_loop(pruner, model, data, 9)
     manual = pruner.finalize()
     assert manual.keep == result.keep
+    assert not manual.model.training and not result.model.training
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
         torch.testing.assert_close(manual.model(x), result.model(x), rtol=1e-6, atol=1e-6)

@@ -229,4 +229,5 @@ def build_result(
         not_prunable=[g.describe() for g in analysis.groups if not g.prunable],
     )  # fmt: skip
     log.debug("\n%s", report.table())
+    small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     return Result(small, report, analysis, keep, dense)
