@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  job.search_steps, job.lr, job.interval, retrain_steps)
         out = compress_run(method, model, example, data, contrastive_loss, evaluate, ratio=args.ratio,
                            search_steps=job.search_steps, retrain_steps=retrain_steps, lr=job.lr,
-                           retrain_lr=args.retrain_lr, interval=job.interval, seed=0)
+                           retrain_lr=args.retrain_lr, interval=job.interval, seed=0, score=args.score)
         rep = out.result.report
         towers = {TOWERS.get(k, k): v for k, v in towers_summary(rep).items()}
         row = {"method": label, "retrain": retrain_steps, "i2t_cls_cut": out.metrics_cut["i2t_cls"], **out.metrics, "params": rep.params_after,
@@ -272,6 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain-steps", type=int, default=100)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW lr of the search (and of the retrain by default)")
+    p.add_argument("--score", default="gradient", choices=["gradient", "sensitivity"],
+                   help="UPop's ranking score for unified and uniform (default gradient, the paper's)")
     p.add_argument("--retrain-lr", type=float, default=None)
     p.add_argument("--no-equal-budget", dest="equal_budget", action="store_false",
                    help="skip the one-shot rows retrained for search + retrain steps")

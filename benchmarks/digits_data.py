@@ -208,6 +208,7 @@ def compress_run(
     budget: str = "params",
     granularity: str = "upop",
     seed: int = 0,
+    score: str = "gradient",
 ) -> RunOutcome:
     """One method: search/rank → cut → evaluate → the same retrain for every method → evaluate."""
     if method not in METHODS:
@@ -216,7 +217,7 @@ def compress_run(
     search_losses: list[float] = []
     if method in ("unified", "uniform"):
         pruner = upop_fx.UPop(model, example, ratio, total_steps=search_steps, interval=interval, budget=budget,
-                              granularity=granularity, seed=seed,
+                              granularity=granularity, seed=seed, score=score,
                               allocate=uniform_allocation if method == "uniform" else None)
         search_losses = run_search(pruner, data, loss_fn, lr)
         result = pruner.finalize(method)

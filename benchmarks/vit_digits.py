@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%s: ratio %.2f, search %d, retrain %d", label, args.ratio, job.search_steps, retrain_steps)
         out = compress_run(method, model, example, data, ce_loss, evaluate, ratio=args.ratio,
                            search_steps=job.search_steps, retrain_steps=retrain_steps, lr=job.lr,
-                           retrain_lr=args.retrain_lr, interval=job.interval, seed=0)
+                           retrain_lr=args.retrain_lr, interval=job.interval, seed=0, score=args.score)
         rep = out.result.report
         towers = towers_summary(rep)
         tower = next(iter(towers.values()))
@@ -215,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain-steps", type=int, default=100)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW lr of the search (and of the retrain by default)")
+    p.add_argument("--score", default="gradient", choices=["gradient", "sensitivity"],
+                   help="UPop's ranking score for unified and uniform (default gradient, the paper's)")
     p.add_argument("--retrain-lr", type=float, default=None)
     p.add_argument("--no-equal-budget", dest="equal_budget", action="store_false",
                    help="skip the one-shot rows retrained for search + retrain steps")
