@@ -10,22 +10,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["machine", "write_results", "markdown_table", "RESULTS"]
+__all__ = ["machine", "cpu_name", "write_results", "markdown_table", "RESULTS"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def cpu_name(default: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo, else ``default`` (else what ``platform`` says)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return default if default is not None else platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -49,10 +52,14 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, payload: dict[str, Any], columns: list[str], out: Path = RESULTS) -> Path:
-    """Write ``<name>.json`` and ``<name>.md`` (a table of ``payload["rows"]``) under ``out``."""
+def write_results(
+    name: str, payload: dict[str, Any], columns: list[str], out: Path = RESULTS, markdown: str | None = None
+) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` under ``out``: ``markdown`` if given, else a table of
+    ``payload["rows"]``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown_table(payload["rows"], columns) + "\n")
+    text = markdown if markdown is not None else markdown_table(payload["rows"], columns) + "\n"
+    (out / f"{name}.md").write_text(text)
     return path

@@ -67,6 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import upop_fx  # noqa: E402
+from benchmarks.common import cpu_name  # noqa: E402
 from upop_fx.capture import capture  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
 from upop_fx.report import count_flops, count_params  # noqa: E402
@@ -136,14 +137,7 @@ def machine_info(threads: int, opset: int) -> dict[str, Any]:
     import onnxruntime as ort
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name(platform.processor() or "unknown")
     try:
         import torch_pruning
 
