@@ -35,7 +35,6 @@ from .common import RESULTS, machine, markdown_table, write_results
 log = logging.getLogger("benchmarks.accuracy_minilm")
 
 SEQ = 128
-BATCHES = "alternating: train-split bodies (128 tokens), train-split headlines (trimmed to the longest, 17 tokens)"
 COLUMNS = ["method", "ratio", "params_after", "recall_at_1", "mrr", "probe_acc", "cosine", "minutes"]
 
 
@@ -50,11 +49,11 @@ class Corpus:
         perm = np.random.default_rng(0).permutation(len(articles))
         cut = int(0.8 * len(articles))
         self.train, self.test = np.sort(perm[:cut]), np.sort(perm[cut:])
-        self.heads = self._tok(tokenizer, [a.headline for a in articles])
         self.bodies = self._tok(tokenizer, [a.body for a in articles])
-        # Headlines are short: evaluation embeds them trimmed to the longest one (right padding, so exact).
-        longest = int(self.heads["attention_mask"].sum(1).max())
-        self.heads_eval = {k: v[:, :longest] for k, v in self.heads.items()}
+        # Headlines are short: trimmed to the longest one (right padding, so embeddings are unchanged).
+        heads = self._tok(tokenizer, [a.headline for a in articles])
+        self.head_len = int(heads["attention_mask"].sum(1).max())
+        self.heads = {k: v[:, : self.head_len] for k, v in heads.items()}
 
     @staticmethod
     def _tok(tokenizer: Any, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -67,7 +66,7 @@ class Corpus:
         rng = np.random.default_rng(seed)
         out = []
         for i in range(n):
-            src = self.bodies if i % 2 == 0 else self.heads_eval
+            src = self.bodies if i % 2 == 0 else self.heads
             pick = np.sort(rng.choice(self.train, batch_size, replace=False))
             out.append({k: v[pick] for k, v in src.items()})
         return out
@@ -85,7 +84,7 @@ def embed(model: torch.nn.Module, tokens: dict[str, torch.Tensor], batch_size: i
 
 
 def evaluate(model: torch.nn.Module, corpus: Corpus, dense: dict[str, Any], bodies: torch.Tensor | None = None) -> dict[str, float]:
-    h = embed(model, corpus.heads_eval)
+    h = embed(model, corpus.heads)
     b = embed(model, corpus.bodies) if bodies is None else bodies
     sim = h @ b.T
     target = sim.diagonal().unsqueeze(1)
@@ -181,7 +180,9 @@ def _payload(args: argparse.Namespace, corpus: Corpus, rows: list[dict[str, Any]
         "complete": complete,
         "setup": {"seq": SEQ, "articles": int(len(corpus.labels)), "search_steps": args.search_steps,
                   "retrain_steps": args.retrain_steps, "batch_size": args.batch_size, "lr": args.lr,
-                  "interval": args.interval, "batches": BATCHES,
+                  "interval": args.interval,
+                  "batches": f"alternating: train-split bodies ({SEQ} tokens), train-split headlines "
+                             f"(trimmed to the longest, {corpus.head_len} tokens)",
                   "note": "minutes = search + retrain wall time on this machine"},
         "rows": rows,
     }
@@ -208,6 +209,11 @@ def verdict(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[str]:
     return out
 
 
+def _with_mrr_vs_dense(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    dense = next((r["mrr"] for r in rows if r["method"] == "dense"), None)
+    return [{**r, "mrr_vs_dense": r["mrr"] / dense} if dense else r for r in rows]
+
+
 def render(payload: dict[str, Any]) -> str:
     """The readable results file: setup, machine, the table and the targets."""
     m, setup = payload["machine"], payload["setup"]
@@ -224,7 +230,7 @@ def render(payload: dict[str, Any]) -> str:
         "minutes = search + retrain wall time",
         f"- complete: {payload['complete']}",
         "",
-        markdown_table(payload["rows"], COLUMNS),
+        markdown_table(_with_mrr_vs_dense(payload["rows"]), [*COLUMNS[:5], "mrr_vs_dense", *COLUMNS[5:]]),
         "",
         *[f"- {line}" for line in verdict(payload["rows"])],
     ]
@@ -269,9 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         done = {(r["method"], r["ratio"]) for r in payload["rows"]}
         kept = [r for r in previous if (r["method"], r["ratio"]) not in done]
         rows = sorted(kept + payload["rows"], key=lambda r: r["ratio"])
-        path = write_results(name, {**payload, "rows": rows}, COLUMNS, Path(args.out))
-        path.with_suffix(".md").write_text(render({**payload, "rows": rows}))
-        return path
+        merged = {**payload, "rows": rows}
+        return write_results(name, merged, COLUMNS, Path(args.out), markdown=render(merged))
 
     payload = run(args, save=save)
     path = save(payload)
