@@ -165,20 +165,10 @@ def test_unified_ranking_prunes_the_dead_tower(dead_vision_clip, method, score):
 
 # ---------------------------------------------------------------------------------------------- ONNX
 
-def test_compressed_clip_exports_to_onnx(clip, tmp_path):
-    export = pytest.importorskip("upop_fx.export", reason="upop_fx.export (export_onnx) is not there yet")
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    zoo, result = clip
-    info = export.export_onnx(result.model, zoo.example_inputs, tmp_path / "clip_small.onnx", optimize=False)
+@pytest.mark.parametrize("name", ["clip", pytest.param("blip", marks=pytest.mark.slow)])
+def test_compressed_model_exports_to_onnx(name, request, tmp_path):
+    from upop_fx.export import export_onnx
+
+    zoo, result = request.getfixturevalue(name)
+    info = export_onnx(result.model, zoo.example_inputs, tmp_path / f"{name}_small.onnx", optimize=False)
     assert info.path.exists() and info.max_error <= 1e-4  # parity at two batch sizes / sequence lengths
-
-
-@pytest.mark.slow
-def test_compressed_blip_exports_to_onnx(blip, tmp_path):
-    export = pytest.importorskip("upop_fx.export", reason="upop_fx.export (export_onnx) is not there yet")
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    zoo, result = blip
-    info = export.export_onnx(result.model, zoo.example_inputs, tmp_path / "blip_small.onnx", optimize=False)
-    assert info.path.exists() and info.max_error <= 1e-4
