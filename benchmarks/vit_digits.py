@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from upop_fx.search.upop import SCORES
+
 from .common import machine, write_results
 from .digits_data import (
     METHODS,
@@ -215,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain-steps", type=int, default=100)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW lr of the search (and of the retrain by default)")
-    p.add_argument("--score", default="gradient", choices=["gradient", "sensitivity"],
+    p.add_argument("--score", default="gradient", choices=SCORES,
                    help="UPop's ranking score for unified and uniform (default gradient, the paper's)")
     p.add_argument("--retrain-lr", type=float, default=None)
     p.add_argument("--no-equal-budget", dest="equal_budget", action="store_false",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, InputError, UPopError
+from .search.upop import SCORES
 
 __all__ = ["main", "load_source", "text_batches"]
 
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    "for the search and the retrain; default: built-in sample inputs")
     c.add_argument("--budget", default="params", help="cost unit: params (default) or flops")
     c.add_argument("--granularity", default="upop", help="upop (default), qk_v or heads")
-    c.add_argument("--score", default="gradient", choices=["gradient", "sensitivity"],
+    c.add_argument("--score", default="gradient", choices=SCORES,
                    help="UPop ranking: gradient (signed accumulated mask gradient, the paper's; default) or "
                    "sensitivity (accumulated |gradient|: prunes what the loss never sees first)")
     c.add_argument("--round-to", type=int, default=1, metavar="N", help="keep widths at multiples of N (default 1)")
