@@ -8,7 +8,7 @@ import torch
 
 import upop_fx
 from upop_fx.passes.surgery import relative_error
-from upop_fx.search.structures import build_entries
+from upop_fx.structures import build_entries
 
 from .models import ZOO
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from upop_fx.search.ranking import select_pruned, zscore_by_kind
-from upop_fx.search.structures import Entry, Structure
+from upop_fx.structures import Entry, Structure
 
 
 def _entries(costs, kinds, structures):

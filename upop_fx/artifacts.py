@@ -55,7 +55,7 @@ def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *,
     if not parent.is_dir():
         raise InputError(f"the parent directory {parent} does not exist")
     with _staging(parent, dest) as stage:
-        ep, _, _ = export_program(result.model, example_inputs)
+        ep, _, _, _ = export_program(result.model, example_inputs)
         torch.export.save(ep, stage / "model.pt2")
         if onnx:
             from .export import export_onnx

@@ -27,25 +27,63 @@ from torch.export import Dim
 
 from .errors import CaptureError, InputError
 
-__all__ = ["Captured", "capture", "export_program", "normalize_inputs", "run_module"]
+__all__ = [
+    "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
+    "run_module", "dynamic_shapes", "batch_size_of",
+]
 
 log = logging.getLogger(__name__)
 
-CAPTURE_META_KEY = "upop_capture"
+#: ``gm.meta`` key holding the :class:`CaptureInfo` of a captured graph (kept by every pass that copies it).
+CAPTURE_KEY = "upop_capture"
+
+
+@dataclass
+class CaptureInfo:
+    """What capture records for later passes, under ``gm.meta[CAPTURE_KEY]``: how to call the graph on the
+    example inputs, the example batch size, and which input axes are dynamic (``torch.export``'s spec)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    batch_size: int
+    dynamic_shapes: Any
+    model_name: str
 
 
 @dataclass
 class Captured:
-    """What capture produces: the graph module and how to call it."""
+    """What :func:`capture` returns: the graph module, and (as in ``gm.meta[CAPTURE_KEY]``) how to call it."""
 
     gm: torch.fx.GraphModule
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    batch_size: int
 
-    def run(self, module: torch.nn.Module | None = None) -> Any:
-        """Run ``module`` (default: the captured graph) on the example inputs."""
-        return run_module(module if module is not None else self.gm, self.args, self.kwargs)
+    @property
+    def info(self) -> CaptureInfo:
+        return get_capture(self.gm)
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.info.args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.info.kwargs
+
+    @property
+    def batch_size(self) -> int:
+        return self.info.batch_size
+
+
+def get_capture(gm: torch.nn.Module) -> CaptureInfo:
+    """The :class:`CaptureInfo` of ``gm``; raises ``LookupError`` when ``gm`` was not made by :func:`capture`."""
+    info = getattr(gm, "meta", {}).get(CAPTURE_KEY)
+    if not isinstance(info, CaptureInfo):
+        raise LookupError("this graph carries no capture record (gm.meta['upop_capture']): make it with upop_fx.capture")
+    return info
+
+
+def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The batch size (axis 0) shared by the tensor inputs."""
+    return next(int(t.shape[0]) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -88,7 +126,7 @@ def _dynamic_axes(t: Any) -> dict[int, Any] | None:
     return axes
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Dynamic-shape spec keyed by the forward's parameter names (what torch.export expects for kwargs)."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -113,15 +151,18 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
         InputError: the inputs are malformed or the model raises on them.
         CaptureError: torch.export fails; the message carries its reason.
     """
-    ep, args, kwargs = export_program(model, example_inputs)
+    ep, args, kwargs, spec = export_program(model, example_inputs)
     gm = ep.module()
-    batch = next(int(t.shape[0]) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+    gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__)
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
-    return Captured(gm=gm, args=args, kwargs=kwargs, batch_size=batch)
+    return Captured(gm)
 
 
-def export_program(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any]]:
-    """``torch.export`` of a deep copy of ``model`` in eval mode, with dynamic batch and sequence axes."""
+def export_program(
+    model: torch.nn.Module, example_inputs: Any
+) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any], Any]:
+    """``torch.export`` of a deep copy of ``model`` in eval mode, with dynamic batch and sequence axes:
+    ``(program, args, kwargs, dynamic_shapes)``."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
@@ -130,7 +171,7 @@ def export_program(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.e
         run_module(work, args, kwargs)
     except Exception as exc:  # the model's own error, re-raised with context
         raise InputError(f"the model raises on example_inputs: {type(exc).__name__}: {exc}") from exc
-    dynamic = _dynamic_shapes(work, args, kwargs)
+    dynamic = dynamic_shapes(work, args, kwargs)
     try:
         ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:
@@ -138,4 +179,4 @@ def export_program(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.e
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
         ) from exc
-    return ep, args, kwargs
+    return ep, args, kwargs, dynamic

@@ -1,4 +1,13 @@
-"""The one exception hierarchy of upop_fx: every error a user can trigger is a :class:`UPopError`."""
+"""The one exception hierarchy of upop_fx: every error a user can trigger is a :class:`UPopError`.
+
+Example:
+    >>> import upop_fx
+    >>> try:
+    ...     upop_fx.compress(None, None, ratio=2.0)
+    ... except upop_fx.ConfigError as e:
+    ...     print(e)
+    ratio must be a number in [0, 1), got 2.0
+"""
 
 from __future__ import annotations
 
@@ -8,9 +17,13 @@ __all__ = [
     "InputError",
     "CaptureError",
     "NoPrunableGroupError",
-    "UnsupportedGraphError",
+    "PreconditionError",
+    "PostconditionError",
     "SurgeryError",
     "SurgeryCheckError",
+    "ExportError",
+    "KernelInputError",
+    "KernelDtypeError",
 ]
 
 
@@ -23,7 +36,7 @@ class ConfigError(UPopError, ValueError):
 
 
 class InputError(UPopError, ValueError):
-    """The example inputs are malformed or do not fit the model."""
+    """The example inputs or the training data are malformed, do not fit the model, or run out."""
 
 
 class CaptureError(UPopError):
@@ -34,13 +47,29 @@ class NoPrunableGroupError(UPopError):
     """The analysis found no group of channels that can be removed exactly."""
 
 
-class UnsupportedGraphError(UPopError):
-    """A graph construct the analysis or surgery cannot handle (names the node and the reason)."""
+class PreconditionError(UPopError):
+    """A pass was given a graph that lacks what it requires (names the pass and what is missing)."""
+
+
+class PostconditionError(UPopError):
+    """A pass produced a graph that breaks what it ensures: never returned silently."""
 
 
 class SurgeryError(UPopError):
     """The requested keep-sets cannot be cut into a dense graph (names the group or node)."""
 
 
-class SurgeryCheckError(SurgeryError):
+class SurgeryCheckError(SurgeryError, PostconditionError):
     """The surgically reduced graph does not reproduce the zeroed reference: never returned silently."""
+
+
+class ExportError(UPopError):
+    """The model could not be exported to ONNX, or the ONNX file does not reproduce the PyTorch outputs."""
+
+
+class KernelInputError(UPopError, ValueError):
+    """An input a kernel cannot take: a wrong shape, length, device, dtype or head dim."""
+
+
+class KernelDtypeError(KernelInputError, TypeError):
+    """An input of the wrong type or dtype (also a ``TypeError``)."""

@@ -57,8 +57,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import _dynamic_shapes, normalize_inputs, run_module
-from .errors import ConfigError, InputError, UPopError
+from .capture import dynamic_shapes, normalize_inputs, run_module
+from .errors import ConfigError, ExportError, InputError
 
 __all__ = ["ExportError", "ExportInfo", "export_onnx", "SUPPORTED_OPSETS", "PARITY_TOLERANCE"]
 
@@ -75,10 +75,6 @@ except ImportError:  # pragma: no cover - older/newer torch
 SUPPORTED_OPSETS = range(_MIN_OPSET, _MAX_OPSET + 1)
 _STAGE_PREFIX = ".upop_export-"
 _LARGE_MODEL_BYTES = 1 << 30  # above this, ORT writes the optimised model's weights to an external-data file
-
-
-class ExportError(UPopError):
-    """The model could not be exported to ONNX, or the ONNX file does not reproduce the PyTorch outputs."""
 
 
 @dataclass(frozen=True)
@@ -257,9 +253,9 @@ def _commit(stage: Path, directory: Path, last: list[str]) -> None:
 
 def _torch_export(work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                   dynamic: bool) -> torch.export.ExportedProgram:
-    dynamic_shapes = _dynamic_shapes(work, args, kwargs) if dynamic else None
+    spec = dynamic_shapes(work, args, kwargs) if dynamic else None
     try:
-        return torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        return torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=spec)
     except Exception as exc:
         raise ExportError(
             f"torch.export could not capture {type(work).__name__} for ONNX export: "

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UPopError
+from ..errors import KernelDtypeError, KernelInputError
 
 __all__ = ["KernelDtypeError", "KernelInputError", "check_attention_inputs"]
 
 # The dtypes and head dims the Triton kernels support (the torch reference takes any floating dtype).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-
-
-class KernelInputError(UPopError, ValueError):
-    """An input a kernel cannot take: a wrong shape, length, device, dtype or head dim.
-
-    (Local for now; to be re-parented under the project's ``UPopError`` hierarchy.)
-    """
-
-
-class KernelDtypeError(KernelInputError, TypeError):
-    """An input of the wrong type or dtype (also a ``TypeError``)."""
 
 
 def _need_tensor(name: str, x: object) -> torch.Tensor:

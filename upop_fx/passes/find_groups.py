@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..groups import GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis
-from ..search.cost import class_costs
+from ..cost import class_costs
 from .base import GraphPass, PassResult
 from .trace import LabelTracer
 

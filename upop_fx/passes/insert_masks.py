@@ -6,7 +6,7 @@ projections, MLP hidden neurons *before* the activation) are multiplied by a gat
 ``gm.meta["upop_masks"]`` holds the :class:`MaskState`. With every mask at 1.0 the graph computes exactly what
 it did (multiplication by 1.0 is exact). The original ``gm`` is not modified.
 
-Mask ``s`` has one element per entry of structure ``s`` (see ``search/structures.py``): with granularity
+Mask ``s`` has one element per entry of structure ``s`` (see ``upop_fx/structures.py``): with granularity
 ``"upop"`` an attention layer's mask has one element per head dim, shared by every head and by q, k and v —
 UPop's ``qkv * alpha``, so a q·k score sees ``m_j²`` — and an MLP's mask one element per neuron.
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..groups import GroupAnalysis, get_analysis
-from ..search.structures import Entry, Structure, build_entries
+from ..structures import Entry, Structure, build_entries
 from .base import GraphPass, PassResult
 
 __all__ = ["InsertMasks", "MaskState", "MASKS_KEY", "get_masks"]

@@ -18,26 +18,16 @@ from torch.fx import Node
 
 from ..errors import SurgeryError
 from ..groups import Block
+from .blocks import compact
 from .rules import REWRITES, key_of
 
-__all__ = ["RAGGED", "split_ragged"]
+__all__ = ["split_ragged"]
 
 aten = torch.ops.aten
 
 
-class _Ragged:
-    def __repr__(self) -> str:
-        return "RAGGED"
-
-
-#: placeholder for a block whose kept channels do not form a dense block
-RAGGED = _Ragged()
-
-
 def _slot_axis(labels: np.ndarray, kept: np.ndarray) -> int | None:
     """The labels-array axis along which every slice is dense on its own."""
-    from .surgery import compact
-
     for j in range(labels.ndim):
         try:
             for k in range(labels.shape[j]):
@@ -50,8 +40,6 @@ def _slot_axis(labels: np.ndarray, kept: np.ndarray) -> int | None:
 
 def split_ragged(gm: torch.fx.GraphModule, ctx: Any, ragged: set[str]) -> set[str]:
     """Rewrite every ragged region of ``gm`` into one chain per slot; returns the names of the new nodes."""
-    from .surgery import compact
-
     graph = gm.graph
     order = [n for n in graph.nodes if n.name in ragged]
     slot: dict[str, int] = {}

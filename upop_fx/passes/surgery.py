@@ -36,10 +36,11 @@ from ..capture import run_module
 from ..errors import SurgeryCheckError, SurgeryError
 from ..groups import DIMS_KEY, Block, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
-from .rules import REWRITES, key_of, load_all
-from .split_slots import RAGGED, split_ragged
+from .blocks import RAGGED, compact
+from .rules import REWRITES, key_of
+from .split_slots import split_ragged
 
-__all__ = ["Surgery", "SurgeryInfo", "compact", "zeroed_reference", "removed_labels", "relative_error"]
+__all__ = ["Surgery", "SurgeryInfo", "zeroed_reference", "removed_labels", "relative_error"]
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,6 @@ class SurgeryInfo:
     sliced: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
     rewritten: list[str]
     max_error: float
-
-
-def compact(labels: np.ndarray, kept: np.ndarray, where: str) -> np.ndarray:
-    """Drop removed labels from a block, keeping it rectangular (each head keeps as many dims)."""
-    if labels.ndim == 1:
-        return labels[kept]
-    rows = [compact(labels[i], kept[i], where) for i in range(labels.shape[0]) if kept[i].any()]
-    if not rows:
-        return np.zeros((0,) * labels.ndim, dtype=labels.dtype)
-    if len({r.shape for r in rows}) != 1:
-        shapes = sorted({r.shape for r in rows})
-        raise SurgeryError(
-            f"{where}: the kept channels do not form a dense block (rows keep {shapes}): every head must keep as "
-            f"many dims"
-        )
-    return np.stack(rows)
 
 
 def relative_error(out: Any, ref: Any) -> float:
@@ -136,7 +121,6 @@ class Surgery(GraphPass[SurgeryInfo]):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> PassResult[SurgeryInfo]:
-        load_all()
         analysis = get_analysis(gm)
         removed = removed_labels(analysis, keep)
         new_gm = copy.deepcopy(gm)

@@ -10,14 +10,13 @@ import operator
 from typing import Any
 
 import numpy as np
-import sympy
 import torch
 from torch.fx import Node
 
 from ..groups import DIMS_KEY, AttentionSite, Block, ParamUse
-from .rules import RULES, SEEDING, key_of, load_all
+from .rules import RULES, SEEDING, key_of
 
-__all__ = ["LabelTracer", "dim_expr", "shape_exprs", "concrete"]
+__all__ = ["LabelTracer"]
 
 # Ops that take tensors but return nothing that carries channels (asserts, shape queries).
 _IGNORED = {
@@ -29,34 +28,10 @@ _IGNORED = {
 }
 
 
-def dim_expr(d: Any) -> Any:
-    """A tensor size as a sympy expression (ints stay ints)."""
-    if isinstance(d, torch.SymInt):
-        return d.node.expr
-    return int(d)
-
-
-def shape_exprs(node: Any) -> tuple[Any, ...]:
-    return tuple(dim_expr(d) for d in node.meta["val"].shape)
-
-
-def concrete(d: Any) -> int:
-    """The example value of a size (a SymInt's hint)."""
-    if isinstance(d, torch.SymInt):
-        hint = d.node.hint
-        if hint is None:
-            hint = torch.fx.experimental.symbolic_shapes.optimization_hint(d)
-        return int(hint)
-    if isinstance(d, sympy.Basic):
-        return int(d)
-    return int(d)
-
-
 class LabelTracer:
     """Propagates labels through ``gm.graph``; rules read and write through this object."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
-        load_all()
         self.gm = gm
         self.parent = np.zeros(0, dtype=np.int64)
         self.uses: list[ParamUse] = []

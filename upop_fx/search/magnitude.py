@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..groups import GroupAnalysis
-from .structures import Entry
+from ..structures import Entry
 
 __all__ = ["channel_magnitude", "magnitude_scores"]
 

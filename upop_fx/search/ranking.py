@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .structures import Entry, Structure
+from ..structures import Entry, Structure
 
 __all__ = ["zscore_by_kind", "select_pruned"]
 

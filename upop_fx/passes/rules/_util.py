@@ -10,7 +10,7 @@ from torch.fx import Node
 
 from ...groups import Block
 
-__all__ = ["arg", "val", "rank", "numel", "contract", "with_axes"]
+__all__ = ["arg", "val", "rank", "numel", "contract", "with_axes", "dim_expr", "shape_exprs", "concrete"]
 
 
 def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
@@ -30,12 +30,32 @@ def rank(n: Any) -> int:
 
 
 def numel(n: Node) -> int:
-    from ..trace import concrete
-
     out = 1
     for d in val(n).shape:
         out *= concrete(d)
     return out
+
+
+def dim_expr(d: Any) -> Any:
+    """A tensor size as a sympy expression (ints stay ints)."""
+    if isinstance(d, torch.SymInt):
+        return d.node.expr
+    return int(d)
+
+
+def shape_exprs(node: Any) -> tuple[Any, ...]:
+    """The sizes of a node's recorded value (``meta["val"]``) as sympy expressions."""
+    return tuple(dim_expr(d) for d in node.meta["val"].shape)
+
+
+def concrete(d: Any) -> int:
+    """The example value of a size (a SymInt's hint)."""
+    if isinstance(d, torch.SymInt):
+        hint = d.node.hint
+        if hint is None:
+            hint = torch.fx.experimental.symbolic_shapes.optimization_hint(d)
+        return int(hint)
+    return int(d)
 
 
 def with_axes(block: Block, axes: tuple[int, ...]) -> Block:
@@ -45,7 +65,8 @@ def with_axes(block: Block, axes: tuple[int, ...]) -> Block:
 def contract(ctx: Any, block: Block | None, axis: int, param: Node, param_axis: int, flops: float) -> Block | None:
     """A matmul-like op contracts ``axis`` of its input against ``param_axis`` of a weight.
 
-    The labels on ``axis`` become an ``"in"`` use of the weight; labels on other axes pass through unchanged.
+    The labels on ``axis`` become an ``"in"`` use of the weight (tied across the positions of any other
+    labelled axis); channels on a non-contracted axis cannot be followed through the matmul and are refused.
     """
     if block is None or axis not in block.axes:
         return block
@@ -59,8 +80,6 @@ def contract(ctx: Any, block: Block | None, axis: int, param: Node, param_axis: 
     if lab.shape[0] > 1:  # the same weight column serves every position of the other labelled axes
         ctx.union(lab, lab[0:1])
     ctx.use(param, param_axis, lab[0], "in", flops)
-    rest = tuple(a for a in block.axes if a != axis)
-    if not rest:
-        return None
-    ctx.refuse_block(block, "channels on a non-contracted axis of a matmul")
+    if len(block.axes) > 1:
+        ctx.refuse_block(block, "channels on a non-contracted axis of a matmul")
     return None

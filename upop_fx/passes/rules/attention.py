@@ -16,8 +16,8 @@ import torch
 from torch.fx import Node
 
 from ...groups import AttentionSite, Block
-from . import rewrite, rule
-from ._util import arg, rank, val
+from .registry import rewrite, rule
+from ._util import arg, concrete, rank, val
 
 aten = torch.ops.aten
 
@@ -55,7 +55,6 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
     if mask is not None:
         ctx.refuse_block(ctx.block(mask), "channels used as an attention mask")
     qv, kv = val(q), val(k)
-    from ..trace import concrete
 
     batch = 1
     for d in qv.shape[:-3]:
@@ -97,7 +96,6 @@ def activation_matmul(ctx: Any, node: Node) -> Block | None:
     a, b = node.args[0], node.args[1]
     ab, bb = ctx.block(a), ctx.block(b)
     ra, rb, r = rank(a), rank(b), rank(node)
-    from ..trace import concrete
 
     if ab is not None and bb is not None and ab.axes == (ra - 3, ra - 1) and bb.axes == (rb - 3, rb - 2):
         if ab.labels.shape != bb.labels.shape or any(o != 1 for o in ab.outer + bb.outer) or not (ab.zero and bb.zero):

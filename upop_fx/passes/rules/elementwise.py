@@ -17,7 +17,7 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from . import rule
+from .registry import rule
 from ._util import arg, rank, val
 
 aten = torch.ops.aten

@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from . import rewrite, rule
+from .registry import rewrite, rule
 from ._util import arg, rank, val
 
 aten = torch.ops.aten

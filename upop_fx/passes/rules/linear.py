@@ -13,7 +13,7 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from . import rule
+from .registry import rule
 from ._util import arg, contract, numel, rank, val
 from .attention import activation_matmul
 

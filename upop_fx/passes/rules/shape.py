@@ -20,8 +20,8 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from . import rewrite, rule
-from ._util import rank
+from .registry import rewrite, rule
+from ._util import rank, shape_exprs
 
 aten = torch.ops.aten
 
@@ -112,7 +112,6 @@ def reshape_block(block: Block, in_shape: tuple[Any, ...], out_shape: tuple[Any,
 
 @rule(*RESHAPES)
 def reshape(ctx: Any, node: Node) -> Block | None:
-    from ..trace import shape_exprs
 
     b = ctx.block(node.args[0])
     out = reshape_block(b, shape_exprs(node.args[0]), shape_exprs(node))
@@ -121,7 +120,7 @@ def reshape(ctx: Any, node: Node) -> Block | None:
     return out
 
 
-@rule(aten.permute, aten.transpose, aten.t, aten.swapaxes, aten.movedim)
+@rule(aten.permute, aten.transpose, aten.t, aten.swapaxes)
 def permute(ctx: Any, node: Node) -> Block | None:
     b = ctx.block(node.args[0])
     r = rank(node.args[0])

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..groups import AttentionSite, ParamUse
+from .groups import AttentionSite, ParamUse
 
 __all__ = ["class_costs"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..groups import DimGroup, GroupAnalysis
+from .errors import ConfigError
+from .groups import DimGroup, GroupAnalysis
 
 __all__ = ["Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "group_cost", "keep_sets", "removed_fraction"]
 
