@@ -12,16 +12,15 @@
   - ``magnitude``: ``upop_fx.compress(method="magnitude")`` — global one-shot ranking by mean |weight|;
   - ``uniform_magnitude``: mean |weight| ranking, the same fraction in every structure.
 
-  The uniform allocation is ``UPop(allocate=uniform_allocation)``: the search loop, the scores, the schedule
-  and the mask updates stay UPop's; for magnitude, ``search.structures.build_entries`` +
-  ``search.magnitude.magnitude_scores`` + ``passes.Surgery`` + ``api.build_result``.
+  Every row is one ``upop_fx.compress`` call (``retrain_steps=0``) followed by ``upop_fx.retrain``; the uniform
+  rows pass ``allocate="uniform"`` (``upop_fx.uniform``): the search loop, the scores, the schedule and the
+  mask updates stay UPop's (or magnitude's), only the allocation of the cut changes.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +29,12 @@ import numpy as np
 import torch
 
 import upop_fx
-from upop_fx.api import build_result, run_search
-from upop_fx.passes import FindGroups, Surgery
-from upop_fx.search.magnitude import magnitude_scores
-from upop_fx.search.structures import Entry, build_entries, keep_sets, removed_fraction
 
 __all__ = [
     "Digits",
     "load_digits_split",
     "shift",
     "train_loop",
-    "uniform_select",
-    "uniform_allocation",
     "compress_run",
     "RunOutcome",
     "METHODS",
@@ -140,44 +133,6 @@ def train_loop(
     return losses
 
 
-# ---------------------------------------------------------------------------------------------- uniform allocation
-
-def uniform_select(importance: np.ndarray, entries: Sequence[Entry], fraction: float) -> np.ndarray:
-    """Boolean mask over ``entries`` (True = prune): in every structure, the ``fraction`` of its entries with the
-    lowest ``importance`` (rounded to the nearest entry; at least one entry kept). Entries of one structure cost
-    the same at every granularity upop_fx has (one head dim across heads, one head, one neuron), so a fraction
-    of the entries is the same fraction of the structure's cost."""
-    by_structure: dict[int, list[int]] = defaultdict(list)
-    for i, e in enumerate(entries):
-        by_structure[e.structure].append(i)
-    pruned = np.zeros(len(entries), dtype=bool)
-    for idx in by_structure.values():
-        idx_arr = np.asarray(idx)
-        costs = np.array([entries[i].cost for i in idx_arr])
-        assert np.allclose(costs, costs[0]), "entries of a structure with different costs"
-        k = min(len(idx_arr) - 1, int(math.floor(fraction * len(idx_arr) + 0.5)))
-        order = idx_arr[np.argsort(importance[idx_arr], kind="stable")]
-        pruned[order[:k]] = True
-    return pruned
-
-
-def uniform_allocation(importance: np.ndarray, entries: Sequence[Entry], structures: Any, pi: float) -> np.ndarray:
-    """``UPop(allocate=...)`` for the uniform baseline: the same scores and π_t, cut evenly in every structure."""
-    return uniform_select(importance, entries, pi)
-
-
-def _uniform_magnitude(model: torch.nn.Module, example: Any, ratio: float, budget: str, granularity: str) -> upop_fx.Result:
-    cap = upop_fx.capture(model, example)
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
-    _, entries = build_entries(analysis, granularity, budget)
-    scores = magnitude_scores(cap.gm, analysis, entries)
-    pruned = uniform_select(scores, entries, ratio)
-    keep = keep_sets(analysis, entries, pruned)
-    small = Surgery()(cap.gm, keep, cap.args, cap.kwargs).gm
-    return build_result(small, cap.gm, cap, analysis, keep, "uniform_magnitude", ratio, budget, granularity,
-                        removed_fraction(entries, pruned))
-
-
 # ---------------------------------------------------------------------------------------------- one method, end to end
 
 @dataclass
@@ -214,20 +169,15 @@ def compress_run(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     t0 = time.perf_counter()
-    search_losses: list[float] = []
-    if method in ("unified", "uniform"):
-        pruner = upop_fx.UPop(model, example, ratio, total_steps=search_steps, interval=interval, budget=budget,
-                              granularity=granularity, seed=seed, score=score,
-                              allocate=uniform_allocation if method == "uniform" else None)
-        search_losses = run_search(pruner, data, loss_fn, lr)
-        result = pruner.finalize(method)
-    elif method == "magnitude":
-        torch.manual_seed(seed)
-        result = upop_fx.compress(model, example, ratio, "magnitude", data=data, loss_fn=loss_fn, retrain_steps=0,
-                                  budget=budget, granularity=granularity, seed=seed)
-    else:
-        torch.manual_seed(seed)
-        result = _uniform_magnitude(model, example, ratio, budget, granularity)
+    searched = method in ("unified", "uniform")
+    result = upop_fx.compress(
+        model, example, ratio, "upop" if searched else "magnitude", data=data, loss_fn=loss_fn,
+        search_steps=search_steps, retrain_steps=0, lr=lr, interval=interval, budget=budget,
+        granularity=granularity, seed=seed, score=score,
+        allocate="uniform" if method in ("uniform", "uniform_magnitude") else "unified",
+    )  # fmt: skip
+    result.report.method = method  # the row's label
+    search_losses = result.losses.get("search", [])
     t_cut = time.perf_counter() - t0
     metrics_cut = evaluate(result.model)
     t1 = time.perf_counter()

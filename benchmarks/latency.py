@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -68,8 +67,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import upop_fx  # noqa: E402
 from benchmarks.common import cpu_name  # noqa: E402
+from upop_fx.bench import time_interleaved  # noqa: E402
 from upop_fx.capture import capture  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
+from upop_fx.ort import ort_session  # noqa: E402
 from upop_fx.report import count_flops, count_params  # noqa: E402
 
 log = logging.getLogger("latency")
@@ -274,43 +275,11 @@ def tp_prune(spec: Spec, example: dict[str, torch.Tensor], ratio: float) -> torc
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def interleaved(calls: list[Callable[[], Any]], runs: int, warmup: int) -> list[float]:
-    """Median ms of each call, the calls run in turn (order reversed every other round)."""
-    for _ in range(warmup):
-        for c in calls:
-            c()
-    times: list[list[float]] = [[] for _ in calls]
-    for r in range(runs):
-        order = list(range(len(calls)))
-        if r % 2:
-            order.reverse()
-        for i in order:
-            t0 = time.perf_counter()
-            calls[i]()
-            times[i].append(time.perf_counter() - t0)
-    return [1000 * statistics.median(t) for t in times]
-
-
-def ort_session(path: Path, provider: str, threads: int, profile_prefix: str | None = None) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), so, providers=[provider])
-
-
 def runner(v: Variant, dense: Variant, runtime: str, feed: dict[str, torch.Tensor], threads: int) -> Callable[[], Any]:
     if runtime.startswith("ort"):
         provider = "CUDAExecutionProvider" if runtime == "ort-cuda" else "CPUExecutionProvider"
         if runtime not in v.sessions:
-            v.sessions[runtime] = ort_session(v.onnx, provider, threads)
+            v.sessions[runtime] = ort_session(v.onnx, providers=[provider], threads=threads)
         sess = v.sessions[runtime]
         np_feed = {i.name: feed[i.name].numpy() for i in sess.get_inputs()}
         return lambda: sess.run(None, np_feed)
@@ -332,10 +301,11 @@ def ort_profile(variants: list[Variant], feed: dict[str, torch.Tensor], threads:
     interleaved, like the timings."""
     sessions, feeds = [], []
     for v in variants:
-        sess = ort_session(v.onnx, "CPUExecutionProvider", threads, str(workdir / f"prof_{v.method}_{v.ratio}"))
+        sess = ort_session(v.onnx, threads=threads, profile_prefix=str(workdir / f"prof_{v.method}_{v.ratio}"))
         sessions.append(sess)
         feeds.append({i.name: feed[i.name].numpy() for i in sess.get_inputs()})
-    interleaved([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs, 2)
+    time_interleaved(*[lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs=runs, warmup=2,
+                     alternate=True)
     out: dict[str, dict[str, float]] = {}
     for v, sess in zip(variants, sessions):
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -410,7 +380,7 @@ def run_model(spec: Spec, args: argparse.Namespace, workdir: Path) -> tuple[list
                 calls = [runner(v, dense, runtime, feed, args.threads) for v in [dense, *chosen]]
                 t1 = time.time()
                 measured_at = time.strftime("%Y-%m-%dT%H:%M:%S")
-                ms = interleaved(calls, args.runs, args.warmup)
+                ms = time_interleaved(*calls, runs=args.runs, warmup=args.warmup, alternate=True)
                 log.info("%s %s batch %d seq %d: %.0f s, dense %.1f ms", spec.name, runtime, batch, seq,
                          time.time() - t1, ms[0])
                 for v, m in zip(chosen, ms[1:]):

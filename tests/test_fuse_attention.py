@@ -69,7 +69,7 @@ def _captured(name: str) -> upop_fx.Captured:
     if name not in _CAPTURED:
         factory, example, _, _ = MODELS[name]
         cap = upop_fx.capture(factory().eval(), example)
-        FindGroups()(cap.gm, cap.batch_size)
+        FindGroups()(cap.gm)
         _CAPTURED[name] = cap
     return _CAPTURED[name]
 
@@ -188,7 +188,7 @@ def _attn(mode: str, granularity: str = "upop") -> tuple[torch.fx.GraphModule, t
         mask = torch.ones(2, 8, dtype=torch.long)
         mask[1, 5:] = 0
         _CAPTURED[mode] = upop_fx.capture(_Attn(mode, heads=4 if mode == "d8" else 2), (torch.randn(2, 8, 32), mask))
-        FindGroups()(_CAPTURED[mode].gm, _CAPTURED[mode].batch_size)
+        FindGroups()(_CAPTURED[mode].gm)
     cap = _CAPTURED[mode]
     other = torch.ones(3, 6, dtype=torch.long)
     other[2, 4:] = 0

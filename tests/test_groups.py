@@ -128,7 +128,7 @@ GOLDEN = {
 def analysed(request):
     zoo = ZOO[request.param]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    result = FindGroups()(cap.gm, cap.batch_size)
+    result = FindGroups()(cap.gm)
     return zoo, cap, result
 
 
@@ -177,7 +177,7 @@ def test_param_cost_matches_weights(analysed):
 def test_attention_flops_include_score_matrix():
     zoo = ZOO["bert"]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    analysis = FindGroups()(cap.gm).value
     qk = next(g for g in analysis.prunable if g.kind == "qk")
     seq = zoo.example_inputs["input_ids"].shape[1]
     hidden = zoo.model.config.hidden_size
@@ -196,7 +196,7 @@ def test_no_rule_is_reported_not_guessed():
             return self.fc2(h)
 
     cap = upop_fx.capture(Odd().eval(), torch.randn(2, 8))
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    analysis = FindGroups()(cap.gm).value
     hidden = next(g for g in analysis.groups if g.width == 16)
     assert not hidden.prunable
     assert "cumsum" in hidden.reason and "no channel rule" in hidden.reason
@@ -212,14 +212,14 @@ def test_non_zero_preserving_activation_is_refused():
             return self.fc2(torch.sigmoid(self.fc1(x)))  # sigmoid(0) = 0.5: removal is not exact
 
     cap = upop_fx.capture(Sig().eval(), torch.randn(2, 8))
-    hidden = next(g for g in FindGroups()(cap.gm, cap.batch_size).value.groups if g.width == 16)
+    hidden = next(g for g in FindGroups()(cap.gm).value.groups if g.width == 16)
     assert not hidden.prunable and "not be exactly zero" in hidden.reason
 
 
 def test_blocks_recorded_on_nodes():
     zoo = ZOO["timm_vit"]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    FindGroups()(cap.gm, cap.batch_size)
+    FindGroups()(cap.gm)
     assert GROUPS_KEY in cap.gm.meta
     blocks = [n.meta.get(DIMS_KEY) for n in cap.gm.graph.nodes]
     assert any(b is not None for b in blocks)
@@ -234,7 +234,7 @@ def test_accessor_says_which_pass_to_run():
 def test_shape_constants_listed_per_group():
     zoo = ZOO["bert"]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    analysis = FindGroups()(cap.gm).value
     qk = next(g for g in analysis.prunable if g.kind == "qk")
     targets = {str(n.target) for n in cap.gm.graph.nodes if n.name in qk.shape_nodes}
     # the head split of q and k, and the attention whose scale surgery pins

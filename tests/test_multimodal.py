@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.passes.surgery import relative_error
+from upop_fx.compare import relative_error
 
 from .models import ZOO
 

@@ -9,8 +9,8 @@ import torch
 import upop_fx
 from upop_fx.errors import SurgeryCheckError, SurgeryError
 from upop_fx.passes import FindGroups, Surgery
+from upop_fx.passes.blocks import compact
 from upop_fx.passes.rules import REWRITES, key_of
-from upop_fx.passes.surgery import compact
 
 from .models import ZOO
 
@@ -19,7 +19,7 @@ from .models import ZOO
 def bert():
     zoo = ZOO["bert"]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    analysis = FindGroups()(cap.gm).value
     return zoo, cap, analysis
 
 
@@ -31,7 +31,7 @@ def test_surgery_is_functional_and_dense(bert):
     zoo, cap, analysis = bert
     before = {k: v.clone() for k, v in cap.gm.state_dict().items()}
     keep = {g.id: _half_head_dims(g) if g.heads else list(range(0, g.width, 3)) for g in analysis.prunable}
-    result = Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+    result = Surgery(keep)(cap.gm)
     assert result.modified and result.value.max_error <= 1e-4
     for k, v in cap.gm.state_dict().items():  # the input graph module is untouched
         assert torch.equal(before[k], v)
@@ -52,7 +52,7 @@ def test_wrong_rewrite_is_caught(bert, monkeypatch):
     qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
     keep = {qk.id: _half_head_dims(qk), v.id: _half_head_dims(v)}
     with pytest.raises(SurgeryCheckError, match="differs from the zeroed reference"):
-        Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+        Surgery(keep)(cap.gm)
 
 
 def test_rewrite_that_fails_to_run_is_a_check_error(bert, monkeypatch):
@@ -60,37 +60,37 @@ def test_rewrite_that_fails_to_run_is_a_check_error(bert, monkeypatch):
     monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.view.default), lambda ctx, node: None)
     qk = next(g for g in analysis.prunable if g.kind == "qk")  # q/k get 2 heads, v keeps 4: SDPA fails
     with pytest.raises(SurgeryCheckError, match="fails to run"):
-        Surgery()(cap.gm, {qk.id: _half_head_dims(qk)}, cap.args, cap.kwargs)
+        Surgery({qk.id: _half_head_dims(qk)})(cap.gm)
 
 
 def test_unpinned_scale_is_caught(bert, monkeypatch):
     zoo = ZOO["torch_encoder"]()  # nn.MultiheadAttention: SDPA with the implicit 1/sqrt(d) scale
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    analysis = FindGroups()(cap.gm).value
     qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
     keep = {qk.id: _half_head_dims(qk), v.id: _half_head_dims(v)}  # the packed in_proj needs equal widths
-    Surgery()(cap.gm, keep, cap.args, cap.kwargs)  # correct with the scale pinned
+    Surgery(keep)(cap.gm)  # correct with the scale pinned
     monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.scaled_dot_product_attention.default), lambda ctx, node: None)
     with pytest.raises(SurgeryCheckError):
-        Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+        Surgery(keep)(cap.gm)
 
 
 def test_bad_keep_sets(bert):
     zoo, cap, analysis = bert
     g = analysis.prunable[0]
     with pytest.raises(SurgeryError, match="at least one channel"):
-        Surgery()(cap.gm, {g.id: []}, cap.args, cap.kwargs)
+        Surgery({g.id: []})(cap.gm)
     with pytest.raises(SurgeryError, match="out of range"):
-        Surgery()(cap.gm, {g.id: [g.width]}, cap.args, cap.kwargs)
+        Surgery({g.id: [g.width]})(cap.gm)
     with pytest.raises(SurgeryError, match="no group"):
-        Surgery()(cap.gm, {10_000: [0]}, cap.args, cap.kwargs)
+        Surgery({10_000: [0]})(cap.gm)
     residual = next(x for x in analysis.groups if not x.prunable)
     with pytest.raises(SurgeryError, match="cannot be pruned"):
-        Surgery()(cap.gm, {residual.id: [0]}, cap.args, cap.kwargs)
+        Surgery({residual.id: [0]})(cap.gm)
     qk = next(x for x in analysis.prunable if x.kind == "qk")
     ragged = [c for c in range(qk.width) if c != 0]  # head 0 keeps one dim fewer than the others
     with pytest.raises(SurgeryError, match="dense block"):
-        Surgery()(cap.gm, {qk.id: ragged}, cap.args, cap.kwargs)
+        Surgery({qk.id: ragged})(cap.gm)
 
 
 def test_compact_keeps_rows_rectangular():
@@ -119,15 +119,16 @@ def test_packed_projection_with_different_qk_and_v_widths(name):
     """qk keeps 3 dims per head, v keeps 5: each slot of the packed projection gets its own chain."""
     zoo = ZOO[name]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    analysis = FindGroups()(cap.gm, cap.batch_size).value
+    analysis = FindGroups()(cap.gm).value
     keep = {}
     for g in analysis.prunable:
         if g.kind in ("qk", "v") and not g.cross:
             n = 3 if g.kind == "qk" else 5
             keep[g.id] = [h * g.head_dim + j for h in range(g.heads) for j in range(n)]
-    result = Surgery()(cap.gm, keep, cap.args, cap.kwargs)
+    result = Surgery(keep)(cap.gm)
     result.gm.graph.lint()
-    from upop_fx.passes.surgery import relative_error, removed_labels, zeroed_reference
+    from upop_fx.compare import relative_error
+    from upop_fx.passes.surgery import removed_labels, zeroed_reference
 
     ref = zeroed_reference(cap.gm, removed_labels(analysis, keep))
     inputs = zoo.other_inputs

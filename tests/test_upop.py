@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import upop_fx
+from upop_fx.compare import relative_error
 from upop_fx.errors import UPopError
 from upop_fx.passes import FindGroups, InsertMasks
-from upop_fx.passes.surgery import relative_error
 from upop_fx.search.upop import schedule
 
 from .models import ZOO
@@ -26,7 +26,7 @@ def _call(module, inputs):
 def test_masks_are_exact_noop_at_one(name):
     zoo = ZOO[name]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    FindGroups()(cap.gm, cap.batch_size)
+    FindGroups()(cap.gm)
     for granularity in ("upop", "qk_v", "heads"):
         masked = InsertMasks(granularity)(cap.gm).gm
         masked.graph.lint()
@@ -40,7 +40,7 @@ def test_masks_are_exact_noop_at_one(name):
 def test_mask_shapes_per_granularity():
     zoo = ZOO["bert"]()  # 2 layers, 4 heads x 8, MLP 64
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    FindGroups()(cap.gm, cap.batch_size)
+    FindGroups()(cap.gm)
     shapes = {g: [tuple(m.shape) for m in InsertMasks(g)(cap.gm).gm.upop_masks.parameters()] for g in ("upop", "qk_v", "heads")}
     assert shapes["upop"] == [(8,), (64,), (8,), (64,)]
     assert shapes["qk_v"] == [(8,), (8,), (64,), (8,), (8,), (64,)]
@@ -71,7 +71,7 @@ def _run_loop(pruner, model, data, steps):
     for i in range(steps):
         x = data[i % len(data)]
         with torch.no_grad():
-            target = pruner.cap.gm(x)  # the captured dense graph is compress()'s teacher
+            target = pruner.teacher(x)  # the captured dense graph is compress()'s teacher
         loss = upop_fx.search.train.distillation_loss(pruner.model(x), target)
         loss.backward()
         opt.step()
@@ -178,7 +178,7 @@ def test_scores_are_accumulated_gradients(tiny, score):
         out = pruner.model(data[i])
         loss = out.pow(2).mean()
         loss.backward()
-        g = torch.cat([m.grad for m in pruner.state.masks(pruner.model)]).double().numpy()
+        g = torch.cat([m.grad for m in pruner.masks]).double().numpy()
         grads += np.abs(g) if score == "sensitivity" else g
         pruner.step()
     np.testing.assert_allclose(torch.cat(pruner.scores).numpy(), grads, rtol=1e-12)

@@ -1,22 +1,36 @@
-"""upop_fx: structured pruning of Transformer models (UPop) as a compiler pipeline over FX graphs."""
+"""upop_fx: structured pruning of Transformer models (UPop) as a compiler pipeline over FX graphs.
 
-from .api import METHODS, Result, compress, retrain
+Example:
+    >>> import torch, upop_fx
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> result = upop_fx.compress(layer, torch.randn(2, 5, 16), ratio=0.5, method="magnitude", retrain_steps=0)
+    >>> result.report.params_after < result.report.params_before
+    True
+"""
+
+from . import pipeline
+from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, SCORES, UPop, compress, retrain
 from .artifacts import load, save
 from .capture import Captured, capture
 from .errors import (
     CaptureError,
     ConfigError,
+    ExportError,
     InputError,
+    KernelDtypeError,
+    KernelInputError,
     NoPrunableGroupError,
+    PostconditionError,
+    PreconditionError,
     SurgeryCheckError,
     SurgeryError,
-    UnsupportedGraphError,
     UPopError,
 )
-from .export import ExportError, export_onnx
+from .export import export_onnx
 from .groups import DimGroup, GroupAnalysis
+from .pipeline import Result
 from .report import Report
-from .search.upop import UPop
+from .search.strategy import Allocate, Prepared, Selection, Strategy, unified, uniform
 
 __all__ = [
     "compress",
@@ -27,6 +41,17 @@ __all__ = [
     "UPop",
     "Result",
     "METHODS",
+    "SCORES",
+    "GRANULARITIES",
+    "BUDGETS",
+    "ALLOCATIONS",
+    "pipeline",
+    "Strategy",
+    "Prepared",
+    "Selection",
+    "Allocate",
+    "unified",
+    "uniform",
     "capture",
     "Captured",
     "DimGroup",
@@ -37,9 +62,12 @@ __all__ = [
     "InputError",
     "CaptureError",
     "NoPrunableGroupError",
-    "UnsupportedGraphError",
+    "PreconditionError",
+    "PostconditionError",
     "SurgeryError",
     "SurgeryCheckError",
     "ExportError",
+    "KernelInputError",
+    "KernelDtypeError",
 ]
 __version__ = "0.1.0"

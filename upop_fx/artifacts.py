@@ -37,6 +37,7 @@ import torch
 
 from .capture import export_program
 from .errors import InputError
+from .export import export_onnx
 
 __all__ = ["save", "load", "report_markdown", "FILES"]
 
@@ -58,8 +59,6 @@ def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *,
         ep, _, _, _ = export_program(result.model, example_inputs)
         torch.export.save(ep, stage / "model.pt2")
         if onnx:
-            from .export import export_onnx
-
             export_onnx(result.model, example_inputs, stage / "model.onnx", optimize=False)
         payload = {**result.report.to_dict(), **(extra or {})}
         (stage / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")

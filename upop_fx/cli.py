@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
+from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, SCORES, compress
+from .artifacts import load, save
+from .bench import time_pair
 from .errors import ConfigError, InputError, UPopError
-from .search.upop import SCORES
+from .pipeline import check_options
 
 __all__ = ["main", "load_source", "text_batches"]
 
@@ -57,11 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory, or module:function")
     c.add_argument("--ratio", type=float, required=True, help="fraction of the prunable cost to remove, in [0, 1)")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    c.add_argument("--method", default="upop", help="upop (search; default) or magnitude (one-shot)")
+    c.add_argument("--method", default="upop", help=f"one of {', '.join(METHODS)}: upop (search; default) or "
+                   "magnitude (one-shot)")
     c.add_argument("--data", metavar="PATH", help="a folder of .txt files (text models) or images (vision models) "
                    "for the search and the retrain; default: built-in sample inputs")
-    c.add_argument("--budget", default="params", help="cost unit: params (default) or flops")
-    c.add_argument("--granularity", default="upop", help="upop (default), qk_v or heads")
+    c.add_argument("--budget", default="params", help=f"cost unit, one of {', '.join(BUDGETS)} (default params)")
+    c.add_argument("--granularity", default="upop", help=f"what one ranking entry removes, one of "
+                   f"{', '.join(GRANULARITIES)} (default upop: a head dim across heads and q/k/v)")
+    c.add_argument("--allocate", default="unified", choices=list(ALLOCATIONS),
+                   help="unified (one ranking over every layer and tower; default) or uniform (the same fraction "
+                   "of every layer)")
     c.add_argument("--score", default="gradient", choices=SCORES,
                    help="UPop ranking: gradient (signed accumulated mask gradient, the paper's; default) or "
                    "sensitivity (accumulated |gradient|: prunes what the loss never sees first)")
@@ -177,14 +185,11 @@ def _image_batches(model_dir: Path, folder: Path, batch_size: int) -> list[dict[
 
 # ------------------------------------------------------------------ commands
 def _compress(args: argparse.Namespace) -> int:
-    from . import compress
-    from .api import METHODS
-    from .artifacts import save
-
     if args.method not in METHODS:
         raise ConfigError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 <= args.ratio < 1.0:
         raise ConfigError(f"--ratio must be in [0, 1), got {args.ratio}")
+    check_options(args.ratio, args.budget, args.granularity, args.round_to, args.seed)  # before the slow load
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise InputError(f"{out} exists and is not empty (use --force to replace it)")
@@ -193,7 +198,7 @@ def _compress(args: argparse.Namespace) -> int:
     result = compress(
         model, example, args.ratio, args.method, data=batches, search_steps=args.search_steps,
         retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
-        round_to=args.round_to, seed=args.seed, score=args.score,
+        round_to=args.round_to, seed=args.seed, score=args.score, allocate=args.allocate,
     )  # fmt: skip
     source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
               "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
@@ -204,9 +209,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .artifacts import load
-    from .bench import time_pair
-
     d = Path(args.dir)
     meta_file = d / "report.json"
     if not meta_file.is_file():

@@ -59,6 +59,7 @@ import torch.utils._pytree as pytree
 
 from .capture import dynamic_shapes, normalize_inputs, run_module
 from .errors import ConfigError, ExportError, InputError
+from .ort import ort_session
 
 __all__ = ["ExportError", "ExportInfo", "export_onnx", "SUPPORTED_OPSETS", "PARITY_TOLERANCE"]
 
@@ -74,7 +75,6 @@ except ImportError:  # pragma: no cover - older/newer torch
     _MAX_OPSET = 23
 SUPPORTED_OPSETS = range(_MIN_OPSET, _MAX_OPSET + 1)
 _STAGE_PREFIX = ".upop_export-"
-_LARGE_MODEL_BYTES = 1 << 30  # above this, ORT writes the optimised model's weights to an external-data file
 
 
 @dataclass(frozen=True)
@@ -448,7 +448,7 @@ class _Inputs:
 
 
 def _axes_of(t: torch.Tensor) -> list[int]:
-    """The axes upop_fx.capture makes dynamic (see its ``_dynamic_axes``)."""
+    """The axes :func:`upop_fx.capture.dynamic_shapes` makes dynamic."""
     if t.dim() == 0:
         return []
     is_tokens = not t.is_floating_point() and t.dim() == 2
@@ -482,30 +482,11 @@ def _finite(bound: Any, default: float) -> Any:
 
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
 
-def _session(file: Path, level: Any = None, optimized_path: Path | None = None) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if level is not None:
-        so.graph_optimization_level = level
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-        if sum(p.stat().st_size for p in file.parent.iterdir()) > _LARGE_MODEL_BYTES:
-            so.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", optimized_path.name + ".data"
-            )
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
-
-
 def _ort_optimize(src: Path, dst: Path) -> None:
     """ONNX Runtime's extended level (the transformer fusions), saved: portable across CPUs, unlike the
     ``ORT_ENABLE_ALL`` layout transforms, which ORT applies again when the file is loaded."""
-    import onnxruntime as ort
-
     try:
-        _session(src, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, dst)
+        ort_session(src, level="extended", optimized_path=dst)
     except Exception as exc:
         raise ExportError(f"ONNX Runtime could not optimise {src.name}: {_first_line(exc)}") from exc
     if not dst.exists():
@@ -515,7 +496,7 @@ def _ort_optimize(src: Path, dst: Path) -> None:
 def _parity(file: Path, feeds: _Inputs, cases: list[tuple[dict[str, torch.Tensor], Any]],
             output_names: list[str], what: str) -> float:
     try:
-        sess = _session(file)
+        sess = ort_session(file)
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot load the {what}: {_first_line(exc)}") from exc
     onnx_inputs = [i.name for i in sess.get_inputs()]

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .errors import NoPrunableGroupError
+
 __all__ = [
     "DIMS_KEY",
     "GROUPS_KEY",
@@ -147,15 +149,10 @@ class GroupAnalysis:
     def prunable(self) -> list[DimGroup]:
         return [g for g in self.groups if g.prunable]
 
-    def group(self, gid: int) -> DimGroup:
-        return self.groups[gid]
-
     def require_prunable(self, model_name: str) -> None:
         """Raise :class:`~upop_fx.errors.NoPrunableGroupError`, with the reasons, when nothing can be pruned."""
         if self.prunable:
             return
-        from .errors import NoPrunableGroupError
-
         reasons = sorted({g.reason for g in self.groups if g.reason})[:5]
         raise NoPrunableGroupError(
             f"{model_name} has no prunable group of channels; reasons: " + "; ".join(reasons or ["none found"])
@@ -166,5 +163,5 @@ def get_analysis(gm: torch.fx.GraphModule) -> GroupAnalysis:
     """The group analysis of ``gm``; raises if :class:`FindGroups` has not been run on it."""
     analysis = getattr(gm, "meta", {}).get(GROUPS_KEY)
     if analysis is None:
-        raise LookupError("no dimension-group analysis on this graph: run upop_fx.passes.FindGroups first")
+        raise LookupError("no dimension-group analysis on this graph (gm.meta['upop_groups']): run FindGroups first")
     return analysis

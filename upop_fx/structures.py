@@ -19,10 +19,19 @@ import numpy as np
 from .errors import ConfigError
 from .groups import DimGroup, GroupAnalysis
 
-__all__ = ["Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "group_cost", "keep_sets", "removed_fraction"]
+__all__ = [
+    "Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "group_cost", "keep_sets",
+    "removed_fraction",
+]
 
 GRANULARITIES = ("upop", "qk_v", "heads")
 BUDGETS = ("params", "flops")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise :class:`~upop_fx.errors.ConfigError` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -50,10 +59,8 @@ def _head(g: DimGroup, h: int) -> np.ndarray:
 
 def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: str = "params") -> tuple[list[Structure], list[Entry]]:
     """Structures and entries over every prunable group of ``analysis``."""
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
-    if budget not in BUDGETS:
-        raise ConfigError(f"unknown budget {budget!r}; choose one of {BUDGETS}")
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("budget", budget, BUDGETS)
     structures: list[Structure] = []
     entries: list[Entry] = []
     by_site: dict[int, dict[str, DimGroup]] = {}

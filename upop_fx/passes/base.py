@@ -1,13 +1,43 @@
-"""Pass infrastructure: every pass states what it requires and ensures and returns an honest result."""
+"""Pass infrastructure: a pass is configured in ``__init__`` and called as ``pass_(gm) -> PassResult``.
+
+The base runs the contract around :meth:`GraphPass.run`, as torch.fx's ``PassBase`` and onnx-ir's pass
+infrastructure do:
+
+1. ``gm.graph.lint()`` and :meth:`GraphPass.requires` — a failure raises
+   :class:`~upop_fx.errors.PreconditionError` naming the pass;
+2. :meth:`GraphPass.run`;
+3. the in-place / functional contract: an in-place pass (``in_place = True``) returns the module it was given;
+   a functional pass leaves its input untouched (same graph code, same parameters and buffers) and returns a
+   new module whenever it changed something; ``modified`` must be honest — it is True exactly when the graph
+   code or a parameter/buffer shape differs between the input (as it was) and the output;
+4. ``graph.lint()`` of the result and :meth:`GraphPass.ensures` — a failure raises
+   :class:`~upop_fx.errors.PostconditionError`.
+
+Metadata (``gm.meta``, ``node.meta``) is where analyses leave their results; it does not count as a
+modification.
+
+Example:
+    >>> import torch
+    >>> from upop_fx.passes.base import GraphPass, PassResult
+    >>> class CountNodes(GraphPass[int]):
+    ...     in_place = True
+    ...     def run(self, gm):
+    ...         return PassResult(gm, False, len(gm.graph.nodes))
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    >>> CountNodes()(gm).value  # x, weight, bias, linear, output
+    5
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-__all__ = ["PassResult", "GraphPass"]
+from ..errors import PostconditionError, PreconditionError
+
+__all__ = ["PassResult", "GraphPass", "fingerprint"]
 
 T = TypeVar("T")
 
@@ -21,21 +51,75 @@ class PassResult(Generic[T]):
     value: T
 
 
+def fingerprint(gm: torch.fx.GraphModule) -> tuple[Any, ...]:
+    """What a modification changes: the graph and the names, shapes and identities of the tensors."""
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return str(gm.graph), tuple((name, tuple(t.shape), id(t)) for name, t in tensors)
+
+
+def _structure(fp: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A fingerprint without tensor identities (a copy of a module has the same structure)."""
+    code, tensors = fp
+    return code, tuple((name, shape) for name, shape, _ in tensors)
+
+
 class GraphPass(Generic[T]):
-    """Base class: subclasses implement :meth:`run`; ``__call__`` lints the graph before and after."""
+    """Base class: subclasses set ``in_place`` and implement :meth:`run`, and may check their contract in
+    :meth:`requires` and :meth:`ensures` (raise ``PreconditionError`` / ``PostconditionError`` there, or let the
+    base turn an ``AssertionError``/``LookupError`` into one)."""
 
-    #: human-readable contract, checked by the tests and shown by ``repr``.
-    requires: str = ""
-    ensures: str = ""
+    #: True: the pass edits ``gm`` itself and returns it; False: ``gm`` is never changed.
+    in_place: ClassVar[bool] = False
 
-    def run(self, gm: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> PassResult[T]:
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        """Raise :class:`PreconditionError` if ``gm`` lacks what :meth:`run` needs."""
+
+    def ensures(self, gm: torch.fx.GraphModule, result: PassResult[T]) -> None:
+        """Raise :class:`PostconditionError` if ``result`` breaks what the pass promises (``gm`` is the input;
+        for an in-place pass it is ``result.gm``)."""
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult[T]:
         raise NotImplementedError
 
-    def __call__(self, gm: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> PassResult[T]:
-        gm.graph.lint()
-        result = self.run(gm, *args, **kwargs)
-        result.gm.graph.lint()
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult[T]:
+        name = type(self).__name__
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise PreconditionError(f"{name} takes a torch.fx.GraphModule, not {type(gm).__name__}")
+        try:
+            gm.graph.lint()
+            self.requires(gm)
+        except PreconditionError:
+            raise
+        except (AssertionError, LookupError, RuntimeError) as exc:
+            raise PreconditionError(f"{name}: {exc}") from exc
+        before = fingerprint(gm)
+        result = self.run(gm)
+        self._check_mode(name, gm, before, result)
+        try:
+            result.gm.graph.lint()
+            self.ensures(gm, result)
+        except PostconditionError:
+            raise
+        except (AssertionError, LookupError, RuntimeError) as exc:
+            raise PostconditionError(f"{name}: {exc}") from exc
         return result
 
+    def _check_mode(self, name: str, gm: torch.fx.GraphModule, before: tuple[Any, ...], result: PassResult[T]) -> None:
+        after = fingerprint(result.gm)
+        changed = _structure(after) != _structure(before)
+        if self.in_place:
+            if result.gm is not gm:
+                raise PostconditionError(f"{name} is in place but returned a different module")
+        else:
+            if fingerprint(gm) != before:
+                raise PostconditionError(f"{name} is functional but changed the module it was given")
+            if changed and result.gm is gm:
+                raise PostconditionError(f"{name} is functional but returned its input changed")
+        if bool(result.modified) != changed:
+            raise PostconditionError(
+                f"{name} reported modified={result.modified}, but the graph {'changed' if changed else 'did not change'}"
+            )
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(requires={self.requires!r}, ensures={self.ensures!r})"
+        mode = "in place" if self.in_place else "functional"
+        return f"{type(self).__name__}({mode})"

@@ -1,9 +1,11 @@
 """FindGroups: the analysis pass that finds every set of channels that must be removed together.
 
-Requires: a GraphModule captured by :func:`upop_fx.capture` (nodes carry ``meta["val"]``; parameters are
-``get_attr`` nodes).
-Ensures: ``gm.meta["upop_groups"]`` holds a :class:`~upop_fx.groups.GroupAnalysis`, each node's
-``meta["upop_dims"]`` its channel :class:`~upop_fx.groups.Block`; the graph itself is unchanged.
+Requires: a GraphModule made by :func:`upop_fx.capture` — its ``gm.meta["upop_capture"]`` gives the example
+batch size that per-sample FLOPs are divided by, every tensor node carries ``meta["val"]``, parameters are
+``get_attr`` nodes.
+Ensures (an analysis, in place, ``modified=False``): ``gm.meta["upop_groups"]`` holds a
+:class:`~upop_fx.groups.GroupAnalysis` in which no class of labels is in two prunable groups, each node's
+``meta["upop_dims"]`` its channel :class:`~upop_fx.groups.Block` (or None); the graph itself is unchanged.
 
 Labels are created where channels are produced (Linear/conv outputs, embeddings) and flow forward through one
 rule per op family (``passes/rules``). Classes (labels that must go together) come from a union-find; groups
@@ -17,7 +19,7 @@ Example:
     >>> from upop_fx.passes import FindGroups
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> cap = upop_fx.capture(layer, torch.randn(2, 5, 16))
-    >>> [g.kind for g in FindGroups()(cap.gm, cap.batch_size).value.prunable]
+    >>> [g.kind for g in FindGroups()(cap.gm).value.prunable]
     ['qk', 'v', 'mlp']
 """
 
@@ -30,33 +32,50 @@ import networkx as nx
 import numpy as np
 import torch
 
-from ..groups import GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis
+from ..capture import get_capture
 from ..cost import class_costs
+from ..errors import PostconditionError, PreconditionError
+from ..groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
+from .rules import REWRITES, key_of
 from .trace import LabelTracer
 
-__all__ = ["FindGroups", "find_groups"]
+__all__ = ["FindGroups"]
 
 log = logging.getLogger(__name__)
 
 
 class FindGroups(GraphPass[GroupAnalysis]):
-    requires = "a captured GraphModule with meta['val'] on every node"
-    ensures = "gm.meta['upop_groups'] holds the GroupAnalysis; node.meta['upop_dims'] the channel blocks"
+    """Find the dimension groups of a captured graph (see the module docstring)."""
 
-    def run(self, gm: torch.fx.GraphModule, batch_size: int = 1) -> PassResult[GroupAnalysis]:
+    in_place = True
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        try:
+            get_capture(gm)
+        except LookupError as exc:
+            raise PreconditionError(f"FindGroups: {exc} (it gives the batch size FLOPs are counted per)") from exc
+        missing = [n.name for n in gm.graph.nodes if n.op in ("call_function", "get_attr") and "val" not in n.meta]
+        if missing:
+            raise PreconditionError(f"FindGroups: nodes without meta['val'] (not a torch.export graph?): {missing[:5]}")
+
+    def ensures(self, gm: torch.fx.GraphModule, result: PassResult[GroupAnalysis]) -> None:
+        analysis = get_analysis(gm)
+        seen = [int(c) for g in analysis.prunable for c in g.classes]
+        if len(seen) != len(set(seen)):
+            raise PostconditionError("FindGroups: a class of channels is in two prunable groups (or twice in one)")
+        unlabelled = [n.name for n in gm.graph.nodes if DIMS_KEY not in n.meta]
+        if unlabelled:
+            raise PostconditionError(f"FindGroups: nodes the label tracer did not visit: {unlabelled[:5]}")
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult[GroupAnalysis]:
         tracer = LabelTracer(gm)
         tracer.run()
-        analysis = _group(gm, tracer, batch_size)
+        analysis = _group(gm, tracer, get_capture(gm).batch_size)
         gm.meta[GROUPS_KEY] = analysis
         for g in analysis.groups:
             log.debug("group %s", g.describe())
         return PassResult(gm, False, analysis)
-
-
-def find_groups(gm: torch.fx.GraphModule, batch_size: int = 1) -> GroupAnalysis:
-    """Functional form of :class:`FindGroups`."""
-    return FindGroups()(gm, batch_size).value
 
 
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
@@ -115,9 +134,6 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
 def _shape_nodes(gm: torch.fx.GraphModule, roots: np.ndarray) -> dict[str, set[int]]:
     """Nodes whose literal arguments surgery rewrites (shapes, split sizes, indices, the attention scale),
     with the classes their channel blocks carry."""
-    from ..groups import DIMS_KEY
-    from .rules import REWRITES, key_of
-
     out: dict[str, set[int]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function" or key_of(n.target) not in REWRITES:

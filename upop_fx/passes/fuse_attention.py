@@ -1,10 +1,12 @@
 """FuseMaskedAttention: masked q/k/v + SDPA → one call of the Triton ``masked_attention`` kernel.
 
-Requires: a GraphModule from :class:`~upop_fx.passes.insert_masks.InsertMasks`, nodes with capture's
+Requires: a GraphModule from :class:`~upop_fx.passes.insert_masks.InsertMasks` (its ``gm.meta["upop_masks"]``
+and the :class:`~upop_fx.passes.insert_masks.MaskTag` on each masking ``mul``), nodes with capture's
 ``meta["val"]``; ``device``: the device type where the kernel pays (``"cuda"``).
 Ensures, **in place**: each ``aten.scaled_dot_product_attention`` whose q, k and v come through shape-only ops
-(view, transpose, unbind, split, ...) from InsertMasks' ``mul(producer, mult)`` becomes
-``masked_attention(q', k', v', qk_mask, v_mask, scale=s, causal=c, key_padding_mask=p)``: q', k', v' are the
+(view, transpose, unbind, split, ...) from a tagged ``mul(producer, mult)`` becomes a call of the registered op
+``torch.ops.upop_fx.masked_attention`` (``q', k', v', qk_mask, v_mask, scale=s, causal=c,
+key_padding_mask=p``), so the fused graph still exports and compiles: q', k', v' are the
 same shape ops on the *unmasked* producers, the masks (H, D) gathers of the same mask parameters, ``s`` the
 SDPA's scale (1/sqrt(D) pinned when it had none). Outputs and gradients (weights and masks) are unchanged;
 nodes the rewrite orphans are removed (nodes dead before stay); the graph lints and is recompiled. Nothing
@@ -28,7 +30,7 @@ Example:
     >>> layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()  # head dim 16
     >>> x = torch.randn(2, 5, 32)
     >>> cap = upop_fx.capture(layer, x)
-    >>> _ = FindGroups()(cap.gm, cap.batch_size)
+    >>> _ = FindGroups()(cap.gm)
     >>> masked = InsertMasks("upop")(cap.gm).gm
     >>> FuseMaskedAttention(device="cuda")(masked).modified   # parameters on CPU: left alone
     False
@@ -56,10 +58,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.node import map_arg
 from torch.fx.operator_schemas import normalize_function
 
+from ..errors import PostconditionError
+from ..kernels import masked_attention as _ma  # TEMP
 from ..kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
-from ..kernels.masked_attention import masked_attention
+
+MASKED_ATTENTION_OP = getattr(_ma, "MASKED_ATTENTION_OP", None)  # TEMP
 from .base import GraphPass, PassResult
-from .insert_masks import _MODULE
+from .insert_masks import MASK_MODULE, MASK_TAG_KEY, MaskTag, get_masks
 
 __all__ = ["FuseMaskedAttention", "FusionReport"]
 
@@ -123,8 +128,18 @@ class _Plan:
 
 
 class FuseMaskedAttention(GraphPass[FusionReport]):
-    requires = "a GraphModule masked by InsertMasks, with capture's meta['val']"
-    ensures = "masked q/k/v + SDPA replaced by masked_attention in place, same function; only on `device` or force"
+    """Fuse masked attention sites into the registered kernel op (see the module docstring)."""
+
+    in_place = True
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        get_masks(gm)
+
+    def ensures(self, gm: torch.fx.GraphModule, result: PassResult[FusionReport]) -> None:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is MASKED_ATTENTION_OP]
+        fused = set(result.value.fused)
+        if len(calls) < len(fused) or any(n.name in fused for n in gm.graph.nodes if n.target is SDPA):
+            raise PostconditionError("FuseMaskedAttention: a fused attention site is still in the graph")
 
     def __init__(self, device: str | torch.device = "cuda", force: bool = False) -> None:
         self.device, self.force = torch.device(device).type, force
@@ -132,7 +147,7 @@ class FuseMaskedAttention(GraphPass[FusionReport]):
     def run(self, gm: torch.fx.GraphModule) -> PassResult[FusionReport]:
         report = FusionReport()
         # the model's weights decide: InsertMasks creates the masks on the CPU, whatever the model's device
-        devices = {p.device.type for name, p in gm.named_parameters() if not name.startswith(f"{_MODULE}.")}
+        devices = {p.device.type for name, p in gm.named_parameters() if not name.startswith(f"{MASK_MODULE}.")}
         if not self.force and devices != {self.device}:
             report.reason = f"parameters on {sorted(devices)}, not {self.device} (force=True fuses anyway)"
             log.debug("FuseMaskedAttention: %s", report.reason)
@@ -216,11 +231,12 @@ def _source(gm: torch.fx.GraphModule, x: Node) -> _Source:
             raise _Skip(f"{x.name} does not come from a masked producer through shape-only ops (met {cur})")
     mul, chain = cur, chain[::-1]
     producer, mult = mul.args
-    view = dtype = None
-    if mult.target is aten.view.default:
-        view, mult = mult.args[1], mult.args[0]
-    if mult.target is aten.to.dtype:
-        dtype, mult = mult.args[1], mult.args[0]
+    tag: MaskTag = mul.meta[MASK_TAG_KEY]
+    view, dtype = (list(tag.view) if tag.view is not None else None), tag.dtype
+    if view is not None:
+        mult = mult.args[0]
+    if dtype is not None:
+        mult = mult.args[0]
     cat, _, idx_node = mult.args
     idx_buf = gm.get_buffer(idx_node.target)
     ident: list[tuple[str | None, int]] = [(None, 0)]
@@ -234,24 +250,22 @@ def _source(gm: torch.fx.GraphModule, x: Node) -> _Source:
 
 
 def _is_mask_mul(n: Any) -> bool:
-    """InsertMasks' ``mul(producer, mult)``: mult = index_select(cat([1, masks...]), 0, idx) [→ to] [→ view]."""
-    if not (isinstance(n, Node) and n.target is aten.mul.Tensor and all(isinstance(a, Node) for a in n.args)):
+    """A ``mul`` that InsertMasks tagged (:class:`MaskTag`) and that still has the form the tag describes."""
+    tag = n.meta.get(MASK_TAG_KEY) if isinstance(n, Node) else None
+    if not isinstance(tag, MaskTag) or n.target is not aten.mul.Tensor or not all(isinstance(a, Node) for a in n.args):
         return False
     producer, m = n.args
-    m = m.args[0] if m.target is aten.view.default else m
-    m = m.args[0] if m.target is aten.to.dtype else m
+    if producer.name != tag.producer:
+        return False
+    m = m.args[0] if tag.view is not None and m.target is aten.view.default else m
+    m = m.args[0] if tag.dtype is not None and m.target is aten.to.dtype else m
     if m.target is not aten.index_select.default or m.args[1] != 0 or not isinstance(m.args[2], Node):
         return False
     cat, idx = m.args[0], m.args[2]
-    if idx.op != "get_attr" or idx.target != f"{_MODULE}.idx_{producer.name}":
-        return False
-    if not isinstance(cat, Node) or cat.target is not aten.cat.default:
+    if idx.op != "get_attr" or idx.target != tag.index or not isinstance(cat, Node) or cat.target is not aten.cat.default:
         return False
     parts = cat.args[0] if len(cat.args) == 1 and not cat.kwargs else []
-    return (
-        len(parts) > 1 and all(isinstance(p, Node) for p in parts) and parts[0].target is aten.new_ones.default
-        and all(p.op == "get_attr" and p.target.startswith(f"{_MODULE}.m") for p in parts[1:])
-    )  # fmt: skip
+    return [p.target for p in parts[1:] if isinstance(p, Node)] == list(tag.masks)
 
 
 def _probe(mul: Node, producer: Node, view: Any, width: int, chain: list[Node], x: Node, k: int) -> np.ndarray:
@@ -376,7 +390,7 @@ def _index(n: Any) -> tuple[int, int, int] | None:
 
 # ------------------------------------------------------------------------------------- rewrite
 def _rewrite(gm: torch.fx.GraphModule, plan: _Plan) -> None:
-    graph, sdpa, holder = gm.graph, plan.sdpa, gm.get_submodule(_MODULE)
+    graph, sdpa, holder = gm.graph, plan.sdpa, gm.get_submodule(MASK_MODULE)
     with graph.inserting_before(sdpa):
         env: dict[Node, Node] = {}  # old node -> its copy on the unmasked producer (shared by q, k, v)
         ins = []
@@ -393,13 +407,12 @@ def _rewrite(gm: torch.fx.GraphModule, plan: _Plan) -> None:
                 name += "_"
             gather = torch.as_tensor(src.gather.reshape(-1), device=src.device)
             holder.register_buffer(name, gather, persistent=False)  # not in the state dict, as InsertMasks' idx
-            m = graph.call_function(aten.index_select.default, (src.cat, 0, graph.get_attr(f"{_MODULE}.{name}")))
+            m = graph.call_function(aten.index_select.default, (src.cat, 0, graph.get_attr(f"{MASK_MODULE}.{name}")))
             if src.dtype is not None:
                 m = graph.call_function(aten.to.dtype, (m, src.dtype))
             masks.append(graph.call_function(aten.view.default, (m, list(src.gather.shape))))  # (H, D)
         kpm = _key_padding(graph, plan.kpm, ins[1]) if plan.kpm else None
-        kwargs = {"scale": plan.scale, "causal": plan.causal, "key_padding_mask": kpm}
-        call = graph.call_function(masked_attention, (*ins, *masks), kwargs)
+        call = graph.call_function(MASKED_ATTENTION_OP, (*ins, *masks, plan.scale, plan.causal, kpm))
     call.meta = dict(sdpa.meta)
     sdpa.replace_all_uses_with(call)
     graph.erase_node(sdpa)

@@ -1,10 +1,14 @@
 """InsertMasks: one learnable mask vector per ranking structure, multiplied in where channels are produced.
 
-Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; a granularity.
-Ensures: a *new* GraphModule whose producers of prunable channels (Linear/conv outputs: q, k and v
-projections, MLP hidden neurons *before* the activation) are multiplied by a gathered view of the masks;
-``gm.meta["upop_masks"]`` holds the :class:`MaskState`. With every mask at 1.0 the graph computes exactly what
-it did (multiplication by 1.0 is exact). The original ``gm`` is not modified.
+Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; a granularity and a budget
+(configured in ``__init__``).
+Ensures (functional): a *new* GraphModule whose producers of prunable channels (Linear/conv outputs: q, k and
+v projections, MLP hidden neurons *before* the activation) are multiplied by a gathered view of the masks;
+``gm.meta["upop_masks"]`` holds the :class:`MaskState`, and each ``mul`` that applies a mask carries a
+:class:`MaskTag` under ``node.meta["upop_mask"]`` (what :class:`~upop_fx.passes.fuse_attention.FuseMaskedAttention`
+reads). With every mask at 1.0 the graph computes exactly what it did (multiplication by 1.0 is exact):
+checked on the capture's example inputs. The original ``gm`` is not modified. A graph with nothing to mask is
+returned as it is, ``modified=False``.
 
 Mask ``s`` has one element per entry of structure ``s`` (see ``upop_fx/structures.py``): with granularity
 ``"upop"`` an attention layer's mask has one element per head dim, shared by every head and by q, k and v —
@@ -16,7 +20,7 @@ Example:
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> x = torch.randn(2, 5, 16)
     >>> cap = upop_fx.capture(layer, x)
-    >>> analysis = FindGroups()(cap.gm, cap.batch_size).value
+    >>> analysis = FindGroups()(cap.gm).value
     >>> masked = InsertMasks("upop")(cap.gm).gm
     >>> [tuple(m.shape) for m in masked.upop_masks.parameters()]
     [(8,), (32,)]
@@ -32,14 +36,36 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..groups import GroupAnalysis, get_analysis
-from ..structures import Entry, Structure, build_entries
+from ..capture import get_capture
+from ..compare import relative_error
+from ..errors import PostconditionError, PreconditionError
+from ..groups import DIMS_KEY, GroupAnalysis, get_analysis
+from ..structures import BUDGETS, GRANULARITIES, Entry, Structure, build_entries, check_choice
 from .base import GraphPass, PassResult
 
-__all__ = ["InsertMasks", "MaskState", "MASKS_KEY", "get_masks"]
+__all__ = ["InsertMasks", "MaskState", "MaskTag", "MASKS_KEY", "MASK_TAG_KEY", "MASK_MODULE", "get_masks"]
 
+#: ``gm.meta`` key of the :class:`MaskState` of a masked graph.
 MASKS_KEY = "upop_masks"
-_MODULE = "upop_masks"
+#: ``node.meta`` key of the :class:`MaskTag` on every ``mul`` that applies masks.
+MASK_TAG_KEY = "upop_mask"
+#: the submodule that holds the mask parameters and gather buffers.
+MASK_MODULE = "upop_masks"
+
+
+@dataclass(frozen=True)
+class MaskTag:
+    """What one masking ``mul(producer, mult)`` applies, for passes that rewrite masked graphs.
+
+    ``mult = index_select(cat([1, *masks]), 0, index)``, then cast to ``dtype`` if it is set, then viewed as
+    ``view`` if it is set; ``masks`` are the mask parameters' targets, ``index`` the gather buffer's target.
+    """
+
+    producer: str
+    masks: tuple[str, ...]
+    index: str
+    dtype: torch.dtype | None
+    view: tuple[int, ...] | None
 
 
 @dataclass
@@ -54,7 +80,7 @@ class MaskState:
     sites: list[str] = field(default_factory=list)  # nodes whose output is masked
 
     def masks(self, gm: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [getattr(gm.get_submodule(_MODULE), f"m{s}") for s in range(len(self.structures))]
+        return [getattr(gm.get_submodule(MASK_MODULE), f"m{s}") for s in range(len(self.structures))]
 
 
 def get_masks(gm: torch.fx.GraphModule) -> MaskState:
@@ -65,15 +91,37 @@ def get_masks(gm: torch.fx.GraphModule) -> MaskState:
 
 
 class InsertMasks(GraphPass[MaskState]):
-    requires = "gm analysed by FindGroups"
-    ensures = "a new GraphModule with one mask per structure, an exact no-op at 1.0; gm.meta['upop_masks']"
+    """Insert one mask per ranking structure (see the module docstring)."""
+
+    in_place = False
 
     def __init__(self, granularity: str = "upop", budget: str = "params") -> None:
+        check_choice("granularity", granularity, GRANULARITIES)
+        check_choice("budget", budget, BUDGETS)
         self.granularity, self.budget = granularity, budget
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        get_analysis(gm)
+        if MASKS_KEY in gm.meta:
+            raise PreconditionError("InsertMasks: this graph is masked already")
+
+    def ensures(self, gm: torch.fx.GraphModule, result: PassResult[MaskState]) -> None:
+        if not result.modified:
+            return
+        tags = [n for n in result.gm.graph.nodes if MASK_TAG_KEY in n.meta]
+        if len(tags) != len(result.value.sites):
+            raise PostconditionError(f"InsertMasks: {len(result.value.sites)} masked sites but {len(tags)} tagged")
+        info = get_capture(gm)
+        with torch.no_grad():
+            same = relative_error(result.gm(*info.args, **info.kwargs), gm(*info.args, **info.kwargs)) == 0.0
+        if not same:
+            raise PostconditionError("InsertMasks: the masked graph at mask 1.0 differs from the original")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult[MaskState]:
         analysis = get_analysis(gm)
         structures, entries = build_entries(analysis, self.granularity, self.budget)
+        if not structures:
+            return PassResult(gm, False, MaskState(self.granularity, self.budget, [], [], []))
         order = sorted(range(len(entries)), key=lambda i: entries[i].structure)
         entries = [entries[i] for i in order]
         slices, start = [], 0
@@ -86,10 +134,12 @@ class InsertMasks(GraphPass[MaskState]):
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for s, (a, b) in enumerate(slices):
             holder.register_parameter(f"m{s}", torch.nn.Parameter(torch.ones(b - a, device=device)))
-        new.add_module(_MODULE, holder)
+        new.add_module(MASK_MODULE, holder)
         label_slot = _label_slots(analysis, entries, slices)
         state = MaskState(self.granularity, self.budget, structures, entries, slices)
         _insert(new, analysis, label_slot, slices, state)
+        if not state.sites:
+            return PassResult(gm, False, MaskState(self.granularity, self.budget, [], [], []))
         new.graph.lint()
         new.recompile()
         new.meta[MASKS_KEY] = state
@@ -110,8 +160,6 @@ def _label_slots(analysis: GroupAnalysis, entries: list[Entry], slices: list[tup
 
 
 def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.ndarray, slices, state) -> None:  # noqa: ANN001
-    from ..groups import DIMS_KEY
-
     graph = gm.graph
     seeds = {u.node for u in analysis.uses if u.role == "out"}
     nodes = {n.name: n for n in graph.nodes}
@@ -134,24 +182,29 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
             dtype=np.int64,
         )
         idx_name = f"idx_{name}"
-        holder = gm.get_submodule(_MODULE)
+        holder = gm.get_submodule(MASK_MODULE)
         device = holder.m0.device
         holder.register_buffer(idx_name, torch.as_tensor(local, device=device), persistent=False)
         axis = block.axes[0]
         rank = node.meta["val"].dim()
         users = list(node.users)
         emit = _Emitter(graph, node)
-        masks = [emit("get_attr", f"{_MODULE}.m{s}") for s in used]
+        masks = [emit("get_attr", f"{MASK_MODULE}.m{s}") for s in used]
         one = emit("call_function", torch.ops.aten.new_ones.default, (masks[0], [1]))  # the masks' device, dtype
         full = emit("call_function", torch.ops.aten.cat.default, ([one, *masks],))
-        idx = emit("get_attr", f"{_MODULE}.{idx_name}")
+        idx = emit("get_attr", f"{MASK_MODULE}.{idx_name}")
         last = emit("call_function", torch.ops.aten.index_select.default, (full, 0, idx))
         dtype = node.meta["val"].dtype
-        if dtype != torch.float32:  # keep the activation's dtype (bf16/fp16 models)
+        cast = dtype if dtype != torch.float32 else None  # keep the activation's dtype (bf16/fp16 models)
+        if cast is not None:
             last = emit("call_function", torch.ops.aten.to.dtype, (last, dtype))
-        if axis != rank - 1:
-            last = emit("call_function", torch.ops.aten.view.default, (last, [-1] + [1] * (rank - 1 - axis)))
+        view = (-1, *[1] * (rank - 1 - axis)) if axis != rank - 1 else None
+        if view is not None:
+            last = emit("call_function", torch.ops.aten.view.default, (last, list(view)))
         masked = emit("call_function", torch.ops.aten.mul.Tensor, (node, last))
+        masked.meta[MASK_TAG_KEY] = MaskTag(
+            name, tuple(f"{MASK_MODULE}.m{s}" for s in used), f"{MASK_MODULE}.{idx_name}", cast, view
+        )
         for u in users:
             u.replace_input_with(node, masked)
         state.sites.append(name)

@@ -1,11 +1,14 @@
 """Surgery: cut removed channels out of the graph and emit a dense, smaller GraphModule.
 
-Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; keep-sets for prunable groups.
-Ensures: a *new* GraphModule (the input is untouched; its nodes carry no stale ``meta["val"]`` — capture it
-again to analyse it further) whose parameters are sliced, whose literal shapes, split
-sizes, indices and attention scales are rewritten, which passes ``graph.lint()``, and whose outputs on the
-example inputs equal the reference — the original graph with the producers of removed channels zeroed —
-within ``rtol`` (relative error in norm). Otherwise :class:`~upop_fx.errors.SurgeryCheckError` is raised.
+Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups` and carrying capture's example
+inputs (``gm.meta["upop_capture"]``: surgery refuses to run where it cannot check itself); keep-sets for
+prunable groups (configured in ``__init__``).
+Ensures (functional): a *new* GraphModule (the input is untouched; its nodes carry no stale ``meta["val"]`` —
+capture it again to analyse it further) whose parameters are sliced, whose literal shapes, split sizes,
+indices and attention scales are rewritten, which passes ``graph.lint()``, and whose outputs on the example
+inputs equal the reference — the original graph with the producers of removed channels zeroed — within
+``rtol`` (relative error in norm). Otherwise :class:`~upop_fx.errors.SurgeryCheckError` (a
+``PostconditionError``) is raised. Keep-sets that remove nothing return ``gm`` itself, ``modified=False``.
 
 Example:
     >>> import torch, upop_fx
@@ -13,9 +16,9 @@ Example:
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> x = torch.randn(2, 5, 16)
     >>> cap = upop_fx.capture(layer, x)
-    >>> groups = FindGroups()(cap.gm, cap.batch_size).value.prunable
+    >>> groups = FindGroups()(cap.gm).value.prunable
     >>> keep = {g.id: range(g.width // 2) for g in groups if g.kind == "mlp"}
-    >>> small = Surgery()(cap.gm, keep, cap.args, cap.kwargs).gm
+    >>> small = Surgery(keep)(cap.gm).gm
     >>> small.linear1.weight.shape
     torch.Size([16, 16])
 """
@@ -32,15 +35,16 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..capture import run_module
-from ..errors import SurgeryCheckError, SurgeryError
-from ..groups import DIMS_KEY, Block, GroupAnalysis, get_analysis
+from ..capture import get_capture, run_module
+from ..compare import relative_error
+from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
+from ..groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
 from .blocks import RAGGED, compact
 from .rules import REWRITES, key_of
 from .split_slots import split_ragged
 
-__all__ = ["Surgery", "SurgeryInfo", "zeroed_reference", "removed_labels", "relative_error"]
+__all__ = ["Surgery", "SurgeryInfo", "zeroed_reference", "removed_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +56,6 @@ class SurgeryInfo:
     sliced: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
     rewritten: list[str]
     max_error: float
-
-
-def relative_error(out: Any, ref: Any) -> float:
-    a, _ = torch.utils._pytree.tree_flatten(out)
-    b, _ = torch.utils._pytree.tree_flatten(ref)
-    if len(a) != len(b):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b):
-        if not isinstance(y, torch.Tensor):
-            continue
-        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
-            return float("inf")
-        if not y.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(x, y) else float("inf"))
-            continue
-        den = y.double().norm().item()
-        worst = max(worst, (x.double() - y.double()).norm().item() / max(den, 1e-12))
-    return worst
 
 
 def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray) -> torch.fx.GraphModule:
@@ -108,21 +93,27 @@ class _Context:
 
 
 class Surgery(GraphPass[SurgeryInfo]):
-    requires = "gm analysed by FindGroups; keep-sets for prunable groups; example inputs"
-    ensures = "a new dense GraphModule, lint-clean, equal to the zeroed reference on the example inputs"
+    """Cut the channels outside ``keep`` (group id → kept channel indices; groups not named keep all) out of
+    the graph (see the module docstring)."""
 
-    def __init__(self, rtol: float = 1e-4, check: bool = True) -> None:
-        self.rtol, self.check = rtol, check
+    in_place = False
 
-    def run(
-        self,
-        gm: torch.fx.GraphModule,
-        keep: Mapping[int, Iterable[int]],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> PassResult[SurgeryInfo]:
+    def __init__(self, keep: Mapping[int, Iterable[int]], rtol: float = 1e-4) -> None:
+        self.keep = {int(gid): [int(c) for c in chans] for gid, chans in keep.items()}
+        self.rtol = rtol
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        get_analysis(gm)
+        try:
+            get_capture(gm)
+        except LookupError as exc:
+            raise PreconditionError(f"Surgery checks itself on the example inputs, and this graph has none: {exc}") from exc
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult[SurgeryInfo]:
         analysis = get_analysis(gm)
-        removed = removed_labels(analysis, keep)
+        removed = removed_labels(analysis, self.keep)
+        if not removed.any():
+            return PassResult(gm, False, SurgeryInfo({}, [], 0.0))
         new_gm = copy.deepcopy(gm)
         old_blocks = {n.name: n.meta.get(DIMS_KEY) for n in gm.graph.nodes}
         new_blocks = {name: _compact_any(b, removed, name) for name, b in old_blocks.items()}
@@ -148,24 +139,30 @@ class Surgery(GraphPass[SurgeryInfo]):
         sliced = _slice_params(new_gm, analysis, removed)
         new_gm.graph.lint()
         new_gm.recompile()
-        new_gm.meta.pop("upop_groups", None)
-        err = 0.0
-        if self.check and (args or kwargs):
-            ref = zeroed_reference(gm, removed)
-            try:
-                out = run_module(new_gm, args, kwargs or {})
-            except Exception as exc:
-                raise SurgeryCheckError(
-                    f"the reduced graph fails to run on the example inputs: {type(exc).__name__}: {exc}"
-                ) from exc
-            err = relative_error(out, run_module(ref, args, kwargs or {}))
-            if not err <= self.rtol:
-                raise SurgeryCheckError(
-                    f"the reduced graph differs from the zeroed reference (relative error {err:.3g} > {self.rtol:g}); "
-                    f"refusing to return a silently wrong model"
-                )
-        log.info("surgery: %d parameters sliced, %d nodes rewritten, error %.2e", len(sliced), len(rewritten), err)
-        return PassResult(new_gm, bool(sliced or rewritten), SurgeryInfo(sliced, rewritten, err))
+        new_gm.meta.pop(GROUPS_KEY, None)
+        log.info("surgery: %d parameters sliced, %d nodes rewritten", len(sliced), len(rewritten))
+        return PassResult(new_gm, True, SurgeryInfo(sliced, rewritten, 0.0))
+
+    def ensures(self, gm: torch.fx.GraphModule, result: PassResult[SurgeryInfo]) -> None:
+        """The reduced graph equals the zeroed reference on the example inputs."""
+        if not result.modified:
+            return
+        info = get_capture(gm)
+        ref = zeroed_reference(gm, removed_labels(get_analysis(gm), self.keep))
+        try:
+            out = run_module(result.gm, info.args, info.kwargs)
+        except Exception as exc:
+            raise SurgeryCheckError(
+                f"the reduced graph fails to run on the example inputs: {type(exc).__name__}: {exc}"
+            ) from exc
+        err = relative_error(out, run_module(ref, info.args, info.kwargs))
+        result.value.max_error = err
+        log.info("surgery check: relative error %.2e against the zeroed reference", err)
+        if not err <= self.rtol:
+            raise SurgeryCheckError(
+                f"the reduced graph differs from the zeroed reference (relative error {err:.3g} > {self.rtol:g}); "
+                f"refusing to return a silently wrong model"
+            )
 
 
 def removed_labels(analysis: GroupAnalysis, keep: Mapping[int, Iterable[int]]) -> np.ndarray:

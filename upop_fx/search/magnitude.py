@@ -1,4 +1,13 @@
-"""The one-shot magnitude baseline: rank entries by the mean |weight| of every parameter slice tied to them."""
+"""The one-shot magnitude baseline: rank entries by the mean |weight| of every parameter slice tied to them.
+
+Example:
+    >>> import torch, upop_fx
+    >>> from upop_fx.search.magnitude import Magnitude
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(), ratio=0.5)
+    >>> result.report.method, result.report.prunable_cost_removed >= 0.5
+    ('magnitude', True)
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,27 @@ import torch
 
 from ..groups import GroupAnalysis
 from ..structures import Entry
+from .strategy import Allocate, Prepared, Selection, allocation, checked
+from .train import Batches, Objective
 
-__all__ = ["channel_magnitude", "magnitude_scores"]
+__all__ = ["Magnitude", "channel_magnitude", "magnitude_scores"]
+
+
+class Magnitude:
+    """One-shot selection: importance = mean |weight| of the entry's parameter slices, allocated by
+    ``allocate`` (a name, a callable, or None: the unified ranking); reads no data."""
+
+    name = "magnitude"
+
+    def __init__(self, allocate: str | Allocate | None = None) -> None:
+        self.allocate = allocate
+        allocation(allocate)  # validates before any capture
+
+    def select(self, prepared: Prepared, batches: Batches, objective: Objective | None) -> Selection:
+        scores = magnitude_scores(prepared.captured.gm, prepared.analysis, prepared.entries)
+        fn = allocation(self.allocate, prepared.round_to)
+        pruned = checked(fn(scores, prepared.entries, prepared.structures, prepared.ratio), prepared.entries)
+        return Selection(pruned, prepared.captured.gm)
 
 
 def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,34 +1,59 @@
-"""Training loops shared by the UPop search and the retrain: batches, losses, distillation.
+"""Training shared by the UPop search and the retrain: streamed batches, the loss, the loops.
 
-A *batch* is what ``data`` yields. Without a ``loss_fn`` a batch is model inputs (a tensor, a tuple of
-positional args or a dict of keyword args, like ``example_inputs``) and the loss is distillation from the dense
-model: the mean squared error of every floating-point output, each divided by the teacher's mean square so
-that outputs of different scales weigh alike. With a ``loss_fn`` a batch is ``(inputs, target)`` and the loss
-is ``loss_fn(outputs, target)``.
+A *batch* is what ``data`` yields. The loss (:func:`make_objective`) is, in this order of precedence:
+
+* ``loss_fn(outputs, target)`` when a ``loss_fn`` is given; each batch is then an ``(inputs, target)`` pair;
+* the model's own loss, when the example inputs carry ``labels`` and the model's output has a ``.loss``
+  (Hugging Face models): batches are model inputs with their labels, taken as they come;
+* otherwise distillation from the dense model: the mean squared error of every floating-point output, each
+  divided by the teacher's mean square so that outputs of different scales weigh alike.
+
+``data`` is streamed (:class:`Batches`): a re-iterable (a list, a ``DataLoader``) is iterated afresh for each
+phase and each epoch and never held in memory; a one-shot iterator (a generator) is read once, the search and
+the retrain continuing where the other stopped, and when it cannot give the batches a run needs an
+:class:`~upop_fx.errors.InputError` says so — before the first step when its length is known.
+
+Example:
+    >>> import torch
+    >>> from upop_fx.search.train import Batches
+    >>> batches = Batches(iter([torch.ones(2, 3)] * 5), example_inputs=None)
+    >>> batches.require(4)
+    >>> len(list(batches.take(3))), len(list(batches.take(1)))
+    (3, 1)
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..capture import normalize_inputs
 from ..errors import InputError
 
-__all__ = ["distillation_loss", "cycle_batches", "call", "batch_loss"]
+__all__ = ["Batches", "Objective", "call", "distillation_loss", "make_objective", "train_steps", "retrain"]
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+#: ``objective(model, batch) -> scalar loss``
+Objective = Callable[[torch.nn.Module, Any], torch.Tensor]
+_NONE = object()
 
 
 def call(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model`` on a batch of inputs given as a tensor, a tuple of positional args or a dict of keyword args."""
     args, kwargs = normalize_inputs(inputs) if not isinstance(inputs, dict) else ((), inputs)
     return model(*args, **kwargs)
 
 
 def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
+    """Sum over the floating-point outputs of ``mse(student, teacher) / mean(teacher²)``."""
     s_leaves, _ = torch.utils._pytree.tree_flatten(student)
     t_leaves, _ = torch.utils._pytree.tree_flatten(teacher)
     terms = [
@@ -41,23 +66,179 @@ def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def cycle_batches(data: Iterable[Any] | None, example_inputs: Any, steps: int) -> Iterator[Any]:
-    """``steps`` batches from ``data`` (cycled), or the example inputs repeated when ``data`` is None."""
-    if data is None:
-        return itertools.repeat(example_inputs, steps)
-    batches = data if isinstance(data, (list, tuple)) else list(data)
-    if not batches:
-        raise InputError("data is empty")
-    return itertools.islice(itertools.cycle(batches), steps)
+def has_task_loss(example_inputs: Any, output: Any) -> bool:
+    """Hugging Face style: the inputs carry ``labels`` and the output a tensor ``.loss``."""
+    return (
+        isinstance(example_inputs, dict) and "labels" in example_inputs
+        and isinstance(getattr(output, "loss", None), torch.Tensor)
+    )  # fmt: skip
 
 
-def batch_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task_loss: bool = False) -> Objective:
+    """The loss of one batch (see the module docstring for which one applies)."""
     if loss_fn is not None:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise InputError("with a loss_fn, every batch must be an (inputs, target) pair")
-        inputs, target = batch
-        return loss_fn(call(model, inputs), target)
-    assert teacher is not None
-    with torch.no_grad():
-        reference = call(teacher, batch)
-    return distillation_loss(call(model, batch), reference)
+
+        def user(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise InputError("with a loss_fn, every batch must be an (inputs, target) pair")
+            inputs, target = batch
+            return loss_fn(call(model, inputs), target)
+
+        return user
+    if task_loss:
+
+        def own(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            loss = getattr(call(model, batch), "loss", None)
+            if not isinstance(loss, torch.Tensor):
+                raise InputError("the model returned no .loss for this batch (does it carry 'labels'?)")
+            return loss
+
+        return own
+    if teacher is None:
+        raise InputError("distillation needs the dense model as a teacher")
+
+    def distill(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            reference = call(teacher, batch)
+        return distillation_loss(call(model, batch), reference)
+
+    return distill
+
+
+class Batches:
+    """The training batches of one run, streamed from ``data`` (see the module docstring).
+
+    ``data=None`` repeats ``example_inputs``.
+    """
+
+    def __init__(self, data: Iterable[Any] | None, example_inputs: Any) -> None:
+        if data is not None and not isinstance(data, Iterable):
+            raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
+        self.data, self.example = data, example_inputs
+        self.one_shot = data is not None and iter(data) is data
+        self._peeked: Any = _NONE  # one-shot: a batch read ahead by require()
+        self._pending: tuple[Iterator[Any], Any] | None = None  # re-iterable: an epoch begun by require()
+        self.read = 0  # batches handed out so far
+
+    def require(self, steps: int) -> None:
+        """Raise :class:`InputError` now, before any training, when ``data`` cannot give ``steps`` batches:
+        it is empty, or it is a one-shot iterator whose known length is shorter."""
+        if self.data is None or steps <= 0:
+            return
+        if self.one_shot:
+            left = operator.length_hint(self.data, -1)
+            if 0 < left + (self._peeked is not _NONE) < steps:
+                raise InputError(
+                    f"data is a one-shot iterator with {left + (self._peeked is not _NONE)} batches left, but "
+                    f"{steps} are needed; pass a re-iterable (a list, a DataLoader) or more batches"
+                )
+            if self._peeked is _NONE:
+                self._peeked = next(self.data, _NONE)
+            empty = self._peeked is _NONE
+        else:
+            if self._pending is None:
+                it = iter(self.data)
+                self._pending = (it, next(it, _NONE))
+            empty = self._pending[1] is _NONE
+        if empty:
+            raise InputError("data is empty" if self.read == 0 else f"data ran out after {self.read} batches")
+
+    def take(self, steps: int) -> Iterator[Any]:
+        """The next ``steps`` batches: a re-iterable starts a fresh epoch, a one-shot iterator continues."""
+        if self.data is None:
+            yield from itertools.repeat(self.example, steps)
+            return
+        if self.one_shot:
+            for i in range(steps):
+                if self._peeked is not _NONE:
+                    batch, self._peeked = self._peeked, _NONE
+                else:
+                    batch = next(self.data, _NONE)
+                if batch is _NONE:
+                    raise InputError(
+                        f"data ran out after {self.read} batches ({i} of this phase's {steps}); a one-shot "
+                        f"iterator is read once across the search and the retrain: pass a re-iterable "
+                        f"(a list, a DataLoader) or enough batches"
+                    )
+                self.read += 1
+                yield batch
+            return
+        done = 0
+        while done < steps:
+            epoch = 0
+            for batch in self._epoch():
+                self.read += 1
+                done += 1
+                epoch += 1
+                yield batch
+                if done == steps:
+                    return
+            if epoch == 0:
+                raise InputError("data is empty")
+
+    def _epoch(self) -> Iterator[Any]:
+        """One pass over a re-iterable, continuing the one :meth:`require` began (its first batch read ahead)."""
+        if self._pending is None:
+            yield from self.data
+            return
+        it, first = self._pending
+        self._pending = None
+        if first is _NONE:
+            return
+        yield first
+        yield from it
+
+
+def train_steps(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    objective: Objective,
+    batches: Iterable[Any],
+    steps: int,
+    lr: float,
+    desc: str,
+    after_step: Callable[[int, float], str] | None = None,
+    log_every: int | None = None,
+) -> list[float]:
+    """``steps`` AdamW steps of ``objective`` on ``batches``; ``after_step(i, loss)`` runs after each optimizer
+    step and returns a progress note. A progress bar on a terminal only; the same progress at INFO in logs."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    every = log_every or max(1, steps // 5)
+    losses: list[float] = []
+    bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+    for i, batch in enumerate(bar):
+        loss = objective(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        note = after_step(i, losses[-1]) if after_step is not None else ""
+        bar.set_postfix_str(f"loss={losses[-1]:.4f} {note}".strip(), refresh=False)
+        if (i + 1) % every == 0 or i + 1 == steps:
+            log.info("%s step %d/%d: loss=%.5f %s", desc, i + 1, steps, losses[-1], note)
+    return losses
+
+
+def retrain(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    data: Iterable[Any] | Batches | None,
+    loss_fn: LossFn | None,
+    steps: int,
+    lr: float,
+    example_inputs: Any,
+) -> list[float]:
+    """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
+
+    The loss is ``loss_fn`` when given, else the model's own ``.loss`` when ``example_inputs`` carry ``labels``,
+    else distillation from ``teacher``. ``data`` as in :class:`Batches` (or a :class:`Batches` to continue).
+    """
+    batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
+    batches.require(steps)
+    task = False
+    if loss_fn is None:
+        with torch.no_grad():
+            task = has_task_loss(example_inputs, call(model, example_inputs))
+    objective = make_objective(loss_fn, teacher, task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return train_steps(model, params, objective, batches.take(steps), steps, lr, "retrain")

@@ -15,21 +15,21 @@ finalize.
   others to 1, re-selected every ``interval`` steps and at the last step, where the marked masks are exactly 0,
   so surgery changes nothing ("no weight gap").
 
-Example (your own training loop):
+The search is a :class:`~upop_fx.search.strategy.Strategy` (:class:`UPopSearch`): ``compress(method="upop")``
+runs its loop; ``upop_fx.UPop`` hands the same state (:class:`UPopState`) to your own training loop.
+
+Example (the state driven by hand; ``upop_fx.UPop`` wraps this with capture and the cut):
     >>> import torch, upop_fx
-    >>> model = torch.nn.TransformerEncoder(
-    ...     torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False).eval()
-    >>> x = torch.randn(4, 10, 32)
-    >>> pruner = upop_fx.UPop(model, x, ratio=0.5, total_steps=20)
-    >>> opt = torch.optim.AdamW(pruner.parameters(), lr=1e-4)
-    >>> for _ in range(20):
-    ...     loss = (pruner.model(x) - model(x).detach()).pow(2).mean()
-    ...     loss.backward()
-    ...     pi = pruner.step()     # reads the mask gradients, updates π_t and the masks
-    ...     opt.step(); opt.zero_grad()
-    >>> result = pruner.finalize()
-    >>> result.report.prunable_cost_removed >= 0.5
-    True
+    >>> from upop_fx.search.upop import UPopSearch
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> x = torch.randn(2, 5, 16)
+    >>> prepared = upop_fx.pipeline.prepare(layer, x, ratio=0.5)
+    >>> state = UPopSearch(total_steps=3).start(prepared)
+    >>> for _ in range(3):
+    ...     state.model(x).pow(2).mean().backward()
+    ...     pi = state.step()
+    >>> round(pi, 3), bool(state.selection().pruned.any())
+    (0.5, True)
 """
 
 from __future__ import annotations
@@ -37,27 +37,22 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..capture import capture
 from ..errors import ConfigError, UPopError
-from ..passes import FindGroups, InsertMasks, Surgery, get_masks
+from ..passes import InsertMasks, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
-from ..passes.surgery import relative_error
-from .ranking import select_pruned
-from .structures import Entry, Structure, keep_sets, removed_fraction
+from ..passes.insert_masks import MASK_MODULE
+from .strategy import Allocate, Prepared, Selection, allocation, checked
+from .train import Batches, Objective, train_steps
 
-__all__ = ["UPop", "schedule", "SCORES"]
+__all__ = ["UPopSearch", "UPopState", "schedule", "SCORES"]
 
 SCORES = ("gradient", "sensitivity")
-
-#: ``allocate(importance, entries, structures, pi) -> prune mask``: importance is higher for entries that matter
-#: more; the mask is True for the entries to mark at ``π_t = pi``. The default is the unified ranking.
-Allocate = Callable[[np.ndarray, Sequence[Entry], Sequence[Structure], float], np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -67,60 +62,85 @@ def schedule(t: int, total_steps: int, ratio: float) -> float:
     return ratio * math.sin(math.pi * (t + 1) / (2 * total_steps))
 
 
-class UPop:
-    """The UPop search on a masked graph: ``model`` to train, :meth:`step` after each backward,
-    :meth:`finalize` for the dense small model (see the module docstring for a runnable example).
-    On CUDA, ``model``'s masked attention sites run the fused Triton kernel (``FuseMaskedAttention``).
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
-    ``score`` is ``"gradient"`` (the paper's signed accumulated mask gradient) or ``"sensitivity"`` (accumulated
-    ``|gradient|``). ``allocate`` replaces the unified ranking by your own allocation (see :data:`Allocate`),
-    e.g. a fixed fraction per layer, keeping the scores, the schedule and the mask updates.
-    """
+
+class UPopSearch:
+    """The UPop search as a strategy: ``total_steps`` training steps of the masked graph (AdamW, ``lr``),
+    re-selecting every ``interval`` steps. ``score`` is ``"gradient"`` (the paper's signed accumulated mask
+    gradient) or ``"sensitivity"`` (accumulated ``|gradient|``); ``allocate`` replaces the unified ranking (a
+    name in ``ALLOCATIONS`` or a callable, see :data:`~upop_fx.search.strategy.Allocate`), keeping the scores,
+    the schedule and the mask updates. On CUDA the masked attention runs in the fused kernel."""
+
+    name = "upop"
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        example_inputs: Any,
-        ratio: float = 0.5,
-        *,
         total_steps: int = 100,
         interval: int = 10,
-        budget: str = "params",
-        granularity: str = "upop",
-        seed: int = 0,
-        round_to: int = 1,
         score: str = "gradient",
-        allocate: Allocate | None = None,
+        lr: float = 1e-4,
+        allocate: str | Allocate | None = None,
     ) -> None:
+        _positive_int("total_steps", total_steps)
+        _positive_int("interval", interval)
         if score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-            raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ConfigError(f"interval must be a positive integer, got {interval!r}")
-        torch.manual_seed(seed)
-        self.ratio, self.total_steps, self.interval = float(ratio), total_steps, interval
-        self.cap = capture(model, example_inputs)
-        self.analysis = FindGroups()(self.cap.gm, self.cap.batch_size).value
-        self.analysis.require_prunable(type(model).__name__)
-        self.model: torch.fx.GraphModule = InsertMasks(granularity, budget)(self.cap.gm).gm
-        self.model = FuseMaskedAttention(device="cuda")(self.model).gm  # in place; a no-op off CUDA
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise ConfigError(f"lr must be a non-negative number, got {lr!r}")
+        allocation(allocate)
+        self.total_steps, self.interval, self.score, self.lr, self.allocate = total_steps, interval, score, lr, allocate
+
+    def start(self, prepared: Prepared) -> UPopState:
+        """The masked graph and the search state, ready for the first training step."""
+        return UPopState(prepared, self)
+
+    def select(self, prepared: Prepared, batches: Batches, objective: Objective | None) -> Selection:
+        if objective is None:
+            raise ConfigError("the UPop search trains: it needs an objective")
+        state = self.start(prepared)
+
+        def after(i: int, loss: float) -> str:
+            return f"pi={state.step():.4f}"
+
+        losses = train_steps(
+            state.model, list(state.parameters()), objective, batches.take(self.total_steps), self.total_steps,
+            self.lr, "upop search", after, log_every=self.interval,
+        )  # fmt: skip
+        return state.selection(losses)
+
+
+class UPopState:
+    """One search in progress: ``model`` (the masked graph) to train, :meth:`step` after each backward,
+    :meth:`selection` once ``total_steps`` steps have run."""
+
+    def __init__(self, prepared: Prepared, search: UPopSearch) -> None:
+        self.prepared, self.search = prepared, search
+        self.ratio, self.total_steps, self.interval = prepared.ratio, search.total_steps, search.interval
+        masked = InsertMasks(prepared.granularity, prepared.budget)(prepared.captured.gm)
+        if not masked.modified:
+            raise UPopError("nothing to mask: the analysis found prunable groups but no producer to mask")
+        self.model: torch.fx.GraphModule = FuseMaskedAttention(device="cuda")(masked.gm).gm  # a no-op off CUDA
         self.state = get_masks(self.model)
         self._masks = self.state.masks(self.model)
         self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
         self.pruned = np.zeros(len(self.state.entries), dtype=bool)
         self.t = 0
         self.pi = 0.0
-        self.budget, self.granularity, self.round_to, self.score = budget, granularity, round_to, score
-        self.allocate = allocate
+        self._allocate = allocation(search.allocate, prepared.round_to)
 
     # --------------------------------------------------------------- training
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The model's weights, masks excluded: give these to your optimizer."""
         masks = {id(m) for m in self._masks}
         return (p for p in self.model.parameters() if id(p) not in masks)
+
+    @property
+    def masks(self) -> list[torch.nn.Parameter]:
+        """The mask parameters, one per structure (not in the optimizer: the search sets them)."""
+        return list(self._masks)
 
     def mask_values(self) -> list[torch.Tensor]:
         return [m.detach().clone() for m in self._masks]
@@ -130,10 +150,11 @@ class UPop:
         ``interval`` steps and at the last one, re-selects the entries to prune and sets the masks."""
         if self.t >= self.total_steps:
             raise UPopError(f"the search has already run its {self.total_steps} steps; call finalize()")
+        sensitivity = self.search.score == "sensitivity"
         for m, s in zip(self._masks, self.scores):
             if m.grad is not None:
                 g = m.grad.detach().double()
-                s += g.abs() if self.score == "sensitivity" else g
+                s += g.abs() if sensitivity else g
                 m.grad = None
         last = self.t == self.total_steps - 1
         if self.t % self.interval == 0 or last:
@@ -145,13 +166,9 @@ class UPop:
     def _select(self, pi: float) -> None:
         scores = torch.cat(self.scores).cpu().numpy()
         # "gradient": a large accumulated gradient means the entry matters little; "sensitivity": it matters much
-        importance = scores if self.score == "sensitivity" else -scores
-        if self.allocate is None:
-            self.pruned = select_pruned(importance, self.state.entries, self.state.structures, pi, self.round_to)
-        else:
-            self.pruned = np.asarray(self.allocate(importance, self.state.entries, self.state.structures, pi), dtype=bool)
-            if self.pruned.shape != (len(self.state.entries),):
-                raise UPopError(f"allocate returned shape {self.pruned.shape}, expected ({len(self.state.entries)},)")
+        importance = scores if self.search.score == "sensitivity" else -scores
+        entries = self.state.entries
+        self.pruned = checked(self._allocate(importance, entries, self.state.structures, pi), entries)
         value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
         with torch.no_grad():
             for s, (a, b) in enumerate(self.state.entry_slices):
@@ -161,39 +178,33 @@ class UPop:
         log.debug("step %d: pi=%.4f, %d entries marked", self.t, pi, int(self.pruned.sum()))
 
     # --------------------------------------------------------------- result
-    def keep(self) -> dict[int, list[int]]:
-        return keep_sets(self.analysis, self.state.entries, self.pruned)
-
     def dense_trained(self) -> torch.fx.GraphModule:
         """The captured graph carrying the weights trained during the search (masks left out)."""
-        gm = copy.deepcopy(self.cap.gm)
-        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("upop_masks.")}
+        gm = copy.deepcopy(self.prepared.captured.gm)
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(f"{MASK_MODULE}.")}
         gm.load_state_dict(state, strict=True)
         return gm
 
-    def finalize(self, method: str = "upop") -> Any:
-        """Cut the pruned entries out: the dense small model (``Result``, its report labelled ``method``), equal
-        to the final masked model."""
-        from ..api import build_result
-
+    def selection(self, losses: list[float] | None = None) -> Selection:
+        """The entries marked at the last step, the trained dense graph to cut, and the final masked graph
+        the cut must reproduce. Raises before ``total_steps`` steps: the masks are not yet 0/1."""
         if self.t < self.total_steps:
             raise UPopError(
                 f"finalize() after {self.t} of {self.total_steps} steps: the masks are not yet 0/1, "
                 f"so cutting now would change the model; run the remaining steps"
             )
-        keep = self.keep()
-        dense = self.dense_trained()
-        small = Surgery()(dense, keep, self.cap.args, self.cap.kwargs).gm
-        with torch.no_grad():
-            gap = relative_error(_run(small, self.cap), _run(self.model, self.cap))
-        log.info("finalize: surgery vs final masked model, relative error %.2e", gap)
-        if not gap <= 1e-4:
-            raise UPopError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
-        return build_result(
-            small, dense, self.cap, self.analysis, keep, method, self.ratio, self.budget, self.granularity,
-            removed_fraction(self.state.entries, self.pruned),
-        )  # fmt: skip
+        pruned = _in_prepared_order(self.pruned, self.state.entries, self.prepared.entries)
+        return Selection(pruned, self.dense_trained(), self.model, list(losses or []))
 
 
-def _run(module: torch.nn.Module, cap: Any) -> Any:
-    return module(*cap.args, **cap.kwargs)
+def _in_prepared_order(pruned: np.ndarray, mask_entries: list[Any], entries: list[Any]) -> np.ndarray:
+    """``pruned`` over the masked graph's entries, re-indexed over the pipeline's (matched by channels)."""
+
+    def sig(e: Any) -> tuple[Any, ...]:
+        return tuple(sorted((gid, tuple(np.asarray(ch).tolist())) for gid, ch in e.channels.items()))
+
+    where = {sig(e): i for i, e in enumerate(entries)}
+    out = np.zeros(len(entries), dtype=bool)
+    for p, e in zip(pruned, mask_entries):
+        out[where[sig(e)]] = p
+    return out

@@ -16,8 +16,8 @@ import torch
 from torch.fx import Node
 
 from ...groups import AttentionSite, Block
-from .registry import rewrite, rule
 from ._util import arg, concrete, rank, val
+from .registry import rewrite, rule
 
 aten = torch.ops.aten
 

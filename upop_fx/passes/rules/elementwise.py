@@ -17,8 +17,8 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from .registry import rule
 from ._util import arg, rank, val
+from .registry import rule
 
 aten = torch.ops.aten
 

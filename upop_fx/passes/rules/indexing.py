@@ -15,8 +15,8 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from .registry import rewrite, rule
 from ._util import arg, rank, val
+from .registry import rewrite, rule
 
 aten = torch.ops.aten
 

@@ -13,9 +13,9 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from .registry import rule
 from ._util import arg, contract, numel, rank, val
 from .attention import activation_matmul
+from .registry import rule
 
 aten = torch.ops.aten
 

@@ -20,8 +20,8 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from .registry import rewrite, rule
 from ._util import rank, shape_exprs
+from .registry import rewrite, rule
 
 aten = torch.ops.aten
 

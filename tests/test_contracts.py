@@ -1,0 +1,160 @@
+"""Pass contracts: requires/ensures run by the base, honest ``modified``, in-place vs functional checked."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.capture import CAPTURE_KEY
+from upop_fx.errors import PostconditionError, PreconditionError, SurgeryCheckError
+from upop_fx.passes import FindGroups, InsertMasks, PassResult, Surgery
+from upop_fx.passes.base import GraphPass
+from upop_fx.passes.fuse_attention import FuseMaskedAttention
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
+    return model, torch.randn(2, 6, 32)
+
+
+class _NoGroups(torch.nn.Module):
+    """Nothing prunable: one Linear whose output is the model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_capture_records_what_later_passes_need(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    info = cap.gm.meta[CAPTURE_KEY]
+    assert info.batch_size == 2 and info.args[0] is cap.args[0] and info.model_name == "TransformerEncoderLayer"
+    assert info.dynamic_shapes is not None
+
+
+def test_find_groups_requires_a_capture_record(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    del cap.gm.meta[CAPTURE_KEY]
+    with pytest.raises(PreconditionError, match="batch size"):
+        FindGroups()(cap.gm)
+
+
+def test_find_groups_is_an_analysis(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    code = cap.gm.code
+    result = FindGroups()(cap.gm)
+    assert result.gm is cap.gm and result.modified is False and cap.gm.code == code
+
+
+def test_surgery_refuses_without_example_inputs(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    mlp = next(g for g in FindGroups()(cap.gm).value.prunable if g.kind == "mlp")
+    del cap.gm.meta[CAPTURE_KEY]
+    with pytest.raises(PreconditionError, match="example inputs"):
+        Surgery({mlp.id: range(8)})(cap.gm)
+
+
+def test_surgery_requires_the_analysis(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    with pytest.raises(PreconditionError, match="FindGroups"):
+        Surgery({0: [0]})(cap.gm)
+
+
+def test_nothing_to_do_is_reported_as_unmodified(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    groups = FindGroups()(cap.gm).value.prunable
+    full = Surgery({g.id: range(g.width) for g in groups})(cap.gm)
+    assert full.modified is False and full.gm is cap.gm
+    masked = InsertMasks()(cap.gm)
+    assert masked.modified is True and masked.gm is not cap.gm
+    fuse = FuseMaskedAttention(device="cuda")(masked.gm)  # the weights are on the CPU: nothing to do
+    assert fuse.modified is False and fuse.gm is masked.gm
+
+
+def test_insert_masks_with_nothing_to_mask():
+    cap = upop_fx.capture(_NoGroups().eval(), torch.randn(2, 8))
+    FindGroups()(cap.gm)
+    result = InsertMasks()(cap.gm)
+    assert result.modified is False and result.gm is cap.gm and result.value.structures == []
+
+
+def test_insert_masks_tags_every_mask_site(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    FindGroups()(cap.gm)
+    masked = InsertMasks("qk_v")(cap.gm)
+    tags = [n.meta["upop_mask"] for n in masked.gm.graph.nodes if "upop_mask" in n.meta]
+    assert len(tags) == len(masked.value.sites) > 0
+    assert all(t.index.startswith("upop_masks.") and t.masks for t in tags)
+    with pytest.raises(PreconditionError, match="masked already"):
+        InsertMasks()(masked.gm)
+
+
+def test_surgery_check_is_its_postcondition(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    mlp = next(g for g in FindGroups()(cap.gm).value.prunable if g.kind == "mlp")
+    surgery = Surgery({mlp.id: range(32)})
+    result = surgery.run(cap.gm)
+    surgery.ensures(cap.gm, result)  # the honest cut passes ...
+    with torch.no_grad():
+        result.gm.linear1.bias[0] += 1.0  # ... a cut that went wrong does not
+    with pytest.raises(SurgeryCheckError, match="differs from the zeroed reference"):
+        surgery.ensures(cap.gm, result)
+    assert issubclass(SurgeryCheckError, PostconditionError)
+
+
+class _Lies(GraphPass[None]):
+    in_place = True
+
+    def run(self, gm):
+        gm.graph.erase_node(next(n for n in gm.graph.nodes if n.op == "call_function" and not n.users))
+        return PassResult(gm, False, None)
+
+
+class _Mutates(GraphPass[None]):
+    in_place = False
+
+    def run(self, gm):
+        with torch.no_grad():
+            gm.fc.weight = torch.nn.Parameter(gm.fc.weight[:4].clone())
+        return PassResult(copy.deepcopy(gm), True, None)
+
+
+class _BadEnsures(GraphPass[None]):
+    in_place = True
+
+    def run(self, gm):
+        return PassResult(gm, False, None)
+
+    def ensures(self, gm, result):
+        assert False, "the promise is broken"
+
+
+def test_base_checks_the_contract():
+    gm = torch.fx.symbolic_trace(_NoGroups())
+    with gm.graph.inserting_after(next(iter(gm.graph.nodes))):
+        gm.graph.call_function(torch.relu, (next(iter(gm.graph.nodes)),))
+    gm.recompile()
+    with pytest.raises(PostconditionError, match="modified=False"):
+        _Lies()(gm)
+    with pytest.raises(PostconditionError, match="functional but changed"):
+        _Mutates()(torch.fx.symbolic_trace(_NoGroups()))
+    with pytest.raises(PostconditionError, match="the promise is broken"):
+        _BadEnsures()(torch.fx.symbolic_trace(_NoGroups()))
+    with pytest.raises(PreconditionError, match="GraphModule"):
+        _BadEnsures()(_NoGroups())

@@ -1,0 +1,194 @@
+"""The pipeline, once: capture → find groups → selection (a strategy) → surgery → report (→ retrain).
+
+Every method runs through here: ``compress`` (UPop's search or magnitude), ``UPop(...)``'s hand-driven loop
+(:func:`prepare`, then :func:`cut`), and any :class:`~upop_fx.search.strategy.Strategy` of your own
+(:func:`run`). The caller's model and global RNG state are left as they were: the run works on a copy, under
+:func:`torch.random.fork_rng`, seeded with ``seed``.
+
+Example:
+    >>> import torch, upop_fx
+    >>> from upop_fx.search.magnitude import Magnitude
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(allocate="uniform"), ratio=0.5)
+    >>> [row.kept for row in result.report.groups]
+    [8, 8, 16]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .capture import capture, run_module
+from .compare import relative_error
+from .errors import ConfigError, SurgeryCheckError
+from .groups import GroupAnalysis
+from .passes import FindGroups, Surgery
+from .passes.surgery import removed_labels, zeroed_reference
+from .report import GroupRow, Report, count_flops, count_params
+from .search.strategy import Prepared, Selection, Strategy
+from .search.train import Batches, has_task_loss, make_objective, retrain
+from .structures import (
+    BUDGETS,
+    GRANULARITIES,
+    build_entries,
+    check_choice,
+    group_cost,
+    keep_sets,
+    removed_fraction,
+)
+
+__all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """What :func:`upop_fx.compress` returns."""
+
+    model: torch.fx.GraphModule  #: the dense, smaller model (runs at any batch size / sequence length)
+    report: Report  #: kept/total per group; params and FLOPs before and after
+    analysis: GroupAnalysis  #: the dimension groups of the original graph
+    keep: dict[int, list[int]]  #: kept channel indices per group id
+    dense: torch.fx.GraphModule  #: the captured graph the cut was made from (weights as trained by the search)
+    losses: dict[str, list[float]] = field(default_factory=dict)  #: per phase ("search", "retrain"): step losses
+
+    def reference(self) -> torch.fx.GraphModule:
+        """``dense`` with every removed channel zeroed where it is produced: what ``model`` equaled at the cut
+        (before any retraining)."""
+        return zeroed_reference(self.dense, removed_labels(self.analysis, self.keep))
+
+
+def check_options(ratio: Any, budget: Any, granularity: Any, round_to: Any, seed: Any) -> None:
+    """Raise :class:`~upop_fx.errors.ConfigError` for an option out of range — before anything slow runs."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    check_choice("budget", budget, BUDGETS)
+    check_choice("granularity", granularity, GRANULARITIES)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
+    """Run the block with the global RNG seeded by ``seed``, and restore the caller's RNG state afterwards
+    (CPU, and the CUDA devices ``model`` lives on)."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else []
+    devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def prepare(
+    model: torch.nn.Module, example_inputs: Any, ratio: float = 0.5, budget: str = "params",
+    granularity: str = "upop", round_to: int = 1,
+) -> Prepared:  # fmt: skip
+    """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries."""
+    check_options(ratio, budget, granularity, round_to, 0)
+    cap = capture(model, example_inputs)
+    analysis = FindGroups()(cap.gm).value
+    analysis.require_prunable(type(model).__name__)
+    structures, entries = build_entries(analysis, granularity, budget)
+    return Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to)
+
+
+def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
+    """Remove the selected entries from ``selection.dense`` (Surgery checks itself against the zeroed
+    reference), check the cut against ``selection.final`` when there is one, and write the report."""
+    keep = keep_sets(prepared.analysis, prepared.entries, np.asarray(selection.pruned, dtype=bool))
+    surgery = Surgery(keep)(selection.dense)
+    # nothing removed: Surgery returns its input; the result is still a model of its own
+    small = surgery.gm if surgery.modified else copy.deepcopy(selection.dense)
+    info = prepared.captured.info
+    if selection.final is not None:
+        with torch.no_grad():
+            gap = relative_error(small(*info.args, **info.kwargs), selection.final(*info.args, **info.kwargs))
+        log.info("cut vs the final masked model: relative error %.2e", gap)
+        if not gap <= 1e-4:
+            raise SurgeryCheckError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
+    fraction = removed_fraction(prepared.entries, selection.pruned)
+    result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
+    result.losses["search"] = list(selection.losses)
+    small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
+    return result
+
+
+def run(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    strategy: Strategy,
+    *,
+    ratio: float = 0.5,
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    search_steps: int = 0,
+    retrain_steps: int = 0,
+    lr: float = 1e-4,
+    budget: str = "params",
+    granularity: str = "upop",
+    round_to: int = 1,
+    seed: int = 0,
+) -> Result:
+    """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
+    ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
+    check_options(ratio, budget, granularity, round_to, seed)
+    if not isinstance(retrain_steps, int) or isinstance(retrain_steps, bool) or retrain_steps < 0:
+        raise ConfigError(f"retrain_steps must be a non-negative integer, got {retrain_steps!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable, not {type(loss_fn).__name__}")
+    with seeded(seed, model):
+        prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to)
+        teacher = prepared.captured.gm
+        info = prepared.captured.info
+        example = info.kwargs or info.args
+        task = loss_fn is None and has_task_loss(info.kwargs, run_module(teacher, info.args, info.kwargs))
+        if task:
+            log.info("training on the model's own loss (the inputs carry labels)")
+        objective = make_objective(loss_fn, teacher, task)
+        batches = Batches(data, example)
+        batches.require(search_steps + retrain_steps)
+        result = cut(prepared, strategy.select(prepared, batches, objective), strategy.name)
+        if retrain_steps:
+            batches.require(retrain_steps)
+            result.losses["retrain"] = retrain(result.model, teacher, batches, loss_fn, retrain_steps, lr, example)
+    log.info(
+        "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
+        type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
+        result.report.flops_before, result.report.flops_after,
+    )  # fmt: skip
+    return result
+
+
+def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, list[int]], method: str,
+            fraction: float) -> Report:
+    cap, analysis, budget = prepared.captured, prepared.analysis, prepared.budget
+    report = Report(
+        method=method, ratio=prepared.ratio, budget=budget, granularity=prepared.granularity,
+        params_before=count_params(cap.gm), params_after=count_params(small),
+        flops_before=count_flops(cap.gm, cap.args, cap.kwargs),
+        flops_after=count_flops(small, cap.args, cap.kwargs),
+        prunable_cost_removed=fraction,
+        groups=[
+            GroupRow(
+                g.id, g.kind, g.tower, g.layer, g.heads, g.head_dim, len(keep[g.id]), g.width, g.cross,
+                len({c // g.head_dim for c in keep[g.id]}) if g.heads else None,
+                float(group_cost(g, budget)[keep[g.id]].sum()), float(group_cost(g, budget).sum()),
+            )
+            for g in analysis.prunable
+        ],
+        not_prunable=[g.describe() for g in analysis.groups if not g.prunable],
+    )  # fmt: skip
+    log.debug("\n%s", report.table())
+    return report
+

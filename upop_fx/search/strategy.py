@@ -1,0 +1,140 @@
+"""Selection strategies: the one step of the pipeline that differs between methods.
+
+The pipeline (``upop_fx.pipeline``) captures the model, finds its groups and lists the entries a ranking can
+remove (:class:`Prepared`); a :class:`Strategy` decides which entries go (:class:`Selection`); the pipeline
+then cuts them out, checks the cut and writes the report. A strategy never captures, cuts or reports.
+
+Two strategies ship: :class:`~upop_fx.search.upop.UPopSearch` (the unified progressive search) and
+:class:`~upop_fx.search.magnitude.Magnitude` (one-shot mean |weight|). Both rank entries by an importance and
+hand it to an :data:`Allocate` function, which decides how much each structure loses: :func:`unified` (UPop's
+one ranking over every layer and tower, the default) or :func:`uniform` (the same fraction in every
+structure), or your own.
+
+Example (a strategy of your own: keep the first entries of every structure):
+    >>> import numpy as np, torch, upop_fx
+    >>> from upop_fx.search.strategy import Selection, uniform
+    >>> class KeepFirst:
+    ...     name = "keep_first"
+    ...     def select(self, prepared, batches, objective):
+    ...         importance = -np.arange(len(prepared.entries), dtype=float)
+    ...         pruned = uniform(importance, prepared.entries, prepared.structures, prepared.ratio)
+    ...         return Selection(pruned, prepared.captured.gm)
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), KeepFirst(), ratio=0.5)
+    >>> mlp = next(g.id for g in result.analysis.prunable if g.kind == "mlp")
+    >>> result.report.method, result.keep[mlp][:3]
+    ('keep_first', [0, 1, 2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..capture import Captured
+from ..errors import ConfigError
+from ..groups import GroupAnalysis
+from ..structures import Entry, Structure
+from .ranking import select_pruned
+from .train import Batches, Objective
+
+__all__ = ["Prepared", "Selection", "Strategy", "Allocate", "unified", "uniform", "ALLOCATIONS", "allocation"]
+
+#: ``allocate(importance, entries, structures, fraction) -> prune mask``: ``importance`` is higher for entries
+#: that matter more; the mask is True for the entries to remove so that ``fraction`` of the cost goes.
+Allocate = Callable[[np.ndarray, Sequence[Entry], Sequence[Structure], float], np.ndarray]
+
+
+@dataclass
+class Prepared:
+    """What every strategy starts from: the captured graph, its groups and the entries a ranking removes."""
+
+    captured: Captured
+    analysis: GroupAnalysis
+    structures: list[Structure]
+    entries: list[Entry]
+    ratio: float
+    budget: str
+    granularity: str
+    round_to: int = 1
+
+
+@dataclass
+class Selection:
+    """What a strategy decides: the entries to remove (a mask over ``Prepared.entries``) and the graph to cut
+    them from (weights as the strategy left them). ``final``, when set, is a model the cut must reproduce
+    exactly on the example inputs (UPop's last masked graph)."""
+
+    pruned: np.ndarray
+    dense: torch.fx.GraphModule
+    final: torch.nn.Module | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+class Strategy(Protocol):
+    """One small interface: ``select(prepared, batches, objective) -> Selection``; ``name`` labels the report."""
+
+    name: str
+
+    def select(self, prepared: Prepared, batches: Batches, objective: Objective | None) -> Selection: ...
+
+
+def unified(
+    importance: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], fraction: float,
+    round_to: int = 1,
+) -> np.ndarray:  # fmt: skip
+    """UPop's unified allocation: one ranking of every entry of every layer and tower (z-scored per kind),
+    removed in order until ``fraction`` of the total cost is gone; every structure keeps an entry."""
+    return select_pruned(importance, entries, structures, fraction, round_to)
+
+
+def uniform(
+    importance: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], fraction: float
+) -> np.ndarray:
+    """The same ``fraction`` of the entries of every structure (rounded to the nearest entry, at least one
+    kept), the least important first. Entries of one structure cost the same at every granularity (one head dim
+    across heads, one head, one neuron), so this is the same fraction of every structure's cost."""
+    by_structure: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(entries):
+        by_structure[e.structure].append(i)
+    pruned = np.zeros(len(entries), dtype=bool)
+    for idx in by_structure.values():
+        idx_arr = np.asarray(idx)
+        costs = np.array([entries[i].cost for i in idx_arr])
+        if not np.allclose(costs, costs[0]):
+            raise ConfigError("uniform allocation needs the entries of a structure to cost the same")
+        k = min(len(idx_arr) - 1, int(math.floor(fraction * len(idx_arr) + 0.5)))
+        order = idx_arr[np.argsort(importance[idx_arr], kind="stable")]
+        pruned[order[:k]] = True
+    return pruned
+
+
+#: the allocations selectable by name (``compress(allocate="uniform")``, ``--allocate`` on the CLI).
+ALLOCATIONS: dict[str, Allocate] = {"unified": unified, "uniform": uniform}
+
+
+def allocation(allocate: str | Allocate | None, round_to: int = 1) -> Allocate:
+    """Resolve ``allocate`` (a name in :data:`ALLOCATIONS`, a callable, or None for :func:`unified`)."""
+    if allocate is None or allocate == "unified":
+        return lambda imp, ent, st, f: unified(imp, ent, st, f, round_to)
+    if isinstance(allocate, str):
+        if allocate not in ALLOCATIONS:
+            raise ConfigError(f"allocate must be one of {', '.join(ALLOCATIONS)} or a callable; got {allocate!r}")
+        return ALLOCATIONS[allocate]
+    if not callable(allocate):
+        raise ConfigError(f"allocate must be a name or a callable, not {type(allocate).__name__}")
+    return allocate
+
+
+def checked(mask: Any, entries: Sequence[Entry]) -> np.ndarray:
+    """An allocation's answer as a boolean mask over ``entries``; ConfigError when it has the wrong shape."""
+    out = np.asarray(mask, dtype=bool)
+    if out.shape != (len(entries),):
+        raise ConfigError(f"allocate returned shape {out.shape}, expected ({len(entries)},)")
+    return out
