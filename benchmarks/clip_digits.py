@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from upop_fx.search.upop import SCORES
+from upop_fx import SCORES
 
 from .common import machine, write_results
 from .digits_data import (

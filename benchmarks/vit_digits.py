@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from upop_fx.search.upop import SCORES
+from upop_fx import SCORES
 
 from .common import machine, write_results
 from .digits_data import (

@@ -14,23 +14,14 @@ from upop_fx.passes import FindGroups, InsertMasks, PassResult, Surgery
 from upop_fx.passes.base import GraphPass
 from upop_fx.passes.fuse_attention import FuseMaskedAttention
 
+from .test_errors import _NoGroups
+
 
 @pytest.fixture
 def layer():
     torch.manual_seed(0)
     model = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
     return model, torch.randn(2, 6, 32)
-
-
-class _NoGroups(torch.nn.Module):
-    """Nothing prunable: one Linear whose output is the model output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
 
 
 def test_capture_records_what_later_passes_need(layer):
@@ -142,7 +133,7 @@ class _BadEnsures(GraphPass[None]):
         return PassResult(gm, False, None)
 
     def ensures(self, gm, result):
-        assert False, "the promise is broken"
+        raise AssertionError("the promise is broken")
 
 
 def test_base_checks_the_contract():

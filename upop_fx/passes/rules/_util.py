@@ -67,9 +67,13 @@ def contract(ctx: Any, block: Block | None, axis: int, param: Node, param_axis: 
 
     The labels on ``axis`` become an ``"in"`` use of the weight (tied across the positions of any other
     labelled axis); channels on a non-contracted axis cannot be followed through the matmul and are refused.
+    Returns None: the output's channels are the weight's (the caller seeds them).
     """
-    if block is None or axis not in block.axes:
-        return block
+    if block is None:
+        return None
+    if axis not in block.axes:  # the channels sit on an axis the matmul keeps but the output does not label
+        ctx.refuse_block(block, "channels on a non-contracted axis of a matmul")
+        return None
     i = block.axes.index(axis)
     if block.outer[i] != 1:
         ctx.refuse_block(block, "a contracted axis mixes channels with other dims")

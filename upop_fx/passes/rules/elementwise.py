@@ -104,14 +104,16 @@ def _zero_after(node: Node, labelled: list[Block], broadcast_other: bool) -> boo
     scalars = [a for a in node.args[1:] if isinstance(a, (int, float))]
     if target in (aten.mul, operator.mul):
         return any(b.zero for b in labelled)
-    if target in (aten.div, operator.truediv):
-        return bool(first_zero) and labelled[0].zero
+    if target in (aten.div, operator.truediv):  # x / d keeps a zero channel zero unless d carries it (0/0)
+        divisor = node.args[1] if len(node.args) > 1 else None
+        divided_by_channels = isinstance(divisor, Node) and divisor.meta.get("upop_dims") is not None
+        return bool(first_zero) and labelled[0].zero and not divided_by_channels
     if target in (aten.add, aten.sub, operator.add, operator.sub):
         return all(b.zero for b in labelled) and not broadcast_other and all(s == 0 for s in scalars)
     if target is aten.masked_fill:
         return bool(first_zero) and labelled[0].zero and all(s == 0 for s in scalars)
-    if target is aten.pow:
-        return all(b.zero for b in labelled) and all(s > 0 for s in scalars) and len(labelled) == 1
+    if target is aten.pow:  # x ** p with p > 0 keeps zeros; c ** x does not (c ** 0 = 1)
+        return bool(first_zero) and all(b.zero for b in labelled) and all(s > 0 for s in scalars) and len(labelled) == 1
     return False
 
 

@@ -55,8 +55,11 @@ def split(ctx: Any, node: Node) -> list[Block | None] | None:
         return parts
     i = b.axes.index(dim)
     axes = tuple(a - (a > dim) for a in b.axes if a != dim)
+    if not axes:  # one tensor per channel: removing one would change how many unbind returns
+        ctx.refuse_block(b, "unbind of the channel axis (one tensor per single channel)")
+        return None
     outer = tuple(o for j, o in enumerate(b.outer) if j != i)
-    return [Block(axes, np.take(p.labels, 0, axis=i), outer, b.zero) if axes else None for p in parts]
+    return [Block(axes, np.take(p.labels, 0, axis=i), outer, b.zero) for p in parts]
 
 
 @rule(aten.select)

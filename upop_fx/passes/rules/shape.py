@@ -20,7 +20,7 @@ import torch
 from torch.fx import Node
 
 from ...groups import Block
-from ._util import rank, shape_exprs
+from ._util import rank, shape_exprs, val
 from .registry import rewrite, rule
 
 aten = torch.ops.aten
@@ -151,6 +151,10 @@ def _permutation(node: Node, r: int) -> list[int] | None:
 def expand(ctx: Any, node: Node) -> Block | None:
     b = ctx.block(node.args[0])
     off = rank(node) - rank(node.args[0])
+    src, out = val(node.args[0]).shape, val(node).shape
+    if any(src[a] != out[a + off] for a in b.axes):  # broadcasting a labelled axis of size 1
+        ctx.refuse_block(b, "expand of a channel axis")
+        return None
     return Block(tuple(a + off for a in b.axes), b.labels, b.outer, b.zero)
 
 
