@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import upop_fx
-from upop_fx.kernels import masked_attention
+from upop_fx.kernels import MASKED_ATTENTION_OP
 from upop_fx.passes import FindGroups, InsertMasks
 from upop_fx.passes.fuse_attention import FuseMaskedAttention
 
@@ -120,7 +120,7 @@ def test_fused_equals_masked(name, granularity):
     sites = MODELS[name][3]
     assert len(result.value.fused) == sites and not result.value.skipped
     targets = _targets(fused)
-    assert SDPA not in targets and targets.count(masked_attention) == sites
+    assert SDPA not in targets and targets.count(MASKED_ATTENTION_OP) == sites
     fused.graph.lint()
     read = {n.target for n in fused.graph.nodes if n.op == "get_attr" and n.target.startswith("upop_masks.m")}
     assert read == {f"upop_masks.{k}" for k, _ in masked.upop_masks.named_parameters()}  # every mask still read
@@ -137,7 +137,7 @@ def test_gpt2_causal_and_padding():
     fused = copy.deepcopy(masked)
     result = FuseMaskedAttention(force=True)(fused)
     assert len(result.value.fused) == 1
-    calls = [n for n in fused.graph.nodes if n.target is masked_attention]
+    calls = [n for n in fused.graph.nodes if n.target is MASKED_ATTENTION_OP]
     assert all(n.kwargs["causal"] and n.kwargs["key_padding_mask"] is not None for n in calls)
     assert all(n.kwargs["scale"] == pytest.approx(1 / 4) for n in calls)
     _assert_same_function(masked, fused, MODELS["gpt2"][2])
@@ -146,10 +146,8 @@ def test_gpt2_causal_and_padding():
 def test_unchanged_without_masks_or_off_device():
     cap = _captured("encoder")
     plain = copy.deepcopy(cap.gm)
-    code = plain.code
-    result = FuseMaskedAttention(force=True)(plain)
-    assert not result.modified and plain.code == code and not result.value.fused
-    assert all("masked producer" in why for why in result.value.skipped.values()) and result.value.skipped
+    with pytest.raises(upop_fx.PreconditionError, match="InsertMasks"):  # no masks: nothing it could fuse
+        FuseMaskedAttention(force=True)(plain)
 
     masked = _masked(cap, "upop")
     code = masked.code
@@ -200,7 +198,7 @@ def test_expressible_masks_fuse(mode):
     masked, inputs = _attn(mode)
     fused = copy.deepcopy(masked)
     assert FuseMaskedAttention(force=True)(fused).modified
-    (call,) = [n for n in fused.graph.nodes if n.target is masked_attention]
+    (call,) = [n for n in fused.graph.nodes if n.target is MASKED_ATTENTION_OP]
     assert call.kwargs["causal"] == (mode == "causal")
     assert (call.kwargs["key_padding_mask"] is not None) == (mode == "padding")
     assert call.kwargs["scale"] == pytest.approx(0.25)  # SDPA's implicit 1/sqrt(16), pinned
@@ -245,8 +243,23 @@ def test_upop_search_applies_the_pass_for_cuda(monkeypatch):
     x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
     monkeypatch.setattr(upop_mod, "FuseMaskedAttention", spy)
     pruner = upop_fx.UPop(_Attn("padding"), (x, mask), ratio=0.5, total_steps=3, interval=1)
-    assert asked == ["cuda"] and masked_attention in _targets(pruner.model)
+    assert asked == ["cuda"] and MASKED_ATTENTION_OP in _targets(pruner.model)
     for _ in range(3):
         pruner.model(x, mask).pow(2).mean().backward()
         pruner.step()
     assert pruner.finalize().report.prunable_cost_removed >= 0.5
+
+
+def test_a_fused_graph_exports_and_compiles():
+    """The kernel is a registered op with a fake and an autograd formula: torch.export and torch.compile take
+    the fused graph, and both compute what it computes."""
+    masked = _masked(_captured("encoder"), "upop")
+    fused = FuseMaskedAttention(force=True)(copy.deepcopy(masked)).gm
+    x, other = MODELS["encoder"][1], MODELS["encoder"][2]
+    want = fused(*x)
+    ep = torch.export.export(fused, x, strict=False)
+    assert MASKED_ATTENTION_OP in [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    torch.testing.assert_close(ep.module()(*x), want, rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(fused, backend="aot_eager", dynamic=True)
+    torch.testing.assert_close(compiled(*x), want, rtol=1e-5, atol=1e-6)
+    _assert_same_function(masked, fused, other)

@@ -131,11 +131,18 @@ def test_masks_without_grad_and_docstring_example() -> None:
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ma, "INTERPRET", False)
-    monkeypatch.setattr(ma._MaskedAttention, "apply", lambda *a: pytest.fail("kernel ran on CPU"))
+    for launcher in ("_kernel_forward", "_kernel_backward"):
+        monkeypatch.setattr(ma, launcher, lambda *a: pytest.fail("kernel ran on CPU"))
     q, k, v = (torch.randn(2, 2, 5, 16) for _ in range(3))
     m_qk, m_v = torch.rand(16), torch.rand(2, 16)
-    out = ma.masked_attention(q, k, v, m_qk, m_v)
-    assert torch.equal(out, ma.masked_attention_reference(q, k, v, m_qk, m_v))
+    inputs = [x.requires_grad_() for x in (q, k, v, m_qk, m_v)]
+    out = ma.masked_attention(*inputs)
+    ref = ma.masked_attention_reference(*inputs)
+    assert torch.equal(out, ref)
+    grad_out = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def _good(**over: object) -> dict:
@@ -174,7 +181,8 @@ BAD = {  # name: (overrides, expected error, a phrase the message must contain)
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_raises_before_any_launch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     over, error, phrase = BAD[name]
-    monkeypatch.setattr(ma._MaskedAttention, "apply", lambda *a: pytest.fail("kernel launched"))
+    monkeypatch.setattr(ma, "MASKED_ATTENTION_OP", lambda *a: pytest.fail("op called"))
+    monkeypatch.setattr(ma, "_kernel_forward", lambda *a: pytest.fail("kernel launched"))
     with pytest.raises(error, match=re.escape(phrase)):
         ma.masked_attention(**_good(**over))
     assert issubclass(KernelDtypeError, TypeError) and issubclass(KernelInputError, ValueError)

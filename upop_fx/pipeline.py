@@ -28,7 +28,7 @@ import torch
 
 from .capture import capture, run_module
 from .compare import relative_error
-from .errors import ConfigError, SurgeryCheckError
+from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
 from .passes import FindGroups, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
@@ -147,6 +147,8 @@ def run(
         raise ConfigError(f"retrain_steps must be a non-negative integer, got {retrain_steps!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable, not {type(loss_fn).__name__}")
+    if data is not None and not isinstance(data, Iterable):
+        raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
     with seeded(seed, model):
         prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to)
         teacher = prepared.captured.gm

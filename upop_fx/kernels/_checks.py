@@ -60,7 +60,7 @@ def check_attention_inputs(
             "expected (B, H, Tk, D) with the same B, H and D as q"
         )
     Tk = k.shape[2]
-    if min(B, H, Tq, Tk, D) == 0:
+    if any(n == 0 for n in (B, H, Tq, Tk, D)):  # not min(): it would guard symbolic sizes against each other
         raise KernelInputError(f"empty inputs are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}")
     for name, m in (("qk_mask", qk_mask), ("v_mask", v_mask)):
         if m.shape not in ((D,), (H, D)):

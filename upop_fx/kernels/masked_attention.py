@@ -26,8 +26,26 @@ masks j > i aligned to the top-left corner, as ``torch.nn.functional.scaled_dot_
 ``is_causal`` (for Tq != Tk, query i still sees keys 0..i). Head dims 16..128 that are not a power of two
 are padded to the next power of two inside the kernel with masked loads (no copy). Dots take the input
 dtype (fp16/bf16 tensor cores) and accumulate in fp32; fp32 inputs use exact ("ieee") fp32 dots, not TF32.
-``masked_attention`` runs the kernels on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set
-before import; otherwise (or without Triton) it runs the torch reference.
+
+Registered ops (so a graph that calls the kernel still exports with ``torch.export`` and compiles with
+``torch.compile``), defined once per process, on first import:
+
+* ``torch.ops.upop_fx.masked_attention`` (:data:`MASKED_ATTENTION_OP`; ``q, k, v, qk_mask, v_mask,
+  float scale, bool causal=False, Tensor? key_padding_mask=None -> out``): the op graphs call. It is
+  composite (``CompositeImplicitAutograd``), as ``aten.scaled_dot_product_attention`` is: ``torch.export``
+  keeps it as one node, and autograd, fake tensors and AOTAutograd see the two ops below.
+* ``torch.ops.upop_fx.masked_attention_fwd`` (same arguments ``-> (out, lse)``): ``lse`` is the float32
+  (B*H, Tq) ``log2(sum_j exp(S[i, j]))`` of each row (+inf for a row with no key). It has a fake (meta) implementation
+  and the autograd formula (``register_autograd``), which saves ``out`` and ``lse`` and calls
+* ``torch.ops.upop_fx.masked_attention_bwd`` (``grad_out, q, k, v, qk_mask, v_mask, out, lse, scale,
+  causal, key_padding_mask -> (dq, dk, dv, d_qk_mask, d_v_mask)``); the mask gradients have the masks'
+  shapes and dtypes. It has a fake implementation and no autograd formula (no double backward).
+
+Both run the Triton kernels on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+import, if the dtypes and head dim fit the kernels; otherwise (or without Triton) the torch reference, whose
+backward is the formulas above (P recomputed), equal to autograd through :func:`masked_attention_reference`.
+The ops are mutation-free. They look up this module's kernels when called, so ``importlib.reload`` of
+this module (which reuses its namespace) switches the kernels they run without defining the ops again.
 
 Example::
 
@@ -47,9 +65,15 @@ import math
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from upop_fx.kernels._checks import KernelDtypeError, KernelInputError, check_attention_inputs
+from upop_fx.kernels._checks import (
+    KERNEL_DTYPES,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    KernelDtypeError,
+    KernelInputError,
+    check_attention_inputs,
+)
 
 try:
     import triton
@@ -57,7 +81,13 @@ try:
 except ImportError:  # no Triton: masked_attention runs the torch reference
     triton = tl = None
 
-__all__ = ["KernelDtypeError", "KernelInputError", "masked_attention", "masked_attention_reference"]
+__all__ = [
+    "MASKED_ATTENTION_OP",
+    "KernelDtypeError",
+    "KernelInputError",
+    "masked_attention",
+    "masked_attention_reference",
+]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, at import (as Triton does)
 LOG2E = 1.4426950408889634
@@ -291,7 +321,7 @@ if triton is not None:
 _TL_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-# ------------------------------ autograd wrapper ---------------------------------------------------------
+# ------------------------------ kernel launchers and registered ops --------------------------------------
 def _s4(x: torch.Tensor) -> tuple[int, int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
@@ -306,63 +336,176 @@ def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-class _MaskedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, qk_mask, v_mask, scale, causal, kpm):
-        B, H, Tq, D = q.shape
-        Tk = k.shape[2]
-        m_qk, m_v = qk_mask.contiguous(), v_mask.contiguous()
-        smh = D if m_qk.dim() == 2 else 0  # both masks share the shape; a (D,) mask serves every head
-        if m_v.dim() != m_qk.dim():
-            m_qk, m_v = m_qk.expand(H, D).contiguous(), m_v.expand(H, D).contiguous()
-            smh = D
-        kpm_u8 = kpm.view(torch.uint8) if kpm is not None else q
-        spb, spn = (kpm.stride(0), kpm.stride(1)) if kpm is not None else (0, 0)
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(B * H, Tq, device=q.device, dtype=torch.float32)
-        block_d = max(16, triton.next_power_of_2(D))
-        grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        with _on(q):
-            _attn_fwd[grid](q, k, v, m_qk, m_v, kpm_u8, o, lse, *_s4(q), *_s4(k), *_s4(v), *_s4(o),
-                            smh, spb, spn, H, Tq, Tk, D, scale * LOG2E,
-                            BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None, **_consts(q))
-        ctx.save_for_backward(q, k, v, m_qk, m_v, kpm_u8 if kpm is not None else None, o, lse)
-        ctx.args = (scale, causal, smh, spb, spn, block_d, qk_mask.dim(), v_mask.dim())
-        ctx.mask_dtypes = (qk_mask.dtype, v_mask.dtype)
-        return o
+def _use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+                v_mask: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on these inputs (else the torch reference does)."""
+    if triton is None or not (q.is_cuda or (INTERPRET and q.device.type == "cpu")):
+        return False
+    return (q.dtype == k.dtype == v.dtype and all(x.dtype in KERNEL_DTYPES for x in (q, qk_mask, v_mask))
+            and MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, m_qk, m_v, kpm_u8, o, lse = ctx.saved_tensors
-        scale, causal, smh, spb, spn, block_d, qk_dim, v_dim = ctx.args
-        B, H, Tq, D = q.shape
-        Tk = k.shape[2]
-        cfg = _bwd_config(block_d, q.dtype)
-        warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        consts = dict(BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm_u8 is not None, **_consts(q), **warps)
-        kpm_arg = kpm_u8 if kpm_u8 is not None else q
-        delta = torch.empty_like(lse)
-        dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))  # dk, dv: same strides
-        n_kb, n_qb = triton.cdiv(Tk, cfg["BLOCK_N1"]), triton.cdiv(Tq, cfg["BLOCK_M2"])
-        dmk, dmv = (torch.empty(B, H, n_kb, block_d, device=q.device, dtype=torch.float32) for _ in range(2))
-        dmq = torch.empty(B, H, n_qb, block_d, device=q.device, dtype=torch.float32)
-        ins = (*_s4(q), *_s4(k), *_s4(v), *_s4(do))
-        rest = (smh, spb, spn, H, Tq, Tk, D, scale * LOG2E, scale)
-        bm = 16 if INTERPRET else 64
-        with _on(q):
-            _attn_bwd_delta[(triton.cdiv(Tq, bm), B * H)](o, do, delta, *_s4(o), *_s4(do), H, Tq, D,
-                                                           BLOCK_M=bm, BLOCK_D=block_d)
-            _attn_bwd_dkdv[(n_kb, B * H)](q, k, v, m_qk, m_v, kpm_arg, do, lse, delta, dk, dv, dmk, dmv,
-                                          *ins, *_s4(dk), *rest,
-                                          BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"], **consts)
-            _attn_bwd_dq[(n_qb, B * H)](q, k, v, m_qk, m_v, kpm_arg, do, lse, delta, dq, dmq,
-                                        *ins, *_s4(dq), *rest,
-                                        BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"], **consts)
-        d_qk = (dmq.sum((0, 2)) + dmk.sum((0, 2)))[:, :D]  # (H, D): summed over batch and blocks
-        d_v = dmv.sum((0, 2))[:, :D]
-        d_qk, d_v = (d.sum(0) if dim == 1 else d for d, dim in ((d_qk, qk_dim), (d_v, v_dim)))  # (D,) masks
-        return dq, dk, dv, d_qk.to(ctx.mask_dtypes[0]), d_v.to(ctx.mask_dtypes[1]), None, None, None
+
+def _kernel_masks(qk_mask: torch.Tensor, v_mask: torch.Tensor, H: int,
+                  D: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Contiguous masks of one shape and their head stride (0: a (D,) mask serves every head)."""
+    m_qk, m_v = qk_mask.contiguous(), v_mask.contiguous()
+    if m_v.dim() != m_qk.dim():
+        return m_qk.expand(H, D).contiguous(), m_v.expand(H, D).contiguous(), D
+    return m_qk, m_v, D if m_qk.dim() == 2 else 0
+
+
+def _kernel_padding(kpm: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The padding mask as uint8 (q as a never-read placeholder without one) and its (B, Tk) strides."""
+    if kpm is None:
+        return q, 0, 0
+    return kpm.view(torch.uint8), kpm.stride(0), kpm.stride(1)
+
+
+def _kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+                    v_mask: torch.Tensor, scale: float, causal: bool,
+                    kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) from the Triton forward: out contiguous like q, lse float32 (B*H, Tq) in base 2."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    m_qk, m_v, smh = _kernel_masks(qk_mask, v_mask, H, D)
+    kpm_u8, spb, spn = _kernel_padding(kpm, q)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B * H, Tq, device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    with _on(q):
+        _attn_fwd[grid](q, k, v, m_qk, m_v, kpm_u8, o, lse, *_s4(q), *_s4(k), *_s4(v), *_s4(o),
+                        smh, spb, spn, H, Tq, Tk, D, scale * LOG2E,
+                        BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None, **_consts(q))
+    return o, lse
+
+
+def _kernel_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     qk_mask: torch.Tensor, v_mask: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                     scale: float, causal: bool, kpm: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, d_qk_mask, d_v_mask) from the Triton backward, given the forward's out and lse."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    m_qk, m_v, smh = _kernel_masks(qk_mask, v_mask, H, D)
+    kpm_arg, spb, spn = _kernel_padding(kpm, q)
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = _bwd_config(block_d, q.dtype)
+    warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    consts = dict(BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None, **_consts(q), **warps)
+    delta = torch.empty_like(lse)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))  # contiguous
+    n_kb, n_qb = triton.cdiv(Tk, cfg["BLOCK_N1"]), triton.cdiv(Tq, cfg["BLOCK_M2"])
+    dmk, dmv = (torch.empty(B, H, n_kb, block_d, device=q.device, dtype=torch.float32) for _ in range(2))
+    dmq = torch.empty(B, H, n_qb, block_d, device=q.device, dtype=torch.float32)
+    ins = (*_s4(q), *_s4(k), *_s4(v), *_s4(do))
+    rest = (smh, spb, spn, H, Tq, Tk, D, scale * LOG2E, scale)
+    bm = 16 if INTERPRET else 64
+    with _on(q):
+        _attn_bwd_delta[(triton.cdiv(Tq, bm), B * H)](o, do, delta, *_s4(o), *_s4(do), H, Tq, D,
+                                                       BLOCK_M=bm, BLOCK_D=block_d)
+        _attn_bwd_dkdv[(n_kb, B * H)](q, k, v, m_qk, m_v, kpm_arg, do, lse, delta, dk, dv, dmk, dmv,
+                                      *ins, *_s4(dk), *rest,
+                                      BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"], **consts)
+        _attn_bwd_dq[(n_qb, B * H)](q, k, v, m_qk, m_v, kpm_arg, do, lse, delta, dq, dmq,
+                                    *ins, *_s4(dq), *rest,
+                                    BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"], **consts)
+    d_qk = (dmq.sum((0, 2)) + dmk.sum((0, 2)))[:, :D]  # (H, D): summed over batch and blocks
+    d_v = dmv.sum((0, 2))[:, :D]
+    d_qk, d_v = (d.sum(0) if m.dim() == 1 else d for d, m in ((d_qk, qk_mask), (d_v, v_mask)))  # (D,) masks
+    return dq, dk, dv, d_qk.to(qk_mask.dtype).contiguous(), d_v.to(v_mask.dtype).contiguous()
+
+
+def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+                  v_mask: torch.Tensor, scale: float, causal: bool,
+                  key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_attention_fwd`` on real tensors (any device): the kernel where it runs, else the reference."""
+    if _use_kernel(q, k, v, qk_mask, v_mask):
+        return _kernel_forward(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask)
+    out, lse = _reference_forward(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask, with_lse=True)
+    return out.contiguous(), lse
+
+
+def _forward_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+                  v_mask: torch.Tensor, scale: float, causal: bool,
+                  key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_attention_fwd`` on fake/meta tensors: out contiguous, shaped like q; lse float32 (B*H, Tq)."""
+    B, H, Tq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B * H, Tq), dtype=torch.float32)
+
+
+def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   qk_mask: torch.Tensor, v_mask: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   scale: float, causal: bool,
+                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``masked_attention_bwd`` on real tensors: the Triton backward, or the reference's (explicit)."""
+    if _use_kernel(q, k, v, qk_mask, v_mask):
+        return _kernel_backward(grad_out, q, k, v, qk_mask, v_mask, out, lse, scale, causal, key_padding_mask)
+
+    grads = _reference_backward(grad_out, q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask)
+    return tuple(g.contiguous() for g in grads)
+
+
+def _backward_fake(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   qk_mask: torch.Tensor, v_mask: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   scale: float, causal: bool,
+                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``masked_attention_bwd`` on fake/meta tensors: contiguous gradients shaped like q, k, v and the masks."""
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, qk_mask, v_mask))
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Autograd of ``masked_attention_fwd``: save the inputs, out and lse (lse is not differentiable)."""
+    q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, qk_mask, v_mask, key_padding_mask, out, lse)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Autograd of ``masked_attention_fwd``: ``masked_attention_bwd`` on the saved tensors."""
+    q, k, v, qk_mask, v_mask, key_padding_mask, out, lse = ctx.saved_tensors
+    grads = _FWD_BWD_OPS[1](grad_out, q, k, v, qk_mask, v_mask, out, lse, ctx.scale, ctx.causal,
+                            key_padding_mask)
+    return (*grads, None, None, None)
+
+
+def _composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+               v_mask: torch.Tensor, scale: float, causal: bool = False,
+               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``upop_fx::masked_attention``: the output of ``masked_attention_fwd``."""
+    return _FWD_BWD_OPS[0](q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask)[0]
+
+
+_ARGS = "Tensor q, Tensor k, Tensor v, Tensor qk_mask, Tensor v_mask, float scale"
+_SCHEMAS = {
+    "masked_attention": f"({_ARGS}, bool causal=False, Tensor? key_padding_mask=None) -> Tensor",
+    "masked_attention_fwd": f"({_ARGS}, bool causal, Tensor? key_padding_mask) -> (Tensor, Tensor)",
+    "masked_attention_bwd": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor qk_mask, Tensor v_mask, "
+                            "Tensor out, Tensor lse, float scale, bool causal, Tensor? key_padding_mask) "
+                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def _define_ops() -> None:
+    """Define the three ``upop_fx`` ops; once per process, as the dispatcher keeps them past a reload."""
+    fwd = torch.library.custom_op("upop_fx::masked_attention_fwd", _forward_impl, mutates_args=(),
+                                  schema=_SCHEMAS["masked_attention_fwd"])
+    fwd.register_fake(_forward_fake)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    bwd = torch.library.custom_op("upop_fx::masked_attention_bwd", _backward_impl, mutates_args=(),
+                                  schema=_SCHEMAS["masked_attention_bwd"])
+    bwd.register_fake(_backward_fake)
+    torch.library.define("upop_fx::masked_attention", _SCHEMAS["masked_attention"],
+                         tags=(torch.Tag.pt2_compliant_tag,))
+    torch.library.impl("upop_fx::masked_attention", "CompositeImplicitAutograd", _composite)
+
+
+if not hasattr(torch.ops.upop_fx, "masked_attention"):  # defined last by _define_ops
+    _define_ops()
+MASKED_ATTENTION_OP = torch.ops.upop_fx.masked_attention.default
+_FWD_BWD_OPS = (torch.ops.upop_fx.masked_attention_fwd.default,
+                torch.ops.upop_fx.masked_attention_bwd.default)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
@@ -372,13 +515,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask:
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D); masks: (D,) or (H, D); dtype fp32/fp16/bf16, 16 <= D <= 128.
     ``scale=None`` is 1/sqrt(D). ``key_padding_mask``: bool (B, Tk), True = attend. See the module docstring.
+    Checks the inputs, then calls the registered op :data:`MASKED_ATTENTION_OP`.
     Raises :class:`KernelInputError` (a ``ValueError``; :class:`KernelDtypeError` is also a ``TypeError``).
     """
     check_attention_inputs(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask, for_kernel=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if triton is not None and (q.is_cuda or (INTERPRET and q.device.type == "cpu")):
-        return _MaskedAttention.apply(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask)
-    return masked_attention_reference(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask)
+    return MASKED_ATTENTION_OP(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask)
 
 
 # ------------------------------ torch reference ----------------------------------------------------------
@@ -389,14 +531,26 @@ def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Plain matmul + softmax version of :func:`masked_attention` (any floating dtype, any device)."""
     check_attention_inputs(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask, for_kernel=False)
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    m_qk = qk_mask.to(q.dtype).reshape(-1, 1, D)  # (1 or H, 1, D), broadcasts over (B, H, T, D)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _reference_forward(q, k, v, qk_mask, v_mask, scale, causal, key_padding_mask, with_lse=False)[0]
+
+
+def _reference_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+                      v_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """qm, km, vm and the masks as (1 or H, 1, D) tensors of q's dtype (they broadcast over (B, H, T, D))."""
+    D = q.shape[-1]
+    m_qk = qk_mask.to(q.dtype).reshape(-1, 1, D)
     m_v = v_mask.to(q.dtype).reshape(-1, 1, D)
-    qm, km, vm = q * m_qk, k * m_qk, v * m_v
+    return q * m_qk, k * m_qk, v * m_v, m_qk, m_v
+
+
+def _reference_scores(qm: torch.Tensor, km: torch.Tensor, scale: float, causal: bool,
+                      key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked scores S in at least float32 (0 on rows with no key) and the rows with a key, (B, H, Tq, 1)."""
+    B, _, Tq, _ = qm.shape
+    Tk = km.shape[2]
     s = (qm @ km.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=qm.device)
     if causal:
         allowed = allowed.tril()  # top-left aligned, as SDPA's is_causal
     allowed = allowed.expand(B, 1, Tq, Tk)
@@ -404,5 +558,37 @@ def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         allowed = allowed & key_padding_mask[:, None, None, :]
     any_key = allowed.any(-1, keepdim=True)  # rows with no key: P = 0 (no NaN in the forward or backward)
     s = s.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0)
-    p = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1) * any_key
-    return p.to(q.dtype) @ vm
+    return s.to(torch.promote_types(s.dtype, torch.float32)), any_key
+
+
+def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_mask: torch.Tensor,
+                       v_mask: torch.Tensor, scale: float, causal: bool,
+                       key_padding_mask: torch.Tensor | None, *,
+                       with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse or None) of the reference on checked inputs; lse as the kernel's (float32, base 2)."""
+    B, H, Tq, _ = q.shape
+    qm, km, vm, _, _ = _reference_masked(q, k, v, qk_mask, v_mask)
+    s, any_key = _reference_scores(qm, km, scale, causal, key_padding_mask)
+    p = torch.softmax(s, dim=-1) * any_key
+    out = p.to(q.dtype) @ vm
+    if not with_lse:
+        return out, None
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~any_key[..., 0], float("inf")) * LOG2E
+    return out, lse.to(torch.float32).reshape(B * H, Tq)
+
+
+def _reference_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        qk_mask: torch.Tensor, v_mask: torch.Tensor, scale: float, causal: bool,
+                        key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, d_qk_mask, d_v_mask) of the reference: the module docstring's formulas, P recomputed."""
+    qm, km, vm, m_qk, m_v = _reference_masked(q, k, v, qk_mask, v_mask)
+    s, any_key = _reference_scores(qm, km, scale, causal, key_padding_mask)
+    p = torch.softmax(s, dim=-1) * any_key
+    d_vm = p.to(q.dtype).transpose(-2, -1) @ do
+    dp = (do @ vm.transpose(-2, -1)).to(p.dtype)
+    ds = ((p * (dp - (p * dp).sum(-1, keepdim=True))).to(q.dtype)) * scale
+    d_qm, d_km = ds @ km, ds.transpose(-2, -1) @ qm
+    d_qk = (q * d_qm).sum((0, 2)) + (k * d_km).sum((0, 2))  # (H, D)
+    d_v = (v * d_vm).sum((0, 2))
+    d_qk, d_v = (d.sum(0) if m.dim() == 1 else d for d, m in ((d_qk, qk_mask), (d_v, v_mask)))  # (D,) masks
+    return d_qm * m_qk, d_km * m_qk, d_vm * m_v, d_qk.to(qk_mask.dtype), d_v.to(v_mask.dtype)

@@ -59,10 +59,8 @@ from torch.fx.node import map_arg
 from torch.fx.operator_schemas import normalize_function
 
 from ..errors import PostconditionError
-from ..kernels import masked_attention as _ma  # TEMP
 from ..kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
-
-MASKED_ATTENTION_OP = getattr(_ma, "MASKED_ATTENTION_OP", None)  # TEMP
+from ..kernels.masked_attention import MASKED_ATTENTION_OP
 from .base import GraphPass, PassResult
 from .insert_masks import MASK_MODULE, MASK_TAG_KEY, MaskTag, get_masks
 
@@ -412,7 +410,8 @@ def _rewrite(gm: torch.fx.GraphModule, plan: _Plan) -> None:
                 m = graph.call_function(aten.to.dtype, (m, src.dtype))
             masks.append(graph.call_function(aten.view.default, (m, list(src.gather.shape))))  # (H, D)
         kpm = _key_padding(graph, plan.kpm, ins[1]) if plan.kpm else None
-        call = graph.call_function(MASKED_ATTENTION_OP, (*ins, *masks, plan.scale, plan.causal, kpm))
+        kwargs = {"scale": plan.scale, "causal": plan.causal, "key_padding_mask": kpm}
+        call = graph.call_function(MASKED_ATTENTION_OP, (*ins, *masks), kwargs)
     call.meta = dict(sdpa.meta)
     sdpa.replace_all_uses_with(call)
     graph.erase_node(sdpa)
