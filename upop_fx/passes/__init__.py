@@ -1,8 +1,19 @@
-"""Graph passes: analysis (FindGroups) and transformation (Surgery)."""
+"""Graph passes, each configured in ``__init__`` and called as ``pass_(gm) -> PassResult``, its contract
+(``requires``/``ensures``, in place or functional, an honest ``modified``) checked by :mod:`.base`:
+
+* :class:`FindGroups` — the analysis: which channels must be removed together (in place, never modifies);
+* :class:`InsertMasks` — one learnable mask per ranking structure (functional);
+* :class:`~upop_fx.passes.fuse_attention.FuseMaskedAttention` — masked attention into the kernel op (in place);
+* :class:`Surgery` — cut the removed channels out, checked against the zeroed reference (functional).
+"""
 
 from .base import GraphPass, PassResult
 from .find_groups import FindGroups
-from .insert_masks import InsertMasks, MaskState, get_masks
+from .fuse_attention import FuseMaskedAttention, FusionReport
+from .insert_masks import InsertMasks, MaskState, MaskTag, get_masks
 from .surgery import Surgery, SurgeryInfo
 
-__all__ = ["GraphPass", "PassResult", "FindGroups", "InsertMasks", "MaskState", "get_masks", "Surgery", "SurgeryInfo"]
+__all__ = [
+    "GraphPass", "PassResult", "FindGroups", "InsertMasks", "MaskState", "MaskTag", "get_masks",
+    "FuseMaskedAttention", "FusionReport", "Surgery", "SurgeryInfo",
+]
