@@ -93,7 +93,6 @@ def compress(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_options(ratio, budget, granularity, round_to, seed)
     search = UPopSearch(search_steps, interval, score, lr, allocate)  # validates the search options either way
     strategy = search if method == "upop" else Magnitude(allocate)
     return run(

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import capture, run_module
+from .capture import capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
@@ -40,6 +40,7 @@ from .structures import (
     GRANULARITIES,
     build_entries,
     check_choice,
+    check_int,
     group_cost,
     keep_sets,
     removed_fraction,
@@ -73,10 +74,8 @@ def check_options(ratio: Any, budget: Any, granularity: Any, round_to: Any, seed
         raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
     check_choice("budget", budget, BUDGETS)
     check_choice("granularity", granularity, GRANULARITIES)
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    check_int("round_to", round_to, 1)
+    check_int("seed", seed)
 
 
 @contextlib.contextmanager
@@ -143,8 +142,7 @@ def run(
     """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
     ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
     check_options(ratio, budget, granularity, round_to, seed)
-    if not isinstance(retrain_steps, int) or isinstance(retrain_steps, bool) or retrain_steps < 0:
-        raise ConfigError(f"retrain_steps must be a non-negative integer, got {retrain_steps!r}")
+    check_int("retrain_steps", retrain_steps, 0)
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable, not {type(loss_fn).__name__}")
     if data is not None and not isinstance(data, Iterable):
@@ -154,15 +152,14 @@ def run(
         teacher = prepared.captured.gm
         info = prepared.captured.info
         example = info.kwargs or info.args
-        task = loss_fn is None and has_task_loss(info.kwargs, run_module(teacher, info.args, info.kwargs))
+        task = loss_fn is None and has_task_loss(teacher, info.kwargs)
         if task:
             log.info("training on the model's own loss (the inputs carry labels)")
         objective = make_objective(loss_fn, teacher, task)
         batches = Batches(data, example)
         batches.require(search_steps + retrain_steps)
         result = cut(prepared, strategy.select(prepared, batches, objective), strategy.name)
-        if retrain_steps:
-            batches.require(retrain_steps)
+        if retrain_steps:  # retrain() checks that the data holds its steps
             result.losses["retrain"] = retrain(result.model, teacher, batches, loss_fn, retrain_steps, lr, example)
     log.info(
         "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",

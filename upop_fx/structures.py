@@ -20,8 +20,8 @@ from .errors import ConfigError
 from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
-    "Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "group_cost", "keep_sets",
-    "removed_fraction",
+    "Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "check_int", "group_cost",
+    "keep_sets", "removed_fraction",
 ]
 
 GRANULARITIES = ("upop", "qk_v", "heads")
@@ -32,6 +32,16 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     """Raise :class:`~upop_fx.errors.ConfigError` unless ``value`` is one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+_KIND = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}
+
+
+def check_int(name: str, value: object, minimum: int | None = None) -> None:
+    """Raise :class:`~upop_fx.errors.ConfigError` unless ``value`` is an int (not a bool) ``>= minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        kind = _KIND.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
 @dataclass

@@ -70,8 +70,6 @@ from upop_fx.kernels._checks import (
     KERNEL_DTYPES,
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
-    KernelDtypeError,
-    KernelInputError,
     check_attention_inputs,
 )
 
@@ -81,13 +79,7 @@ try:
 except ImportError:  # no Triton: masked_attention runs the torch reference
     triton = tl = None
 
-__all__ = [
-    "MASKED_ATTENTION_OP",
-    "KernelDtypeError",
-    "KernelInputError",
-    "masked_attention",
-    "masked_attention_reference",
-]
+__all__ = ["MASKED_ATTENTION_OP", "masked_attention", "masked_attention_reference"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, at import (as Triton does)
 LOG2E = 1.4426950408889634

@@ -66,12 +66,13 @@ def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def has_task_loss(example_inputs: Any, output: Any) -> bool:
-    """Hugging Face style: the inputs carry ``labels`` and the output a tensor ``.loss``."""
-    return (
-        isinstance(example_inputs, dict) and "labels" in example_inputs
-        and isinstance(getattr(output, "loss", None), torch.Tensor)
-    )  # fmt: skip
+def has_task_loss(model: torch.nn.Module, example_inputs: Any) -> bool:
+    """Hugging Face style: the inputs carry ``labels`` and ``model``'s output a tensor ``.loss`` (the model is
+    run only when there are labels)."""
+    if not (isinstance(example_inputs, dict) and "labels" in example_inputs):
+        return False
+    with torch.no_grad():
+        return isinstance(getattr(call(model, example_inputs), "loss", None), torch.Tensor)
 
 
 def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task_loss: bool = False) -> Objective:
@@ -235,10 +236,6 @@ def retrain(
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
-    task = False
-    if loss_fn is None:
-        with torch.no_grad():
-            task = has_task_loss(example_inputs, call(model, example_inputs))
-    objective = make_objective(loss_fn, teacher, task)
+    objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example_inputs))
     params = [p for p in model.parameters() if p.requires_grad]
     return train_steps(model, params, objective, batches.take(steps), steps, lr, "retrain")

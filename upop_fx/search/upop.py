@@ -47,6 +47,7 @@ from ..errors import ConfigError, UPopError
 from ..passes import InsertMasks, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
 from ..passes.insert_masks import MASK_MODULE
+from ..structures import check_int
 from .strategy import Allocate, Prepared, Selection, allocation, checked
 from .train import Batches, Objective, train_steps
 
@@ -60,11 +61,6 @@ log = logging.getLogger(__name__)
 def schedule(t: int, total_steps: int, ratio: float) -> float:
     """π_t = p · sin(π (t+1) / (2T)): the fraction of the cost marked for pruning at step ``t`` (0-based)."""
     return ratio * math.sin(math.pi * (t + 1) / (2 * total_steps))
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 class UPopSearch:
@@ -84,8 +80,8 @@ class UPopSearch:
         lr: float = 1e-4,
         allocate: str | Allocate | None = None,
     ) -> None:
-        _positive_int("total_steps", total_steps)
-        _positive_int("interval", interval)
+        check_int("total_steps", total_steps, 1)
+        check_int("interval", interval, 1)
         if score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
