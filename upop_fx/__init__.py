@@ -9,12 +9,14 @@ Example:
 """
 
 from . import pipeline
-from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, SCORES, UPop, compress, retrain
+from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, SCORES, UPop, compress, retrain
 from .artifacts import load, save
 from .capture import Captured, capture
 from .errors import (
     CaptureError,
+    CheckpointError,
     ConfigError,
+    DistributedMismatchError,
     ExportError,
     InputError,
     KernelDtypeError,
@@ -45,6 +47,7 @@ __all__ = [
     "GRANULARITIES",
     "BUDGETS",
     "ALLOCATIONS",
+    "PRECISIONS",
     "pipeline",
     "Strategy",
     "Prepared",
@@ -61,6 +64,8 @@ __all__ = [
     "ConfigError",
     "InputError",
     "CaptureError",
+    "CheckpointError",
+    "DistributedMismatchError",
     "NoPrunableGroupError",
     "PreconditionError",
     "PostconditionError",

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,11 +26,14 @@ from .errors import ConfigError
 from .pipeline import Result, check_options, cut, prepare, run, seeded
 from .search.magnitude import Magnitude
 from .search.strategy import ALLOCATIONS, Allocate
-from .search.train import retrain
+from .search.train import PRECISIONS, retrain
 from .search.upop import SCORES, UPopSearch
 from .structures import BUDGETS, GRANULARITIES, keep_sets
 
-__all__ = ["compress", "retrain", "UPop", "Result", "METHODS", "SCORES", "GRANULARITIES", "BUDGETS", "ALLOCATIONS"]
+__all__ = [
+    "compress", "retrain", "UPop", "Result", "METHODS", "SCORES", "GRANULARITIES", "BUDGETS", "ALLOCATIONS",
+    "PRECISIONS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,9 @@ def compress(
     seed: int = 0,
     score: str = "gradient",
     allocate: str | Allocate | None = None,
+    precision: str = "fp32",
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
 ) -> Result:
     """Remove ``ratio`` of the prunable cost of ``model`` and return a dense, smaller model.
 
@@ -86,6 +93,19 @@ def compress(
         allocate: how the ranking becomes a cut: ``"unified"`` (default: one ranking over every layer and
             tower), ``"uniform"`` (the same fraction in every structure), or a callable (see
             :data:`~upop_fx.search.strategy.Allocate`).
+        precision: one of :data:`PRECISIONS`: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a
+            gradient scaler) for the search and the retrain. Mask gradients are unscaled and accumulated in
+            float64 either way.
+        checkpoint_dir: write the training state there every ``checkpoint_every`` steps (atomically); called
+            again with the same directory, the same model, data and settings, the run resumes where it stopped
+            and gives the result an uninterrupted run gives. A directory of another run raises
+            :class:`~upop_fx.errors.CheckpointError`.
+        checkpoint_every: steps between checkpoints (and one at the end of each phase).
+
+    Runs where the model is (CPU or CUDA; batches are moved to its device). Inside an initialised
+    ``torch.distributed`` process group (``torchrun``) every rank trains on its own batches under
+    ``DistributedDataParallel``, mask gradients averaged across ranks; every rank keeps the same channels and
+    returns the same result; rank 0 alone logs and writes checkpoints.
 
     Raises:
         ConfigError, InputError, CaptureError, NoPrunableGroupError, SurgeryError — all :class:`UPopError`.
@@ -98,7 +118,8 @@ def compress(
     return run(
         model, example_inputs, strategy, ratio=ratio, data=data, loss_fn=loss_fn,
         search_steps=search_steps if method == "upop" else 0, retrain_steps=retrain_steps, lr=lr, budget=budget,
-        granularity=granularity, round_to=round_to, seed=seed,
+        granularity=granularity, round_to=round_to, seed=seed, precision=precision,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
     )  # fmt: skip
 
 
@@ -188,9 +209,12 @@ class UPop:
         """A copy of the current mask values."""
         return self.state.mask_values()
 
-    def step(self) -> float:
-        """Call once per training step, after ``backward()``; returns π_t."""
-        return self.state.step()
+    def step(self, grad_scale: float = 1.0) -> float:
+        """Call once per training step, after ``backward()``; returns π_t. With a ``torch.amp.GradScaler``, pass
+        ``scaler.get_scale()`` of that backward: the mask gradients are unscaled before they are accumulated.
+        Under ``DistributedDataParallel`` (wrap :attr:`model` yourself) the mask gradients arrive averaged, and
+        every re-selection checks that all ranks chose the same entries."""
+        return self.state.step(grad_scale)
 
     def keep(self) -> dict[int, list[int]]:
         """Kept channel indices per group, as the current selection stands."""

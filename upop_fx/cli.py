@@ -1,6 +1,7 @@
 """The ``upop-fx`` command: compress a model from the shell, keep the artifacts, time them.
 
     upop-fx compress MODEL --ratio 0.5 --out DIR [--method upop|magnitude] [--data PATH] ...
+    torchrun --nproc_per_node 2 -m upop_fx.cli compress MODEL ...    (data-parallel; rank 0 writes DIR)
     upop-fx bench DIR
 
 MODEL is a local Hugging Face model directory (loaded offline) or ``module:function`` returning
@@ -10,22 +11,26 @@ MODEL is a local Hugging Face model directory (loaded offline) or ``module:funct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, SCORES, compress
+from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, SCORES, compress
 from .artifacts import load, save
 from .bench import time_pair
 from .errors import ConfigError, InputError, UPopError
 from .pipeline import check_options
+from .search.train import to_device
 
 __all__ = ["main", "load_source", "text_batches"]
 
@@ -42,6 +47,13 @@ COMPRESS_EPILOG = """examples:
   upop-fx compress ./all-MiniLM-L6-v2 --ratio 0.5 --out small/ --method magnitude
   upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/ --search-steps 200
   upop-fx compress mypkg.models:build --ratio 0.3 --out small/ --budget flops --round-to 8
+  upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/ --checkpoint ckpt/ --precision bf16
+  torchrun --nproc_per_node 4 -m upop_fx.cli compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/
+
+With --checkpoint, the search and the retrain write their state to that directory every --checkpoint-every
+steps; the same command run again resumes where it stopped (and refuses a directory of another run).
+Under torchrun each rank trains on its share of the --data batches (every world-size-th batch) on
+cuda:LOCAL_RANK when GPUs are present (gloo on CPU, NCCL on GPU); rank 0 alone logs and writes.
 
 MODEL is a local Hugging Face model directory (config.json + weights; loaded offline, never downloaded)
 or module:function, a Python callable returning (model, example_inputs). DIR receives model.pt2,
@@ -79,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq", type=int, default=128, help="tokens per text example (default 128)")
     c.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto", help="where to train: auto (cuda when present; default), cpu, "
+                   "cuda or cuda:N")
+    c.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default), bf16 (autocast) or fp16 (autocast and a gradient scaler)")
+    c.add_argument("--checkpoint", metavar="CKPT", help="checkpoint directory: written during the run, resumed "
+                   "from when the command runs again")
+    c.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints "
+                   "(default 50)")
     c.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
     c.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
     c.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -190,22 +210,69 @@ def _compress(args: argparse.Namespace) -> int:
     if not 0.0 <= args.ratio < 1.0:
         raise ConfigError(f"--ratio must be in [0, 1), got {args.ratio}")
     check_options(args.ratio, args.budget, args.granularity, args.round_to, args.seed)  # before the slow load
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise InputError(f"{out} exists and is not empty (use --force to replace it)")
-    model, example, batches = load_source(args.model, args.seq, args.batch_size, args.data)
-    t0 = time.perf_counter()
-    result = compress(
-        model, example, args.ratio, args.method, data=batches, search_steps=args.search_steps,
-        retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
-        round_to=args.round_to, seed=args.seed, score=args.score, allocate=args.allocate,
-    )  # fmt: skip
-    source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
-              "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
-    save(result, example, out, force=args.force, onnx=not args.no_onnx, extra={"cli": source})
+    with _process_group() as (rank, world):
+        device = _device(args.device, world > 1)
+        model, example, batches = load_source(args.model, args.seq, args.batch_size, args.data)
+        if batches is not None and world > 1:  # each rank trains on its share of the batches
+            batches = batches[rank::world]
+            if not batches:
+                raise InputError(f"--data gives fewer batches than the {world} ranks")
+        model = model.to(device)
+        example = to_device(example, device)
+        t0 = time.perf_counter()
+        result = compress(
+            model, example, args.ratio, args.method, data=batches, search_steps=args.search_steps,
+            retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
+            round_to=args.round_to, seed=args.seed, score=args.score, allocate=args.allocate,
+            precision=args.precision, checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        )  # fmt: skip
+        if rank != 0:
+            return 0
+        source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
+                  "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2),
+                  "device": str(device), "ranks": world, "precision": args.precision}
+        save(result, example, out, force=args.force, onnx=not args.no_onnx, extra={"cli": source})
     print(result.report.table())
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[tuple[int, int]]:
+    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is created for the
+    command (NCCL when CUDA is present, else gloo) and destroyed after it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def _device(spec: str, distributed: bool) -> torch.device:
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if distributed else torch.cuda.current_device())
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {spec!r} is not a device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return device
 
 
 def _bench(args: argparse.Namespace) -> int:

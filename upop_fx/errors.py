@@ -24,6 +24,8 @@ __all__ = [
     "ExportError",
     "KernelInputError",
     "KernelDtypeError",
+    "CheckpointError",
+    "DistributedMismatchError",
 ]
 
 
@@ -73,3 +75,12 @@ class KernelInputError(UPopError, ValueError):
 
 class KernelDtypeError(KernelInputError, TypeError):
     """An input of the wrong type or dtype (also a ``TypeError``)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint directory that cannot be resumed here: written for another model or other settings, or
+    unreadable."""
+
+
+class DistributedMismatchError(UPopError):
+    """Ranks of a data-parallel run that must agree (the dense model, the selected entries) do not."""

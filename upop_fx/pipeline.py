@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,15 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import capture
+from .capture import capture, get_capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
 from .passes import FindGroups, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
 from .report import GroupRow, Report, count_flops, count_params
+from .search import distributed
+from .search.checkpoint import Checkpointer
 from .search.strategy import Prepared, Selection, Strategy
-from .search.train import Batches, has_task_loss, make_objective, retrain
+from .search.train import PRECISIONS, Batches, Training, has_task_loss, make_objective, retrain
 from .structures import (
     BUDGETS,
     GRANULARITIES,
@@ -46,7 +51,7 @@ from .structures import (
     removed_fraction,
 )
 
-__all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded"]
+__all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,8 @@ def prepare(
     """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries."""
     check_options(ratio, budget, granularity, round_to, 0)
     cap = capture(model, example_inputs)
+    if distributed.active():  # every rank must start from the same dense model
+        distributed.check_same(_weights_checksum(cap.gm), "the dense model's weights (build or load it alike on every rank)")
     analysis = FindGroups()(cap.gm).value
     analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, budget)
@@ -138,17 +145,32 @@ def run(
     granularity: str = "upop",
     round_to: int = 1,
     seed: int = 0,
+    precision: str = "fp32",
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
 ) -> Result:
     """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
     ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
     check_options(ratio, budget, granularity, round_to, seed)
     check_int("retrain_steps", retrain_steps, 0)
+    check_choice("precision", precision, PRECISIONS)
+    check_int("checkpoint_every", checkpoint_every, 1)
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable, not {type(loss_fn).__name__}")
     if data is not None and not isinstance(data, Iterable):
         raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
-    with seeded(seed, model):
+    with distributed.quiet_ranks(), seeded(seed, model):
         prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to)
+        settings = {
+            "strategy": strategy.name, "strategy_config": getattr(strategy, "config", dict)(), "ratio": ratio,
+            "budget": budget, "granularity": granularity, "round_to": round_to, "seed": seed,
+            "search_steps": search_steps, "retrain_steps": retrain_steps, "lr": lr, "precision": precision,
+            "loss": "loss_fn" if loss_fn is not None else "default",
+        }  # fmt: skip
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = Checkpointer(checkpoint_dir, checkpoint_every, fingerprint(prepared.captured.gm, settings))
+        prepared.training = Training(precision, checkpoint)
         teacher = prepared.captured.gm
         info = prepared.captured.info
         example = info.kwargs or info.args
@@ -160,13 +182,34 @@ def run(
         batches.require(search_steps + retrain_steps)
         result = cut(prepared, strategy.select(prepared, batches, objective), strategy.name)
         if retrain_steps:  # retrain() checks that the data holds its steps
-            result.losses["retrain"] = retrain(result.model, teacher, batches, loss_fn, retrain_steps, lr, example)
+            result.losses["retrain"] = retrain(
+                result.model, teacher, batches, loss_fn, retrain_steps, lr, example, training=prepared.training
+            )
     log.info(
         "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
         type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
         result.report.flops_before, result.report.flops_after,
     )  # fmt: skip
     return result
+
+
+def fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run for its checkpoints: the captured graph's code, a hash of its weights and of the
+    example inputs, the settings and the number of ranks."""
+    info = get_capture(gm)
+    leaves = [t for t in torch.utils._pytree.tree_leaves((info.args, info.kwargs)) if isinstance(t, torch.Tensor)]
+    return {
+        "model": info.model_name,
+        "graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16],
+        "weights": f"{_weights_checksum(gm):.0f}",
+        "example_inputs": f"{distributed.checksum(leaves):.0f}",
+        "settings": json.loads(json.dumps(settings, default=str)),
+        "ranks": distributed.world_size(),
+    }
+
+
+def _weights_checksum(gm: torch.nn.Module) -> float:
+    return distributed.checksum([t for _, t in sorted(gm.state_dict().items())])
 
 
 def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, list[int]], method: str,

@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..groups import GroupAnalysis
 from ..structures import Entry, Structure
 from .ranking import select_pruned
-from .train import Batches, Objective
+from .train import Batches, Objective, Training
 
 __all__ = ["Prepared", "Selection", "Strategy", "Allocate", "unified", "uniform", "ALLOCATIONS", "allocation"]
 
@@ -63,6 +63,7 @@ class Prepared:
     budget: str
     granularity: str
     round_to: int = 1
+    training: Training | None = None  #: precision and checkpoints of the run's training phases
 
 
 @dataclass

@@ -27,16 +27,22 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from ..capture import normalize_inputs
-from ..errors import InputError
+from ..errors import ConfigError, InputError
+from . import distributed
+from .checkpoint import Checkpointer, rng_state, set_rng_state
 
-__all__ = ["Batches", "Objective", "call", "distillation_loss", "make_objective", "train_steps", "retrain"]
+__all__ = [
+    "Batches", "Objective", "Training", "PRECISIONS", "PhaseState", "AfterStep", "call", "distillation_loss",
+    "make_objective", "to_device", "train_steps", "retrain",
+]
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +150,22 @@ class Batches:
         if empty:
             raise InputError("data is empty" if self.read == 0 else f"data ran out after {self.read} batches")
 
-    def take(self, steps: int) -> Iterator[Any]:
-        """The next ``steps`` batches: a re-iterable starts a fresh epoch, a one-shot iterator continues."""
+    def take(self, steps: int, skip: int = 0) -> Iterator[Any]:
+        """The next ``steps`` batches: a re-iterable starts a fresh epoch, a one-shot iterator continues.
+
+        ``skip``: the first ``skip`` of them are read and dropped (a resumed phase continues where its
+        checkpoint stopped: the same batches as an uninterrupted run, provided ``data`` gives them in the same
+        order). A phase resumed complete (``skip == steps``) reads nothing from a re-iterable, and its
+        ``steps`` batches from a one-shot iterator.
+        """
+        if skip:
+            if skip >= steps and not self.one_shot:
+                return
+            it = self.take(steps)
+            for _ in itertools.islice(it, skip):
+                pass
+            yield from it
+            return
         if self.data is None:
             yield from itertools.repeat(self.example, steps)
             return
@@ -190,34 +210,146 @@ class Batches:
         yield from it
 
 
+@dataclass
+class Training:
+    """How the training phases of a run go: ``precision`` (one of :data:`PRECISIONS`) and, optionally, a
+    :class:`~upop_fx.search.checkpoint.Checkpointer`. Inside an initialised process group the model trains under
+    ``DistributedDataParallel`` (:mod:`upop_fx.search.distributed`)."""
+
+    precision: str = "fp32"
+    checkpoint: Checkpointer | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+#: ``"fp32"``; ``"bf16"``: autocast to bfloat16; ``"fp16"``: autocast to float16 with a gradient scaler.
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PhaseState(Protocol):
+    """What a phase keeps beside the model and optimizer in its checkpoint (UPop: scores, selection, π_t)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+#: ``after_step(i, grad_scale) -> note``: runs after each optimizer step; ``grad_scale`` is the factor the
+#: gradients of that step were multiplied by (the fp16 loss scale; 1.0 otherwise).
+AfterStep = Callable[[int, float], str]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested in dicts, lists and tuples) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True) if batch.device != device else batch
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
 def train_steps(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
     objective: Objective,
-    batches: Iterable[Any],
+    batches: Batches,
     steps: int,
     lr: float,
     desc: str,
-    after_step: Callable[[int, float], str] | None = None,
+    after_step: AfterStep | None = None,
     log_every: int | None = None,
+    *,
+    training: Training | None = None,
+    phase: str | None = None,
+    state: PhaseState | None = None,
 ) -> list[float]:
-    """``steps`` AdamW steps of ``objective`` on ``batches``; ``after_step(i, loss)`` runs after each optimizer
-    step and returns a progress note. A progress bar on a terminal only; the same progress at INFO in logs."""
+    """``steps`` AdamW steps of ``objective`` on ``steps`` batches of ``batches``; returns the step losses.
+
+    Runs where ``model`` is (batches are moved to its device), in ``training.precision``, under
+    ``DistributedDataParallel`` inside a process group (losses then averaged over ranks). With a checkpointer,
+    the phase named ``phase`` resumes from its last checkpoint (model, optimizer, scaler, ``state``, RNG, data
+    position) and writes one every ``training.checkpoint.every`` steps. Losses are read from the device only
+    when they are logged or checkpointed. A progress bar on a terminal of rank 0 only; the same progress at
+    INFO in logs.
+    """
+    training = training or Training()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    every = log_every or max(1, steps // 5)
+    scaler = torch.amp.GradScaler(device.type) if training.precision == "fp16" else None
+    ckpt = training.checkpoint if phase is not None else None
     losses: list[float] = []
-    bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
-    for i, batch in enumerate(bar):
-        loss = objective(model, batch)
-        loss.backward()
-        opt.step()
+    start = 0
+    saved = ckpt.load(phase) if ckpt is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        if state is not None:
+            state.load_state_dict(saved["state"])
+        set_rng_state(saved["rng"])
+        losses, start = list(saved["losses"]), int(saved["step"])
+    if start >= steps:
+        for _ in batches.take(steps, skip=steps):  # a one-shot iterator moves past this phase's batches
+            pass
+        return losses
+    net = distributed.wrap(model)
+    every = log_every or max(1, steps // 5)
+    autocast = _AUTOCAST.get(training.precision)
+    pending: list[torch.Tensor] = []
+    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, disable=None if distributed.is_main() else True)
+    note = ""
+    for i, batch in enumerate(batches.take(steps, skip=start), start):
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = objective(net, batch)
+        grad_scale = 1.0
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            grad_scale = float(scaler.get_scale())
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        note = after_step(i, losses[-1]) if after_step is not None else ""
-        bar.set_postfix_str(f"loss={losses[-1]:.4f} {note}".strip(), refresh=False)
-        if (i + 1) % every == 0 or i + 1 == steps:
-            log.info("%s step %d/%d: loss=%.5f %s", desc, i + 1, steps, losses[-1], note)
+        pending.append(loss.detach().float())
+        note = after_step(i, grad_scale) if after_step is not None else ""
+        bar.update(1)
+        done = i + 1
+        save = ckpt is not None and ckpt.due(done, steps)
+        if done % every == 0 or done == steps or save:
+            losses += _gathered(pending)
+            pending.clear()
+            bar.set_postfix_str(f"loss={losses[-1]:.4f} {note}".strip(), refresh=False)
+            if done % every == 0 or done == steps:
+                log.info("%s step %d/%d: loss=%.5f %s", desc, done, steps, losses[-1], note)
+        if save:
+            ckpt.save(phase, {  # type: ignore[union-attr]
+                "step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "state": state.state_dict() if state is not None else None, "rng": rng_state(), "losses": losses,
+            })  # fmt: skip
+    bar.close()
     return losses
+
+
+def _gathered(pending: list[torch.Tensor]) -> list[float]:
+    """The pending step losses as floats (one device read), averaged over ranks inside a process group."""
+    if not pending:
+        return []
+    values = torch.stack(pending)
+    if distributed.active():
+        values = values.to(torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(values)
+        values = values / distributed.world_size()
+    return values.tolist()
 
 
 def retrain(
@@ -228,14 +360,19 @@ def retrain(
     steps: int,
     lr: float,
     example_inputs: Any,
+    *,
+    training: Training | None = None,
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
     The loss is ``loss_fn`` when given, else the model's own ``.loss`` when ``example_inputs`` carry ``labels``,
     else distillation from ``teacher``. ``data`` as in :class:`Batches` (or a :class:`Batches` to continue).
+    ``training``: precision and checkpoints (phase ``"retrain"``), see :func:`train_steps`.
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
-    objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example_inputs))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = to_device(example_inputs, device)
+    objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example))
     params = [p for p in model.parameters() if p.requires_grad]
-    return train_steps(model, params, objective, batches.take(steps), steps, lr, "retrain")
+    return train_steps(model, params, objective, batches, steps, lr, "retrain", training=training, phase="retrain")

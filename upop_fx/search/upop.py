@@ -46,10 +46,10 @@ import torch
 from ..errors import ConfigError, UPopError
 from ..passes import InsertMasks, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
-from ..passes.insert_masks import MASK_MODULE
 from ..structures import check_int
+from . import distributed
 from .strategy import Allocate, Prepared, Selection, allocation, checked
-from .train import Batches, Objective, train_steps
+from .train import Batches, Objective, Training, train_steps
 
 __all__ = ["UPopSearch", "UPopState", "schedule", "SCORES"]
 
@@ -68,7 +68,8 @@ class UPopSearch:
     re-selecting every ``interval`` steps. ``score`` is ``"gradient"`` (the paper's signed accumulated mask
     gradient) or ``"sensitivity"`` (accumulated ``|gradient|``); ``allocate`` replaces the unified ranking (a
     name in ``ALLOCATIONS`` or a callable, see :data:`~upop_fx.search.strategy.Allocate`), keeping the scores,
-    the schedule and the mask updates. On CUDA the masked attention runs in the fused kernel."""
+    the schedule and the mask updates. On CUDA the masked attention runs in the fused kernel (``fuse=False``:
+    the masked graph as it is, e.g. to compare the two)."""
 
     name = "upop"
 
@@ -79,6 +80,7 @@ class UPopSearch:
         score: str = "gradient",
         lr: float = 1e-4,
         allocate: str | Allocate | None = None,
+        fuse: bool = True,
     ) -> None:
         check_int("total_steps", total_steps, 1)
         check_int("interval", interval, 1)
@@ -88,6 +90,14 @@ class UPopSearch:
             raise ConfigError(f"lr must be a non-negative number, got {lr!r}")
         allocation(allocate)
         self.total_steps, self.interval, self.score, self.lr, self.allocate = total_steps, interval, score, lr, allocate
+        self.fuse = bool(fuse)
+
+    def config(self) -> dict[str, Any]:
+        """The settings that decide the search's result (what a checkpoint must have been written with)."""
+        allocate = self.allocate if self.allocate is None or isinstance(self.allocate, str) else (
+            f"{getattr(self.allocate, '__module__', '?')}.{getattr(self.allocate, '__qualname__', '?')}")
+        return {"total_steps": self.total_steps, "interval": self.interval, "score": self.score, "lr": self.lr,
+                "allocate": allocate}
 
     def start(self, prepared: Prepared) -> UPopState:
         """The masked graph and the search state, ready for the first training step."""
@@ -98,12 +108,12 @@ class UPopSearch:
             raise ConfigError("the UPop search trains: it needs an objective")
         state = self.start(prepared)
 
-        def after(i: int, loss: float) -> str:
-            return f"pi={state.step():.4f}"
+        def after(i: int, grad_scale: float) -> str:
+            return f"pi={state.step(grad_scale):.4f}"
 
         losses = train_steps(
-            state.model, list(state.parameters()), objective, batches.take(self.total_steps), self.total_steps,
-            self.lr, "upop search", after, log_every=self.interval,
+            state.model, list(state.parameters()), objective, batches, self.total_steps, self.lr, "upop search",
+            after, log_every=self.interval, training=prepared.training or Training(), phase="search", state=state,
         )  # fmt: skip
         return state.selection(losses)
 
@@ -118,7 +128,8 @@ class UPopState:
         masked = InsertMasks(prepared.granularity, prepared.budget)(prepared.captured.gm)
         if not masked.modified:
             raise UPopError("nothing to mask: the analysis found prunable groups but no producer to mask")
-        self.model: torch.fx.GraphModule = FuseMaskedAttention(device="cuda")(masked.gm).gm  # a no-op off CUDA
+        # on CUDA the masked attention sites run in the Triton kernel; a no-op off CUDA
+        self.model: torch.fx.GraphModule = FuseMaskedAttention(device="cuda")(masked.gm).gm if search.fuse else masked.gm
         self.state = get_masks(self.model)
         self._masks = self.state.masks(self.model)
         self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
@@ -141,15 +152,23 @@ class UPopState:
     def mask_values(self) -> list[torch.Tensor]:
         return [m.detach().clone() for m in self._masks]
 
-    def step(self) -> float:
+    def step(self, grad_scale: float = 1.0) -> float:
         """Call once per training step, after ``backward()``: accumulates the mask gradients and, every
-        ``interval`` steps and at the last one, re-selects the entries to prune and sets the masks."""
+        ``interval`` steps and at the last one, re-selects the entries to prune and sets the masks.
+
+        ``grad_scale``: the factor the gradients were scaled by (``GradScaler.get_scale()`` under fp16): the
+        mask gradients are divided by it, in float64, before they are accumulated, and a mask gradient that is
+        not finite (a step the scaler skips) is not accumulated. Runs on the masks' device; reads nothing back
+        to the host except at a re-selection."""
         if self.t >= self.total_steps:
             raise UPopError(f"the search has already run its {self.total_steps} steps; call finalize()")
         sensitivity = self.search.score == "sensitivity"
         for m, s in zip(self._masks, self.scores):
             if m.grad is not None:
                 g = m.grad.detach().double()
+                if grad_scale != 1.0:
+                    g = g / grad_scale
+                    g = torch.where(torch.isfinite(g).all(), g, torch.zeros_like(g))
                 s += g.abs() if sensitivity else g
                 m.grad = None
         last = self.t == self.total_steps - 1
@@ -165,6 +184,7 @@ class UPopState:
         importance = scores if self.search.score == "sensitivity" else -scores
         entries = self.state.entries
         self.pruned = checked(self._allocate(importance, entries, self.state.structures, pi), entries)
+        distributed.check_same(distributed.checksum([self.pruned]), f"the entries selected at step {self.t}")
         value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
         with torch.no_grad():
             for s, (a, b) in enumerate(self.state.entry_slices):
@@ -173,13 +193,32 @@ class UPopState:
                 self._masks[s].copy_(m)
         log.debug("step %d: pi=%.4f, %d entries marked", self.t, pi, int(self.pruned.sum()))
 
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The search's own state (the masks and weights are the model's): step, π_t, scores, selection."""
+        return {"t": self.t, "pi": self.pi, "scores": [s.detach().cpu() for s in self.scores],
+                "pruned": self.pruned.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["scores"]
+        if len(saved) != len(self.scores) or any(a.shape != b.shape for a, b in zip(saved, self.scores)):
+            raise UPopError("the saved search state does not fit this model's masks")
+        self.t, self.pi = int(state["t"]), float(state["pi"])
+        for s, v in zip(self.scores, saved):
+            s.copy_(v)
+        self.pruned = np.asarray(state["pruned"], dtype=bool).copy()
+
     # --------------------------------------------------------------- result
     def dense_trained(self) -> torch.fx.GraphModule:
-        """The captured graph carrying the weights trained during the search (masks left out)."""
-        gm = copy.deepcopy(self.prepared.captured.gm)
-        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(f"{MASK_MODULE}.")}
-        gm.load_state_dict(state, strict=True)
-        return gm
+        """The captured graph carrying the weights trained during the search (masks left out). Its parameters
+        and buffers *are* the masked model's (shared, not copied): the search holds no third copy of the model."""
+        teacher = self.prepared.captured.gm
+        student = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        own = dict(teacher.named_parameters()) | dict(teacher.named_buffers())
+        missing = sorted(set(own) - set(student))
+        if missing:
+            raise UPopError(f"the masked model lacks the dense graph's tensors {missing[:3]}")
+        return copy.deepcopy(teacher, {id(t): student[name] for name, t in own.items()})
 
     def selection(self, losses: list[float] | None = None) -> Selection:
         """The entries marked at the last step, the trained dense graph to cut, and the final masked graph

@@ -1,0 +1,117 @@
+"""Data-parallel training with ``torch.distributed``: what the search and the retrain need of it, and no more.
+
+When ``compress`` runs inside an initialised process group of more than one rank (``torchrun``, or your own
+``init_process_group``), every rank runs the same pipeline on its own shard of the data:
+
+* the model being trained is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` (:func:`wrap`), so
+  the weight gradients *and the mask gradients* are averaged across ranks before the optimizer step and before
+  UPop accumulates its scores — every rank accumulates the same scores;
+* every re-selection checks that all ranks chose the same entries (:func:`check_same`: one all-reduce of a
+  checksum; a mismatch raises), and at the start the dense model is checked to be the same on every rank;
+* rank 0 alone logs (at INFO and below), shows progress and writes files (:func:`is_main`, :func:`quiet_ranks`).
+
+gloo on CPU, NCCL on GPU — whatever backend the process group was created with. Shard the data yourself, e.g.
+with a ``DistributedSampler``: each rank's batches are its share of the global batch.
+
+Outside a process group (or with one rank) every function here is a no-op.
+
+Example:
+    >>> from upop_fx.search.distributed import active, is_main, world_size
+    >>> active(), is_main(), world_size()
+    (False, True, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import DistributedMismatchError
+
+__all__ = ["active", "rank", "world_size", "is_main", "wrap", "unwrap", "check_same", "checksum", "quiet_ranks",
+           "DistributedMismatchError"]
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, and outside a process group."""
+    return rank() == 0
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` when :func:`active`, else ``model``.
+
+    Unused parameters are allowed (a task loss may not reach every output's weights); on CUDA the model's
+    device is the DDP device."""
+    if not active():
+        return model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def checksum(arrays: list[np.ndarray | torch.Tensor]) -> float:
+    """A number that differs, with overwhelming probability, when any of ``arrays`` differs (bit-exact):
+    the first 6 bytes of their SHA-256, as an integer exactly representable in float64."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, torch.Tensor):  # any dtype (bf16 too): hash the raw bytes
+            h.update(str((a.dtype, tuple(a.shape))).encode())
+            a = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        else:
+            a = np.ascontiguousarray(a)
+            h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return float(int.from_bytes(h.digest()[:6], "big"))
+
+
+def check_same(value: float, what: str) -> None:
+    """Raise :class:`DistributedMismatchError` unless every rank passes the same ``value``: one all-reduce of
+    ``(value, -value)`` with MAX. A no-op outside a process group."""
+    if not active():
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = float(t[0]), -float(t[1])
+    if hi != value or lo != value:
+        raise DistributedMismatchError(
+            f"rank {rank()} of {world_size()}: the ranks disagree on {what} (checksums from {lo:.0f} to {hi:.0f})"
+        )
+
+
+@contextlib.contextmanager
+def quiet_ranks() -> Iterator[None]:
+    """Within the block, ranks other than 0 log only warnings and errors (the ``upop_fx`` loggers)."""
+    if is_main():
+        yield
+        return
+    logger = logging.getLogger("upop_fx")
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
