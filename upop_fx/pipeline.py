@@ -185,11 +185,11 @@ def run(
             result.losses["retrain"] = retrain(
                 result.model, teacher, batches, loss_fn, retrain_steps, lr, example, training=prepared.training
             )
-    log.info(
-        "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
-        type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
-        result.report.flops_before, result.report.flops_after,
-    )  # fmt: skip
+        log.info(
+            "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
+            type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
+            result.report.flops_before, result.report.flops_after,
+        )  # fmt: skip
     return result
 
 

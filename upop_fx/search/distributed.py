@@ -59,13 +59,14 @@ def is_main() -> bool:
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` when :func:`active`, else ``model``.
 
-    Unused parameters are allowed (a task loss may not reach every output's weights); on CUDA the model's
-    device is the DDP device."""
+    The graph is static (a captured graph has no control flow), so DDP runs with ``static_graph=True``: the
+    parameters a loss never reaches (an output the task loss ignores) are found in the first step, with no
+    graph traversal on later ones. On CUDA the model's device is the DDP device."""
     if not active():
         return model
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,93 @@
+"""Data-parallel search and retrain: two gloo ranks (torch.multiprocessing, a file store) against one process over
+the same global batches; the ranks' agreement checks; the CLI under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import upop_fx
+from upop_fx.search import distributed
+
+from . import scaleout
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+def _spawn(tmp_path: Path, mode: str) -> list[dict]:
+    out = tmp_path / "result"
+    mp.spawn(scaleout.ddp_worker, args=(2, str(tmp_path / "store"), str(out), mode), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+
+
+def _jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
+    sa = {(g, c) for g, cs in a.items() for c in cs}
+    sb = {(g, c) for g, cs in b.items() for c in cs}
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(tmp_path):
+    ranks = _spawn(tmp_path, "shard")
+    assert all("error" not in r for r in ranks), ranks
+    r0, r1 = ranks
+    assert r0["keep"] == r1["keep"]
+    assert r0["losses"] == r1["losses"]  # averaged over ranks: the same numbers on both
+    assert torch.equal(r0["output"], r1["output"])
+    torch.set_num_threads(1)
+    data = scaleout.global_batches()
+    single = upop_fx.compress(
+        scaleout.encoder(), data[0][0], 0.5, data=data, loss_fn=scaleout.mse, search_steps=scaleout.SEARCH,
+        retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL, lr=1e-3,
+    )  # fmt: skip
+    # averaging the two halves' gradients is the global batch's gradient, up to float rounding
+    assert _jaccard(r0["keep"], single.keep) >= 0.9
+    for a, b in zip(r0["losses"]["search"], single.losses["search"]):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
+
+
+def test_ranks_with_different_models_are_refused(tmp_path):
+    ranks = _spawn(tmp_path, "models_differ")
+    for r in ranks:
+        assert r.get("error") == "DistributedMismatchError", r
+        assert "dense model's weights" in r["message"]
+
+
+def test_ranks_that_select_differently_are_refused(tmp_path):
+    ranks = _spawn(tmp_path, "selection_differs")
+    for r in ranks:
+        assert r.get("error") == "DistributedMismatchError", r
+        assert "entries selected" in r["message"]
+
+
+def test_outside_a_process_group_nothing_is_distributed():
+    model = torch.nn.Linear(3, 3)
+    assert distributed.wrap(model) is model
+    assert distributed.world_size() == 1 and distributed.is_main()
+    distributed.check_same(1.0, "anything")  # a no-op
+    assert distributed.checksum([torch.ones(3)]) == distributed.checksum([torch.ones(3)])
+    assert distributed.checksum([torch.ones(3)]) != distributed.checksum([torch.ones(3, dtype=torch.bfloat16)])
+
+
+def test_cli_under_torchrun(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "upop_fx.cli", "compress", "tests.scaleout:build", "--ratio", "0.5", "--out", str(tmp_path / "small"),
+        "--search-steps", "4", "--retrain-steps", "2", "--no-onnx", "--checkpoint", str(tmp_path / "ckpt"),
+        "--checkpoint-every", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes
+    report = (tmp_path / "small" / "report.json").read_text()
+    assert '"ranks": 2' in report
+    assert (tmp_path / "ckpt" / "search.pt").is_file()
+    small = upop_fx.load(tmp_path / "small")
+    assert small(torch.randn(3, 7, scaleout.D)).shape == (3, 7, scaleout.D)
