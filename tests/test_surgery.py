@@ -11,6 +11,7 @@ from upop_fx.errors import SurgeryCheckError, SurgeryError
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.passes.blocks import compact
 from upop_fx.passes.rules import REWRITES, key_of
+from upop_fx.passes.surgery import removed_labels, zeroed_reference
 
 from .models import ZOO
 
@@ -41,6 +42,45 @@ def test_surgery_is_functional_and_dense(bert):
     # the head-dim literal was rewritten explicitly: no -1 left on a channel axis of a head split
     views = [n for n in result.gm.graph.nodes if n.target == torch.ops.aten.view.default]
     assert any(list(n.args[1])[-2:] == [4, 4] for n in views)
+
+
+def test_surgery_output_owns_its_tensors_and_the_reference_zeroes_copies(bert):
+    """Surgery starts from the input's tensors (no full-size copy) but returns a module sharing none of them; the
+    zeroed reference never zeroes the input's own tensors."""
+    zoo, cap, analysis = bert
+    keep = {g.id: list(range(0, g.width, 2)) for g in analysis.prunable}
+    before = {k: v.clone() for k, v in cap.gm.state_dict().items()}
+    small = Surgery(keep)(cap.gm).gm
+    theirs = {id(t) for t in [*cap.gm.parameters(), *cap.gm.buffers()]}
+    assert not theirs & {id(t) for t in [*small.parameters(), *small.buffers()]}
+    removed = removed_labels(analysis, keep)
+    for share in (True, False):
+        ref = zeroed_reference(cap.gm, removed, share=share)
+        mine = {id(t) for t in [*ref.parameters(), *ref.buffers()]}
+        assert bool(theirs & mine) == share
+    for k, v in cap.gm.state_dict().items():
+        assert torch.equal(before[k], v)
+
+
+def test_tied_weights_stay_tied_in_an_owned_copy():
+    from upop_fx.passes.base import copy_structure, own_tensors
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    gm = torch.fx.symbolic_trace(Tied())
+    new = copy_structure(gm)
+    assert new.emb.weight is gm.emb.weight
+    own_tensors(new, gm)
+    assert new.emb.weight is new.head.weight and new.emb.weight is not gm.emb.weight
+    assert torch.equal(new.emb.weight, gm.emb.weight)
 
 
 def test_wrong_rewrite_is_caught(bert, monkeypatch):

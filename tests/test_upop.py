@@ -223,3 +223,20 @@ def test_allocate_must_return_one_flag_per_entry(tiny):
     pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=2, allocate=lambda imp, e, s, pi: np.zeros(3, bool))
     with pytest.raises(UPopError, match="allocate returned shape"):
         _run_loop(pruner, model, data, 1)
+
+
+def test_the_trained_dense_graph_shares_the_students_tensors():
+    """No third copy of the model: the graph cut after the search holds the masked student's own tensors."""
+    model = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 32)
+    pruner = upop_fx.UPop(model, x, ratio=0.5, total_steps=2, interval=1)
+    for _ in range(2):
+        pruner.model(x).pow(2).mean().backward()
+        pruner.step()
+    dense = pruner.state.dense_trained()
+    student = dict(pruner.model.named_parameters())
+    for name, p in dense.named_parameters():
+        assert p is student[name]
+    teacher = {id(p) for p in pruner.teacher.parameters()}
+    assert not teacher & {id(p) for p in dense.parameters()}

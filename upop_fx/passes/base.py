@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -37,7 +38,7 @@ import torch
 
 from ..errors import PostconditionError, PreconditionError
 
-__all__ = ["PassResult", "GraphPass", "fingerprint"]
+__all__ = ["PassResult", "GraphPass", "fingerprint", "copy_structure", "own_tensors"]
 
 T = TypeVar("T")
 
@@ -49,6 +50,29 @@ class PassResult(Generic[T]):
     gm: torch.fx.GraphModule
     modified: bool
     value: T
+
+
+def copy_structure(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of ``gm``'s graph, submodules and metadata whose parameters and buffers are ``gm``'s own
+    tensors (shared, not copied): a functional pass that replaces most tensors anyway starts from this and
+    calls :func:`own_tensors` at the end, so no full-size copy of the model exists at any moment."""
+    tensors = [*gm.parameters(), *gm.buffers()]
+    return copy.deepcopy(gm, {id(t): t for t in tensors})
+
+
+def own_tensors(new: torch.nn.Module, old: torch.nn.Module) -> None:
+    """Give ``new`` its own copy of every parameter and buffer it still shares with ``old`` (in place)."""
+    shared = {id(t) for t in [*old.parameters(), *old.buffers()]}
+    copies: dict[int, torch.Tensor] = {}  # one copy per tensor: tied weights stay tied
+    for module in new.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is not None and id(p) in shared:
+                if id(p) not in copies:
+                    copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[attr] = copies[id(p)]
+        for attr, b in list(module._buffers.items()):
+            if b is not None and id(b) in shared:
+                module._buffers[attr] = copies.setdefault(id(b), b.clone())
 
 
 def fingerprint(gm: torch.fx.GraphModule) -> tuple[Any, ...]:

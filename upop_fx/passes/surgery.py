@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from ..capture import get_capture, run_module
 from ..compare import relative_error
 from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
 from ..groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, copy_structure, own_tensors
 from .blocks import RAGGED, compact
 from .rules import REWRITES, key_of
 from .split_slots import split_ragged
@@ -58,10 +57,14 @@ class SurgeryInfo:
     max_error: float
 
 
-def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose removed channels are zeroed where they are produced (weight rows, biases)."""
+def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray, share: bool = False) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose removed channels are zeroed where they are produced (weight rows, biases).
+
+    ``share=True``: the tensors it does not zero are ``gm``'s own (for a read-only check that should not hold a
+    second full copy of the model); otherwise every tensor is copied."""
     analysis = get_analysis(gm)
-    ref = copy.deepcopy(gm)
+    ref = copy_structure(gm)
+    shared = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
     with torch.no_grad():
         for u in analysis.uses:
             if u.role != "out":
@@ -69,7 +72,11 @@ def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray) -> torch.fx.
             drop = np.nonzero(removed[u.labels])[0]
             if len(drop):
                 t = _get(ref, u.name)
+                if id(t) in shared:  # zero a copy, never gm's tensor
+                    t = _set(ref, u.name, t.detach().clone())
                 t.index_fill_(u.axis, torch.as_tensor(drop, device=t.device), 0)
+    if not share:
+        own_tensors(ref, gm)
     return ref
 
 
@@ -114,7 +121,7 @@ class Surgery(GraphPass[SurgeryInfo]):
         removed = removed_labels(analysis, self.keep)
         if not removed.any():
             return PassResult(gm, False, SurgeryInfo({}, [], 0.0))
-        new_gm = copy.deepcopy(gm)
+        new_gm = copy_structure(gm)  # sliced tensors are made anew; the rest is copied once slicing is done
         old_blocks = {n.name: n.meta.get(DIMS_KEY) for n in gm.graph.nodes}
         new_blocks = {name: _compact_any(b, removed, name) for name, b in old_blocks.items()}
         ctx = _Context(old_blocks, new_blocks, removed)
@@ -137,6 +144,7 @@ class Surgery(GraphPass[SurgeryInfo]):
             for key in (DIMS_KEY, "val", "tensor_meta"):
                 node.meta.pop(key, None)
         sliced = _slice_params(new_gm, analysis, removed)
+        own_tensors(new_gm, gm)
         new_gm.graph.lint()
         new_gm.recompile()
         new_gm.meta.pop(GROUPS_KEY, None)
@@ -148,7 +156,7 @@ class Surgery(GraphPass[SurgeryInfo]):
         if not result.modified:
             return
         info = get_capture(gm)
-        ref = zeroed_reference(gm, removed_labels(get_analysis(gm), self.keep))
+        ref = zeroed_reference(gm, removed_labels(get_analysis(gm), self.keep), share=True)
         try:
             out = run_module(result.gm, info.args, info.kwargs)
         except Exception as exc:
@@ -212,6 +220,16 @@ def _get(gm: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(gm.get_submodule(mod) if mod else gm, attr)
 
 
+def _set(gm: torch.nn.Module, name: str, data: torch.Tensor) -> torch.Tensor:
+    """Replace the parameter or buffer ``name`` of ``gm`` by ``data`` (a parameter stays a parameter)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    old = getattr(mod, attr)
+    new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
+    setattr(mod, attr, new)
+    return new
+
+
 def _slice_params(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np.ndarray) -> dict[str, Any]:
     keep: dict[tuple[str, int], np.ndarray] = {}
     for u in analysis.uses:
@@ -221,16 +239,11 @@ def _slice_params(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np
     for (name, axis), k in keep.items():
         if k.all():
             continue
-        mod_name, _, attr = name.rpartition(".")
-        mod = gm.get_submodule(mod_name) if mod_name else gm
-        old = getattr(mod, attr)
+        old = _get(gm, name)
         before = tuple(old.shape) if name not in sliced else sliced[name][0]
         idx = torch.as_tensor(np.nonzero(k)[0], device=old.device)
-        data = old.detach().index_select(axis, idx).clone()
+        data = old.detach().index_select(axis, idx)  # a new tensor
         assert data.shape[axis] == int(k.sum()), (name, axis)
-        if isinstance(old, torch.nn.Parameter):
-            setattr(mod, attr, torch.nn.Parameter(data, requires_grad=old.requires_grad))
-        else:
-            setattr(mod, attr, data)
+        _set(gm, name, data)
         sliced[name] = (before, tuple(data.shape))
     return sliced
