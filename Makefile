@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-accuracy bench-latency bench-kernels bench-digits lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-kernels bench-digits bench-memory gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ $(BENCH): $(STAMP)
 	touch $(BENCH)
 
 # Slow benchmarks: not part of `make test`; each writes benchmarks/results/<name>.json and .md.
-bench: bench-accuracy bench-latency bench-digits bench-kernels
+bench: bench-accuracy bench-latency bench-digits bench-kernels bench-memory
 
 bench-accuracy: $(BENCH)   ## MiniLM on BBC News: UPop vs magnitude vs Torch-Pruning
 	$(PY) -m benchmarks.accuracy_minilm
@@ -45,6 +45,14 @@ bench-digits: $(BENCH)     ## ViT and CLIP trained on digits, compressed 2x
 
 bench-kernels: $(BENCH)    ## Triton masked attention vs eager (needs a CUDA GPU)
 	$(PY) -m benchmarks.kernels
+
+bench-memory: $(STAMP)     ## peak memory of compressing a BERT-base-sized model, in model copies
+	$(PY) -m benchmarks.memory
+
+# The prepared GPU check (kernel tests on CUDA, kernel benchmark, search on CUDA): on a GPU machine without
+# a package registry run `PYTHONPATH=. bash benchmarks/gpu_check.sh gpu_results` with its own Python instead.
+gpu-check: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh gpu_results
 
 lint: $(STAMP)
 	$(PY) -m ruff check upop_fx tests benchmarks

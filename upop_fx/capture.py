@@ -1,8 +1,12 @@
 """Capture: ``nn.Module`` → ``torch.fx.GraphModule`` with torch.export (non-strict, default IR).
 
-The batch axis (axis 0 of every tensor input) and the sequence axis (axis 1 of integer token tensors of rank 2
-and of float tensors of rank 3) are made dynamic, so the captured graph — and everything made from it — runs at
-other batch sizes and sequence lengths than the example's.
+The batch axis (axis 0 of every tensor input: one shared ``Dim("batch")``, since the inputs of one call share
+their batch) and the sequence axis (axis 1 of integer token tensors of rank 2 and of float tensors of rank 3) are
+made dynamic, so the captured graph — and everything made from it — runs at other batch sizes and sequence
+lengths than the example's. Where the model fixes the batch size (a literal batch in a reshape), capture falls
+back to one automatic batch dim per input. A model whose config asks for a KV cache (``use_cache=True``, every
+Hugging Face decoder's default) is captured without it: the cache is an inference-time output, not part of the
+function being pruned.
 
 Example:
     >>> import torch
@@ -115,10 +119,10 @@ def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         return module(*args, **kwargs)
 
 
-def _dynamic_axes(t: Any) -> dict[int, Any] | None:
+def _dynamic_axes(t: Any, batch: Any) -> dict[int, Any] | None:
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return None
-    axes: dict[int, Any] = {0: Dim.AUTO}
+    axes: dict[int, Any] = {0: batch}
     is_tokens = not t.is_floating_point() and t.dim() == 2
     is_sequence = t.is_floating_point() and t.dim() == 3
     if (is_tokens or is_sequence) and t.shape[1] > 1:
@@ -126,8 +130,11 @@ def _dynamic_axes(t: Any) -> dict[int, Any] | None:
     return axes
 
 
-def dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Dynamic-shape spec keyed by the forward's parameter names (what torch.export expects for kwargs)."""
+def dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shared: bool = True) -> Any:
+    """Dynamic-shape spec keyed by the forward's parameter names (what torch.export expects for kwargs).
+
+    ``shared``: axis 0 of every input is one ``Dim("batch")``; otherwise each input gets its own ``Dim.AUTO``."""
+    batch = Dim("batch") if shared else Dim.AUTO
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as exc:
@@ -136,11 +143,11 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     for name, value in bound.arguments.items():
         param = bound.signature.parameters[name]
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
-            spec[name] = tuple(_dynamic_axes(v) for v in value)
+            spec[name] = tuple(_dynamic_axes(v, batch) for v in value)
         elif param.kind is inspect.Parameter.VAR_KEYWORD:
-            spec[name] = {k: _dynamic_axes(v) for k, v in value.items()}
+            spec[name] = {k: _dynamic_axes(v, batch) for k, v in value.items()}
         else:
-            spec[name] = _dynamic_axes(value)
+            spec[name] = _dynamic_axes(value, batch)
     return spec
 
 
@@ -167,16 +174,47 @@ def export_program(
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
+    _without_cache(work)
     try:
         run_module(work, args, kwargs)
     except Exception as exc:  # the model's own error, re-raised with context
         raise InputError(f"the model raises on example_inputs: {type(exc).__name__}: {exc}") from exc
     dynamic = dynamic_shapes(work, args, kwargs)
     try:
-        ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        try:
+            ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        except Exception as exc:  # the batch may be fixed by the model: one automatic dim per input then
+            if not _is_constraint_error(exc):
+                raise
+            log.info("%s fixes its batch size under one shared batch dim (%s); capturing with one automatic "
+                     "batch dim per input", type(model).__name__, str(exc).strip().splitlines()[0][:120])
+            dynamic = dynamic_shapes(work, args, kwargs, shared=False)
+            ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
         ) from exc
     return ep, args, kwargs, dynamic
+
+
+def _is_constraint_error(exc: Exception) -> bool:
+    """A dynamic-shape constraint the model breaks (it specialises or restricts a Dim we declared)."""
+    return type(exc).__name__ in ("UserError", "ConstraintViolationError") and (
+        "Constraints violated" in str(exc) or "specializ" in str(exc) or "batch" in str(exc)
+    )
+
+
+def _without_cache(work: torch.nn.Module) -> None:
+    """Turn off ``config.use_cache`` on ``work`` (a private copy) and every submodule's config: a KV cache is an
+    inference-time output that torch.export cannot return and that pruning does not need."""
+    configs = {id(c): c for m in work.modules() if (c := getattr(m, "config", None)) is not None}
+    turned = False
+    for c in configs.values():
+        for sub in [c, *(getattr(c, k) for k in ("text_config", "decoder", "language_config") if hasattr(c, k))]:
+            if getattr(sub, "use_cache", False) is True:
+                sub.use_cache = False
+                turned = True
+    if turned:
+        log.info("captured %s with use_cache=False (the KV cache is not part of the pruned function)",
+                 type(work).__name__)

@@ -1,0 +1,68 @@
+"""Capture: one shared batch dim for all inputs (with a fallback for models that fix their batch), decoders
+captured without their KV cache, the caller's model and config untouched."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+import upop_fx
+from upop_fx.passes import FindGroups
+
+
+class CrossAttend(torch.nn.Module):
+    """Cross-attention whose keys/values come from a second input of another width (``kdim``/``vdim``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=True)
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(x, memory, memory, need_weights=False)[0]
+        return h + self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_inputs_share_one_batch_dim():
+    torch.manual_seed(0)
+    model = CrossAttend().eval()
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 16)
+    cap = upop_fx.capture(model, (x, memory))
+    spec = cap.info.dynamic_shapes
+    batch_dims = {spec["x"][0], spec["memory"][0]}
+    assert len(batch_dims) == 1 and next(iter(batch_dims)).__name__ == "batch"
+    other = (torch.randn(3, 4, 32), torch.randn(3, 9, 16))
+    torch.testing.assert_close(cap.gm(*other), model(*other))
+    kinds = sorted(g.kind for g in FindGroups()(cap.gm).value.prunable)
+    assert kinds == ["mlp", "qk", "v"]
+
+
+class FixedBatch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).reshape(2, -1)  # a literal batch of 2
+
+
+def test_a_model_that_fixes_its_batch_is_captured_with_automatic_dims(caplog):
+    model = FixedBatch().eval()
+    x = torch.randn(2, 8)
+    with caplog.at_level("INFO", logger="upop_fx"):
+        cap = upop_fx.capture(model, x)
+    assert "one automatic batch dim per input" in caplog.text
+    torch.testing.assert_close(cap.gm(x), model(x))
+
+
+def test_decoder_is_captured_without_its_cache_and_the_callers_config_is_untouched(caplog):
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert model.config.use_cache
+    x = {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
+    with caplog.at_level("INFO", logger="upop_fx"):
+        result = upop_fx.compress(model, x, 0.5, method="magnitude", retrain_steps=0)
+    assert "use_cache=False" in caplog.text
+    assert model.config.use_cache  # the caller's config is left as it was
+    assert result.model(input_ids=torch.randint(0, 100, (3, 5))).logits.shape == (3, 5, 100)
