@@ -145,7 +145,7 @@ def test_registry_tables():
     assert set(REWRITES) == {
         aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.unflatten, aten.split,
         aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.select, aten.slice,
-        aten.scaled_dot_product_attention,
+        aten.scaled_dot_product_attention, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution,
     }  # fmt: skip
 
 
@@ -265,14 +265,23 @@ def test_conv2d_seeds_channels_on_axis_1():
     assert tr.reasons(b.labels) == []
 
 
-def test_grouped_conv_is_refused():
+def test_depthwise_conv_passes_channels_through():
     tr = trace(lambda m, x: m.d(m.c(x)).sum(1), torch.randn(2, 3, 5, 5),
                c=nn.Conv2d(3, 4, 1), d=nn.Conv2d(4, 4, 3, padding=1, groups=4))
     depthwise = tr.node(aten.conv2d, 1)
-    assert tr.block(depthwise) is None
+    assert tr.block(depthwise).axes == (1,)
+    assert (tr.block(depthwise).labels == tr.labels("c.weight")).all()
+    assert tr.has_use("d.weight") and tr.has_use("d.bias")
+
+
+def test_grouped_conv_is_refused():
+    tr = trace(lambda m, x: m.d(m.c(x)).sum(1), torch.randn(2, 3, 5, 5),
+               c=nn.Conv2d(3, 4, 1), d=nn.Conv2d(4, 4, 3, padding=1, groups=2))
+    grouped = tr.node(aten.conv2d, 1)
+    assert tr.block(grouped) is None
     assert not tr.has_use("d.weight")
     assert tr.reasons(tr.labels("c.weight")) == [
-        f"node {depthwise.name} (aten.conv2d.default): convolution with groups, transposition or a computed weight"
+        f"node {grouped.name} (aten.conv2d.default): convolution with groups, transposition or a computed weight"
     ]
 
 

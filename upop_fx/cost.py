@@ -28,14 +28,15 @@ def class_costs(
     n = len(roots)
     params = np.zeros(n, dtype=np.float64)
     flops = np.zeros(n, dtype=np.float64)
-    seen: set[tuple[str, int]] = set()
+    counted: dict[tuple[str, int], np.ndarray] = {}  # entries of each parameter axis already costed
     for u in uses:
         shape = param_shapes[u.name]
         per_entry = math.prod(shape) // shape[u.axis]
         r = roots[u.labels]
-        if (u.name, u.axis) not in seen:
-            seen.add((u.name, u.axis))
-            np.add.at(params, r, per_entry)
+        done = counted.setdefault((u.name, u.axis), np.zeros(shape[u.axis], dtype=bool))
+        fresh = ~done[u.where]
+        done[u.where] = True
+        np.add.at(params, r[fresh], per_entry)
         if u.flops:
             np.add.at(flops, r, u.flops)
     for s in sites:

@@ -67,7 +67,10 @@ class ParamUse:
     """Parameter (or buffer) ``name`` has its entries along ``axis`` tied to ``labels`` (one per entry).
 
     ``role`` is ``"out"`` where the entry produces the channel's value (weight rows, biases, scales) and
-    ``"in"`` where it consumes it (the contracted axis of a following Linear).
+    ``"in"`` where it consumes it (the contracted axis of a following Linear). When an op uses a *view* of the
+    parameter (a chunk of a packed projection, a transposed weight), ``positions`` says which entries along
+    ``axis`` the labels tie (one per label); the other entries are not tied by this use. ``size`` is the length
+    of ``axis``.
     """
 
     name: str
@@ -76,6 +79,25 @@ class ParamUse:
     role: Literal["in", "out"]
     node: str
     flops: float = 0.0  # FLOPs per entry on the example batch (matmul-like ops only)
+    positions: np.ndarray | None = None
+    size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.labels)
+
+    @property
+    def where(self) -> np.ndarray:
+        """The entries along ``axis`` tied by this use, one per label."""
+        return self.positions if self.positions is not None else np.arange(len(self.labels))
+
+    def full(self, per_label: np.ndarray, fill: object) -> np.ndarray:
+        """``per_label`` (one value per label) spread over the whole axis, ``fill`` where this use ties nothing."""
+        if self.positions is None:
+            return np.asarray(per_label)
+        out = np.full(self.size, fill, dtype=np.asarray(per_label).dtype)
+        out[self.positions] = per_label
+        return out
 
 
 @dataclass
@@ -144,6 +166,7 @@ class GroupAnalysis:
     label_class: np.ndarray  # label -> class id (its union-find root)
     class_channel: dict[int, tuple[int, int]]  # class id -> (group id, channel index)
     batch_size: int
+    seeded: list[str] = field(default_factory=list)  # nodes whose output channels were labelled (in a group)
 
     @property
     def prunable(self) -> list[DimGroup]:

@@ -37,6 +37,7 @@ from ..cost import class_costs
 from ..errors import PostconditionError, PreconditionError
 from ..groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
+from .param_views import ParamView, resolve
 from .rules import REWRITES, key_of
 from .trace import LabelTracer
 
@@ -67,15 +68,56 @@ class FindGroups(GraphPass[GroupAnalysis]):
         unlabelled = [n.name for n in gm.graph.nodes if DIMS_KEY not in n.meta]
         if unlabelled:
             raise PostconditionError(f"FindGroups: nodes the label tracer did not visit: {unlabelled[:5]}")
+        unlisted = unlisted_weights(gm, analysis)
+        if unlisted:
+            raise PostconditionError(
+                f"FindGroups: the output channels of {unlisted[:5]} are in no group (neither prunable nor reported)"
+            )
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult[GroupAnalysis]:
         tracer = LabelTracer(gm)
         tracer.run()
         analysis = _group(gm, tracer, get_capture(gm).batch_size)
+        for name in unlisted_weights(gm, analysis):  # no rule labelled them: listed, not left out
+            node = next(n for n in gm.graph.nodes if n.name == name)
+            v = node.meta.get("val")
+            width = int(v.shape[-1 if node.target != torch.ops.aten.convolution.default else 1]) if v is not None else 0
+            analysis.groups.append(DimGroup(
+                id=len(analysis.groups), kind="other", width=width, tower="", layer=-1, scope="", prunable=False,
+                reason=f"node {name} ({node.target}): no rule follows the output channels of this weighted op",
+            ))  # fmt: skip
+            analysis.seeded.append(name)
         gm.meta[GROUPS_KEY] = analysis
         for g in analysis.groups:
             log.debug("group %s", g.describe())
         return PassResult(gm, False, analysis)
+
+
+#: ops with a weight whose output channels every analysis must account for: (op, index of the weight argument)
+WEIGHTED = {
+    torch.ops.aten.linear.default: 1, torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 1,
+    torch.ops.aten.conv3d.default: 1, torch.ops.aten.convolution.default: 1, torch.ops.aten.embedding.default: 0,
+    torch.ops.aten.addmm.default: 2, torch.ops.aten.mm.default: 1, torch.ops.aten.matmul.default: 1,
+}  # fmt: skip
+
+
+def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[str]:
+    """The invariant every analysis keeps: each op that applies a parameter weight (``linear``, a convolution,
+    an embedding, a matmul with a parameter or a view of one) labelled its output channels, so that they are in
+    a prunable group or listed as not prunable with a reason. Returns the nodes that break it."""
+    views: dict[str, object] = {}
+    seeded = set(analysis.seeded)
+    out = []
+    for n in gm.graph.nodes:
+        i = WEIGHTED.get(n.target) if n.op == "call_function" else None
+        if i is None or len(n.args) <= i:
+            continue
+        w = n.args[i]
+        is_weight = isinstance(w, torch.fx.Node) and isinstance(resolve(w, views), ParamView)
+        if n.target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default) or is_weight:
+            if n.name not in seeded:
+                out.append(n.name)
+    return out
 
 
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
@@ -122,13 +164,14 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
         g.cost_flops = cost_f[order]
         for i in used:
             u = tracer.uses[i]
-            chan = np.array([pos.get(int(r), -1) for r in roots[u.labels]], dtype=np.int64)
+            chan = u.full(np.array([pos.get(int(r), -1) for r in roots[u.labels]], dtype=np.int64), -1)
             (g.producers if u.role == "out" else g.consumers).append((u.name, u.axis, chan))
         for c, r in enumerate(order.tolist()):
             class_channel[int(r)] = (gid, c)
         g.shape_nodes = [name for name, rs in shape_nodes.items() if rs & classes]
         groups.append(g)
-    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size)
+    seeded = list(dict.fromkeys(name for name, _ in tracer.seeds))
+    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size, seeded)
 
 
 def _shape_nodes(gm: torch.fx.GraphModule, roots: np.ndarray) -> dict[str, set[int]]:

@@ -40,6 +40,7 @@ from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
 from ..groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult, copy_structure, own_tensors
 from .blocks import RAGGED, compact
+from .param_views import rewrite_views
 from .rules import REWRITES, key_of
 from .split_slots import split_ragged
 
@@ -69,7 +70,7 @@ def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray, share: bool 
         for u in analysis.uses:
             if u.role != "out":
                 continue
-            drop = np.nonzero(removed[u.labels])[0]
+            drop = u.where[np.nonzero(removed[u.labels])[0]]
             if len(drop):
                 t = _get(ref, u.name)
                 if id(t) in shared:  # zero a copy, never gm's tensor
@@ -140,10 +141,12 @@ class Surgery(GraphPass[SurgeryInfo]):
             except ValueError as exc:
                 raise SurgeryError(str(exc)) from exc
             rewritten.append(node.name)
+        kept = _kept_entries(analysis, removed)
+        rewritten += rewrite_views(new_gm, kept)  # chunks/slices of sliced parameters select the kept part
         for node in new_gm.graph.nodes:  # shapes recorded at capture no longer hold
             for key in (DIMS_KEY, "val", "tensor_meta"):
                 node.meta.pop(key, None)
-        sliced = _slice_params(new_gm, analysis, removed)
+        sliced = _slice_params(new_gm, kept)
         own_tensors(new_gm, gm)
         new_gm.graph.lint()
         new_gm.recompile()
@@ -230,11 +233,16 @@ def _set(gm: torch.nn.Module, name: str, data: torch.Tensor) -> torch.Tensor:
     return new
 
 
-def _slice_params(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np.ndarray) -> dict[str, Any]:
+def _kept_entries(analysis: GroupAnalysis, removed: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+    """Per parameter axis that a removed channel touches: which of its entries stay (a boolean vector)."""
     keep: dict[tuple[str, int], np.ndarray] = {}
     for u in analysis.uses:
-        k = ~removed[u.labels]
+        k = u.full(~removed[u.labels], True)
         keep[(u.name, u.axis)] = keep[(u.name, u.axis)] & k if (u.name, u.axis) in keep else k
+    return {key: k for key, k in keep.items() if not k.all()}
+
+
+def _slice_params(gm: torch.fx.GraphModule, keep: dict[tuple[str, int], np.ndarray]) -> dict[str, Any]:
     sliced: dict[str, Any] = {}
     for (name, axis), k in keep.items():
         if k.all():

@@ -14,6 +14,7 @@ import torch
 from torch.fx import Node
 
 from ..groups import DIMS_KEY, AttentionSite, Block, ParamUse
+from .param_views import ParamView, resolve
 from .rules import RULES, SEEDING, key_of
 
 __all__ = ["LabelTracer"]
@@ -39,6 +40,7 @@ class LabelTracer:
         self.seeds: list[tuple[str, np.ndarray]] = []
         self.refusals: dict[int, str] = {}  # label -> first reason its class cannot be removed
         self.node: Node | None = None
+        self._views: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- labels
     def new_labels(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -83,11 +85,25 @@ class LabelTracer:
             self.refuse(block.labels, reason)
 
     def use(self, param: Node, axis: int, labels: np.ndarray, role: str, flops: float = 0.0) -> None:
-        """Record that parameter ``param`` (a get_attr node) has its ``axis`` tied to ``labels``."""
-        assert param.op == "get_attr"
+        """Record that parameter ``param`` (a get_attr node, or a view of one: see :mod:`..param_views`) has
+        its ``axis`` tied to ``labels``. A view axis that is not one axis of the parameter refuses the labels."""
         size = param.meta["val"].shape[axis]
-        assert labels.shape == (size,), (param.target, axis, labels.shape, size)
-        self.uses.append(ParamUse(str(param.target), axis, labels.copy(), role, self.node.name, flops))
+        assert labels.shape == (size,), (param.name, axis, labels.shape, size)
+        view = self.view(param)
+        located = view.locate(axis) if view is not None else None
+        if located is None:
+            self.refuse(labels, f"weight {param.name} is a view that mixes the axes of its parameter")
+            return
+        p_axis, where = located
+        p_size = int(view.param.meta["val"].shape[p_axis])
+        positions = None if param.op == "get_attr" else where
+        self.uses.append(ParamUse(str(view.param.target), p_axis, labels.copy(), role, self.node.name, flops,
+                                  positions, p_size))
+
+    def view(self, arg: Any) -> ParamView | None:
+        """The parameter ``arg`` is, or is a view of (None for anything else)."""
+        out = resolve(arg, self._views)
+        return out if isinstance(out, ParamView) else None
 
     # ---------------------------------------------------------------- access
     @staticmethod
@@ -97,9 +113,9 @@ class LabelTracer:
             return b if isinstance(b, Block) else None
         return None
 
-    @staticmethod
-    def is_param(arg: Any) -> bool:
-        return isinstance(arg, Node) and arg.op == "get_attr"
+    def is_param(self, arg: Any) -> bool:
+        """A parameter, or a view of one (a chunk, a slice, a transpose: what a weight may be)."""
+        return isinstance(arg, Node) and (arg.op == "get_attr" or self.view(arg) is not None)
 
     # ------------------------------------------------------------------ run
     def run(self) -> None:

@@ -163,3 +163,23 @@ def reduction(ctx: Any, node: Node) -> Block | None:
 
 
 __all__: list[str] = []
+
+
+#: per-channel spatial resampling (channels on axis 1): each output channel is computed from its own input
+#: channel only, and a zero channel stays zero (an average, an interpolation or a maximum of zeros).
+SPATIAL = [
+    aten.upsample_bilinear2d, aten.upsample_nearest2d, aten.upsample_bicubic2d, aten.upsample_nearest1d,
+    aten.upsample_linear1d, aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d,
+    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.pixel_shuffle,
+]  # fmt: skip
+
+
+@rule(*SPATIAL)
+def spatial(ctx: Any, node: Node) -> Block | None:
+    b = ctx.block(node.args[0])
+    if b is None:
+        return None
+    if node.target.overloadpacket == aten.pixel_shuffle or b.axes != (1,) or b.outer != (1,):
+        ctx.refuse_block(b, "spatial resampling over channels mixed with other dims")
+        return None
+    return Block(b.axes, b.labels, b.outer, b.zero)

@@ -2,20 +2,28 @@
 use of the weight) and creates fresh labels for its output features (``out`` uses of weight rows and bias).
 
 Covers ``linear`` (weight ``[out, in]``), ``addmm``/``mm``/``matmul`` with a parameter ``[in, out]`` (GPT-2's
-Conv1D), ``conv2d``/``convolution`` (groups=1) and ``embedding``.
+Conv1D), ``conv2d``/``convolution`` (groups=1) and ``embedding``; the weight may be a view of a parameter (a chunk
+of a packed projection, ``W.T``: :mod:`..param_views`). A *depthwise* convolution (``groups`` = channels, one
+filter per channel: Segformer's Mix-FFN) passes its input's channels through, its filters and bias re-producing
+them, and surgery rewrites ``groups`` to the kept count.
+
+Where the weight is computed (not a parameter nor a view of one), or the convolution groups channels otherwise,
+the output's channels are still labelled — and refused, with the node and the reason — so that every output
+channel of every weight is either in a prunable group or reported as not prunable.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.fx import Node
 
 from ...groups import Block
 from ._util import arg, contract, numel, rank, val
 from .attention import activation_matmul
-from .registry import rule
+from .registry import rewrite, rule
 
 aten = torch.ops.aten
 
@@ -36,11 +44,20 @@ def _refuse_inputs(ctx: Any, node: Node, why: str) -> None:
         ctx.refuse_block(ctx.block(n), why)
 
 
+def _opaque(ctx: Any, node: Node, axis: int, why: str) -> None:
+    """Refuse the inputs' channels and label the output's ``axis`` as channels that cannot be removed (so they
+    are reported, with ``why``, rather than left out of the analysis)."""
+    _refuse_inputs(ctx, node, why)
+    v = val(node)
+    if isinstance(v, torch.Tensor) and v.dim() > axis and isinstance(v.shape[axis], int):
+        ctx.refuse(ctx.new_labels((int(v.shape[axis]),)), why)
+
+
 @rule(aten.linear, seeding=True)
 def linear(ctx: Any, node: Node) -> Block | None:
     x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
     if not ctx.is_param(w):
-        _refuse_inputs(ctx, node, "linear with a computed (non-parameter) weight")
+        _opaque(ctx, node, rank(node) - 1, "linear with a computed (non-parameter) weight")
         return None
     out_features, in_features = (int(s) for s in val(w).shape)
     rows = numel(node) // out_features
@@ -57,7 +74,10 @@ def matmul_param(ctx: Any, node: Node) -> Block | None:
     if not ctx.is_param(w) or rank(w) != 2:
         if bias is None and any(ctx.block(n) is not None for n in node.all_input_nodes):
             return activation_matmul(ctx, node)
-        _refuse_inputs(ctx, node, "addmm with a computed weight")
+        op = node.target.__name__.split(".")[0]
+        why = (f"{op} with a {rank(w)}-D parameter weight (stacked expert weights are not followed)"
+               if ctx.is_param(w) else f"{op} with a computed weight")
+        _opaque(ctx, node, rank(node) - 1, why)
         return None
     in_features, out_features = (int(s) for s in val(w).shape)
     rows = numel(node) // out_features
@@ -72,13 +92,57 @@ def conv(ctx: Any, node: Node) -> Block | None:
     x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
     groups = arg(node, 8, "groups", 1) if node.target == aten.convolution.default else arg(node, 6, "groups", 1)
     transposed = node.target == aten.convolution.default and arg(node, 7, "transposed", False)
+    if ctx.is_param(w) and not transposed and groups != 1 and _depthwise(node, w, groups):
+        return _depthwise_channels(ctx, node, x, w, b)
     if not ctx.is_param(w) or groups != 1 or transposed:
-        _refuse_inputs(ctx, node, "convolution with groups, transposition or a computed weight")
+        _opaque(ctx, node, 1, "convolution with groups, transposition or a computed weight")
         return None
     out_ch = int(val(w).shape[0])
     per_out = numel(node) // out_ch
     contract(ctx, ctx.block(x), 1, w, 1, 2.0 * per_out * val(w).numel() / int(val(w).shape[1]))
     return _seed(ctx, node, 1, w, 0, b)
+
+
+def _depthwise(node: Node, w: Node, groups: int) -> bool:
+    """One filter per channel: ``groups`` = input channels = output channels, weight ``[C, 1, k...]``."""
+    shape = tuple(int(s) for s in val(w).shape)
+    x = val(node.args[0])
+    return shape[1] == 1 and shape[0] == groups and isinstance(x, torch.Tensor) and x.shape[1] == groups
+
+
+def _depthwise_channels(ctx: Any, node: Node, x: Node, w: Node, b: Any) -> Block | None:
+    """Channel ``c`` of the output is filter ``c`` over channel ``c`` of the input (plus ``bias[c]``): the input's
+    labels go through; the filters and the bias are tied to them as producers (zeroed with the channel, so a
+    removed channel is exactly zero after the convolution too)."""
+    block = ctx.block(x)
+    if block is None:  # the channels start here: a seeding op like any convolution
+        _opaque(ctx, node, 1, "a depthwise convolution of unlabelled channels")
+        return None
+    if block.axes != (1,) or block.outer[0] != 1:
+        ctx.refuse_block(block, "a depthwise convolution over channels mixed with other dims")
+        _opaque(ctx, node, 1, "a depthwise convolution over channels mixed with other dims")
+        return None
+    labels = block.labels
+    ctx.use(w, 0, labels, "out", 2.0 * numel(node) / len(labels) * int(np.prod(val(w).shape[1:])))
+    if ctx.is_param(b):
+        ctx.use(b, 0, labels, "out")
+    return Block((1,), labels, block.outer, block.zero)
+
+
+@rewrite(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+def rewrite_depthwise_groups(ctx: Any, node: Node) -> None:
+    """A depthwise convolution keeps one group per kept channel."""
+    old, new = ctx.old_block(node.args[0]), ctx.new_block(node.args[0])
+    if old is None or new is None or old.axes != (1,):
+        return
+    i = 8 if node.target == aten.convolution.default else 6
+    groups = arg(node, i, "groups", 1)
+    if groups == int(old.labels.shape[0]) and groups != 1:
+        new_groups = int(new.labels.shape[0])
+        if len(node.args) > i:
+            node.args = (*node.args[:i], new_groups, *node.args[i + 1:])
+        else:
+            node.kwargs = {**node.kwargs, "groups": new_groups}
 
 
 @rule(aten.embedding, seeding=True)
@@ -87,6 +151,7 @@ def embedding(ctx: Any, node: Node) -> Block | None:
     if ctx.block(idx) is not None:
         ctx.refuse_block(ctx.block(idx), "channels used as embedding indices")
     if not ctx.is_param(w):
+        _opaque(ctx, node, rank(node) - 1, "embedding with a computed table")
         return None
     dim = int(val(w).shape[1])
     labels = ctx.new_labels((dim,))

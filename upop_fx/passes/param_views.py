@@ -1,0 +1,304 @@
+"""Parameter views: tensors computed from one parameter by ops that only move its elements.
+
+``nn.MultiheadAttention`` chunks its packed ``in_proj_weight``/``in_proj_bias`` into q, k and v slices before its
+three ``linear`` calls; ``x @ W.T`` transposes a weight (``aten.numpy_T``/``t``) before ``matmul``; fused
+projections slice one weight per role. To the label tracer such a weight is a *view*: each of its axes is one axis
+of the parameter (``param_axis``) at known positions (``positions``), or an axis the parameter does not have.
+A rule then records its use of the view as a use of the parameter itself, at those positions
+(:class:`~upop_fx.groups.ParamUse` ``positions``), and surgery — which slices the parameter — rewrites the literal
+arguments of the view ops so that they select the kept part (a ``chunk`` becomes a ``split_with_sizes`` of the
+kept sizes, a ``slice`` gets the kept start and end).
+
+Followed: ``t``, ``numpy_T``, ``transpose``, ``swapaxes``, ``permute``, ``unsqueeze``, ``squeeze``, ``slice``,
+``narrow``, ``select``, ``chunk``, ``split``, ``split_with_sizes`` (with ``getitem``), ``expand`` and the ops that
+copy or cast (``contiguous``, ``clone``, ``alias``, ``detach``, ``to``, ``_to_copy``). Anything else (a reshape,
+arithmetic) ends the view: the tensor is a computed weight, which rules refuse.
+
+Example:
+    >>> import torch, upop_fx
+    >>> from upop_fx.passes.param_views import resolve
+    >>> mha = torch.nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True).eval()
+    >>> class Cross(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.mha = mha
+    ...     def forward(self, x, m):
+    ...         return self.mha(x, m, m, need_weights=False)[0]
+    >>> cap = upop_fx.capture(Cross(), (torch.randn(2, 3, 16), torch.randn(2, 5, 8)))
+    >>> bias_k = [n for n in cap.gm.graph.nodes if n.op == "call_function" and n.name == "getitem_1"][0]
+    >>> view = resolve(bias_k, {})
+    >>> view.param.target, view.axes[0].param_axis, view.axes[0].positions[[0, -1]].tolist()
+    ('mha.in_proj_bias', 0, [16, 31])
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from ..errors import SurgeryError
+
+__all__ = ["ViewAxis", "ParamView", "resolve", "rewrite_views"]
+
+aten = torch.ops.aten
+
+_SAME = {
+    aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default, aten.to.dtype,
+    aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.lift_fresh_copy.default,
+}  # fmt: skip
+_SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
+
+
+@dataclass(frozen=True)
+class ViewAxis:
+    """One axis of a view: the parameter axis it runs along (None: an axis the parameter does not have, or a
+    broadcast) and, per entry, its index along that parameter axis."""
+
+    param_axis: int | None
+    positions: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ParamView:
+    param: Node  #: the ``get_attr`` node of the parameter
+    axes: tuple[ViewAxis, ...]
+
+    def locate(self, axis: int) -> tuple[int, np.ndarray] | None:
+        """``(param_axis, positions)`` of the view's ``axis``; None when it is not one parameter axis."""
+        a = self.axes[axis]
+        if a.param_axis is None or a.positions is None:
+            return None
+        return a.param_axis, a.positions
+
+
+def _shape(n: Node) -> tuple[int, ...]:
+    return tuple(int(d) for d in n.meta["val"].shape)
+
+
+def _norm(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def resolve(node: Any, cache: dict[str, Any]) -> ParamView | list[ParamView] | None:
+    """The view ``node`` is of one parameter, or None. ``cache`` (by node name) spares re-walking shared chains."""
+    if not isinstance(node, Node):
+        return None
+    if node.name in cache:
+        return cache[node.name]
+    cache[node.name] = None  # guards against cycles; overwritten below
+    out: Any = None
+    if node.op == "get_attr":
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in val.shape):
+            out = ParamView(node, tuple(ViewAxis(i, np.arange(int(s))) for i, s in enumerate(val.shape)))
+    elif node.op == "call_function" and node.args:
+        if node.target is operator.getitem:
+            parts = resolve(node.args[0], cache)
+            out = parts[node.args[1]] if isinstance(parts, list) else None
+        else:
+            parent = resolve(node.args[0], cache)
+            if isinstance(parent, ParamView):
+                try:
+                    out = _follow(node, parent)
+                except (TypeError, ValueError, IndexError, KeyError):
+                    out = None
+    cache[node.name] = out
+    return out
+
+
+def _follow(node: Node, p: ParamView) -> ParamView | list[ParamView] | None:
+    t, axes, rank = node.target, list(p.axes), len(p.axes)
+    args = list(node.args) + [None] * 6
+
+    def view(new: Sequence[ViewAxis]) -> ParamView:
+        return ParamView(p.param, tuple(new))
+
+    if t in _SAME:
+        return view(axes)
+    if t in (aten.t.default, aten.numpy_T.default):
+        return view(axes[::-1])
+    if t in (aten.transpose.int, aten.swapaxes.default):
+        i, j = _norm(args[1], rank), _norm(args[2], rank)
+        axes[i], axes[j] = axes[j], axes[i]
+        return view(axes)
+    if t == aten.permute.default:
+        return view([axes[_norm(d, rank)] for d in args[1]])
+    if t == aten.unsqueeze.default:
+        d = _norm(args[1], rank + 1)
+        return view(axes[:d] + [ViewAxis(None, None)] + axes[d:])
+    if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        shape = _shape(node.args[0])
+        dims = [args[1]] if t == aten.squeeze.dim else (args[1] if t == aten.squeeze.dims else range(rank))
+        drop = {_norm(d, rank) for d in dims if shape[_norm(d, rank)] == 1}
+        return view([a for i, a in enumerate(axes) if i not in drop])
+    if t in (aten.slice.Tensor, aten.narrow.default):
+        d = _norm(args[1] if args[1] is not None else 0, rank)
+        size = _shape(node.args[0])[d]
+        if t == aten.narrow.default:
+            start = _norm(args[2], size)
+            sl = slice(start, start + args[3])
+        else:
+            sl = slice(args[2], args[3], args[4] if args[4] is not None else 1)
+        idx = np.arange(size)[sl]
+        a = axes[d]
+        axes[d] = ViewAxis(a.param_axis, a.positions[idx] if a.positions is not None else None)
+        return view(axes)
+    if t == aten.select.int:
+        d = _norm(args[1], rank)
+        return view(axes[:d] + axes[d + 1:])
+    if t in _SPLITS:
+        d = _norm(args[2] if args[2] is not None else 0, rank)
+        size = _shape(node.args[0])[d]
+        bounds = _split_bounds(t, args[1], size)
+        outs = []
+        for a, b in bounds:
+            part = list(axes)
+            ax = axes[d]
+            part[d] = ViewAxis(ax.param_axis, ax.positions[a:b] if ax.positions is not None else None)
+            outs.append(view(part))
+        return outs
+    if t == aten.expand.default:
+        sizes = list(args[1])
+        lead = len(sizes) - rank
+        shape = _shape(node.args[0])
+        new = [ViewAxis(None, None)] * lead
+        for i, a in enumerate(axes):
+            s = sizes[lead + i]
+            new.append(a if s in (-1, shape[i]) else ViewAxis(None, None))
+        return view(new)
+    return None
+
+
+def _split_bounds(target: Any, how: Any, size: int) -> list[tuple[int, int]]:
+    if target == aten.chunk.default:
+        step = -(-size // int(how))
+        cuts = list(range(0, size, step)) + [size]
+    elif target == aten.split.Tensor:
+        cuts = list(range(0, size, int(how))) + [size]
+    else:
+        cuts = [0, *np.cumsum([int(s) for s in how]).tolist()]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+# ----------------------------------------------------------------------------------------------- surgery
+def rewrite_views(gm: torch.fx.GraphModule, kept: dict[tuple[str, int], np.ndarray]) -> list[str]:
+    """After surgery sliced parameters (``kept[(name, axis)]``: which entries of the old axis stay), rewrite the
+    literal arguments of every view op over a sliced parameter so that it selects the kept entries. Returns the
+    rewritten nodes; raises :class:`~upop_fx.errors.SurgeryError` for a view that cannot follow the cut."""
+    # per view node: for each of its axes, a boolean "kept" vector over the old entries (None: not sliced)
+    masks: dict[str, Any] = {}
+    rewritten: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                per_axis = [kept.get((str(node.target), i)) for i in range(val.dim())]
+                if any(m is not None for m in per_axis):
+                    masks[node.name] = per_axis
+            continue
+        if node.op != "call_function" or not node.args:
+            continue
+        if node.target is operator.getitem:
+            src = masks.get(getattr(node.args[0], "name", None))
+            if isinstance(src, list) and src and isinstance(src[0], list):
+                masks[node.name] = src[node.args[1]]
+            continue
+        src = masks.get(getattr(node.args[0], "name", None))
+        if src is None or (src and isinstance(src[0], list)):
+            continue
+        out = _rewrite(node, src)
+        masks[node.name] = out
+        if out is not None:
+            rewritten.append(node.name)
+    return rewritten
+
+
+def _rewrite(node: Node, m: list[np.ndarray | None]) -> Any:
+    """The kept vectors of ``node``'s output (rewriting its literals in place), given its input's ``m``."""
+    t, rank = node.target, len(m)
+    args = list(node.args)
+
+    def need(cond: bool, why: str) -> None:
+        if not cond:
+            raise SurgeryError(f"node {node.name} ({t}): {why}")
+
+    if t in _SAME:
+        return list(m)
+    if t in (aten.t.default, aten.numpy_T.default):
+        return m[::-1]
+    if t in (aten.transpose.int, aten.swapaxes.default):
+        i, j = _norm(args[1], rank), _norm(args[2], rank)
+        out = list(m)
+        out[i], out[j] = out[j], out[i]
+        return out
+    if t == aten.permute.default:
+        return [m[_norm(d, rank)] for d in args[1]]
+    if t == aten.unsqueeze.default:
+        d = _norm(args[1], rank + 1)
+        return m[:d] + [None] + m[d:]
+    if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        dims = [args[1]] if t == aten.squeeze.dim else (args[1] if t == aten.squeeze.dims else range(rank))
+        drop = {_norm(d, rank) for d in dims if m[_norm(d, rank)] is None and _old_size(node, d, rank) == 1}
+        return [x for i, x in enumerate(m) if i not in drop]
+    if t in (aten.slice.Tensor, aten.narrow.default):
+        d = _norm(args[1] if len(args) > 1 and args[1] is not None else 0, rank)
+        if m[d] is None:
+            return list(m)
+        k = m[d]
+        if t == aten.narrow.default:
+            start = _norm(args[2], len(k))
+            stop, step = start + args[3], 1
+        else:
+            start, stop, step = slice(args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None,
+                                      args[4] if len(args) > 4 else 1).indices(len(k))
+        need(step == 1, "a strided slice of a pruned parameter axis")
+        new_start, new_len = int(k[:start].sum()), int(k[start:stop].sum())
+        if t == aten.narrow.default:
+            args[2], args[3] = new_start, new_len
+        else:
+            args[2:4] = [new_start, new_start + new_len]
+        node.args = tuple(args)
+        out = list(m)
+        out[d] = k[start:stop]
+        return out
+    if t == aten.select.int:
+        d = _norm(args[1], rank)
+        if m[d] is not None:
+            idx = _norm(args[2], len(m[d]))
+            need(bool(m[d][idx]), "selects an entry of a parameter that the cut removes")
+            args[2] = int(m[d][:idx].sum())
+            node.args = tuple(args)
+        return m[:d] + m[d + 1:]
+    if t in _SPLITS:
+        d = _norm(args[2] if len(args) > 2 and args[2] is not None else 0, rank)
+        if m[d] is None:
+            return [list(m) for _ in _split_bounds(t, args[1], _old_size(node, d, rank))]
+        k = m[d]
+        bounds = _split_bounds(t, args[1], len(k))
+        sizes = [int(k[a:b].sum()) for a, b in bounds]
+        need(all(s > 0 for s in sizes), "a split part of a parameter loses every entry")
+        node.target = aten.split_with_sizes.default
+        node.args = (args[0], sizes, d)
+        node.kwargs = {}
+        return [[k[a:b] if i == d else x for i, x in enumerate(m)] for a, b in bounds]
+    if t == aten.expand.default:
+        sizes = list(args[1])
+        lead = len(sizes) - rank
+        for i, k in enumerate(m):
+            if k is not None and sizes[lead + i] != -1:
+                sizes[lead + i] = int(k.sum())
+        args[1] = sizes
+        node.args = tuple(args)
+        return [None] * lead + list(m)
+    return None  # not a view op: the parameter's consumers follow the cut by their channel labels
+
+
+def _old_size(node: Node, d: int, rank: int) -> int:
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    return int(val.shape[_norm(d, rank)]) if isinstance(val, torch.Tensor) else -1
