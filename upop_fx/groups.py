@@ -25,6 +25,7 @@ __all__ = [
     "Block",
     "ParamUse",
     "AttentionSite",
+    "TableUse",
     "DimGroup",
     "GroupAnalysis",
     "get_analysis",
@@ -101,6 +102,19 @@ class ParamUse:
 
 
 @dataclass
+class TableUse:
+    """A computed tensor that multiplies channels elementwise (RoPE's cos/sin): operand ``operand`` of node
+    ``node`` runs along ``axis`` with the channels ``labels`` (one column per entry of that axis; rows: the
+    other labelled axes it broadcasts over). Surgery keeps the entries whose channels stay (an
+    ``index_select`` per use, so a table shared by layers is sliced for each as that layer needs)."""
+
+    node: str
+    operand: int
+    axis: int
+    labels: np.ndarray  # (rows, size of axis)
+
+
+@dataclass
 class AttentionSite:
     """One scaled-dot-product attention: the labels of its q, k and v head blocks, each (heads, head_dim)."""
 
@@ -120,7 +134,9 @@ class DimGroup:
     """One set of coupled channels: removing channel ``c`` means removing every entry tied to it.
 
     Channels are numbered ``0 .. width-1``; for attention groups channel ``c`` is head ``c // head_dim``,
-    dim ``c % head_dim``. ``cost_params[c]`` is the number of parameters removed with channel ``c``;
+    dim ``c % head_dim``. Where a rotary embedding couples q/k dims in pairs (``j`` with ``j + d/2``, or ``2i``
+    with ``2i + 1``), a channel is a *pair*: ``pair`` is 2, ``head_dim`` counts pairs, and ``dims[j]`` gives the
+    two positions within the head of channel ``j``. ``cost_params[c]`` is the number of parameters removed with channel ``c``;
     ``cost_flops[c]`` the FLOPs per sample it saves at the example sequence length (matmuls and attention,
     including the T×T terms).
     """
@@ -143,9 +159,16 @@ class DimGroup:
     shape_nodes: list[str] = field(default_factory=list, repr=False)
     cost_params: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     cost_flops: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    pair: int = 1  #: positions per channel (2 where a rotary embedding pairs q/k dims)
+    dims: np.ndarray | None = field(default=None, repr=False)  #: (head_dim, pair): positions of each channel
+
+    def positions(self, j: int) -> list[int]:
+        """The positions within a head of channel ``j`` of a head (``[j]`` unless paired)."""
+        return [j] if self.dims is None else [int(p) for p in self.dims[j]]
 
     def describe(self) -> str:
-        heads = f" heads={self.heads}x{self.head_dim}" if self.heads else ""
+        pairs = f" (rotary pairs: {self.head_dim} per head)" if self.pair > 1 else ""
+        heads = f" heads={self.heads}x{self.head_dim * self.pair}{pairs}" if self.heads else ""
         where = f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.scope or "<root>"
         cross = " cross" if self.cross else ""
         state = "" if self.prunable else f" (not prunable: {self.reason})"
@@ -167,6 +190,7 @@ class GroupAnalysis:
     class_channel: dict[int, tuple[int, int]]  # class id -> (group id, channel index)
     batch_size: int
     seeded: list[str] = field(default_factory=list)  # nodes whose output channels were labelled (in a group)
+    tables: list[TableUse] = field(default_factory=list)  # computed tensors multiplying channels (RoPE cos/sin)
 
     @property
     def prunable(self) -> list[DimGroup]:

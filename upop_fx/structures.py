@@ -67,6 +67,11 @@ def _head(g: DimGroup, h: int) -> np.ndarray:
     return h * g.head_dim + np.arange(g.head_dim, dtype=np.int64)
 
 
+def _shared_dims(qk: DimGroup, v: DimGroup) -> bool:
+    """q/k and v can share head-dim entries: the same head dim, v unpaired (a rotary pair of q/k takes two v dims)."""
+    return v.pair == 1 and qk.head_dim * qk.pair == v.head_dim
+
+
 def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: str = "params") -> tuple[list[Structure], list[Entry]]:
     """Structures and entries over every prunable group of ``analysis``."""
     check_choice("granularity", granularity, GRANULARITIES)
@@ -99,8 +104,12 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         if granularity == "heads" and both:
             add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
             done.update({qk.id, v.id})
-        elif granularity == "upop" and both and qk.head_dim == v.head_dim:
-            add("attn", label, [qk, v], [{qk.id: _head_channels(qk, j), v.id: _head_channels(v, j)} for j in range(qk.head_dim)])
+        elif granularity == "upop" and both and _shared_dims(qk, v):
+            # head-dim j of q, k and v together; a rotary pair of q/k takes the v dims at the same positions
+            add("attn", label, [qk, v], [
+                {qk.id: _head_channels(qk, j), v.id: np.concatenate([_head_channels(v, p) for p in qk.positions(j)])}
+                for j in range(qk.head_dim)
+            ])  # fmt: skip
             done.update({qk.id, v.id})
         else:  # qk_v, or a layer whose q/k and v cannot share entries
             add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head_channels(g, j)} for j in range(g.head_dim)])

@@ -171,7 +171,7 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
         g.shape_nodes = [name for name, rs in shape_nodes.items() if rs & classes]
         groups.append(g)
     seeded = list(dict.fromkeys(name for name, _ in tracer.seeds))
-    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size, seeded)
+    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size, seeded, tracer.tables)
 
 
 def _shape_nodes(gm: torch.fx.GraphModule, roots: np.ndarray) -> dict[str, set[int]]:
@@ -212,14 +212,19 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
     roles = {site_role[r][0] for r in classes if r in site_role}
     sites = {site_role[r][1].index for r in classes if r in site_role}
     reason = next((refused[r] for r in sorted(classes) if r in refused), None)
-    kind, heads, head_dim, site_idx = "other", None, None, None
+    kind, heads, head_dim, site_idx, pair, dims = "other", None, None, None, 1, None
     if len(roles) == 1 and len(sites) == 1:
         kind = roles.pop()
         site_idx = sites.pop()
         site = tracer.sites[site_idx]
         labels = site.q if kind == "qk" else site.v
-        order = roots[labels.reshape(-1)]
         heads, head_dim = int(labels.shape[0]), int(labels.shape[1])
+        order = roots[labels.reshape(-1)]
+        layout = _layout(roots[labels]) if len(set(order.tolist())) != len(order) else None
+        if layout is not None:  # grouped query heads share their KV head's dims; rotary pairs share a class
+            order, heads, dims = layout
+            if dims is not None:
+                pair, head_dim = int(dims.shape[1]), int(dims.shape[0])
         if len(set(order.tolist())) != len(order) or set(order.tolist()) != classes:
             reason = reason or f"the {kind} dims of attention {site.node} are coupled with other channels"
     elif roles:
@@ -242,8 +247,50 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
         reason = "not a recognised structure"
     return DimGroup(
         id=gid, kind=kind, width=len(order), tower="", layer=-1, scope="", heads=heads, head_dim=head_dim,
-        site=site_idx, prunable=reason is None, reason=reason, classes=order,
+        site=site_idx, prunable=reason is None, reason=reason, classes=order, pair=pair, dims=dims,
     )  # fmt: skip
+
+
+def _layout(head_roots: np.ndarray) -> tuple[np.ndarray, int, np.ndarray | None] | None:
+    """The channel layout of an attention's (heads, head_dim) classes when it is not one class per position:
+    ``(classes in channel order, heads, dims)``. Heads that carry the same classes (grouped-query attention: the
+    query heads of one KV head, after ``repeat_kv``) are one head; within a head, classes that come in equal
+    tuples at the same positions in every head are rotary pairs (``dims``: per channel its positions). None for
+    any other pattern."""
+    rows = list(dict.fromkeys(tuple(r) for r in head_roots.tolist()))
+    distinct = np.array(rows, dtype=np.int64)
+    if len(set(distinct.reshape(-1).tolist())) == distinct.size:  # grouped heads, one class per position
+        return distinct.reshape(-1), len(rows), None
+    paired = _pairs(distinct)
+    if paired is None:
+        return None
+    return paired[0], len(rows), paired[1]
+
+
+def _pairs(head_roots: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Classes of an attention's (heads, head_dim) positions that come in equal tuples within each head, in the
+    same positions in every head (RoPE: ``j`` with ``j + d/2``, or ``2i`` with ``2i + 1``): the classes in
+    channel order (head-major) and, per channel of a head, its positions. None for any other pattern."""
+    heads, d = head_roots.shape
+    pattern = None
+    order: list[int] = []
+    for h in range(heads):
+        first: dict[int, list[int]] = {}
+        for p, r in enumerate(head_roots[h].tolist()):
+            first.setdefault(r, []).append(p)
+        groups = list(first.values())
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1 or sizes == {1}:
+            return None
+        positions = np.array(groups, dtype=np.int64)
+        if pattern is None:
+            pattern = positions
+        elif positions.shape != pattern.shape or (positions != pattern).any():
+            return None
+        order += list(first)
+    if len(set(order)) != len(order):  # a class shared between heads
+        return None
+    return np.array(order, dtype=np.int64), pattern
 
 
 def _node_scopes(gm: torch.fx.GraphModule) -> dict[str, str]:

@@ -143,6 +143,7 @@ class Surgery(GraphPass[SurgeryInfo]):
             rewritten.append(node.name)
         kept = _kept_entries(analysis, removed)
         rewritten += rewrite_views(new_gm, kept)  # chunks/slices of sliced parameters select the kept part
+        rewritten += _slice_tables(new_gm, analysis, removed)  # chunks/slices of sliced parameters select the kept part
         for node in new_gm.graph.nodes:  # shapes recorded at capture no longer hold
             for key in (DIMS_KEY, "val", "tensor_meta"):
                 node.meta.pop(key, None)
@@ -231,6 +232,37 @@ def _set(gm: torch.nn.Module, name: str, data: torch.Tensor) -> torch.Tensor:
     new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
     setattr(mod, attr, new)
     return new
+
+
+def _slice_tables(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np.ndarray) -> list[str]:
+    """Each computed table that multiplies channels (RoPE's cos/sin) keeps the entries whose channels stay: an
+    ``index_select`` of the kept entries, inserted for that use (a table shared by layers is sliced per layer)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    device = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+    done = []
+    for k, t in enumerate(analysis.tables):
+        gone = removed[t.labels]  # (rows, entries)
+        keep = ~gone.all(axis=0)
+        if keep.all():
+            continue
+        if (gone.any(axis=0) & keep).any() and t.labels.shape[0] > 1:
+            ragged = gone.any(axis=0) & keep
+            rows_keep = ~gone[:, ragged]
+            if not (rows_keep.all(axis=1) | ~rows_keep.any(axis=1)).all():
+                raise SurgeryError(f"node {t.node}: its table would need different entries per head")
+        node = nodes[t.node]
+        name = f"upop_table_keep_{k}"
+        gm.register_buffer(name, torch.as_tensor(np.nonzero(keep)[0], device=device))
+        with gm.graph.inserting_before(node):
+            idx = gm.graph.get_attr(name)
+            table = node.args[t.operand]
+            axis = t.axis
+            sliced = gm.graph.call_function(torch.ops.aten.index_select.default, (table, axis, idx))
+        args = list(node.args)
+        args[t.operand] = sliced
+        node.args = tuple(args)
+        done.append(node.name)
+    return done
 
 
 def _kept_entries(analysis: GroupAnalysis, removed: np.ndarray) -> dict[tuple[str, int], np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..groups import DIMS_KEY, AttentionSite, Block, ParamUse
+from ..groups import DIMS_KEY, AttentionSite, Block, ParamUse, TableUse
 from .param_views import ParamView, resolve
 from .rules import RULES, SEEDING, key_of
 
@@ -37,6 +37,7 @@ class LabelTracer:
         self.parent = np.zeros(0, dtype=np.int64)
         self.uses: list[ParamUse] = []
         self.sites: list[AttentionSite] = []
+        self.tables: list[TableUse] = []
         self.seeds: list[tuple[str, np.ndarray]] = []
         self.refusals: dict[int, str] = {}  # label -> first reason its class cannot be removed
         self.node: Node | None = None

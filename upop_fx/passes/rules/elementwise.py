@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...groups import Block
+from ...groups import Block, TableUse
 from ._util import arg, rank, val
 from .registry import rule
 
@@ -83,6 +83,12 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
         if not full:
             broadcast_other = True
             continue
+        if not ctx.is_param(a) and _is_mul(node) and len(full) == 1 and ref.outer[full[0]] == 1:
+            # a computed table times channels (RoPE's cos/sin): exact when sliced to the kept entries
+            i = full[0]
+            rows = np.moveaxis(ref.labels, i, -1).reshape(-1, ref.labels.shape[i])
+            ctx.tables.append(TableUse(node.name, node.args.index(a), ref.axes[i] - off, rows.copy()))
+            continue
         if not ctx.is_param(a) or len(full) != 1 or ref.outer[full[0]] != 1:
             ctx.refuse_block(ref, f"operand {a.name} of unknown channels spans a channel axis")
             continue
@@ -93,6 +99,11 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
         ctx.use(a, ref.axes[i] - off, lab[0], "out")
     zero = _zero_after(node, [b for _, b in labelled], broadcast_other)
     return Block(ref.axes, ref.labels, ref.outer, zero)
+
+
+def _is_mul(node: Node) -> bool:
+    target = getattr(node.target, "overloadpacket", node.target)
+    return target in (aten.mul, operator.mul)
 
 
 def _zero_after(node: Node, labelled: list[Block], broadcast_other: bool) -> bool:

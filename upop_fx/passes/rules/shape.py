@@ -89,25 +89,31 @@ def reshape_block(block: Block, in_shape: tuple[Any, ...], out_shape: tuple[Any,
     except _NoMatch:
         return None
     axes, sizes, outer = [], [], []
+    seq: list[tuple[str, int]] = []  # the labelled parts of the output axes, in order: channel dims and repeats
     for ax, parts in enumerate(per_axis):
         kinds = [k for k, _ in parts]
         if "lab" not in kinds:
             continue
         first_lab = kinds.index("lab")
-        if "free" in kinds[first_lab:]:
-            return None  # an unlabelled dim inside a labelled one: not a channel layout
+        inner = parts[first_lab:]
+        if any(k == "free" and not f.is_Integer for k, f in inner):
+            return None  # a symbolic dim (batch, tokens) inside a labelled one: not a channel layout
         o = sympy.Integer(1)
         for _, f in parts[:first_lab]:
             o = o * f
-        n = sympy.Integer(1)
-        for _, f in parts[first_lab:]:
-            n = n * f
+        seq += [(k, int(f)) for k, f in inner]
         axes.append(ax)
-        sizes.append(int(n))
+        sizes.append(int(np.prod([int(f) for _, f in inner])))
         outer.append(int(o) if o.is_Number else o)
-    if int(np.prod(sizes)) != block.labels.size:
+    lab_sizes = [n for k, n in seq if k == "lab"]
+    if int(np.prod(lab_sizes)) != block.labels.size:
         return None
-    return Block(tuple(axes), block.labels.reshape(sizes), tuple(outer), block.zero)
+    # a constant dim inside a labelled one (repeat_kv's (kv_heads, n_rep) -> heads) repeats each channel
+    labels = block.labels.reshape(lab_sizes)
+    for i, (k, n) in enumerate(seq):
+        if k == "free":
+            labels = np.repeat(np.expand_dims(labels, i), n, axis=i)
+    return Block(tuple(axes), np.ascontiguousarray(labels).reshape(sizes), tuple(outer), block.zero)
 
 
 @rule(*RESHAPES)
