@@ -135,8 +135,9 @@ class DimGroup:
 
     Channels are numbered ``0 .. width-1``; for attention groups channel ``c`` is head ``c // head_dim``,
     dim ``c % head_dim``. Where a rotary embedding couples q/k dims in pairs (``j`` with ``j + d/2``, or ``2i``
-    with ``2i + 1``), a channel is a *pair*: ``pair`` is 2, ``head_dim`` counts pairs, and ``dims[j]`` gives the
-    two positions within the head of channel ``j``. ``cost_params[c]`` is the number of parameters removed with channel ``c``;
+    with ``2i + 1``; with partial rotary only the rotated dims), a channel may be a *pair*: ``head_dim`` counts
+    channels per head, ``dims[j]`` gives the positions within the head of channel ``j`` (one or two), and
+    :attr:`head_positions` the head's size in positions. ``cost_params[c]`` is the number of parameters removed with channel ``c``;
     ``cost_flops[c]`` the FLOPs per sample it saves at the example sequence length (matmuls and attention,
     including the T×T terms).
     """
@@ -159,16 +160,31 @@ class DimGroup:
     shape_nodes: list[str] = field(default_factory=list, repr=False)
     cost_params: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     cost_flops: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
-    pair: int = 1  #: positions per channel (2 where a rotary embedding pairs q/k dims)
-    dims: np.ndarray | None = field(default=None, repr=False)  #: (head_dim, pair): positions of each channel
+    dims: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  #: positions of each channel
 
     def positions(self, j: int) -> list[int]:
         """The positions within a head of channel ``j`` of a head (``[j]`` unless paired)."""
-        return [j] if self.dims is None else [int(p) for p in self.dims[j]]
+        return [j] if self.dims is None else list(self.dims[j])
+
+    @property
+    def head_positions(self) -> int | None:
+        """Positions (dims) per head: ``head_dim``, or more where rotary pairs are channels."""
+        if self.head_dim is None or self.dims is None:
+            return self.head_dim
+        return sum(len(d) for d in self.dims)
+
+    def kept_positions(self, channels: list[int]) -> int:
+        """How many positions ``channels`` (indices into this group) cover."""
+        if self.dims is None or not self.head_dim:
+            return len(channels)
+        return sum(len(self.dims[c % self.head_dim]) for c in channels)
 
     def describe(self) -> str:
-        pairs = f" (rotary pairs: {self.head_dim} per head)" if self.pair > 1 else ""
-        heads = f" heads={self.heads}x{self.head_dim * self.pair}{pairs}" if self.heads else ""
+        pairs = ""
+        if self.dims is not None:
+            n = sum(len(d) == 2 for d in self.dims)
+            pairs = f" (rotary: {n} pairs of {self.head_dim} channels per head)"
+        heads = f" heads={self.heads}x{self.head_positions}{pairs}" if self.heads else ""
         where = f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.scope or "<root>"
         cross = " cross" if self.cross else ""
         state = "" if self.prunable else f" (not prunable: {self.reason})"

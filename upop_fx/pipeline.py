@@ -223,8 +223,8 @@ def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, lis
         prunable_cost_removed=fraction,
         groups=[  # sizes in positions (a rotary pair counts two)
             GroupRow(
-                g.id, g.kind, g.tower, g.layer, g.heads, g.head_dim * g.pair if g.heads else g.head_dim,
-                len(keep[g.id]) * g.pair, g.width * g.pair, g.cross,
+                g.id, g.kind, g.tower, g.layer, g.heads, g.head_positions,
+                g.kept_positions(keep[g.id]), g.kept_positions(list(range(g.width))), g.cross,
                 len({c // g.head_dim for c in keep[g.id]}) if g.heads else None,
                 float(group_cost(g, budget)[keep[g.id]].sum()), float(group_cost(g, budget).sum()),
             )

@@ -69,7 +69,7 @@ def _head(g: DimGroup, h: int) -> np.ndarray:
 
 def _shared_dims(qk: DimGroup, v: DimGroup) -> bool:
     """q/k and v can share head-dim entries: the same head dim, v unpaired (a rotary pair of q/k takes two v dims)."""
-    return v.pair == 1 and qk.head_dim * qk.pair == v.head_dim
+    return v.dims is None and qk.head_positions == v.head_dim
 
 
 def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: str = "params") -> tuple[list[Structure], list[Entry]]:

@@ -103,20 +103,33 @@ WEIGHTED = {
 
 def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[str]:
     """The invariant every analysis keeps: each op that applies a parameter weight (``linear``, a convolution,
-    an embedding, a matmul with a parameter or a view of one) labelled its output channels, so that they are in
-    a prunable group or listed as not prunable with a reason. Returns the nodes that break it."""
+    an embedding, a matmul with a parameter or a view of one, or any other op consuming a parameter of rank 2 or
+    more, such as a grouped expert matmul) labelled its output channels or recorded its use of the parameter,
+    so that they are in a prunable group or listed as not prunable with a reason. Returns the nodes that break
+    it."""
     views: dict[str, object] = {}
     seeded = set(analysis.seeded)
-    out = []
+    used = {(u.node, u.name) for u in analysis.uses}
+    out: list[str] = []
     for n in gm.graph.nodes:
-        i = WEIGHTED.get(n.target) if n.op == "call_function" else None
-        if i is None or len(n.args) <= i:
+        if n.op != "call_function" or n.name in seeded:
             continue
-        w = n.args[i]
-        is_weight = isinstance(w, torch.fx.Node) and isinstance(resolve(w, views), ParamView)
-        if n.target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default) or is_weight:
-            if n.name not in seeded:
+        i = WEIGHTED.get(n.target)
+        if i is not None and len(n.args) > i:
+            w = n.args[i]
+            is_weight = isinstance(w, torch.fx.Node) and isinstance(resolve(w, views), ParamView)
+            if n.target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default) or is_weight:
                 out.append(n.name)
+            continue
+        for a in n.all_input_nodes:  # any other op that consumes a weight matrix (not through a view op)
+            view = resolve(a, views)
+            if not isinstance(view, ParamView) or isinstance(resolve(n, views), (ParamView, list)):
+                continue
+            val = view.param.meta.get("val")
+            matrix = isinstance(val, torch.Tensor) and val.dim() >= 2 and min(val.shape[-2:]) > 1
+            if matrix and (n.name, str(view.param.target)) not in used:
+                out.append(n.name)
+                break
     return out
 
 
@@ -212,7 +225,7 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
     roles = {site_role[r][0] for r in classes if r in site_role}
     sites = {site_role[r][1].index for r in classes if r in site_role}
     reason = next((refused[r] for r in sorted(classes) if r in refused), None)
-    kind, heads, head_dim, site_idx, pair, dims = "other", None, None, None, 1, None
+    kind, heads, head_dim, site_idx, dims = "other", None, None, None, None
     if len(roles) == 1 and len(sites) == 1:
         kind = roles.pop()
         site_idx = sites.pop()
@@ -224,7 +237,7 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
         if layout is not None:  # grouped query heads share their KV head's dims; rotary pairs share a class
             order, heads, dims = layout
             if dims is not None:
-                pair, head_dim = int(dims.shape[1]), int(dims.shape[0])
+                head_dim = len(dims)
         if len(set(order.tolist())) != len(order) or set(order.tolist()) != classes:
             reason = reason or f"the {kind} dims of attention {site.node} are coupled with other channels"
     elif roles:
@@ -247,11 +260,11 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
         reason = "not a recognised structure"
     return DimGroup(
         id=gid, kind=kind, width=len(order), tower="", layer=-1, scope="", heads=heads, head_dim=head_dim,
-        site=site_idx, prunable=reason is None, reason=reason, classes=order, pair=pair, dims=dims,
+        site=site_idx, prunable=reason is None, reason=reason, classes=order, dims=dims,
     )  # fmt: skip
 
 
-def _layout(head_roots: np.ndarray) -> tuple[np.ndarray, int, np.ndarray | None] | None:
+def _layout(head_roots: np.ndarray) -> tuple[np.ndarray, int, tuple[tuple[int, ...], ...] | None] | None:
     """The channel layout of an attention's (heads, head_dim) classes when it is not one class per position:
     ``(classes in channel order, heads, dims)``. Heads that carry the same classes (grouped-query attention: the
     query heads of one KV head, after ``repeat_kv``) are one head; within a head, classes that come in equal
@@ -267,10 +280,11 @@ def _layout(head_roots: np.ndarray) -> tuple[np.ndarray, int, np.ndarray | None]
     return paired[0], len(rows), paired[1]
 
 
-def _pairs(head_roots: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Classes of an attention's (heads, head_dim) positions that come in equal tuples within each head, in the
-    same positions in every head (RoPE: ``j`` with ``j + d/2``, or ``2i`` with ``2i + 1``): the classes in
-    channel order (head-major) and, per channel of a head, its positions. None for any other pattern."""
+def _pairs(head_roots: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]] | None:
+    """Classes of an attention's (heads, head_dim) positions that come in pairs within each head, at the same
+    positions in every head (RoPE: ``j`` with ``j + d/2``, or ``2i`` with ``2i + 1``; with partial rotary the
+    other dims stay single): the classes in channel order (head-major) and, per channel of a head, its
+    positions. None for any other pattern."""
     heads, d = head_roots.shape
     pattern = None
     order: list[int] = []
@@ -278,14 +292,12 @@ def _pairs(head_roots: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         first: dict[int, list[int]] = {}
         for p, r in enumerate(head_roots[h].tolist()):
             first.setdefault(r, []).append(p)
-        groups = list(first.values())
-        sizes = {len(g) for g in groups}
-        if len(sizes) != 1 or sizes == {1}:
+        positions = tuple(tuple(g) for g in first.values())
+        if any(len(g) > 2 for g in positions):
             return None
-        positions = np.array(groups, dtype=np.int64)
         if pattern is None:
             pattern = positions
-        elif positions.shape != pattern.shape or (positions != pattern).any():
+        elif positions != pattern:
             return None
         order += list(first)
     if len(set(order)) != len(order):  # a class shared between heads

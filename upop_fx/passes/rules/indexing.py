@@ -97,6 +97,29 @@ def slice_(ctx: Any, node: Node) -> Block | None:
     return Block(b.axes, np.take(b.labels, idx, axis=i), b.outer, b.zero)
 
 
+@rule(aten.stack)
+def stack(ctx: Any, node: Node) -> Block | None:
+    """Stacking blocks with the same channel layout labels the new axis too: position ``k`` of it carries
+    operand ``k``'s channels (GPT-J's ``stack((-x[..., 1::2], x[..., ::2]), -1)`` before a flatten)."""
+    tensors = node.args[0]
+    r = rank(node)
+    dim = arg(node, 1, "dim", 0) % r
+    blocks = [ctx.block(t) for t in tensors]
+    labelled = [b for b in blocks if b is not None]
+    ref = labelled[0]
+    if len(labelled) != len(blocks) or any(
+        b.axes != ref.axes or b.labels.shape != ref.labels.shape or b.outer != ref.outer for b in labelled
+    ):
+        for b in labelled:
+            ctx.refuse_block(b, "stacked operands carry different channel layouts")
+        return None
+    axes = [a + (a >= dim) for a in ref.axes]
+    i = sum(a < dim for a in axes)
+    new_axes = tuple(axes[:i] + [dim] + axes[i:])
+    outer = tuple(list(ref.outer[:i]) + [1] + list(ref.outer[i:]))
+    return Block(new_axes, np.stack([b.labels for b in labelled], axis=i), outer, all(b.zero for b in labelled))
+
+
 @rule(aten.cat, aten.concat, aten.concatenate)
 def cat(ctx: Any, node: Node) -> Block | None:
     tensors = node.args[0]
@@ -164,14 +187,20 @@ def rewrite_slice(ctx: Any, node: Node) -> None:
         return
     i = old.axes.index(dim)
     start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
-    if step not in (None, 1):
-        raise ValueError(f"node {node.name}: a strided slice of a channel axis cannot be rewritten")
     n = old.labels.shape[i]
-    lo, hi, _ = slice(start, end).indices(n)
+    lo, hi, step = slice(start, end, step).indices(n)
     kept = ctx.kept_positions(node.args[0], i)
-    new_lo = sum(1 for k in kept if k < lo)
-    new_hi = sum(1 for k in kept if k < hi)
-    node.args, node.kwargs = (node.args[0], dim, new_lo, new_hi, 1), {}
+    if step == 1:
+        new_lo = sum(1 for k in kept if k < lo)
+        new_hi = sum(1 for k in kept if k < hi)
+        node.args, node.kwargs = (node.args[0], dim, new_lo, new_hi, 1), {}
+        return
+    # a strided slice (GPT-J's x[..., ::2]) stays one if the kept positions it selects are still evenly spaced
+    where = {k: j for j, k in enumerate(kept)}
+    picked = [where[k] for k in range(lo, hi, step) if k in where]
+    if not picked or any(b - a != step for a, b in zip(picked, picked[1:])):
+        raise ValueError(f"node {node.name}: the strided slice would not select evenly spaced kept channels")
+    node.args, node.kwargs = (node.args[0], dim, picked[0], picked[-1] + 1, step), {}
 
 
 __all__: list[str] = []
