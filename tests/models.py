@@ -194,6 +194,59 @@ def gpt2() -> ZooModel:
                           "lm_head tied to wte")
 
 
+def llama() -> ZooModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
+                      bos_token_id=1, eos_token_id=EOS, pad_token_id=0, use_cache=False, **SDPA)
+    return ZooModel("llama", _eval(LlamaForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(),
+                    notes="RoPE (rotate_half: dim j paired with j + d/2; cos/sin computed once, shared by layers), "
+                          "GQA 4 query heads over 2 KV heads (repeat_kv: expand + reshape), SwiGLU MLP, RMSNorm; "
+                          "use_cache=False so that the eager output compares with the graph's (capture turns the "
+                          "cache off by itself: tests/test_capture.py)")
+
+
+def gptj() -> ZooModel:
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = GPTJConfig(vocab_size=VOCAB, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                     bos_token_id=1, eos_token_id=EOS, use_cache=False, **SDPA)
+    return ZooModel("gptj", _eval(GPTJForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(),
+                    notes="interleaved RoPE (2i paired with 2i+1: strided slices, stack, flatten) on the first "
+                          "rotary_dim=4 of 8 head dims (partial rotary); parallel attention + MLP")
+
+
+def torch_transformer() -> ZooModel:
+    torch.manual_seed(SEED)
+    model = _eval(nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                                 dim_feedforward=64, batch_first=True))
+    src, tgt = torch.randn(BATCH, SEQ, 32, generator=_gen(1)), torch.randn(BATCH, SEQ - 3, 32, generator=_gen(2))
+    src2, tgt2 = (torch.randn(OTHER_BATCH, OTHER_SEQ, 32, generator=_gen(3)),
+                  torch.randn(OTHER_BATCH, OTHER_SEQ - 4, 32, generator=_gen(4)))
+    return ZooModel("torch_transformer", model, (src, tgt), (src2, tgt2),
+                    dims={0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "tgt_seq"}},
+                    notes="encoder-decoder; the decoder's cross-attention has query != key/value: "
+                          "_in_projection_packed splits in_proj_weight (parameter views)")
+
+
+def segformer() -> ZooModel:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(SEED)
+    cfg = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                          decoder_hidden_size=32, num_labels=3, image_size=32)
+    return ZooModel("segformer", _eval(SegformerForSemanticSegmentation(cfg)), {"pixel_values": _pixels(BATCH, 1)},
+                    {"pixel_values": _pixels(OTHER_BATCH, 2)}, dims=_pixel_dims(),
+                    notes="Mix-FFN: depthwise 3x3 conv between FC1 and FC2; spatial-reduction attention "
+                          "(k/v from a strided conv of the tokens); all-MLP decoder with bilinear upsampling")
+
+
 def clip() -> ZooModel:
     from transformers import CLIPConfig, CLIPModel
 
@@ -372,10 +425,14 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "deit": deit,
     "distilbert": distilbert,
     "gpt2": gpt2,
+    "llama": llama,
+    "gptj": gptj,
     "clip": clip,
     "blip_vqa": blip_vqa,
     "torch_encoder": torch_encoder,
     "timm_vit": timm_vit,
+    "torch_transformer": torch_transformer,
+    "segformer": segformer,
 }
 
 

@@ -81,7 +81,8 @@ class FindGroups(GraphPass[GroupAnalysis]):
         for name in unlisted_weights(gm, analysis):  # no rule labelled them: listed, not left out
             node = next(n for n in gm.graph.nodes if n.name == name)
             v = node.meta.get("val")
-            width = int(v.shape[-1 if node.target != torch.ops.aten.convolution.default else 1]) if v is not None else 0
+            axis = 1 if node.target in _CONVS else -1
+            width = int(v.shape[axis]) if isinstance(v, torch.Tensor) and v.dim() > 1 else 0
             analysis.groups.append(DimGroup(
                 id=len(analysis.groups), kind="other", width=width, tower="", layer=-1, scope="", prunable=False,
                 reason=f"node {name} ({node.target}): no rule follows the output channels of this weighted op",
@@ -101,6 +102,12 @@ WEIGHTED = {
 }  # fmt: skip
 
 
+_CONVS = {
+    torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+    torch.ops.aten.convolution.default,
+}
+
+
 def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[str]:
     """The invariant every analysis keeps: each op that applies a parameter weight (``linear``, a convolution,
     an embedding, a matmul with a parameter or a view of one, or any other op consuming a parameter of rank 2 or
@@ -109,21 +116,25 @@ def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[
     it."""
     views: dict[str, object] = {}
     seeded = set(analysis.seeded)
-    used = {(u.node, u.name) for u in analysis.uses}
+    used = {(u.node, u.name) for u in analysis.uses if u.role == "out"}
+    params = {name for name, _ in gm.named_parameters()}
     out: list[str] = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.name in seeded:
             continue
         i = WEIGHTED.get(n.target)
         if i is not None and len(n.args) > i:
-            w = n.args[i]
-            is_weight = isinstance(w, torch.fx.Node) and isinstance(resolve(w, views), ParamView)
-            if n.target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default) or is_weight:
+            view = resolve(n.args[i], views)
+            if isinstance(view, ParamView) and (n.name, str(view.param.target)) in used:
+                continue  # its weight re-produces channels it is given (a depthwise convolution)
+            if n.target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default) or isinstance(view, ParamView):
                 out.append(n.name)
             continue
         for a in n.all_input_nodes:  # any other op that consumes a weight matrix (not through a view op)
             view = resolve(a, views)
             if not isinstance(view, ParamView) or isinstance(resolve(n, views), (ParamView, list)):
+                continue
+            if str(view.param.target) not in params:  # a buffer (a rotary table), not a weight
                 continue
             val = view.param.meta.get("val")
             matrix = isinstance(val, torch.Tensor) and val.dim() >= 2 and min(val.shape[-2:]) > 1

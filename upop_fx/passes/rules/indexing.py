@@ -198,7 +198,10 @@ def rewrite_slice(ctx: Any, node: Node) -> None:
     # a strided slice (GPT-J's x[..., ::2]) stays one if the kept positions it selects are still evenly spaced
     where = {k: j for j, k in enumerate(kept)}
     picked = [where[k] for k in range(lo, hi, step) if k in where]
-    if not picked or any(b - a != step for a, b in zip(picked, picked[1:])):
+    if not picked:  # every channel it selected is gone (a rotary part pruned away entirely)
+        node.args, node.kwargs = (node.args[0], dim, 0, 0, 1), {}
+        return
+    if any(b - a != step for a, b in zip(picked, picked[1:])):
         raise ValueError(f"node {node.name}: the strided slice would not select evenly spaced kept channels")
     node.args, node.kwargs = (node.args[0], dim, picked[0], picked[-1] + 1, step), {}
 
