@@ -247,6 +247,31 @@ def segformer() -> ZooModel:
                           "(k/v from a strided conv of the tokens); all-MLP decoder with bilinear upsampling")
 
 
+def llava() -> ZooModel:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    image_token, image_seq = VOCAB + 10, 16  # (32 / 8)² patches, CLS dropped ("default" strategy)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB + 20, use_cache=False, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                      projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
+                      image_seq_length=image_seq, **SDPA)
+
+    def inputs(batch: int, text_len: int, seed: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, VOCAB - 2, (batch, image_seq + text_len), generator=_gen(seed))
+        ids[:, 1:1 + image_seq] = image_token
+        return {"input_ids": ids, "pixel_values": _pixels(batch, seed), "attention_mask": torch.ones_like(ids)}
+
+    return ZooModel("llava", _eval(LlavaForConditionalGeneration(cfg)), inputs(BATCH, 4, 1), inputs(BATCH, 7, 2),
+                    dims={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+                    notes="LLaVA-style VLM: CLIP vision tower + 2-layer GELU projector + Llama (RoPE + GQA); image "
+                          "features scattered into the token embeddings (masked_scatter). torch.export fixes the "
+                          "number of images, so other_inputs keeps batch 2 and changes the text length")
+
+
 def clip() -> ZooModel:
     from transformers import CLIPConfig, CLIPModel
 
@@ -432,6 +457,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "torch_encoder": torch_encoder,
     "timm_vit": timm_vit,
     "torch_transformer": torch_transformer,
+    "llava": llava,
     "segformer": segformer,
 }
 

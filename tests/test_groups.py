@@ -157,6 +157,21 @@ GOLDEN = {
         ('mlp', 'decode_head', -1, None, None, 32, False),
         ('mlp', 'decode_head', -1, None, None, 32, False),
     ],
+    "llava": [
+        ('qk', 'model.vision_tower.encoder.layers', 0, 4, 8, 32, False),
+        ('v', 'model.vision_tower.encoder.layers', 0, 4, 8, 32, False),
+        ('mlp', 'model.vision_tower.encoder.layers', 0, None, None, 64, False),
+        ('qk', 'model.vision_tower.encoder.layers', 1, 4, 8, 32, False),
+        ('v', 'model.vision_tower.encoder.layers', 1, 4, 8, 32, False),
+        ('mlp', 'model.vision_tower.encoder.layers', 1, None, None, 64, False),
+        ('mlp', 'model.multi_modal_projector', -1, None, None, 32, False),
+        ('qk', 'model.language_model.layers', 0, 2, 4, 8, False),
+        ('v', 'model.language_model.layers', 0, 2, 8, 16, False),
+        ('mlp', 'model.language_model.layers', 0, None, None, 64, False),
+        ('qk', 'model.language_model.layers', 1, 2, 4, 8, False),
+        ('v', 'model.language_model.layers', 1, 2, 8, 16, False),
+        ('mlp', 'model.language_model.layers', 1, None, None, 64, False),
+    ],
 }
 
 
