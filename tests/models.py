@@ -221,6 +221,19 @@ def gptj() -> ZooModel:
                           "rotary_dim=4 of 8 head dims (partial rotary); parallel attention + MLP")
 
 
+def bloom() -> ZooModel:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=EOS,
+                      use_cache=False)
+    return ZooModel("bloom", _eval(BloomForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(),
+                    notes="ALiBi: scores = baddbmm(alibi, q, kᵀ) on (B·H, T, d) tensors, the per-head bias passing "
+                          "through (it fixes the heads: granularity='heads' prunes head dims there); per-head "
+                          "fused query_key_value viewed as (B, T, H, 3, d)")
+
+
 def torch_transformer() -> ZooModel:
     torch.manual_seed(SEED)
     model = _eval(nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
@@ -452,6 +465,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "gpt2": gpt2,
     "llama": llama,
     "gptj": gptj,
+    "bloom": bloom,
     "clip": clip,
     "blip_vqa": blip_vqa,
     "torch_encoder": torch_encoder,

@@ -83,3 +83,16 @@ def test_stacked_expert_weights_are_reported():
     analysis = FindGroups()(cap.gm).value
     reasons = [g.reason for g in analysis.groups if not g.prunable]
     assert sum("3-D parameter weight" in r for r in reasons) == 2, reasons
+
+
+def test_alibi_bias_fixes_the_heads_and_heads_granularity_prunes_head_dims():
+    zoo = ZOO["bloom"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
+                              granularity="heads")
+    assert all(s.fixed_heads and "differs per head" in s.fixed_heads for s in result.analysis.sites)
+    attn = [row for row in result.report.groups if row.kind in ("qk", "v")]
+    assert all(row.kept_heads == row.heads for row in attn)  # every head stays, thinner
+    assert any(row.kept < row.total for row in attn)
+    with torch.no_grad():
+        out, ref = result.model(**zoo.other_inputs), result.reference()(**zoo.other_inputs)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)

@@ -172,6 +172,14 @@ GOLDEN = {
         ('v', 'model.language_model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.language_model.layers', 1, None, None, 64, False),
     ],
+    "bloom": [
+        ('qk', 'transformer.h', 0, 4, 8, 32, False),
+        ('v', 'transformer.h', 0, 4, 8, 32, False),
+        ('mlp', 'transformer.h', 0, None, None, 128, False),
+        ('qk', 'transformer.h', 1, 4, 8, 32, False),
+        ('v', 'transformer.h', 1, 4, 8, 32, False),
+        ('mlp', 'transformer.h', 1, None, None, 128, False),
+    ],
 }
 
 

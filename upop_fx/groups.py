@@ -127,6 +127,7 @@ class AttentionSite:
     flops_qk: float = 0.0  # FLOPs per q/k entry (one head, one dim) on the example batch
     flops_v: float = 0.0
     cross: bool = False
+    fixed_heads: str | None = None  # why whole heads cannot be removed here (a per-head additive bias: ALiBi)
 
 
 @dataclass

@@ -5,7 +5,8 @@ An *entry* is the smallest unit a ranking can remove and still leave a dense gra
 * ``"upop"`` (UPop's default): per attention layer, head-dim index ``j`` — q, k and v dim ``j`` of every head
   together (one mask shared across heads and q/k/v); per MLP, one hidden neuron.
 * ``"qk_v"``: q/k dim ``j`` and v dim ``j`` are separate entries (all heads together).
-* ``"heads"``: whole heads (q, k and v of head ``h``).
+* ``"heads"``: whole heads (q, k and v of head ``h``); where a per-head additive score bias (ALiBi) fixes the
+  heads, that layer's entries are head dims as with ``"upop"``.
 
 A *structure* is the set of entries of one attention layer or one MLP; each keeps at least one entry.
 """
@@ -101,10 +102,11 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         qk, v = pair.get("qk"), pair.get("v")
         both = qk is not None and v is not None and qk.heads == v.heads
         label = f"{name} {'cross-' if g.cross else ''}attn"
-        if granularity == "heads" and both:
+        fixed = analysis.sites[g.site].fixed_heads if g.site is not None and g.site < len(analysis.sites) else None
+        if granularity == "heads" and both and not fixed:
             add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
             done.update({qk.id, v.id})
-        elif granularity == "upop" and both and _shared_dims(qk, v):
+        elif granularity in ("upop", "heads") and both and _shared_dims(qk, v):  # heads: where heads are fixed
             # head-dim j of q, k and v together; a rotary pair of q/k takes the v dims at the same positions
             add("attn", label, [qk, v], [
                 {qk.id: _head_channels(qk, j), v.id: np.concatenate([_head_channels(v, p) for p in qk.positions(j)])}

@@ -91,42 +91,69 @@ def _site_upstream(node: Node, depth: int = 16) -> int | None:
     return None
 
 
-def activation_matmul(ctx: Any, node: Node) -> Block | None:
-    """Eager attention written as matmuls: ``q @ kᵀ`` (contracts head dims) and ``probs @ v``."""
-    a, b = node.args[0], node.args[1]
+def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Block | None:
+    """Eager attention written as matmuls: ``q @ kᵀ`` (contracts head dims) and ``probs @ v``. Heads may be
+    merged with the batch (``(B·H, T, d)``, as BLOOM's ``bmm``/``baddbmm`` do): the same outer factor on both
+    operands."""
+    a = node.args[0] if a is None else a
+    b = node.args[1] if b is None else b
     ab, bb = ctx.block(a), ctx.block(b)
     ra, rb, r = rank(a), rank(b), rank(node)
 
     if ab is not None and bb is not None and ab.axes == (ra - 3, ra - 1) and bb.axes == (rb - 3, rb - 2):
-        if ab.labels.shape != bb.labels.shape or any(o != 1 for o in ab.outer + bb.outer) or not (ab.zero and bb.zero):
+        clean = ab.outer[1:] == bb.outer[1:] == (1,) and str(ab.outer[0]) == str(bb.outer[0])
+        if ab.labels.shape != bb.labels.shape or not clean or not (ab.zero and bb.zero):
             ctx.refuse_block(ab, "attention scores with mismatched q/k head layouts")
             ctx.refuse_block(bb, "attention scores with mismatched q/k head layouts")
             return None
         ctx.union(ab.labels, bb.labels)
         out = val(node)
-        batch = 1
-        for d in out.shape[:-3]:
-            batch *= concrete(d)
+        batch = _batch(ab, a, out)
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(out.shape[-1])
         site = AttentionSite(node=node.name, q=ab.labels, k=bb.labels, v=None, scale=None, index=len(ctx.sites), flops_qk=flops)
         ctx.sites.append(site)
         node.meta[SCORES_KEY] = site.index
         return None
-    if ab is None and bb is not None and bb.axes == (rb - 3, rb - 1) and all(o == 1 for o in bb.outer):
+    if ab is None and bb is not None and bb.axes == (rb - 3, rb - 1) and bb.outer[1] == 1:
         idx = _site_upstream(a)
         out = val(node)
-        batch = 1
-        for d in out.shape[:-3]:
-            batch *= concrete(d)
+        batch = _batch(bb, b, out)
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(val(a).shape[-1])
         if idx is not None and ctx.sites[idx].v is None:
             ctx.sites[idx].v, ctx.sites[idx].flops_v = bb.labels, flops
         else:
             ctx.sites.append(AttentionSite(node=node.name, q=None, k=None, v=bb.labels, scale=None, index=len(ctx.sites), flops_v=flops))
-        return Block((r - 3, r - 1), bb.labels, zero=bb.zero)
+        return Block((r - 3, r - 1), bb.labels, bb.outer, zero=bb.zero)
     for x in (ab, bb):
         ctx.refuse_block(x, "matmul of two activations that is not an attention pattern")
     return None
+
+
+def _batch(block: Block, operand: Node, out: torch.Tensor) -> int:
+    """Example batch of an attention matmul: the axes before the heads, times an outer factor merged into the
+    head axis (``(B·H, T, d)``: the operand's head-axis size over the head count)."""
+    batch = 1
+    for d in out.shape[:-3]:
+        batch *= concrete(d)
+    head_axis = block.axes[0]
+    return batch * (concrete(val(operand).shape[head_axis]) // int(block.labels.shape[0]))
+
+
+@rule(aten.baddbmm)
+def baddbmm(ctx: Any, node: Node) -> Block | None:
+    """``bias + α · q @ kᵀ`` (BLOOM's ALiBi scores): the matmul is an attention score; the added bias (ALiBi's
+    per-head slopes times positions, or any mask) carries no channels and passes through untouched."""
+    bias = node.args[0]
+    if ctx.block(bias) is not None:
+        ctx.refuse_block(ctx.block(bias), "channels in the additive term of a baddbmm")
+        return None
+    n_sites = len(ctx.sites)
+    out = activation_matmul(ctx, node, node.args[1], node.args[2])
+    b = val(bias)
+    if len(ctx.sites) > n_sites and isinstance(b, torch.Tensor) and b.dim() == 3 and b.shape[0] != 1:
+        # a bias that differs per head (ALiBi's slopes) is not sliced with the heads: keep every head
+        ctx.sites[-1].fixed_heads = f"node {node.name}: the additive score bias {bias.name} differs per head"
+    return out
 
 
 @rewrite(aten.scaled_dot_product_attention)
