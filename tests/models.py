@@ -234,6 +234,18 @@ def bloom() -> ZooModel:
                           "fused query_key_value viewed as (B, T, H, 3, d)")
 
 
+def mpnet() -> ZooModel:
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(SEED)
+    cfg = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=MAX_POS + 2, pad_token_id=0)
+    return ZooModel("mpnet", _eval(MPNetModel(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(), dim_max={"seq": MAX_POS},
+                    notes="a relative-position bias embedding (one column per head) added to the eager attention "
+                          "scores: not channels, and it fixes the heads")
+
+
 def torch_transformer() -> ZooModel:
     torch.manual_seed(SEED)
     model = _eval(nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
@@ -466,6 +478,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "llama": llama,
     "gptj": gptj,
     "bloom": bloom,
+    "mpnet": mpnet,
     "clip": clip,
     "blip_vqa": blip_vqa,
     "torch_encoder": torch_encoder,

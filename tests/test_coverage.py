@@ -96,3 +96,18 @@ def test_alibi_bias_fixes_the_heads_and_heads_granularity_prunes_head_dims():
     with torch.no_grad():
         out, ref = result.model(**zoo.other_inputs), result.reference()(**zoo.other_inputs)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_position_bias_is_not_a_channel_and_fixes_the_heads():
+    zoo = ZOO["mpnet"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
+                              granularity="heads")
+    kinds = sorted(g.kind for g in result.analysis.prunable)
+    assert kinds == ["mlp", "mlp", "qk", "qk", "v", "v"]  # v is not poisoned by the bias
+    bias = [g for g in result.analysis.groups if "relative_attention_bias" in g.scope]
+    assert bias and not bias[0].prunable and "spans a channel axis" in bias[0].reason
+    assert all(s.fixed_heads for s in result.analysis.sites)
+    with torch.no_grad():
+        out = result.model(**zoo.other_inputs).last_hidden_state
+        ref = result.reference()(**zoo.other_inputs).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -180,6 +180,14 @@ GOLDEN = {
         ('v', 'transformer.h', 1, 4, 8, 32, False),
         ('mlp', 'transformer.h', 1, None, None, 128, False),
     ],
+    "mpnet": [
+        ('qk', 'encoder.layer', 0, 4, 8, 32, False),
+        ('v', 'encoder.layer', 0, 4, 8, 32, False),
+        ('mlp', 'encoder.layer', 0, None, None, 64, False),
+        ('qk', 'encoder.layer', 1, 4, 8, 32, False),
+        ('v', 'encoder.layer', 1, 4, 8, 32, False),
+        ('mlp', 'encoder.layer', 1, None, None, 64, False),
+    ],
 }
 
 

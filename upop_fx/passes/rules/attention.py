@@ -66,6 +66,9 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
             flops_qk=pair_flops, flops_v=pair_flops,
         )
     )  # fmt: skip
+    mv = val(mask)
+    if isinstance(mv, torch.Tensor) and mv.is_floating_point() and mv.dim() >= 3 and concrete(mv.shape[-3]) > 1:
+        ctx.sites[-1].fixed_heads = f"node {node.name}: its additive mask {mask.name} differs per head"
     if vl is None:
         return None
     r = rank(node)
@@ -86,6 +89,30 @@ def _site_upstream(node: Node, depth: int = 16) -> int | None:
             seen.add(n)
             if SCORES_KEY in n.meta:
                 return n.meta[SCORES_KEY]
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return None
+
+
+_ADDS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
+
+
+def _per_head_bias(probs: Node, depth: int = 16) -> str | None:
+    """The node adding a per-head term to the scores upstream of ``probs`` (a relative-position bias, ALiBi
+    written as an add): both operands span the head axis. Such a bias is not sliced with the heads."""
+    frontier, seen = [probs], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen or not isinstance(n, Node):
+                continue
+            seen.add(n)
+            if SCORES_KEY in n.meta:
+                continue
+            if n.op == "call_function" and n.target in _ADDS:
+                vals = [val(x) for x in n.args[:2]]
+                if all(isinstance(v, torch.Tensor) and v.dim() >= 3 and concrete(v.shape[-3]) > 1 for v in vals):
+                    return n.name
             nxt.extend(n.all_input_nodes)
         frontier = nxt
     return None
@@ -121,6 +148,9 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(val(a).shape[-1])
         if idx is not None and ctx.sites[idx].v is None:
             ctx.sites[idx].v, ctx.sites[idx].flops_v = bb.labels, flops
+            bias = _per_head_bias(a)
+            if bias is not None and ctx.sites[idx].fixed_heads is None:
+                ctx.sites[idx].fixed_heads = f"node {bias}: an additive score bias differs per head"
         else:
             ctx.sites.append(AttentionSite(node=node.name, q=None, k=None, v=bb.labels, scale=None, index=len(ctx.sites), flops_v=flops))
         return Block((r - 3, r - 1), bb.labels, bb.outer, zero=bb.zero)

@@ -73,7 +73,7 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
                 ctx.refuse_block(bb, "operands carry channels on different axes")
             return None
         ctx.union(ref.labels, b.labels)
-    broadcast_other = False
+    broadcast_other = mixed = False
     for a in operands:
         if ctx.block(a) is not None:
             continue
@@ -91,12 +91,15 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
             continue
         if not ctx.is_param(a) or len(full) != 1 or ref.outer[full[0]] != 1:
             ctx.refuse_block(ref, f"operand {a.name} of unknown channels spans a channel axis")
+            mixed = True
             continue
         i = full[0]
         lab = np.moveaxis(ref.labels, i, -1).reshape(-1, ref.labels.shape[i])
         if lab.shape[0] > 1:  # one parameter entry shared by every position of the other labelled axes
             ctx.union(lab, lab[0:1])
         ctx.use(a, ref.axes[i] - off, lab[0], "out")
+    if mixed:  # the result mixes these channels with unknown ones: it carries no channel layout on
+        return None  # (a relative-position bias added to the scores must not pass for channels further on)
     zero = _zero_after(node, [b for _, b in labelled], broadcast_other)
     return Block(ref.axes, ref.labels, ref.outer, zero)
 
