@@ -111,3 +111,16 @@ def test_relative_position_bias_is_not_a_channel_and_fixes_the_heads():
         out = result.model(**zoo.other_inputs).last_hidden_state
         ref = result.reference()(**zoo.other_inputs).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_qk_v_on_a_per_head_fused_projection_shares_the_head_dim():
+    """BLOOM's query_key_value is viewed as (B, T, H, 3, d): q, k and v must keep one head dim, so qk_v falls back
+    to UPop's shared entries there instead of failing at the cut."""
+    zoo = ZOO["bloom"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
+                              granularity="qk_v")
+    rows = {(row.layer, row.kind): row.kept for row in result.report.groups}
+    assert all(rows[(layer, "qk")] == rows[(layer, "v")] for layer in (0, 1))
+    with torch.no_grad():
+        out, ref = result.model(**zoo.other_inputs), result.reference()(**zoo.other_inputs)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,8 @@ An *entry* is the smallest unit a ranking can remove and still leave a dense gra
 
 * ``"upop"`` (UPop's default): per attention layer, head-dim index ``j`` — q, k and v dim ``j`` of every head
   together (one mask shared across heads and q/k/v); per MLP, one hidden neuron.
-* ``"qk_v"``: q/k dim ``j`` and v dim ``j`` are separate entries (all heads together).
+* ``"qk_v"``: q/k dim ``j`` and v dim ``j`` are separate entries (all heads together); where one projection
+  interleaves q, k and v per head, they share entries as with ``"upop"``.
 * ``"heads"``: whole heads (q, k and v of head ``h``); where a per-head additive score bias (ALiBi) fixes the
   heads, that layer's entries are head dims as with ``"upop"``.
 
@@ -68,6 +69,20 @@ def _head(g: DimGroup, h: int) -> np.ndarray:
     return h * g.head_dim + np.arange(g.head_dim, dtype=np.int64)
 
 
+def _interleaved(qk: DimGroup, v: DimGroup) -> bool:
+    """q/k and v come out of one projection with the slots interleaved per head (BLOOM's and GPT-NeoX's
+    ``query_key_value`` viewed as ``(B, T, H, 3, d)``): one view splits them, so they must keep one head dim."""
+    v_rows = {(name, axis): chan for name, axis, chan in v.producers}
+    for name, axis, chan in qk.producers:
+        other = v_rows.get((name, axis))
+        if other is None:
+            continue
+        a, b = np.nonzero(chan >= 0)[0], np.nonzero(other >= 0)[0]
+        if len(a) and len(b) and not (a.max() < b.min() or b.max() < a.min()):
+            return True
+    return False
+
+
 def _shared_dims(qk: DimGroup, v: DimGroup) -> bool:
     """q/k and v can share head-dim entries: the same head dim, v unpaired (a rotary pair of q/k takes two v dims)."""
     return v.dims is None and qk.head_positions == v.head_dim
@@ -106,7 +121,8 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         if granularity == "heads" and both and not fixed:
             add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
             done.update({qk.id, v.id})
-        elif granularity in ("upop", "heads") and both and _shared_dims(qk, v):  # heads: where heads are fixed
+        elif (granularity in ("upop", "heads") or (both and _interleaved(qk, v))) and both and _shared_dims(qk, v):
+            # heads: where the heads are fixed; qk_v: where one per-head view splits q, k and v
             # head-dim j of q, k and v together; a rotary pair of q/k takes the v dims at the same positions
             add("attn", label, [qk, v], [
                 {qk.id: _head_channels(qk, j), v.id: np.concatenate([_head_channels(v, p) for p in qk.positions(j)])}
