@@ -124,3 +124,17 @@ def test_qk_v_on_a_per_head_fused_projection_shares_the_head_dim():
     with torch.no_grad():
         out, ref = result.model(**zoo.other_inputs), result.reference()(**zoo.other_inputs)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gptj", "bloom", "llava", "segformer"])
+def test_upop_search_on_modern_layouts(name):
+    """The masked search (masks on rotary pairs, grouped heads, fused and per-head projections, depthwise
+    convolutions), then the cut: equal to the final masked model (checked inside) and to the zeroed reference."""
+    zoo = ZOO[name]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, search_steps=4, interval=2, retrain_steps=0)
+    assert result.report.prunable_cost_removed >= 0.5
+    with torch.no_grad():
+        args = zoo.split(zoo.other_inputs)
+        out, ref = result.model(*args[0], **args[1]), result.reference()(*args[0], **args[1])
+    for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
