@@ -138,3 +138,28 @@ def test_upop_search_on_modern_layouts(name):
         out, ref = result.model(*args[0], **args[1]), result.reference()(*args[0], **args[1])
     for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class SharedMLP(torch.nn.Module):
+    """One MLP applied twice (ALBERT-style shared layers): its weight rows serve both applications."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 48), torch.nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            x = x + self.fc2(torch.relu(self.fc1(x)))
+        return x
+
+
+def test_a_weight_applied_twice_is_one_group():
+    torch.manual_seed(0)
+    model = SharedMLP().eval()
+    result = upop_fx.compress(model, torch.randn(2, 5, 16), 0.5, method="magnitude", retrain_steps=0)
+    mlp = [g for g in result.analysis.prunable if g.kind == "mlp"]
+    assert len(mlp) == 1 and mlp[0].width == 48  # both applications' neurons are the same channels
+    assert result.model.fc1.weight.shape[0] == len(result.keep[mlp[0].id]) < 48
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), result.reference()(x), rtol=1e-5, atol=1e-6)

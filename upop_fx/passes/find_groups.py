@@ -77,6 +77,7 @@ class FindGroups(GraphPass[GroupAnalysis]):
     def run(self, gm: torch.fx.GraphModule) -> PassResult[GroupAnalysis]:
         tracer = LabelTracer(gm)
         tracer.run()
+        _tie_shared_entries(tracer)
         analysis = _group(gm, tracer, get_capture(gm).batch_size)
         for name in unlisted_weights(gm, analysis):  # no rule labelled them: listed, not left out
             node = next(n for n in gm.graph.nodes if n.name == name)
@@ -142,6 +143,20 @@ def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[
                 out.append(n.name)
                 break
     return out
+
+
+def _tie_shared_entries(tracer: LabelTracer) -> None:
+    """A parameter entry tied to channels by several uses (a weight applied twice: ALBERT's shared layers,
+    DeBERTa's key projection of the tokens and of the relative positions) is removed for all of them at once:
+    their channels must go together."""
+    first: dict[tuple[str, int, int], int] = {}
+    for u in tracer.uses:
+        for pos, label in zip(u.where.tolist(), u.labels.tolist()):
+            key = (u.name, u.axis, pos)
+            if key in first:
+                tracer.union(np.array([first[key]]), np.array([label]))
+            else:
+                first[key] = label
 
 
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
