@@ -246,6 +246,20 @@ def mpnet() -> ZooModel:
                           "scores: not channels, and it fixes the heads")
 
 
+def deberta_v2() -> ZooModel:
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(SEED)
+    cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=MAX_POS, relative_attention=True,
+                          pos_att_type=["p2c", "c2p"], position_buckets=16, pad_token_id=0)
+    return ZooModel("deberta_v2", _eval(DebertaV2Model(cfg)), _tokens(BATCH, SEQ, 1),
+                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
+                    notes="disentangled attention on (B·H, T, d): c2p/p2c terms from the shared query/key "
+                          "projections of the relative embeddings, repeated per batch (aten.repeat); q/k refused, "
+                          "v and the MLPs pruned")
+
+
 def torch_transformer() -> ZooModel:
     torch.manual_seed(SEED)
     model = _eval(nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
@@ -479,6 +493,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "gptj": gptj,
     "bloom": bloom,
     "mpnet": mpnet,
+    "deberta_v2": deberta_v2,
     "clip": clip,
     "blip_vqa": blip_vqa,
     "torch_encoder": torch_encoder,

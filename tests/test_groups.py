@@ -188,6 +188,12 @@ GOLDEN = {
         ('v', 'encoder.layer', 1, 4, 8, 32, False),
         ('mlp', 'encoder.layer', 1, None, None, 64, False),
     ],
+    "deberta_v2": [
+        ('v', 'encoder.layer', 0, 4, 8, 32, False),
+        ('mlp', 'encoder.layer', 0, None, None, 64, False),
+        ('v', 'encoder.layer', 1, 4, 8, 32, False),
+        ('mlp', 'encoder.layer', 1, None, None, 64, False),
+    ],
 }
 
 

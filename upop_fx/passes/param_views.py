@@ -119,7 +119,7 @@ def _follow(node: Node, p: ParamView) -> ParamView | list[ParamView] | None:
     def view(new: Sequence[ViewAxis]) -> ParamView:
         return ParamView(p.param, tuple(new))
 
-    if t in _SAME:
+    if t in _SAME or (t == aten.dropout.default and args[2] is False):  # inference dropout is the identity
         return view(axes)
     if t in (aten.t.default, aten.numpy_T.default):
         return view(axes[::-1])

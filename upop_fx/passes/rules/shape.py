@@ -178,6 +178,8 @@ def _new_size(old: Any, old_block: Block, new_block: Block, axis: int, graph_nod
             return g.call_function(operator.mul, (q, n_new))
     outer = old_block.outer[i]
     if not isinstance(outer, int):
+        if old == -1:  # (B·H, T, d) with -1 for B·H: every other size is explicit, so -1 infers B·H'
+            return -1
         raise ValueError(f"node {graph_node.name}: size {old} of a channel axis has a symbolic outer factor")
     return outer * n_new
 
