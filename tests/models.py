@@ -255,9 +255,9 @@ def deberta_v2() -> ZooModel:
                           pos_att_type=["p2c", "c2p"], position_buckets=16, pad_token_id=0)
     return ZooModel("deberta_v2", _eval(DebertaV2Model(cfg)), _tokens(BATCH, SEQ, 1),
                     _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
-                    notes="disentangled attention on (B·H, T, d): c2p/p2c terms from the shared query/key "
-                          "projections of the relative embeddings, repeated per batch (aten.repeat); q/k refused, "
-                          "v and the MLPs pruned")
+                    notes="disentangled attention on (B·H, T, d): c2p/p2c terms multiply q and k with projections "
+                          "of the relative embeddings repeated per batch (aten.repeat: an outer factor); those "
+                          "per-head score terms fix the heads")
 
 
 def torch_transformer() -> ZooModel:

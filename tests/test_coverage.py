@@ -176,3 +176,16 @@ def test_a_weight_applied_twice_is_one_group():
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), result.reference()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_disentangled_attention_prunes_q_k_with_their_relative_projections():
+    zoo = ZOO["deberta_v2"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0)
+    qk = [g for g in result.analysis.prunable if g.kind == "qk"]
+    assert len(qk) == 2
+    producers = {name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for g in qk for name, _, _ in g.producers}
+    assert {"query_proj", "key_proj", "pos_key_proj", "pos_query_proj"} <= producers
+    with torch.no_grad():
+        out = result.model(**zoo.other_inputs).last_hidden_state
+        ref = result.reference()(**zoo.other_inputs).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -189,8 +189,10 @@ GOLDEN = {
         ('mlp', 'encoder.layer', 1, None, None, 64, False),
     ],
     "deberta_v2": [
+        ('qk', 'encoder.layer', 0, 4, 8, 32, False),
         ('v', 'encoder.layer', 0, 4, 8, 32, False),
         ('mlp', 'encoder.layer', 0, None, None, 64, False),
+        ('qk', 'encoder.layer', 1, 4, 8, 32, False),
         ('v', 'encoder.layer', 1, 4, 8, 32, False),
         ('mlp', 'encoder.layer', 1, None, None, 64, False),
     ],

@@ -164,6 +164,28 @@ def expand(ctx: Any, node: Node) -> Block | None:
     return Block(tuple(a + off for a in b.axes), b.labels, b.outer, b.zero)
 
 
+@rule(aten.repeat)
+def repeat(ctx: Any, node: Node) -> Block | None:
+    """``x.repeat(r0, r1, ...)`` tiles: along a labelled axis the copies sit outside the channels (an outer
+    factor, DeBERTa's relative keys repeated per batch into ``(B·H, 2k, d)``); new leading axes carry none."""
+    b = ctx.block(node.args[0])
+    reps = list(node.args[1])
+    off = len(reps) - rank(node.args[0])
+    outer = list(b.outer)
+    for i, a in enumerate(b.axes):
+        r = reps[a + off]
+        if isinstance(r, Node):  # a size computed in the graph: its recorded (symbolic) value
+            r = r.meta.get("val")
+        if not isinstance(r, int) and not isinstance(r, torch.SymInt):
+            ctx.refuse_block(b, "repeat of a channel axis by an unknown count")
+            return None
+        if isinstance(r, int) and r == 1:
+            continue
+        rr = r.node.expr if isinstance(r, torch.SymInt) else r
+        outer[i] = rr * outer[i] if outer[i] != 1 else rr
+    return Block(tuple(a + off for a in b.axes), b.labels, tuple(outer), b.zero)
+
+
 # ------------------------------------------------------------------ rewrites
 def _new_size(old: Any, old_block: Block, new_block: Block, axis: int, graph_node: Node) -> Any:
     """The literal for ``axis`` after surgery: an int, or an fx node computing ``old // n_old * n_new``."""
