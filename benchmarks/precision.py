@@ -29,14 +29,9 @@ import torch
 import upop_fx
 from benchmarks.common import machine, markdown_table, write_results
 from upop_fx.datasets import bbc_news, load_minilm
+from upop_fx.structures import keep_jaccard
 
 log = logging.getLogger("benchmarks.precision")
-
-
-def jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
-    sa = {(g, c) for g, cs in a.items() for c in cs}
-    sb = {(g, c) for g, cs in b.items() for c in cs}
-    return len(sa & sb) / len(sa | sb)
 
 
 def batches(tokenizer: Any, seed: int, steps: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
@@ -92,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                    "final_loss": round(result.losses["search"][-1], 5)}
             if precision != "fp32":
                 ref = keeps[(seed, "fp32")]
-                row["jaccard_vs_fp32"] = round(jaccard(result.keep, ref), 4)
+                row["jaccard_vs_fp32"] = round(keep_jaccard(result.keep, ref), 4)
                 row["widths_differing"] = sum(len(result.keep[g]) != len(ref[g]) for g in ref)
                 row["structures"] = len(ref)
             rows.append(row)
             log.info("seed %d %s: %s", seed, precision, row)
-    spread = [jaccard(keeps[(a, "fp32")], keeps[(b, "fp32")]) for a in args.seeds for b in args.seeds if a < b]
+    spread = [keep_jaccard(keeps[(a, "fp32")], keeps[(b, "fp32")]) for a in args.seeds for b in args.seeds if a < b]
     summary = {}
     for precision in args.precisions[1:]:
         js = [r["jaccard_vs_fp32"] for r in rows if r["precision"] == precision]

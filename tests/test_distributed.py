@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import upop_fx
 from upop_fx.search import distributed
+from upop_fx.structures import keep_jaccard
 
 from . import scaleout
 
@@ -25,12 +26,6 @@ def _spawn(tmp_path: Path, mode: str) -> list[dict]:
     out = tmp_path / "result"
     mp.spawn(scaleout.ddp_worker, args=(2, str(tmp_path / "store"), str(out), mode), nprocs=2, join=True)
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
-
-
-def _jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
-    sa = {(g, c) for g, cs in a.items() for c in cs}
-    sb = {(g, c) for g, cs in b.items() for c in cs}
-    return len(sa & sb) / len(sa | sb)
 
 
 def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(tmp_path):
@@ -47,7 +42,7 @@ def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(t
         retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL, lr=1e-3,
     )  # fmt: skip
     # averaging the two halves' gradients is the global batch's gradient, up to float rounding
-    assert _jaccard(r0["keep"], single.keep) >= 0.9
+    assert keep_jaccard(r0["keep"], single.keep) >= 0.9
     for a, b in zip(r0["losses"]["search"], single.losses["search"]):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
 

@@ -8,6 +8,7 @@ import torch
 
 import upop_fx
 from upop_fx.search.upop import UPopSearch
+from upop_fx.structures import keep_jaccard
 
 from . import scaleout
 
@@ -26,12 +27,6 @@ def _run(precision: str, seen: list | None = None, **kwargs) -> upop_fx.Result:
     )  # fmt: skip
 
 
-def _jaccard(a, b) -> float:
-    sa = {(g, c) for g, cs in a.items() for c in cs}
-    sb = {(g, c) for g, cs in b.items() for c in cs}
-    return len(sa & sb) / len(sa | sb)
-
-
 def test_bf16_search_runs_under_autocast_and_keeps_nearly_the_fp32_channels():
     seen: list = []
     bf16 = _run("bf16", seen)
@@ -39,7 +34,7 @@ def test_bf16_search_runs_under_autocast_and_keeps_nearly_the_fp32_channels():
     assert all(enabled and dtype == torch.bfloat16 for enabled, dtype, _ in seen)
     fp32 = _run("fp32")
     assert bf16.losses["search"] != fp32.losses["search"]  # autocast changed the arithmetic
-    assert _jaccard(bf16.keep, fp32.keep) >= 0.7
+    assert keep_jaccard(bf16.keep, fp32.keep) >= 0.7
     assert bf16.report.prunable_cost_removed == pytest.approx(fp32.report.prunable_cost_removed, abs=0.05)
     # the small model itself stays in float32
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())

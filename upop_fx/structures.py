@@ -23,7 +23,7 @@ from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
     "Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "check_int", "group_cost",
-    "keep_sets", "removed_fraction",
+    "keep_sets", "keep_jaccard", "removed_fraction",
 ]
 
 GRANULARITIES = ("upop", "qk_v", "heads")
@@ -150,6 +150,13 @@ def keep_sets(analysis: GroupAnalysis, entries: list[Entry], pruned: np.ndarray)
             for gid, ch in e.channels.items():
                 keep[gid][ch] = False
     return {gid: np.nonzero(k)[0].tolist() for gid, k in keep.items()}
+
+
+def keep_jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
+    """How alike two keep-sets are: the Jaccard index of their kept (group, channel) pairs (1.0: identical)."""
+    pa = {(g, c) for g, cs in a.items() for c in cs}
+    pb = {(g, c) for g, cs in b.items() for c in cs}
+    return len(pa & pb) / len(pa | pb) if pa | pb else 1.0
 
 
 def removed_fraction(entries: list[Entry], pruned: np.ndarray) -> float:

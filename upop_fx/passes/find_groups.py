@@ -79,8 +79,9 @@ class FindGroups(GraphPass[GroupAnalysis]):
         tracer.run()
         _tie_shared_entries(tracer)
         analysis = _group(gm, tracer, get_capture(gm).batch_size)
+        nodes = {n.name: n for n in gm.graph.nodes}
         for name in unlisted_weights(gm, analysis):  # no rule labelled them: listed, not left out
-            node = next(n for n in gm.graph.nodes if n.name == name)
+            node = nodes[name]
             v = node.meta.get("val")
             axis = 1 if node.target in _CONVS else -1
             width = int(v.shape[axis]) if isinstance(v, torch.Tensor) and v.dim() > 1 else 0

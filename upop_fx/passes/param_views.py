@@ -189,38 +189,39 @@ def _split_bounds(target: Any, how: Any, size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------- surgery
 def rewrite_views(gm: torch.fx.GraphModule, kept: dict[tuple[str, int], np.ndarray]) -> list[str]:
     """After surgery sliced parameters (``kept[(name, axis)]``: which entries of the old axis stay), rewrite the
-    literal arguments of every view op over a sliced parameter so that it selects the kept entries. Returns the
-    rewritten nodes; raises :class:`~upop_fx.errors.SurgeryError` for a view that cannot follow the cut."""
-    # per view node: for each of its axes, a boolean "kept" vector over the old entries (None: not sliced)
-    masks: dict[str, Any] = {}
-    rewritten: list[str] = []
+    literal arguments of every view op over a sliced parameter so that it selects the kept entries. Needs the
+    captured ``meta["val"]`` on the nodes. Returns the rewritten nodes; raises
+    :class:`~upop_fx.errors.SurgeryError` for a view that cannot follow the cut."""
+    views: dict[str, Any] = {}
+    for node in gm.graph.nodes:  # every view as captured, before any literal below changes
+        resolve(node, views)
+    rewritten = []
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                per_axis = [kept.get((str(node.target), i)) for i in range(val.dim())]
-                if any(m is not None for m in per_axis):
-                    masks[node.name] = per_axis
+        if node.op != "call_function" or node.target not in _LITERAL_OPS or not isinstance(node.args[0], Node):
             continue
-        if node.op != "call_function" or not node.args:
+        src = views.get(node.args[0].name)
+        if not isinstance(src, ParamView):
             continue
-        if node.target is operator.getitem:
-            src = masks.get(getattr(node.args[0], "name", None))
-            if isinstance(src, list) and src and isinstance(src[0], list):
-                masks[node.name] = src[node.args[1]]
-            continue
-        src = masks.get(getattr(node.args[0], "name", None))
-        if src is None or (src and isinstance(src[0], list)):
-            continue
-        out = _rewrite(node, src)
-        masks[node.name] = out
-        if out is not None:
+        m = [_kept_along(src, i, kept) for i in range(len(src.axes))]
+        if any(k is not None for k in m) and _rewrite(node, m):
             rewritten.append(node.name)
     return rewritten
 
 
-def _rewrite(node: Node, m: list[np.ndarray | None]) -> Any:
-    """The kept vectors of ``node``'s output (rewriting its literals in place), given its input's ``m``."""
+#: view ops with literals that select entries (start/end, an index, split sizes, expanded sizes)
+_LITERAL_OPS = {aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.expand.default, *_SPLITS}
+
+
+def _kept_along(view: ParamView, i: int, kept: dict[tuple[str, int], np.ndarray]) -> np.ndarray | None:
+    """Which entries of the view's axis ``i`` stay (None: the axis is not a sliced parameter axis)."""
+    a = view.axes[i]
+    k = kept.get((str(view.param.target), a.param_axis)) if a.param_axis is not None else None
+    return None if k is None or a.positions is None else k[a.positions]
+
+
+def _rewrite(node: Node, m: list[np.ndarray | None]) -> bool:
+    """Rewrite ``node``'s literals in place, given which entries of each of its input's axes stay (``m``);
+    False when the axis it selects along is not sliced."""
     t, rank = node.target, len(m)
     args = list(node.args)
 
@@ -228,29 +229,11 @@ def _rewrite(node: Node, m: list[np.ndarray | None]) -> Any:
         if not cond:
             raise SurgeryError(f"node {node.name} ({t}): {why}")
 
-    if t in _SAME:
-        return list(m)
-    if t in (aten.t.default, aten.numpy_T.default):
-        return m[::-1]
-    if t in (aten.transpose.int, aten.swapaxes.default):
-        i, j = _norm(args[1], rank), _norm(args[2], rank)
-        out = list(m)
-        out[i], out[j] = out[j], out[i]
-        return out
-    if t == aten.permute.default:
-        return [m[_norm(d, rank)] for d in args[1]]
-    if t == aten.unsqueeze.default:
-        d = _norm(args[1], rank + 1)
-        return m[:d] + [None] + m[d:]
-    if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
-        dims = [args[1]] if t == aten.squeeze.dim else (args[1] if t == aten.squeeze.dims else range(rank))
-        drop = {_norm(d, rank) for d in dims if m[_norm(d, rank)] is None and _old_size(node, d, rank) == 1}
-        return [x for i, x in enumerate(m) if i not in drop]
     if t in (aten.slice.Tensor, aten.narrow.default):
         d = _norm(args[1] if len(args) > 1 and args[1] is not None else 0, rank)
-        if m[d] is None:
-            return list(m)
         k = m[d]
+        if k is None:
+            return False
         if t == aten.narrow.default:
             start = _norm(args[2], len(k))
             stop, step = start + args[3], 1
@@ -263,42 +246,28 @@ def _rewrite(node: Node, m: list[np.ndarray | None]) -> Any:
             args[2], args[3] = new_start, new_len
         else:
             args[2:4] = [new_start, new_start + new_len]
-        node.args = tuple(args)
-        out = list(m)
-        out[d] = k[start:stop]
-        return out
-    if t == aten.select.int:
+    elif t == aten.select.int:
         d = _norm(args[1], rank)
-        if m[d] is not None:
-            idx = _norm(args[2], len(m[d]))
-            need(bool(m[d][idx]), "selects an entry of a parameter that the cut removes")
-            args[2] = int(m[d][:idx].sum())
-            node.args = tuple(args)
-        return m[:d] + m[d + 1:]
-    if t in _SPLITS:
-        d = _norm(args[2] if len(args) > 2 and args[2] is not None else 0, rank)
         if m[d] is None:
-            return [list(m) for _ in _split_bounds(t, args[1], _old_size(node, d, rank))]
+            return False
+        idx = _norm(args[2], len(m[d]))
+        need(bool(m[d][idx]), "selects an entry of a parameter that the cut removes")
+        args[2] = int(m[d][:idx].sum())
+    elif t in _SPLITS:
+        d = _norm(args[2] if len(args) > 2 and args[2] is not None else 0, rank)
         k = m[d]
-        bounds = _split_bounds(t, args[1], len(k))
-        sizes = [int(k[a:b].sum()) for a, b in bounds]
+        if k is None:
+            return False
+        sizes = [int(k[a:b].sum()) for a, b in _split_bounds(t, args[1], len(k))]
         need(all(s > 0 for s in sizes), "a split part of a parameter loses every entry")
-        node.target = aten.split_with_sizes.default
-        node.args = (args[0], sizes, d)
-        node.kwargs = {}
-        return [[k[a:b] if i == d else x for i, x in enumerate(m)] for a, b in bounds]
-    if t == aten.expand.default:
+        node.target, node.kwargs = aten.split_with_sizes.default, {}
+        args = [args[0], sizes, d]
+    else:  # expand: the sizes of the sliced axes
         sizes = list(args[1])
         lead = len(sizes) - rank
         for i, k in enumerate(m):
             if k is not None and sizes[lead + i] != -1:
                 sizes[lead + i] = int(k.sum())
         args[1] = sizes
-        node.args = tuple(args)
-        return [None] * lead + list(m)
-    return None  # not a view op: the parameter's consumers follow the cut by their channel labels
-
-
-def _old_size(node: Node, d: int, rank: int) -> int:
-    val = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
-    return int(val.shape[_norm(d, rank)]) if isinstance(val, torch.Tensor) else -1
+    node.args = tuple(args)
+    return True

@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from ..errors import DistributedMismatchError
 
-__all__ = ["active", "rank", "world_size", "is_main", "wrap", "unwrap", "check_same", "checksum", "quiet_ranks",
+__all__ = ["active", "rank", "world_size", "is_main", "wrap", "unwrap", "check_same", "checksum", "comm_device",
+           "quiet_ranks",
            "DistributedMismatchError"]
 
 
@@ -93,14 +94,18 @@ def check_same(value: float, what: str) -> None:
     ``(value, -value)`` with MAX. A no-op outside a process group."""
     if not active():
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    t = torch.tensor([value, -value], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     hi, lo = float(t[0]), -float(t[1])
     if hi != value or lo != value:
         raise DistributedMismatchError(
             f"rank {rank()} of {world_size()}: the ranks disagree on {what} (checksums from {lo:.0f} to {hi:.0f})"
         )
+
+
+def comm_device() -> torch.device:
+    """Where tensors for a collective must live: the current CUDA device under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @contextlib.contextmanager

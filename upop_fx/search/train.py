@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import normalize_inputs
-from ..errors import ConfigError, InputError
+from ..errors import InputError
+from ..structures import check_choice
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 
@@ -220,8 +221,7 @@ class Training:
     checkpoint: Checkpointer | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 #: ``"fp32"``; ``"bf16"``: autocast to bfloat16; ``"fp16"``: autocast to float16 with a gradient scaler.
@@ -346,7 +346,7 @@ def _gathered(pending: list[torch.Tensor]) -> list[float]:
         return []
     values = torch.stack(pending)
     if distributed.active():
-        values = values.to(torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu")
+        values = values.to(distributed.comm_device())
         torch.distributed.all_reduce(values)
         values = values / distributed.world_size()
     return values.tolist()

@@ -9,6 +9,7 @@ recompute from the reduced head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -78,8 +79,8 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
 SCORES_KEY = "upop_scores_site"
 
 
-def _site_upstream(node: Node, depth: int = 16) -> int | None:
-    """The eager attention site whose q·kᵀ scores feed ``node`` (softmax, scale, mask and dropout between)."""
+def _toward_scores(node: Node, depth: int = 16) -> Iterator[Node]:
+    """The nodes upstream of ``node``, breadth first, ``depth`` levels at most, not past a scores node."""
     frontier, seen = [node], set()
     for _ in range(depth):
         nxt = []
@@ -87,34 +88,28 @@ def _site_upstream(node: Node, depth: int = 16) -> int | None:
             if n in seen or not isinstance(n, Node):
                 continue
             seen.add(n)
-            if SCORES_KEY in n.meta:
-                return n.meta[SCORES_KEY]
-            nxt.extend(n.all_input_nodes)
+            yield n
+            if SCORES_KEY not in n.meta:
+                nxt.extend(n.all_input_nodes)
         frontier = nxt
-    return None
+
+
+def _site_upstream(node: Node) -> int | None:
+    """The eager attention site whose q·kᵀ scores feed ``node`` (softmax, scale, mask and dropout between)."""
+    return next((n.meta[SCORES_KEY] for n in _toward_scores(node) if SCORES_KEY in n.meta), None)
 
 
 _ADDS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
 
 
-def _per_head_bias(probs: Node, depth: int = 16) -> str | None:
+def _per_head_bias(probs: Node) -> str | None:
     """The node adding a per-head term to the scores upstream of ``probs`` (a relative-position bias, ALiBi
     written as an add): both operands span the head axis. Such a bias is not sliced with the heads."""
-    frontier, seen = [probs], set()
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            if n in seen or not isinstance(n, Node):
-                continue
-            seen.add(n)
-            if SCORES_KEY in n.meta:
-                continue
-            if n.op == "call_function" and n.target in _ADDS:
-                vals = [val(x) for x in n.args[:2]]
-                if all(isinstance(v, torch.Tensor) and v.dim() >= 3 and concrete(v.shape[-3]) > 1 for v in vals):
-                    return n.name
-            nxt.extend(n.all_input_nodes)
-        frontier = nxt
+    for n in _toward_scores(probs):
+        if n.op == "call_function" and n.target in _ADDS:
+            vals = [val(x) for x in n.args[:2]]
+            if all(isinstance(v, torch.Tensor) and v.dim() >= 3 and concrete(v.shape[-3]) > 1 for v in vals):
+                return n.name
     return None
 
 
