@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import upop_fx
+from upop_fx.capture import cache_off
 from upop_fx.compare import relative_error
+from upop_fx.report import count_params
 from upop_fx.structures import build_entries
 
 from .models import ZOO
@@ -60,3 +62,35 @@ def test_ratio_zero_reproduces_outputs(name):
         err = relative_error(_call(result.model, inputs), _call(zoo.model, inputs))
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
     result.model.graph.lint()
+    assert result.module is not None and type(result.module) is type(zoo.model), result.report.module_reason
+
+
+#: zoo models whose own class cannot express the cut at ratio 0.5 (magnitude, granularity "upop"), and the words
+#: of ``report.module_reason`` that say why; every other zoo model gets ``result.module``
+NO_MODULE = {
+    "llama": "rotary pairs per layer",  # one cos/sin table for all layers
+    "gptj": "rotary pairs per layer",
+    "llava": "rotary pairs per layer",
+    "mpnet": "differs from the cut graph",  # scores divided by sqrt(attention_head_size) in the forward
+    "deberta_v2": "differs from the cut graph",  # scale from the query's size(-1)
+    "blip_vqa": "cannot be captured again",  # vision attention reshapes to embed_dim // num_heads
+    "torch_encoder": "default scale",  # nn.MultiheadAttention: SDPA with scale=None
+    "torch_transformer": "default scale",
+    "timm_vit": "default scale",
+}
+
+
+def test_half_module_is_the_callers_class_and_equals_the_graph(half):
+    zoo, result = half
+    if zoo.name in NO_MODULE:
+        assert result.module is None
+        assert NO_MODULE[zoo.name] in result.report.module_reason
+        return
+    assert result.report.module_reason is None
+    module = result.module
+    assert type(module) is type(zoo.model) and module is not zoo.model
+    assert count_params(module) < count_params(zoo.model)
+    with cache_off(module):
+        for inputs in (zoo.example_inputs, zoo.other_inputs):
+            err = relative_error(_call(module, inputs), _call(result.model, inputs))
+            assert err <= 1e-5, f"{zoo.name}: module vs graph relative error {err:.2e}"

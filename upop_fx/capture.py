@@ -19,10 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from .errors import CaptureError, InputError
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
-    "run_module", "dynamic_shapes", "batch_size_of",
+    "run_module", "dynamic_shapes", "batch_size_of", "cache_off",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,12 @@ def export_program(
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
-    _without_cache(work)
+    with cache_off(work, note=True):
+        return _export(model, work, args, kwargs)
+
+
+def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any], Any]:
     try:
         run_module(work, args, kwargs)
     except Exception as exc:  # the model's own error, re-raised with context
@@ -205,16 +211,23 @@ def _is_constraint_error(exc: Exception) -> bool:
     )
 
 
-def _without_cache(work: torch.nn.Module) -> None:
-    """Turn off ``config.use_cache`` on ``work`` (a private copy) and every submodule's config: a KV cache is an
-    inference-time output that torch.export cannot return and that pruning does not need."""
-    configs = {id(c): c for m in work.modules() if (c := getattr(m, "config", None)) is not None}
-    turned = False
+@contextlib.contextmanager
+def cache_off(module: torch.nn.Module, note: bool = False) -> Iterator[None]:
+    """Run the block with ``config.use_cache`` off on ``module`` and every submodule's config (the text or
+    decoder config of a composite model too), restored afterwards: a KV cache is an inference-time output that
+    torch.export cannot return and that pruning and retraining do not need. ``note``: say so at INFO."""
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
+    turned = []
     for c in configs.values():
         for sub in [c, *(getattr(c, k) for k in ("text_config", "decoder", "language_config") if hasattr(c, k))]:
             if getattr(sub, "use_cache", False) is True:
                 sub.use_cache = False
-                turned = True
-    if turned:
+                turned.append(sub)
+    if turned and note:
         log.info("captured %s with use_cache=False (the KV cache is not part of the pruned function)",
-                 type(work).__name__)
+                 type(module).__name__)
+    try:
+        yield
+    finally:
+        for sub in turned:
+            sub.use_cache = True

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import capture, get_capture
+from .capture import cache_off, capture, get_capture, run_module
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
 from .passes import FindGroups, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
+from .rebuild import copy_weights, rebuild
 from .report import GroupRow, Report, count_flops, count_params
 from .search import distributed
 from .search.checkpoint import Checkpointer
@@ -66,6 +67,9 @@ class Result:
     keep: dict[int, list[int]]  #: kept channel indices per group id
     dense: torch.fx.GraphModule  #: the captured graph the cut was made from (weights as trained by the search)
     losses: dict[str, list[float]] = field(default_factory=dict)  #: per phase ("search", "retrain"): step losses
+    #: the caller's model, of its own class, cut like ``model`` and verified equal to it (None when the cut
+    #: cannot be expressed by the model's class: ``report.module_reason`` says why)
+    module: torch.nn.Module | None = None
 
     def reference(self) -> torch.fx.GraphModule:
         """``dense`` with every removed channel zeroed where it is produced: what ``model`` equaled at the cut
@@ -106,7 +110,7 @@ def prepare(
     analysis = FindGroups()(cap.gm).value
     analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, budget)
-    return Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to)
+    return Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to, source=model)
 
 
 def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
@@ -127,6 +131,13 @@ def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
     result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
     result.losses["search"] = list(selection.losses)
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
+    if prepared.source is not None:
+        removed = removed_labels(prepared.analysis, keep)
+        back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity)
+        result.module, result.report.module_reason = back.module, back.reason
+        if back.module is None:
+            log.info("no module of %s's class for this cut (result.model is the graph): %s",
+                     type(prepared.source).__name__, back.reason)
     return result
 
 
@@ -182,15 +193,36 @@ def run(
         batches.require(search_steps + retrain_steps)
         result = cut(prepared, strategy.select(prepared, batches, objective), strategy.name)
         if retrain_steps:  # retrain() checks that the data holds its steps
-            result.losses["retrain"] = retrain(
-                result.model, teacher, batches, loss_fn, retrain_steps, lr, example, training=prepared.training
-            )
+            result.losses["retrain"] = _retrain(result, teacher, batches, loss_fn, retrain_steps, lr, example,
+                                                prepared.training)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
             result.report.flops_before, result.report.flops_after,
         )  # fmt: skip
     return result
+
+
+def _retrain(result: Result, teacher: torch.nn.Module, batches: Batches, loss_fn: Any, steps: int, lr: float,
+             example: Any, training: Training | None) -> list[float]:
+    """Fine-tune the cut model: ``result.module`` in train mode (dropout as the model defines it) when there is
+    one, its weights then copied into the graph ``result.model`` (checked equal); else the graph."""
+    module = result.module
+    if module is None:
+        return retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training)
+    module.train()
+    try:
+        with cache_off(module):
+            losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training)
+    finally:
+        module.eval()
+    copy_weights(module, result.model, sliced_ok=False)  # tensors the graph lacks are unused by the forward
+    info = get_capture(result.model)
+    with cache_off(module):
+        gap = relative_error(run_module(module, info.args, info.kwargs), run_module(result.model, info.args, info.kwargs))
+    if not gap <= 1e-4:
+        raise SurgeryCheckError(f"after the retrain the graph and the module differ (relative error {gap:.3g})")
+    return losses
 
 
 def fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str, Any]:

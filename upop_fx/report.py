@@ -56,6 +56,8 @@ class Report:
     prunable_cost_removed: float  # the fraction of the prunable cost (in `budget` units) removed
     groups: list[GroupRow] = field(default_factory=list)
     not_prunable: list[str] = field(default_factory=list)
+    #: why ``Result.module`` is None (the cut cannot be expressed by the model's own class); None when it is set
+    module_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

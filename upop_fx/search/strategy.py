@@ -64,6 +64,7 @@ class Prepared:
     granularity: str
     round_to: int = 1
     training: Training | None = None  #: precision and checkpoints of the run's training phases
+    source: torch.nn.Module | None = None  #: the caller's model (never modified): what ``Result.module`` copies
 
 
 @dataclass

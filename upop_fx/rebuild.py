@@ -1,0 +1,410 @@
+"""The caller's own model back: a copy of the original ``nn.Module``, of its class, cut like the graph.
+
+Surgery emits a dense smaller *graph*; users also want their model — one that trains with dropout, saves with
+``save_pretrained``, generates with its KV cache. :func:`rebuild` makes it from what surgery did, never by
+guessing at a model's code:
+
+* **Tensors** — every parameter and buffer of the cut graph goes into a deep copy of the model under the same
+  name (capture keeps the module paths), so the copy carries the sliced weights (tied weights stay tied).
+* **Size attributes of layers** — from the new weight shapes, for the layers whose attributes are defined by
+  their weights (``nn.Linear``'s ``in_features``/``out_features``, convolutions, embeddings, norms, Hugging
+  Face's ``Conv1D``).
+* **Size attributes read by a forward** — each shape literal that surgery rewrote (a ``view`` to
+  ``(B, T, H, 64)`` that became ``(B, T, H, 32)``) belongs to the module whose forward produced it
+  (``nn_module_stack``); the integer attribute of that module holding the old size takes the new one.
+
+Then the copy is **verified**: captured again and compared with the cut graph on the example inputs and at a
+second batch/sequence size. Whatever cannot be expressed — a size no attribute holds, one attribute serving two
+sizes that the cut made different, an attention scale that only exists as the default ``1/sqrt(head size)``, a
+rotary table shared by layers that keep different pairs, ops that surgery had to insert — makes the module
+``None`` with the precise reason (and the option that avoids it, where there is one); the graph is unaffected.
+
+Example:
+    >>> import torch, upop_fx
+    >>> from transformers import BertConfig, BertModel
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                             intermediate_size=64, vocab_size=100)).eval()
+    >>> ids = torch.randint(1, 100, (2, 8))
+    >>> result = upop_fx.compress(bert, {"input_ids": ids}, ratio=0.5, method="magnitude", retrain_steps=0)
+    >>> type(result.module).__name__, result.module.encoder.layer[0].attention.self.attention_head_size < 8
+    ('BertModel', True)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from .capture import capture, get_capture, run_module
+from .compare import relative_error
+from .groups import GroupAnalysis
+
+__all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors"]
+
+log = logging.getLogger(__name__)
+
+#: the largest relative error between the rebuilt module and the cut graph that counts as equal
+RTOL = 1e-5
+
+
+@dataclass
+class Rebuilt:
+    """What :func:`rebuild` returns: the module (or None) and, when None, why."""
+
+    module: torch.nn.Module | None
+    reason: str | None = None
+    patched: dict[str, dict[str, Any]] = field(default_factory=dict)  #: module path -> {attribute: new value}
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied ones under each of their names."""
+    out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Put ``data`` at ``name`` in ``module`` as a parameter when ``like`` is one (same ``requires_grad``)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if isinstance(like, torch.nn.Parameter):
+        new: torch.Tensor = torch.nn.Parameter(data, requires_grad=like.requires_grad)
+        setattr(owner, attr, new)
+    else:
+        persistent = attr not in owner._non_persistent_buffers_set
+        owner.register_buffer(attr, data, persistent=persistent)
+        new = data
+    return new
+
+
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module, sliced_ok: bool = True) -> list[str]:
+    """Copy every tensor of ``source`` into ``target`` under the same name (aliases of one tensor in ``target``
+    receive one shared new tensor). Returns the names of ``source`` that ``target`` does not have."""
+    theirs = module_tensors(target)
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, t in theirs.items():
+        aliases[id(t)].append(name)
+    missing, done = [], set()
+    for name, t in module_tensors(source).items():
+        if name not in theirs:
+            missing.append(name)
+            continue
+        old = theirs[name]
+        if id(old) in done:
+            continue
+        if not sliced_ok and old.shape != t.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(old.shape)}")
+        new = _set_tensor(target, name, t.detach().clone(), old)
+        for other in aliases[id(old)]:
+            if other != name:
+                _set_tensor(target, other, new, old)
+        done.add(id(old))
+    return missing
+
+
+# ------------------------------------------------------------------------ attributes defined by weights
+def _linear(m: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    w = shapes.get("weight")
+    return {"out_features": w[0], "in_features": w[1]} if w else {}
+
+
+def _conv1d(m: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:  # Hugging Face's (in, out) Conv1D
+    w = shapes.get("weight")
+    out = {"nf": w[1]} if w else {}
+    if w and hasattr(m, "nx"):
+        out["nx"] = w[0]
+    return out
+
+
+def _conv(m: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    w = shapes.get("weight")
+    if not w:
+        return {}
+    transposed = bool(getattr(m, "transposed", False))
+    out_c = w[1] * m.groups if transposed else w[0]
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    groups = out_c if depthwise else m.groups
+    in_c = w[0] if transposed else w[1] * groups
+    return {"out_channels": out_c, "in_channels": in_c, "groups": groups}
+
+
+def _embedding(m: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    w = shapes.get("weight")
+    return {"num_embeddings": w[0], "embedding_dim": w[1]} if w else {}
+
+
+def _norm(m: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    w = shapes.get("weight") or shapes.get("bias")
+    if not w:
+        return {}
+    if hasattr(m, "normalized_shape"):
+        return {"normalized_shape": tuple(w)}
+    if hasattr(m, "num_features"):
+        return {"num_features": w[0]}
+    if hasattr(m, "num_channels"):
+        return {"num_channels": w[0]}
+    return {}
+
+
+def _refuse_mha(m: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    raise _Inexpressible(
+        "nn.MultiheadAttention derives its head size from the model width (embed_dim // num_heads), so pruned "
+        "attention channels cannot be expressed by it"
+    )
+
+
+class _Inexpressible(Exception):
+    pass
+
+
+_BY_WEIGHTS: list[tuple[Callable[[Any], bool], Callable[[Any, dict[str, tuple[int, ...]]], dict[str, Any]]]] = [
+    (lambda m: isinstance(m, torch.nn.MultiheadAttention), _refuse_mha),
+    (lambda m: isinstance(m, torch.nn.Linear), _linear),
+    (lambda m: isinstance(m, torch.nn.modules.conv._ConvNd), _conv),
+    (lambda m: isinstance(m, torch.nn.Embedding), _embedding),
+    (lambda m: isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
+                              getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))), _norm),
+    (lambda m: type(m).__name__ == "Conv1D" and hasattr(m, "nf"), _conv1d),
+]
+
+
+# ------------------------------------------------------------------------------ literals of the forward
+def _flat(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flat(v)]
+    if isinstance(x, dict):
+        return [y for k in sorted(x) for y in _flat(x[k])]
+    return [x]
+
+
+def _owner(node: Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module whose forward made ``node``; ``("", "")`` for none."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in reversed(list(stack.values())):
+        if isinstance(path, str) and not path.startswith("_"):
+            return path, (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
+    return "", ""
+
+
+def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, problems: list[str]
+                     ) -> dict[str, dict[int, set[tuple[int, str]]]]:
+    """Per module path: old size → {(new size, node)} for every shape literal surgery changed."""
+    old_nodes = {n.name: n for n in dense.graph.nodes}
+    changes: dict[str, dict[int, set[tuple[int, str]]]] = defaultdict(lambda: defaultdict(set))
+    for n in small.graph.nodes:
+        if n.op != "call_function":
+            continue
+        o = old_nodes.get(n.name)
+        if o is None or o.op != "call_function":
+            problems.append(f"the cut inserts {n.target} (node {n.name}), which the module's forward does not have")
+            continue
+        path, cls = _owner(o)
+        where = f"node {n.name} in {path or '<root>'} ({cls or type(dense).__name__})"
+        if o.target != n.target:
+            size = _even_split(o, n)
+            if size is None:
+                problems.append(f"the cut turns {o.target} into {n.target} at {where}")
+            elif size[0] != size[1]:
+                changes[path][size[0]].add((size[1], n.name))
+            continue
+        if o.kwargs.get("scale") is None and n.kwargs.get("scale") is not None:
+            problems.append(f"the attention at {where} uses the default scale 1/sqrt(head size), which the "
+                            f"module would recompute from the pruned head size; only the graph keeps it")
+            continue
+        a, b = _flat((o.args, o.kwargs)), _flat((n.args, n.kwargs))
+        if len(a) != len(b):
+            problems.append(f"the cut changes the arguments of {n.target} at {where}")
+            continue
+        for x, y in zip(a, b):
+            if isinstance(x, Node) or x == y:
+                continue
+            if isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool):
+                if x >= 0:  # a -1 the cut made explicit is still inferred by the module
+                    changes[path][x].add((y, n.name))
+            else:
+                problems.append(f"the cut changes the literal {x!r} to {y!r} at {where}")
+    return changes
+
+
+def _even_split(o: Node, n: Node) -> tuple[int, int] | None:
+    """``(old, new)`` part size where surgery turned ``split(x, size)`` into ``split_with_sizes`` of equal parts
+    (what the module's ``split(self.size)`` still expresses); None otherwise."""
+    if o.target != torch.ops.aten.split.Tensor or n.target != torch.ops.aten.split_with_sizes.default:
+        return None
+    old, sizes = o.args[1] if len(o.args) > 1 else None, n.args[1]
+    if not isinstance(old, int) or len(set(sizes)) != 1:
+        return None
+    return old, int(sizes[0])
+
+
+def _int_attrs(m: torch.nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(m).items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+
+
+def _patch_from_literals(model: torch.nn.Module, module: torch.nn.Module,
+                         changes: dict[str, dict[int, set[tuple[int, str]]]], patched: dict[str, dict[str, Any]],
+                         problems: list[str], notes: list[str], granularity: str) -> None:
+    """Give the attribute of each module that held a size the cut changed (in ``model``, the original) its new
+    value in ``module`` (the copy). A size no attribute holds goes to ``notes`` (the forward may take it from
+    a tensor's shape, which follows the cut by itself)."""
+    for path, sizes in changes.items():
+        m = module.get_submodule(path) if path else module
+        if any(applies(m) for applies, _ in _BY_WEIGHTS):  # its weights define its sizes (done above)
+            continue
+        attrs = _int_attrs(model.get_submodule(path) if path else model)
+        where = f"{path or '<root>'} ({type(m).__name__})"
+        for old, news in sorted(sizes.items()):
+            targets = sorted({new for new, _ in news})
+            holders = [k for k, v in attrs.items() if v == old]
+            nodes = ", ".join(sorted({node for _, node in news}))
+            if len(targets) > 1:
+                hint = (" — compress with granularity='upop', which keeps q/k and v at one head size"
+                        if granularity != "upop" else "")
+                problems.append(f"{where}: the size {old} becomes {' and '.join(map(str, targets))} in different "
+                                f"places (nodes {nodes}), but the module holds one "
+                                f"({', '.join(holders) or 'no attribute'}){hint}")
+                continue
+            if not holders:  # it may come from a tensor's shape: the verification decides
+                notes.append(f"{where}: no integer attribute holds the size {old} that the cut changes to "
+                             f"{targets[0]} (nodes {nodes})")
+                continue
+            for k in holders:
+                done = patched.get(path, {}).get(k)
+                if done is not None and done != targets[0]:
+                    problems.append(f"{where}: attribute {k} would need both {done} and {targets[0]}")
+                    continue
+                patched.setdefault(path, {})[k] = targets[0]
+                setattr(m, k, targets[0])
+
+
+def _tables_problem(analysis: GroupAnalysis, removed: np.ndarray, granularity: str) -> str | None:
+    kept = []
+    for t in analysis.tables:
+        gone = removed[t.labels].all(axis=0)
+        kept.append(tuple(np.nonzero(~gone)[0].tolist()))
+    if not kept or all(len(k) == len(analysis.tables[i].labels[0]) for i, k in enumerate(kept)):
+        return None
+    hint = " — compress with granularity='heads' (whole heads: every table entry stays)" if granularity != "heads" else ""
+    return (f"the rotary cos/sin tables are computed once for all layers, and the cut keeps different rotary "
+            f"pairs per layer ({len(set(kept))} different sets over {len(kept)} uses){hint}")
+
+
+# --------------------------------------------------------------------------------------- verification
+def varied_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any, grow_batch: bool, shrink_seq: bool
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example inputs at another size: the batch one larger (the first sample repeated) and the dynamic
+    sequence axis one shorter, where ``spec`` (capture's dynamic shapes) says those axes are dynamic."""
+    leaves_spec = spec if isinstance(spec, dict) else {}
+
+    def vary(t: Any, axes: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not isinstance(axes, dict):
+            return t
+        if shrink_seq and 1 in axes and t.shape[1] > 2:
+            t = t.narrow(1, 0, t.shape[1] - 1)
+        if grow_batch and 0 in axes:
+            t = torch.cat([t, t[:1]], dim=0)
+        return t
+
+    names = list(leaves_spec)
+    new_kwargs = {k: vary(v, leaves_spec.get(k)) for k, v in kwargs.items()}
+    positional = [leaves_spec.get(names[i]) if i < len(names) else None for i in range(len(args))]
+    new_args = tuple(vary(a, s) for a, s in zip(args, positional))
+    return new_args, new_kwargs
+
+
+def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> str | None:
+    """None when ``module``, captured again, equals ``small`` on the example inputs and at a second size."""
+    info = get_capture(small)
+    try:
+        again = capture(module, info.kwargs or info.args).gm
+    except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
+        return f"the rebuilt module cannot be captured again: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    tried = 0
+    for grow, shrink in ((False, False), (True, True), (False, True), (True, False)):
+        args, kwargs = varied_inputs(info.args, info.kwargs, info.dynamic_shapes, grow, shrink)
+        if (grow or shrink) and tried >= 2:
+            break
+        try:
+            want = run_module(small, args, kwargs)
+        except Exception:  # noqa: BLE001 — the graph does not run at this size; try another
+            continue
+        try:
+            got = run_module(again, args, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            return f"the rebuilt module fails to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        err = relative_error(got, want)
+        if not err <= RTOL:
+            shapes = [tuple(t.shape) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+            return f"the rebuilt module differs from the cut graph (relative error {err:.3g} at input shapes {shapes})"
+        tried += 1
+    if tried < 2:
+        return "the cut graph runs at no second input size to compare the rebuilt module with"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- rebuild
+def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
+            analysis: GroupAnalysis, removed: np.ndarray, granularity: str = "upop") -> Rebuilt:
+    """A copy of ``model`` cut as ``small`` (the surgery of ``dense``), verified; see the module docstring.
+
+    ``removed``: the removed labels of ``analysis`` (:func:`~upop_fx.passes.surgery.removed_labels`)."""
+    problems: list[str] = []
+    if (why := _tables_problem(analysis, removed, granularity)) is not None:
+        problems.append(why)
+    changes = _literal_changes(dense, small, problems)
+    if problems:
+        return Rebuilt(None, _reason(problems))
+    module = copy.deepcopy(model)
+    before = {n: tuple(t.shape) for n, t in module_tensors(module).items()}
+    missing = copy_weights(small, module)
+    if missing:
+        return Rebuilt(None, _reason([f"the cut graph holds tensors the model does not have: {', '.join(missing[:4])}"]))
+    patched: dict[str, dict[str, Any]] = {}
+    owners: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    for name, t in module_tensors(module).items():
+        if tuple(t.shape) != before[name]:
+            path, _, attr = name.rpartition(".")
+            owners[path][attr] = tuple(t.shape)
+    for path, shapes in owners.items():
+        m = module.get_submodule(path) if path else module
+        for applies, sizes_of in _BY_WEIGHTS:
+            if not applies(m):
+                continue
+            try:
+                new = sizes_of(m, shapes)
+            except _Inexpressible as exc:
+                problems.append(f"{path} ({type(m).__name__}): {exc}")
+                break
+            for k, v in new.items():
+                if getattr(m, k, None) != v:
+                    setattr(m, k, v)
+                    patched.setdefault(path, {})[k] = v
+            break
+    notes: list[str] = []
+    _patch_from_literals(model, module, changes, patched, problems, notes, granularity)
+    if problems:
+        return Rebuilt(None, _reason(problems), patched)
+    module.eval()
+    why = _verify(module, small)
+    if why is not None:
+        return Rebuilt(None, _reason([why, *notes]), patched)
+    log.info("rebuilt %s: %d modules with patched size attributes, verified against the cut graph",
+             type(model).__name__, len(patched))
+    return Rebuilt(module, None, patched)
+
+
+def _reason(problems: list[str]) -> str:
+    unique = list(dict.fromkeys(problems))
+    more = f" (and {len(unique) - 3} more)" if len(unique) > 3 else ""
+    return "; ".join(unique[:3]) + more
