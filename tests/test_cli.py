@@ -45,7 +45,8 @@ def workdir(tmp_path_factory):
 
 def test_readme_commands_write_every_artifact(workdir):
     d, stdout = workdir
-    assert sorted(p.name for p in (d / "small").iterdir()) == sorted(upop_fx.artifacts.FILES)
+    expected = [*upop_fx.artifacts.FILES, upop_fx.artifacts.PRETRAINED]
+    assert sorted(p.name for p in (d / "small").iterdir()) == sorted(expected)
     assert "onnxruntime-cpu" in stdout and "speedup" in stdout
     assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no staging left behind
 
@@ -61,6 +62,54 @@ def test_saved_model_equals_in_process_compress(workdir):
         for inputs in (example, other):
             torch.testing.assert_close(loaded(**inputs).last_hidden_state, expected(**inputs).last_hidden_state,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_is_the_model_of_its_own_class_with_its_tokenizer(workdir):
+    from transformers import AutoTokenizer, BertModel
+
+    d, _ = workdir
+    module, graph = upop_fx.load(d / "small"), upop_fx.load(d / "small", graph=True)
+    assert type(module) is BertModel and isinstance(graph, torch.fx.GraphModule)
+    tokenizer = AutoTokenizer.from_pretrained(str(d / "small" / "pretrained"), local_files_only=True)
+    batch = text_batches(tokenizer, SAMPLE_TEXT, 24, 3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(module(**batch).last_hidden_state, graph(**batch).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
+
+
+def test_generate_command_continues_a_prompt(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from upop_fx.cli import main
+
+    words = sorted({w.strip(".,").lower() for t in SAMPLE_TEXT for w in t.split()})
+    tokenizer = _word_tokenizer(words)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                       initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+    example = tokenizer([t.lower() for t in SAMPLE_TEXT[:2]], padding=True, return_tensors="pt")
+    result = upop_fx.compress(model, dict(example), 0.5, "magnitude", retrain_steps=0)
+    upop_fx.save_pretrained(result.module, tmp_path / "gpt", tokenizer=tokenizer)
+    assert main(["generate", str(tmp_path / "gpt"), "--prompt", "the markets rallied", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    ids = tokenizer("the markets rallied", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = result.module.generate(ids, max_new_tokens=6, do_sample=False)
+    assert want.shape[1] > 3 and printed == tokenizer.decode(want[0], skip_special_tokens=True)
+    assert printed.startswith("the markets rallied")
+    upop_fx.save_pretrained(result.module, tmp_path / "bare")
+    assert main(["generate", str(tmp_path / "bare"), "--prompt", "the"]) == 1
+    assert "holds no tokenizer" in capsys.readouterr().err
 
 
 def test_onnx_runs_in_onnxruntime(workdir):

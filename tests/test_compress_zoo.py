@@ -3,6 +3,10 @@ reference at another batch size and sequence length, lint-clean."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -71,9 +75,9 @@ NO_MODULE = {
     "llama": "rotary pairs per layer",  # one cos/sin table for all layers
     "gptj": "rotary pairs per layer",
     "llava": "rotary pairs per layer",
-    "mpnet": "differs from the cut graph",  # scores divided by sqrt(attention_head_size) in the forward
+    "mpnet": "scales by 2.82843 = sqrt(8)",  # scores divided by sqrt(attention_head_size) in the forward
     "deberta_v2": "differs from the cut graph",  # scale from the query's size(-1)
-    "blip_vqa": "cannot be captured again",  # vision attention reshapes to embed_dim // num_heads
+    "blip_vqa": "scales by 4 = sqrt(16)",  # text attention divides by sqrt(attention_head_size) in the forward
     "torch_encoder": "default scale",  # nn.MultiheadAttention: SDPA with scale=None
     "torch_transformer": "default scale",
     "timm_vit": "default scale",
@@ -94,3 +98,27 @@ def test_half_module_is_the_callers_class_and_equals_the_graph(half):
         for inputs in (zoo.example_inputs, zoo.other_inputs):
             err = relative_error(_call(module, inputs), _call(result.model, inputs))
             assert err <= 1e-5, f"{zoo.name}: module vs graph relative error {err:.2e}"
+
+
+_RELOAD = """
+import sys, torch, upop_fx
+model = upop_fx.from_pretrained(sys.argv[1])
+inputs = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(**inputs) if isinstance(inputs, dict) else model(*inputs), sys.argv[3])
+"""
+
+
+def test_half_module_survives_save_pretrained_and_a_fresh_process(half, tmp_path):
+    zoo, result = half
+    if result.module is None or not hasattr(result.module, "config"):
+        pytest.skip(f"{zoo.name}: no Hugging Face module to save ({result.report.module_reason or 'not a HF model'})")
+    upop_fx.save_pretrained(result.module, tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "upop_fx.json").read_text())
+    assert record["edits"] and record["class"].endswith(type(zoo.model).__qualname__)
+    torch.save(zoo.other_inputs, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "m"), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    with cache_off(result.module):
+        want = _call(result.module, zoo.other_inputs)
+    assert relative_error(torch.load(tmp_path / "out.pt", weights_only=False), want) <= 1e-6

@@ -3,7 +3,8 @@
 Layers, bottom to top (a module may import its own layer or lower ones, never a higher one):
 
     errors → groups, compare, structures, cost → capture, report, ort, datasets, kernels
-    → passes → search → pipeline, export, artifacts → api, bench → the package root → cli, demo
+    → passes → search → rebuild, restrict → pipeline, export, artifacts, pretrained → api, bench
+    → the package root → cli, demo
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ LAYERS = [
     ["capture", "report", "ort", "datasets", "kernels"],
     ["passes"],
     ["search"],
-    ["pipeline", "export", "artifacts"],
+    ["rebuild", "restrict"],
+    ["pipeline", "export", "artifacts", "pretrained"],
     ["api", "bench"],
     [""],  # upop_fx/__init__.py: the public facade
     ["cli", "demo"],

@@ -31,6 +31,7 @@ from .errors import (
 from .export import export_onnx
 from .groups import DimGroup, GroupAnalysis
 from .pipeline import Result
+from .pretrained import from_pretrained, save_pretrained
 from .report import Report
 from .search.strategy import Allocate, Prepared, Selection, Strategy, unified, uniform
 
@@ -38,6 +39,8 @@ __all__ = [
     "compress",
     "save",
     "load",
+    "save_pretrained",
+    "from_pretrained",
     "export_onnx",
     "retrain",
     "UPop",

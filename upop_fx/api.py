@@ -61,6 +61,7 @@ def compress(
     precision: str = "fp32",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
+    own_class: bool = False,
 ) -> Result:
     """Remove ``ratio`` of the prunable cost of ``model`` and return a dense, smaller model.
 
@@ -101,6 +102,14 @@ def compress(
             and gives the result an uninterrupted run gives. A directory of another run raises
             :class:`~upop_fx.errors.CheckpointError`.
         checkpoint_every: steps between checkpoints (and one at the end of each phase).
+        own_class: prune only what the model's own class can express, so that ``result.module`` exists
+            (layers whose code fixes a size the cut would change are left whole, each listed in
+            ``report.not_prunable`` with the reason). Default: prune everything the graph can cut; the result's
+            ``module`` is then None where the class cannot follow, and ``report.module_reason`` says why.
+
+    Returns a :class:`Result`: ``result.model`` (the dense small graph, what :func:`export_onnx` exports) and
+    ``result.module`` (the caller's model of its own class, cut alike and verified equal to the graph — it
+    trains, saves with :func:`~upop_fx.save_pretrained`, and generates).
 
     Runs where the model is (CPU or CUDA; batches are moved to its device). Inside an initialised
     ``torch.distributed`` process group (``torchrun``) every rank trains on its own batches under
@@ -119,7 +128,7 @@ def compress(
         model, example_inputs, strategy, ratio=ratio, data=data, loss_fn=loss_fn,
         search_steps=search_steps if method == "upop" else 0, retrain_steps=retrain_steps, lr=lr, budget=budget,
         granularity=granularity, round_to=round_to, seed=seed, precision=precision,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, own_class=own_class,
     )  # fmt: skip
 
 
@@ -127,8 +136,9 @@ class UPop:
     """The UPop search driven by your own training loop: ``model`` to train, :meth:`step` after each
     backward, :meth:`finalize` for the dense small model — the same pipeline as :func:`compress`.
 
-    ``score`` and ``allocate`` as in :func:`compress`. On CUDA, ``model``'s masked attention sites run the
-    fused Triton kernel. The global RNG state is left as it was.
+    ``score``, ``allocate`` and ``own_class`` as in :func:`compress`; :meth:`finalize`'s result carries
+    ``module`` (the caller's class, cut alike) as :func:`compress`'s does. On CUDA, ``model``'s masked
+    attention sites run the fused Triton kernel. The global RNG state is left as it was.
 
     Example:
         >>> import torch, upop_fx
@@ -161,11 +171,12 @@ class UPop:
         round_to: int = 1,
         score: str = "gradient",
         allocate: str | Allocate | None = None,
+        own_class: bool = False,
     ) -> None:
         check_options(ratio, budget, granularity, round_to, seed)
         self.search = UPopSearch(total_steps, interval, score, allocate=allocate)
         with seeded(seed, model):
-            self.prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to)
+            self.prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class)
             self.state = self.search.start(self.prepared)
 
     @property

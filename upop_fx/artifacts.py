@@ -2,8 +2,9 @@
 
 ``DIR`` receives ``model.pt2`` (``torch.export.save`` of the dense small model, dynamic batch and sequence),
 ``model.onnx`` (parity-checked in ONNX Runtime), ``report.json`` and ``report.md`` (kept/total per group and
-layer, per tower; params and FLOPs before and after) and ``widths.png`` (kept width per layer and structure, one
-bar chart per tower). Writing is atomic: everything is staged in a hidden sibling directory and moved into place
+layer, per tower; params and FLOPs before and after), ``widths.png`` (kept width per layer and structure, one
+bar chart per tower) and, when ``result.module`` is a Hugging Face model, ``pretrained/`` (it, of the caller's
+class, by :func:`~upop_fx.save_pretrained`, with the tokenizer or processor when given). Writing is atomic: everything is staged in a hidden sibling directory and moved into place
 only when complete; a failure leaves no partial ``DIR``.
 
 Example:
@@ -38,17 +39,20 @@ import torch
 from .capture import export_program
 from .errors import InputError
 from .export import export_onnx
+from .pretrained import from_pretrained, save_pretrained
 
-__all__ = ["save", "load", "report_markdown", "FILES"]
+__all__ = ["save", "load", "report_markdown", "FILES", "PRETRAINED"]
 
 log = logging.getLogger(__name__)
 
 FILES = ("model.pt2", "model.onnx", "report.json", "report.md", "widths.png")
+PRETRAINED = "pretrained"  #: the folder of the module save, beside FILES, when the result has a Hugging Face module
 
 
 def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *, force: bool = False,
-         onnx: bool = True, extra: dict[str, Any] | None = None) -> Path:
-    """Write the artifacts of ``result`` (a :class:`~upop_fx.Result`) into ``directory``, atomically."""
+         onnx: bool = True, extra: dict[str, Any] | None = None, processor: Any = None) -> Path:
+    """Write the artifacts of ``result`` (a :class:`~upop_fx.Result`) into ``directory``, atomically.
+    ``processor``: a tokenizer or processor (anything with ``save_pretrained``) saved into ``pretrained/``."""
     dest = Path(directory)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
         raise InputError(f"{dest} exists and is not empty (use force=True / --force to replace it)")
@@ -64,12 +68,19 @@ def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *,
         (stage / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         (stage / "report.md").write_text(report_markdown(result.report))
         plot_widths(result.report, stage / "widths.png")
+        module = getattr(result, "module", None)
+        if module is not None and hasattr(getattr(module, "config", None), "save_pretrained"):
+            save_pretrained(module, stage / PRETRAINED, tokenizer=processor)
     log.info("saved %s", dest)
     return dest
 
 
-def load(directory: str | os.PathLike[str]) -> torch.nn.Module:
-    """The runnable dense small model saved by :func:`save` (or by ``upop-fx compress``)."""
+def load(directory: str | os.PathLike[str], *, graph: bool = False) -> torch.nn.Module:
+    """The model saved by :func:`save` (or by ``upop-fx compress``): the caller's own class from ``pretrained/``
+    when it is there (:func:`~upop_fx.from_pretrained`), else — or with ``graph=True`` — the dense small graph
+    from ``model.pt2``."""
+    if not graph and (Path(directory) / PRETRAINED).is_dir():
+        return from_pretrained(Path(directory) / PRETRAINED)
     path = Path(directory) / "model.pt2"
     if not path.is_file():
         raise InputError(f"no model.pt2 in {directory}: not a directory written by upop_fx.save / upop-fx compress")

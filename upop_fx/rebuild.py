@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .capture import capture, get_capture, run_module
+from .capture import cache_off, capture, get_capture, run_module
 from .compare import relative_error
 from .groups import GroupAnalysis
 
-__all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors"]
+__all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "set_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,29 @@ log = logging.getLogger(__name__)
 RTOL = 1e-5
 
 
+class Problems(list):
+    """Why a cut cannot be expressed by the model's class: the texts, the module paths they were found in, and
+    whether a shared rotary table is among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: set[str] = set()
+        self.rotary = False
+
+    def add(self, text: str, path: str | None = None) -> None:
+        self.append(text)
+        if path:
+            self.paths.add(path)
+
+
 @dataclass
 class Rebuilt:
-    """What :func:`rebuild` returns: the module (or None) and, when None, why."""
+    """What :func:`rebuild` returns: the module (or None) and, when None, why (and where, where known)."""
 
     module: torch.nn.Module | None
     reason: str | None = None
     patched: dict[str, dict[str, Any]] = field(default_factory=dict)  #: module path -> {attribute: new value}
+    problems: Problems = field(default_factory=Problems)
 
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,12 +89,15 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Put ``data`` at ``name`` in ``module`` as a parameter when ``like`` is one (same ``requires_grad``)."""
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    if isinstance(like, torch.nn.Parameter):
-        new: torch.Tensor = torch.nn.Parameter(data, requires_grad=like.requires_grad)
+    if isinstance(data, torch.nn.Parameter):  # an alias of a parameter already in place: the same object
+        new: torch.Tensor = data
+        setattr(owner, attr, new)
+    elif isinstance(like, torch.nn.Parameter):
+        new = torch.nn.Parameter(data, requires_grad=like.requires_grad)
         setattr(owner, attr, new)
     else:
         persistent = attr not in owner._non_persistent_buffers_set
@@ -104,10 +123,10 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module, sliced_ok: bo
             continue
         if not sliced_ok and old.shape != t.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(old.shape)}")
-        new = _set_tensor(target, name, t.detach().clone(), old)
+        new = set_tensor(target, name, t.detach().clone(), old)
         for other in aliases[id(old)]:
             if other != name:
-                _set_tensor(target, other, new, old)
+                set_tensor(target, other, new, old)
         done.add(id(old))
     return missing
 
@@ -196,9 +215,10 @@ def _owner(node: Node) -> tuple[str, str]:
     return "", ""
 
 
-def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, problems: list[str]
-                     ) -> dict[str, dict[int, set[tuple[int, str]]]]:
-    """Per module path: old size → {(new size, node)} for every shape literal surgery changed."""
+def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, problems: Problems,
+                     floats: dict[str, list[tuple[float, str]]]) -> dict[str, dict[int, set[tuple[int, str]]]]:
+    """Per module path: old size → {(new size, node)} for every shape literal surgery changed. The float
+    literals the cut leaves alone go to ``floats`` (per module path: (value, node))."""
     old_nodes = {n.name: n for n in dense.graph.nodes}
     changes: dict[str, dict[int, set[tuple[int, str]]]] = defaultdict(lambda: defaultdict(set))
     for n in small.graph.nodes:
@@ -206,34 +226,53 @@ def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, p
             continue
         o = old_nodes.get(n.name)
         if o is None or o.op != "call_function":
-            problems.append(f"the cut inserts {n.target} (node {n.name}), which the module's forward does not have")
+            problems.add(f"the cut inserts {n.target} (node {n.name}), which the module's forward does not have",
+                         None)
             continue
         path, cls = _owner(o)
         where = f"node {n.name} in {path or '<root>'} ({cls or type(dense).__name__})"
         if o.target != n.target:
             size = _even_split(o, n)
             if size is None:
-                problems.append(f"the cut turns {o.target} into {n.target} at {where}")
+                problems.add(f"the cut turns {o.target} into {n.target} at {where}", path)
             elif size[0] != size[1]:
                 changes[path][size[0]].add((size[1], n.name))
             continue
         if o.kwargs.get("scale") is None and n.kwargs.get("scale") is not None:
-            problems.append(f"the attention at {where} uses the default scale 1/sqrt(head size), which the "
-                            f"module would recompute from the pruned head size; only the graph keeps it")
+            problems.add(f"the attention at {where} uses the default scale 1/sqrt(head size), which the "
+                         f"module would recompute from the pruned head size; only the graph keeps it", path)
             continue
-        a, b = _flat((o.args, o.kwargs)), _flat((n.args, n.kwargs))
+        a, b = _flat((_full_args(o), o.kwargs)), _flat((_full_args(n), n.kwargs))
         if len(a) != len(b):
-            problems.append(f"the cut changes the arguments of {n.target} at {where}")
+            problems.add(f"the cut changes the arguments of {n.target} at {where}", path)
             continue
         for x, y in zip(a, b):
+            if isinstance(x, float) and x == y:
+                floats[path].append((x, n.name))
             if isinstance(x, Node) or x == y:
                 continue
             if isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool):
-                if x >= 0:  # a -1 the cut made explicit is still inferred by the module
+                if 0 <= x < _OPEN_END:  # a -1 or an open end the cut made explicit: the module still infers it
                     changes[path][x].add((y, n.name))
             else:
-                problems.append(f"the cut changes the literal {x!r} to {y!r} at {where}")
+                problems.add(f"the cut changes the literal {x!r} to {y!r} at {where}", path)
     return changes
+
+
+_OPEN_END = 2**31  # a slice end this large means "to the end"
+
+
+def _full_args(n: Node) -> tuple[Any, ...]:
+    """``n.args`` with the schema's defaults filled in for the trailing positional arguments left out."""
+    schema = getattr(n.target, "_schema", None)
+    args = list(n.args)
+    if schema is None:
+        return tuple(args)
+    for arg in schema.arguments[len(args):]:
+        if arg.kwarg_only or arg.name in n.kwargs or not arg.has_default_value():
+            break
+        args.append(arg.default_value)
+    return tuple(args)
 
 
 def _even_split(o: Node, n: Node) -> tuple[int, int] | None:
@@ -247,6 +286,26 @@ def _even_split(o: Node, n: Node) -> tuple[int, int] | None:
     return old, int(sizes[0])
 
 
+def _scale_problems(model: torch.nn.Module, changes: dict[str, dict[int, set[tuple[int, str]]]],
+                    floats: dict[str, list[tuple[float, str]]], problems: Problems) -> None:
+    """A float literal equal to ``sqrt(size)`` or ``1/sqrt(size)`` in a module whose ``size`` the cut changes, and
+    that no float attribute of the module (or of a module above it) holds, was computed in the forward from
+    the size: the patched module would compute it from the new size, the graph keeps the old one."""
+    for path, sizes in changes.items():
+        held = set()
+        parts = path.split(".") if path else []
+        for i in range(len(parts) + 1):
+            m = model.get_submodule(".".join(parts[:i])) if i else model
+            held |= {v for v in vars(m).values() if isinstance(v, float)}
+        for old in sizes:
+            for f, node in floats.get(path, []):
+                derived = any(abs(f - c) <= 1e-6 * abs(c) for c in (old**0.5, old**-0.5))
+                if old > 1 and derived and not any(abs(f - h) <= 1e-6 * abs(f) for h in held):
+                    problems.add(f"{path or '<root>'}: node {node} scales by {f:.6g} = sqrt({old}) or its inverse, "
+                                 f"which the forward computes from the size {old} the cut changes; only the graph "
+                                 f"keeps it", path)
+
+
 def _int_attrs(m: torch.nn.Module) -> dict[str, int]:
     return {k: v for k, v in vars(m).items()
             if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
@@ -254,7 +313,7 @@ def _int_attrs(m: torch.nn.Module) -> dict[str, int]:
 
 def _patch_from_literals(model: torch.nn.Module, module: torch.nn.Module,
                          changes: dict[str, dict[int, set[tuple[int, str]]]], patched: dict[str, dict[str, Any]],
-                         problems: list[str], notes: list[str], granularity: str) -> None:
+                         problems: Problems, notes: list[str], granularity: str) -> None:
     """Give the attribute of each module that held a size the cut changed (in ``model``, the original) its new
     value in ``module`` (the copy). A size no attribute holds goes to ``notes`` (the forward may take it from
     a tensor's shape, which follows the cut by itself)."""
@@ -271,9 +330,9 @@ def _patch_from_literals(model: torch.nn.Module, module: torch.nn.Module,
             if len(targets) > 1:
                 hint = (" — compress with granularity='upop', which keeps q/k and v at one head size"
                         if granularity != "upop" else "")
-                problems.append(f"{where}: the size {old} becomes {' and '.join(map(str, targets))} in different "
+                problems.add(f"{where}: the size {old} becomes {' and '.join(map(str, targets))} in different "
                                 f"places (nodes {nodes}), but the module holds one "
-                                f"({', '.join(holders) or 'no attribute'}){hint}")
+                                f"({', '.join(holders) or 'no attribute'}){hint}", path)
                 continue
             if not holders:  # it may come from a tensor's shape: the verification decides
                 notes.append(f"{where}: no integer attribute holds the size {old} that the cut changes to "
@@ -282,7 +341,7 @@ def _patch_from_literals(model: torch.nn.Module, module: torch.nn.Module,
             for k in holders:
                 done = patched.get(path, {}).get(k)
                 if done is not None and done != targets[0]:
-                    problems.append(f"{where}: attribute {k} would need both {done} and {targets[0]}")
+                    problems.add(f"{where}: attribute {k} would need both {done} and {targets[0]}", path)
                     continue
                 patched.setdefault(path, {})[k] = targets[0]
                 setattr(m, k, targets[0])
@@ -323,13 +382,41 @@ def varied_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any, grow
     return new_args, new_kwargs
 
 
-def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> str | None:
-    """None when ``module``, captured again, equals ``small`` on the example inputs and at a second size."""
+def _failing_module(module: torch.nn.Module, exc: BaseException) -> str | None:
+    """The path of the innermost submodule of ``module`` whose code raised ``exc`` (from its traceback)."""
+    paths = {id(m): p for p, m in module.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in paths and paths[id(owner)]:
+            found = paths[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def _same_as(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str | None, str | None]:
+    """For a module of unchanged sizes (the model with the graph's weights): equal outputs on the example inputs."""
+    info = get_capture(small)
+    with cache_off(module):
+        err = relative_error(run_module(module, info.args, info.kwargs), run_module(small, info.args, info.kwargs))
+    return (None, None) if err <= RTOL else (f"the module differs from the graph (relative error {err:.3g})", None)
+
+
+def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str | None, str | None]:
+    """``(None, None)`` when ``module`` runs, and captured again equals ``small`` on the example inputs and at a
+    second size; else ``(why, the module path that failed where known)``."""
     info = get_capture(small)
     try:
-        again = capture(module, info.kwargs or info.args).gm
+        with cache_off(module):
+            run_module(module, info.args, info.kwargs)
     except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
-        return f"the rebuilt module cannot be captured again: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        return (f"the rebuilt module fails to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                _failing_module(module, exc))
+    try:
+        again = capture(module, info.kwargs or info.args).gm
+    except Exception as exc:  # noqa: BLE001
+        return f"the rebuilt module cannot be captured again: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", None
     tried = 0
     for grow, shrink in ((False, False), (True, True), (False, True), (True, False)):
         args, kwargs = varied_inputs(info.args, info.kwargs, info.dynamic_shapes, grow, shrink)
@@ -342,15 +429,16 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> str | None:
         try:
             got = run_module(again, args, kwargs)
         except Exception as exc:  # noqa: BLE001
-            return f"the rebuilt module fails to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            return f"the re-captured module fails to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", None
         err = relative_error(got, want)
         if not err <= RTOL:
             shapes = [tuple(t.shape) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
-            return f"the rebuilt module differs from the cut graph (relative error {err:.3g} at input shapes {shapes})"
+            return (f"the rebuilt module differs from the cut graph (relative error {err:.3g} at input shapes "
+                    f"{shapes})"), None
         tried += 1
     if tried < 2:
-        return "the cut graph runs at no second input size to compare the rebuilt module with"
-    return None
+        return "the cut graph runs at no second input size to compare the rebuilt module with", None
+    return None, None
 
 
 # ------------------------------------------------------------------------------------------- rebuild
@@ -359,17 +447,21 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
     """A copy of ``model`` cut as ``small`` (the surgery of ``dense``), verified; see the module docstring.
 
     ``removed``: the removed labels of ``analysis`` (:func:`~upop_fx.passes.surgery.removed_labels`)."""
-    problems: list[str] = []
+    problems = Problems()
     if (why := _tables_problem(analysis, removed, granularity)) is not None:
-        problems.append(why)
-    changes = _literal_changes(dense, small, problems)
+        problems.add(why)
+        problems.rotary = True
+    floats: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    changes = _literal_changes(dense, small, problems, floats)
+    _scale_problems(model, changes, floats, problems)
     if problems:
-        return Rebuilt(None, _reason(problems))
+        return Rebuilt(None, _reason(problems), problems=problems)
     module = copy.deepcopy(model)
     before = {n: tuple(t.shape) for n, t in module_tensors(module).items()}
     missing = copy_weights(small, module)
     if missing:
-        return Rebuilt(None, _reason([f"the cut graph holds tensors the model does not have: {', '.join(missing[:4])}"]))
+        problems.add(f"the cut graph holds tensors the model does not have: {', '.join(missing[:4])}")
+        return Rebuilt(None, _reason(problems), problems=problems)
     patched: dict[str, dict[str, Any]] = {}
     owners: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for name, t in module_tensors(module).items():
@@ -384,7 +476,7 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
             try:
                 new = sizes_of(m, shapes)
             except _Inexpressible as exc:
-                problems.append(f"{path} ({type(m).__name__}): {exc}")
+                problems.add(f"{path} ({type(m).__name__}): {exc}", path)
                 break
             for k, v in new.items():
                 if getattr(m, k, None) != v:
@@ -393,12 +485,15 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
             break
     notes: list[str] = []
     _patch_from_literals(model, module, changes, patched, problems, notes, granularity)
+    if not problems:
+        module.eval()
+        verify = _verify if (owners or changes) else _same_as  # nothing resized: the model itself, new weights
+        why, path = verify(module, small)
+        if why is not None:
+            problems.add(why, path)
+            problems.extend(notes)
     if problems:
-        return Rebuilt(None, _reason(problems), patched)
-    module.eval()
-    why = _verify(module, small)
-    if why is not None:
-        return Rebuilt(None, _reason([why, *notes]), patched)
+        return Rebuilt(None, _reason(problems), patched, problems)
     log.info("rebuilt %s: %d modules with patched size attributes, verified against the cut graph",
              type(model).__name__, len(patched))
     return Rebuilt(module, None, patched)

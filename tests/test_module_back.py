@@ -1,0 +1,253 @@
+"""``result.module``: the caller's own class back — generation with the KV cache, save_pretrained/from_pretrained
+(in a fresh process too), the Hugging Face Trainer, torch.compile, torch.save, retraining in train mode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.compare import relative_error
+from upop_fx.errors import InputError
+from upop_fx.passes import FindGroups, Surgery
+from upop_fx.passes.surgery import removed_labels
+from upop_fx.rebuild import rebuild
+
+from .models import ZOO, _tokens
+
+
+def with_dead_channels(model: torch.nn.Module, result: upop_fx.Result) -> torch.nn.Module:
+    """``model`` (the original, of the same parameter names) with the channels ``result`` removed zeroed where
+    they are produced: the function ``result.module`` computes, in the original's shapes."""
+    removed = removed_labels(result.analysis, result.keep)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for u in result.analysis.uses:
+            drop = u.where[np.nonzero(removed[u.labels])[0]]
+            if u.role == "out" and len(drop) and u.name in params:
+                params[u.name].index_fill_(u.axis, torch.as_tensor(drop), 0)
+    return model
+
+
+def _greedy(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                     initializer_range=0.3, bos_token_id=1, eos_token_id=99, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, bos_token_id=1,
+                      eos_token_id=99, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make, granularity", [(_gpt2, "upop"), (_llama, "heads")], ids=["gpt2", "llama"])
+def test_decoder_generates_as_the_original_with_dead_channels(make, granularity, tmp_path):
+    model = make()
+    assert model.config.use_cache  # compress accepts the model with its cache on
+    prompt = _tokens(2, 6, seed=3)
+    result = upop_fx.compress(model, prompt, ratio=0.5, method="magnitude", retrain_steps=0,
+                              granularity=granularity)
+    assert result.module is not None, result.report.module_reason
+    assert type(result.module) is type(model) and model.config.use_cache
+    original = with_dead_channels(make(), result)
+    want = _greedy(original, **prompt)
+    assert len(set(want[0, 6:].tolist())) > 1  # a sequence that can tell two models apart
+    assert torch.equal(_greedy(result.module, **prompt), want)
+    upop_fx.save_pretrained(result.module, tmp_path / "small")
+    assert torch.equal(_greedy(upop_fx.from_pretrained(tmp_path / "small"), **prompt), want)
+
+
+def test_llama_default_granularity_says_which_option_gives_the_module():
+    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+    assert result.module is None
+    assert "rotary" in result.report.module_reason and "granularity='heads'" in result.report.module_reason
+    assert result.model is not None  # the graph is still returned
+
+
+def test_llava_generates_as_the_original_with_dead_channels():
+    zoo = ZOO["llava"]()
+    zoo.model.config.text_config.use_cache = True
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0,
+                              granularity="heads")
+    assert result.module is not None, result.report.module_reason
+    original = with_dead_channels(ZOO["llava"]().model, result)
+    inputs = dict(zoo.example_inputs)
+    want = _greedy(original, **inputs)
+    assert torch.equal(_greedy(result.module, **inputs), want)
+
+
+def _blip(cls: type) -> torch.nn.Module:
+    from transformers import BlipConfig
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=100, hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, sep_token_id=2,
+                eos_token_id=99, initializer_range=0.3)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, initializer_range=0.3)
+    return cls(BlipConfig(text_config=text, vision_config=vision)).eval()
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_blip_generates_as_the_original_with_dead_channels(task):
+    """BLIP's vision attention reshapes to ``embed_dim // num_heads`` of its input, and its text attention divides
+    by ``sqrt(attention_head_size)``: with whole heads (the text head size stays) and ``own_class=True`` (the
+    vision attention stays whole, and the report says so) the captioner / VQA model comes back and generates."""
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    cls = BlipForConditionalGeneration if task == "caption" else BlipForQuestionAnswering
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    ids = torch.randint(3, 98, (2, 6), generator=g)
+    ids[:, 0] = 1
+    example = {"pixel_values": pixels, "input_ids": ids}
+    if task == "vqa":  # without labels its forward never runs the text towers
+        example["labels"] = ids
+    if task == "vqa":
+        plain = upop_fx.compress(_blip(cls), example, ratio=0.5, method="magnitude", retrain_steps=0)
+        assert plain.module is None and "scales by" in plain.report.module_reason
+    result = upop_fx.compress(_blip(cls), example, ratio=0.5, method="magnitude", retrain_steps=0, own_class=True,
+                              granularity="heads")
+    assert result.module is not None, result.report.module_reason
+    assert any("own_class=True" in why for why in result.report.not_prunable)
+    kinds = {(row.tower.split(".")[0], row.kind) for row in result.report.groups if row.kept < row.total}
+    assert ("vision_model", "mlp") in kinds and any(t.startswith("text") and k == "qk" for t, k in kinds)
+    original = with_dead_channels(_blip(cls), result)
+    prompt = {"pixel_values": pixels, "input_ids": ids[:, :3] if task == "caption" else ids}  # (a caption drops its last)
+    want = _greedy(original, **prompt)
+    assert len(set(want[0].tolist())) > 2
+    assert torch.equal(_greedy(result.module, **prompt), want)
+
+
+class HardCodedAttention(torch.nn.Module):
+    """Sizes written into the forward as numbers: nothing the cut could patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out, self.scaling = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32), 8**-0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p.view(b, t, 4, 8).transpose(1, 2) for p in self.qkv(x).split(32, dim=-1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        return self.out(o.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_a_size_no_attribute_holds_is_refused_with_the_node():
+    torch.manual_seed(0)
+    result = upop_fx.compress(HardCodedAttention().eval(), torch.randn(2, 5, 32), ratio=0.5, method="magnitude",
+                              retrain_steps=0)
+    assert result.module is None
+    assert "fails to run" in result.report.module_reason
+    assert "no integer attribute holds the size 8" in result.report.module_reason
+
+
+def test_one_attribute_for_two_cut_sizes_names_the_granularity_that_fits():
+    zoo = ZOO["bert"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm).value
+    # q/k keep 6 dims of every head, v keeps 4: one attention_head_size cannot hold both
+    keep = {g.id: [c for c in range(g.width) if c % g.head_dim < (6 if g.kind == "qk" else 4)]
+            for g in analysis.prunable if g.kind in ("qk", "v")}
+    small = Surgery(keep)(cap.gm).gm
+    back = rebuild(zoo.model, cap.gm, small, analysis, removed_labels(analysis, keep), granularity="qk_v")
+    assert back.module is None
+    assert "the size 8 becomes 4 and 6 in different places" in back.reason
+    assert "attention_head_size" in back.reason and "granularity='upop'" in back.reason
+
+
+@pytest.fixture(scope="module")
+def bert_small(tmp_path_factory):
+    zoo = ZOO["bert_cls"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0)
+    path = tmp_path_factory.mktemp("saved") / "bert"
+    upop_fx.save_pretrained(result.module, path)
+    return zoo, result, path
+
+
+def test_from_pretrained_refuses_what_is_not_a_save(bert_small, tmp_path):
+    _, _, path = bert_small
+    with pytest.raises(InputError, match="not a directory"):
+        upop_fx.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="upop_fx.json, config.json, model.safetensors missing"):
+        upop_fx.from_pretrained(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bad / f).write_bytes((path / f).read_bytes())
+    record = json.loads((path / "upop_fx.json").read_text())
+    layer = next(k for k in record["edits"] if k.endswith("attention.self.query"))
+    record["edits"][layer]["tensors"]["weight"][0] += 1
+    (bad / "upop_fx.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="does not match the weights"):
+        upop_fx.from_pretrained(bad)
+    (bad / "upop_fx.json").write_text("{}")
+    with pytest.raises(InputError, match="not a upop_fx edit record"):
+        upop_fx.from_pretrained(bad)
+    with pytest.raises(InputError, match="needs a Hugging Face model"):
+        upop_fx.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "linear")
+
+
+def test_module_trains_with_the_hugging_face_trainer(bert_small, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    zoo, result, _ = bert_small
+    module = result.module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    rows = [{"input_ids": zoo.example_inputs["input_ids"][i], "attention_mask": zoo.example_inputs["attention_mask"][i],
+             "labels": torch.tensor(i % 2)} for i in range(2)] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", learning_rate=1e-2)
+    Trainer(model=module, args=args, train_dataset=rows).train()
+    changed = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
+    assert any("attention.self.query" in n for n in changed)
+
+
+def test_module_compiles_and_pickles(bert_small, tmp_path):
+    zoo, result, _ = bert_small
+    module = result.module.eval()
+    with torch.no_grad():
+        want = module(**zoo.other_inputs).logits
+        compiled = torch.compile(module, backend="aot_eager", dynamic=False)
+        assert relative_error(compiled(**zoo.other_inputs).logits, want) <= 1e-6
+    torch.save(module, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(**zoo.other_inputs).logits, want)
+
+
+def test_retrain_runs_on_the_module_in_train_mode():
+    zoo = ZOO["bert_cls"]()
+    modes: list[bool] = []
+    hook = zoo.model.register_forward_hook(lambda m, i, o: modes.append(m.training))  # copies carry it
+    batches = [dict(zoo.example_inputs, labels=torch.tensor([0, 1]))] * 4
+    original = {n: p.detach().clone() for n, p in zoo.model.named_parameters()}
+    result = upop_fx.compress(zoo.model, batches[0], ratio=0.5, method="magnitude", data=batches, retrain_steps=3,
+                              lr=1e-2)
+    hook.remove()
+    assert modes.count(True) >= 3  # the three retrain steps ran the module in train mode (dropout on)
+    assert result.module is not None and not result.module.training
+    assert len(result.losses["retrain"]) >= 1
+    # the graph received the module's retrained weights, and the caller's model is untouched
+    other = dict(zoo.other_inputs, labels=torch.tensor([0, 1, 0]))
+    with torch.no_grad():
+        assert relative_error(result.module(**other), result.model(**other)) <= 1e-5
+        assert relative_error(result.module(**other), result.reference()(**other)) > 1e-3  # it did train
+    assert all(torch.equal(p, original[n]) for n, p in zoo.model.named_parameters())
