@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,6 +181,24 @@ def bert_small(tmp_path_factory):
     path = tmp_path_factory.mktemp("saved") / "bert"
     upop_fx.save_pretrained(result.module, path)
     return zoo, result, path
+
+
+_RELOAD = """
+import sys, torch, upop_fx
+model = upop_fx.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(**torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_save_pretrained_loads_in_a_fresh_process(bert_small, tmp_path):
+    zoo, result, path = bert_small
+    torch.save(zoo.other_inputs, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _RELOAD, str(path), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    with torch.no_grad():  # (the module itself may have been trained by a test since it was saved)
+        want = upop_fx.from_pretrained(path)(**zoo.other_inputs)
+    assert relative_error(torch.load(tmp_path / "out.pt", weights_only=False), want) == 0.0
 
 
 def test_from_pretrained_refuses_what_is_not_a_save(bert_small, tmp_path):
