@@ -198,7 +198,7 @@ def test_save_pretrained_loads_in_a_fresh_process(bert_small, tmp_path):
                    check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     with torch.no_grad():  # (the module itself may have been trained by a test since it was saved)
         want = upop_fx.from_pretrained(path)(**zoo.other_inputs)
-    assert relative_error(torch.load(tmp_path / "out.pt", weights_only=False), want) == 0.0
+    assert relative_error(torch.load(tmp_path / "out.pt", weights_only=False), want) <= 1e-6
 
 
 def test_from_pretrained_refuses_what_is_not_a_save(bert_small, tmp_path):
