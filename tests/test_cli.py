@@ -112,6 +112,19 @@ def test_generate_command_continues_a_prompt(tmp_path, capsys):
     assert "holds no tokenizer" in capsys.readouterr().err
 
 
+def test_own_class_leaves_inexpressible_attention_whole(tmp_path, capsys):
+    from upop_fx.cli import main
+
+    argv = ["compress", "tests.scaleout:build", "--ratio", "0.3", "--out", str(tmp_path / "o"), "--method",
+            "magnitude", "--retrain-steps", "0", "--no-onnx"]
+    assert main([*argv, "--own-class"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert {g["kind"] for g in report["groups"]} == {"mlp"} and report["module_reason"] is None
+    assert any("own_class=True" in why and "MultiheadAttention" in why for why in report["not_prunable"])
+    assert main([*argv, "--force"]) == 0  # without it the attention is pruned and only the graph comes back
+    assert "no pretrained/" in capsys.readouterr().out
+
+
 def test_onnx_runs_in_onnxruntime(workdir):
     import onnxruntime as ort
 
