@@ -106,6 +106,18 @@ def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: tor
     return new
 
 
+def _copy_without(model: torch.nn.Module, replaced: set[str]) -> torch.nn.Module:
+    """A deep copy of ``model`` whose tensors named in ``replaced`` are meta placeholders of the same shape (they
+    are about to be replaced): no second full-size copy of the weights is made. Ties are kept."""
+    memo: dict[int, Any] = {}
+    for name, t in module_tensors(model).items():
+        if name in replaced and id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = torch.nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(
+                t, torch.nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module, sliced_ok: bool = True) -> list[str]:
     """Copy every tensor of ``source`` into ``target`` under the same name (aliases of one tensor in ``target``
     receive one shared new tensor). Returns the names of ``source`` that ``target`` does not have."""
@@ -456,11 +468,12 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
     _scale_problems(model, changes, floats, problems)
     if problems:
         return Rebuilt(None, _reason(problems), problems=problems)
-    module = copy.deepcopy(model)
+    module = _copy_without(model, set(module_tensors(small)))
     before = {n: tuple(t.shape) for n, t in module_tensors(module).items()}
     missing = copy_weights(small, module)
+    missing += [n for n, t in module_tensors(module).items() if t.is_meta]
     if missing:
-        problems.add(f"the cut graph holds tensors the model does not have: {', '.join(missing[:4])}")
+        problems.add(f"the cut graph and the model do not hold the same tensors: {', '.join(missing[:4])}")
         return Rebuilt(None, _reason(problems), problems=problems)
     patched: dict[str, dict[str, Any]] = {}
     owners: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
