@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import cache_off, capture, get_capture, run_module
+from .capture import cache_off, capture, get_capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
 from .passes import FindGroups, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
-from .rebuild import copy_weights, rebuild
+from .rebuild import copy_weights, module_gap, rebuild
 from .report import GroupRow, Report, count_flops, count_params
 from .restrict import restrict_to_class
 from .search import distributed
@@ -225,9 +225,7 @@ def _retrain(result: Result, teacher: torch.nn.Module, batches: Batches, loss_fn
     finally:
         module.eval()
     copy_weights(module, result.model, sliced_ok=False)  # tensors the graph lacks are unused by the forward
-    info = get_capture(result.model)
-    with cache_off(module):
-        gap = relative_error(run_module(module, info.args, info.kwargs), run_module(result.model, info.args, info.kwargs))
+    gap = module_gap(module, result.model)
     if not gap <= 1e-4:
         raise SurgeryCheckError(f"after the retrain the graph and the module differ (relative error {gap:.3g})")
     return losses

@@ -35,14 +35,14 @@ import importlib
 import json
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError
-from .rebuild import module_tensors, set_tensor
+from .passes.base import set_tensor
+from .rebuild import module_tensors
 
 __all__ = ["save_pretrained", "from_pretrained", "EDITS_FILE", "WEIGHTS_FILE"]
 
@@ -87,9 +87,9 @@ def _edits(module: torch.nn.Module, fresh: torch.nn.Module) -> dict[str, dict[st
                              f"{path or '<root>'}: its structure was changed beyond sizes")
         attrs = {k: v for k, v in vars(sub).items()
                  if not k.startswith("_") and k != "training" and _plain(v) and vars(base).get(k, v) != v}
+        base_tensors = {**base._parameters, **base._buffers}
         tensors = {k: list(t.shape) for k, t in [*sub._parameters.items(), *sub._buffers.items()]
-                   if t is not None and k in {**base._parameters, **base._buffers}
-                   and tuple(t.shape) != tuple({**base._parameters, **base._buffers}[k].shape)}
+                   if t is not None and k in base_tensors and tuple(t.shape) != tuple(base_tensors[k].shape)}
         if attrs or tensors:
             edits[path] = {"attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
                            "tensors": tensors}
@@ -108,15 +108,15 @@ def save_pretrained(module: torch.nn.Module, directory: str | os.PathLike[str], 
         raise InputError(f"{dest} exists and is not a directory")
     fresh = _build_on_meta(type(module), config)
     edits = _edits(module, fresh)
-    by_id: dict[int, list[str]] = defaultdict(list)
+    tensors: dict[str, torch.Tensor] = {}
+    ties: dict[str, str] = {}
+    first: dict[int, str] = {}  # tensor id -> the name it is saved under
     for name, t in module_tensors(module).items():
-        by_id[id(t)].append(name)
-    tensors, ties = {}, {}
-    for names in by_id.values():
-        first, *rest = names
-        tensors[first] = module.get_parameter(first) if first in dict(module.named_parameters(remove_duplicate=False)) \
-            else module.get_buffer(first)
-        ties.update({alias: first for alias in rest})
+        if id(t) in first:
+            ties[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+            tensors[name] = t
     dest.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(dest)
     generation = getattr(module, "generation_config", None)
@@ -201,8 +201,7 @@ def from_pretrained(directory: str | os.PathLike[str], *, device: str | torch.de
     for alias, source in record.get("ties", {}).items():
         if source not in weights or alias not in expected:
             raise InputError(f"{EDITS_FILE} ties {alias} to {source}, which the save does not hold")
-        set_tensor(model, alias, model.get_parameter(source) if source in dict(model.named_parameters())
-                   else model.get_buffer(source), expected[alias])
+        set_tensor(model, alias, module_tensors(model)[source], expected[alias])
     left = [n for n, t in module_tensors(model).items() if t.is_meta]
     if left:
         raise InputError(f"{WEIGHTS_FILE} lacks {len(left)} tensors of {cls.__name__}: {', '.join(left[:4])}")

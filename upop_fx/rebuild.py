@@ -48,8 +48,9 @@ from torch.fx import Node
 from .capture import cache_off, capture, get_capture, run_module
 from .compare import relative_error
 from .groups import GroupAnalysis
+from .passes.base import set_tensor
 
-__all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "set_tensor"]
+__all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "module_gap"]
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +88,6 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     out.update(module.named_buffers(remove_duplicate=False))
     return out
-
-
-def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Put ``data`` at ``name`` in ``module`` as a parameter when ``like`` is one (same ``requires_grad``)."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if isinstance(data, torch.nn.Parameter):  # an alias of a parameter already in place: the same object
-        new: torch.Tensor = data
-        setattr(owner, attr, new)
-    elif isinstance(like, torch.nn.Parameter):
-        new = torch.nn.Parameter(data, requires_grad=like.requires_grad)
-        setattr(owner, attr, new)
-    else:
-        persistent = attr not in owner._non_persistent_buffers_set
-        owner.register_buffer(attr, data, persistent=persistent)
-        new = data
-    return new
 
 
 def _copy_without(model: torch.nn.Module, replaced: set[str]) -> torch.nn.Module:
@@ -407,11 +391,16 @@ def _failing_module(module: torch.nn.Module, exc: BaseException) -> str | None:
     return found
 
 
+def module_gap(module: torch.nn.Module, graph: torch.fx.GraphModule) -> float:
+    """The relative error between ``module`` (its cache off) and ``graph`` on the graph's example inputs."""
+    info = get_capture(graph)
+    with cache_off(module):
+        return relative_error(run_module(module, info.args, info.kwargs), run_module(graph, info.args, info.kwargs))
+
+
 def _same_as(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str | None, str | None]:
     """For a module of unchanged sizes (the model with the graph's weights): equal outputs on the example inputs."""
-    info = get_capture(small)
-    with cache_off(module):
-        err = relative_error(run_module(module, info.args, info.kwargs), run_module(small, info.args, info.kwargs))
+    err = module_gap(module, small)
     return (None, None) if err <= RTOL else (f"the module differs from the graph (relative error {err:.3g})", None)
 
 
@@ -420,14 +409,14 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str |
     second size; else ``(why, the module path that failed where known)``."""
     info = get_capture(small)
     try:
-        with cache_off(module):
-            run_module(module, info.args, info.kwargs)
+        again = capture(module, info.kwargs or info.args).gm  # (capture runs the module once itself)
     except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
-        return (f"the rebuilt module fails to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-                _failing_module(module, exc))
-    try:
-        again = capture(module, info.kwargs or info.args).gm
-    except Exception as exc:  # noqa: BLE001
+        try:  # run it here, on the module itself, to name the submodule that fails
+            with cache_off(module):
+                run_module(module, info.args, info.kwargs)
+        except Exception as run_exc:  # noqa: BLE001
+            return (f"the rebuilt module fails to run: {type(run_exc).__name__}: "
+                    f"{str(run_exc).splitlines()[0][:300]}", _failing_module(module, run_exc))
         return f"the rebuilt module cannot be captured again: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", None
     tried = 0
     for grow, shrink in ((False, False), (True, True), (False, True), (True, False)):

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import PostconditionError, PreconditionError
 
-__all__ = ["PassResult", "GraphPass", "fingerprint", "copy_structure", "own_tensors"]
+__all__ = ["PassResult", "GraphPass", "fingerprint", "copy_structure", "own_tensors", "set_tensor"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,27 @@ def own_tensors(new: torch.nn.Module, old: torch.nn.Module) -> None:
         for attr, b in list(module._buffers.items()):
             if b is not None and id(b) in shared:
                 module._buffers[attr] = copies.setdefault(id(b), b.clone())
+
+
+def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Put ``data`` at ``name`` in ``module`` as a parameter when ``like`` (the tensor it replaces) is one, with
+    its ``requires_grad``, else as a buffer of the same persistence; a parameter given as ``data`` is placed as
+    it is (an alias). Returns what was placed."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if isinstance(data, torch.nn.Parameter):  # an alias of a parameter already in place: the same object
+        new: torch.Tensor = data
+        setattr(owner, attr, new)
+    elif isinstance(like, torch.nn.Parameter):
+        new = torch.nn.Parameter(data, requires_grad=like.requires_grad)
+        setattr(owner, attr, new)
+    elif attr in owner._buffers:
+        owner.register_buffer(attr, data, persistent=attr not in owner._non_persistent_buffers_set)
+        new = data
+    else:  # a plain tensor attribute (a graph's constant)
+        setattr(owner, attr, data)
+        new = data
+    return new
 
 
 def fingerprint(gm: torch.fx.GraphModule) -> tuple[Any, ...]:

@@ -38,7 +38,7 @@ from ..capture import get_capture, run_module
 from ..compare import relative_error
 from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
 from ..groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
-from .base import GraphPass, PassResult, copy_structure, own_tensors
+from .base import GraphPass, PassResult, copy_structure, own_tensors, set_tensor
 from .blocks import RAGGED, compact
 from .param_views import rewrite_views
 from .rules import REWRITES, key_of
@@ -226,12 +226,7 @@ def _get(gm: torch.nn.Module, name: str) -> torch.Tensor:
 
 def _set(gm: torch.nn.Module, name: str, data: torch.Tensor) -> torch.Tensor:
     """Replace the parameter or buffer ``name`` of ``gm`` by ``data`` (a parameter stays a parameter)."""
-    mod_name, _, attr = name.rpartition(".")
-    mod = gm.get_submodule(mod_name) if mod_name else gm
-    old = getattr(mod, attr)
-    new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
-    setattr(mod, attr, new)
-    return new
+    return set_tensor(gm, name, data, _get(gm, name))
 
 
 def _slice_tables(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np.ndarray) -> list[str]:
