@@ -209,6 +209,21 @@ def llama() -> ZooModel:
                           "cache off by itself: tests/test_capture.py)")
 
 
+def mixtral() -> ZooModel:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+                        use_cache=False, **SDPA)
+    return ZooModel("mixtral", _eval(MixtralForCausalLM(cfg)), _tokens(BATCH, SEQ, 1),
+                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
+                    notes="mixture of experts: a top-2 router over 4 experts stacked in 3-D weights (gate_up_proj "
+                          "[E, 2I, H], down_proj [E, H, I]) applied by a grouped matmul over the rows sorted by "
+                          "expert; RoPE + GQA attention as in Llama")
+
+
 def gptj() -> ZooModel:
     from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -490,6 +505,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "distilbert": distilbert,
     "gpt2": gpt2,
     "llama": llama,
+    "mixtral": mixtral,
     "gptj": gptj,
     "bloom": bloom,
     "mpnet": mpnet,

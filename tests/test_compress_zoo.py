@@ -71,6 +71,7 @@ def test_ratio_zero_reproduces_outputs(name):
 #: of ``report.module_reason`` that say why; every other zoo model gets ``result.module``
 NO_MODULE = {
     "llama": "rotary pairs per layer",  # one cos/sin table for all layers
+    "mixtral": "rotary pairs per layer",
     "gptj": "rotary pairs per layer",
     "llava": "rotary pairs per layer",
     "mpnet": "scales by 2.82843 = sqrt(8)",  # scores divided by sqrt(attention_head_size) in the forward

@@ -10,7 +10,7 @@ import torch
 import upop_fx
 from upop_fx.capture import CAPTURE_KEY
 from upop_fx.errors import PostconditionError, PreconditionError, SurgeryCheckError
-from upop_fx.passes import FindGroups, InsertMasks, PassResult, Surgery
+from upop_fx.passes import FindGroups, InsertMasks, PassResult, SortExperts, Surgery
 from upop_fx.passes.base import GraphPass
 from upop_fx.passes.fuse_attention import FuseMaskedAttention
 
@@ -81,6 +81,38 @@ def test_insert_masks_with_nothing_to_mask():
     FindGroups()(cap.gm)
     result = InsertMasks()(cap.gm)
     assert result.modified is False and result.gm is cap.gm and result.value.structures == []
+
+
+def test_sort_experts_requires_the_analysis_and_leaves_other_models_alone(layer):
+    model, x = layer
+    cap = upop_fx.capture(model, x)
+    with pytest.raises(PreconditionError, match="FindGroups"):
+        SortExperts()(cap.gm)
+    FindGroups()(cap.gm)
+    before = {k: v.clone() for k, v in cap.gm.state_dict().items()}
+    result = SortExperts()(cap.gm)
+    assert result.value == [] and result.modified is False and result.gm is cap.gm
+    assert all(torch.equal(before[k], v) for k, v in cap.gm.state_dict().items())
+
+
+def test_sort_experts_on_the_zoo_moe_keeps_outputs_and_the_callers_weights():
+    from .models import ZOO
+
+    zoo = ZOO["mixtral"]()
+    weights = {k: v.clone() for k, v in zoo.model.state_dict().items()}
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    analysis = FindGroups()(cap.gm).value
+    stacked = [g.id for g in analysis.prunable if g.experts == 4]
+    assert len(stacked) == 2  # one per layer
+    result = SortExperts()(cap.gm)  # its postcondition compares the outputs on the example inputs
+    assert result.value == stacked
+    cap.gm.graph.lint()
+    with torch.no_grad():
+        out = cap.gm(**zoo.other_inputs)
+        torch.testing.assert_close(out.logits, zoo.model(**zoo.other_inputs).logits)
+    assert all(torch.equal(weights[k], v) for k, v in zoo.model.state_dict().items())
+    moved = cap.gm.get_parameter("model.layers.0.mlp.experts.down_proj")
+    assert not torch.equal(moved, zoo.model.model.layers[0].mlp.experts.down_proj)
 
 
 def test_insert_masks_tags_every_mask_site(layer):

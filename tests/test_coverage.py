@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.passes import FindGroups
+from upop_fx.passes import FindGroups, SortExperts
 from upop_fx.passes.find_groups import unlisted_weights
 from upop_fx.passes.param_views import ParamView, resolve
+from upop_fx.structures import STACKED_MULTIPLE
 
 from .models import ZOO
 
@@ -77,25 +78,62 @@ def test_rotary_pairs_and_grouped_heads():
 
 
 class ExpertMLP(torch.nn.Module):
-    """Stacked expert weights (3-D) used by batched matmuls: no rule follows them yet; they must be reported."""
+    """Stacked expert weights (3-D) applied to every row by batched matmuls, the outputs mixed by a router."""
 
-    def __init__(self) -> None:
+    def __init__(self, computed: bool = False) -> None:
         super().__init__()
         self.w1 = torch.nn.Parameter(torch.randn(4, 16, 32) / 4)
         self.w2 = torch.nn.Parameter(torch.randn(4, 32, 16) / 6)
         self.router = torch.nn.Linear(16, 4)
+        self.computed = computed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(torch.bmm(x.unsqueeze(0).expand(4, -1, -1), self.w1))
+        w1 = self.w1 * 2 if self.computed else self.w1
+        h = torch.relu(torch.bmm(x.unsqueeze(0).expand(4, -1, -1), w1))
         y = torch.bmm(h, self.w2)
         return x + (y * self.router(x).softmax(-1).t().unsqueeze(-1)).sum(0)
 
 
-def test_stacked_expert_weights_are_reported():
+def test_stacked_experts_are_one_group_whose_channel_j_is_each_experts_jth_strongest_neuron():
+    torch.manual_seed(0)
+    model = ExpertMLP().eval()
+    x = torch.randn(6, 16)
+    result = upop_fx.compress(model, x, 0.5, method="magnitude", retrain_steps=0)
+    (g,) = result.analysis.prunable
+    assert (g.kind, g.experts, g.width) == ("mlp", 4, 32)
+    kept = result.keep[g.id]
+    assert len(kept) % STACKED_MULTIPLE == 0 and 0 < len(kept) < 32
+    assert result.model.w1.shape == (4, 16, len(kept)) and result.model.w2.shape == (4, len(kept), 16)
+    other = torch.randn(9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), result.reference()(other))
+    # channel j is each expert's j-th strongest neuron (by |w1 column| * |w2 row|): the experts keep their own
+    score = (model.w1.detach().norm(dim=1).log() + model.w2.detach().norm(dim=2).log())  # (E, 32)
+    chosen = []
+    for e in range(4):
+        rank = score[e].argsort(descending=True)
+        rows = [int((model.w2[e] == r).all(dim=1).nonzero()[0]) for r in result.model.w2[e]]
+        assert rows == rank[kept].tolist()
+        chosen.append(frozenset(rows))
+    assert len(set(chosen)) > 1
+
+
+def test_sorting_the_experts_changes_no_output():
+    torch.manual_seed(0)
     cap = upop_fx.capture(ExpertMLP().eval(), torch.randn(6, 16))
+    FindGroups()(cap.gm)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = cap.gm(x)
+        assert SortExperts()(cap.gm).value == [0]
+        torch.testing.assert_close(cap.gm(x), before)
+
+
+def test_stacked_expert_weights_computed_in_the_forward_are_reported():
+    cap = upop_fx.capture(ExpertMLP(computed=True).eval(), torch.randn(6, 16))
     analysis = FindGroups()(cap.gm).value
     reasons = [g.reason for g in analysis.groups if not g.prunable]
-    assert sum("3-D parameter weight" in r for r in reasons) == 2, reasons
+    assert any("bmm with a computed weight" in r for r in reasons), reasons
 
 
 def test_alibi_bias_fixes_the_heads_and_heads_granularity_prunes_head_dims():
@@ -139,7 +177,7 @@ def test_qk_v_on_a_per_head_fused_projection_shares_the_head_dim():
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gptj", "bloom", "llava", "segformer"])
+@pytest.mark.parametrize("name", ["llama", "gptj", "bloom", "llava", "segformer", "mixtral"])
 def test_upop_search_on_modern_layouts(name):
     """The masked search (masks on rotary pairs, grouped heads, fused and per-head projections, depthwise
     convolutions), then the cut: equal to the final masked model (checked inside) and to the zeroed reference."""

@@ -129,6 +129,14 @@ GOLDEN = {
         ('v', 'model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],
+    "mixtral": [  # the experts of a layer: one MLP group, neuron j of each expert (see test_coverage.py)
+        ('qk', 'model.layers', 0, 2, 4, 8, False),
+        ('v', 'model.layers', 0, 2, 8, 16, False),
+        ('mlp', 'model.layers', 0, None, None, 32, False),
+        ('qk', 'model.layers', 1, 2, 4, 8, False),
+        ('v', 'model.layers', 1, 2, 8, 16, False),
+        ('mlp', 'model.layers', 1, None, None, 32, False),
+    ],
     "gptj": [
         ('qk', 'transformer.h', 0, 4, 6, 24, False),
         ('v', 'transformer.h', 0, 4, 8, 32, False),

@@ -55,6 +55,26 @@ def test_round_to_keeps_multiples_and_meets_budget(n):
         assert kept % n == 0 or kept == size, (s, kept)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.8])
+def test_a_stacked_structure_keeps_a_multiple_of_its_own_in_both_allocations(ratio):
+    from upop_fx.search.strategy import uniform
+
+    rng = np.random.default_rng(2)
+    sizes = [48, 30, 12]  # the first is stacked experts (multiple 8), the others plain MLPs
+    structure = np.repeat(np.arange(len(sizes)), sizes)
+    entries = _entries([1.0] * len(structure), ["mlp"] * len(structure), structure.tolist())
+    structures = [Structure("mlp", "experts", [], multiple=8), Structure("mlp", "b", []), Structure("mlp", "c", [])]
+    scores = rng.normal(size=len(structure))
+    for pruned in (select_pruned(scores, entries, structures, ratio), uniform(scores, entries, structures, ratio)):
+        kept = int((~pruned[structure == 0]).sum())
+        assert kept % 8 == 0 and kept >= 8
+        if ratio == 0.0:
+            assert not pruned.any()
+    if ratio > 0:  # the plain structures still go one entry at a time
+        kept_b = [int((~p[structure == 1]).sum()) for p in (select_pruned(scores, entries, structures, ratio),)]
+        assert kept_b[0] < 30
+
+
 def test_round_to_through_compress():
     import torch
 

@@ -162,6 +162,8 @@ class DimGroup:
     cost_params: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     cost_flops: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     dims: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  #: positions of each channel
+    #: stacked experts (an MoE layer's ``[E, ...]`` weights): channel ``c`` is neuron ``c`` of each of them
+    experts: int | None = None
 
     def positions(self, j: int) -> list[int]:
         """The positions within a head of channel ``j`` of a head (``[j]`` unless paired)."""
@@ -189,7 +191,8 @@ class DimGroup:
         where = f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.scope or "<root>"
         cross = " cross" if self.cross else ""
         state = "" if self.prunable else f" (not prunable: {self.reason})"
-        return f"#{self.id} {self.kind}{cross} {where}{heads} width={self.width}{state}"
+        experts = f" experts={self.experts}" if self.experts else ""
+        return f"#{self.id} {self.kind}{cross} {where}{heads}{experts} width={self.width}{state}"
 
     def signature(self) -> tuple[Any, ...]:
         """(kind, tower, layer, heads, head_dim, width, cross): what golden listings compare."""

@@ -33,7 +33,7 @@ from .capture import cache_off, capture, get_capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
-from .passes import FindGroups, Surgery
+from .passes import FindGroups, SortExperts, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
 from .rebuild import copy_weights, module_gap, rebuild
 from .report import GroupRow, Report, count_flops, count_params
@@ -113,6 +113,7 @@ def prepare(
     if distributed.active():  # every rank must start from the same dense model
         distributed.check_same(_weights_checksum(cap.gm), "the dense model's weights (build or load it alike on every rank)")
     analysis = FindGroups()(cap.gm).value
+    SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
     if own_class and analysis.prunable:
         restrict_to_class(model, cap.gm, analysis, granularity, budget)
     analysis.require_prunable(type(model).__name__)

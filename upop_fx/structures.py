@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
-    "Entry", "Structure", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "check_int", "group_cost",
+    "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "check_int", "group_cost",
     "keep_sets", "keep_jaccard", "removed_fraction",
 ]
 
@@ -46,11 +46,17 @@ def check_int(name: str, value: object, minimum: int | None = None) -> None:
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
+#: stacked experts keep a multiple of this many neurons: grouped matmul kernels (``torch._grouped_mm``) need
+#: rows aligned to 16 bytes, 8 entries of a 16-bit dtype (4 of float32)
+STACKED_MULTIPLE = 8
+
+
 @dataclass
 class Structure:
     kind: str  # "attn", "qk", "v" or "mlp": the unit of z-scoring
     name: str
     groups: list[int]
+    multiple: int = 1  #: keep a multiple of this many entries (or all of them)
 
 
 @dataclass
@@ -101,7 +107,8 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
     done: set[int] = set()
 
     def add(kind: str, name: str, groups: list[DimGroup], chans: list[dict[int, np.ndarray]]) -> None:
-        structures.append(Structure(kind, name, [g.id for g in groups]))
+        multiple = STACKED_MULTIPLE if any(g.experts for g in groups) else 1
+        structures.append(Structure(kind, name, [g.id for g in groups], multiple))
         for ch in chans:
             entries.append(Entry(len(structures) - 1, kind, ch))
 
@@ -110,7 +117,8 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
             continue
         name = f"{g.tower}[{g.layer}]" if g.layer >= 0 else (g.scope or "<root>")
         if g.kind == "mlp":
-            add("mlp", f"{name} mlp", [g], [{g.id: np.array([c])} for c in range(g.width)])
+            what = f"mlp ({g.experts} experts)" if g.experts else "mlp"
+            add("mlp", f"{name} {what}", [g], [{g.id: np.array([c])} for c in range(g.width)])
             done.add(g.id)
             continue
         pair = by_site.get(g.site, {})

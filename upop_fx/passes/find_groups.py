@@ -206,6 +206,9 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
             u = tracer.uses[i]
             chan = u.full(np.array([pos.get(int(r), -1) for r in roots[u.labels]], dtype=np.int64), -1)
             (g.producers if u.role == "out" else g.consumers).append((u.name, u.axis, chan))
+        stacks = {shapes[u.name][0] for u in (tracer.uses[i] for i in used) if len(shapes[u.name]) == 3 and u.axis > 0}
+        if g.kind == "mlp" and len(stacks) == 1:
+            g.experts = int(stacks.pop())
         for c, r in enumerate(order.tolist()):
             class_channel[int(r)] = (gid, c)
         g.shape_nodes = [name for name, rs in shape_nodes.items() if rs & classes]

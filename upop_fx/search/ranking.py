@@ -40,9 +40,10 @@ def select_pruned(
 
     Removes the lowest z-scored entries until their cost reaches ``ratio`` of the total (overshooting by less
     than one entry, or one chunk with ``round_to``), never the last entry of a structure. With ``round_to=N``
-    every structure keeps a multiple of N entries (or all of them when it has fewer than N).
+    every structure keeps a multiple of N entries (or all of them when it has fewer than N); a structure whose
+    ``multiple`` is larger (stacked experts) keeps a multiple of that.
     """
-    if round_to > 1:
+    if round_to > 1 or any(s.multiple > 1 for s in structures):
         return _select_rounded(scores, entries, structures, ratio, round_to)
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
@@ -63,18 +64,23 @@ def select_pruned(
 
 
 def _select_rounded(
-    scores: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], ratio: float, n: int
+    scores: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], ratio: float, n_all: int
 ) -> np.ndarray:
     """The same walk over *chunks*: per structure, its entries in ascending z-order cut so that what is left is
-    always a multiple of ``n``; chunks are taken in order of their mean z-score, each after its predecessor."""
+    always a multiple of ``n`` (or of the structure's own ``multiple`` where larger); chunks are taken in order
+    of their mean z-score, each after its predecessor."""
     import heapq
 
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
     target = ratio * costs.sum()
     chunks: list[list[np.ndarray]] = []
-    for s in range(len(structures)):
-        idx = np.array([i for i, e in enumerate(entries) if e.structure == s], dtype=np.int64)
+    by_structure: list[list[int]] = [[] for _ in structures]
+    for i, e in enumerate(entries):
+        by_structure[e.structure].append(i)
+    for s, members in enumerate(by_structure):
+        n = max(n_all, structures[s].multiple)
+        idx = np.array(members, dtype=np.int64)
         idx = idx[np.argsort(z[idx], kind="stable")]
         if len(idx) <= n:
             chunks.append([])

@@ -100,8 +100,9 @@ def uniform(
     importance: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], fraction: float
 ) -> np.ndarray:
     """The same ``fraction`` of the entries of every structure (rounded to the nearest entry, at least one
-    kept), the least important first. Entries of one structure cost the same at every granularity (one head dim
-    across heads, one head, one neuron), so this is the same fraction of every structure's cost."""
+    kept; a multiple of the structure's ``multiple``), the least important first. Entries of one structure cost
+    the same at every granularity (one head dim across heads, one head, one neuron), so this is the same
+    fraction of every structure's cost."""
     by_structure: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(entries):
         by_structure[e.structure].append(i)
@@ -112,6 +113,11 @@ def uniform(
         if not np.allclose(costs, costs[0]):
             raise ConfigError("uniform allocation needs the entries of a structure to cost the same")
         k = min(len(idx_arr) - 1, int(math.floor(fraction * len(idx_arr) + 0.5)))
+        m = structures[entries[idx_arr[0]].structure].multiple
+        if m > 1 and k > 0:  # keep a multiple of it: the nearest to the fraction, at least one multiple
+            n = len(idx_arr)
+            kept = min(m * (n // m), max(m, m * int(math.floor((n - k) / m + 0.5))))
+            k = max(0, n - kept)
         order = idx_arr[np.argsort(importance[idx_arr], kind="stable")]
         pruned[order[:k]] = True
     return pruned

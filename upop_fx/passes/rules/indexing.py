@@ -97,6 +97,27 @@ def slice_(ctx: Any, node: Node) -> Block | None:
     return Block(b.axes, np.take(b.labels, idx, axis=i), b.outer, b.zero)
 
 
+@rule(aten.index)
+def index(ctx: Any, node: Node) -> Block | None:
+    """``x[idx]`` with index tensors only on axes before the channels (rows gathered by token or by expert):
+    the channel axes move by the change of rank. A labelled tensor used as an index, or an index on a channel
+    axis, is refused."""
+    b = ctx.block(node.args[0])
+    indices = list(node.args[1])
+    for t in indices:
+        if ctx.block(t) is not None:
+            ctx.refuse_block(ctx.block(t), "channels used as indices")
+    if b is None:
+        return None
+    used = [i for i, t in enumerate(indices) if t is not None]
+    contiguous = used == list(range(used[0], used[-1] + 1)) if used else False
+    if not used or not contiguous or max(used) >= min(b.axes):
+        ctx.refuse_block(b, "an index on a channel axis, or on axes apart")
+        return None
+    shift = rank(node) - rank(node.args[0])
+    return Block(tuple(a + shift for a in b.axes), b.labels, b.outer, b.zero)
+
+
 @rule(aten.stack)
 def stack(ctx: Any, node: Node) -> Block | None:
     """Stacking blocks with the same channel layout labels the new axis too: position ``k`` of it carries
@@ -161,6 +182,8 @@ def rewrite_split(ctx: Any, node: Node) -> None:
         return
     i = old.axes.index(dim)
     sizes = [int(b.labels.shape[i]) for b in ctx.new_block(node)]
+    if node.target == aten.chunk.default and len(set(sizes)) == 1 and len(sizes) == node.args[1]:
+        return  # equal pieces (a fused gate_up cut alike in both halves): the chunk stays as the model wrote it
     node.target = aten.split_with_sizes.default
     node.args, node.kwargs = (node.args[0], sizes, dim), {}
 

@@ -71,12 +71,13 @@ def matmul_param(ctx: Any, node: Node) -> Block | None:
         bias, x, w = node.args[0], node.args[1], node.args[2]
     else:
         bias, x, w = None, node.args[0], node.args[1]
+    if ctx.is_param(w) and rank(w) == 3 and node.target != aten.addmm.default and rank(x) == 3:
+        return _stacked(ctx, node, x, w)  # one weight per batch entry: stacked experts
     if not ctx.is_param(w) or rank(w) != 2:
         if bias is None and any(ctx.block(n) is not None for n in node.all_input_nodes):
             return activation_matmul(ctx, node)
         op = node.target.__name__.split(".")[0]
-        why = (f"{op} with a {rank(w)}-D parameter weight (stacked expert weights are not followed)"
-               if ctx.is_param(w) else f"{op} with a computed weight")
+        why = (f"{op} with a {rank(w)}-D parameter weight" if ctx.is_param(w) else f"{op} with a computed weight")
         _opaque(ctx, node, rank(node) - 1, why)
         return None
     in_features, out_features = (int(s) for s in val(w).shape)
@@ -85,6 +86,31 @@ def matmul_param(ctx: Any, node: Node) -> Block | None:
     if bias is not None and ctx.is_param(bias) and rank(bias) != 1:
         bias = None
     return _seed(ctx, node, rank(node) - 1, w, 1, bias)
+
+
+def _stacked(ctx: Any, node: Node, x: Node, w: Node) -> Block | None:
+    """Stacked expert weights ``[E, in, out]``: each row of ``x`` is multiplied by one expert's matrix (a
+    batched ``bmm`` over the expert axis, or a grouped matmul whose offsets say which rows go to which expert).
+    Feature ``j`` of the output is column ``j`` of every expert: the experts of one stack share their feature
+    indices, as UPop's heads share their head-dim mask (the stack stays dense: one width for all experts).
+    Each output row costs one expert's matrix, so the FLOPs per feature are those of one ``[in, out]`` matrix."""
+    _, in_features, out_features = (int(s) for s in val(w).shape)
+    rows = numel(node) // out_features
+    contract(ctx, ctx.block(x), rank(x) - 1, w, 1, 2.0 * rows * out_features)
+    labels = ctx.new_labels((out_features,))
+    ctx.use(w, 2, labels, "out", 2.0 * rows * in_features)
+    return Block((rank(node) - 1,), labels)
+
+
+@rule(aten._grouped_mm, "transformers::grouped_mm_fallback", seeding=True)
+def grouped_mm(ctx: Any, node: Node) -> Block | None:
+    """``grouped_mm(x [rows, in], w [E, in, out], offs)``: rows sorted by expert, ``offs`` their cumulative
+    counts (Hugging Face MoE layers under ``torch.export``): the stacked-expert rule."""
+    x, w = node.args[0], node.args[1]
+    if not ctx.is_param(w) or rank(w) != 3 or rank(x) not in (2, 3) or arg(node, 3, "bias") is not None:
+        _opaque(ctx, node, rank(node) - 1, "a grouped matmul other than rows × stacked parameter experts")
+        return None
+    return _stacked(ctx, node, x, w)
 
 
 @rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, seeding=True)

@@ -23,8 +23,12 @@ REWRITES: dict[Any, Callable[..., Any]] = {}
 
 
 def key_of(target: Any) -> Any:
-    """Registry key of a node target: the overload packet for aten ops, the callable itself otherwise."""
+    """Registry key of a node target: the overload packet for aten ops, the qualified name (``"ns::op"``) for
+    ops of other libraries (registered by name, so that a rule needs no import of the library that defines
+    the op), the callable itself otherwise."""
     if isinstance(target, torch._ops.OpOverload):
+        if target.namespace != "aten":
+            return target._schema.name
         return target.overloadpacket
     return target
 
