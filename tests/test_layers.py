@@ -2,8 +2,8 @@
 
 Layers, bottom to top (a module may import its own layer or lower ones, never a higher one):
 
-    errors → groups, compare, structures, cost → capture, report, ort, datasets, kernels
-    → passes → search → rebuild, restrict → pipeline, export, artifacts, pretrained → api, bench
+    errors → groups, compare, structures, cost → capture, report, ort, datasets, kernels, timing
+    → passes → search → rebuild, restrict → pipeline, export, artifacts, pretrained, latency → api, bench
     → the package root → cli, demo
 """
 
@@ -21,11 +21,11 @@ PACKAGE = "upop_fx"
 LAYERS = [
     ["errors"],
     ["groups", "compare", "structures", "cost"],
-    ["capture", "report", "ort", "datasets", "kernels"],
+    ["capture", "report", "ort", "datasets", "kernels", "timing"],
     ["passes"],
     ["search"],
     ["rebuild", "restrict"],
-    ["pipeline", "export", "artifacts", "pretrained"],
+    ["pipeline", "export", "artifacts", "pretrained", "latency"],
     ["api", "bench"],
     [""],  # upop_fx/__init__.py: the public facade
     ["cli", "demo"],

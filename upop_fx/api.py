@@ -62,6 +62,8 @@ def compress(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
     own_class: bool = False,
+    runtime: str | None = None,
+    latency_shape: tuple[int, int | None] | None = None,
 ) -> Result:
     """Remove ``ratio`` of the prunable cost of ``model`` and return a dense, smaller model.
 
@@ -81,7 +83,15 @@ def compress(
             carry ``labels``, else distillation from the dense model.
         search_steps: training steps of the UPop search (ignored by ``"magnitude"``).
         retrain_steps: fine-tuning steps of the dense small model after the cut (0 = none).
-        budget: one of :data:`BUDGETS` (``"params"``, ``"flops"``) — the unit of cost.
+        budget: one of :data:`BUDGETS` — the unit of cost: ``"params"``, ``"flops"``, or ``"latency"``: the
+            latency measured on ``runtime`` (``ratio=0.5`` removes half of the dense model's measured time;
+            what no pruning changes counts too). Each structure's latency is measured at a few widths on that
+            runtime (:mod:`upop_fx.latency`, cached on disk), and ``report.latency`` gives the predicted
+            latency after the cut beside the speedup measured there.
+        runtime: with ``budget="latency"``: ``"onnxruntime-cpu"`` (default), ``"torch-cpu"``, ``"torch-cuda"``
+            or ``"onnxruntime-cuda"`` (the last two need a GPU).
+        latency_shape: with ``budget="latency"``: ``(batch, seq)`` to time at (``seq`` None: the inputs' own
+            length); default: the example inputs' shape.
         granularity: one of :data:`GRANULARITIES`: ``"upop"`` (head-dims shared across heads and q/k/v),
             ``"qk_v"`` or ``"heads"``.
         round_to: keep head dims and MLP widths at multiples of this (the budget is still met).
@@ -128,7 +138,8 @@ def compress(
         model, example_inputs, strategy, ratio=ratio, data=data, loss_fn=loss_fn,
         search_steps=search_steps if method == "upop" else 0, retrain_steps=retrain_steps, lr=lr, budget=budget,
         granularity=granularity, round_to=round_to, seed=seed, precision=precision,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, own_class=own_class,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, own_class=own_class, runtime=runtime,
+        latency_shape=latency_shape,
     )  # fmt: skip
 
 
@@ -172,11 +183,14 @@ class UPop:
         score: str = "gradient",
         allocate: str | Allocate | None = None,
         own_class: bool = False,
+        runtime: str | None = None,
+        latency_shape: tuple[int, int | None] | None = None,
     ) -> None:
-        check_options(ratio, budget, granularity, round_to, seed)
+        check_options(ratio, budget, granularity, round_to, seed, runtime, latency_shape)
         self.search = UPopSearch(total_steps, interval, score, allocate=allocate)
         with seeded(seed, model):
-            self.prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class)
+            self.prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class, runtime,
+                                    latency_shape)
             self.state = self.search.start(self.prepared)
 
     @property

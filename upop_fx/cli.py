@@ -89,7 +89,12 @@ def _parser() -> argparse.ArgumentParser:
                    "magnitude (one-shot)")
     c.add_argument("--data", metavar="PATH", help="a folder of .txt files (text models) or images (vision models) "
                    "for the search and the retrain; default: built-in sample inputs")
-    c.add_argument("--budget", default="params", help=f"cost unit, one of {', '.join(BUDGETS)} (default params)")
+    c.add_argument("--budget", default="params", help=f"cost unit, one of {', '.join(BUDGETS)} (default params; "
+                   "latency: the time measured on --runtime, ratio 0.5 = half of it)")
+    c.add_argument("--runtime", default=None, help="with --budget latency: onnxruntime-cpu (default), torch-cpu, "
+                   "torch-cuda or onnxruntime-cuda")
+    c.add_argument("--latency-batch", type=int, default=None, metavar="N",
+                   help="with --budget latency: the batch size to time at (default: --batch-size)")
     c.add_argument("--granularity", default="upop", help=f"what one ranking entry removes, one of "
                    f"{', '.join(GRANULARITIES)} (default upop: a head dim across heads and q/k/v)")
     c.add_argument("--allocate", default="unified", choices=list(ALLOCATIONS),
@@ -234,7 +239,8 @@ def _compress(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 <= args.ratio < 1.0:
         raise ConfigError(f"--ratio must be in [0, 1), got {args.ratio}")
-    check_options(args.ratio, args.budget, args.granularity, args.round_to, args.seed)  # before the slow load
+    shape = (args.latency_batch, None) if args.latency_batch is not None else None
+    check_options(args.ratio, args.budget, args.granularity, args.round_to, args.seed, args.runtime, shape)
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     out = Path(args.out)
@@ -255,7 +261,7 @@ def _compress(args: argparse.Namespace) -> int:
             retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
             round_to=args.round_to, seed=args.seed, score=args.score, allocate=args.allocate,
             precision=args.precision, checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every,
-            own_class=args.own_class,
+            own_class=args.own_class, runtime=args.runtime, latency_shape=shape,
         )  # fmt: skip
         if rank != 0:
             return 0

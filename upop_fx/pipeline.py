@@ -22,8 +22,10 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from .capture import cache_off, capture, get_capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
+from .latency import LatencyModel, check_latency_shape, check_runtime, latency_inputs, measure_latency, runner
 from .passes import FindGroups, SortExperts, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
 from .rebuild import copy_weights, module_gap, rebuild
@@ -52,6 +55,7 @@ from .structures import (
     keep_sets,
     removed_fraction,
 )
+from .timing import time_interleaved
 
 __all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded", "fingerprint"]
 
@@ -78,11 +82,17 @@ class Result:
         return zeroed_reference(self.dense, removed_labels(self.analysis, self.keep))
 
 
-def check_options(ratio: Any, budget: Any, granularity: Any, round_to: Any, seed: Any) -> None:
+def check_options(ratio: Any, budget: Any, granularity: Any, round_to: Any, seed: Any, runtime: Any = None,
+                  latency_shape: Any = None) -> None:
     """Raise :class:`~upop_fx.errors.ConfigError` for an option out of range — before anything slow runs."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
     check_choice("budget", budget, BUDGETS)
+    if budget == "latency":
+        check_runtime(runtime or "onnxruntime-cpu")
+        check_latency_shape(latency_shape)
+    elif runtime is not None or latency_shape is not None:
+        raise ConfigError(f"runtime= and latency_shape= belong to budget='latency' (got budget={budget!r})")
     check_choice("granularity", granularity, GRANULARITIES)
     check_int("round_to", round_to, 1)
     check_int("seed", seed)
@@ -101,12 +111,14 @@ def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
 
 def prepare(
     model: torch.nn.Module, example_inputs: Any, ratio: float = 0.5, budget: str = "params",
-    granularity: str = "upop", round_to: int = 1, own_class: bool = False,
+    granularity: str = "upop", round_to: int = 1, own_class: bool = False, runtime: str | None = None,
+    latency_shape: tuple[int, int | None] | None = None,
 ) -> Prepared:  # fmt: skip
     """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries.
     ``own_class``: leave unpruned the groups that the model's own class cannot express
-    (:func:`~upop_fx.restrict.restrict_to_class`)."""
-    check_options(ratio, budget, granularity, round_to, 0)
+    (:func:`~upop_fx.restrict.restrict_to_class`). ``budget="latency"``: measure the latency tables of the
+    structures on ``runtime`` at ``latency_shape`` (:mod:`upop_fx.latency`)."""
+    check_options(ratio, budget, granularity, round_to, 0, runtime, latency_shape)
     if not isinstance(own_class, bool):
         raise ConfigError(f"own_class must be True or False, got {own_class!r}")
     cap = capture(model, example_inputs)
@@ -118,7 +130,35 @@ def prepare(
         restrict_to_class(model, cap.gm, analysis, granularity, budget)
     analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, budget)
-    return Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to, source=model)
+    prepared = Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to, source=model)
+    if budget == "latency":
+        runtime = runtime or "onnxruntime-cpu"
+        with torch.random.fork_rng():
+            latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, latency_shape)
+        _use_latency(prepared, latency)
+    return prepared
+
+
+def _use_latency(prepared: Prepared, latency: LatencyModel) -> None:
+    """Give every structure its table (fractions of the dense latency) and every entry the mean fraction its
+    structure saves per entry (what the search's sparsity weighting reads)."""
+    prepared.latency = latency
+    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
+    for st, table in zip(prepared.structures, latency.fractions()):
+        st.latency = table
+    for e in prepared.entries:
+        table, n = prepared.structures[e.structure].latency, counts[e.structure]
+        e.cost = float(table[1] / (n - 1)) if n > 1 else 0.0
+    most = sum(float(t[1]) for t in latency.fractions())  # every structure down to one entry
+    log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
+             latency.shape, latency.dense_ms, 100 * most)
+    if prepared.ratio > most:
+        raise ConfigError(
+            f"ratio={prepared.ratio} asks to remove {100 * prepared.ratio:.0f}% of the measured latency "
+            f"({latency.dense_ms:.2f} ms on {latency.runtime}), but the prunable structures account for at most "
+            f"{100 * most:.0f}% (the rest — embeddings, norms, the head, overheads — does not shrink); ask for less "
+            "(the tables are cached: a second call measures only the dense model)"
+        )
 
 
 def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
@@ -137,6 +177,9 @@ def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
             raise SurgeryCheckError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
     fraction = removed_fraction(prepared.entries, selection.pruned)
     result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
+    if prepared.latency is not None:
+        result.report.latency = _latency_row(prepared, selection, small)
+        result.report.prunable_cost_removed = 1 - result.report.latency["predicted_ms"] / prepared.latency.dense_ms
     result.losses["search"] = list(selection.losses)
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
@@ -168,10 +211,12 @@ def run(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
     own_class: bool = False,
+    runtime: str | None = None,
+    latency_shape: tuple[int, int | None] | None = None,
 ) -> Result:
     """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
     ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
-    check_options(ratio, budget, granularity, round_to, seed)
+    check_options(ratio, budget, granularity, round_to, seed, runtime, latency_shape)
     check_int("retrain_steps", retrain_steps, 0)
     check_choice("precision", precision, PRECISIONS)
     check_int("checkpoint_every", checkpoint_every, 1)
@@ -180,12 +225,14 @@ def run(
     if data is not None and not isinstance(data, Iterable):
         raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
     with distributed.quiet_ranks(), seeded(seed, model):
-        prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class)
+        prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class, runtime,
+                           latency_shape)
         settings = {
             "strategy": strategy.name, "strategy_config": getattr(strategy, "config", dict)(), "ratio": ratio,
             "budget": budget, "granularity": granularity, "round_to": round_to, "seed": seed,
             "search_steps": search_steps, "retrain_steps": retrain_steps, "lr": lr, "precision": precision,
             "loss": "loss_fn" if loss_fn is not None else "default", "own_class": own_class,
+            "runtime": runtime, "latency_shape": latency_shape,
         }  # fmt: skip
         checkpoint = None
         if checkpoint_dir is not None:
@@ -249,6 +296,29 @@ def fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str,
 
 def _weights_checksum(gm: torch.nn.Module) -> float:
     return distributed.checksum([t for _, t in sorted(gm.state_dict().items())])
+
+
+def _latency_row(prepared: Prepared, selection: Selection, small: torch.fx.GraphModule) -> dict[str, Any]:
+    """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
+    model = prepared.latency
+    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
+    gone = np.bincount([e.structure for e, p in zip(prepared.entries, selection.pruned) if p],
+                       minlength=len(prepared.structures))
+    predicted = model.predict((counts - gone).tolist())
+    inputs = latency_inputs(prepared.captured.info, model.shape)
+    with tempfile.TemporaryDirectory() as d:
+        a = runner(model.runtime, selection.dense, inputs, Path(d), "dense")
+        b = runner(model.runtime, small, inputs, Path(d), "small")
+        dense_ms, small_ms = time_interleaved(a, b, runs=20, warmup=3, alternate=True)
+    row = {
+        "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
+        "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
+        "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
+        "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
+    }  # fmt: skip
+    log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
+             model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])
+    return row
 
 
 def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, list[int]], method: str,

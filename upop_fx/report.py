@@ -58,6 +58,9 @@ class Report:
     not_prunable: list[str] = field(default_factory=list)
     #: why ``Result.module`` is None (the cut cannot be expressed by the model's own class); None when it is set
     module_reason: str | None = None
+    #: ``budget="latency"``: runtime, shape, the dense latency, the predicted latency after the cut and the
+    #: speedup measured on the runtime beside the predicted one
+    latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -99,6 +102,13 @@ class Report:
             f"({self.flops_before / max(self.flops_after, 1):.2f}x fewer)",
             f"prunable {self.budget} removed: {100 * self.prunable_cost_removed:.1f}% (asked {100 * self.ratio:.1f}%)",
         ]
+        if self.latency:
+            t = self.latency
+            lines.append(
+                f"latency on {t['runtime']} (batch {t['batch']}, seq {t['seq'] or 'as given'}): predicted "
+                f"{t['dense_ms']:.2f} -> {t['predicted_ms']:.2f} ms ({t['predicted_speedup']:.2f}x); measured "
+                f"{t['measured_dense_ms']:.2f} -> {t['measured_ms']:.2f} ms ({t['measured_speedup']:.2f}x)"
+            )
         towers = self.towers()
         if len(towers) > 1:
             lines.append("kept per tower: " + ", ".join(f"{n} {100 * t['kept_fraction']:.1f}%" for n, t in towers.items()))

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 GRANULARITIES = ("upop", "qk_v", "heads")
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "latency")
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -57,6 +57,9 @@ class Structure:
     name: str
     groups: list[int]
     multiple: int = 1  #: keep a multiple of this many entries (or all of them)
+    #: ``budget="latency"``: the fraction of the dense model's measured latency saved with ``k`` entries kept
+    #: (index ``k``; :mod:`upop_fx.latency`), None otherwise
+    latency: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -146,7 +149,8 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
 
 
 def group_cost(g: DimGroup, budget: str) -> np.ndarray:
-    """Per-channel cost of ``g`` in the budget's unit (parameters or FLOPs)."""
+    """Per-channel cost of ``g`` in the budget's unit (parameters or FLOPs; FLOPs stand for a latency budget's
+    per-channel share, whose real unit is a structure's measured table)."""
     return g.cost_params if budget == "params" else g.cost_flops
 
 

@@ -43,7 +43,7 @@ def select_pruned(
     every structure keeps a multiple of N entries (or all of them when it has fewer than N); a structure whose
     ``multiple`` is larger (stacked experts) keeps a multiple of that.
     """
-    if round_to > 1 or any(s.multiple > 1 for s in structures):
+    if round_to > 1 or any(s.multiple > 1 or s.latency is not None for s in structures):
         return _select_rounded(scores, entries, structures, ratio, round_to)
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
@@ -68,12 +68,16 @@ def _select_rounded(
 ) -> np.ndarray:
     """The same walk over *chunks*: per structure, its entries in ascending z-order cut so that what is left is
     always a multiple of ``n`` (or of the structure's own ``multiple`` where larger); chunks are taken in order
-    of their mean z-score, each after its predecessor."""
+    of their mean z-score, each after its predecessor. Where the structures carry latency tables
+    (``budget="latency"``), what a chunk removes is what its structure's table saves between its widths before
+    and after, and the walk stops once the saved fraction of the dense latency reaches ``ratio``."""
     import heapq
 
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
-    target = ratio * costs.sum()
+    tables = [s.latency for s in structures]
+    timed = all(t is not None for t in tables)
+    target = ratio if timed else ratio * costs.sum()
     chunks: list[list[np.ndarray]] = []
     by_structure: list[list[int]] = [[] for _ in structures]
     for i, e in enumerate(entries):
@@ -92,12 +96,17 @@ def _select_rounded(
     heap = [(float(z[c[0]].mean()), s, 0) for s, c in enumerate(chunks) if c]
     heapq.heapify(heap)
     pruned = np.zeros(len(entries), dtype=bool)
+    kept = [len(m) for m in by_structure]
     removed = 0.0
     while heap and removed < target:
         _, s, k = heapq.heappop(heap)
         chunk = chunks[s][k]
         pruned[chunk] = True
-        removed += costs[chunk].sum()
+        if timed:
+            removed += float(tables[s][kept[s] - len(chunk)] - tables[s][kept[s]])
+            kept[s] -= len(chunk)
+        else:
+            removed += costs[chunk].sum()
         if k + 1 < len(chunks[s]):
             heapq.heappush(heap, (float(z[chunks[s][k + 1]].mean()), s, k + 1))
     return pruned

@@ -65,6 +65,7 @@ class Prepared:
     round_to: int = 1
     training: Training | None = None  #: precision and checkpoints of the run's training phases
     source: torch.nn.Module | None = None  #: the caller's model (never modified): what ``Result.module`` copies
+    latency: Any = None  #: ``budget="latency"``: the measured :class:`~upop_fx.latency.LatencyModel`
 
 
 @dataclass
@@ -102,7 +103,31 @@ def uniform(
     """The same ``fraction`` of the entries of every structure (rounded to the nearest entry, at least one
     kept; a multiple of the structure's ``multiple``), the least important first. Entries of one structure cost
     the same at every granularity (one head dim across heads, one head, one neuron), so this is the same
-    fraction of every structure's cost."""
+    fraction of every structure's cost. With latency tables (``budget="latency"``) the common fraction of
+    entries is the smallest whose measured saving reaches ``fraction`` of the dense latency."""
+    if not structures or any(s.latency is None for s in structures):
+        return _uniform_entries(importance, entries, structures, fraction)
+    counts = np.bincount([e.structure for e in entries], minlength=len(structures))
+
+    def saved(q: float) -> tuple[float, np.ndarray]:
+        pruned = _uniform_entries(importance, entries, structures, q)
+        left = counts - np.bincount([e.structure for e, p in zip(entries, pruned) if p], minlength=len(structures))
+        return float(sum(s.latency[k] for s, k in zip(structures, left))), pruned
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if saved(mid)[0] >= fraction:
+            hi = mid
+        else:
+            lo = mid
+    return saved(hi)[1]
+
+
+def _uniform_entries(
+    importance: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], fraction: float
+) -> np.ndarray:
+    """:func:`uniform` by the entries' count."""
     by_structure: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(entries):
         by_structure[e.structure].append(i)

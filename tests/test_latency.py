@@ -1,0 +1,103 @@
+"""``budget="latency"``: options checked before anything is measured, the tables (interpolated, monotone,
+cached on disk), the ranking's walk over them, and the report's prediction beside a measurement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.errors import ConfigError
+from upop_fx.latency import _interpolate, latency_inputs
+from upop_fx.search.ranking import select_pruned
+from upop_fx.search.strategy import uniform
+from upop_fx.structures import Entry, Structure
+
+
+@pytest.fixture
+def encoder():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), torch.randn(4, 32, 64)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"runtime": "tensorrt"}, "runtime must be one of"),
+    ({"runtime": "torch-cuda"}, "needs a CUDA GPU"),
+    ({"latency_shape": (0, 16)}, "latency_shape must be"),
+    ({"latency_shape": "8x128"}, "latency_shape must be"),
+    ({"budget": "flops", "runtime": "torch-cpu"}, "belong to budget='latency'"),
+])  # fmt: skip
+def test_bad_latency_options_are_refused_before_the_model_is_captured(kwargs, words, encoder, monkeypatch):
+    if kwargs.get("runtime") == "torch-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(upop_fx.pipeline, "capture", lambda *a, **k: pytest.fail("captured"))
+    options = {"budget": "latency", **kwargs}
+    with pytest.raises(ConfigError, match=words):
+        upop_fx.compress(*encoder, 0.5, method="magnitude", retrain_steps=0, **options)
+
+
+def test_a_sequence_length_for_a_model_without_one_is_refused():
+    from .models import ZOO
+
+    zoo = ZOO["vit"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    with pytest.raises(ConfigError, match="no input of this model has a sequence axis"):
+        latency_inputs(cap.info, (8, 128))
+    args, kwargs = latency_inputs(cap.info, (5, None))  # the batch alone is fine
+    assert next(iter(kwargs.values())).shape[0] == 5
+
+
+def test_inputs_are_resized_on_the_batch_and_sequence_axes():
+    from .models import ZOO
+
+    zoo = ZOO["bert"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    _, kwargs = latency_inputs(cap.info, (5, 20))
+    assert all(t.shape == (5, 20) for t in kwargs.values())
+
+
+def test_tables_are_zero_at_full_width_and_never_save_less_with_fewer_entries():
+    table = _interpolate(16, {12: 0.5, 8: 0.4, 4: 1.5, 2: 1.8})  # a noisy point (8) below its neighbour
+    assert table.shape == (17,) and table[16] == 0.0
+    assert np.all(np.diff(table) <= 1e-12)
+    assert table[8] >= 0.5 and table[0] >= table[2] >= 1.8
+
+
+def _timed(sizes, tables):
+    structure = np.repeat(np.arange(len(sizes)), sizes)
+    entries = [Entry(int(s), "mlp", cost=1.0) for s in structure]
+    structures = [Structure("mlp", str(i), [], latency=t) for i, t in enumerate(tables)]
+    return structure, entries, structures
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_both_allocations_walk_the_measured_tables_to_the_asked_fraction(ratio):
+    # two structures of 8 entries; the first saves nothing until half its entries are gone (a tile step)
+    step = np.array([0.3, 0.3, 0.3, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0])
+    linear = np.linspace(0.3, 0.0, 9)
+    structure, entries, structures = _timed([8, 8], [step, linear])
+    scores = np.random.default_rng(0).normal(size=16)
+    for pruned in (select_pruned(scores, entries, structures, ratio), uniform(scores, entries, structures, ratio)):
+        left = [8 - int(pruned[structure == s].sum()) for s in range(2)]
+        assert step[left[0]] + linear[left[1]] >= ratio
+
+
+def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    model, x = encoder
+    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+                              runtime="torch-cpu")
+    t = result.report.latency
+    assert t["runtime"] == "torch-cpu" and (t["batch"], t["seq"]) == (4, None)
+    assert t["predicted_ms"] < t["dense_ms"] and t["measured_speedup"] > 0 and len(t["measured_classes"]) == 2
+    assert result.report.prunable_cost_removed >= 0.3  # of the predicted latency
+    assert "latency on torch-cpu" in result.report.table()
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 2  # one table per class: attention, MLP
+    again = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+                             runtime="torch-cpu")
+    assert again.report.latency["measured_classes"] == []  # every table came from the cache
+    assert again.report.prunable_cost_removed >= 0.3
+    with pytest.raises(ConfigError, match="the prunable structures account for at most"):
+        upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, budget="latency", runtime="torch-cpu")

@@ -1,0 +1,300 @@
+"""A latency model of one model on one runtime, measured from the model's own layers, for ``budget="latency"``.
+
+What does not shrink with the FLOPs (softmax and the T×T score work, LayerNorm, activations, residual adds,
+embeddings, launch overheads) makes a FLOP budget a poor proxy for time. So the cost of removing entries is
+measured, not counted: structures of one shape in one tower (the attention layers of a text tower, say) form a
+*class*; for each class the dense graph is cut at a few widths of that class only (every structure of the class
+keeps ``k`` entries, the rest of the model stays whole), each cut is built for the runtime (exported to ONNX for
+ONNX Runtime, the graph itself for PyTorch), and all of them run interleaved with the dense model on inputs of
+the latency shape. ``(dense − cut) / structures in the class`` is the time one structure saves at width ``k``;
+between the measured widths it is interpolated linearly, and made monotone (fewer entries never cost more).
+Removals in different classes are taken to add up; the prediction for a selection is the measured dense time
+minus what its structures save, and the report sets a measured speedup beside it.
+
+Tables are cached on disk (``$UPOP_FX_CACHE`` or ``~/.cache/upop_fx``, ``latency/``) per machine, runtime,
+library versions, class shape, batch and sequence length: a second ``compress`` of the same layers measures
+nothing but the dense model.
+
+Example:
+    >>> import torch
+    >>> from upop_fx.latency import check_runtime, RUNTIMES
+    >>> RUNTIMES[:2]
+    ('onnxruntime-cpu', 'torch-cpu')
+    >>> check_runtime("tensorrt")
+    Traceback (most recent call last):
+    ...
+    upop_fx.errors.ConfigError: runtime must be one of onnxruntime-cpu, torch-cpu, torch-cuda, onnxruntime-cuda; got 'tensorrt'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import torch
+from tqdm.auto import tqdm
+
+from .capture import CaptureInfo
+from .errors import ConfigError
+from .export import export_onnx
+from .groups import GroupAnalysis
+from .ort import ort_session
+from .passes import Surgery
+from .structures import Entry, Structure, check_choice, keep_sets
+from .timing import time_interleaved
+
+__all__ = [
+    "RUNTIMES", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs", "measure_latency",
+    "runner", "cache_dir",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
+#: the widths measured per class, as fractions of its entries (the full width is the dense model)
+GRID = (0.75, 0.5, 0.375, 0.25, 0.125)
+
+
+def check_runtime(runtime: Any) -> None:
+    """Raise :class:`~upop_fx.errors.ConfigError` for an unknown runtime, or a CUDA one this machine lacks."""
+    check_choice("runtime", runtime, RUNTIMES)
+    if runtime.endswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime {runtime!r} needs a CUDA GPU, and torch sees none on this machine")
+    if runtime == "onnxruntime-cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ConfigError("runtime 'onnxruntime-cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+
+
+def check_latency_shape(shape: Any) -> None:
+    """``None`` or ``(batch, seq)`` of positive ints (``seq`` may be None: the inputs' own length)."""
+    if shape is None:
+        return
+    ok = isinstance(shape, (tuple, list)) and len(shape) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape[:1])
+    ok = ok and (shape[1] is None or (isinstance(shape[1], int) and not isinstance(shape[1], bool) and shape[1] >= 1))
+    if not ok:
+        raise ConfigError(f"latency_shape must be (batch, seq) with positive ints (seq may be None), got {shape!r}")
+
+
+def _sequence_axes(info: CaptureInfo) -> list[Any]:
+    """The leaves of the capture's dynamic-shape spec that make axis 1 dynamic."""
+    leaves = torch.utils._pytree.tree_leaves(info.dynamic_shapes, is_leaf=lambda x: isinstance(x, dict) and 0 in x)
+    return [x for x in leaves if isinstance(x, dict) and 1 in x]
+
+
+def latency_inputs(info: CaptureInfo, shape: tuple[int, int | None] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example inputs resized to ``shape = (batch, seq)``: rows repeated or dropped on axis 0, and on axis 1
+    of the inputs with a dynamic sequence axis, positions repeated cyclically or dropped. None: the example.
+
+    Raises:
+        ConfigError: ``seq`` differs from the example's but no input has a sequence axis (an image model), or
+            the model rejects inputs of that shape (a sequence longer than its position table, say).
+    """
+    check_latency_shape(shape)
+    if shape is None:
+        return info.args, info.kwargs
+    batch, seq = shape
+    seq_axis = bool(_sequence_axes(info))
+    leaves = [t for t in torch.utils._pytree.tree_leaves((info.args, info.kwargs)) if isinstance(t, torch.Tensor)]
+    lengths = {int(t.shape[1]) for t in leaves if t.dim() >= 2 and _is_sequence(t)}
+    if seq is not None and not seq_axis and lengths != {seq}:
+        raise ConfigError(f"latency_shape asks for sequence length {seq}, but no input of this model has a "
+                          "sequence axis (give seq=None to time at the inputs' own size)")
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        t = t[torch.arange(batch) % t.shape[0]]
+        if seq is not None and seq_axis and t.dim() >= 2 and _is_sequence(t):
+            t = t[:, torch.arange(seq) % t.shape[1]]
+        return t
+
+    return torch.utils._pytree.tree_map(resize, (info.args, info.kwargs))
+
+
+def _is_sequence(t: torch.Tensor) -> bool:
+    """What capture makes dynamic on axis 1: token ids (2-D integers) and sequences of vectors (3-D floats)."""
+    return (not t.is_floating_point() and t.dim() == 2) or (t.is_floating_point() and t.dim() == 3)
+
+
+@dataclass
+class LatencyModel:
+    """Measured latency of the dense model and, per structure, the milliseconds it saves at each width.
+
+    ``saved[s][k]`` is what structure ``s`` saves with ``k`` of its entries kept (``saved[s][n] = 0``)."""
+
+    runtime: str
+    shape: tuple[int, int | None]
+    dense_ms: float
+    saved: list[np.ndarray]
+    measured: list[str] = field(default_factory=list)  #: the classes measured now (the others came from the cache)
+
+    def predict(self, kept: Sequence[int]) -> float:
+        """Predicted milliseconds with ``kept[s]`` entries kept in structure ``s``."""
+        return self.dense_ms - float(sum(t[k] for t, k in zip(self.saved, kept)))
+
+    def fractions(self) -> list[np.ndarray]:
+        """``saved`` as fractions of the dense latency: what the ranking's walk adds up."""
+        return [t / self.dense_ms for t in self.saved]
+
+
+def cache_dir() -> Path:
+    """Where latency tables are kept: ``$UPOP_FX_CACHE/latency`` or ``~/.cache/upop_fx/latency``."""
+    root = os.environ.get("UPOP_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "upop_fx")
+    return Path(root) / "latency"
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "node": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }  # fmt: skip
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _classes(analysis: GroupAnalysis, structures: Sequence[Structure], entries: Sequence[Entry]) -> dict[str, list[int]]:
+    """Structures of the same shape in the same tower: ``signature -> structure indices``."""
+    counts = np.bincount([e.structure for e in entries], minlength=len(structures))
+    out: dict[str, list[int]] = {}
+    for s, st in enumerate(structures):
+        groups = [analysis.groups[g] for g in st.groups]
+        sig = json.dumps([st.kind, int(counts[s]), st.multiple, [
+            (g.kind, g.tower, g.width, g.heads, g.head_dim, g.cross, g.experts, round(float(g.cost_flops.sum())),
+             len(g.producers), len(g.consumers))
+            for g in groups
+        ]])  # fmt: skip
+        out.setdefault(sig, []).append(s)
+    return out
+
+
+def _grid(n: int, multiple: int) -> list[int]:
+    ks = set()
+    for f in GRID:
+        k = max(1, int(round(f * n)))
+        if multiple > 1:
+            k = max(multiple, multiple * round(k / multiple)) if n > multiple else n
+        if k < n:
+            ks.add(k)
+    return sorted(ks, reverse=True)
+
+
+def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]],
+           workdir: Path, name: str) -> Callable[[], Any]:
+    """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime`` (exported to ONNX under
+    ``workdir`` for ONNX Runtime)."""
+    args, kwargs = inputs
+    if runtime.startswith("torch"):
+        device = "cuda" if runtime == "torch-cuda" else "cpu"
+        gm = gm.to(device)
+        a = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+
+        def call() -> Any:
+            with torch.inference_mode():
+                out = gm(*a[0], **a[1])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return call
+    example = kwargs or args
+    path = export_onnx(gm, example, workdir / f"{name}.onnx", optimize=False).path
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
+    session = ort_session(path, providers=providers)
+    names = [i.name for i in session.get_inputs()]
+    values = [kwargs[n] for n in names] if kwargs else list(args)
+    feeds = {n: v.numpy() for n, v in zip(names, values)}
+    return lambda: session.run(None, feeds)
+
+
+def _interpolate(n: int, points: dict[int, float]) -> np.ndarray:
+    """Saved milliseconds at every width ``0..n`` from the measured ``{k: saved}`` (``saved(n) = 0``): linear
+    between points, extrapolated from the last segment below the narrowest, non-increasing in ``k``."""
+    ks = sorted({n, *points})
+    ys = [0.0 if k == n else points[k] for k in ks]
+    grid = np.arange(n + 1, dtype=np.float64)
+    out = np.interp(grid, ks, ys)
+    if len(ks) >= 2 and ks[0] > 0:  # below the narrowest measured width: the first segment's slope
+        slope = (ys[1] - ys[0]) / (ks[1] - ks[0])
+        low = grid < ks[0]
+        out[low] = ys[0] + slope * (grid[low] - ks[0])
+    out = np.maximum.accumulate(out[::-1])[::-1]  # saved(k) >= saved(k') for k < k'
+    return np.maximum(out, 0.0)
+
+
+def measure_latency(
+    dense: torch.fx.GraphModule, analysis: GroupAnalysis, structures: Sequence[Structure], entries: Sequence[Entry],
+    info: CaptureInfo, runtime: str = "onnxruntime-cpu", shape: tuple[int, int | None] | None = None,
+    runs: int = 15, use_cache: bool = True,
+) -> LatencyModel:  # fmt: skip
+    """Measure the :class:`LatencyModel` of ``dense`` (see the module docstring); ``runs`` timed rounds per class.
+
+    Raises:
+        ConfigError: an unknown or unavailable runtime, or a ``shape`` the inputs cannot take (before anything
+            is measured).
+    """
+    check_runtime(runtime)
+    inputs = latency_inputs(info, shape)
+    batch = int(next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)).shape[0])
+    resolved = (batch, shape[1] if shape is not None else None)
+    classes = _classes(analysis, structures, entries)
+    members: dict[int, list[int]] = {}
+    for i, e in enumerate(entries):
+        members.setdefault(e.structure, []).append(i)
+    machine = _machine()
+    store = cache_dir()
+    tables: dict[str, dict[int, float]] = {}
+    todo = []
+    for sig in classes:
+        key = _key({"machine": machine, "runtime": runtime, "class": sig, "shape": resolved,
+                    "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]})
+        file = store / f"{key}.json"
+        if use_cache and file.is_file():
+            tables[sig] = {int(k): float(v) for k, v in json.loads(file.read_text())["saved"].items()}
+        else:
+            todo.append((sig, file))
+    measured = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        dense_call = runner(runtime, dense, inputs, work, "dense")
+        bar = tqdm(total=len(todo), desc="latency tables", leave=False, disable=None)
+        for sig, file in todo:
+            idx = classes[sig]
+            n = len(members[idx[0]])
+            ks = _grid(n, structures[idx[0]].multiple)
+            calls = []
+            for k in ks:
+                pruned = np.zeros(len(entries), dtype=bool)
+                for s in idx:
+                    pruned[members[s][k:]] = True
+                small = Surgery(keep_sets(analysis, list(entries), pruned))(dense).gm
+                calls.append(runner(runtime, small, inputs, work, f"k{k}"))
+            ms = time_interleaved(dense_call, *calls, runs=runs, warmup=2, alternate=True)
+            tables[sig] = {k: max(0.0, (ms[0] - m) / len(idx)) for k, m in zip(ks, ms[1:])}
+            log.info("latency class %s: dense %.2f ms, saved per structure %s", structures[idx[0]].name, ms[0],
+                     {k: round(v, 3) for k, v in tables[sig].items()})
+            measured.append(structures[idx[0]].name)
+            store.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved,
+                                        "dense_ms": ms[0], "saved": tables[sig], "machine": machine}, indent=1))
+            bar.update()
+        bar.close()
+        (dense_ms,) = time_interleaved(dense_call, runs=runs, warmup=2)
+    saved = [np.zeros(1)] * len(structures)
+    for sig, idx in classes.items():
+        for s in idx:
+            saved[s] = _interpolate(len(members[s]), tables[sig])
+    return LatencyModel(runtime, resolved, dense_ms, saved, measured)
