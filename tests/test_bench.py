@@ -13,6 +13,7 @@ import torch
 import upop_fx
 import upop_fx.bench as bench_module
 import upop_fx.ort as ort_module
+import upop_fx.timing as timing_module
 from upop_fx.bench import time_interleaved
 from upop_fx.errors import ConfigError
 from upop_fx.ort import OPTIMIZATION_LEVELS, ort_session
@@ -41,7 +42,7 @@ def test_alternate_reverses_every_other_timed_round() -> None:
 def test_one_median_per_callable_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake clock: each call of callable i takes i+1 ms, except one outlier; the median ignores it."""
     now = [0.0]
-    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing_module.time, "perf_counter", lambda: now[0])
     slow = iter([50.0])
 
     def step(ms: float, outlier: bool = False) -> Callable[[], None]:
@@ -71,7 +72,7 @@ def test_bad_arguments(args: tuple, kwargs: dict, match: str) -> None:
         time_interleaved(*args, **kwargs)
 
 
-@pytest.mark.parametrize("module", [bench_module, ort_module], ids=["bench", "ort"])
+@pytest.mark.parametrize("module", [bench_module, timing_module, ort_module], ids=["bench", "timing", "ort"])
 def test_doctests(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -36,7 +36,7 @@ def test_unknown_method_budget_granularity(encoder):
     with pytest.raises(errors.ConfigError, match="method"):
         upop_fx.compress(model, x, ratio=0.5, method="random")
     with pytest.raises(errors.ConfigError, match="budget"):
-        upop_fx.compress(model, x, ratio=0.5, budget="latency")
+        upop_fx.compress(model, x, ratio=0.5, budget="seconds")
     with pytest.raises(errors.ConfigError, match="granularity"):
         upop_fx.compress(model, x, ratio=0.5, granularity="blocks")
 

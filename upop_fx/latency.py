@@ -193,9 +193,9 @@ def _grid(n: int, multiple: int) -> list[int]:
 
 
 def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]],
-           workdir: Path, name: str) -> Callable[[], Any]:
-    """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime`` (exported to ONNX under
-    ``workdir`` for ONNX Runtime)."""
+           workdir: Path, name: str, example: Any = None) -> Callable[[], Any]:
+    """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime`` (for ONNX Runtime, exported under
+    ``workdir`` with dynamic axes from ``example``, default ``inputs``: an export needs a batch of 2 or more)."""
     args, kwargs = inputs
     if runtime.startswith("torch"):
         device = "cuda" if runtime == "torch-cuda" else "cpu"
@@ -210,8 +210,8 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
             return out
 
         return call
-    example = kwargs or args
-    path = export_onnx(gm, example, workdir / f"{name}.onnx", optimize=False).path
+    path = export_onnx(gm, example if example is not None else (kwargs or args), workdir / f"{name}.onnx",
+                       optimize=False).path
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
     session = ort_session(path, providers=providers)
     names = [i.name for i in session.get_inputs()]
@@ -269,7 +269,8 @@ def measure_latency(
     measured = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        dense_call = runner(runtime, dense, inputs, work, "dense")
+        example = info.kwargs or info.args
+        dense_call = runner(runtime, dense, inputs, work, "dense", example)
         bar = tqdm(total=len(todo), desc="latency tables", leave=False, disable=None)
         for sig, file in todo:
             idx = classes[sig]
@@ -281,7 +282,7 @@ def measure_latency(
                 for s in idx:
                     pruned[members[s][k:]] = True
                 small = Surgery(keep_sets(analysis, list(entries), pruned))(dense).gm
-                calls.append(runner(runtime, small, inputs, work, f"k{k}"))
+                calls.append(runner(runtime, small, inputs, work, f"k{k}", example))
             ms = time_interleaved(dense_call, *calls, runs=runs, warmup=2, alternate=True)
             tables[sig] = {k: max(0.0, (ms[0] - m) / len(idx)) for k, m in zip(ks, ms[1:])}
             log.info("latency class %s: dense %.2f ms, saved per structure %s", structures[idx[0]].name, ms[0],

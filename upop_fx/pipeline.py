@@ -307,8 +307,9 @@ def _latency_row(prepared: Prepared, selection: Selection, small: torch.fx.Graph
     predicted = model.predict((counts - gone).tolist())
     inputs = latency_inputs(prepared.captured.info, model.shape)
     with tempfile.TemporaryDirectory() as d:
-        a = runner(model.runtime, selection.dense, inputs, Path(d), "dense")
-        b = runner(model.runtime, small, inputs, Path(d), "small")
+        example = prepared.captured.kwargs or prepared.captured.args
+        a = runner(model.runtime, selection.dense, inputs, Path(d), "dense", example)
+        b = runner(model.runtime, small, inputs, Path(d), "small", example)
         dense_ms, small_ms = time_interleaved(a, b, runs=20, warmup=3, alternate=True)
     row = {
         "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
