@@ -101,3 +101,46 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     assert again.report.prunable_cost_removed >= 0.3
     with pytest.raises(ConfigError, match="the prunable structures account for at most"):
         upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, budget="latency", runtime="torch-cpu")
+
+
+def test_a_cut_measured_short_of_the_asked_speedup_is_reselected(encoder, tmp_path, monkeypatch):
+    """The runtime is faked to run every cut 20% slower than predicted the first time: the strategy re-selects
+    with the shortfall folded in, and removes more."""
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    real = upop_fx.pipeline._latency_row
+    calls = []
+
+    def short_first(prepared, dense, pruned, small):
+        row = real(prepared, dense, pruned, small)
+        calls.append(int(np.sum(pruned)))
+        slow = 0.8 if len(calls) == 1 else 1.0
+        row["measured_speedup"] = row["predicted_speedup"] * slow
+        return row
+
+    monkeypatch.setattr(upop_fx.pipeline, "_latency_row", short_first)
+    model, x = encoder
+    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+                              runtime="torch-cpu")
+    rounds = result.report.latency["rounds"]
+    assert len(rounds) == 2 and rounds[0]["target"] == 0.3 and rounds[1]["target"] > 0.3
+    assert calls[1] > calls[0]  # more entries removed the second time
+    with torch.no_grad():  # the re-selected cut is still checked exact against its zeroed reference
+        torch.testing.assert_close(result.model(x[:3]), result.reference()(x[:3]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_upop_search_walks_the_latency_tables(encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    model, x = encoder
+    seen = []
+    real = upop_fx.search.upop._share_latency
+
+    def spy(prepared, structures, entries):
+        real(prepared, structures, entries)
+        seen.append(all(st.latency is not None for st in structures))
+
+    monkeypatch.setattr(upop_fx.search.upop, "_share_latency", spy)
+    result = upop_fx.compress(model, x, 0.3, search_steps=4, interval=2, retrain_steps=0, budget="latency",
+                              runtime="torch-cpu")
+    assert seen == [True]  # π_t is a fraction of the measured latency
+    assert result.report.latency["rounds"][0]["target"] == 0.3
+    assert result.report.prunable_cost_removed >= 0.3

@@ -6,10 +6,11 @@ measured, not counted: structures of one shape in one tower (the attention layer
 *class*; for each class the dense graph is cut at a few widths of that class only (every structure of the class
 keeps ``k`` entries, the rest of the model stays whole), each cut is built for the runtime (exported to ONNX for
 ONNX Runtime, the graph itself for PyTorch), and all of them run interleaved with the dense model on inputs of
-the latency shape. ``(dense − cut) / structures in the class`` is the time one structure saves at width ``k``;
-between the measured widths it is interpolated linearly, and made monotone (fewer entries never cost more).
-Removals in different classes are taken to add up; the prediction for a selection is the measured dense time
-minus what its structures save, and the report sets a measured speedup beside it.
+the latency shape. ``(dense − cut) / dense / structures in the class`` is the share of the time one structure
+saves at width ``k`` (a share of the dense time measured in the same interleaved run: the load may drift from
+one class to the next); between the measured widths it is interpolated linearly, and made monotone (fewer
+entries never cost more). Removals in different classes are taken to add up; the prediction for a selection is
+the measured dense time minus what its structures save, and the report sets a measured speedup beside it.
 
 Tables are cached on disk (``$UPOP_FX_CACHE`` or ``~/.cache/upop_fx``, ``latency/``) per machine, runtime,
 library versions, class shape, batch and sequence length: a second ``compress`` of the same layers measures
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 #: the widths measured per class, as fractions of its entries (the full width is the dense model)
-GRID = (0.75, 0.5, 0.375, 0.25, 0.125)
+GRID = (0.75, 0.5, 0.25)
 
 
 def check_runtime(runtime: Any) -> None:
@@ -256,10 +257,11 @@ def measure_latency(
         members.setdefault(e.structure, []).append(i)
     machine = _machine()
     store = cache_dir()
-    tables: dict[str, dict[int, float]] = {}
+    tables: dict[str, dict[int, float]] = {}  # per class: entries kept -> fraction of the dense latency saved
     todo = []
     for sig in classes:
-        key = _key({"machine": machine, "runtime": runtime, "class": sig, "shape": resolved,
+        key = _key({"machine": machine, "runtime": runtime, "class": sig, "shape": resolved, "unit": "fraction",
+                    "grid": GRID,
                     "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]})
         file = store / f"{key}.json"
         if use_cache and file.is_file():
@@ -284,9 +286,10 @@ def measure_latency(
                 small = Surgery(keep_sets(analysis, list(entries), pruned))(dense).gm
                 calls.append(runner(runtime, small, inputs, work, f"k{k}", example))
             ms = time_interleaved(dense_call, *calls, runs=runs, warmup=2, alternate=True)
-            tables[sig] = {k: max(0.0, (ms[0] - m) / len(idx)) for k, m in zip(ks, ms[1:])}
-            log.info("latency class %s: dense %.2f ms, saved per structure %s", structures[idx[0]].name, ms[0],
-                     {k: round(v, 3) for k, v in tables[sig].items()})
+            # relative to the dense time measured with them: the load may differ from one class to the next
+            tables[sig] = {k: max(0.0, (ms[0] - m) / ms[0] / len(idx)) for k, m in zip(ks, ms[1:])}
+            log.info("latency class %s: dense %.2f ms, saved per structure (fraction of dense) %s",
+                     structures[idx[0]].name, ms[0], {k: round(v, 4) for k, v in tables[sig].items()})
             measured.append(structures[idx[0]].name)
             store.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved,
@@ -297,5 +300,5 @@ def measure_latency(
     saved = [np.zeros(1)] * len(structures)
     for sig, idx in classes.items():
         for s in idx:
-            saved[s] = _interpolate(len(members[s]), tables[sig])
+            saved[s] = dense_ms * _interpolate(len(members[s]), tables[sig])
     return LatencyModel(runtime, resolved, dense_ms, saved, measured)

@@ -163,23 +163,28 @@ def _use_latency(prepared: Prepared, latency: LatencyModel) -> None:
 
 def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
     """Remove the selected entries from ``selection.dense`` (Surgery checks itself against the zeroed
-    reference), check the cut against ``selection.final`` when there is one, and write the report."""
-    keep = keep_sets(prepared.analysis, prepared.entries, np.asarray(selection.pruned, dtype=bool))
-    surgery = Surgery(keep)(selection.dense)
-    # nothing removed: Surgery returns its input; the result is still a model of its own
-    small = surgery.gm if surgery.modified else copy.deepcopy(selection.dense)
+    reference), check the cut against ``selection.final`` when there is one, and write the report.
+    ``budget="latency"``: the cut is timed on the runtime; while its measured speedup falls short of the asked one
+    by more than 3%, the strategy re-selects with the shortfall folded into its target (up to
+    :data:`CALIBRATIONS` times; each round is in ``report.latency["rounds"]``)."""
+    pruned = np.asarray(selection.pruned, dtype=bool)
+    small = _cut_graph(prepared, pruned, selection.dense)
+    row = None
+    if prepared.latency is not None:
+        pruned, small, row = _calibrated(prepared, selection, pruned, small)
+    keep = keep_sets(prepared.analysis, prepared.entries, pruned)
     info = prepared.captured.info
-    if selection.final is not None:
+    if selection.final is not None and np.array_equal(pruned, selection.pruned):
         with torch.no_grad():
             gap = relative_error(small(*info.args, **info.kwargs), selection.final(*info.args, **info.kwargs))
         log.info("cut vs the final masked model: relative error %.2e", gap)
         if not gap <= 1e-4:
             raise SurgeryCheckError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
-    fraction = removed_fraction(prepared.entries, selection.pruned)
+    fraction = removed_fraction(prepared.entries, pruned)
     result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
-    if prepared.latency is not None:
-        result.report.latency = _latency_row(prepared, selection, small)
-        result.report.prunable_cost_removed = 1 - result.report.latency["predicted_ms"] / prepared.latency.dense_ms
+    if row is not None:
+        result.report.latency = row
+        result.report.prunable_cost_removed = 1 - row["predicted_ms"] / prepared.latency.dense_ms
     result.losses["search"] = list(selection.losses)
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
@@ -298,17 +303,55 @@ def _weights_checksum(gm: torch.nn.Module) -> float:
     return distributed.checksum([t for _, t in sorted(gm.state_dict().items())])
 
 
-def _latency_row(prepared: Prepared, selection: Selection, small: torch.fx.GraphModule) -> dict[str, Any]:
+#: how many times a latency-budget cut that measures short of the asked speedup is re-selected
+CALIBRATIONS = 2
+
+
+def _cut_graph(prepared: Prepared, pruned: np.ndarray, dense: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    surgery = Surgery(keep_sets(prepared.analysis, prepared.entries, pruned))(dense)
+    # nothing removed: Surgery returns its input; the result is still a model of its own
+    return surgery.gm if surgery.modified else copy.deepcopy(dense)
+
+
+def _calibrated(prepared: Prepared, selection: Selection, pruned: np.ndarray, small: torch.fx.GraphModule
+                ) -> tuple[np.ndarray, torch.fx.GraphModule, dict[str, Any]]:
+    """Time the cut; re-select while it measures short of the asked speedup (see :func:`cut`)."""
+    asked = 1 / (1 - prepared.ratio)
+    row = _latency_row(prepared, selection.dense, pruned, small)
+    rounds = [_round(prepared.ratio, row)]
+    target = prepared.ratio
+    most = sum(float(t[1]) for t in prepared.latency.fractions())
+    for _ in range(CALIBRATIONS if selection.reselect is not None else 0):
+        if row["measured_speedup"] >= 0.97 * asked or target >= most:
+            break
+        # the measured time is taken to stay the same multiple of the predicted one
+        target = min(most, 1 - (1 - prepared.ratio) * row["measured_speedup"] / row["predicted_speedup"])
+        pruned = np.asarray(selection.reselect(target), dtype=bool)
+        small = _cut_graph(prepared, pruned, selection.dense)
+        row = _latency_row(prepared, selection.dense, pruned, small)
+        rounds.append(_round(target, row))
+        log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
+                 rounds[-2]["measured_speedup"], asked, 100 * target)
+    row["rounds"] = rounds
+    return pruned, small, row
+
+
+def _round(target: float, row: dict[str, Any]) -> dict[str, float]:
+    return {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": row["measured_speedup"]}
+
+
+def _latency_row(prepared: Prepared, dense: torch.fx.GraphModule, pruned: np.ndarray, small: torch.fx.GraphModule
+                 ) -> dict[str, Any]:
     """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
     model = prepared.latency
     counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
-    gone = np.bincount([e.structure for e, p in zip(prepared.entries, selection.pruned) if p],
+    gone = np.bincount([e.structure for e, p in zip(prepared.entries, pruned) if p],
                        minlength=len(prepared.structures))
     predicted = model.predict((counts - gone).tolist())
     inputs = latency_inputs(prepared.captured.info, model.shape)
     with tempfile.TemporaryDirectory() as d:
         example = prepared.captured.kwargs or prepared.captured.args
-        a = runner(model.runtime, selection.dense, inputs, Path(d), "dense", example)
+        a = runner(model.runtime, dense, inputs, Path(d), "dense", example)
         b = runner(model.runtime, small, inputs, Path(d), "small", example)
         dense_ms, small_ms = time_interleaved(a, b, runs=20, warmup=3, alternate=True)
     row = {

@@ -35,8 +35,10 @@ class Magnitude:
     def select(self, prepared: Prepared, batches: Batches, objective: Objective | None) -> Selection:
         scores = magnitude_scores(prepared.captured.gm, prepared.analysis, prepared.entries)
         fn = allocation(self.allocate, prepared.round_to)
-        pruned = checked(fn(scores, prepared.entries, prepared.structures, prepared.ratio), prepared.entries)
-        return Selection(pruned, prepared.captured.gm)
+        def allocate(fraction: float) -> np.ndarray:
+            return checked(fn(scores, prepared.entries, prepared.structures, fraction), prepared.entries)
+
+        return Selection(allocate(prepared.ratio), prepared.captured.gm, reselect=allocate)
 
 
 def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) -> tuple[np.ndarray, np.ndarray]:

@@ -78,6 +78,9 @@ class Selection:
     dense: torch.fx.GraphModule
     final: torch.nn.Module | None = None
     losses: list[float] = field(default_factory=list)
+    #: the same ranking allocated at another fraction (what a latency budget re-selects with when the cut
+    #: measures short of the asked speedup); None: the strategy cannot re-select
+    reselect: Callable[[float], np.ndarray] | None = None
 
 
 class Strategy(Protocol):

@@ -131,6 +131,8 @@ class UPopState:
         # on CUDA the masked attention sites run in the Triton kernel; a no-op off CUDA
         self.model: torch.fx.GraphModule = FuseMaskedAttention(device="cuda")(masked.gm).gm if search.fuse else masked.gm
         self.state = get_masks(self.model)
+        if prepared.latency is not None:
+            _share_latency(prepared, self.state.structures, self.state.entries)
         self._masks = self.state.masks(self.model)
         self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
         self.pruned = np.zeros(len(self.state.entries), dtype=bool)
@@ -178,12 +180,14 @@ class UPopState:
         self.t += 1
         return self.pi
 
-    def _select(self, pi: float) -> None:
+    def _importance(self) -> np.ndarray:
         scores = torch.cat(self.scores).cpu().numpy()
         # "gradient": a large accumulated gradient means the entry matters little; "sensitivity": it matters much
-        importance = scores if self.search.score == "sensitivity" else -scores
+        return scores if self.search.score == "sensitivity" else -scores
+
+    def _select(self, pi: float) -> None:
         entries = self.state.entries
-        self.pruned = checked(self._allocate(importance, entries, self.state.structures, pi), entries)
+        self.pruned = checked(self._allocate(self._importance(), entries, self.state.structures, pi), entries)
         distributed.check_same(distributed.checksum([self.pruned]), f"the entries selected at step {self.t}")
         value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
         with torch.no_grad():
@@ -229,17 +233,36 @@ class UPopState:
                 f"so cutting now would change the model; run the remaining steps"
             )
         pruned = _in_prepared_order(self.pruned, self.state.entries, self.prepared.entries)
-        return Selection(pruned, self.dense_trained(), self.model, list(losses or []))
+        importance = self._importance()
+
+        def reselect(fraction: float) -> np.ndarray:  # the final scores, allocated at another fraction
+            entries = self.state.entries
+            mask = checked(self._allocate(importance, entries, self.state.structures, fraction), entries)
+            return _in_prepared_order(mask, entries, self.prepared.entries)
+
+        return Selection(pruned, self.dense_trained(), self.model, list(losses or []), reselect)
+
+
+def _share_latency(prepared: Prepared, structures: list[Any], entries: list[Any]) -> None:
+    """``budget="latency"``: the masked graph's structures and entries take the pipeline's measured tables and
+    costs (matched by their groups and channels), so that π_t is a fraction of the measured latency."""
+    tables = {tuple(st.groups): st.latency for st in prepared.structures}
+    costs = {_signature(e): e.cost for e in prepared.entries}
+    for st in structures:
+        st.latency = tables[tuple(st.groups)]
+    for e in entries:
+        e.cost = costs[_signature(e)]
+
+
+def _signature(e: Any) -> tuple[Any, ...]:
+    return tuple(sorted((gid, tuple(np.asarray(ch).tolist())) for gid, ch in e.channels.items()))
 
 
 def _in_prepared_order(pruned: np.ndarray, mask_entries: list[Any], entries: list[Any]) -> np.ndarray:
     """``pruned`` over the masked graph's entries, re-indexed over the pipeline's (matched by channels)."""
 
-    def sig(e: Any) -> tuple[Any, ...]:
-        return tuple(sorted((gid, tuple(np.asarray(ch).tolist())) for gid, ch in e.channels.items()))
-
-    where = {sig(e): i for i, e in enumerate(entries)}
+    where = {_signature(e): i for i, e in enumerate(entries)}
     out = np.zeros(len(entries), dtype=bool)
     for p, e in zip(pruned, mask_entries):
-        out[where[sig(e)]] = p
+        out[where[_signature(e)]] = p
     return out
