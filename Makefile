@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-accuracy bench-latency bench-kernels bench-digits bench-memory gpu-check lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-digits bench-memory gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,16 @@ $(BENCH): $(STAMP)
 	touch $(BENCH)
 
 # Slow benchmarks: not part of `make test`; each writes benchmarks/results/<name>.json and .md.
-bench: bench-accuracy bench-latency bench-digits bench-kernels bench-memory
+bench: bench-accuracy bench-latency bench-latency-budget bench-digits bench-kernels bench-memory
 
 bench-accuracy: $(BENCH)   ## MiniLM on BBC News: UPop vs magnitude vs Torch-Pruning
 	$(PY) -m benchmarks.accuracy_minilm
 
 bench-latency: $(BENCH)    ## dense vs compressed latency in PyTorch and ONNX Runtime
 	$(PY) -m benchmarks.latency
+
+bench-latency-budget: $(BENCH)  ## budget="latency": asked vs measured vs predicted speedup, ONNX Runtime CPU
+	$(PY) -m benchmarks.latency_budget
 
 bench-digits: $(BENCH)     ## ViT and CLIP trained on digits, compressed 2x
 	$(PY) -m benchmarks.vit_digits

@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["machine", "cpu_name", "write_results", "markdown_table", "RESULTS"]
+__all__ = ["machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "RESULTS"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: a group timed under a higher 1-minute load average is timed again (a ratio measured on a loaded 2-core
+#: machine is not a measurement)
+MAX_LOAD = 1.5
+
+log = logging.getLogger("benchmarks")
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has run (all cores), from /proc/stat; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def quiet_timing(timer: Callable[[], list[float]], max_load: float = MAX_LOAD, tries: int = 3,
+                 pause: float = 30.0, max_others: float = 0.5) -> tuple[list[float], dict[str, Any]]:
+    """Run ``timer`` (one interleaved timed group) on a quiet machine, and say how quiet it was.
+
+    The 1-minute load average is recorded before and after the group. The group itself raises it (a timed
+    runtime keeps every core busy), so the load *after* cannot tell another job from this one; what can is the
+    CPU time the other processes used during the group (``/proc/stat`` minus this process's CPU time), in cores:
+    ``others``. Before each try the guard waits (``pause`` seconds at a time, up to ``tries`` times) for the load
+    average to fall to ``max_load``; a group whose load before was above ``max_load`` or during which the
+    others used more than ``max_others`` cores is timed again, up to ``tries`` times. Returns the last times
+    and ``{"load_before", "load_after", "others", "loaded", "tries"}`` (``loaded``: it never ran quiet).
+    """
+    for attempt in range(1, tries + 1):
+        for _ in range(tries):
+            if os.getloadavg()[0] <= max_load:
+                break
+            time.sleep(pause)
+        before, busy0, own0, t0 = os.getloadavg()[0], _busy_seconds(), time.process_time(), time.perf_counter()
+        ms = timer()
+        busy1, own1, wall = _busy_seconds(), time.process_time(), time.perf_counter() - t0
+        after = os.getloadavg()[0]
+        others = max(0.0, (busy1 - busy0 - (own1 - own0)) / wall) if busy0 is not None and busy1 is not None else None
+        quiet = before <= max_load and (others is None or others <= max_others)
+        info = {"load_before": before, "load_after": after, "others": others, "loaded": not quiet, "tries": attempt}
+        if quiet:
+            return ms, info
+        log.warning("timed under load: load average %.2f before (max %.2f), other processes %s cores (max %.2f); "
+                    "try %d of %d", before, max_load, f"{others:.2f}" if others is not None else "?", max_others,
+                    attempt, tries)
+    return ms, info
 
 
 def cpu_name(default: str | None = None) -> str:

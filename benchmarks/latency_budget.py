@@ -12,7 +12,9 @@ ONNX Runtime CPU (:func:`upop_fx.timing.time_interleaved`, order reversed every 
 ``--runs``). A row gives the measured speedup, the speedup ``report.latency`` predicted, the prediction error
 (predicted ÷ measured − 1) and the FLOPs reduction. The load average is recorded before and after each timed
 group; a group timed under a load above ``--max-load`` is timed again (up to ``--tries``), and one that never
-ran quiet is kept in the JSON with ``"loaded": true`` but left out of the table.
+ran quiet is kept in the JSON with ``"loaded": true`` but left out of the table (the guard:
+:func:`benchmarks.common.quiet_timing`). The latency tables are measured afresh in every run (a temporary
+cache shared by the run's asked speedups) unless ``--cache`` names one.
 
 Writes ``benchmarks/results/latency_budget.json`` and ``.md``.
 
@@ -23,6 +25,7 @@ Writes ``benchmarks/results/latency_budget.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -36,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import upop_fx  # noqa: E402
-from benchmarks.common import machine, markdown_table, write_results  # noqa: E402
+from benchmarks.common import machine, markdown_table, quiet_timing, write_results  # noqa: E402
 from benchmarks.latency import build  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
 from upop_fx.ort import ort_session  # noqa: E402
@@ -46,7 +49,7 @@ from upop_fx.timing import time_interleaved  # noqa: E402
 log = logging.getLogger("latency_budget")
 
 COLUMNS = ["model", "batch", "seq", "asked", "budget", "measured_speedup", "predicted_speedup", "prediction_error",
-           "flops_reduction", "dense_ms", "ms", "load_before", "load_after"]
+           "flops_reduction", "dense_ms", "ms", "load_before", "load_after", "others"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,28 +62,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-load", type=float, default=1.5, help="a group timed under a higher load is rerun")
     p.add_argument("--tries", type=int, default=3, help="times to try a group before keeping it as loaded")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of <out>/latency_budget.json that this run does not measure again")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="latency-table cache to use (default: a fresh one for this run, so every table is measured)")
     return p.parse_args(argv)
 
 
 def _session(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> Any:
     onnx = export_onnx(model, example, path, optimize=False).path
-    session = ort_session(onnx)
+    session = ort_session(onnx, spinning=False)  # timed in turn: spinning threads would slow the next session
     feeds = {i.name: example[i.name].numpy() for i in session.get_inputs()}
     return lambda: session.run(None, feeds)
-
-
-def timed_group(calls: list[Any], runs: int, max_load: float, tries: int) -> tuple[list[float], float, float, bool]:
-    """Median ms of each call (interleaved), with the load average before and after; rerun while loaded."""
-    for attempt in range(tries):
-        before = os.getloadavg()[0]
-        ms = time_interleaved(*calls, runs=runs, warmup=3, alternate=True)
-        after = os.getloadavg()[0]
-        if max(before, after) <= max_load:
-            return ms, before, after, False
-        log.warning("load %.2f / %.2f above %.2f (try %d of %d): timing again", before, after, max_load, attempt + 1,
-                    tries)
-        time.sleep(20)
-    return ms, before, after, True
 
 
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -113,7 +106,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 if not models:
                     continue
                 calls = [dense] + [_session(m, example, Path(d) / f"{b}.onnx") for b, m in models.items()]
-                ms, before, after, loaded = timed_group(calls, args.runs, args.max_load, args.tries)
+                ms, load = quiet_timing(lambda c=calls: time_interleaved(*c, runs=args.runs, warmup=3, alternate=True),
+                                        args.max_load, args.tries)
                 for (budget, model), t in zip(models.items(), ms[1:]):
                     measured = ms[0] / t
                     pred = predicted.get(budget)
@@ -122,7 +116,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         "budget": budget, "ratio": ratio, "measured_speedup": measured, "predicted_speedup": pred,
                         "prediction_error": pred / measured - 1 if pred else None,
                         "flops_reduction": flops_dense / count_flops(model, (), timing),
-                        "dense_ms": ms[0], "ms": t, "load_before": before, "load_after": after, "loaded": loaded,
+                        "dense_ms": ms[0], "ms": t, **load,
                     })  # fmt: skip
                     log.info("%s", {k: rows[-1][k] for k in COLUMNS})
     return rows
@@ -131,14 +125,30 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    if args.cache is None:  # tables measured afresh in this run (shared by its asked speedups), not an old cache
+        tmp = tempfile.TemporaryDirectory()
+        os.environ["UPOP_FX_CACHE"] = tmp.name
+    else:
+        os.environ["UPOP_FX_CACHE"] = str(args.cache)
     info = machine() | {"load_average_start": list(os.getloadavg())}
     rows = [r for name in args.models for r in run_model(name, args)]
     info["load_average_end"] = list(os.getloadavg())
+    old = args.out / "latency_budget.json"
+    if args.append and old.is_file():
+        def key(r: dict[str, Any]) -> tuple[Any, ...]:
+            return r["model"], r["batch"], r["asked"], r["budget"]
+
+        new = {key(r) for r in rows}
+        previous = json.loads(old.read_text())
+        rows = [r for r in previous["rows"] if key(r) not in new] + rows
+        info = {"runs": [*previous.get("machine", {}).get("runs", [previous.get("machine", {})]), info]}
     quiet = [r for r in rows if not r["loaded"]]
     md = "\n\n".join([
         "# Latency budget: asked against measured speedup (ONNX Runtime CPU)",
-        f"Machine: {info}. Dense and both cuts timed interleaved per group; groups timed under a load average above "
-        f"{args.max_load} are left out of this table ({len(rows) - len(quiet)} of {len(rows)}; they are in the JSON).",
+        f"Machine: {info}. Dense and both cuts timed interleaved per group; groups timed with a load average above "
+        f"{args.max_load} before, or with other processes using more than half a core during the group (*others*, in "
+        f"cores), are left out of this table ({len(rows) - len(quiet)} of {len(rows)}; they are in the JSON). "
+        "*predicted*: `report.latency['predicted_speedup']` of the final selection (after any re-selection).",
         markdown_table(quiet, COLUMNS),
     ])  # fmt: skip
     write_results("latency_budget", {"machine": info, "rows": rows}, COLUMNS, args.out, markdown=md)

@@ -107,7 +107,7 @@ def test_a_cut_measured_short_of_the_asked_speedup_is_reselected(encoder, tmp_pa
     """The runtime is faked to run every cut 20% slower than predicted the first time: the strategy re-selects
     with the shortfall folded in, and removes more."""
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
-    real = upop_fx.pipeline._latency_row
+    real = upop_fx.latency._latency_row
     calls = []
 
     def short_first(prepared, dense, pruned, small):
@@ -117,7 +117,7 @@ def test_a_cut_measured_short_of_the_asked_speedup_is_reselected(encoder, tmp_pa
         row["measured_speedup"] = row["predicted_speedup"] * slow
         return row
 
-    monkeypatch.setattr(upop_fx.pipeline, "_latency_row", short_first)
+    monkeypatch.setattr(upop_fx.latency, "_latency_row", short_first)
     model, x = encoder
     result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
                               runtime="torch-cpu")

@@ -51,19 +51,22 @@ from .export import export_onnx
 from .groups import GroupAnalysis
 from .ort import ort_session
 from .passes import Surgery
+from .search.strategy import Prepared, Selection
 from .structures import Entry, Structure, check_choice, keep_sets
 from .timing import time_interleaved
 
 __all__ = [
-    "RUNTIMES", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs", "measure_latency",
-    "runner", "cache_dir",
+    "RUNTIMES", "CALIBRATIONS", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
+    "measure_latency", "runner", "cache_dir", "use_latency", "calibrated_cut",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 #: the widths measured per class, as fractions of its entries (the full width is the dense model)
-GRID = (0.75, 0.5, 0.25)
+GRID = (0.75, 0.5, 0.25, 0.125)
+#: the most timed rounds per session (a fast model gets more rounds, up to this many)
+MAX_RUNS = 150
 
 
 def check_runtime(runtime: Any) -> None:
@@ -214,7 +217,7 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
     path = export_onnx(gm, example if example is not None else (kwargs or args), workdir / f"{name}.onnx",
                        optimize=False).path
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
-    session = ort_session(path, providers=providers)
+    session = ort_session(path, providers=providers, spinning=False)  # timed in turn with other sessions
     names = [i.name for i in session.get_inputs()]
     values = [kwargs[n] for n in names] if kwargs else list(args)
     feeds = {n: v.numpy() for n, v in zip(names, values)}
@@ -239,9 +242,10 @@ def _interpolate(n: int, points: dict[int, float]) -> np.ndarray:
 def measure_latency(
     dense: torch.fx.GraphModule, analysis: GroupAnalysis, structures: Sequence[Structure], entries: Sequence[Entry],
     info: CaptureInfo, runtime: str = "onnxruntime-cpu", shape: tuple[int, int | None] | None = None,
-    runs: int = 15, use_cache: bool = True,
+    runs: int = 15, use_cache: bool = True, seconds: float = 3.0,
 ) -> LatencyModel:  # fmt: skip
-    """Measure the :class:`LatencyModel` of ``dense`` (see the module docstring); ``runs`` timed rounds per class.
+    """Measure the :class:`LatencyModel` of ``dense`` (see the module docstring): at least ``runs`` timed rounds
+    per class, more for a fast model (about ``seconds`` of runs per session: a median of few short runs is noise).
 
     Raises:
         ConfigError: an unknown or unavailable runtime, or a ``shape`` the inputs cannot take (before anything
@@ -273,6 +277,8 @@ def measure_latency(
         work = Path(tmp)
         example = info.kwargs or info.args
         dense_call = runner(runtime, dense, inputs, work, "dense", example)
+        (first,) = time_interleaved(dense_call, runs=3, warmup=1)
+        runs = max(runs, min(MAX_RUNS, int(np.ceil(1e3 * seconds / max(first, 1e-3)))))
         bar = tqdm(total=len(todo), desc="latency tables", leave=False, disable=None)
         for sig, file in todo:
             idx = classes[sig]
@@ -302,3 +308,88 @@ def measure_latency(
         for s in idx:
             saved[s] = dense_ms * _interpolate(len(members[s]), tables[sig])
     return LatencyModel(runtime, resolved, dense_ms, saved, measured)
+
+
+def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
+    """Give every structure its table (fractions of the dense latency) and every entry the mean fraction its
+    structure saves per entry (what the search's sparsity weighting reads). Raises ConfigError when the asked
+    ratio is more than the structures can save."""
+    prepared.latency = latency
+    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
+    for st, table in zip(prepared.structures, latency.fractions()):
+        st.latency = table
+    for e in prepared.entries:
+        table, n = prepared.structures[e.structure].latency, counts[e.structure]
+        e.cost = float(table[1] / (n - 1)) if n > 1 else 0.0
+    most = sum(float(t[1]) for t in latency.fractions())  # every structure down to one entry
+    log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
+             latency.shape, latency.dense_ms, 100 * most)
+    if prepared.ratio > most:
+        raise ConfigError(
+            f"ratio={prepared.ratio} asks to remove {100 * prepared.ratio:.0f}% of the measured latency "
+            f"({latency.dense_ms:.2f} ms on {latency.runtime}), but the prunable structures account for at most "
+            f"{100 * most:.0f}% (the rest — embeddings, norms, the head, overheads — does not shrink); ask for less "
+            "(the tables are cached: a second call measures only the dense model)"
+        )
+
+
+#: how many times a latency-budget cut that measures short of the asked speedup is re-selected
+CALIBRATIONS = 2
+
+
+def calibrated_cut(
+    prepared: Prepared, selection: Selection, pruned: np.ndarray, small: torch.fx.GraphModule,
+    cut_graph: Callable[[Prepared, np.ndarray, torch.fx.GraphModule], torch.fx.GraphModule],
+) -> tuple[np.ndarray, torch.fx.GraphModule, dict[str, Any]]:  # fmt: skip
+    """Time the cut ``small`` on the runtime beside the prediction; while it measures short of the asked
+    speedup by more than 3%, re-select (``selection.reselect``) with the shortfall folded into the target and
+    cut again with ``cut_graph`` (up to :data:`CALIBRATIONS` times). Returns the final selection, its cut and the
+    report's latency row (with ``rounds``: target, predicted and measured speedup of each round)."""
+    asked = 1 / (1 - prepared.ratio)
+    row = _latency_row(prepared, selection.dense, pruned, small)
+    rounds = [_round(prepared.ratio, row)]
+    target = prepared.ratio
+    most = sum(float(t[1]) for t in prepared.latency.fractions())
+    for _ in range(CALIBRATIONS if selection.reselect is not None else 0):
+        if row["measured_speedup"] >= 0.97 * asked or target >= most:
+            break
+        # the measured time is taken to stay the same multiple of the predicted one
+        target = min(most, 1 - (1 - prepared.ratio) * row["measured_speedup"] / row["predicted_speedup"])
+        pruned = np.asarray(selection.reselect(target), dtype=bool)
+        small = cut_graph(prepared, pruned, selection.dense)
+        row = _latency_row(prepared, selection.dense, pruned, small)
+        rounds.append(_round(target, row))
+        log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
+                 rounds[-2]["measured_speedup"], asked, 100 * target)
+    row["rounds"] = rounds
+    return pruned, small, row
+
+
+def _round(target: float, row: dict[str, Any]) -> dict[str, float]:
+    return {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": row["measured_speedup"]}
+
+
+def _latency_row(prepared: Prepared, dense: torch.fx.GraphModule, pruned: np.ndarray, small: torch.fx.GraphModule
+                 ) -> dict[str, Any]:
+    """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
+    model = prepared.latency
+    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
+    gone = np.bincount([e.structure for e, p in zip(prepared.entries, pruned) if p],
+                       minlength=len(prepared.structures))
+    predicted = model.predict((counts - gone).tolist())
+    inputs = latency_inputs(prepared.captured.info, model.shape)
+    with tempfile.TemporaryDirectory() as d:
+        example = prepared.captured.kwargs or prepared.captured.args
+        a = runner(model.runtime, dense, inputs, Path(d), "dense", example)
+        b = runner(model.runtime, small, inputs, Path(d), "small", example)
+        runs = max(20, min(MAX_RUNS, int(np.ceil(3e3 / max(model.dense_ms, 1e-3)))))  # about 3 s per model
+        dense_ms, small_ms = time_interleaved(a, b, runs=runs, warmup=3, alternate=True)
+    row = {
+        "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
+        "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
+        "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
+        "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
+    }  # fmt: skip
+    log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
+             model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])
+    return row

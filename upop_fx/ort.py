@@ -49,6 +49,7 @@ def ort_session(
     *,
     threads: int | None = None,
     profile_prefix: str | None = None,
+    spinning: bool = True,
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session of the ONNX file at ``path``.
 
@@ -63,6 +64,9 @@ def ort_session(
         threads: intra-op threads (inter-op: 1); None = ONNX Runtime's default (one per physical core).
         profile_prefix: turn ONNX Runtime's profiler on, writing ``<profile_prefix>_<date>.json`` when the
             caller ends it with ``session.end_profiling()``.
+        spinning: let the intra-op threads spin after a run, waiting for the next (ONNX Runtime's default: the
+            lowest latency for one session). False for sessions timed in turn: a session's spinning threads
+            would take the cores from the next one.
 
     Raises:
         ConfigError: ``level`` is not one of :data:`OPTIMIZATION_LEVELS`, or ``threads`` is not a positive int.
@@ -80,6 +84,8 @@ def ort_session(
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

@@ -22,10 +22,8 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +33,7 @@ from .capture import cache_off, capture, get_capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .groups import GroupAnalysis
-from .latency import LatencyModel, check_latency_shape, check_runtime, latency_inputs, measure_latency, runner
+from .latency import calibrated_cut, check_latency_shape, check_runtime, measure_latency, use_latency
 from .passes import FindGroups, SortExperts, Surgery
 from .passes.surgery import removed_labels, zeroed_reference
 from .rebuild import copy_weights, module_gap, rebuild
@@ -55,7 +53,6 @@ from .structures import (
     keep_sets,
     removed_fraction,
 )
-from .timing import time_interleaved
 
 __all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded", "fingerprint"]
 
@@ -135,30 +132,14 @@ def prepare(
         runtime = runtime or "onnxruntime-cpu"
         with torch.random.fork_rng():
             latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, latency_shape)
-        _use_latency(prepared, latency)
+        use_latency(prepared, latency)
     return prepared
 
 
-def _use_latency(prepared: Prepared, latency: LatencyModel) -> None:
-    """Give every structure its table (fractions of the dense latency) and every entry the mean fraction its
-    structure saves per entry (what the search's sparsity weighting reads)."""
-    prepared.latency = latency
-    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
-    for st, table in zip(prepared.structures, latency.fractions()):
-        st.latency = table
-    for e in prepared.entries:
-        table, n = prepared.structures[e.structure].latency, counts[e.structure]
-        e.cost = float(table[1] / (n - 1)) if n > 1 else 0.0
-    most = sum(float(t[1]) for t in latency.fractions())  # every structure down to one entry
-    log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
-             latency.shape, latency.dense_ms, 100 * most)
-    if prepared.ratio > most:
-        raise ConfigError(
-            f"ratio={prepared.ratio} asks to remove {100 * prepared.ratio:.0f}% of the measured latency "
-            f"({latency.dense_ms:.2f} ms on {latency.runtime}), but the prunable structures account for at most "
-            f"{100 * most:.0f}% (the rest — embeddings, norms, the head, overheads — does not shrink); ask for less "
-            "(the tables are cached: a second call measures only the dense model)"
-        )
+def _cut_graph(prepared: Prepared, pruned: np.ndarray, dense: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    surgery = Surgery(keep_sets(prepared.analysis, prepared.entries, pruned))(dense)
+    # nothing removed: Surgery returns its input; the result is still a model of its own
+    return surgery.gm if surgery.modified else copy.deepcopy(dense)
 
 
 def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
@@ -166,12 +147,12 @@ def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
     reference), check the cut against ``selection.final`` when there is one, and write the report.
     ``budget="latency"``: the cut is timed on the runtime; while its measured speedup falls short of the asked one
     by more than 3%, the strategy re-selects with the shortfall folded into its target (up to
-    :data:`CALIBRATIONS` times; each round is in ``report.latency["rounds"]``)."""
+    :data:`~upop_fx.latency.CALIBRATIONS` times; each round is in ``report.latency["rounds"]``)."""
     pruned = np.asarray(selection.pruned, dtype=bool)
     small = _cut_graph(prepared, pruned, selection.dense)
     row = None
     if prepared.latency is not None:
-        pruned, small, row = _calibrated(prepared, selection, pruned, small)
+        pruned, small, row = calibrated_cut(prepared, selection, pruned, small, _cut_graph)
     keep = keep_sets(prepared.analysis, prepared.entries, pruned)
     info = prepared.captured.info
     if selection.final is not None and np.array_equal(pruned, selection.pruned):
@@ -301,68 +282,6 @@ def fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str,
 
 def _weights_checksum(gm: torch.nn.Module) -> float:
     return distributed.checksum([t for _, t in sorted(gm.state_dict().items())])
-
-
-#: how many times a latency-budget cut that measures short of the asked speedup is re-selected
-CALIBRATIONS = 2
-
-
-def _cut_graph(prepared: Prepared, pruned: np.ndarray, dense: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    surgery = Surgery(keep_sets(prepared.analysis, prepared.entries, pruned))(dense)
-    # nothing removed: Surgery returns its input; the result is still a model of its own
-    return surgery.gm if surgery.modified else copy.deepcopy(dense)
-
-
-def _calibrated(prepared: Prepared, selection: Selection, pruned: np.ndarray, small: torch.fx.GraphModule
-                ) -> tuple[np.ndarray, torch.fx.GraphModule, dict[str, Any]]:
-    """Time the cut; re-select while it measures short of the asked speedup (see :func:`cut`)."""
-    asked = 1 / (1 - prepared.ratio)
-    row = _latency_row(prepared, selection.dense, pruned, small)
-    rounds = [_round(prepared.ratio, row)]
-    target = prepared.ratio
-    most = sum(float(t[1]) for t in prepared.latency.fractions())
-    for _ in range(CALIBRATIONS if selection.reselect is not None else 0):
-        if row["measured_speedup"] >= 0.97 * asked or target >= most:
-            break
-        # the measured time is taken to stay the same multiple of the predicted one
-        target = min(most, 1 - (1 - prepared.ratio) * row["measured_speedup"] / row["predicted_speedup"])
-        pruned = np.asarray(selection.reselect(target), dtype=bool)
-        small = _cut_graph(prepared, pruned, selection.dense)
-        row = _latency_row(prepared, selection.dense, pruned, small)
-        rounds.append(_round(target, row))
-        log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
-                 rounds[-2]["measured_speedup"], asked, 100 * target)
-    row["rounds"] = rounds
-    return pruned, small, row
-
-
-def _round(target: float, row: dict[str, Any]) -> dict[str, float]:
-    return {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": row["measured_speedup"]}
-
-
-def _latency_row(prepared: Prepared, dense: torch.fx.GraphModule, pruned: np.ndarray, small: torch.fx.GraphModule
-                 ) -> dict[str, Any]:
-    """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
-    model = prepared.latency
-    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
-    gone = np.bincount([e.structure for e, p in zip(prepared.entries, pruned) if p],
-                       minlength=len(prepared.structures))
-    predicted = model.predict((counts - gone).tolist())
-    inputs = latency_inputs(prepared.captured.info, model.shape)
-    with tempfile.TemporaryDirectory() as d:
-        example = prepared.captured.kwargs or prepared.captured.args
-        a = runner(model.runtime, dense, inputs, Path(d), "dense", example)
-        b = runner(model.runtime, small, inputs, Path(d), "small", example)
-        dense_ms, small_ms = time_interleaved(a, b, runs=20, warmup=3, alternate=True)
-    row = {
-        "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
-        "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
-        "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
-        "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
-    }  # fmt: skip
-    log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
-             model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])
-    return row
 
 
 def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, list[int]], method: str,
