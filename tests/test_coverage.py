@@ -118,6 +118,37 @@ def test_stacked_experts_are_one_group_whose_channel_j_is_each_experts_jth_stron
     assert len(set(chosen)) > 1
 
 
+class ModuleListMoE(torch.nn.Module):
+    """Experts as separate MLP modules, mixed by a top-2 router (every expert runs on every token)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(16, 4)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)) for _ in range(4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.router(x).softmax(-1)
+        top, idx = weights.topk(2, dim=-1)
+        gate = torch.zeros_like(weights).scatter(-1, idx, top)
+        return x + sum(gate[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+
+
+def test_experts_as_modules_are_one_group_each_pruned_independently_and_the_router_untouched():
+    torch.manual_seed(0)
+    model = ModuleListMoE().eval()
+    result = upop_fx.compress(model, torch.randn(2, 5, 16), 0.5, method="magnitude", retrain_steps=0)
+    mlp = [g for g in result.analysis.prunable if g.kind == "mlp"]
+    assert [g.scope for g in mlp] == [f"experts.{e}" for e in range(4)] and not any(g.experts for g in mlp)
+    kept = [len(result.keep[g.id]) for g in mlp]
+    assert len(set(kept)) > 1  # each expert its own width
+    assert result.model.router.weight.shape == (4, 16)
+    other = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), result.reference()(other))
+
+
 def test_sorting_the_experts_changes_no_output():
     torch.manual_seed(0)
     cap = upop_fx.capture(ExpertMLP().eval(), torch.randn(6, 16))
