@@ -7,12 +7,10 @@ Runtime sessions come from :func:`upop_fx.ort.ort_session`.
 
 Example:
     >>> import torch
-    >>> from upop_fx.bench import time_interleaved
-    >>> a, b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 16)
-    >>> x = torch.randn(8, 64)
-    >>> ms_a, ms_b = time_interleaved(lambda: a(x), lambda: b(x), runs=5, warmup=1)
-    >>> ms_a > 0 and ms_b > 0
-    True
+    >>> from upop_fx.bench import time_pair
+    >>> rows = time_pair(torch.nn.Linear(64, 64), torch.nn.Linear(64, 16), torch.randn(8, 64), None, runs=3)
+    >>> rows[0]["runtime"], rows[0]["ms_dense"] > 0
+    ('pytorch', True)
 """
 
 from __future__ import annotations
