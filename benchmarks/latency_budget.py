@@ -42,7 +42,7 @@ import upop_fx  # noqa: E402
 from benchmarks.common import machine, markdown_table, quiet_timing, write_results  # noqa: E402
 from benchmarks.latency import build  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
-from upop_fx.ort import ort_session  # noqa: E402
+from upop_fx.ort import ort_feeds, ort_session  # noqa: E402
 from upop_fx.report import count_flops  # noqa: E402
 from upop_fx.timing import time_interleaved  # noqa: E402
 
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _session(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> Any:
     onnx = export_onnx(model, example, path, optimize=False).path
     session = ort_session(onnx, spinning=False)  # timed in turn: spinning threads would slow the next session
-    feeds = {i.name: example[i.name].numpy() for i in session.get_inputs()}
+    feeds = ort_feeds(session, (), example)
     return lambda: session.run(None, feeds)
 
 

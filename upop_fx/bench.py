@@ -19,23 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .capture import normalize_inputs
 from .export import export_onnx
-from .ort import ort_session
+from .ort import ort_feeds, ort_session
 from .timing import time_interleaved
 
 __all__ = ["time_interleaved", "time_pair"]
-
-
-def _feeds(session: Any, example: Any) -> dict[str, np.ndarray]:
-    args, kwargs = normalize_inputs(example)
-    names = [i.name for i in session.get_inputs()]
-    if kwargs:
-        return {n: kwargs[n].numpy() for n in names}
-    return {n: v.numpy() for n, v in zip(names, args)}
 
 
 def time_pair(original: torch.nn.Module, small: torch.nn.Module, example: Any, small_onnx: Path | None,
@@ -63,7 +54,7 @@ def time_pair(original: torch.nn.Module, small: torch.nn.Module, example: Any, s
         with tempfile.TemporaryDirectory() as d:
             dense_onnx = export_onnx(original, example, Path(d) / "original.onnx", optimize=False).path
             sa, sb = ort_session(dense_onnx), ort_session(small_onnx)
-            fa, fb = _feeds(sa, example), _feeds(sb, example)
+            fa, fb = ort_feeds(sa, args, kwargs), ort_feeds(sb, args, kwargs)
             a, b = time_interleaved(lambda: sa.run(None, fa), lambda: sb.run(None, fb), runs=runs)
         rows.append({"runtime": "onnxruntime-cpu", "ms_dense": a, "ms_pruned": b, "speedup": a / b})
     return rows

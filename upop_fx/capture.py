@@ -34,7 +34,7 @@ from .errors import CaptureError, InputError
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
-    "run_module", "dynamic_shapes", "batch_size_of", "cache_off",
+    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,16 @@ def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         return module(*args, **kwargs)
 
 
+def is_sequence(t: torch.Tensor) -> bool:
+    """An input whose axis 1 is a sequence: token ids (2-D integers) or a sequence of vectors (3-D floats)."""
+    return (not t.is_floating_point() and t.dim() == 2) or (t.is_floating_point() and t.dim() == 3)
+
+
 def _dynamic_axes(t: Any, batch: Any) -> dict[int, Any] | None:
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return None
     axes: dict[int, Any] = {0: batch}
-    is_tokens = not t.is_floating_point() and t.dim() == 2
-    is_sequence = t.is_floating_point() and t.dim() == 3
-    if (is_tokens or is_sequence) and t.shape[1] > 1:
+    if is_sequence(t) and t.shape[1] > 1:
         axes[1] = Dim.AUTO
     return axes
 

@@ -45,14 +45,14 @@ import onnxruntime
 import torch
 from tqdm.auto import tqdm
 
-from .capture import CaptureInfo
+from .capture import CaptureInfo, is_sequence
 from .errors import ConfigError
 from .export import export_onnx
 from .groups import GroupAnalysis
-from .ort import ort_session
+from .ort import ort_feeds, ort_session
 from .passes import Surgery
 from .search.strategy import Prepared, Selection
-from .structures import Entry, Structure, check_choice, keep_sets
+from .structures import Entry, Structure, check_choice, entries_left, keep_sets
 from .timing import time_interleaved
 
 __all__ = [
@@ -67,6 +67,12 @@ RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 GRID = (0.75, 0.5, 0.25, 0.125)
 #: the most timed rounds per session (a fast model gets more rounds, up to this many)
 MAX_RUNS = 150
+
+
+def _rounds(ms: float, least: int, seconds: float) -> int:
+    """Timed rounds for a model that takes ``ms``: about ``seconds`` of them, at least ``least``, at most
+    :data:`MAX_RUNS` (a median of a few runs of a fast model is noise)."""
+    return max(least, min(MAX_RUNS, int(np.ceil(1e3 * seconds / max(ms, 1e-3)))))
 
 
 def check_runtime(runtime: Any) -> None:
@@ -109,7 +115,7 @@ def latency_inputs(info: CaptureInfo, shape: tuple[int, int | None] | None) -> t
     batch, seq = shape
     seq_axis = bool(_sequence_axes(info))
     leaves = [t for t in torch.utils._pytree.tree_leaves((info.args, info.kwargs)) if isinstance(t, torch.Tensor)]
-    lengths = {int(t.shape[1]) for t in leaves if t.dim() >= 2 and _is_sequence(t)}
+    lengths = {int(t.shape[1]) for t in leaves if is_sequence(t)}
     if seq is not None and not seq_axis and lengths != {seq}:
         raise ConfigError(f"latency_shape asks for sequence length {seq}, but no input of this model has a "
                           "sequence axis (give seq=None to time at the inputs' own size)")
@@ -118,16 +124,11 @@ def latency_inputs(info: CaptureInfo, shape: tuple[int, int | None] | None) -> t
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
         t = t[torch.arange(batch) % t.shape[0]]
-        if seq is not None and seq_axis and t.dim() >= 2 and _is_sequence(t):
+        if seq is not None and seq_axis and is_sequence(t):
             t = t[:, torch.arange(seq) % t.shape[1]]
         return t
 
     return torch.utils._pytree.tree_map(resize, (info.args, info.kwargs))
-
-
-def _is_sequence(t: torch.Tensor) -> bool:
-    """What capture makes dynamic on axis 1: token ids (2-D integers) and sequences of vectors (3-D floats)."""
-    return (not t.is_floating_point() and t.dim() == 2) or (t.is_floating_point() and t.dim() == 3)
 
 
 @dataclass
@@ -149,6 +150,10 @@ class LatencyModel:
     def fractions(self) -> list[np.ndarray]:
         """``saved`` as fractions of the dense latency: what the ranking's walk adds up."""
         return [t / self.dense_ms for t in self.saved]
+
+    def most_saved(self) -> float:
+        """The largest fraction of the dense latency pruning can save: every structure down to one entry."""
+        return sum(float(t[1]) for t in self.saved) / self.dense_ms
 
 
 def cache_dir() -> Path:
@@ -172,7 +177,7 @@ def _key(payload: dict[str, Any]) -> str:
 
 def _classes(analysis: GroupAnalysis, structures: Sequence[Structure], entries: Sequence[Entry]) -> dict[str, list[int]]:
     """Structures of the same shape in the same tower: ``signature -> structure indices``."""
-    counts = np.bincount([e.structure for e in entries], minlength=len(structures))
+    counts = entries_left(list(entries), len(structures))
     out: dict[str, list[int]] = {}
     for s, st in enumerate(structures):
         groups = [analysis.groups[g] for g in st.groups]
@@ -218,9 +223,7 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
                        optimize=False).path
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
     session = ort_session(path, providers=providers, spinning=False)  # timed in turn with other sessions
-    names = [i.name for i in session.get_inputs()]
-    values = [kwargs[n] for n in names] if kwargs else list(args)
-    feeds = {n: v.numpy() for n, v in zip(names, values)}
+    feeds = ort_feeds(session, args, kwargs)
     return lambda: session.run(None, feeds)
 
 
@@ -278,7 +281,7 @@ def measure_latency(
         example = info.kwargs or info.args
         dense_call = runner(runtime, dense, inputs, work, "dense", example)
         (first,) = time_interleaved(dense_call, runs=3, warmup=1)
-        runs = max(runs, min(MAX_RUNS, int(np.ceil(1e3 * seconds / max(first, 1e-3)))))
+        runs = _rounds(first, runs, seconds)
         bar = tqdm(total=len(todo), desc="latency tables", leave=False, disable=None)
         for sig, file in todo:
             idx = classes[sig]
@@ -315,13 +318,13 @@ def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
     structure saves per entry (what the search's sparsity weighting reads). Raises ConfigError when the asked
     ratio is more than the structures can save."""
     prepared.latency = latency
-    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
+    counts = entries_left(prepared.entries, len(prepared.structures))
     for st, table in zip(prepared.structures, latency.fractions()):
         st.latency = table
     for e in prepared.entries:
         table, n = prepared.structures[e.structure].latency, counts[e.structure]
         e.cost = float(table[1] / (n - 1)) if n > 1 else 0.0
-    most = sum(float(t[1]) for t in latency.fractions())  # every structure down to one entry
+    most = latency.most_saved()
     log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
              latency.shape, latency.dense_ms, 100 * most)
     if prepared.ratio > most:
@@ -349,7 +352,7 @@ def calibrated_cut(
     row = _latency_row(prepared, selection.dense, pruned, small)
     rounds = [_round(prepared.ratio, row)]
     target = prepared.ratio
-    most = sum(float(t[1]) for t in prepared.latency.fractions())
+    most = prepared.latency.most_saved()
     for _ in range(CALIBRATIONS if selection.reselect is not None else 0):
         if row["measured_speedup"] >= 0.97 * asked or target >= most:
             break
@@ -373,16 +376,13 @@ def _latency_row(prepared: Prepared, dense: torch.fx.GraphModule, pruned: np.nda
                  ) -> dict[str, Any]:
     """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
     model = prepared.latency
-    counts = np.bincount([e.structure for e in prepared.entries], minlength=len(prepared.structures))
-    gone = np.bincount([e.structure for e, p in zip(prepared.entries, pruned) if p],
-                       minlength=len(prepared.structures))
-    predicted = model.predict((counts - gone).tolist())
+    predicted = model.predict(entries_left(prepared.entries, len(prepared.structures), pruned).tolist())
     inputs = latency_inputs(prepared.captured.info, model.shape)
     with tempfile.TemporaryDirectory() as d:
         example = prepared.captured.kwargs or prepared.captured.args
         a = runner(model.runtime, dense, inputs, Path(d), "dense", example)
         b = runner(model.runtime, small, inputs, Path(d), "small", example)
-        runs = max(20, min(MAX_RUNS, int(np.ceil(3e3 / max(model.dense_ms, 1e-3)))))  # about 3 s per model
+        runs = _rounds(model.dense_ms, 20, 3.0)
         dense_ms, small_ms = time_interleaved(a, b, runs=runs, warmup=3, alternate=True)
     row = {
         "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,

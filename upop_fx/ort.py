@@ -19,14 +19,15 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnxruntime
 
 from .errors import ConfigError
 
-__all__ = ["ort_session", "OPTIMIZATION_LEVELS", "LARGE_MODEL_BYTES"]
+__all__ = ["ort_session", "ort_feeds", "OPTIMIZATION_LEVELS", "LARGE_MODEL_BYTES"]
 
 #: ``level`` names of :func:`ort_session` and the ONNX Runtime graph optimisation levels they stand for.
 OPTIMIZATION_LEVELS: dict[str, onnxruntime.GraphOptimizationLevel] = {
@@ -96,3 +97,11 @@ def ort_session(
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return onnxruntime.InferenceSession(str(file), so, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def ort_feeds(session: onnxruntime.InferenceSession, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The session's inputs as numpy arrays: by name from ``kwargs`` when given, else ``args`` in order."""
+    names = [i.name for i in session.get_inputs()]
+    if kwargs:
+        return {n: kwargs[n].numpy() for n in names}
+    return {n: v.numpy() for n, v in zip(names, args)}

@@ -41,8 +41,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .passes.base import set_tensor
-from .rebuild import module_tensors
+from .passes.base import module_tensors, set_tensor
 
 __all__ = ["save_pretrained", "from_pretrained", "EDITS_FILE", "WEIGHTS_FILE"]
 

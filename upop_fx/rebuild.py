@@ -48,7 +48,7 @@ from torch.fx import Node
 from .capture import cache_off, capture, get_capture, run_module
 from .compare import relative_error
 from .groups import GroupAnalysis
-from .passes.base import set_tensor
+from .passes.base import module_tensors, set_tensor
 
 __all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "module_gap"]
 
@@ -81,13 +81,6 @@ class Rebuilt:
     reason: str | None = None
     patched: dict[str, dict[str, Any]] = field(default_factory=dict)  #: module path -> {attribute: new value}
     problems: Problems = field(default_factory=Problems)
-
-
-def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by name, tied ones under each of their names."""
-    out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    out.update(module.named_buffers(remove_duplicate=False))
-    return out
 
 
 def _copy_without(model: torch.nn.Module, replaced: set[str]) -> torch.nn.Module:

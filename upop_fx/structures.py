@@ -23,7 +23,7 @@ from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
     "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "check_int", "group_cost",
-    "keep_sets", "keep_jaccard", "removed_fraction",
+    "keep_sets", "keep_jaccard", "removed_fraction", "entries_left",
 ]
 
 GRANULARITIES = ("upop", "qk_v", "heads")
@@ -169,6 +169,14 @@ def keep_jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
     pa = {(g, c) for g, cs in a.items() for c in cs}
     pb = {(g, c) for g, cs in b.items() for c in cs}
     return len(pa & pb) / len(pa | pb) if pa | pb else 1.0
+
+
+def entries_left(entries: list[Entry], structures: int, pruned: np.ndarray | None = None) -> np.ndarray:
+    """How many entries each of the ``structures`` structures keeps once the ``pruned`` ones go (all: None)."""
+    left = np.bincount([e.structure for e in entries], minlength=structures)
+    if pruned is not None:
+        left = left - np.bincount([e.structure for e, p in zip(entries, pruned) if p], minlength=structures)
+    return left
 
 
 def removed_fraction(entries: list[Entry], pruned: np.ndarray) -> float:

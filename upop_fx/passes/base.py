@@ -38,7 +38,7 @@ import torch
 
 from ..errors import PostconditionError, PreconditionError
 
-__all__ = ["PassResult", "GraphPass", "fingerprint", "copy_structure", "own_tensors", "set_tensor"]
+__all__ = ["PassResult", "GraphPass", "fingerprint", "copy_structure", "own_tensors", "set_tensor", "module_tensors"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,13 @@ def own_tensors(new: torch.nn.Module, old: torch.nn.Module) -> None:
         for attr, b in list(module._buffers.items()):
             if b is not None and id(b) in shared:
                 module._buffers[attr] = copies.setdefault(id(b), b.clone())
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied ones under each of their names."""
+    out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
 
 
 def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

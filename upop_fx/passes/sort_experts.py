@@ -44,9 +44,9 @@ import torch
 
 from ..capture import get_capture
 from ..compare import relative_error
-from ..errors import PostconditionError, PreconditionError
+from ..errors import PostconditionError
 from ..groups import DimGroup, get_analysis
-from .base import GraphPass, PassResult, set_tensor
+from .base import GraphPass, PassResult, module_tensors, set_tensor
 
 __all__ = ["SortExperts", "neuron_scores"]
 
@@ -61,7 +61,7 @@ def neuron_scores(gm: torch.fx.GraphModule, g: DimGroup) -> np.ndarray | None:
     """``(experts, width)``: for each expert and channel of a stacked group, the sum of the log-norms of the
     neuron's weight slices (every row and column it owns); None when a use is not a stacked ``[E, ...]``
     tensor."""
-    tensors = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+    tensors = module_tensors(gm)
     out = np.zeros((g.experts, g.width))
     for name, axis, chan in _uses(g):
         t = tensors.get(name)
@@ -83,10 +83,7 @@ class SortExperts(GraphPass[list[int]]):
     in_place = True
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
-        try:
-            get_analysis(gm)
-        except LookupError as exc:
-            raise PreconditionError(f"SortExperts: {exc} (run FindGroups first)") from exc
+        get_analysis(gm)  # the base turns its LookupError ("run FindGroups first") into a PreconditionError
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult[list[int]]:
         groups = [g for g in get_analysis(gm).prunable if g.experts]
@@ -96,7 +93,7 @@ class SortExperts(GraphPass[list[int]]):
         cap = get_capture(gm)
         with torch.no_grad():
             self._before = gm(*cap.args, **cap.kwargs)
-        tensors = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+        tensors = module_tensors(gm)
         index: dict[tuple[str, int], np.ndarray] = {}
         sorted_ids = []
         for g in groups:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..structures import Entry, Structure
+from ..structures import Entry, Structure, entries_left
 
 __all__ = ["zscore_by_kind", "select_pruned"]
 
@@ -48,7 +48,7 @@ def select_pruned(
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
     target = ratio * costs.sum()
-    left = np.bincount([e.structure for e in entries], minlength=len(structures))
+    left = entries_left(list(entries), len(structures))
     pruned = np.zeros(len(entries), dtype=bool)
     removed = 0.0
     for i in np.argsort(z, kind="stable"):

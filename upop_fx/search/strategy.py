@@ -40,7 +40,7 @@ import torch
 from ..capture import Captured
 from ..errors import ConfigError
 from ..groups import GroupAnalysis
-from ..structures import Entry, Structure
+from ..structures import Entry, Structure, entries_left
 from .ranking import select_pruned
 from .train import Batches, Objective, Training
 
@@ -110,11 +110,9 @@ def uniform(
     entries is the smallest whose measured saving reaches ``fraction`` of the dense latency."""
     if not structures or any(s.latency is None for s in structures):
         return _uniform_entries(importance, entries, structures, fraction)
-    counts = np.bincount([e.structure for e in entries], minlength=len(structures))
-
     def saved(q: float) -> tuple[float, np.ndarray]:
         pruned = _uniform_entries(importance, entries, structures, q)
-        left = counts - np.bincount([e.structure for e, p in zip(entries, pruned) if p], minlength=len(structures))
+        left = entries_left(list(entries), len(structures), pruned)
         return float(sum(s.latency[k] for s, k in zip(structures, left))), pruned
 
     lo, hi = 0.0, 1.0
