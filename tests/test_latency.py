@@ -9,7 +9,7 @@ import torch
 
 import upop_fx
 from upop_fx.errors import ConfigError
-from upop_fx.latency import _interpolate, latency_inputs
+from upop_fx.latency import _additivity, _interpolate, latency_inputs, measure_latency
 from upop_fx.search.ranking import select_pruned
 from upop_fx.search.strategy import uniform
 from upop_fx.structures import Entry, Structure
@@ -91,10 +91,12 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
                               runtime="torch-cpu")
     t = result.report.latency
     assert t["runtime"] == "torch-cpu" and (t["batch"], t["seq"]) == (4, None)
-    assert t["predicted_ms"] < t["dense_ms"] and t["measured_speedup"] > 0 and len(t["measured_classes"]) == 2
+    assert t["predicted_ms"] < t["dense_ms"] and t["measured_speedup"] > 0
+    assert len(t["measured_classes"]) == 3 and t["measured_classes"][-1] == "joint"  # attention, MLP, both
+    assert 0.5 <= t["additivity"] <= 1.25
     assert result.report.prunable_cost_removed >= 0.3  # of the predicted latency
     assert "latency on torch-cpu" in result.report.table()
-    assert len(list((tmp_path / "latency").glob("*.json"))) == 2  # one table per class: attention, MLP
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 3  # one table per class, and the joint cut
     again = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
                              runtime="torch-cpu")
     assert again.report.latency["measured_classes"] == []  # every table came from the cache
@@ -110,8 +112,8 @@ def test_a_cut_measured_short_of_the_asked_speedup_is_reselected(encoder, tmp_pa
     real = upop_fx.latency._latency_row
     calls = []
 
-    def short_first(prepared, dense, pruned, small):
-        row = real(prepared, dense, pruned, small)
+    def short_first(prepared, pruned, dense, small):
+        row = real(prepared, pruned, dense, small)
         calls.append(int(np.sum(pruned)))
         slow = 0.8 if len(calls) == 1 else 1.0
         row["measured_speedup"] = row["predicted_speedup"] * slow
@@ -144,3 +146,37 @@ def test_the_upop_search_walks_the_latency_tables(encoder, tmp_path, monkeypatch
     assert seen == [True]  # π_t is a fraction of the measured latency
     assert result.report.latency["rounds"][0]["target"] == 0.3
     assert result.report.prunable_cost_removed >= 0.3
+
+
+def test_the_additivity_factor_is_the_joint_saving_over_the_summed_ones():
+    assert _additivity(0.3, 0.4) == pytest.approx(0.75)
+    assert _additivity(0.1, 0.4) == 0.5 and _additivity(0.9, 0.4) == 1.25  # held to ADDITIVITY_RANGE
+    assert _additivity(0.005, 0.01) == 1.0 and _additivity(-0.1, 0.4) == 1.0  # too little saved to tell
+
+
+def test_tables_are_scaled_by_what_the_classes_save_together(encoder, tmp_path, monkeypatch):
+    """A fake runtime: every single-class cut saves 10 of the dense 100 ms, the joint cut (both classes at half
+    width) 15 ms, against 2 x 10 = 20 ms summed: the tables are scaled by 0.75."""
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    ms = {"dense": 100.0, "joint": 85.0}
+
+    def fake_runner(runtime, gm, inputs, work, name):
+        return lambda: name
+
+    def fake_timing(*calls, **kw):
+        return [ms.get(c(), 90.0) for c in calls]
+
+    monkeypatch.setattr(upop_fx.latency, "runner", fake_runner)
+    monkeypatch.setattr(upop_fx.latency, "time_interleaved", fake_timing)
+    model, x = encoder
+    prepared = upop_fx.pipeline.prepare(model, x, 0.3, budget="flops")
+    latency = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
+                              prepared.captured.info, "torch-cpu")
+    assert latency.additivity == pytest.approx(0.75) and latency.measured[-1] == "joint"
+    for saved in latency.saved:
+        n = len(saved) - 1  # a class of 2 structures saving 10 ms at every measured width: 5 ms each
+        assert saved[n // 2] == pytest.approx(0.75 * 5.0) and saved[n] == 0
+    assert latency.predict([len(t) - 1 for t in latency.saved]) == pytest.approx(100.0)
+    again = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
+                            prepared.captured.info, "torch-cpu")
+    assert again.measured == [] and again.additivity == pytest.approx(0.75)  # tables and joint cut from the cache

@@ -61,7 +61,7 @@ from .capture import dynamic_shapes, normalize_inputs, run_module
 from .errors import ConfigError, ExportError, InputError
 from .ort import ort_session
 
-__all__ = ["ExportError", "ExportInfo", "export_onnx", "SUPPORTED_OPSETS", "PARITY_TOLERANCE"]
+__all__ = ["ExportError", "ExportInfo", "export_onnx", "export_for_timing", "SUPPORTED_OPSETS", "PARITY_TOLERANCE"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,41 @@ def export_onnx(
         _commit(stage, dest.parent, last=[n for n in (opt_dest.name, dest.name) if (stage / n).exists()])
     log.info("exported %s to %s (max relative error %.2e)", type(model).__name__, dest, max_error)
     return ExportInfo(dest, opt_dest if optimize else None, feeds.names, output_names, max_error)
+
+
+def export_for_timing(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      path: str | os.PathLike[str]) -> Path:
+    """Export ``model`` to ``path`` with the shapes of ``model(*args, **kwargs)`` fixed (any batch, 1 too), for
+    timing at exactly those shapes: the
+    latency tables time many cuts of one model, and this export takes about a third of :func:`export_onnx`'s
+    time (no dynamic axes, no exporter-side graph optimisation — ONNX Runtime optimises the graph when it loads
+    it — and one parity check, on the example inputs). A file to time, not to ship: it accepts only these shapes.
+
+    Raises:
+        ExportError: as :func:`export_onnx` (the model cannot be exported, or ONNX Runtime differs from PyTorch).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from upop_fx.export import export_for_timing
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     export_for_timing(layer, (torch.randn(1, 5, 16),), {}, f"{d}/layer.onnx").name
+        'layer.onnx'
+    """
+    dest = _check_destination(path)
+    work = _eval_copy(model)
+    expected = run_module(work, args, kwargs)
+    ep = _torch_export(work, args, kwargs, dynamic=False)
+    program = _onnx_program(ep, None, type(model).__name__, optimize=False)
+    feeds = _Inputs.build(work, ep, args, kwargs)
+    output_names = _output_names(expected)
+    _name_graph(program, feeds, output_names, dynamic=False)
+    try:
+        program.save(dest)
+    except Exception as exc:
+        raise ExportError(f"could not write the ONNX file {dest}: {_first_line(exc)}") from exc
+    _parity(dest, feeds, [(feeds.example, expected)], output_names, "ONNX file for timing")
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -263,11 +298,11 @@ def _torch_export(work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
         ) from exc
 
 
-def _onnx_program(ep: torch.export.ExportedProgram, opset: int | None, model_name: str) -> Any:
+def _onnx_program(ep: torch.export.ExportedProgram, opset: int | None, model_name: str, optimize: bool = True) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
+            return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=optimize, verbose=False)
     except Exception as exc:
         root = _root_cause(exc)
         raise ExportError(

@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .capture import CaptureInfo, is_sequence
 from .errors import ConfigError
-from .export import export_onnx
+from .export import export_for_timing
 from .groups import GroupAnalysis
 from .ort import ort_feeds, ort_session
 from .passes import Surgery
@@ -56,7 +57,7 @@ from .structures import Entry, Structure, check_choice, entries_left, keep_sets
 from .timing import time_interleaved
 
 __all__ = [
-    "RUNTIMES", "CALIBRATIONS", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
+    "RUNTIMES", "CALIBRATIONS", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
     "measure_latency", "runner", "cache_dir", "use_latency", "calibrated_cut",
 ]  # fmt: skip
 
@@ -142,6 +143,9 @@ class LatencyModel:
     dense_ms: float
     saved: list[np.ndarray]
     measured: list[str] = field(default_factory=list)  #: the classes measured now (the others came from the cache)
+    #: the classes' savings together over their sum apart (every class at half width; ``saved`` is scaled by it)
+    additivity: float = 1.0
+    seconds: float = 0.0  #: the time taken to measure (dense model, tables, joint cut)
 
     def predict(self, kept: Sequence[int]) -> float:
         """Predicted milliseconds with ``kept[s]`` entries kept in structure ``s``."""
@@ -190,9 +194,10 @@ def _classes(analysis: GroupAnalysis, structures: Sequence[Structure], entries: 
     return out
 
 
-def _grid(n: int, multiple: int) -> list[int]:
+def _grid(n: int, multiple: int, fractions: Sequence[float] = GRID) -> list[int]:
+    """The widths below ``n`` measured for a class: ``fractions`` of ``n``, rounded to ``multiple``."""
     ks = set()
-    for f in GRID:
+    for f in fractions:
         k = max(1, int(round(f * n)))
         if multiple > 1:
             k = max(multiple, multiple * round(k / multiple)) if n > multiple else n
@@ -202,9 +207,9 @@ def _grid(n: int, multiple: int) -> list[int]:
 
 
 def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]],
-           workdir: Path, name: str, example: Any = None) -> Callable[[], Any]:
+           workdir: Path, name: str) -> Callable[[], Any]:
     """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime`` (for ONNX Runtime, exported under
-    ``workdir`` with dynamic axes from ``example``, default ``inputs``: an export needs a batch of 2 or more)."""
+    ``workdir`` with the shapes of ``inputs`` fixed: :func:`~upop_fx.export.export_for_timing`)."""
     args, kwargs = inputs
     if runtime.startswith("torch"):
         device = "cuda" if runtime == "torch-cuda" else "cpu"
@@ -219,8 +224,7 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
             return out
 
         return call
-    path = export_onnx(gm, example if example is not None else (kwargs or args), workdir / f"{name}.onnx",
-                       optimize=False).path
+    path = export_for_timing(gm, tuple(args), dict(kwargs), workdir / f"{name}.onnx")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
     session = ort_session(path, providers=providers, spinning=False)  # timed in turn with other sessions
     feeds = ort_feeds(session, args, kwargs)
@@ -242,6 +246,15 @@ def _interpolate(n: int, points: dict[int, float]) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
+def _cut(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: Sequence[Entry],
+         members: dict[int, list[int]], widths: dict[int, int]) -> torch.fx.GraphModule:
+    """``dense`` with structure ``s`` cut to its first ``widths[s]`` entries (the others whole)."""
+    pruned = np.zeros(len(entries), dtype=bool)
+    for s, k in widths.items():
+        pruned[members[s][k:]] = True
+    return Surgery(keep_sets(analysis, list(entries), pruned))(dense).gm
+
+
 def measure_latency(
     dense: torch.fx.GraphModule, analysis: GroupAnalysis, structures: Sequence[Structure], entries: Sequence[Entry],
     info: CaptureInfo, runtime: str = "onnxruntime-cpu", shape: tuple[int, int | None] | None = None,
@@ -255,6 +268,7 @@ def measure_latency(
             is measured).
     """
     check_runtime(runtime)
+    start = time.perf_counter()
     inputs = latency_inputs(info, shape)
     batch = int(next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)).shape[0])
     resolved = (batch, shape[1] if shape is not None else None)
@@ -264,36 +278,35 @@ def measure_latency(
         members.setdefault(e.structure, []).append(i)
     machine = _machine()
     store = cache_dir()
+    base = {"machine": machine, "runtime": runtime, "shape": resolved, "unit": "fraction", "grid": GRID,
+            "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]}
     tables: dict[str, dict[int, float]] = {}  # per class: entries kept -> fraction of the dense latency saved
     todo = []
     for sig in classes:
-        key = _key({"machine": machine, "runtime": runtime, "class": sig, "shape": resolved, "unit": "fraction",
-                    "grid": GRID,
-                    "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]})
-        file = store / f"{key}.json"
+        file = store / f"{_key(base | {'class': sig})}.json"
         if use_cache and file.is_file():
             tables[sig] = {int(k): float(v) for k, v in json.loads(file.read_text())["saved"].items()}
         else:
             todo.append((sig, file))
+    # the joint point: every class at half its width together (one class: nothing to join)
+    half = {sig: _grid(len(members[idx[0]]), structures[idx[0]].multiple, (0.5,)) for sig, idx in classes.items()}
+    joint_file = store / f"{_key(base | {'joint': sorted(classes)})}.json"
+    joint: float | None = None
+    if len(classes) > 1 and use_cache and joint_file.is_file():
+        joint = float(json.loads(joint_file.read_text())["saved"])
     measured = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        example = info.kwargs or info.args
-        dense_call = runner(runtime, dense, inputs, work, "dense", example)
+        dense_call = runner(runtime, dense, inputs, work, "dense")
         (first,) = time_interleaved(dense_call, runs=3, warmup=1)
         runs = _rounds(first, runs, seconds)
-        bar = tqdm(total=len(todo), desc="latency tables", leave=False, disable=None)
+        steps = len(todo) + (len(classes) > 1 and joint is None)
+        bar = tqdm(total=steps, desc="latency tables", leave=False, disable=None)
         for sig, file in todo:
             idx = classes[sig]
-            n = len(members[idx[0]])
-            ks = _grid(n, structures[idx[0]].multiple)
-            calls = []
-            for k in ks:
-                pruned = np.zeros(len(entries), dtype=bool)
-                for s in idx:
-                    pruned[members[s][k:]] = True
-                small = Surgery(keep_sets(analysis, list(entries), pruned))(dense).gm
-                calls.append(runner(runtime, small, inputs, work, f"k{k}", example))
+            ks = _grid(len(members[idx[0]]), structures[idx[0]].multiple)
+            calls = [runner(runtime, _cut(dense, analysis, entries, members, dict.fromkeys(idx, k)), inputs, work,
+                            f"k{k}") for k in ks]  # fmt: skip
             ms = time_interleaved(dense_call, *calls, runs=runs, warmup=2, alternate=True)
             # relative to the dense time measured with them: the load may differ from one class to the next
             tables[sig] = {k: max(0.0, (ms[0] - m) / ms[0] / len(idx)) for k, m in zip(ks, ms[1:])}
@@ -304,13 +317,46 @@ def measure_latency(
             file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved,
                                         "dense_ms": ms[0], "saved": tables[sig], "machine": machine}, indent=1))
             bar.update()
+        if len(classes) > 1 and joint is None:
+            widths = {s: half[sig][0] for sig, idx in classes.items() for s in idx if half[sig]}
+            call = runner(runtime, _cut(dense, analysis, entries, members, widths), inputs, work, "joint")
+            ms = time_interleaved(dense_call, call, runs=runs, warmup=2, alternate=True)
+            joint = (ms[0] - ms[1]) / ms[0]
+            measured.append("joint")
+            store.mkdir(parents=True, exist_ok=True)
+            joint_file.write_text(json.dumps({"classes": sorted(classes), "runtime": runtime, "shape": resolved,
+                                              "dense_ms": ms[0], "saved": joint, "machine": machine}, indent=1))
+            bar.update()
         bar.close()
         (dense_ms,) = time_interleaved(dense_call, runs=runs, warmup=2)
+    additivity = 1.0
+    if joint is not None:
+        alone = sum(len(idx) * tables[sig].get(half[sig][0], 0.0) for sig, idx in classes.items() if half[sig])
+        additivity = _additivity(joint, alone)
     saved = [np.zeros(1)] * len(structures)
     for sig, idx in classes.items():
         for s in idx:
-            saved[s] = dense_ms * _interpolate(len(members[s]), tables[sig])
-    return LatencyModel(runtime, resolved, dense_ms, saved, measured)
+            saved[s] = additivity * dense_ms * _interpolate(len(members[s]), tables[sig])
+    seconds = time.perf_counter() - start
+    log.info("latency tables on %s: %d of %d measured in %.0f s", runtime, len(measured), len(classes) + 1, seconds)
+    return LatencyModel(runtime, resolved, dense_ms, saved, measured, additivity, seconds)
+
+
+#: the range an additivity factor is held to (outside it, one noisy joint measurement would rule every prediction)
+ADDITIVITY_RANGE = (0.5, 1.25)
+
+
+def _additivity(joint: float, alone: float) -> float:
+    """What the classes save cut together (``joint``) over the sum of what they save cut one at a time at the
+    same widths (``alone``), both fractions of the dense latency; 1 when too little is saved to tell."""
+    if alone < 0.02 or joint <= 0:
+        log.warning("latency: the joint cut saved %.1f%% against %.1f%% for the classes alone: taken as additive",
+                    100 * joint, 100 * alone)
+        return 1.0
+    factor = float(np.clip(joint / alone, *ADDITIVITY_RANGE))
+    log.info("latency: every class at half width saves %.1f%% together, %.1f%% summed alone: additivity %.3f",
+             100 * joint, 100 * alone, factor)
+    return factor
 
 
 def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
@@ -349,21 +395,29 @@ def calibrated_cut(
     cut again with ``cut_graph`` (up to :data:`CALIBRATIONS` times). Returns the final selection, its cut and the
     report's latency row (with ``rounds``: target, predicted and measured speedup of each round)."""
     asked = 1 / (1 - prepared.ratio)
-    row = _latency_row(prepared, selection.dense, pruned, small)
-    rounds = [_round(prepared.ratio, row)]
-    target = prepared.ratio
-    most = prepared.latency.most_saved()
-    for _ in range(CALIBRATIONS if selection.reselect is not None else 0):
-        if row["measured_speedup"] >= 0.97 * asked or target >= most:
-            break
-        # the measured time is taken to stay the same multiple of the predicted one
-        target = min(most, 1 - (1 - prepared.ratio) * row["measured_speedup"] / row["predicted_speedup"])
-        pruned = np.asarray(selection.reselect(target), dtype=bool)
-        small = cut_graph(prepared, pruned, selection.dense)
-        row = _latency_row(prepared, selection.dense, pruned, small)
-        rounds.append(_round(target, row))
-        log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
-                 rounds[-2]["measured_speedup"], asked, 100 * target)
+    model = prepared.latency
+    inputs = latency_inputs(prepared.captured.info, model.shape)
+    with tempfile.TemporaryDirectory() as d:
+        dense = runner(model.runtime, selection.dense, inputs, Path(d), "dense")
+
+        def timed(pruned: np.ndarray, small: torch.fx.GraphModule, name: str) -> dict[str, Any]:
+            return _latency_row(prepared, pruned, dense, runner(model.runtime, small, inputs, Path(d), name))
+
+        row = timed(pruned, small, "cut0")
+        rounds = [_round(prepared.ratio, row)]
+        target = prepared.ratio
+        most = model.most_saved()
+        for i in range(CALIBRATIONS if selection.reselect is not None else 0):
+            if row["measured_speedup"] >= 0.97 * asked or target >= most:
+                break
+            # the measured time is taken to stay the same multiple of the predicted one
+            target = min(most, 1 - (1 - prepared.ratio) * row["measured_speedup"] / row["predicted_speedup"])
+            pruned = np.asarray(selection.reselect(target), dtype=bool)
+            small = cut_graph(prepared, pruned, selection.dense)
+            row = timed(pruned, small, f"cut{i + 1}")
+            rounds.append(_round(target, row))
+            log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
+                     rounds[-2]["measured_speedup"], asked, 100 * target)
     row["rounds"] = rounds
     return pruned, small, row
 
@@ -372,23 +426,18 @@ def _round(target: float, row: dict[str, Any]) -> dict[str, float]:
     return {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": row["measured_speedup"]}
 
 
-def _latency_row(prepared: Prepared, dense: torch.fx.GraphModule, pruned: np.ndarray, small: torch.fx.GraphModule
+def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any], small: Callable[[], Any]
                  ) -> dict[str, Any]:
     """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
     model = prepared.latency
     predicted = model.predict(entries_left(prepared.entries, len(prepared.structures), pruned).tolist())
-    inputs = latency_inputs(prepared.captured.info, model.shape)
-    with tempfile.TemporaryDirectory() as d:
-        example = prepared.captured.kwargs or prepared.captured.args
-        a = runner(model.runtime, dense, inputs, Path(d), "dense", example)
-        b = runner(model.runtime, small, inputs, Path(d), "small", example)
-        runs = _rounds(model.dense_ms, 20, 3.0)
-        dense_ms, small_ms = time_interleaved(a, b, runs=runs, warmup=3, alternate=True)
+    runs = _rounds(model.dense_ms, 20, 3.0)
+    dense_ms, small_ms = time_interleaved(dense, small, runs=runs, warmup=3, alternate=True)
     row = {
         "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
         "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
-        "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
+        "additivity": model.additivity, "table_seconds": model.seconds, "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
     }  # fmt: skip
     log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
              model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])
