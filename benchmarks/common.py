@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "RESULTS"]
+__all__ = ["machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "match_speedup", "RESULTS"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: a group timed under a higher 1-minute load average is timed again (a ratio measured on a loaded 2-core
@@ -63,6 +63,33 @@ def quiet_timing(timer: Callable[[], list[float]], max_load: float = MAX_LOAD, t
                     "try %d of %d", before, max_load, f"{others:.2f}" if others is not None else "?", max_others,
                     attempt, tries)
     return ms, info
+
+
+def match_speedup(make: Callable[[float], Any], speedup_of: Callable[[Any], float], target: float, ratio: float,
+                  probes: int = 3, tolerance: float = 0.03) -> tuple[Any, float, float, list[tuple[float, float]]]:
+    """The ratio at which ``make(ratio)`` (a pruned model) runs ``target`` times faster, by measurement.
+
+    ``speedup_of(model)`` measures a speedup. The time left is taken to fall linearly with the ratio: the
+    first step fits a line through (0, 1) and the first probe, the next ones through the last two probes. Stops
+    within ``tolerance`` of ``target`` or after ``probes`` probes; returns the probe closest to ``target``:
+    ``(model, ratio, speedup, [(ratio, speedup), ...])``.
+    """
+    tried: list[tuple[float, float, Any]] = []
+    for _ in range(probes):
+        model = make(ratio)
+        speedup = speedup_of(model)
+        tried.append((ratio, speedup, model))
+        log.info("speed match: ratio %.3f -> %.3fx (target %.3fx)", ratio, speedup, target)
+        if abs(speedup / target - 1) <= tolerance:
+            break
+        (r0, s0), (r1, s1) = ((0.0, 1.0), tried[-1][:2]) if len(tried) == 1 else (tried[-2][:2], tried[-1][:2])
+        slope = (1 / s1 - 1 / s0) / (r1 - r0) if r1 != r0 else 0.0
+        if slope >= 0:  # no progress to extrapolate from: step by the shortfall
+            ratio = min(0.95, ratio * (1 - 1 / target) / max(1e-3, 1 - 1 / speedup))
+        else:
+            ratio = float(min(0.95, max(0.0, r1 + (1 / target - 1 / s1) / slope)))
+    best = min(tried, key=lambda t: abs(t[1] / target - 1))
+    return best[2], best[0], best[1], [(r, s) for r, s, _ in tried]
 
 
 def cpu_name(default: str | None = None) -> str:

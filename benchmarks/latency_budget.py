@@ -7,10 +7,20 @@ the measured latency), the script compresses with ``method="magnitude"`` twice:
 * ``latency`` — ``budget="latency", runtime="onnxruntime-cpu", latency_shape=(batch, seq)``;
 * ``flops``   — ``budget="flops"`` at the same ratio (what a FLOP budget gives for the same request),
 
-exports both with :func:`upop_fx.export.export_onnx` and times dense, ``latency`` and ``flops`` interleaved in
+and, to compare at equal speed, two models pruned to the speedup the ``latency`` model measured (the ratio found
+by :func:`benchmarks.common.match_speedup`: a few probes, each timed against the dense model as static ONNX
+graphs at the latency shape):
+
+* ``flops@speed``          — ``budget="flops"``;
+* ``torch-pruning@speed``  — Torch-Pruning (:func:`benchmarks.latency.tp_prune`: whole heads and MLP widths,
+  uniform per layer; needs ``pip install -e '.[bench]'``),
+
+exports every model with :func:`upop_fx.export.export_onnx` and times them and the dense model interleaved in
 ONNX Runtime CPU (:func:`upop_fx.timing.time_interleaved`, order reversed every other round, median of
 ``--runs``). A row gives the measured speedup, the speedup ``report.latency`` predicted, the prediction error
-(predicted ÷ measured − 1) and the FLOPs reduction. The load average is recorded before and after each timed
+(predicted ÷ measured − 1), the FLOPs reduction, the parameters left and (``table_seconds``) how long the latency
+model took (the first asked speedup of a batch measures every table; the later ones read them from the run's
+cache and time only the dense model). The load average is recorded before and after each timed
 group; a group timed under a load above ``--max-load`` is timed again (up to ``--tries``), and one that never
 ran quiet is kept in the JSON with ``"loaded": true`` but left out of the table (the guard:
 :func:`benchmarks.common.quiet_timing`). The latency tables are measured afresh in every run (a temporary
@@ -39,17 +49,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import upop_fx  # noqa: E402
-from benchmarks.common import machine, markdown_table, quiet_timing, write_results  # noqa: E402
-from benchmarks.latency import build  # noqa: E402
+from benchmarks.common import machine, markdown_table, match_speedup, quiet_timing, write_results  # noqa: E402
+from benchmarks.latency import build, tp_prune  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
+from upop_fx.latency import runner  # noqa: E402
 from upop_fx.ort import ort_feeds, ort_session  # noqa: E402
 from upop_fx.report import count_flops  # noqa: E402
 from upop_fx.timing import time_interleaved  # noqa: E402
 
 log = logging.getLogger("latency_budget")
 
-COLUMNS = ["model", "batch", "seq", "asked", "budget", "measured_speedup", "predicted_speedup", "prediction_error",
-           "flops_reduction", "dense_ms", "ms", "load_before", "load_after", "others"]
+COLUMNS = ["model", "batch", "seq", "asked", "budget", "ratio", "measured_speedup", "predicted_speedup",
+           "prediction_error", "flops_reduction", "params", "dense_ms", "ms", "table_seconds", "load_before",
+           "load_after", "others"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128, help="tokens per text example (the ViT has 197)")
     p.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     p.add_argument("--runs", type=int, default=30, help="timed rounds per group (default 30)")
+    p.add_argument("--no-match", dest="match", action="store_false",
+                   help="skip the rows matched to the latency budget's measured speedup (flops@speed, torch-pruning@speed)")
+    p.add_argument("--probe-runs", type=int, default=10, help="timed rounds per probe of the speed match (default 10)")
     p.add_argument("--max-load", type=float, default=1.5, help="a group timed under a higher load is rerun")
     p.add_argument("--tries", type=int, default=3, help="times to try a group before keeping it as loaded")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -85,10 +100,12 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         seq = args.seq if spec.text else None
         flops_dense = count_flops(spec.model, (), timing)
         with tempfile.TemporaryDirectory() as d:
-            dense = _session(spec.model, example, Path(d) / "dense.onnx")
+            work = Path(d)
+            dense = _session(spec.model, example, work / "dense.onnx")
+            dense_static = runner("onnxruntime-cpu", spec.model, ((), timing), work, "dense-static")
             for asked in args.speedups:
                 ratio = 1 - 1 / asked
-                models, predicted = {}, {}
+                models, info = {}, {}
                 for budget in ("latency", "flops"):
                     extra = {"runtime": "onnxruntime-cpu", "latency_shape": (batch, seq)} if budget == "latency" else {}
                     t0 = time.perf_counter()
@@ -101,25 +118,71 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     log.info("%s b%d asked %.1fx budget %s: compressed in %.0f s", name, batch, asked, budget,
                              time.perf_counter() - t0)
                     models[budget] = result.model
+                    info[budget] = {"ratio": ratio, "compress_seconds": time.perf_counter() - t0}
                     if result.report.latency:
-                        predicted[budget] = result.report.latency["predicted_speedup"]
-                if not models:
+                        lat = result.report.latency
+                        info[budget] |= {"predicted_speedup": lat["predicted_speedup"],
+                                         "additivity": lat["additivity"], "table_seconds": lat["table_seconds"],
+                                         "reselections": len(lat["rounds"]) - 1}
+                if "latency" not in models:
                     continue
-                calls = [dense] + [_session(m, example, Path(d) / f"{b}.onnx") for b, m in models.items()]
+                if args.match:  # the flops budget and Torch-Pruning at the latency budget's measured speedup
+                    for label, (model, extra) in _matched(spec, example, timing, work, dense_static,
+                                                          models["latency"], ratio, args).items():
+                        models[label], info[label] = model, extra
+                calls = [dense] + [_session(m, example, work / f"{b}.onnx") for b, m in models.items()]
                 ms, load = quiet_timing(lambda c=calls: time_interleaved(*c, runs=args.runs, warmup=3, alternate=True),
                                         args.max_load, args.tries)
                 for (budget, model), t in zip(models.items(), ms[1:]):
                     measured = ms[0] / t
-                    pred = predicted.get(budget)
+                    pred = info[budget].get("predicted_speedup")
                     rows.append({
                         "model": name, "batch": batch, "seq": args.seq if spec.text else 197, "asked": asked,
-                        "budget": budget, "ratio": ratio, "measured_speedup": measured, "predicted_speedup": pred,
+                        "budget": budget, **info[budget], "measured_speedup": measured,
                         "prediction_error": pred / measured - 1 if pred else None,
                         "flops_reduction": flops_dense / count_flops(model, (), timing),
+                        "params": sum(p.numel() for p in model.parameters()),
                         "dense_ms": ms[0], "ms": t, **load,
                     })  # fmt: skip
-                    log.info("%s", {k: rows[-1][k] for k in COLUMNS})
+                    log.info("%s", {k: rows[-1].get(k) for k in COLUMNS})
     return rows
+
+
+def _matched(spec: Any, example: dict[str, torch.Tensor], timing: dict[str, torch.Tensor], work: Path,
+             dense_static: Any, latency_model: torch.nn.Module, ratio: float, args: argparse.Namespace
+             ) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
+    """``flops@speed`` and ``torch-pruning@speed``: pruned to the speedup ``latency_model`` measures."""
+    def speedup(model: torch.nn.Module) -> float:
+        return _speedup(dense_static, model, timing, work, args)
+
+    target = speedup(latency_model)
+    makers = {"flops@speed": lambda r: upop_fx.compress(spec.model, example, r, method="magnitude", retrain_steps=0,
+                                                        budget="flops").model}
+    if _has_torch_pruning():
+        makers["torch-pruning@speed"] = lambda r: tp_prune(spec, example, r)
+    out = {}
+    for label, make in makers.items():
+        model, r, _, probes = match_speedup(make, speedup, target, ratio)
+        out[label] = model, {"ratio": r, "target_speedup": target, "probes": probes}
+    return out
+
+
+def _has_torch_pruning() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        log.warning("torch-pruning is not installed (pip install -e '.[bench]'): no Torch-Pruning rows")
+        return False
+    return True
+
+
+def _speedup(dense: Any, model: torch.nn.Module, timing: dict[str, torch.Tensor], work: Path,
+             args: argparse.Namespace) -> float:
+    """Dense over ``model``, timed interleaved at the latency shape (static ONNX graphs, as the tables are)."""
+    call = runner("onnxruntime-cpu", model, ((), timing), work, "probe")
+    ms, _ = quiet_timing(lambda: time_interleaved(dense, call, runs=args.probe_runs, warmup=2, alternate=True),
+                         args.max_load, args.tries)
+    return ms[0] / ms[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {info}. Dense and both cuts timed interleaved per group; groups timed with a load average above "
         f"{args.max_load} before, or with other processes using more than half a core during the group (*others*, in "
         f"cores), are left out of this table ({len(rows) - len(quiet)} of {len(rows)}; they are in the JSON). "
-        "*predicted*: `report.latency['predicted_speedup']` of the final selection (after any re-selection).",
+        "*predicted*: `report.latency['predicted_speedup']` of the final selection (after any re-selection). "
+        "*latency* and *flops* answer the same request (ratio 1 − 1/asked); *flops@speed* and *torch-pruning@speed* "
+        "are pruned to the speedup the *latency* model measured (their ratio found by timing probes), so the FLOPs "
+        "and parameters they keep compare at equal speed. *table_seconds*: the latency model's measurement time.",
         markdown_table(quiet, COLUMNS),
     ])  # fmt: skip
     write_results("latency_budget", {"machine": info, "rows": rows}, COLUMNS, args.out, markdown=md)

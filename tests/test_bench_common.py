@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import benchmarks.common as common
 
 
@@ -31,3 +33,15 @@ def test_a_group_that_never_runs_quiet_is_marked(monkeypatch):
     _machine(monkeypatch, [3.0] * 20, [0.0, 0.0])
     ms, load = common.quiet_timing(lambda: [1.0], max_load=1.5, tries=2)
     assert load["loaded"] is True and load["tries"] == 2 and load["load_before"] == 3.0
+
+
+def test_match_speedup_finds_the_ratio_of_a_measured_speedup():
+    from benchmarks.common import match_speedup
+
+    def measure(r):  # time left falls linearly, then flattens: no ratio reaches more than 1 / 0.3
+        return 1 / max(0.3, 1 - 0.8 * r)
+
+    model, ratio, speedup, probes = match_speedup(lambda r: r, measure, 2.0, 0.5)
+    assert ratio == pytest.approx(0.625) and speedup == pytest.approx(2.0) and len(probes) == 2
+    model, ratio, speedup, probes = match_speedup(lambda r: r, measure, 5.0, 0.5, probes=3)
+    assert len(probes) == 3 and speedup == pytest.approx(1 / 0.3)  # out of reach: the closest probe
