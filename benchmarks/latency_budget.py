@@ -52,14 +52,14 @@ import upop_fx  # noqa: E402
 from benchmarks.common import machine, markdown_table, match_speedup, quiet_timing, write_results  # noqa: E402
 from benchmarks.latency import build, tp_prune  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
-from upop_fx.latency import runner  # noqa: E402
+from upop_fx.latency import RUNTIMES, check_runtime, runner  # noqa: E402
 from upop_fx.ort import ort_feeds, ort_session  # noqa: E402
 from upop_fx.report import count_flops  # noqa: E402
 from upop_fx.timing import time_interleaved  # noqa: E402
 
 log = logging.getLogger("latency_budget")
 
-COLUMNS = ["model", "batch", "seq", "asked", "budget", "ratio", "measured_speedup", "predicted_speedup",
+COLUMNS = ["model", "runtime", "batch", "seq", "asked", "budget", "ratio", "measured_speedup", "predicted_speedup",
            "prediction_error", "flops_reduction", "params", "dense_ms", "ms", "table_seconds", "load_before",
            "load_after", "others"]
 
@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--seq", type=int, default=128, help="tokens per text example (the ViT has 197)")
     p.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    p.add_argument("--runtime", default="onnxruntime-cpu", choices=RUNTIMES,
+                   help="the runtime of the latency budget and of every timing (default onnxruntime-cpu)")
     p.add_argument("--runs", type=int, default=30, help="timed rounds per group (default 30)")
     p.add_argument("--no-match", dest="match", action="store_false",
                    help="skip the rows matched to the latency budget's measured speedup (flops@speed, torch-pruning@speed)")
@@ -84,10 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _session(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> Any:
+def _session(model: torch.nn.Module, example: dict[str, torch.Tensor], timing: dict[str, torch.Tensor], path: Path,
+             runtime: str) -> Any:
+    """What the user deploys, ready to time at ``timing``: for ONNX Runtime the file :func:`export_onnx` writes
+    (dynamic axes); for PyTorch the module itself on the runtime's device."""
+    if runtime.startswith("torch"):
+        return runner(runtime, model, ((), timing), path.parent, path.stem)
     onnx = export_onnx(model, example, path, optimize=False).path
-    session = ort_session(onnx, spinning=False)  # timed in turn: spinning threads would slow the next session
-    feeds = ort_feeds(session, (), example)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
+    session = ort_session(onnx, providers=providers, spinning=False)  # timed in turn: no spinning threads
+    feeds = ort_feeds(session, (), timing)
     return lambda: session.run(None, feeds)
 
 
@@ -101,13 +109,13 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         flops_dense = count_flops(spec.model, (), timing)
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
-            dense = _session(spec.model, example, work / "dense.onnx")
-            dense_static = runner("onnxruntime-cpu", spec.model, ((), timing), work, "dense-static")
+            dense = _session(spec.model, example, timing, work / "dense.onnx", args.runtime)
+            dense_static = runner(args.runtime, spec.model, ((), timing), work, "dense-static")
             for asked in args.speedups:
                 ratio = 1 - 1 / asked
                 models, info = {}, {}
                 for budget in ("latency", "flops"):
-                    extra = {"runtime": "onnxruntime-cpu", "latency_shape": (batch, seq)} if budget == "latency" else {}
+                    extra = {"runtime": args.runtime, "latency_shape": (batch, seq)} if budget == "latency" else {}
                     t0 = time.perf_counter()
                     try:
                         result = upop_fx.compress(spec.model, example, ratio, method="magnitude", retrain_steps=0,
@@ -130,14 +138,15 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     for label, (model, extra) in _matched(spec, example, timing, work, dense_static,
                                                           models["latency"], ratio, args).items():
                         models[label], info[label] = model, extra
-                calls = [dense] + [_session(m, example, work / f"{b}.onnx") for b, m in models.items()]
+                calls = [dense] + [_session(m, example, timing, work / f"{b}.onnx", args.runtime)
+                                   for b, m in models.items()]
                 ms, load = quiet_timing(lambda c=calls: time_interleaved(*c, runs=args.runs, warmup=3, alternate=True),
                                         args.max_load, args.tries)
                 for (budget, model), t in zip(models.items(), ms[1:]):
                     measured = ms[0] / t
                     pred = info[budget].get("predicted_speedup")
                     rows.append({
-                        "model": name, "batch": batch, "seq": args.seq if spec.text else 197, "asked": asked,
+                        "model": name, "runtime": args.runtime, "batch": batch, "seq": args.seq if spec.text else 197, "asked": asked,
                         "budget": budget, **info[budget], "measured_speedup": measured,
                         "prediction_error": pred / measured - 1 if pred else None,
                         "flops_reduction": flops_dense / count_flops(model, (), timing),
@@ -179,7 +188,7 @@ def _has_torch_pruning() -> bool:
 def _speedup(dense: Any, model: torch.nn.Module, timing: dict[str, torch.Tensor], work: Path,
              args: argparse.Namespace) -> float:
     """Dense over ``model``, timed interleaved at the latency shape (static ONNX graphs, as the tables are)."""
-    call = runner("onnxruntime-cpu", model, ((), timing), work, "probe")
+    call = runner(args.runtime, model, ((), timing), work, "probe")
     ms, _ = quiet_timing(lambda: time_interleaved(dense, call, runs=args.probe_runs, warmup=2, alternate=True),
                          args.max_load, args.tries)
     return ms[0] / ms[1]
@@ -188,6 +197,7 @@ def _speedup(dense: Any, model: torch.nn.Module, timing: dict[str, torch.Tensor]
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    check_runtime(args.runtime)  # a CUDA runtime on a machine without one fails here, before anything is built
     if args.cache is None:  # tables measured afresh in this run (shared by its asked speedups), not an old cache
         tmp = tempfile.TemporaryDirectory()
         os.environ["UPOP_FX_CACHE"] = tmp.name
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     old = args.out / "latency_budget.json"
     if args.append and old.is_file():
         def key(r: dict[str, Any]) -> tuple[Any, ...]:
-            return r["model"], r["batch"], r["asked"], r["budget"]
+            return r.get("runtime", "onnxruntime-cpu"), r["model"], r["batch"], r["asked"], r["budget"]
 
         new = {key(r) for r in rows}
         previous = json.loads(old.read_text())
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"runs": [*previous.get("machine", {}).get("runs", [previous.get("machine", {})]), info]}
     quiet = [r for r in rows if not r["loaded"]]
     md = "\n\n".join([
-        "# Latency budget: asked against measured speedup (ONNX Runtime CPU)",
+        f"# Latency budget: asked against measured speedup ({', '.join(sorted({r.get('runtime', 'onnxruntime-cpu') for r in rows}))})",
         f"Machine: {info}. Dense and both cuts timed interleaved per group; groups timed with a load average above "
         f"{args.max_load} before, or with other processes using more than half a core during the group (*others*, in "
         f"cores), are left out of this table ({len(rows) - len(quiet)} of {len(rows)}; they are in the JSON). "
@@ -216,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "are pruned to the speedup the *latency* model measured (their ratio found by timing probes), so the FLOPs "
         "and parameters they keep compare at equal speed. *table_seconds*: the latency model's measurement time.",
         markdown_table(quiet, COLUMNS),
+        *([] if any(r.get("runtime", "").endswith("cuda") for r in rows) else [
+            "GPU rows (`--runtime torch-cuda`, `--runtime onnxruntime-cuda`) are still to be measured: no GPU was "
+            "available to these runs."]),
     ])  # fmt: skip
     write_results("latency_budget", {"machine": info, "rows": rows}, COLUMNS, args.out, markdown=md)
     print(markdown_table(quiet, COLUMNS))

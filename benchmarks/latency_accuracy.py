@@ -1,0 +1,174 @@
+"""At equal measured speed, does ``budget="latency"`` keep as much of all-MiniLM-L6-v2 as ``budget="flops"``?
+
+A latency budget removes what costs time on the runtime; a FLOP budget what costs arithmetic. For the same
+measured speedup they keep different models: this script compares their accuracy there. Per seed (the
+distillation batches and the search's seed):
+
+* ``latency`` — UPop (``method="upop"``) with ``budget="latency", runtime="onnxruntime-cpu",
+  latency_shape=(8, 128)`` at ``1 − 1/--speedup`` of the measured latency (calibrated on the runtime);
+* ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
+  :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
+  so every model's own speedup is measured and reported beside its accuracy).
+
+Both search and retrain by the same unlabelled distillation on BBC News bodies and headlines, and are scored as
+in :mod:`benchmarks.accuracy_minilm` (headline → body MRR and Recall@1 over all 2,225 articles, the dense
+model's fixed logistic-regression probe on the test-split bodies). Every model's speedup is timed against the
+dense model interleaved in ONNX Runtime CPU at batch 8, 128 tokens (static ONNX graphs, as the latency tables
+are), on a quiet machine (:func:`benchmarks.common.quiet_timing`).
+
+Writes ``benchmarks/results/latency_accuracy.json`` and ``.md`` (mean ± std over the seeds).
+
+    python -m benchmarks.latency_accuracy                     # 3 seeds, about 40 minutes on 2 cores
+    python -m benchmarks.latency_accuracy --seeds 0 --steps 20 --quick     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import upop_fx
+from upop_fx.datasets import load_minilm
+from upop_fx.latency import runner
+from upop_fx.report import count_flops
+from upop_fx.timing import time_interleaved
+
+from .accuracy_minilm import Corpus, embed, evaluate
+from .common import RESULTS, machine, markdown_table, match_speedup, quiet_timing, write_results
+
+log = logging.getLogger("benchmarks.latency_accuracy")
+
+BATCH, SEQ = 8, 128
+COLUMNS = ["budget", "seed", "ratio", "speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc", "minutes"]
+METRICS = ["speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.latency_accuracy", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--speedup", type=float, default=2.0, help="the speedup asked of the latency budget (default 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=80, help="search steps, and as many retrain steps (default 80)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--interval", type=int, default=10)
+    p.add_argument("--runs", type=int, default=20, help="timed rounds per speed measurement (default 20)")
+    p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run (written as *_quick)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model, tokenizer = load_minilm()
+    model.eval()
+    corpus = Corpus(tokenizer, 64 if args.quick else None)
+    from sklearn.linear_model import LogisticRegression
+
+    dense = {"bodies": embed(model, corpus.bodies)}
+    dense["probe"] = LogisticRegression(max_iter=2000).fit(dense["bodies"][corpus.train].numpy(),
+                                                           corpus.labels[corpus.train])
+    rows = [{"budget": "dense", "seed": None, "ratio": 0.0, "speedup": 1.0, "flops_reduction": 1.0,
+             **evaluate(model, corpus, dense, dense["bodies"]), "minutes": 0.0}]
+    timing = {k: v[:BATCH] for k, v in corpus.bodies.items()}  # real articles, 128 tokens
+    example = {k: v[:2] for k, v in corpus.bodies.items()}
+    flops_dense = count_flops(model, (), timing)
+    ratio = 1 - 1 / args.speedup
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        dense_call = runner("onnxruntime-cpu", model, ((), timing), work, "dense")
+
+        def speedup(small: torch.nn.Module) -> float:
+            call = runner("onnxruntime-cpu", small, ((), timing), work, "probe")
+            ms, load = quiet_timing(lambda: time_interleaved(dense_call, call, runs=args.runs, warmup=2,
+                                                             alternate=True))
+            if load["loaded"]:
+                log.warning("a speed measurement ran under load: %s", load)
+            return ms[0] / ms[1]
+
+        # the FLOP-budget ratio that runs as fast as asked, found on magnitude cuts (cheap, seed-independent)
+        _, flops_ratio, _, probes = match_speedup(
+            lambda r: upop_fx.compress(model, example, r, "magnitude", retrain_steps=0, budget="flops").model,
+            speedup, args.speedup, ratio)
+        log.info("flops budget: ratio %.3f for %.2fx (probes %s)", flops_ratio, args.speedup, probes)
+        for seed in args.seeds:
+            data = corpus.batches(2 * args.steps, args.batch_size, seed=seed)
+            for budget, r in (("latency", ratio), ("flops", flops_ratio)):
+                extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if budget == "latency" else {}
+                t0 = time.perf_counter()
+                result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps,
+                                          retrain_steps=args.steps, lr=args.lr, interval=args.interval, seed=seed,
+                                          budget=budget, **extra)
+                minutes = (time.perf_counter() - t0) / 60
+                small = result.model
+                rows.append({"budget": budget, "seed": seed, "ratio": r, "speedup": speedup(small),
+                             "flops_reduction": flops_dense / count_flops(small, (), timing),
+                             **evaluate(small, corpus, dense), "minutes": round(minutes, 2)})
+                if result.report.latency:
+                    rows[-1]["reported_speedup"] = result.report.latency["measured_speedup"]
+                log.info("%s", rows[-1])
+    return {"machine": machine() | {"load_average_end": list(os.getloadavg())},
+            "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
+                      "batch_size": args.batch_size, "lr": args.lr, "interval": args.interval,
+                      "articles": int(len(corpus.labels)), "flops_ratio_probes": probes},
+            "rows": rows, "summary": summary(rows)}
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over the seeds, per budget."""
+    out = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        mine = [r for r in rows if r["budget"] == budget]
+        entry: dict[str, Any] = {"budget": budget, "seeds": len(mine)}
+        for m in METRICS:
+            values = np.array([r[m] for r in mine], dtype=np.float64)
+            entry[m] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
+            entry[f"{m}_mean"] = float(values.mean())
+        out.append(entry)
+    return out
+
+
+def render(payload: dict[str, Any]) -> str:
+    s, m = payload["setup"], payload["machine"]
+    by = {e["budget"]: e for e in payload["summary"]}
+    lines = [
+        "# Accuracy at equal measured speed: latency budget against FLOP budget (all-MiniLM-L6-v2, BBC News)",
+        "",
+        f"UPop, {s['steps']} search + {s['steps']} retrain steps of distillation (batch {s['batch_size']}, lr "
+        f"{s['lr']}); asked {s['speedup']}x of the measured ONNX Runtime CPU latency at batch {s['batch']}, "
+        f"{s['seq']} tokens; the FLOP budget at the ratio whose magnitude cut measured as fast "
+        f"(probes: {s['flops_ratio_probes']}). Speedups timed against the dense model, interleaved. Machine: "
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}. Mean ± std over seeds.",
+        "",
+        markdown_table(payload["summary"], ["budget", "seeds", *METRICS]),
+        "",
+        markdown_table(payload["rows"], COLUMNS),
+    ]
+    if "latency" in by and "flops" in by:
+        lat, flo = by["latency"], by["flops"]
+        lines += ["", f"- MRR: latency budget {lat['mrr']} against FLOP budget {flo['mrr']} at measured speedups "
+                      f"{lat['speedup']} and {flo['speedup']}: latency budget "
+                      f"{'at least as good' if lat['mrr_mean'] >= flo['mrr_mean'] else 'BEHIND'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    payload = run(args)
+    name = "latency_accuracy_quick" if args.quick else "latency_accuracy"
+    path = write_results(name, payload, COLUMNS, args.out, markdown=render(payload))
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
