@@ -164,8 +164,10 @@ def compress_run(
     granularity: str = "upop",
     seed: int = 0,
     score: str = "gradient",
+    **compress_kwargs: Any,
 ) -> RunOutcome:
-    """One method: search/rank → cut → evaluate → the same retrain for every method → evaluate."""
+    """One method: search/rank → cut → evaluate → the same retrain for every method → evaluate.
+    ``compress_kwargs`` go to ``upop_fx.compress`` as they are (``own_class``, ``loss`` options, …)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     t0 = time.perf_counter()
@@ -174,7 +176,7 @@ def compress_run(
         model, example, ratio, "upop" if searched else "magnitude", data=data, loss_fn=loss_fn,
         search_steps=search_steps, retrain_steps=0, lr=lr, interval=interval, budget=budget,
         granularity=granularity, seed=seed, score=score,
-        allocate="uniform" if method in ("uniform", "uniform_magnitude") else "unified",
+        allocate="uniform" if method in ("uniform", "uniform_magnitude") else "unified", **compress_kwargs,
     )  # fmt: skip
     result.report.method = method  # the row's label
     search_losses = result.losses.get("search", [])

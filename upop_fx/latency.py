@@ -57,7 +57,7 @@ from .structures import Entry, Structure, check_choice, entries_left, keep_sets
 from .timing import time_interleaved
 
 __all__ = [
-    "RUNTIMES", "CALIBRATIONS", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
+    "RUNTIMES", "CALIBRATIONS", "SHORT", "OVER", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
     "measure_latency", "runner", "cache_dir", "use_latency", "calibrated_cut",
 ]  # fmt: skip
 
@@ -383,18 +383,23 @@ def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
         )
 
 
-#: how many times a latency-budget cut that measures short of the asked speedup is re-selected
+#: how many times a latency-budget cut that measures off the asked speedup is re-selected
 CALIBRATIONS = 2
+#: the band a measured speedup may stray from the asked one before the cut is re-selected: below ``SHORT × asked``
+#: it falls short; above ``OVER × asked`` it removes more than the ask needs (and costs accuracy for nothing)
+SHORT, OVER = 0.97, 1.05
 
 
 def calibrated_cut(
     prepared: Prepared, selection: Selection, pruned: np.ndarray, small: torch.fx.GraphModule,
     cut_graph: Callable[[Prepared, np.ndarray, torch.fx.GraphModule], torch.fx.GraphModule],
 ) -> tuple[np.ndarray, torch.fx.GraphModule, dict[str, Any]]:  # fmt: skip
-    """Time the cut ``small`` on the runtime beside the prediction; while it measures short of the asked
-    speedup by more than 3%, re-select (``selection.reselect``) with the shortfall folded into the target and
-    cut again with ``cut_graph`` (up to :data:`CALIBRATIONS` times). Returns the final selection, its cut and the
-    report's latency row (with ``rounds``: target, predicted and measured speedup of each round)."""
+    """Time the cut ``small`` on the runtime beside the prediction; while it measures outside
+    ``[SHORT, OVER] × asked``, re-select (``selection.reselect``) with the measured / predicted ratio folded into
+    the target and cut again with ``cut_graph`` (up to :data:`CALIBRATIONS` times). Of the rounds, the one kept is
+    the slowest that reaches ``SHORT × asked`` (the fastest when none does). Returns its selection, its cut and
+    the report's latency row (with ``rounds``: target, predicted and measured speedup of each round, and
+    ``kept_round``)."""
     asked = 1 / (1 - prepared.ratio)
     model = prepared.latency
     inputs = latency_inputs(prepared.captured.info, model.shape)
@@ -405,21 +410,29 @@ def calibrated_cut(
             return _latency_row(prepared, pruned, dense, runner(model.runtime, small, inputs, Path(d), name))
 
         row = timed(pruned, small, "cut0")
+        tried = [(pruned, small, row)]
         rounds = [_round(prepared.ratio, row)]
         target = prepared.ratio
         most = model.most_saved()
         for i in range(CALIBRATIONS if selection.reselect is not None else 0):
-            if row["measured_speedup"] >= 0.97 * asked or target >= most:
+            speedup = row["measured_speedup"]
+            short, over = speedup < SHORT * asked, speedup > OVER * asked
+            if not (short or over) or (short and target >= most):
                 break
             # the measured time is taken to stay the same multiple of the predicted one
-            target = min(most, 1 - (1 - prepared.ratio) * row["measured_speedup"] / row["predicted_speedup"])
+            target = min(most, 1 - (1 - prepared.ratio) * speedup / row["predicted_speedup"])
             pruned = np.asarray(selection.reselect(target), dtype=bool)
             small = cut_graph(prepared, pruned, selection.dense)
             row = timed(pruned, small, f"cut{i + 1}")
+            tried.append((pruned, small, row))
             rounds.append(_round(target, row))
             log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
-                     rounds[-2]["measured_speedup"], asked, 100 * target)
-    row["rounds"] = rounds
+                     speedup, asked, 100 * target)
+    reached = [i for i, (_, _, r) in enumerate(tried) if r["measured_speedup"] >= SHORT * asked]
+    speed = [r["measured_speedup"] for _, _, r in tried]
+    kept = min(reached, key=speed.__getitem__) if reached else max(range(len(tried)), key=speed.__getitem__)
+    pruned, small, row = tried[kept]
+    row["rounds"], row["kept_round"] = rounds, kept
     return pruned, small, row
 
 

@@ -1,0 +1,121 @@
+"""The digits task benchmarks: their models compress exactly, the generative ones generate after the cut, the
+fixed-length greedy decoding equals Hugging Face's ``generate``, and every script runs end to end on a tiny
+budget (one seed, a few steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import upop_fx
+from benchmarks import caption_digits, vqa_digits
+from benchmarks.digits_data import load_digits_split, train_loop
+from benchmarks.digits_task import summarize, verdict
+
+pytest.importorskip("pycocoevalcap")
+
+
+def _setup(module, seed: int = 0):
+    import argparse
+
+    torch.manual_seed(seed)
+    return module.setup(load_digits_split(seed), seed, argparse.Namespace(batch_size=4))
+
+
+def _caption_setup(seed: int = 0):
+    return _setup(caption_digits, seed)
+
+
+def test_fixed_length_greedy_decoding_is_generate():
+    s = _caption_setup()
+    vocab = caption_digits.Vocab()
+    gen = torch.Generator().manual_seed(0)  # a model that says something: a few steps of training
+    train_loop(s.model, lambda _: s.make_batch(gen), s.loss_fn, 30, 3e-3, warmup=5)
+    pixels = s.make_batch(torch.Generator().manual_seed(1))[0]["pixel_values"]
+    ours = caption_digits.greedy(s.model, pixels, vocab.length)
+    theirs = s.model.generate(pixel_values=pixels, max_new_tokens=vocab.length - 1, do_sample=False)
+    for a, b in zip(ours.tolist(), theirs.tolist()):
+        assert vocab.decode(a) == vocab.decode(b)
+
+
+def test_the_captioner_compresses_exactly_and_its_module_generates():
+    s = _caption_setup()
+    example = s.make_batch(torch.Generator().manual_seed(2))[0]
+    result = upop_fx.compress(s.model, example, ratio=0.5, method="magnitude", retrain_steps=0, own_class=True,
+                              granularity="heads")  # the surgery is checked against the zeroed reference inside
+    assert result.report.params_after < result.report.params_before
+    assert result.module is not None, result.report.module_reason
+    vocab = caption_digits.Vocab()
+    pixels = example["pixel_values"]
+    graph = caption_digits.greedy(result.model, pixels, vocab.length)
+    module = result.module.generate(pixel_values=pixels, max_new_tokens=vocab.length - 1, do_sample=False)
+    assert [vocab.decode(r) for r in graph.tolist()] == [vocab.decode(r) for r in module.tolist()]
+
+
+def test_the_vqa_model_compresses_exactly_and_answers_through_generate():
+    """The pruned towers, put back into ``BlipForQuestionAnswering``, generate the answers the pruned graph decodes."""
+    from transformers import BlipForQuestionAnswering
+
+    s = _setup(vqa_digits)
+    gen = torch.Generator().manual_seed(0)
+    train_loop(s.model, lambda _: s.make_batch(gen), s.loss_fn, 30, 3e-3, warmup=5)
+    example = s.make_batch(torch.Generator().manual_seed(2))[0]
+    result = upop_fx.compress(s.model, example, ratio=0.5, method="magnitude", retrain_steps=0, own_class=True,
+                              granularity="heads")
+    assert result.report.params_after < result.report.params_before
+    assert result.module is not None, result.report.module_reason
+    question = {k: v for k, v in example.items() if k != "decoder_input_ids"}
+    graph = vqa_digits.greedy_answers(result.model, question)
+    assert torch.equal(vqa_digits.greedy_answers(result.module, question), graph)
+    hf = BlipForQuestionAnswering(_blip_config(result.module)).eval()  # a shell to generate with
+    hf.vision_model, hf.text_encoder, hf.text_decoder = (result.module.vision_model, result.module.text_encoder,
+                                                         result.module.text_decoder)
+    answers = hf.generate(input_ids=question["input_ids"], attention_mask=question["attention_mask"],
+                          pixel_values=question["pixel_values"], max_new_tokens=vqa_digits.ANSWER_LENGTH - 1,
+                          do_sample=False)
+    assert torch.equal(answers[:, 1], graph[:, 1])
+
+
+def _blip_config(module):
+    from transformers import BlipConfig
+
+    return BlipConfig(text_config=module.text_decoder.config.to_dict(),
+                      vision_config=module.vision_model.config.to_dict())
+
+
+def test_cider_scores_the_right_caption_above_a_wrong_one():
+    refs = [[caption_digits.caption(t, d) for t in caption_digits.TEMPLATES] for d in (3, 7, 1)]
+    right = caption_digits.cider(["a handwritten three", "the digit seven", "this is a one"], refs)
+    wrong = caption_digits.cider(["a handwritten eight", "the digit two", "this is a nine"], refs)
+    assert right > wrong > 0
+    assert caption_digits.first_digit("the number 7 written by hand") == 7
+    assert caption_digits.first_digit("a handwritten") is None
+
+
+def test_summary_and_targets_are_computed_over_seeds():
+    rows = [{"method": "dense", "seed": s, "m": 90.0 + s, "m_cut": 90.0 + s, "minutes": 1.0} for s in range(3)]
+    rows += [{"method": "unified", "seed": s, "m": 89.0 + s, "m_cut": 50.0, "kept_v": 0.5, "minutes": 1.0}
+             for s in range(3)]
+    rows += [{"method": "uniform", "seed": s, "m": 80.0, "m_cut": 40.0 + s, "kept_v": 0.5, "minutes": 1.0}
+             for s in range(3)]
+    summary = {r["method"]: r for r in summarize(rows, "m")}
+    assert summary["unified"]["m"] == pytest.approx(90.0) and summary["unified"]["m_std"] == pytest.approx(1.0)
+    assert summary["uniform"]["m_cut_std"] == pytest.approx(np.std([40, 41, 42], ddof=1))
+    lines = verdict(list(summary.values()), "m")
+    assert "1.00 points behind" in lines[0] and "met" in lines[0] and "NOT" not in lines[0]
+    assert "unified ahead) met" in lines[1]
+
+
+@pytest.mark.parametrize("module", [caption_digits, vqa_digits])
+def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
+    payload = module.main(["--seeds", "0", "--quick", "--train-steps", "5"])
+    methods = [r["method"] for r in payload["rows"]]
+    assert methods == ["dense", "unified", "uniform", "magnitude"]
+    metric = payload["metric"]
+    for r in payload["rows"]:
+        assert np.isfinite(r[metric]) and np.isfinite(r[f"{metric}_cut"])
+    pruned = [r for r in payload["rows"] if r["method"] != "dense"]
+    assert all(any(k.startswith("kept_") for k in r) for r in pruned)
+    assert all(r["params"] < payload["rows"][0]["params"] for r in pruned)
+    assert len(payload["verdict"]) == 2
