@@ -208,7 +208,7 @@ def run_main(task: Task, argv: list[str] | None = None, doc: str | None = None) 
     start = time.perf_counter()
     rows = [r for seed in args.seeds for r in run_seed(task, seed, args)]
     summary = summarize(rows, task.metric)
-    payload = {"task": task.name, "metric": task.metric, **task.describe, "paper": task.paper,
+    payload = {"task": task.name, "metric": task.metric, "about": task.describe, "paper": task.paper,
                "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
                "machine": machine(), "rows": rows, "summary": summary, "verdict": verdict(summary, task.metric),
                "total_minutes": round((time.perf_counter() - start) / 60, 2)}  # fmt: skip

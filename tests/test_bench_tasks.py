@@ -11,7 +11,7 @@ import torch
 import upop_fx
 from benchmarks import caption_digits, vqa_digits
 from benchmarks.digits_data import load_digits_split, train_loop
-from benchmarks.digits_task import summarize, verdict
+from benchmarks.digits_task import render, summarize, verdict
 
 pytest.importorskip("pycocoevalcap")
 
@@ -88,7 +88,7 @@ def test_cider_scores_the_right_caption_above_a_wrong_one():
     refs = [[caption_digits.caption(t, d) for t in caption_digits.TEMPLATES] for d in (3, 7, 1)]
     right = caption_digits.cider(["a handwritten three", "the digit seven", "this is a one"], refs)
     wrong = caption_digits.cider(["a handwritten eight", "the digit two", "this is a nine"], refs)
-    assert right > wrong > 0
+    assert right > wrong >= 0  # with three images the n-grams all share carry no weight (idf 0)
     assert caption_digits.first_digit("the number 7 written by hand") == 7
     assert caption_digits.first_digit("a handwritten") is None
 
@@ -119,3 +119,5 @@ def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
     assert all(any(k.startswith("kept_") for k in r) for r in pruned)
     assert all(r["params"] < payload["rows"][0]["params"] for r in pruned)
     assert len(payload["verdict"]) == 2
+    text = render(module.TASK, payload)
+    assert f"| method | seeds | {metric} | {metric}_cut |" in text and "Kept per layer" in text
