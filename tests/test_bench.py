@@ -55,6 +55,25 @@ def test_one_median_per_callable_in_order(monkeypatch: pytest.MonkeyPatch) -> No
     assert time_interleaved(step(4.0), runs=3, warmup=1) == pytest.approx([4.0])
 
 
+def test_savings_are_taken_per_round_so_a_slow_spell_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: the cut always takes 60% of the base's time, and 3 of 5 rounds run 2x slower (another job):
+    the saving of every round is 40%, and so is its median; the base's median is that of its slow rounds."""
+    now = [0.0]
+    monkeypatch.setattr(timing_module.time, "perf_counter", lambda: now[0])
+    factor = [1, 2, 2, 1, 2]  # per round: both calls of a round run alike
+    calls = []
+
+    def step(ms: float) -> Callable[[], None]:
+        def call() -> None:
+            now[0] += ms * factor[len(calls) // 2] / 1e3
+            calls.append(ms)
+        return call
+
+    base_ms, (saved,) = timing_module.saved_interleaved(step(10.0), step(6.0), runs=5, warmup=0)
+    assert saved == pytest.approx(0.4)
+    assert base_ms == pytest.approx(20.0)
+
+
 def test_two_callables_unpack_like_before() -> None:
     ms_a, ms_b = time_interleaved(lambda: None, lambda: None, runs=3, warmup=0)
     assert ms_a >= 0 and ms_b >= 0

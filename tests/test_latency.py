@@ -199,8 +199,13 @@ def test_tables_are_scaled_by_what_the_classes_save_together(encoder, tmp_path, 
     def fake_timing(*calls, **kw):
         return [ms.get(c(), 90.0) for c in calls]
 
+    def fake_saved(base, *calls, **kw):
+        b = ms[base()]
+        return b, [(b - ms.get(c(), 90.0)) / b for c in calls]
+
     monkeypatch.setattr(upop_fx.latency, "runner", fake_runner)
     monkeypatch.setattr(upop_fx.latency, "time_interleaved", fake_timing)
+    monkeypatch.setattr(upop_fx.latency, "saved_interleaved", fake_saved)
     model, x = encoder
     prepared = upop_fx.pipeline.prepare(model, x, 0.3, budget="flops")
     latency = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,

@@ -54,7 +54,7 @@ from .ort import ort_feeds, ort_session
 from .passes import Surgery
 from .search.strategy import Prepared, Selection
 from .structures import Entry, Structure, check_choice, entries_left, keep_sets
-from .timing import time_interleaved
+from .timing import saved_interleaved, time_interleaved
 
 __all__ = [
     "RUNTIMES", "CALIBRATIONS", "SHORT", "OVER", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
@@ -308,25 +308,24 @@ def measure_latency(
             ks = _grid(len(members[idx[0]]), structures[idx[0]].multiple)
             calls = [runner(runtime, _cut(dense, analysis, entries, members, dict.fromkeys(idx, k)), inputs, work,
                             f"k{k}") for k in ks]  # fmt: skip
-            ms = time_interleaved(dense_call, *calls, runs=runs, warmup=2, alternate=True)
-            # relative to the dense time measured with them: the load may differ from one class to the next
-            tables[sig] = {k: max(0.0, (ms[0] - m) / ms[0] / len(idx)) for k, m in zip(ks, ms[1:])}
+            # per round, relative to the dense time of that round: the load may drift within a class and between
+            base, saved = saved_interleaved(dense_call, *calls, runs=runs, warmup=2)
+            tables[sig] = {k: max(0.0, f / len(idx)) for k, f in zip(ks, saved)}
             log.info("latency class %s: dense %.2f ms, saved per structure (fraction of dense) %s",
-                     structures[idx[0]].name, ms[0], {k: round(v, 4) for k, v in tables[sig].items()})
+                     structures[idx[0]].name, base, {k: round(v, 4) for k, v in tables[sig].items()})
             measured.append(structures[idx[0]].name)
             store.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved,
-                                        "dense_ms": ms[0], "saved": tables[sig], "machine": machine}, indent=1))
+                                        "dense_ms": base, "saved": tables[sig], "machine": machine}, indent=1))
             bar.update()
         if len(classes) > 1 and joint is None:
             widths = {s: half[sig][0] for sig, idx in classes.items() for s in idx if half[sig]}
             call = runner(runtime, _cut(dense, analysis, entries, members, widths), inputs, work, "joint")
-            ms = time_interleaved(dense_call, call, runs=runs, warmup=2, alternate=True)
-            joint = (ms[0] - ms[1]) / ms[0]
+            base, (joint,) = saved_interleaved(dense_call, call, runs=runs, warmup=2)
             measured.append("joint")
             store.mkdir(parents=True, exist_ok=True)
             joint_file.write_text(json.dumps({"classes": sorted(classes), "runtime": runtime, "shape": resolved,
-                                              "dense_ms": ms[0], "saved": joint, "machine": machine}, indent=1))
+                                              "dense_ms": base, "saved": joint, "machine": machine}, indent=1))
             bar.update()
         bar.close()
         (dense_ms,) = time_interleaved(dense_call, runs=runs, warmup=2)
@@ -446,7 +445,8 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
     model = prepared.latency
     predicted = model.predict(entries_left(prepared.entries, len(prepared.structures), pruned).tolist())
     runs = _rounds(model.dense_ms, 20, 3.0)
-    dense_ms, small_ms = time_interleaved(dense, small, runs=runs, warmup=3, alternate=True)
+    dense_ms, (saved,) = saved_interleaved(dense, small, runs=runs, warmup=3)
+    small_ms = dense_ms * (1 - saved)  # the per-round saving on the dense median: see saved_interleaved
     row = {
         "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,

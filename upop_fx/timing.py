@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["time_interleaved"]
+__all__ = ["time_interleaved", "saved_interleaved"]
 
 
 def time_interleaved(*fns: Callable[[], Any], runs: int = 20, warmup: int = 3, alternate: bool = False) -> list[float]:
@@ -50,6 +50,31 @@ def time_interleaved(*fns: Callable[[], Any], runs: int = 20, warmup: int = 3, a
         >>> len(medians), "".join(calls)
         (2, 'ababba')
     """
+    return [statistics.median(t) for t in _rounds(fns, runs, warmup, alternate)]
+
+
+def saved_interleaved(base: Callable[[], Any], *fns: Callable[[], Any], runs: int = 20, warmup: int = 3,
+                      alternate: bool = True) -> tuple[float, list[float]]:
+    """The median milliseconds of ``base`` and, for each of ``fns``, the median over the timed rounds of the
+    fraction of ``base``'s time it saves *in that round*: ``(base_r − fn_r) / base_r``. A slowdown that lasts a
+    few rounds (another job on a shared machine) slows both calls of those rounds alike and cancels out, where a
+    ratio of medians taken over the whole run would keep part of it. Runs as :func:`time_interleaved`.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(256, 256), torch.nn.Linear(256, 16)
+        >>> x = torch.randn(64, 256)
+        >>> base_ms, (saved,) = saved_interleaved(lambda: a(x), lambda: b(x), runs=5, warmup=1)
+        >>> base_ms > 0 and saved < 1
+        True
+    """
+    times = _rounds((base, *fns), runs, warmup, alternate)
+    fractions = [statistics.median((b - t) / b for b, t in zip(times[0], ts)) for ts in times[1:]]
+    return statistics.median(times[0]), fractions
+
+
+def _rounds(fns: tuple[Callable[[], Any], ...], runs: int, warmup: int, alternate: bool) -> list[list[float]]:
+    """Every timed call of every callable, in milliseconds (``times[i][r]``: callable ``i``, round ``r``)."""
     if not fns:
         raise ConfigError("time_interleaved needs at least one callable")
     for f in fns:
@@ -68,4 +93,4 @@ def time_interleaved(*fns: Callable[[], Any], runs: int = 20, warmup: int = 3, a
             t0 = time.perf_counter()
             fns[i]()
             times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    return times
