@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import upop_fx
-from benchmarks import caption_digits, vqa_digits
+from benchmarks import caption_digits, nlvr2_digits, segmenter_digits, vqa_digits
 from benchmarks.digits_data import load_digits_split, train_loop
 from benchmarks.digits_task import render, summarize, verdict
 
@@ -107,7 +107,27 @@ def test_summary_and_targets_are_computed_over_seeds():
     assert "unified ahead) met" in lines[1]
 
 
-@pytest.mark.parametrize("module", [caption_digits, vqa_digits])
+TASKS = [caption_digits, vqa_digits, nlvr2_digits, segmenter_digits]
+
+
+@pytest.mark.parametrize("module", TASKS, ids=lambda m: m.__name__.split(".")[-1])
+def test_every_task_model_compresses_exactly_against_its_zeroed_reference(module):
+    s = _setup(module)
+    example = s.make_batch(torch.Generator().manual_seed(3))[0]
+    result = upop_fx.compress(s.model, example, ratio=0.5, method="magnitude", retrain_steps=0)
+    assert result.report.params_after < result.report.params_before
+    towers = {g.tower.split(".")[0] for g in result.report.groups if g.kept < g.total}
+    assert len(towers) >= 2, towers  # every tower is pruned, not only one
+    with torch.no_grad():
+        got, want = result.model(**example), result.reference()(**example)
+    leaves = [(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want))
+              if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    assert leaves
+    for a, b in leaves:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", TASKS, ids=lambda m: m.__name__.split(".")[-1])
 def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
     payload = module.main(["--seeds", "0", "--quick", "--train-steps", "5"])
     methods = [r["method"] for r in payload["rows"]]

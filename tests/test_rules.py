@@ -208,6 +208,18 @@ def test_linear_seeds_out_uses_and_next_linear_consumes():
     assert tr.reasons(b1.labels) == []
 
 
+def test_a_parameter_expanded_to_a_labelled_activation_carries_none_of_its_channels():
+    """Segmenter's class tokens: ``cls.expand_as(h)`` with ``h`` labelled by a Linear; the output joins the
+    stream by ``cat`` as plain values, and the Linear's channels stay prunable."""
+    def fn(m, x):
+        h = m.a(x)
+        return m.b(torch.relu(torch.cat([h, m.cls.expand_as(h)], dim=1))).sum(-1)
+
+    tr = trace(fn, x3(), a=nn.Linear(4, 6), b=nn.Linear(6, 3), cls=_p(1, 5, 6))
+    assert tr.block(tr.node(aten.expand_as if tr.nodes(aten.expand_as) else aten.expand, 0)) is None
+    assert tr.reasons(tr.labels("a.weight"))  # the cat with unlabelled values: the a-channels are refused, no crash
+
+
 def test_linear_with_computed_weight_is_refused():
     tr = trace(lambda m, x: F.linear(m.a(x), m.w * 2.0).sum(-1), x3(), a=nn.Linear(4, 6), w=_p(3, 6))
     lin = tr.node(aten.linear, 1)

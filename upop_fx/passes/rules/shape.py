@@ -155,7 +155,11 @@ def _permutation(node: Node, r: int) -> list[int] | None:
 
 @rule(aten.expand, aten.expand_as)
 def expand(ctx: Any, node: Node) -> Block | None:
+    """The values come from ``args[0]``; ``expand_as``'s other tensor only lends its shape (a learned token
+    broadcast to the batch of a labelled activation carries no channel of it)."""
     b = ctx.block(node.args[0])
+    if b is None:
+        return None
     off = rank(node) - rank(node.args[0])
     src, out = val(node.args[0]).shape, val(node).shape
     if any(src[a] != out[a + off] for a in b.axes):  # broadcasting a labelled axis of size 1
