@@ -46,9 +46,13 @@ bench-digits: $(BENCH)     ## ViT and CLIP trained on digits, compressed 2x
 	$(PY) -m benchmarks.vit_digits
 	$(PY) -m benchmarks.clip_digits
 
-bench-tasks: $(BENCH)      ## every digits task of the UPop paper, three seeds each (captioning, VQA)
+bench-tasks: $(BENCH)      ## every digits task of the UPop paper, three seeds each (captioning, VQA, NLVR2, segmentation)
 	$(PY) -m benchmarks.caption_digits
 	$(PY) -m benchmarks.vqa_digits
+	$(PY) -m benchmarks.nlvr2_digits
+	$(PY) -m benchmarks.segmenter_digits
+	$(PY) -m benchmarks.vit_digits --sweep
+	$(PY) -m benchmarks.clip_digits --sweep
 
 bench-kernels: $(BENCH)    ## Triton masked attention vs eager (needs a CUDA GPU)
 	$(PY) -m benchmarks.kernels
