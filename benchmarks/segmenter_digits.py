@@ -48,12 +48,13 @@ class Segmenter(torch.nn.Module):
         super().__init__()
         enc = ViTConfig(image_size=image_size, patch_size=patch, num_channels=1, hidden_size=hidden,
                         num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1)
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1,
+                        attn_implementation="sdpa")
         self.grid = image_size // patch
         self.image_size = image_size
         self.encoder = ViTModel(enc, add_pooling_layer=False)
         dec = ViTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=mlp, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+                        attention_probs_dropout_prob=0.0, attn_implementation="sdpa")  # standalone layers: say which
         self.proj_dec = torch.nn.Linear(hidden, hidden)
         self.cls_emb = torch.nn.Parameter(0.02 * torch.randn(1, classes, hidden))
         self.blocks = torch.nn.ModuleList(ViTLayer(dec) for _ in range(decoder_layers))
