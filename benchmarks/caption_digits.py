@@ -175,7 +175,6 @@ TASK = Task(
     },
     paper="BLIP on COCO captioning, CIDEr 133.3 → 128.9 at 2×",
     setup=setup,
-    defaults={"train_steps": 1500, "train_lr": 2e-3, "search_steps": 200, "retrain_steps": 100, "lr": 3e-4},
 )
 
 

@@ -77,7 +77,7 @@ class Task:
 
 def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None) -> argparse.Namespace:
     """The options every digits task takes, with ``task.defaults`` as their defaults."""
-    d = {"train_steps": 1000, "train_lr": 3e-3, "batch_size": 64, "search_steps": 200, "retrain_steps": 100,
+    d = {"train_steps": 1500, "train_lr": 2e-3, "batch_size": 64, "search_steps": 200, "retrain_steps": 100,
          "lr": 3e-4, "interval": 10} | task.defaults  # fmt: skip
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{task.name}", description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)

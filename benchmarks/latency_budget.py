@@ -52,7 +52,7 @@ import upop_fx  # noqa: E402
 from benchmarks.common import machine, markdown_table, match_speedup, quiet_timing, write_results  # noqa: E402
 from benchmarks.latency import build, tp_prune  # noqa: E402
 from upop_fx.export import export_onnx  # noqa: E402
-from upop_fx.latency import RUNTIMES, check_runtime, runner  # noqa: E402
+from upop_fx.latency import RUNTIMES, check_runtime, ort_providers, runner  # noqa: E402
 from upop_fx.ort import ort_feeds, ort_session  # noqa: E402
 from upop_fx.report import count_flops  # noqa: E402
 from upop_fx.timing import time_interleaved  # noqa: E402
@@ -93,8 +93,7 @@ def _session(model: torch.nn.Module, example: dict[str, torch.Tensor], timing: d
     if runtime.startswith("torch"):
         return runner(runtime, model, ((), timing), path.parent, path.stem)
     onnx = export_onnx(model, example, path, optimize=False).path
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
-    session = ort_session(onnx, providers=providers, spinning=False)  # timed in turn: no spinning threads
+    session = ort_session(onnx, providers=ort_providers(runtime), spinning=False)  # timed in turn: no spinning
     feeds = ort_feeds(session, (), timing)
     return lambda: session.run(None, feeds)
 

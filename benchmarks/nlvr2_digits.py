@@ -151,7 +151,6 @@ TASK = Task(
     },
     paper="BLIP on NLVR2 (test-P), 83.1 → 81.1 at 2×",
     setup=setup,
-    defaults={"train_steps": 1500, "train_lr": 2e-3, "search_steps": 200, "retrain_steps": 100, "lr": 3e-4},
 )
 
 

@@ -142,7 +142,6 @@ TASK = Task(
     },
     paper="Segmenter ViT-S on ADE20K, mIoU 45.3 → 44.4 at 1.39× fewer FLOPs",
     setup=setup,
-    defaults={"train_steps": 1500, "train_lr": 2e-3, "search_steps": 200, "retrain_steps": 100, "lr": 3e-4},
 )
 
 

@@ -160,7 +160,6 @@ TASK = Task(
     },
     paper="BLIP on VQAv2 test-dev, 77.4 → 76.3 at 2×",
     setup=setup,
-    defaults={"train_steps": 1500, "train_lr": 2e-3, "search_steps": 200, "retrain_steps": 100, "lr": 3e-4},
 )
 
 

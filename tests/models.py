@@ -348,38 +348,10 @@ def clip() -> ZooModel:
                           "text pooled at the eos token (argmax of input_ids == eos)")
 
 
-class BlipVQA(nn.Module):
-    """The training-time forward of ``BlipForQuestionAnswering``, returning the answer-decoder logits.
-
-    Holds the three towers of a ``BlipForQuestionAnswering`` under the same attribute names, so parameter
-    names match the HF model (``vision_model.*``, ``text_encoder.*``, ``text_decoder.*``). The forward is
-    ``BlipForQuestionAnswering.forward`` with ``decoder_input_ids`` given, minus the loss: the HF forward
-    returns only the loss and the *vision* states, so without labels its text towers are dead code.
-    """
-
-    def __init__(self, blip: nn.Module) -> None:
-        super().__init__()
-        self.vision_model = blip.vision_model
-        self.text_encoder = blip.text_encoder
-        self.text_decoder = blip.text_decoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, 1+P, Cv)
-        image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
-                                          device=image_embeds.device)
-        question_embeds = self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_attention_mask, use_cache=False,
-        ).last_hidden_state  # (B, T, Ct)
-        return self.text_decoder(
-            input_ids=decoder_input_ids, encoder_hidden_states=question_embeds,
-            encoder_attention_mask=attention_mask, use_cache=False,
-        ).logits  # (B, T_ans, V)
-
-
 def blip_vqa() -> ZooModel:
     from transformers import BlipConfig, BlipForQuestionAnswering
+
+    from benchmarks.vqa_digits import BlipVQA
 
     torch.manual_seed(SEED)
     # The answer decoder cross-attends to the question encoder's output with the same text_config, so
@@ -401,7 +373,7 @@ def blip_vqa() -> ZooModel:
     return ZooModel("blip_vqa", model, inputs(BATCH, SEQ, 5, 1), inputs(OTHER_BATCH, OTHER_SEQ, 7, 2),
                     dims={**_text_dims(), **_pixel_dims(), "decoder_input_ids": {0: "batch", 1: "answer_seq"}},
                     dim_max={"seq": MAX_POS, "answer_seq": MAX_POS},
-                    notes="wrapper BlipVQA (the HF forward returns no decoder output); vision packed qkv; "
+                    notes="wrapper BlipVQA of benchmarks.vqa_digits (the HF forward returns no decoder output); vision packed qkv; "
                           "text encoder self+cross (to image), answer decoder causal self+cross (to question)")
 
 

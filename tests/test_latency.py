@@ -109,20 +109,27 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
         upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, budget="latency", runtime="torch-cpu")
 
 
+def _fake_measurements(monkeypatch, speedup):
+    """The calibration's measurements replaced by ``speedup(n, row)`` for the n-th cut timed (1-based); returns
+    the number of entries each cut removed, in order."""
+    real = upop_fx.latency._latency_row
+    calls = []
+
+    def fake(prepared, pruned, dense, small):
+        row = real(prepared, pruned, dense, small)
+        calls.append(int(np.sum(pruned)))
+        row["measured_speedup"] = speedup(len(calls), row)
+        return row
+
+    monkeypatch.setattr(upop_fx.latency, "_latency_row", fake)
+    return calls
+
+
 def test_a_cut_measured_short_of_the_asked_speedup_is_reselected(encoder, tmp_path, monkeypatch):
     """The runtime is faked to run every cut 20% slower than predicted: the strategy re-selects with the shortfall
     folded in, removes more, and that second cut reaches the ask."""
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
-    real = upop_fx.latency._latency_row
-    calls = []
-
-    def short_first(prepared, pruned, dense, small):
-        row = real(prepared, pruned, dense, small)
-        calls.append(int(np.sum(pruned)))
-        row["measured_speedup"] = row["predicted_speedup"] * 0.8
-        return row
-
-    monkeypatch.setattr(upop_fx.latency, "_latency_row", short_first)
+    calls = _fake_measurements(monkeypatch, lambda n, row: row["predicted_speedup"] * 0.8)
     model, x = encoder
     result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
                               runtime="torch-cpu")
@@ -139,17 +146,9 @@ def test_a_cut_measured_well_past_the_asked_speedup_is_reselected_for_less(encod
     """The first cut is faked to run 30% faster than predicted: the strategy re-selects for less and keeps that
     cut when it still reaches the ask; when the second measures short (``second=0.5``), the first is kept."""
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
-    real = upop_fx.latency._latency_row
-    calls = []
-
-    def fast_first(prepared, pruned, dense, small):
-        row = real(prepared, pruned, dense, small)
-        calls.append(int(np.sum(pruned)))
-        # the first cut 30% faster than predicted; the second exactly as asked (or far short of it)
-        row["measured_speedup"] = row["predicted_speedup"] * 1.3 if len(calls) == 1 else second / (1 - 0.3)
-        return row
-
-    monkeypatch.setattr(upop_fx.latency, "_latency_row", fast_first)
+    # the first cut 30% faster than predicted; the later ones exactly as asked (or far short of it)
+    calls = _fake_measurements(monkeypatch,
+                               lambda n, row: row["predicted_speedup"] * 1.3 if n == 1 else second / (1 - 0.3))
     model, x = encoder
     result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
                               runtime="torch-cpu")

@@ -58,7 +58,7 @@ from .timing import saved_interleaved, time_interleaved
 
 __all__ = [
     "RUNTIMES", "CALIBRATIONS", "SHORT", "OVER", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
-    "measure_latency", "runner", "cache_dir", "use_latency", "calibrated_cut",
+    "measure_latency", "runner", "ort_providers", "cache_dir", "use_latency", "calibrated_cut",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,11 @@ def _grid(n: int, multiple: int, fractions: Sequence[float] = GRID) -> list[int]
     return sorted(ks, reverse=True)
 
 
+def ort_providers(runtime: str) -> list[str] | None:
+    """ONNX Runtime's execution providers for ``runtime`` (None: its default, the CPU)."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
+
+
 def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]],
            workdir: Path, name: str) -> Callable[[], Any]:
     """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime`` (for ONNX Runtime, exported under
@@ -226,8 +231,7 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
 
         return call
     path = export_for_timing(gm, tuple(args), dict(kwargs), workdir / f"{name}.onnx")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runtime == "onnxruntime-cuda" else None
-    session = ort_session(path, providers=providers, spinning=False)  # timed in turn with other sessions
+    session = ort_session(path, providers=ort_providers(runtime), spinning=False)  # timed in turn with others
     feeds = ort_feeds(session, args, kwargs)
     return lambda: session.run(None, feeds)
 
