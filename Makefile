@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-digits bench-tasks bench-memory gpu-check lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ $(BENCH): $(STAMP)
 	touch $(BENCH)
 
 # Slow benchmarks: not part of `make test`; each writes benchmarks/results/<name>.json and .md.
-bench: bench-accuracy bench-latency bench-latency-budget bench-digits bench-tasks bench-kernels bench-memory
+bench: bench-accuracy bench-latency bench-latency-budget bench-tasks bench-kernels bench-memory
 
 bench-accuracy: $(BENCH)   ## MiniLM on BBC News: UPop vs magnitude vs Torch-Pruning
 	$(PY) -m benchmarks.accuracy_minilm
@@ -42,17 +42,16 @@ bench-latency: $(BENCH)    ## dense vs compressed latency in PyTorch and ONNX Ru
 bench-latency-budget: $(BENCH)  ## budget="latency": asked vs measured vs predicted speedup, ONNX Runtime CPU
 	$(PY) -m benchmarks.latency_budget
 
-bench-digits: $(BENCH)     ## ViT and CLIP trained on digits, compressed 2x
-	$(PY) -m benchmarks.vit_digits
-	$(PY) -m benchmarks.clip_digits
 
-bench-tasks: $(BENCH)      ## every digits task of the UPop paper, three seeds each (captioning, VQA, NLVR2, segmentation)
+bench-tasks: $(BENCH)      ## every digits task of the UPop paper, three seeds each, then the default-score decision
 	$(PY) -m benchmarks.caption_digits
 	$(PY) -m benchmarks.vqa_digits
 	$(PY) -m benchmarks.nlvr2_digits
 	$(PY) -m benchmarks.segmenter_digits
-	$(PY) -m benchmarks.vit_digits --sweep
-	$(PY) -m benchmarks.clip_digits --sweep
+	$(PY) -m benchmarks.vit_digits
+	$(PY) -m benchmarks.clip_digits
+	$(PY) -m benchmarks.accuracy_minilm --seeds 0 1 2 --ratios 0.5 --methods upop upop_sensitivity --name accuracy_minilm_scores
+	$(PY) -m benchmarks.score_default
 
 bench-kernels: $(BENCH)    ## Triton masked attention vs eager (needs a CUDA GPU)
 	$(PY) -m benchmarks.kernels

@@ -35,7 +35,7 @@ from .common import RESULTS, machine, markdown_table, write_results
 log = logging.getLogger("benchmarks.accuracy_minilm")
 
 SEQ = 128
-COLUMNS = ["method", "ratio", "params_after", "recall_at_1", "mrr", "probe_acc", "cosine", "minutes"]
+COLUMNS = ["method", "ratio", "seed", "params_after", "recall_at_1", "mrr", "probe_acc", "cosine", "minutes"]
 
 
 class Corpus:
@@ -145,32 +145,33 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         if save is not None:
             save(_payload(args, corpus, rows, complete=False))
     steps = args.search_steps + args.retrain_steps
-    data = corpus.batches(steps, args.batch_size)
-    example = data[0]
-    for ratio in args.ratios:
-        for method in [m for m in args.methods if m != "dense"]:
-            t = time.perf_counter()
-            if method in ("upop", "upop_sensitivity"):
-                score = "sensitivity" if method == "upop_sensitivity" else "gradient"
-                r = upop_fx.compress(model, example, ratio, "upop", data=data, search_steps=args.search_steps,
-                                     retrain_steps=steps - args.search_steps, lr=args.lr, interval=args.interval,
-                                     score=score)
-                small = r.model
-            elif method == "magnitude":  # same total training budget, all of it retraining
-                r = upop_fx.compress(model, example, ratio, "magnitude", data=data, retrain_steps=steps, lr=args.lr)
-                small = r.model
-            elif method == "torch_pruning":
-                small = torch_pruning(model, example, ratio)
-                upop_fx.retrain(small, model, data, None, steps, args.lr, example)
-            else:
-                raise SystemExit(f"unknown method {method}")
-            minutes = (time.perf_counter() - t) / 60
-            row = {"method": method, "ratio": ratio, "params_after": sum(p.numel() for p in small.parameters()),
-                   **evaluate(small, corpus, dense), "minutes": round(minutes, 2)}
-            rows.append(row)
-            log.info("%s", row)
-            if save is not None:  # partial results survive an interrupted run
-                save(_payload(args, corpus, rows, complete=False))
+    for seed, ratio, method in [(s, r, m) for s in args.seeds for r in args.ratios for m in args.methods
+                                if m != "dense"]:
+        data = corpus.batches(steps, args.batch_size, seed=seed)  # seed = the distillation batches + the search
+        example = data[0]
+        t = time.perf_counter()
+        if method in ("upop", "upop_sensitivity"):
+            score = "sensitivity" if method == "upop_sensitivity" else "gradient"
+            r = upop_fx.compress(model, example, ratio, "upop", data=data, search_steps=args.search_steps,
+                                 retrain_steps=steps - args.search_steps, lr=args.lr, interval=args.interval,
+                                 score=score, seed=seed)
+            small = r.model
+        elif method == "magnitude":  # same total training budget, all of it retraining
+            r = upop_fx.compress(model, example, ratio, "magnitude", data=data, retrain_steps=steps, lr=args.lr,
+                                 seed=seed)
+            small = r.model
+        elif method == "torch_pruning":
+            small = torch_pruning(model, example, ratio)
+            upop_fx.retrain(small, model, data, None, steps, args.lr, example)
+        else:
+            raise SystemExit(f"unknown method {method}")
+        minutes = (time.perf_counter() - t) / 60
+        row = {"method": method, "ratio": ratio, "seed": seed, "params_after": sum(p.numel() for p in small.parameters()),
+               **evaluate(small, corpus, dense), "minutes": round(minutes, 2)}
+        rows.append(row)
+        log.info("%s", row)
+        if save is not None:  # partial results survive an interrupted run
+            save(_payload(args, corpus, rows, complete=False))
     return _payload(args, corpus, rows, complete=True)
 
 
@@ -188,9 +189,28 @@ def _payload(args: argparse.Namespace, corpus: Corpus, rows: list[dict[str, Any]
     }
 
 
+METRICS = ("recall_at_1", "mrr", "probe_acc", "cosine", "minutes")
+
+
+def means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, ratio): the mean over its seeds of every metric, ``<metric>_std`` (sample std, 0 for
+    one seed) and ``seeds``."""
+    out = []
+    for key in dict.fromkeys((r["method"], r["ratio"]) for r in rows):
+        mine = [r for r in rows if (r["method"], r["ratio"]) == key]
+        row: dict[str, Any] = {"method": key[0], "ratio": key[1], "seeds": len(mine),
+                               "params_after": mine[0]["params_after"]}
+        for k in METRICS:
+            v = np.array([r[k] for r in mine], dtype=float)
+            row[k], row[f"{k}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out.append(row)
+    return out
+
+
 def verdict(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[str]:
-    """The targets at ``ratio``, checked on ``rows``: upop MRR ≥ 0.95 × dense, fixed-probe accuracy within
-    2 points of dense, MRR above magnitude and Torch-Pruning."""
+    """The targets at ``ratio``, checked on the means over the seeds of ``rows``: upop MRR ≥ 0.95 × dense,
+    fixed-probe accuracy within 2 points of dense, MRR above magnitude and Torch-Pruning."""
+    rows = means(rows)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     at = {r["method"]: r for r in rows if r["ratio"] == ratio}
     out = []
@@ -230,11 +250,22 @@ def render(payload: dict[str, Any]) -> str:
         "minutes = search + retrain wall time",
         f"- complete: {payload['complete']}",
         "",
-        markdown_table(_with_mrr_vs_dense(payload["rows"]), [*COLUMNS[:5], "mrr_vs_dense", *COLUMNS[5:]]),
+        markdown_table(_with_mrr_vs_dense(payload["rows"]), [*COLUMNS[:6], "mrr_vs_dense", *COLUMNS[6:]]),
         "",
+        *_seed_table(payload["rows"]),
         *[f"- {line}" for line in verdict(payload["rows"])],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean ± std over the seeds, when some row was run with more than one."""
+    summary = means(rows)
+    if all(r["seeds"] == 1 for r in summary):
+        return []
+    shown = [{"method": r["method"], "ratio": r["ratio"], "seeds": r["seeds"],
+              **{k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in METRICS}} for r in summary]
+    return ["## Mean ± std over the seeds", "", markdown_table(shown, ["method", "ratio", "seeds", *METRICS]), ""]
 
 
 def _previous_rows(path: Any) -> list[dict[str, Any]]:
@@ -248,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["dense", "magnitude", "torch_pruning", "upop"],
                    choices=["dense", "magnitude", "torch_pruning", "upop", "upop_sensitivity"],
                    help="rows to run (upop_sensitivity: UPop with score='sensitivity')")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed (the distillation batches and the search); several give mean ± std")
+    p.add_argument("--name", default=None,
+                   help="results name under --out (default accuracy_minilm; accuracy_minilm_quick with --quick)")
     p.add_argument("--search-steps", type=int, default=150, help="UPop search steps (default 150)")
     p.add_argument("--retrain-steps", type=int, default=150,
                    help="retrain steps after UPop's cut; the other methods retrain search+retrain steps (default 150)")
@@ -268,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.render)
         path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
         return 0
-    name = "accuracy_minilm_quick" if args.quick else "accuracy_minilm"
+    name = args.name or ("accuracy_minilm_quick" if args.quick else "accuracy_minilm")
     previous = _previous_rows(Path(args.out) / f"{name}.json") if args.merge else []
 
     def save(payload: dict[str, Any]) -> Path:
-        done = {(r["method"], r["ratio"]) for r in payload["rows"]}
-        kept = [r for r in previous if (r["method"], r["ratio"]) not in done]
+        done = {(r["method"], r["ratio"], r.get("seed", 0)) for r in payload["rows"]}
+        kept = [r for r in previous if (r["method"], r["ratio"], r.get("seed", 0)) not in done]
         rows = sorted(kept + payload["rows"], key=lambda r: r["ratio"])
         merged = {**payload, "rows": rows}
         return write_results(name, merged, COLUMNS, Path(args.out), markdown=render(merged))

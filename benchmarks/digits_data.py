@@ -1,7 +1,7 @@
-"""Shared pieces of the digits benchmarks (``vit_digits``, ``clip_digits``).
+"""Shared pieces of the digits benchmarks (every task run by :mod:`benchmarks.digits_task`).
 
 * **Data**: scikit-learn's ``load_digits`` (1,797 8×8 grey images, shipped with scikit-learn: nothing is
-  downloaded), a fixed stratified 80/20 split (seed 0), ±1 px shift augmentation.
+  downloaded), a stratified 80/20 split (per seed), ±1 px shift augmentation.
 * **Training**: a plain AdamW loop with warm-up + cosine decay for training the dense models from scratch.
 * **Compression runs**: every method goes through the same steps — search (or one-shot ranking) → cut →
   the same retrain — and is measured before and after the retrain:
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +38,6 @@ __all__ = [
     "compress_run",
     "RunOutcome",
     "METHODS",
-    "plan",
-    "Job",
-    "jobs",
-    "write_markdown",
-    "unified_vs_uniform",
 ]
 
 METHODS = ("unified", "uniform", "magnitude", "uniform_magnitude")
@@ -191,62 +186,6 @@ def compress_run(
     return RunOutcome(method, result, metrics_cut, evaluate(result.model), minutes, search_losses, retrain_losses)
 
 
-def plan(methods: Sequence[str], search_steps: int, retrain_steps: int, equal_budget: bool) -> list[tuple[str, str, int]]:
-    """``(label, method, retrain steps)`` per row: every method gets ``retrain_steps``; with ``equal_budget`` the
-    one-shot methods (no search, so no training during it) get one more row whose retrain is
-    ``search_steps + retrain_steps`` long — the same number of training steps as the searched methods."""
-    rows = [(m, m, retrain_steps) for m in methods]
-    if equal_budget:
-        rows += [(f"{m} (retrain {search_steps + retrain_steps})", m, search_steps + retrain_steps)
-                 for m in methods if m in ("magnitude", "uniform_magnitude")]
-    return rows
-
-
-@dataclass
-class Job:
-    """One compression run of a benchmark: a row of the main table or of the sweep table."""
-
-    label: str
-    method: str
-    search_steps: int
-    retrain_steps: int
-    lr: float
-    interval: int
-    table: str = "main"
-
-
-def jobs(args: Any) -> list[Job]:
-    """The main rows (``plan``) with the script's settings, then for every ``--sweep`` spec
-    ``SEARCH:LR:INTERVAL:RETRAIN`` a unified and a uniform row with those settings."""
-    out = [Job(label, m, args.search_steps, r, args.lr, args.interval)
-           for label, m, r in plan(args.methods, args.search_steps, args.retrain_steps, args.equal_budget)]
-    for spec in args.sweep:
-        s, lr, i, r = spec.split(":")
-        for m in ("unified", "uniform"):
-            out.append(Job(f"{m} search={s} lr={float(lr):g} interval={i} retrain={r}", m, int(s), int(r), float(lr),
-                           int(i), "sweep"))
-    return out
-
-
-def unified_vs_uniform(payload: dict[str, Any], cut: str, after: str) -> list[dict[str, Any]]:
-    """Every unified/uniform pair of the run (the main table's, then the sweep's), with its settings and the
-    metric ``cut`` (right after the cut) and ``after`` (after the retrain) of both."""
-    cfg = payload["config"]
-    main = {r["method"]: r for r in payload["rows"]}
-    pairs = []
-    if "unified" in main and "uniform" in main:
-        pairs.append(({"search": cfg["search_steps"], "lr": cfg["lr"], "interval": cfg["interval"],
-                       "retrain": cfg["retrain_steps"], "main": True}, main["unified"], main["uniform"]))
-    sweep = payload.get("sweep", [])
-    for u in (r for r in sweep if r["method"] == "unified"):
-        key = (u["search"], u["lr"], u["interval"], u["retrain"])
-        f = next((r for r in sweep if r["method"] == "uniform" and (r["search"], r["lr"], r["interval"], r["retrain"]) == key), None)
-        if f is not None:
-            pairs.append(({"search": key[0], "lr": key[1], "interval": key[2], "retrain": key[3], "main": False}, u, f))
-    return [{**s, "unified_cut": u[cut], "uniform_cut": f[cut], "unified": u[after], "uniform": f[after]}
-            for s, u, f in pairs]
-
-
 def towers_summary(report: upop_fx.Report) -> dict[str, dict[str, Any]]:
     """``report.towers()`` with short tower names and rounded fractions (for the JSON and the table)."""
     out = {}
@@ -256,31 +195,3 @@ def towers_summary(report: upop_fx.Report) -> dict[str, dict[str, Any]]:
             "layers": {str(k): round(v, 4) for k, v in t["layers"].items()},
         }
     return out
-
-
-def write_markdown(path: Any, payload: dict[str, Any], sweep_columns: Sequence[str] = ()) -> None:
-    """Put the run's description (model, data, loss, metrics, config, machine) above the table that
-    ``common.write_results`` wrote, and the verdict / notes below it."""
-    from pathlib import Path
-
-    path = Path(path)
-    table = path.read_text()
-    head = [f"# {path.stem}", ""]
-    for key in ("model", "data", "loss", "metric"):
-        if key in payload:
-            head.append(f"- {key}: {payload[key]}")
-    for key, text in payload.get("metrics", {}).items():
-        head.append(f"- `{key}`: {text}")
-    cfg = payload.get("config", {})
-    head.append("- config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    m = payload.get("machine", {})
-    head.append(f"- machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} "
-                f"({m.get('torch_threads')} thread(s)); minutes are wall-clock; total {payload.get('total_minutes')} min")
-    tail = [f"- {line}" for line in payload.get("verdict", []) + payload.get("notes", [])]
-    text = "\n".join(head) + "\n\n" + table + ("\n" + "\n".join(tail) + "\n" if tail else "")
-    if payload.get("sweep"):
-        from .common import markdown_table
-
-        text += ("\n## Sweep: unified vs uniform under other search settings\n\n"
-                 + markdown_table(payload["sweep"], list(sweep_columns)) + "\n")
-    path.write_text(text)

@@ -7,11 +7,13 @@ for every task:
 
 * **seed** = the data split (:func:`~benchmarks.digits_data.load_digits_split`), the model's initialisation,
   the training batches and the search (``compress(seed=...)``): three seeds are three independent runs;
-* **dense**: ``--train-steps`` of AdamW (warm-up + cosine) on the task's loss;
+* **dense**: the task's pretraining stage if it has one (``--pretrain-steps``), then ``--train-steps`` of AdamW
+  (warm-up + cosine) on the task's loss;
 * **methods**, at ``--ratio`` of the prunable parameters, each through :func:`~benchmarks.digits_data.compress_run`
   (search or one-shot ranking → cut → score → the same retrain → score): ``unified`` (UPop's one ranking over
-  every tower), ``uniform`` (the same search, every structure of every tower pruned by the same fraction),
-  ``magnitude`` (one-shot mean-|weight| ranking);
+  every tower, ranked by ``--score``), ``uniform`` (the same search, every structure of every tower pruned by the
+  same fraction), ``magnitude`` (one-shot mean-|weight| ranking), and ``unified_<score>`` for the other ranking
+  scores (the evidence for the default score: ``benchmarks.score_default`` reads these rows);
 * **rows**: ``{"method", "seed", "score", METRIC, METRIC + "_cut", "kept_<tower>", "layers", "params", "minutes"}``
   (``METRIC_cut``: right after the cut; ``METRIC``: after the retrain; ``layers``: the kept fraction per layer of
   every tower), and a summary per method (mean ± std over the seeds) checked against the targets: ``unified``
@@ -43,7 +45,7 @@ from .digits_data import Digits, compress_run, load_digits_split, towers_summary
 
 log = logging.getLogger("benchmarks.digits_task")
 
-TASK_METHODS = ("unified", "uniform", "magnitude")
+TASK_METHODS = ("unified", "uniform", "magnitude", *(f"unified_{s}" for s in SCORES))
 #: the targets every task is checked against (points of the task's metric)
 WITHIN_DENSE = 2.0
 
@@ -61,6 +63,9 @@ class Setup:
     evaluate: Callable[[torch.nn.Module], dict[str, float]]
     #: extra keyword arguments for ``upop_fx.compress`` (``own_class``, ``granularity``, …)
     compress: dict[str, Any] = field(default_factory=dict)
+    #: ``pretrain(gen)``: a stage before the task's training, counted in the dense minutes (the BLIP tasks
+    #: pretrain the vision tower on digit classification, as BLIP starts from a pretrained ViT)
+    pretrain: Callable[[torch.Generator], None] | None = None
 
 
 @dataclass
@@ -77,14 +82,18 @@ class Task:
 
 def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None) -> argparse.Namespace:
     """The options every digits task takes, with ``task.defaults`` as their defaults."""
-    d = {"train_steps": 1500, "train_lr": 2e-3, "batch_size": 64, "search_steps": 200, "retrain_steps": 100,
+    d = {"pretrain_steps": 0, "train_steps": 1500, "train_lr": 2e-3, "batch_size": 64, "search_steps": 300, "retrain_steps": 300,
          "lr": 3e-4, "interval": 10} | task.defaults  # fmt: skip
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{task.name}", description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed (default 0 1 2)")
-    p.add_argument("--methods", nargs="+", default=list(TASK_METHODS), choices=TASK_METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=TASK_METHODS,
+                   help="rows to run (default: unified, uniform, magnitude and unified_<score> for every other "
+                        "score; unified_<score> is unified ranked by that score)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of the prunable parameters removed (default 0.5)")
     p.add_argument("--score", default="gradient", choices=SCORES, help="UPop's ranking score (default gradient)")
+    p.add_argument("--pretrain-steps", type=int, default=d["pretrain_steps"],
+                   help="steps of the task's pretraining stage, if it has one")
     p.add_argument("--train-steps", type=int, default=d["train_steps"], help="steps of dense training")
     p.add_argument("--train-lr", type=float, default=d["train_lr"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
@@ -96,8 +105,11 @@ def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, nothing written unless --out")
     p.add_argument("--out", default=None, help=f"results name under benchmarks/results (default {task.name})")
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = ["unified", "uniform", "magnitude", *(f"unified_{s}" for s in SCORES if s != args.score)]
     if args.quick:
         args.train_steps, args.search_steps, args.retrain_steps, args.interval = 20, 6, 3, 3
+        args.pretrain_steps = min(args.pretrain_steps, 10)
     return args
 
 
@@ -108,6 +120,8 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     setup = task.setup(digits, seed, args)
     gen = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
+    if setup.pretrain is not None and args.pretrain_steps:
+        setup.pretrain(gen)
     train_loop(setup.model, lambda _: setup.make_batch(gen), setup.loss_fn, args.train_steps, args.train_lr,
                warmup=max(1, min(50, args.train_steps // 10)), log_every=max(1, args.train_steps // 4), log=log.info)
     train_minutes = (time.perf_counter() - t) / 60
@@ -118,12 +132,14 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     rows = [{"method": "dense", "seed": seed, "score": None, **dense, f"{task.metric}_cut": dense[task.metric],
              "params": sum(p.numel() for p in setup.model.parameters()), "minutes": round(train_minutes, 2)}]
     for method in args.methods:
-        out = compress_run(method, setup.model, data[0][0], data, setup.loss_fn, setup.evaluate, ratio=args.ratio,
+        base, _, score = method.partition("_")
+        score = score or args.score
+        out = compress_run(base, setup.model, data[0][0], data, setup.loss_fn, setup.evaluate, ratio=args.ratio,
                            search_steps=args.search_steps, retrain_steps=args.retrain_steps, lr=args.lr,
-                           interval=args.interval, seed=seed, score=args.score, **setup.compress)
+                           interval=args.interval, seed=seed, score=score, **setup.compress)
         towers = towers_summary(out.result.report)
         rows.append({
-            "method": method, "seed": seed, "score": args.score if method != "magnitude" else None, **out.metrics,
+            "method": method, "seed": seed, "score": score if base != "magnitude" else None, **out.metrics,
             f"{task.metric}_cut": out.metrics_cut[task.metric],
             **{f"kept_{name}": t["kept_fraction"] for name, t in towers.items()},
             "layers": {name: t["layers"] for name, t in towers.items()},

@@ -6,12 +6,18 @@ vision encoder (``BlipVisionModel``: 8×8 images repeated to 3 channels, 2×2 pa
 4 heads × 16, MLP 256) applied to both images (as one batch of 2B), a text encoder (``BlipTextModel`` in
 encoder mode, hidden 64, 2 layers, 4 heads × 16, MLP 256) whose cross-attention attends to the tokens of both
 images, and a true/false head (linear–ReLU–linear on the first text token). Where the paper gives every layer one
-cross-attention per image and merges them, here both images' tokens form one cross-attended sequence, each image
-tagged by a learned embedding (left / right) — the same information through the stock BLIP modules.
+cross-attention per image and merges their outputs with a linear layer, here the merge comes first: the two
+images' tokens are concatenated position by position ([left; right], 2 × 64 features) and a linear layer merges
+them into the one sequence the stock BLIP cross-attention attends to, so left and right stay in different
+directions of every token.
 
-Statements about a pair: "the left digit is larger", "the right digit is larger", "both digits are even", "they
-are the same digit"; every example draws a statement and a truth value (balanced true / false) and then a pair of
-images whose digits make it so. Loss: cross entropy of true / false.
+Statements about a pair: "the left digit is larger", "both digits are even", "they are the same digit", "their
+sum is more than nine"; every example draws a statement and a truth value (balanced true / false) and then a pair
+of images whose digits make it so. Loss: cross entropy of true / false. (With "the right digit is larger" beside
+"the left digit is larger", those two stayed at chance after 3 minutes of training while the others reached
+73–98%: for a model that does not yet tell the two statements apart their labels are opposite on the same pairs,
+so their gradients cancel.) Training: the vision tower is first pretrained on digit classification (800 steps,
+as BLIP starts from a pretrained ViT), then the model trains on the statements (1,400 steps at lr 5e-4).
 
 Metric: ``accuracy`` (%) on 1,440 balanced examples drawn (fixed per seed) from the held-out images only.
 Compressed with UPop's unified search, the uniform search and magnitude at ratio 0.5, each followed by the same
@@ -29,17 +35,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .caption_digits import BOS, PAD, SEP, images
+from .caption_digits import BOS, PAD, SEP, images, vision_pretraining
 from .digits_data import Digits, shift
 from .digits_task import Setup, Task, run_main
 
-STATEMENTS = ["the left digit is larger", "the right digit is larger", "both digits are even",
-              "they are the same digit"]
+STATEMENTS = ["the left digit is larger", "both digits are even", "they are the same digit",
+              "their sum is more than nine"]
+KEYS = ["left_larger", "both_even", "same_digit", "sum_over_nine"]  # per-statement accuracy in the results
 TEST_EXAMPLES = 1440
 
 
 def holds(statement: int, left: int, right: int) -> bool:
-    return [left > right, right > left, left % 2 == 0 and right % 2 == 0, left == right][statement]
+    return [left > right, left % 2 == 0 and right % 2 == 0, left == right, left + right > 9][statement]
 
 
 class BlipNLVR(torch.nn.Module):
@@ -53,7 +60,7 @@ class BlipNLVR(torch.nn.Module):
         self.vision_model = BlipVisionModel(vision_config)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
         width = vision_config.hidden_size
-        self.image_tag = torch.nn.Parameter(0.02 * torch.randn(2, width))  # left, right
+        self.merge = torch.nn.Linear(2 * width, text_config.encoder_hidden_size)  # [left; right] per position
         hidden = text_config.hidden_size
         self.cls_head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
 
@@ -61,7 +68,7 @@ class BlipNLVR(torch.nn.Module):
                 attention_mask: torch.Tensor) -> torch.Tensor:
         b = input_ids.shape[0]
         both = self.vision_model(pixel_values=torch.cat([pixel_values_left, pixel_values_right])).last_hidden_state
-        tokens = torch.cat([both[:b] + self.image_tag[0], both[b:] + self.image_tag[1]], dim=1)
+        tokens = self.merge(torch.cat([both[:b], both[b:]], dim=-1))
         mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
         text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=tokens,
                                  encoder_attention_mask=mask, is_decoder=False).last_hidden_state
@@ -131,10 +138,11 @@ def setup(digits: Digits, seed: int, args: argparse.Namespace) -> Setup:
 
     @torch.no_grad()
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        pred = logits_of(m(**test)).argmax(-1)
-        return {"accuracy": 100 * float((pred == test_truth).float().mean())}
+        hit = (logits_of(m(**test)).argmax(-1) == test_truth).float()
+        per = {KEYS[k]: 100 * float(hit[test_statements == k].mean()) for k in range(len(STATEMENTS))}
+        return {"accuracy": 100 * float(hit.mean()), **per}
 
-    return Setup(model, make_batch, nlvr_loss, evaluate)
+    return Setup(model, make_batch, nlvr_loss, evaluate, pretrain=vision_pretraining(model.vision_model, digits, args))
 
 
 TASK = Task(
@@ -143,14 +151,17 @@ TASK = Task(
     describe={
         "model": "BlipNLVR: one BLIP vision encoder (8x8x3, patch 2, hidden 64, 4 layers, 4 heads x 16, MLP 256) "
                  "over both images, a BLIP text encoder (hidden 64, 2 layers, 4 heads x 16, MLP 256) "
-                 "cross-attending to both (tagged left / right), a true/false head",
+                 "cross-attending to both (their tokens merged position by position by a linear layer), a "
+                 "true/false head",
         "data": "sklearn load_digits, stratified 80/20 split per seed; pairs drawn for 4 statements (left larger, "
-                "right larger, both even, same digit), balanced true / false; test pairs from test images only",
+                "both even, same digit, sum over nine), balanced true / false; test pairs from test images only",
         "loss": "cross entropy of true / false",
-        "metric": f"accuracy: % of {TEST_EXAMPLES} balanced test statements judged right; *_cut = right after the cut",
+        "metric": f"accuracy: % of {TEST_EXAMPLES} balanced test statements judged right ({', '.join(KEYS)}: per "
+                  "statement); *_cut = right after the cut",
     },
     paper="BLIP on NLVR2 (test-P), 83.1 → 81.1 at 2×",
     setup=setup,
+    defaults={"pretrain_steps": 800, "train_steps": 1400, "train_lr": 5e-4},
 )
 
 
