@@ -7,7 +7,7 @@ from the caption templates (nothing is downloaded). Each training image is paire
 digit: one of eight templates ("a handwritten seven", "the number 7 written by hand", …), the digit as a word
 or as a numeral as the template says. Loss: next-token cross entropy over the caption (padding ignored).
 Training: the vision tower is first pretrained on digit classification (:func:`vision_pretraining`, as BLIP
-starts from a pretrained ViT; 400 steps), then the captioner trains on the captions (2,400 steps, lr 2e-3).
+starts from a pretrained ViT; 400 steps), then the captioner trains on the captions (1,800 steps, lr 2e-3).
 
 Metrics on the held-out split (20%, stratified, per seed), from greedy captions (at most 9 tokens; the same
 decoding for the dense model and the pruned graphs):
@@ -215,7 +215,7 @@ TASK = Task(
     },
     paper="BLIP on COCO captioning, CIDEr 133.3 → 128.9 at 2×",
     setup=setup,
-    defaults={"pretrain_steps": 400, "train_steps": 2400},
+    defaults={"pretrain_steps": 400, "train_steps": 1800},
 )
 
 
