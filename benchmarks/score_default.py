@@ -39,12 +39,13 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def task_scores(payload: dict[str, Any]) -> dict[str, tuple[float, float, int]]:
-    """``{score: (mean, std, seeds)}`` of a digits task's unified rows, by the score they were ranked with."""
-    metric = payload["metric"]
+def task_scores(payload: dict[str, Any], when: str = "") -> dict[str, tuple[float, float, int]]:
+    """``{score: (mean, std, seeds)}`` of a digits task's unified rows, by the score they were ranked with: the
+    metric after the retrain, or right after the cut with ``when="_cut"``."""
+    metric = payload["metric"] + when
     by: dict[str, list[float]] = {}
     for r in payload["rows"]:
-        if r["method"] == "unified" or r["method"].startswith("unified_"):
+        if (r["method"] == "unified" or r["method"].startswith("unified_")) and metric in r:
             by.setdefault(r["score"], []).append(r[metric])
     return {s: _stats(v) for s, v in by.items()}
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     folder = Path(args.results)
-    per_task, missing = {}, []
+    per_task, missing, cut = {}, [], {}
     for name in (*TASKS, MINILM):
         path = folder / f"{name}.json"
         if not path.exists():
@@ -92,9 +93,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scores = minilm_scores(payload) if name == MINILM else task_scores(payload)
         if {"gradient", "sensitivity"} <= scores.keys():
             per_task[name] = scores
+            cut[name] = {} if name == MINILM else task_scores(payload, "_cut")
         else:
             missing.append(name)
     rows, default, why = decide(per_task)
+    for row in rows:  # for information: the same comparison right after the cut (MiniLM retrains inside compress)
+        c = cut[row["task"]]
+        for s in ("gradient", "sensitivity"):
+            row[f"{s}_cut"] = f"{c[s][0]:.2f} ± {c[s][1]:.2f}" if s in c else ""
     out = {"default": default, "why": why, "rows": rows, "missing": missing,
            "rule": "a score wins a task when its mean after the retrain is ahead by more than its own std; the "
                    "default changes only to a score that wins more than half of the tasks"}  # fmt: skip
@@ -103,7 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "- metric: each task's metric after the retrain, mean ± std over its seeds (MiniLM: MRR x 100)",
           f"- missing (no results with both scores): {', '.join(missing) or 'none'}", "",
           markdown_table(rows, ["task", "seeds", "gradient", "sensitivity", "difference", "wins"]), "",
-          f"**Default: {default}** — {why}", ""]
+          f"**Default: {default}** — {why}", "",
+          "For information, not part of the rule: the same unified rows right after the cut, before any retrain "
+          "(MiniLM's rows retrain inside `compress`, so they have no such figure):", "",
+          markdown_table([r for r in rows if r["gradient_cut"]], ["task", "gradient_cut", "sensitivity_cut"]), ""]
     (folder / "score_default.md").write_text("\n".join(md))
     log.info("default %s: %s", default, why)
     return out

@@ -153,8 +153,9 @@ def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
 
 
 def _score_rows(metric: str, gradient: list[float], sensitivity: list[float]) -> dict:
-    rows = [{"method": "unified", "score": "gradient", metric: v} for v in gradient]
-    rows += [{"method": "unified_sensitivity", "score": "sensitivity", metric: v} for v in sensitivity]
+    rows = [{"method": "unified", "score": "gradient", metric: v, f"{metric}_cut": v - 1} for v in gradient]
+    rows += [{"method": "unified_sensitivity", "score": "sensitivity", metric: v, f"{metric}_cut": v - 1}
+             for v in sensitivity]
     return {"metric": metric, "rows": rows + [{"method": "magnitude", "score": None, metric: 0.0}]}
 
 
@@ -176,4 +177,5 @@ def test_the_default_score_changes_only_where_it_wins_most_tasks_by_more_than_it
     assert [r["wins"] for r in out["rows"]] == ["sensitivity"] * clear_wins + ["neither"] * (4 - clear_wins)
     assert out["rows"][-1]["task"] == score_default.MINILM and out["rows"][-1]["gradient"] == "71.00 ± 1.41"
     assert set(out["missing"]) == set(score_default.TASKS[3:])
+    assert out["rows"][0]["gradient_cut"] == "9.00 ± 1.00" and out["rows"][-1]["gradient_cut"] == ""  # MiniLM: none
     assert f"**Default: {default}**" in (tmp_path / "score_default.md").read_text()
