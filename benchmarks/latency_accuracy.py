@@ -83,10 +83,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratio = 1 - 1 / args.speedup
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        dense_call = runner("onnxruntime-cpu", model, ((), timing), work, "dense")
+        deployed = ((), example)  # every file exported as export_onnx writes it (dynamic axes), timed at `timing`
+        dense_call = runner("onnxruntime-cpu", model, ((), timing), work, "dense", deployed)
 
         def speedup(small: torch.nn.Module) -> float:
-            call = runner("onnxruntime-cpu", small, ((), timing), work, "probe")
+            call = runner("onnxruntime-cpu", small, ((), timing), work, "probe", deployed)
             ms, load = quiet_timing(lambda: time_interleaved(dense_call, call, runs=args.runs, warmup=2,
                                                              alternate=True))
             if load["loaded"]:

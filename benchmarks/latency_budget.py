@@ -8,8 +8,8 @@ the measured latency), the script compresses with ``method="magnitude"`` twice:
 * ``flops``   — ``budget="flops"`` at the same ratio (what a FLOP budget gives for the same request),
 
 and, to compare at equal speed, two models pruned to the speedup the ``latency`` model measured (the ratio found
-by :func:`benchmarks.common.match_speedup`: a few probes, each timed against the dense model as static ONNX
-graphs at the latency shape):
+by :func:`benchmarks.common.match_speedup`: a few probes, each timed against the dense model as ONNX files
+exported as deployed, at the latency shape):
 
 * ``flops@speed``          — ``budget="flops"``;
 * ``torch-pruning@speed``  — Torch-Pruning (:func:`benchmarks.latency.tp_prune`: whole heads and MLP widths,
@@ -17,7 +17,8 @@ graphs at the latency shape):
 
 exports every model with :func:`upop_fx.export.export_onnx` and times them and the dense model interleaved in
 ONNX Runtime CPU (:func:`upop_fx.timing.time_interleaved`, order reversed every other round, median of
-``--runs``). A row gives the measured speedup, the speedup ``report.latency`` predicted, the prediction error
+``--runs``). A row gives the measured speedup, the speedup ``report.latency`` predicted and the one the library's
+own check measured (``check_speedup``, timed during ``compress``), the prediction error
 (predicted ÷ measured − 1), the FLOPs reduction, the parameters left and (``table_seconds``) how long the latency
 model took (the first asked speedup of a batch measures every table; the later ones read them from the run's
 cache and time only the dense model). The load average is recorded before and after each timed
@@ -60,6 +61,7 @@ from upop_fx.timing import time_interleaved  # noqa: E402
 log = logging.getLogger("latency_budget")
 
 COLUMNS = ["model", "runtime", "batch", "seq", "asked", "budget", "ratio", "measured_speedup", "predicted_speedup",
+           "check_speedup",
            "prediction_error", "flops_reduction", "params", "dense_ms", "ms", "table_seconds", "load_before",
            "load_after", "others"]
 
@@ -109,7 +111,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
             dense = _session(spec.model, example, timing, work / "dense.onnx", args.runtime)
-            dense_static = runner(args.runtime, spec.model, ((), timing), work, "dense-static")
+            exported = ((), example) if args.runtime.startswith("onnxruntime") else None  # as deployed
+            dense_probe = runner(args.runtime, spec.model, ((), timing), work, "dense-probe", exported)
             for asked in args.speedups:
                 ratio = 1 - 1 / asked
                 models, info = {}, {}
@@ -129,12 +132,13 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     if result.report.latency:
                         lat = result.report.latency
                         info[budget] |= {"predicted_speedup": lat["predicted_speedup"],
+                                         "check_speedup": lat["measured_speedup"],
                                          "additivity": lat["additivity"], "table_seconds": lat["table_seconds"],
                                          "reselections": len(lat["rounds"]) - 1}
                 if "latency" not in models:
                     continue
                 if args.match:  # the flops budget and Torch-Pruning at the latency budget's measured speedup
-                    for label, (model, extra) in _matched(spec, example, timing, work, dense_static,
+                    for label, (model, extra) in _matched(spec, example, timing, work, dense_probe,
                                                           models["latency"], ratio, args).items():
                         models[label], info[label] = model, extra
                 calls = [dense] + [_session(m, example, timing, work / f"{b}.onnx", args.runtime)
@@ -157,11 +161,11 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _matched(spec: Any, example: dict[str, torch.Tensor], timing: dict[str, torch.Tensor], work: Path,
-             dense_static: Any, latency_model: torch.nn.Module, ratio: float, args: argparse.Namespace
+             dense_probe: Any, latency_model: torch.nn.Module, ratio: float, args: argparse.Namespace
              ) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
     """``flops@speed`` and ``torch-pruning@speed``: pruned to the speedup ``latency_model`` measures."""
     def speedup(model: torch.nn.Module) -> float:
-        return _speedup(dense_static, model, timing, work, args)
+        return _speedup(dense_probe, example, model, timing, work, args)
 
     target = speedup(latency_model)
     makers = {"flops@speed": lambda r: upop_fx.compress(spec.model, example, r, method="magnitude", retrain_steps=0,
@@ -184,10 +188,12 @@ def _has_torch_pruning() -> bool:
     return True
 
 
-def _speedup(dense: Any, model: torch.nn.Module, timing: dict[str, torch.Tensor], work: Path,
-             args: argparse.Namespace) -> float:
-    """Dense over ``model``, timed interleaved at the latency shape (static ONNX graphs, as the tables are)."""
-    call = runner(args.runtime, model, ((), timing), work, "probe")
+def _speedup(dense: Any, example: dict[str, torch.Tensor], model: torch.nn.Module, timing: dict[str, torch.Tensor],
+             work: Path, args: argparse.Namespace) -> float:
+    """Dense over ``model``, timed interleaved at the latency shape (ONNX files exported as deployed, as the
+    latency tables are)."""
+    exported = ((), example) if args.runtime.startswith("onnxruntime") else None
+    call = runner(args.runtime, model, ((), timing), work, "probe", exported)
     ms, _ = quiet_timing(lambda: time_interleaved(dense, call, runs=args.probe_runs, warmup=2, alternate=True),
                          args.max_load, args.tries)
     return ms[0] / ms[1]
@@ -220,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {info}. Dense and both cuts timed interleaved per group; groups timed with a load average above "
         f"{args.max_load} before, or with other processes using more than half a core during the group (*others*, in "
         f"cores), are left out of this table ({len(rows) - len(quiet)} of {len(rows)}; they are in the JSON). "
-        "*predicted*: `report.latency['predicted_speedup']` of the final selection (after any re-selection). "
+        "*predicted*: `report.latency['predicted_speedup']` of the final selection (after any re-selection); "
+        "*check*: `report.latency['measured_speedup']`, the library's own measurement during `compress`. "
         "*latency* and *flops* answer the same request (ratio 1 − 1/asked); *flops@speed* and *torch-pruning@speed* "
         "are pruned to the speedup the *latency* model measured (their ratio found by timing probes), so the FLOPs "
         "and parameters they keep compare at equal speed. *table_seconds*: the latency model's measurement time.",

@@ -192,7 +192,7 @@ def test_tables_are_scaled_by_what_the_classes_save_together(encoder, tmp_path, 
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
     ms = {"dense": 100.0, "joint": 85.0}
 
-    def fake_runner(runtime, gm, inputs, work, name):
+    def fake_runner(runtime, gm, inputs, work, name, export_inputs=None):
         return lambda: name
 
     def fake_timing(*calls, **kw):

@@ -157,12 +157,16 @@ def export_onnx(
 
 
 def export_for_timing(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                      path: str | os.PathLike[str]) -> Path:
-    """Export ``model`` to ``path`` with the shapes of ``model(*args, **kwargs)`` fixed (any batch, 1 too), for
-    timing at exactly those shapes: the
-    latency tables time many cuts of one model, and this export takes about a third of :func:`export_onnx`'s
-    time (no dynamic axes, no exporter-side graph optimisation — ONNX Runtime optimises the graph when it loads
-    it — and one parity check, on the example inputs). A file to time, not to ship: it accepts only these shapes.
+                      path: str | os.PathLike[str], deployed: bool = False) -> Path:
+    """Export ``model`` to ``path`` for timing, with one parity check (on the example inputs).
+
+    With ``deployed=False`` the shapes of ``model(*args, **kwargs)`` are fixed (any batch, 1 too): about a third
+    of :func:`export_onnx`'s time (no dynamic axes, no exporter-side graph optimisation — ONNX Runtime optimises
+    the graph when it loads it). A file to time, not to ship: it accepts only these shapes. With
+    ``deployed=True`` it is the file :func:`export_onnx` writes (dynamic batch and sequence axes, the exporter's
+    optimisation; the example batch must hold at least 2), without its second parity check and optimised copy:
+    what a user ships, so what a latency budget should time. The two can differ by several per cent in ONNX
+    Runtime (shape-specialised planning of the fixed file).
 
     Raises:
         ExportError: as :func:`export_onnx` (the model cannot be exported, or ONNX Runtime differs from PyTorch).
@@ -178,11 +182,11 @@ def export_for_timing(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
     dest = _check_destination(path)
     work = _eval_copy(model)
     expected = run_module(work, args, kwargs)
-    ep = _torch_export(work, args, kwargs, dynamic=False)
-    program = _onnx_program(ep, None, type(model).__name__, optimize=False)
+    ep = _torch_export(work, args, kwargs, dynamic=deployed)
+    program = _onnx_program(ep, None, type(model).__name__, optimize=deployed)
     feeds = _Inputs.build(work, ep, args, kwargs)
     output_names = _output_names(expected)
-    _name_graph(program, feeds, output_names, dynamic=False)
+    _name_graph(program, feeds, output_names, dynamic=deployed)
     try:
         program.save(dest)
     except Exception as exc:

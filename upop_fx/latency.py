@@ -4,9 +4,9 @@ What does not shrink with the FLOPs (softmax and the T×T score work, LayerNorm,
 embeddings, launch overheads) makes a FLOP budget a poor proxy for time. So the cost of removing entries is
 measured, not counted: structures of one shape in one tower (the attention layers of a text tower, say) form a
 *class*; for each class the dense graph is cut at a few widths of that class only (every structure of the class
-keeps ``k`` entries, the rest of the model stays whole), each cut is built for the runtime (exported to ONNX for
-ONNX Runtime, the graph itself for PyTorch), and all of them run interleaved with the dense model on inputs of
-the latency shape. ``(dense − cut) / dense / structures in the class`` is the share of the time one structure
+keeps ``k`` entries, the rest of the model stays whole), each cut is built for the runtime (for ONNX Runtime
+exported as it is deployed — dynamic axes, as ``export_onnx`` writes it; the graph itself for PyTorch), and all
+of them run interleaved with the dense model on inputs of the latency shape. ``(dense − cut) / dense / structures in the class`` is the share of the time one structure
 saves at width ``k`` (a share of the dense time measured in the same interleaved run: the load may drift from
 one class to the next); between the measured widths it is interpolated linearly, and made monotone (fewer
 entries never cost more). Removals in different classes are taken to add up; the prediction for a selection is
@@ -58,7 +58,7 @@ from .timing import saved_interleaved, time_interleaved
 
 __all__ = [
     "RUNTIMES", "CALIBRATIONS", "SHORT", "OVER", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
-    "measure_latency", "runner", "ort_providers", "cache_dir", "use_latency", "calibrated_cut",
+    "measure_latency", "runner", "deployed_inputs", "ort_providers", "cache_dir", "use_latency", "calibrated_cut",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,17 @@ def latency_inputs(info: CaptureInfo, shape: tuple[int, int | None] | None) -> t
         return t
 
     return torch.utils._pytree.tree_map(resize, (info.args, info.kwargs))
+
+
+def deployed_inputs(runtime: str, info: CaptureInfo, shape: tuple[int, int | None] | None
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """For ONNX Runtime, the inputs the deployed file is exported at (:func:`latency_inputs` with a batch of at
+    least 2: the timed file has dynamic axes, as ``export_onnx`` writes it); None for PyTorch runtimes."""
+    if not runtime.startswith("onnxruntime"):
+        return None
+    args, kwargs = latency_inputs(info, shape)
+    batch = int(next(t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)).shape[0])
+    return (args, kwargs) if batch >= 2 else latency_inputs(info, (2, shape[1] if shape is not None else None))
 
 
 @dataclass
@@ -213,9 +224,12 @@ def ort_providers(runtime: str) -> list[str] | None:
 
 
 def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]],
-           workdir: Path, name: str) -> Callable[[], Any]:
-    """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime`` (for ONNX Runtime, exported under
-    ``workdir`` with the shapes of ``inputs`` fixed: :func:`~upop_fx.export.export_for_timing`)."""
+           workdir: Path, name: str, export_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+           ) -> Callable[[], Any]:  # fmt: skip
+    """A no-argument callable that runs ``gm`` on ``inputs`` on ``runtime``. For ONNX Runtime ``gm`` is exported
+    under ``workdir`` (:func:`~upop_fx.export.export_for_timing`): as deployed — dynamic axes, exported at
+    ``export_inputs`` (a batch of at least 2) — when ``export_inputs`` is given, else with the shapes of
+    ``inputs`` fixed."""
     args, kwargs = inputs
     if runtime.startswith("torch"):
         device = "cuda" if runtime == "torch-cuda" else "cpu"
@@ -230,7 +244,11 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
             return out
 
         return call
-    path = export_for_timing(gm, tuple(args), dict(kwargs), workdir / f"{name}.onnx")
+    if export_inputs is None:
+        path = export_for_timing(gm, tuple(args), dict(kwargs), workdir / f"{name}.onnx")
+    else:
+        path = export_for_timing(gm, tuple(export_inputs[0]), dict(export_inputs[1]), workdir / f"{name}.onnx",
+                                 deployed=True)
     session = ort_session(path, providers=ort_providers(runtime), spinning=False)  # timed in turn with others
     feeds = ort_feeds(session, args, kwargs)
     return lambda: session.run(None, feeds)
@@ -275,6 +293,7 @@ def measure_latency(
     check_runtime(runtime)
     start = time.perf_counter()
     inputs = latency_inputs(info, shape)
+    exported = deployed_inputs(runtime, info, shape)
     batch = int(next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)).shape[0])
     resolved = (batch, shape[1] if shape is not None else None)
     classes = _classes(analysis, structures, entries)
@@ -284,6 +303,7 @@ def measure_latency(
     machine = _machine()
     store = cache_dir()
     base = {"machine": machine, "runtime": runtime, "shape": resolved, "unit": "fraction", "grid": GRID,
+            "timed": "deployed" if exported is not None else "graph",
             "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]}
     tables: dict[str, dict[int, float]] = {}  # per class: entries kept -> fraction of the dense latency saved
     todo = []
@@ -302,7 +322,7 @@ def measure_latency(
     measured = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        dense_call = runner(runtime, dense, inputs, work, "dense")
+        dense_call = runner(runtime, dense, inputs, work, "dense", exported)
         (first,) = time_interleaved(dense_call, runs=3, warmup=1)
         runs = _rounds(first, runs, seconds)
         steps = len(todo) + (len(classes) > 1 and joint is None)
@@ -311,7 +331,7 @@ def measure_latency(
             idx = classes[sig]
             ks = _grid(len(members[idx[0]]), structures[idx[0]].multiple)
             calls = [runner(runtime, _cut(dense, analysis, entries, members, dict.fromkeys(idx, k)), inputs, work,
-                            f"k{k}") for k in ks]  # fmt: skip
+                            f"k{k}", exported) for k in ks]  # fmt: skip
             # per round, relative to the dense time of that round: the load may drift within a class and between
             base, saved = saved_interleaved(dense_call, *calls, runs=runs, warmup=2)
             tables[sig] = {k: max(0.0, f / len(idx)) for k, f in zip(ks, saved)}
@@ -324,7 +344,7 @@ def measure_latency(
             bar.update()
         if len(classes) > 1 and joint is None:
             widths = {s: half[sig][0] for sig, idx in classes.items() for s in idx if half[sig]}
-            call = runner(runtime, _cut(dense, analysis, entries, members, widths), inputs, work, "joint")
+            call = runner(runtime, _cut(dense, analysis, entries, members, widths), inputs, work, "joint", exported)
             base, (joint,) = saved_interleaved(dense_call, call, runs=runs, warmup=2)
             measured.append("joint")
             store.mkdir(parents=True, exist_ok=True)
@@ -405,12 +425,14 @@ def calibrated_cut(
     ``kept_round``)."""
     asked = 1 / (1 - prepared.ratio)
     model = prepared.latency
-    inputs = latency_inputs(prepared.captured.info, model.shape)
+    info = prepared.captured.info
+    inputs = latency_inputs(info, model.shape)
+    exported = deployed_inputs(model.runtime, info, model.shape)
     with tempfile.TemporaryDirectory() as d:
-        dense = runner(model.runtime, selection.dense, inputs, Path(d), "dense")
+        dense = runner(model.runtime, selection.dense, inputs, Path(d), "dense", exported)
 
         def timed(pruned: np.ndarray, small: torch.fx.GraphModule, name: str) -> dict[str, Any]:
-            return _latency_row(prepared, pruned, dense, runner(model.runtime, small, inputs, Path(d), name))
+            return _latency_row(prepared, pruned, dense, runner(model.runtime, small, inputs, Path(d), name, exported))
 
         row = timed(pruned, small, "cut0")
         tried = [(pruned, small, row)]
