@@ -217,3 +217,26 @@ def test_failed_parity_leaves_nothing_and_keeps_the_old_file(tmp_path: Path, mon
     with pytest.raises(ExportError, match="differs from PyTorch"):
         export_onnx(Tiny().eval(), _x(), tmp_path / "m.onnx")
     assert _listing(tmp_path) == ["m.onnx"] and (tmp_path / "m.onnx").read_text() == "old"
+
+
+def test_timing_exports_fixed_and_as_deployed(tmp_path: Path) -> None:
+    """The fixed timing file takes only its own shapes; the deployed form has the dynamic batch and sequence
+    axes ``export_onnx`` gives, and both agree with PyTorch."""
+    from upop_fx.export import export_for_timing
+
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    fixed = export_for_timing(layer, (x,), {}, tmp_path / "fixed.onnx")
+    deployed = export_for_timing(layer, (x,), {}, tmp_path / "deployed.onnx", deployed=True)
+    dims = {p.name: [d.dim_param or d.dim_value for d in onnx.load(str(p)).graph.input[0].type.tensor_type.shape.dim]
+            for p in (fixed, deployed)}
+    assert dims["fixed.onnx"] == [2, 5, 16]
+    assert isinstance(dims["deployed.onnx"][0], str) and isinstance(dims["deployed.onnx"][1], str)
+    other = torch.randn(3, 7, 16)  # another batch and length: only the deployed file takes it
+    session = ort.InferenceSession(str(deployed), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, layer(other).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="dimensions"):  # onnxruntime's InvalidArgument
+        fixed_session = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+        fixed_session.run(None, {fixed_session.get_inputs()[0].name: other.numpy()})

@@ -217,3 +217,29 @@ def test_tables_are_scaled_by_what_the_classes_save_together(encoder, tmp_path, 
     again = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
                             prepared.captured.info, "torch-cpu")
     assert again.measured == [] and again.additivity == pytest.approx(0.75)  # tables and joint cut from the cache
+
+
+def test_onnxruntime_tables_and_check_time_the_file_as_deployed(encoder, tmp_path, monkeypatch):
+    """On ONNX Runtime every timed file is exported as ``export_onnx`` writes it (dynamic axes), at a batch of at
+    least 2, and timed at the latency shape — batch 1 here."""
+    import json
+
+    import upop_fx.latency as latency
+
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    exported = []
+    real = latency.export_for_timing
+
+    def spy(model, args, kwargs, path, deployed=False):
+        exported.append((deployed, next(t for t in args if isinstance(t, torch.Tensor)).shape[0]))
+        return real(model, args, kwargs, path, deployed=deployed)
+
+    monkeypatch.setattr(latency, "export_for_timing", spy)
+    model, x = encoder
+    result = upop_fx.compress(model, x[:, :16].contiguous(), 0.3, method="magnitude", retrain_steps=0, budget="latency",
+                              runtime="onnxruntime-cpu", latency_shape=(1, None))
+    t = result.report.latency
+    assert (t["batch"], t["runtime"]) == (1, "onnxruntime-cpu") and t["measured_speedup"] > 0
+    assert exported and all(exported_as == (True, 2) for exported_as in exported)
+    tables = [json.loads(f.read_text()) for f in (tmp_path / "latency").glob("*.json")]
+    assert [r["timed"] for r in tables if "class" in r] == ["deployed", "deployed"]

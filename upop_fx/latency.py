@@ -302,8 +302,9 @@ def measure_latency(
         members.setdefault(e.structure, []).append(i)
     machine = _machine()
     store = cache_dir()
+    timed = "deployed" if exported is not None else "graph"  # what the tables timed: part of their cache key
     base = {"machine": machine, "runtime": runtime, "shape": resolved, "unit": "fraction", "grid": GRID,
-            "timed": "deployed" if exported is not None else "graph",
+            "timed": timed,
             "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]}
     tables: dict[str, dict[int, float]] = {}  # per class: entries kept -> fraction of the dense latency saved
     todo = []
@@ -339,7 +340,7 @@ def measure_latency(
                      structures[idx[0]].name, base, {k: round(v, 4) for k, v in tables[sig].items()})
             measured.append(structures[idx[0]].name)
             store.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved,
+            file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved, "timed": timed,
                                         "dense_ms": base, "saved": tables[sig], "machine": machine}, indent=1))
             bar.update()
         if len(classes) > 1 and joint is None:
