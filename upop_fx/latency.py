@@ -139,9 +139,8 @@ def deployed_inputs(runtime: str, info: CaptureInfo, shape: tuple[int, int | Non
     least 2: the timed file has dynamic axes, as ``export_onnx`` writes it); None for PyTorch runtimes."""
     if not runtime.startswith("onnxruntime"):
         return None
-    args, kwargs = latency_inputs(info, shape)
-    batch = int(next(t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)).shape[0])
-    return (args, kwargs) if batch >= 2 else latency_inputs(info, (2, shape[1] if shape is not None else None))
+    # no shape: the example inputs themselves, whose batch capture already required to be at least 2
+    return latency_inputs(info, None if shape is None else (max(2, shape[0]), shape[1]))
 
 
 @dataclass
