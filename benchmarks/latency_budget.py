@@ -16,8 +16,10 @@ exported as deployed, at the latency shape):
   uniform per layer; needs ``pip install -e '.[bench]'``),
 
 exports every model with :func:`upop_fx.export.export_onnx` and times them and the dense model interleaved in
-ONNX Runtime CPU (:func:`upop_fx.timing.time_interleaved`, order reversed every other round, median of
-``--runs``). A row gives the measured speedup, the speedup ``report.latency`` predicted and the one the library's
+ONNX Runtime CPU (:func:`upop_fx.timing.saved_interleaved`, order reversed every other round, ``--runs`` rounds:
+a model's speedup is ``1 / (1 − s)`` with ``s`` the median over the rounds of the fraction of that round's dense
+time it saves — the protocol of the library's own check, which a slowdown lasting a few rounds cannot bias).
+A row gives the measured speedup, the speedup ``report.latency`` predicted and the one the library's
 own check measured (``check_speedup``, timed during ``compress``), the prediction error
 (predicted ÷ measured − 1), the FLOPs reduction, the parameters left and (``table_seconds``) how long the latency
 model took (the first asked speedup of a batch measures every table; the later ones read them from the run's
@@ -56,7 +58,7 @@ from upop_fx.export import export_onnx  # noqa: E402
 from upop_fx.latency import RUNTIMES, check_runtime, ort_providers, runner  # noqa: E402
 from upop_fx.ort import ort_feeds, ort_session  # noqa: E402
 from upop_fx.report import count_flops  # noqa: E402
-from upop_fx.timing import time_interleaved  # noqa: E402
+from upop_fx.timing import saved_interleaved  # noqa: E402
 
 log = logging.getLogger("latency_budget")
 
@@ -143,10 +145,10 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         models[label], info[label] = model, extra
                 calls = [dense] + [_session(m, example, timing, work / f"{b}.onnx", args.runtime)
                                    for b, m in models.items()]
-                ms, load = quiet_timing(lambda c=calls: time_interleaved(*c, runs=args.runs, warmup=3, alternate=True),
-                                        args.max_load, args.tries)
-                for (budget, model), t in zip(models.items(), ms[1:]):
-                    measured = ms[0] / t
+                (dense_ms, saved), load = quiet_timing(
+                    lambda c=calls: saved_interleaved(*c, runs=args.runs, warmup=3), args.max_load, args.tries)
+                for (budget, model), f in zip(models.items(), saved):
+                    measured, t = 1 / (1 - f), dense_ms * (1 - f)  # per-round saving, as the library's check
                     pred = info[budget].get("predicted_speedup")
                     rows.append({
                         "model": name, "runtime": args.runtime, "batch": batch, "seq": args.seq if spec.text else 197, "asked": asked,
@@ -154,7 +156,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         "prediction_error": pred / measured - 1 if pred else None,
                         "flops_reduction": flops_dense / count_flops(model, (), timing),
                         "params": sum(p.numel() for p in model.parameters()),
-                        "dense_ms": ms[0], "ms": t, **load,
+                        "dense_ms": dense_ms, "ms": t, **load,
                     })  # fmt: skip
                     log.info("%s", {k: rows[-1].get(k) for k in COLUMNS})
     return rows
@@ -194,9 +196,9 @@ def _speedup(dense: Any, example: dict[str, torch.Tensor], model: torch.nn.Modul
     latency tables are)."""
     exported = ((), example) if args.runtime.startswith("onnxruntime") else None
     call = runner(args.runtime, model, ((), timing), work, "probe", exported)
-    ms, _ = quiet_timing(lambda: time_interleaved(dense, call, runs=args.probe_runs, warmup=2, alternate=True),
-                         args.max_load, args.tries)
-    return ms[0] / ms[1]
+    (_, (saved,)), _ = quiet_timing(lambda: saved_interleaved(dense, call, runs=args.probe_runs, warmup=2),
+                                    args.max_load, args.tries)
+    return 1 / (1 - saved)
 
 
 def main(argv: list[str] | None = None) -> int:
