@@ -92,10 +92,7 @@ def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``.
-
-    Tensors are made contiguous (a view such as ``x[:, :16]`` otherwise fails torch.export's stride guards):
-    the copies are the function's own, the caller's tensors are left as they are."""
+    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``."""
     if isinstance(example_inputs, torch.Tensor):
         args, kwargs = (example_inputs,), {}
     elif isinstance(example_inputs, Mapping):
@@ -115,7 +112,7 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
         raise InputError(f"every tensor input needs the same batch size on axis 0; found sizes {sorted(batch)}")
     if batch.pop() < 2:
         raise InputError("the example batch must hold at least 2 samples, or torch.export specialises the batch size")
-    return torch.utils._pytree.tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    return args, kwargs
 
 
 def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
