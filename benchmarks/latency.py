@@ -258,7 +258,8 @@ def tp_prune(spec: Spec, example: dict[str, torch.Tensor], ratio: float) -> torc
         if isinstance(m, spec.attention):
             for name in spec.qkv:
                 heads[getattr(m, name)] = m.num_attention_heads
-    for layer in model.encoder.layer:
+    encoder = getattr(model, "encoder", None)  # BERT: encoder.layer; ViT (transformers 5): layers
+    for layer in encoder.layer if encoder is not None else model.layers:
         ignored += spec.residual_writers(layer)
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
