@@ -113,8 +113,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as d:
             work = Path(d)
             dense = _session(spec.model, example, timing, work / "dense.onnx", args.runtime)
-            exported = ((), example) if args.runtime.startswith("onnxruntime") else None  # as deployed
-            dense_probe = runner(args.runtime, spec.model, ((), timing), work, "dense-probe", exported)
+            dense_probe = runner(args.runtime, spec.model, ((), timing), work, "dense-probe",
+                                 _as_deployed(example, args.runtime))
             for asked in args.speedups:
                 ratio = 1 - 1 / asked
                 models, info = {}, {}
@@ -190,12 +190,16 @@ def _has_torch_pruning() -> bool:
     return True
 
 
+def _as_deployed(example: dict[str, torch.Tensor], runtime: str) -> tuple[tuple[()], dict[str, torch.Tensor]] | None:
+    """What a timed ONNX file is exported at (as ``export_onnx`` writes it: dynamic axes); None for PyTorch."""
+    return ((), example) if runtime.startswith("onnxruntime") else None
+
+
 def _speedup(dense: Any, example: dict[str, torch.Tensor], model: torch.nn.Module, timing: dict[str, torch.Tensor],
              work: Path, args: argparse.Namespace) -> float:
     """Dense over ``model``, timed interleaved at the latency shape (ONNX files exported as deployed, as the
     latency tables are)."""
-    exported = ((), example) if args.runtime.startswith("onnxruntime") else None
-    call = runner(args.runtime, model, ((), timing), work, "probe", exported)
+    call = runner(args.runtime, model, ((), timing), work, "probe", _as_deployed(example, args.runtime))
     (_, (saved,)), _ = quiet_timing(lambda: saved_interleaved(dense, call, runs=args.probe_runs, warmup=2),
                                     args.max_load, args.tries)
     return 1 / (1 - saved)
