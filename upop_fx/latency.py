@@ -6,10 +6,10 @@ measured, not counted: structures of one shape in one tower (the attention layer
 *class*; for each class the dense graph is cut at a few widths of that class only (every structure of the class
 keeps ``k`` entries, the rest of the model stays whole), each cut is built for the runtime (for ONNX Runtime
 exported as it is deployed — dynamic axes, as ``export_onnx`` writes it; the graph itself for PyTorch), and all
-of them run interleaved with the dense model on inputs of the latency shape. ``(dense − cut) / dense / structures in the class`` is the share of the time one structure
-saves at width ``k`` (a share of the dense time measured in the same interleaved run: the load may drift from
-one class to the next); between the measured widths it is interpolated linearly, and made monotone (fewer
-entries never cost more). Removals in different classes are taken to add up; the prediction for a selection is
+of them run interleaved with the dense model on inputs of the latency shape.
+``(dense − cut) / dense / structures in the class`` is the share of the time one structure saves at width ``k``
+(a share of the dense time measured in the same interleaved run: the load may drift from one class to the next);
+between the measured widths it is interpolated linearly, and made monotone (fewer entries never cost more). Removals in different classes are taken to add up; the prediction for a selection is
 the measured dense time minus what its structures save, and the report sets a measured speedup beside it.
 
 Tables are cached on disk (``$UPOP_FX_CACHE`` or ``~/.cache/upop_fx``, ``latency/``) per machine, runtime,
@@ -243,11 +243,9 @@ def runner(runtime: str, gm: torch.nn.Module, inputs: tuple[tuple[Any, ...], dic
             return out
 
         return call
-    if export_inputs is None:
-        path = export_for_timing(gm, tuple(args), dict(kwargs), workdir / f"{name}.onnx")
-    else:
-        path = export_for_timing(gm, tuple(export_inputs[0]), dict(export_inputs[1]), workdir / f"{name}.onnx",
-                                 deployed=True)
+    at_args, at_kwargs = inputs if export_inputs is None else export_inputs
+    path = export_for_timing(gm, tuple(at_args), dict(at_kwargs), workdir / f"{name}.onnx",
+                             deployed=export_inputs is not None)
     session = ort_session(path, providers=ort_providers(runtime), spinning=False)  # timed in turn with others
     feeds = ort_feeds(session, args, kwargs)
     return lambda: session.run(None, feeds)

@@ -146,9 +146,10 @@ def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
     """Remove the selected entries from ``selection.dense`` (Surgery checks itself against the zeroed
     reference), check the cut against ``selection.final`` when there is one, and write the report.
     ``budget="latency"``: the cut is timed on the runtime; while its measured speedup falls short of the asked one
-    or passes it by more than 8% (:data:`~upop_fx.latency.SHORT`, :data:`~upop_fx.latency.OVER`), the strategy re-selects with the miss folded into its target (up
-    to :data:`~upop_fx.latency.CALIBRATIONS` times; each round is in ``report.latency["rounds"]``, the kept one in
-    ``report.latency["kept_round"]``: the slowest that reaches the ask)."""
+    or passes it by more than 8% (:data:`~upop_fx.latency.SHORT`, :data:`~upop_fx.latency.OVER`), the strategy
+    re-selects with the miss folded into its target (up to :data:`~upop_fx.latency.CALIBRATIONS` times; each
+    round is in ``report.latency["rounds"]``, the kept one in ``report.latency["kept_round"]``: the slowest that
+    reaches the ask)."""
     pruned = np.asarray(selection.pruned, dtype=bool)
     small = _cut_graph(prepared, pruned, selection.dense)
     row = None
