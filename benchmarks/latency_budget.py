@@ -5,6 +5,8 @@ ViT-B/16-sized config with random weights), each batch size and each asked speed
 the measured latency), the script compresses with ``method="magnitude"`` twice:
 
 * ``latency`` — ``budget="latency", runtime="onnxruntime-cpu", latency_shape=(batch, seq)``;
+* ``latency heads+dims`` — the same with ``granularity="heads+dims"`` (whole heads compete with head dims;
+  the tables then also time head counts);
 * ``flops``   — ``budget="flops"`` at the same ratio (what a FLOP budget gives for the same request),
 
 and, to compare at equal speed, two models pruned to the speedup the ``latency`` model measured (the ratio found
@@ -62,6 +64,8 @@ from upop_fx.timing import saved_interleaved  # noqa: E402
 
 log = logging.getLogger("latency_budget")
 
+#: the latency-budget rows: label -> granularity
+VARIANTS = {"latency": "upop", "latency heads+dims": "heads+dims"}
 COLUMNS = ["model", "runtime", "batch", "seq", "asked", "budget", "ratio", "measured_speedup", "predicted_speedup",
            "check_speedup",
            "prediction_error", "flops_reduction", "params", "dense_ms", "ms", "table_seconds", "load_before",
@@ -118,12 +122,13 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             for asked in args.speedups:
                 ratio = 1 - 1 / asked
                 models, info = {}, {}
-                for budget in ("latency", "flops"):
-                    extra = {"runtime": args.runtime, "latency_shape": (batch, seq)} if budget == "latency" else {}
+                for budget in (*VARIANTS, "flops"):
+                    extra = {"runtime": args.runtime, "latency_shape": (batch, seq)} if budget != "flops" else {}
                     t0 = time.perf_counter()
                     try:
                         result = upop_fx.compress(spec.model, example, ratio, method="magnitude", retrain_steps=0,
-                                                  budget=budget, **extra)
+                                                  budget=budget.split()[0], granularity=VARIANTS.get(budget, "upop"),
+                                                  **extra)  # fmt: skip
                     except upop_fx.ConfigError as exc:  # more than the prunable structures can save
                         log.warning("%s b%d %.1fx %s: %s", name, batch, asked, budget, exc)
                         continue

@@ -53,7 +53,7 @@ from .groups import GroupAnalysis
 from .ort import ort_feeds, ort_session
 from .passes import Surgery
 from .search.strategy import Prepared, Selection
-from .structures import Entry, Structure, check_choice, entries_left, keep_sets
+from .structures import Entry, Structure, check_choice, entries_left, keep_sets, widths
 from .timing import saved_interleaved, time_interleaved
 
 __all__ = [
@@ -67,6 +67,8 @@ RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 #: the widths measured per class, as fractions of its entries (the full width is the dense model); the narrowest
 #: point measures the tail: below an eighth, what a cut saves keeps growing faster than the 1/4 → 1/8 slope says
 GRID = (0.75, 0.5, 0.25, 0.125, 0.03125)
+#: the head counts measured per ``"heads+dims"`` class (all dims kept), as fractions of its heads
+HEAD_GRID = (0.5, 0.25, 0.125)
 #: the most timed rounds per session (a fast model gets more rounds, up to this many)
 MAX_RUNS = 150
 
@@ -158,8 +160,9 @@ class LatencyModel:
     additivity: float = 1.0
     seconds: float = 0.0  #: the time taken to measure (dense model, tables, joint cut)
 
-    def predict(self, kept: Sequence[int]) -> float:
-        """Predicted milliseconds with ``kept[s]`` entries kept in structure ``s``."""
+    def predict(self, kept: Sequence[Any]) -> float:
+        """Predicted milliseconds with ``kept[s]`` entries kept in structure ``s`` (``(heads, dims)`` for a
+        ``"heads+dims"`` structure: :func:`~upop_fx.structures.widths`)."""
         return self.dense_ms - float(sum(t[k] for t, k in zip(self.saved, kept)))
 
     def fractions(self) -> list[np.ndarray]:
@@ -168,7 +171,7 @@ class LatencyModel:
 
     def most_saved(self) -> float:
         """The largest fraction of the dense latency pruning can save: every structure down to one entry."""
-        return sum(float(t[1]) for t in self.saved) / self.dense_ms
+        return sum(float(t[(1,) * t.ndim]) for t in self.saved) / self.dense_ms
 
 
 def cache_dir() -> Path:
@@ -196,7 +199,7 @@ def _classes(analysis: GroupAnalysis, structures: Sequence[Structure], entries: 
     out: dict[str, list[int]] = {}
     for s, st in enumerate(structures):
         groups = [analysis.groups[g] for g in st.groups]
-        sig = json.dumps([st.kind, int(counts[s]), st.multiple, [
+        sig = json.dumps([st.kind, int(counts[s]), st.multiple, *([st.heads] if st.heads else []), [
             (g.kind, g.tower, g.width, g.heads, g.head_dim, g.cross, g.experts, round(float(g.cost_flops.sum())),
              len(g.producers), len(g.consumers))
             for g in groups
@@ -266,12 +269,32 @@ def _interpolate(n: int, points: dict[int, float]) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
+def _heads_table(n_heads: int, dims: np.ndarray, heads: dict[int, float]) -> np.ndarray:
+    """A ``"heads+dims"`` class's saving at ``[h, j]`` (``h`` heads of ``j`` dims kept) from its dims table
+    (all heads kept, ``dims[j]``) and its measured head counts (all dims kept): what the kept channels ``h·j``
+    save as dims, plus what removing the heads saves beyond their channels (the softmax and score work) —
+    exact on both measured axes."""
+    n_dims = len(dims) - 1
+    by_heads = _interpolate(n_heads, heads)
+    h = np.arange(n_heads + 1, dtype=np.float64)[:, None]
+    j = np.arange(n_dims + 1, dtype=np.float64)[None, :]
+    as_dims = np.interp(h * j / n_heads, np.arange(n_dims + 1), dims)
+    beyond = by_heads[:, None] - np.interp(h * n_dims / n_heads, np.arange(n_dims + 1), dims)
+    out = np.maximum(as_dims + beyond, 0.0)
+    out = np.maximum.accumulate(out[::-1], axis=0)[::-1]  # fewer heads or dims never save less
+    return np.maximum.accumulate(out[:, ::-1], axis=1)[:, ::-1]
+
+
 def _cut(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: Sequence[Entry],
-         members: dict[int, list[int]], widths: dict[int, int]) -> torch.fx.GraphModule:
-    """``dense`` with structure ``s`` cut to its first ``widths[s]`` entries (the others whole)."""
+         members: dict[int, list[int]], widths: dict[int, Any], structures: Sequence[Structure]) -> torch.fx.GraphModule:
+    """``dense`` with structure ``s`` cut to its first ``widths[s]`` entries (the others whole); a
+    ``"heads+dims"`` structure to its first ``(h, j)`` heads and dims."""
     pruned = np.zeros(len(entries), dtype=bool)
     for s, k in widths.items():
-        pruned[members[s][k:]] = True
+        n_heads = structures[s].heads
+        h, j = k if n_heads else (0, k)
+        pruned[members[s][h:n_heads]] = True
+        pruned[members[s][n_heads + j:]] = True
     return Surgery(keep_sets(analysis, list(entries), pruned))(dense).gm
 
 
@@ -304,15 +327,21 @@ def measure_latency(
             "timed": timed,
             "inputs": [list(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]}
     tables: dict[str, dict[int, float]] = {}  # per class: entries kept -> fraction of the dense latency saved
+    head_tables: dict[str, dict[int, float]] = {}  # per "heads+dims" class: heads kept (all dims) -> the same
     todo = []
     for sig in classes:
-        file = store / f"{_key(base | {'class': sig})}.json"
+        mixed = {"head_grid": HEAD_GRID} if structures[classes[sig][0]].heads else {}
+        file = store / f"{_key(base | {'class': sig} | mixed)}.json"
         if use_cache and file.is_file():
-            tables[sig] = {int(k): float(v) for k, v in json.loads(file.read_text())["saved"].items()}
+            stored = json.loads(file.read_text())
+            tables[sig] = {int(k): float(v) for k, v in stored["saved"].items()}
+            if "heads" in stored:
+                head_tables[sig] = {int(k): float(v) for k, v in stored["heads"].items()}
         else:
             todo.append((sig, file))
+    dims = {sig: len(members[idx[0]]) - structures[idx[0]].heads for sig, idx in classes.items()}
     # the joint point: every class at half its width together (one class: nothing to join)
-    half = {sig: _grid(len(members[idx[0]]), structures[idx[0]].multiple, (0.5,)) for sig, idx in classes.items()}
+    half = {sig: _grid(dims[sig], structures[idx[0]].multiple, (0.5,)) for sig, idx in classes.items()}
     joint_file = store / f"{_key(base | {'joint': sorted(classes)})}.json"
     joint: float | None = None
     if len(classes) > 1 and use_cache and joint_file.is_file():
@@ -327,22 +356,32 @@ def measure_latency(
         bar = tqdm(total=steps, desc="latency tables", leave=False, disable=None)
         for sig, file in todo:
             idx = classes[sig]
-            ks = _grid(len(members[idx[0]]), structures[idx[0]].multiple)
-            calls = [runner(runtime, _cut(dense, analysis, entries, members, dict.fromkeys(idx, k)), inputs, work,
-                            f"k{k}", exported) for k in ks]  # fmt: skip
+            n_heads = structures[idx[0]].heads
+            ks = _grid(dims[sig], structures[idx[0]].multiple)
+            hs = _grid(n_heads, 1, HEAD_GRID) if n_heads else []
+            cuts = [(n_heads, k) if n_heads else k for k in ks] + [(h, dims[sig]) for h in hs]
+            calls = [runner(runtime, _cut(dense, analysis, entries, members, dict.fromkeys(idx, w), structures),
+                            inputs, work, f"w{i}", exported) for i, w in enumerate(cuts)]  # fmt: skip
             # per round, relative to the dense time of that round: the load may drift within a class and between
             base, saved = saved_interleaved(dense_call, *calls, runs=runs, warmup=2)
-            tables[sig] = {k: max(0.0, f / len(idx)) for k, f in zip(ks, saved)}
-            log.info("latency class %s: dense %.2f ms, saved per structure (fraction of dense) %s",
-                     structures[idx[0]].name, base, {k: round(v, 4) for k, v in tables[sig].items()})
+            per = [max(0.0, f / len(idx)) for f in saved]
+            tables[sig] = dict(zip(ks, per[: len(ks)]))
+            record = {"class": json.loads(sig), "runtime": runtime, "shape": resolved, "timed": timed,
+                      "dense_ms": base, "saved": tables[sig], "machine": machine}  # fmt: skip
+            if n_heads:
+                head_tables[sig] = record["heads"] = dict(zip(hs, per[len(ks):]))
+            log.info("latency class %s: dense %.2f ms, saved per structure (fraction of dense) %s%s",
+                     structures[idx[0]].name, base, {k: round(v, 4) for k, v in tables[sig].items()},
+                     f", by heads kept {({h: round(v, 4) for h, v in head_tables[sig].items()})}" if n_heads else "")
             measured.append(structures[idx[0]].name)
             store.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps({"class": json.loads(sig), "runtime": runtime, "shape": resolved, "timed": timed,
-                                        "dense_ms": base, "saved": tables[sig], "machine": machine}, indent=1))
+            file.write_text(json.dumps(record, indent=1))
             bar.update()
         if len(classes) > 1 and joint is None:
-            widths = {s: half[sig][0] for sig, idx in classes.items() for s in idx if half[sig]}
-            call = runner(runtime, _cut(dense, analysis, entries, members, widths), inputs, work, "joint", exported)
+            widths = {s: (structures[s].heads, half[sig][0]) if structures[s].heads else half[sig][0]
+                      for sig, idx in classes.items() for s in idx if half[sig]}  # fmt: skip
+            call = runner(runtime, _cut(dense, analysis, entries, members, widths, structures), inputs, work, "joint",
+                          exported)  # fmt: skip
             base, (joint,) = saved_interleaved(dense_call, call, runs=runs, warmup=2)
             measured.append("joint")
             store.mkdir(parents=True, exist_ok=True)
@@ -357,8 +396,11 @@ def measure_latency(
         additivity = _additivity(joint, alone)
     saved = [np.zeros(1)] * len(structures)
     for sig, idx in classes.items():
+        table = _interpolate(dims[sig], tables[sig])
+        if sig in head_tables:
+            table = _heads_table(structures[idx[0]].heads, table, head_tables[sig])
         for s in idx:
-            saved[s] = additivity * dense_ms * _interpolate(len(members[s]), tables[sig])
+            saved[s] = additivity * dense_ms * table
     seconds = time.perf_counter() - start
     log.info("latency tables on %s: %d of %d measured in %.0f s", runtime, len(measured), len(classes) + 1, seconds)
     return LatencyModel(runtime, resolved, dense_ms, saved, measured, additivity, seconds)
@@ -386,12 +428,16 @@ def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
     structure saves per entry (what the search's sparsity weighting reads). Raises ConfigError when the asked
     ratio is more than the structures can save."""
     prepared.latency = latency
-    counts = entries_left(prepared.entries, len(prepared.structures))
+    full = widths(prepared.entries, prepared.structures)
     for st, table in zip(prepared.structures, latency.fractions()):
         st.latency = table
     for e in prepared.entries:
-        table, n = prepared.structures[e.structure].latency, counts[e.structure]
-        e.cost = float(table[1] / (n - 1)) if n > 1 else 0.0
+        st, n = prepared.structures[e.structure], full[e.structure]
+        if st.heads:  # a head: the mean of all but one head going (all dims kept); a dim: the same over dims
+            h, j = n
+            e.cost = float(st.latency[1, j] / (h - 1) if e.head else st.latency[h, 1] / (j - 1)) if min(h, j) > 1 else 0.0
+        else:
+            e.cost = float(st.latency[1] / (n - 1)) if n > 1 else 0.0
     most = latency.most_saved()
     log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
              latency.shape, latency.dense_ms, 100 * most)
@@ -469,7 +515,7 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
                  ) -> dict[str, Any]:
     """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
     model = prepared.latency
-    predicted = model.predict(entries_left(prepared.entries, len(prepared.structures), pruned).tolist())
+    predicted = model.predict(widths(prepared.entries, prepared.structures, pruned))
     runs = _rounds(model.dense_ms, 30, 5.0)
     dense_ms, (saved,) = saved_interleaved(dense, small, runs=runs, warmup=3)
     small_ms = dense_ms * (1 - saved)  # the per-round saving on the dense median: see saved_interleaved

@@ -163,7 +163,7 @@ def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
         log.info("cut vs the final masked model: relative error %.2e", gap)
         if not gap <= 1e-4:
             raise SurgeryCheckError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
-    fraction = removed_fraction(prepared.entries, pruned)
+    fraction = removed_fraction(prepared.entries, pruned, prepared.structures)
     result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
     if row is not None:
         result.report.latency = row

@@ -8,6 +8,11 @@ An *entry* is the smallest unit a ranking can remove and still leave a dense gra
   interleaves q, k and v per head, they share entries as with ``"upop"``.
 * ``"heads"``: whole heads (q, k and v of head ``h``); where a per-head additive score bias (ALiBi) fixes the
   heads, that layer's entries are head dims as with ``"upop"``.
+* ``"heads+dims"``: per attention layer both — its whole heads and its head dims (as with ``"upop"``) are
+  entries of one structure, so a ranking removes whichever is less important: a layer keeps ``h`` heads of
+  ``j`` dims each (the kept q/k/v channels are the product). Removing a head is what cuts the softmax and the
+  ``T×T`` score work, which a head dim does not. Entries of one layer overlap (a head and a dim share a
+  channel), so this granularity is for one-shot rankings (``method="magnitude"``), not for UPop's masks.
 
 A *structure* is the set of entries of one attention layer or one MLP; each keeps at least one entry.
 """
@@ -15,6 +20,7 @@ A *structure* is the set of entries of one attention layer or one MLP; each keep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +28,14 @@ from .errors import ConfigError
 from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
-    "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "BUDGETS", "build_entries", "check_choice", "check_int", "group_cost",
-    "keep_sets", "keep_jaccard", "removed_fraction", "entries_left",
+    "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "MASKED_GRANULARITIES", "BUDGETS", "widths",
+    "build_entries", "check_choice", "check_int", "check_masked", "group_cost", "keep_sets", "keep_jaccard",
+    "removed_fraction", "entries_left",
 ]
 
-GRANULARITIES = ("upop", "qk_v", "heads")
+GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
+#: the granularities whose entries are disjoint (one mask element per channel): what UPop's masks can learn
+MASKED_GRANULARITIES = ("upop", "qk_v", "heads")
 BUDGETS = ("params", "flops", "latency")
 
 
@@ -46,6 +55,14 @@ def check_int(name: str, value: object, minimum: int | None = None) -> None:
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
+def check_masked(granularity: str) -> None:
+    """Raise :class:`~upop_fx.errors.ConfigError` for a granularity UPop's masks cannot learn (overlapping entries)."""
+    if granularity not in MASKED_GRANULARITIES:
+        raise ConfigError(f"granularity={granularity!r} has overlapping entries (a head and a head dim share "
+                          "channels), which one mask per channel cannot learn: the UPop search takes one of "
+                          f"{', '.join(MASKED_GRANULARITIES)}; use method='magnitude' for {granularity!r}")
+
+
 #: stacked experts keep a multiple of this many neurons: grouped matmul kernels (``torch._grouped_mm``) need
 #: rows aligned to 16 bytes, 8 entries of a 16-bit dtype (4 of float32)
 STACKED_MULTIPLE = 8
@@ -58,8 +75,10 @@ class Structure:
     groups: list[int]
     multiple: int = 1  #: keep a multiple of this many entries (or all of them)
     #: ``budget="latency"``: the fraction of the dense model's measured latency saved with ``k`` entries kept
-    #: (index ``k``; :mod:`upop_fx.latency`), None otherwise
+    #: (index ``k``, or ``[h, j]`` where the structure has head entries; :mod:`upop_fx.latency`), None otherwise
     latency: np.ndarray | None = field(default=None, repr=False)
+    #: ``"heads+dims"``: the structure's first ``heads`` entries are whole heads, the rest head dims (0: none)
+    heads: int = 0
 
 
 @dataclass
@@ -68,6 +87,7 @@ class Entry:
     kind: str
     channels: dict[int, np.ndarray] = field(default_factory=dict)  # group id -> channel indices
     cost: float = 0.0
+    head: bool = False  #: a whole head of a ``"heads+dims"`` structure (its other entries are head dims)
 
 
 def _head_channels(g: DimGroup, j: int) -> np.ndarray:
@@ -109,9 +129,12 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
             by_site.setdefault(g.site, {})[g.kind] = g
     done: set[int] = set()
 
-    def add(kind: str, name: str, groups: list[DimGroup], chans: list[dict[int, np.ndarray]]) -> None:
+    def add(kind: str, name: str, groups: list[DimGroup], chans: list[dict[int, np.ndarray]],
+            heads: list[dict[int, np.ndarray]] = ()) -> None:  # fmt: skip
         multiple = STACKED_MULTIPLE if any(g.experts for g in groups) else 1
-        structures.append(Structure(kind, name, [g.id for g in groups], multiple))
+        structures.append(Structure(kind, name, [g.id for g in groups], multiple, heads=len(heads)))
+        for ch in heads:  # z-scored as a kind of their own: a head and a head dim compete by rank
+            entries.append(Entry(len(structures) - 1, "head", ch, head=True))
         for ch in chans:
             entries.append(Entry(len(structures) - 1, kind, ch))
 
@@ -132,13 +155,14 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         if granularity == "heads" and both and not fixed:
             add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
             done.update({qk.id, v.id})
-        elif (granularity in ("upop", "heads") or (both and _interleaved(qk, v))) and both and _shared_dims(qk, v):
+        elif (granularity in ("upop", "heads", "heads+dims") or (both and _interleaved(qk, v))) and both and _shared_dims(qk, v):
             # heads: where the heads are fixed; qk_v: where one per-head view splits q, k and v
             # head-dim j of q, k and v together; a rotary pair of q/k takes the v dims at the same positions
+            mixed = granularity == "heads+dims" and not fixed and qk.heads > 1
             add("attn", label, [qk, v], [
                 {qk.id: _head_channels(qk, j), v.id: np.concatenate([_head_channels(v, p) for p in qk.positions(j)])}
                 for j in range(qk.head_dim)
-            ])  # fmt: skip
+            ], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)] if mixed else [])  # fmt: skip
             done.update({qk.id, v.id})
         else:  # qk_v, or a layer whose q/k and v cannot share entries
             add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head_channels(g, j)} for j in range(g.head_dim)])
@@ -179,7 +203,31 @@ def entries_left(entries: list[Entry], structures: int, pruned: np.ndarray | Non
     return left
 
 
-def removed_fraction(entries: list[Entry], pruned: np.ndarray) -> float:
-    """The fraction of the entries' total cost that the ``pruned`` ones carry."""
-    total = sum(e.cost for e in entries)
-    return sum(e.cost for e, p in zip(entries, pruned) if p) / total if total else 0.0
+def widths(entries: list[Entry], structures: list[Structure], pruned: np.ndarray | None = None) -> list[Any]:
+    """What each structure keeps once the ``pruned`` entries go: the count of its entries, or ``(heads, dims)``
+    for a ``"heads+dims"`` structure — the index of its latency table either way."""
+    gone = np.zeros(len(entries), dtype=bool) if pruned is None else np.asarray(pruned, dtype=bool)
+    left = entries_left(entries, len(structures), gone)
+    heads = np.bincount([e.structure for e, p in zip(entries, gone) if e.head and not p], minlength=len(structures))
+    return [(int(heads[s]), int(left[s] - heads[s])) if st.heads else int(left[s]) for s, st in enumerate(structures)]
+
+
+def removed_fraction(entries: list[Entry], pruned: np.ndarray, structures: list[Structure] | None = None) -> float:
+    """The fraction of the entries' total cost that the ``pruned`` ones carry. A ``"heads+dims"`` structure
+    (its entries overlap) counts what it keeps, ``h·j`` of ``H·D`` channels, at its dims' cost."""
+    if structures is None or not any(st.heads for st in structures):
+        total = sum(e.cost for e in entries)
+        return sum(e.cost for e, p in zip(entries, pruned) if p) / total if total else 0.0
+    kept = widths(entries, structures, pruned)
+    total = removed = 0.0
+    for s, st in enumerate(structures):
+        costs = np.array([(e.cost, p) for e, p in zip(entries, pruned) if e.structure == s and not e.head] or
+                         [(0.0, False)], dtype=np.float64)  # fmt: skip
+        full = costs[:, 0].sum()
+        total += full
+        if st.heads:
+            h, j = kept[s]
+            removed += full * (1 - h * j / (st.heads * len(costs)))
+        else:
+            removed += costs[costs[:, 1] > 0, 0].sum()
+    return removed / total if total else 0.0

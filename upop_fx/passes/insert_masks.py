@@ -40,7 +40,7 @@ from ..capture import get_capture
 from ..compare import relative_error
 from ..errors import PostconditionError, PreconditionError
 from ..groups import DIMS_KEY, GroupAnalysis, get_analysis
-from ..structures import BUDGETS, GRANULARITIES, Entry, Structure, build_entries, check_choice
+from ..structures import BUDGETS, GRANULARITIES, Entry, Structure, build_entries, check_choice, check_masked
 from .base import GraphPass, PassResult
 
 __all__ = ["InsertMasks", "MaskState", "MaskTag", "MASKS_KEY", "MASK_TAG_KEY", "MASK_MODULE", "get_masks"]
@@ -98,6 +98,7 @@ class InsertMasks(GraphPass[MaskState]):
     def __init__(self, granularity: str = "upop", budget: str = "params") -> None:
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("budget", budget, BUDGETS)
+        check_masked(granularity)
         self.granularity, self.budget = granularity, budget
 
     def requires(self, gm: torch.fx.GraphModule) -> None:

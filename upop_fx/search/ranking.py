@@ -43,7 +43,7 @@ def select_pruned(
     every structure keeps a multiple of N entries (or all of them when it has fewer than N); a structure whose
     ``multiple`` is larger (stacked experts) keeps a multiple of that.
     """
-    if round_to > 1 or any(s.multiple > 1 or s.latency is not None for s in structures):
+    if round_to > 1 or any(s.multiple > 1 or s.latency is not None or s.heads for s in structures):
         return _select_rounded(scores, entries, structures, ratio, round_to)
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
@@ -63,6 +63,58 @@ def select_pruned(
     return pruned
 
 
+def _chunks(order: np.ndarray, n: int) -> list[np.ndarray]:
+    """``order`` (one structure's entries, least important first) cut into chunks so that what is left after
+    each is a multiple of ``n``; at least one entry always stays."""
+    if len(order) <= n:
+        return []
+    first = len(order) % n
+    cuts = ([first] if first else []) + list(range(first + n if first else n, len(order), n))
+    bounds = [0, *cuts]
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a and len(order) - b >= 1]
+
+
+class _Walk:
+    """One structure's steps in the walk: its chunks in order, or — a ``"heads+dims"`` structure — at each step
+    the less important of its next head (z-scored among heads) and its next chunk of head dims."""
+
+    def __init__(self, z: np.ndarray, members: np.ndarray, heads: np.ndarray, n: int, table: np.ndarray | None,
+                 costs: np.ndarray) -> None:  # fmt: skip
+        self.z, self.table, self.costs = z, table, costs
+        self.chunks = _chunks(members[np.argsort(z[members], kind="stable")], n)
+        self.heads = list(heads[np.argsort(z[heads], kind="stable")])
+        self.n_heads, self.n_dims = len(heads), len(members)
+        self.h, self.j = len(heads), len(members)  # kept (a plain structure: h stays 0)
+        self.next_chunk = 0
+
+    def offer(self) -> tuple[float, np.ndarray] | None:
+        """The next step's priority and entries (None: nothing more can go)."""
+        chunk = self.chunks[self.next_chunk] if self.next_chunk < len(self.chunks) else None
+        head = self.heads[self.n_heads - self.h] if self.h > 1 else None
+        options = []
+        if chunk is not None:
+            options.append((float(self.z[chunk].mean()), chunk))
+        if head is not None:
+            options.append((float(self.z[head]), np.array([head])))
+        return min(options, key=lambda o: o[0]) if options else None
+
+    def take(self, step: np.ndarray) -> float:
+        """Remove ``step``; what it saves (the table's fraction of the dense latency, else its cost)."""
+        h, j = self.h, self.j
+        if self.n_heads and len(step) == 1 and step[0] in self.heads:
+            self.h -= 1
+        else:
+            self.j -= len(step)
+            self.next_chunk += 1
+        if self.table is not None:
+            at = (lambda a, b: self.table[a, b]) if self.n_heads else (lambda a, b: self.table[b])
+            return float(at(self.h, self.j) - at(h, j))
+        if not self.n_heads:
+            return float(self.costs[step].sum())
+        # overlapping entries: a head's cost spans every dim, a dim's every head; count what is still kept
+        return float(self.costs[step].sum() * (self.j / self.n_dims if self.h < h else self.h / self.n_heads))
+
+
 def _select_rounded(
     scores: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], ratio: float, n_all: int
 ) -> np.ndarray:
@@ -70,43 +122,34 @@ def _select_rounded(
     always a multiple of ``n`` (or of the structure's own ``multiple`` where larger); chunks are taken in order
     of their mean z-score, each after its predecessor. Where the structures carry latency tables
     (``budget="latency"``), what a chunk removes is what its structure's table saves between its widths before
-    and after, and the walk stops once the saved fraction of the dense latency reaches ``ratio``."""
+    and after, and the walk stops once the saved fraction of the dense latency reaches ``ratio``. A
+    ``"heads+dims"`` structure offers its next head or its next chunk of dims, whichever ranks lower."""
     import heapq
 
     z = zscore_by_kind(scores, [e.kind for e in entries])
     costs = np.array([e.cost for e in entries])
-    tables = [s.latency for s in structures]
-    timed = all(t is not None for t in tables)
-    target = ratio if timed else ratio * costs.sum()
-    chunks: list[list[np.ndarray]] = []
-    by_structure: list[list[int]] = [[] for _ in structures]
+    timed = all(s.latency is not None for s in structures)
+    members: list[list[int]] = [[] for _ in structures]
+    heads: list[list[int]] = [[] for _ in structures]
     for i, e in enumerate(entries):
-        by_structure[e.structure].append(i)
-    for s, members in enumerate(by_structure):
-        n = max(n_all, structures[s].multiple)
-        idx = np.array(members, dtype=np.int64)
-        idx = idx[np.argsort(z[idx], kind="stable")]
-        if len(idx) <= n:
-            chunks.append([])
-            continue
-        first = len(idx) % n
-        cuts = ([first] if first else []) + list(range(first + n if first else n, len(idx), n))
-        bounds = [0, *cuts]
-        chunks.append([idx[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a and len(idx) - b >= 1])
-    heap = [(float(z[c[0]].mean()), s, 0) for s, c in enumerate(chunks) if c]
+        (heads if e.head else members)[e.structure].append(i)
+    if timed:
+        target = ratio
+    else:  # a heads+dims structure costs what its dims cost (its heads cover the same channels)
+        target = ratio * sum(costs[m].sum() for m in members)
+    walks = [
+        _Walk(z, np.array(m, dtype=np.int64), np.array(h, dtype=np.int64), max(n_all, st.multiple),
+              st.latency if timed else None, costs)
+        for m, h, st in zip(members, heads, structures)
+    ]  # fmt: skip
+    heap = [(o[0], s, o[1]) for s, w in enumerate(walks) if (o := w.offer()) is not None]
     heapq.heapify(heap)
     pruned = np.zeros(len(entries), dtype=bool)
-    kept = [len(m) for m in by_structure]
     removed = 0.0
     while heap and removed < target:
-        _, s, k = heapq.heappop(heap)
-        chunk = chunks[s][k]
-        pruned[chunk] = True
-        if timed:
-            removed += float(tables[s][kept[s] - len(chunk)] - tables[s][kept[s]])
-            kept[s] -= len(chunk)
-        else:
-            removed += costs[chunk].sum()
-        if k + 1 < len(chunks[s]):
-            heapq.heappush(heap, (float(z[chunks[s][k + 1]].mean()), s, k + 1))
+        _, s, step = heapq.heappop(heap)
+        pruned[step] = True
+        removed += walks[s].take(step)
+        if (o := walks[s].offer()) is not None:
+            heapq.heappush(heap, (o[0], s, o[1]))
     return pruned

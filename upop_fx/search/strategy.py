@@ -108,6 +108,9 @@ def uniform(
     the same at every granularity (one head dim across heads, one head, one neuron), so this is the same
     fraction of every structure's cost. With latency tables (``budget="latency"``) the common fraction of
     entries is the smallest whose measured saving reaches ``fraction`` of the dense latency."""
+    if any(s.heads for s in structures):
+        raise ConfigError("uniform allocation needs one kind of entry per structure; granularity='heads+dims' "
+                          "mixes heads and head dims (use the unified allocation)")
     if not structures or any(s.latency is None for s in structures):
         return _uniform_entries(importance, entries, structures, fraction)
     def saved(q: float) -> tuple[float, np.ndarray]:
