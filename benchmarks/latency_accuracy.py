@@ -6,6 +6,8 @@ distillation batches and the search's seed):
 
 * ``latency`` — UPop (``method="upop"``) with ``budget="latency", runtime="onnxruntime-cpu",
   latency_shape=(8, 128)`` at ``1 − 1/--speedup`` of the measured latency (calibrated on the runtime);
+* ``latency heads+dims`` — the same with ``granularity="heads+dims"``: whole heads compete with head dims in
+  the search (a channel's mask is its head's times its dim's);
 * ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
   :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
   so every model's own speedup is measured and reported beside its accuracy).
@@ -19,7 +21,7 @@ check), on a quiet machine (:func:`benchmarks.common.quiet_timing`).
 
 Writes ``benchmarks/results/latency_accuracy.json`` and ``.md`` (mean ± std over the seeds).
 
-    python -m benchmarks.latency_accuracy                     # 3 seeds, about 40 minutes on 2 cores
+    python -m benchmarks.latency_accuracy                     # 3 seeds, about an hour on 2 cores
     python -m benchmarks.latency_accuracy --seeds 0 --steps 20 --quick     # smoke run
 """
 
@@ -49,6 +51,8 @@ log = logging.getLogger("benchmarks.latency_accuracy")
 
 BATCH, SEQ = 8, 128
 COLUMNS = ["budget", "seed", "ratio", "speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc", "minutes"]
+#: budget label -> (budget, granularity); "flops" runs at the matched ratio
+VARIANTS = {"latency": ("latency", "upop"), "latency heads+dims": ("latency", "heads+dims"), "flops": ("flops", "upop")}
 METRICS = ["speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc"]
 
 
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--runs", type=int, default=20, help="timed rounds per speed measurement (default 20)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="which models to compress per seed (default: all three)")
     p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run (written as *_quick)")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -101,15 +107,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("flops budget: ratio %.3f for %.2fx (probes %s)", flops_ratio, args.speedup, probes)
         for seed in args.seeds:
             data = corpus.batches(2 * args.steps, args.batch_size, seed=seed)
-            for budget, r in (("latency", ratio), ("flops", flops_ratio)):
+            for label in args.variants:
+                budget, granularity = VARIANTS[label]
+                r = flops_ratio if budget == "flops" else ratio
                 extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if budget == "latency" else {}
                 t0 = time.perf_counter()
                 result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps,
                                           retrain_steps=args.steps, lr=args.lr, interval=args.interval, seed=seed,
-                                          budget=budget, **extra)
+                                          budget=budget, granularity=granularity, **extra)
                 minutes = (time.perf_counter() - t0) / 60
                 small = result.model
-                rows.append({"budget": budget, "seed": seed, "ratio": r, "speedup": speedup(small),
+                rows.append({"budget": label, "seed": seed, "ratio": r, "speedup": speedup(small),
                              "flops_reduction": flops_dense / count_flops(small, (), timing),
                              **evaluate(small, corpus, dense), "minutes": round(minutes, 2)})
                 if result.report.latency:
@@ -152,11 +160,12 @@ def render(payload: dict[str, Any]) -> str:
         "",
         markdown_table(payload["rows"], COLUMNS),
     ]
-    if "latency" in by and "flops" in by:
-        lat, flo = by["latency"], by["flops"]
-        lines += ["", f"- MRR: latency budget {lat['mrr']} against FLOP budget {flo['mrr']} at measured speedups "
-                      f"{lat['speedup']} and {flo['speedup']}: latency budget "
-                      f"{'at least as good' if lat['mrr_mean'] >= flo['mrr_mean'] else 'BEHIND'}."]
+    for label in ("latency", "latency heads+dims"):
+        if label in by and "flops" in by:
+            lat, flo = by[label], by["flops"]
+            lines += ["", f"- MRR: {label} {lat['mrr']} against FLOP budget {flo['mrr']} at measured speedups "
+                          f"{lat['speedup']} and {flo['speedup']}: {label} "
+                          f"{'at least as good' if lat['mrr_mean'] >= flo['mrr_mean'] else 'BEHIND'}."]
     return "\n".join(lines) + "\n"
 
 

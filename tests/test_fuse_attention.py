@@ -218,6 +218,18 @@ def test_inexpressible_sites_stay_unfused(mode, why, caplog):
     assert why in reason and why in caplog.text
 
 
+@pytest.mark.parametrize("name", ["encoder", "bert"])
+def test_heads_times_dims_masks_stay_unfused_and_exact(name):
+    """granularity='heads+dims' multiplies a channel by two masks; the kernel takes one per head dim, so every
+    site is left as it is, with the reason, and the graph computes what it did."""
+    masked = _masked(_captured(name), "heads+dims")
+    before = copy.deepcopy(masked)
+    result = FuseMaskedAttention(force=True)(masked)
+    assert not result.modified and len(result.value.skipped) == MODELS[name][3]
+    assert all("its head and its head dim" in why for why in result.value.skipped.values())
+    _assert_same_function(before, masked, MODELS[name][2])
+
+
 def test_different_q_and_k_masks_stay_unfused():
     masked, _ = _attn("padding")
     k_idx = [n for n in masked.graph.nodes if n.op == "get_attr" and "idx_" in n.target][1]  # q, k, v producers

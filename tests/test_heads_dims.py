@@ -104,13 +104,34 @@ def test_a_heads_by_dims_table_is_exact_on_both_measured_axes_and_monotone():
     assert table[2, 4] > table[4, 2]
 
 
-def test_heads_and_dims_are_for_one_shot_rankings():
+def test_uniform_allocation_refuses_mixed_entries():
     zoo = ZOO["bert"]()
-    with pytest.raises(ConfigError, match="overlapping entries"):
-        upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, granularity="heads+dims", search_steps=2)
     with pytest.raises(ConfigError, match="uniform allocation"):
         upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
                          granularity="heads+dims", allocate="uniform")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_the_upop_search_masks_heads_and_dims_together(name):
+    """A channel's mask is its head's times its head dim's: at mask 1 the graph is the original (InsertMasks'
+    check), the search's last masked model is what the cut reproduces (the pipeline's check), and the cut is
+    kept heads x kept dims."""
+    from upop_fx.passes import FindGroups, InsertMasks
+
+    zoo = ZOO[name]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    FindGroups()(cap.gm)
+    state = InsertMasks("heads+dims")(cap.gm).value
+    heads = [e for e in state.entries if e.head]
+    assert heads and len(state.entries) == sum(b - a for a, b in state.entry_slices)
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, granularity="heads+dims", budget="flops",
+                              search_steps=6, interval=2, retrain_steps=0)  # fmt: skip
+    assert result.report.prunable_cost_removed >= 0.5
+    groups = {g.id: g for g in result.analysis.prunable}
+    for g in result.analysis.prunable:
+        if g.kind == "qk":
+            _rectangle(result.keep[g.id], g.heads, g.head_dim)
+    assert groups and result.model is not None
 
 
 def test_a_latency_budget_with_heads_measures_a_heads_axis(tmp_path, monkeypatch):

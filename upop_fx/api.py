@@ -28,7 +28,7 @@ from .search.magnitude import Magnitude
 from .search.strategy import ALLOCATIONS, Allocate
 from .search.train import PRECISIONS, retrain
 from .search.upop import SCORES, UPopSearch
-from .structures import BUDGETS, GRANULARITIES, check_masked, keep_sets
+from .structures import BUDGETS, GRANULARITIES, keep_sets
 
 __all__ = [
     "compress", "retrain", "UPop", "Result", "METHODS", "SCORES", "GRANULARITIES", "BUDGETS", "ALLOCATIONS",
@@ -93,8 +93,8 @@ def compress(
         latency_shape: with ``budget="latency"``: ``(batch, seq)`` to time at (``seq`` None: the inputs' own
             length); default: the example inputs' shape.
         granularity: one of :data:`GRANULARITIES`: ``"upop"`` (head-dims shared across heads and q/k/v),
-            ``"qk_v"``, ``"heads"`` or ``"heads+dims"`` (whole heads and head dims compete in one ranking:
-            ``method="magnitude"`` only; with ``budget="latency"`` a head's measured softmax and score work counts).
+            ``"qk_v"``, ``"heads"`` or ``"heads+dims"`` (whole heads and head dims compete in one ranking; with
+            ``budget="latency"`` what removing a head saves — its softmax and score work — is measured too).
         round_to: keep head dims and MLP widths at multiples of this (the budget is still met).
         lr: AdamW learning rate of the search and the retrain.
         interval: the search re-selects the entries to prune every ``interval`` steps.
@@ -134,8 +134,6 @@ def compress(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     search = UPopSearch(search_steps, interval, score, lr, allocate)  # validates the search options either way
-    if method == "upop":
-        check_masked(granularity)
     strategy = search if method == "upop" else Magnitude(allocate)
     return run(
         model, example_inputs, strategy, ratio=ratio, data=data, loss_fn=loss_fn,
@@ -190,7 +188,6 @@ class UPop:
         latency_shape: tuple[int, int | None] | None = None,
     ) -> None:
         check_options(ratio, budget, granularity, round_to, seed, runtime, latency_shape)
-        check_masked(granularity)
         self.search = UPopSearch(total_steps, interval, score, allocate=allocate)
         with seeded(seed, model):
             self.prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class, runtime,

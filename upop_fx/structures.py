@@ -12,7 +12,7 @@ An *entry* is the smallest unit a ranking can remove and still leave a dense gra
   entries of one structure, so a ranking removes whichever is less important: a layer keeps ``h`` heads of
   ``j`` dims each (the kept q/k/v channels are the product). Removing a head is what cuts the softmax and the
   ``T×T`` score work, which a head dim does not. Entries of one layer overlap (a head and a dim share a
-  channel), so this granularity is for one-shot rankings (``method="magnitude"``), not for UPop's masks.
+  channel): UPop's masks multiply a channel by its head's mask and its dim's.
 
 A *structure* is the set of entries of one attention layer or one MLP; each keeps at least one entry.
 """
@@ -28,14 +28,12 @@ from .errors import ConfigError
 from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
-    "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "MASKED_GRANULARITIES", "BUDGETS", "widths",
-    "build_entries", "check_choice", "check_int", "check_masked", "group_cost", "keep_sets", "keep_jaccard",
+    "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "BUDGETS", "widths",
+    "build_entries", "check_choice", "check_int", "group_cost", "keep_sets", "keep_jaccard",
     "removed_fraction", "entries_left",
 ]
 
 GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
-#: the granularities whose entries are disjoint (one mask element per channel): what UPop's masks can learn
-MASKED_GRANULARITIES = ("upop", "qk_v", "heads")
 BUDGETS = ("params", "flops", "latency")
 
 
@@ -53,14 +51,6 @@ def check_int(name: str, value: object, minimum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
         kind = _KIND.get(minimum, f"an integer >= {minimum}")
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
-
-
-def check_masked(granularity: str) -> None:
-    """Raise :class:`~upop_fx.errors.ConfigError` for a granularity UPop's masks cannot learn (overlapping entries)."""
-    if granularity not in MASKED_GRANULARITIES:
-        raise ConfigError(f"granularity={granularity!r} has overlapping entries (a head and a head dim share "
-                          "channels), which one mask per channel cannot learn: the UPop search takes one of "
-                          f"{', '.join(MASKED_GRANULARITIES)}; use method='magnitude' for {granularity!r}")
 
 
 #: stacked experts keep a multiple of this many neurons: grouped matmul kernels (``torch._grouped_mm``) need

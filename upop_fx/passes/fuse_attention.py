@@ -230,6 +230,9 @@ def _source(gm: torch.fx.GraphModule, x: Node) -> _Source:
     mul, chain = cur, chain[::-1]
     producer, mult = mul.args
     tag: MaskTag = mul.meta[MASK_TAG_KEY]
+    if tag.heads is not None:
+        raise _Skip(f"{x.name} is masked by its head and its head dim (granularity='heads+dims'); the kernel takes "
+                    "one mask per head dim")
     view, dtype = (list(tag.view) if tag.view is not None else None), tag.dtype
     if view is not None:
         mult = mult.args[0]
@@ -255,6 +258,8 @@ def _is_mask_mul(n: Any) -> bool:
     producer, m = n.args
     if producer.name != tag.producer:
         return False
+    if tag.heads is not None:  # a product of two gathers: found, and skipped by the caller
+        return True
     m = m.args[0] if tag.view is not None and m.target is aten.view.default else m
     m = m.args[0] if tag.dtype is not None and m.target is aten.to.dtype else m
     if m.target is not aten.index_select.default or m.args[1] != 0 or not isinstance(m.args[2], Node):

@@ -12,7 +12,9 @@ returned as it is, ``modified=False``.
 
 Mask ``s`` has one element per entry of structure ``s`` (see ``upop_fx/structures.py``): with granularity
 ``"upop"`` an attention layer's mask has one element per head dim, shared by every head and by q, k and v —
-UPop's ``qkv * alpha``, so a q·k score sees ``m_j²`` — and an MLP's mask one element per neuron.
+UPop's ``qkv * alpha``, so a q·k score sees ``m_j²`` — and an MLP's mask one element per neuron. With
+``"heads+dims"`` an attention layer's mask has one element per head and then one per head dim, and a channel
+is multiplied by both (its head's and its dim's: two gathers, one product).
 
 Example:
     >>> import torch, upop_fx
@@ -40,7 +42,7 @@ from ..capture import get_capture
 from ..compare import relative_error
 from ..errors import PostconditionError, PreconditionError
 from ..groups import DIMS_KEY, GroupAnalysis, get_analysis
-from ..structures import BUDGETS, GRANULARITIES, Entry, Structure, build_entries, check_choice, check_masked
+from ..structures import BUDGETS, GRANULARITIES, Entry, Structure, build_entries, check_choice
 from .base import GraphPass, PassResult
 
 __all__ = ["InsertMasks", "MaskState", "MaskTag", "MASKS_KEY", "MASK_TAG_KEY", "MASK_MODULE", "get_masks"]
@@ -59,6 +61,8 @@ class MaskTag:
 
     ``mult = index_select(cat([1, *masks]), 0, index)``, then cast to ``dtype`` if it is set, then viewed as
     ``view`` if it is set; ``masks`` are the mask parameters' targets, ``index`` the gather buffer's target.
+    With ``granularity="heads+dims"`` a channel is masked by its head dim and by its head: ``heads`` is then a
+    second gather buffer, and ``mult`` the product of the two gathers (cast and viewed after).
     """
 
     producer: str
@@ -66,6 +70,7 @@ class MaskTag:
     index: str
     dtype: torch.dtype | None
     view: tuple[int, ...] | None
+    heads: str | None = None
 
 
 @dataclass
@@ -98,7 +103,6 @@ class InsertMasks(GraphPass[MaskState]):
     def __init__(self, granularity: str = "upop", budget: str = "params") -> None:
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("budget", budget, BUDGETS)
-        check_masked(granularity)
         self.granularity, self.budget = granularity, budget
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
@@ -141,9 +145,11 @@ class InsertMasks(GraphPass[MaskState]):
         for s, (a, b) in enumerate(slices):
             holder.register_parameter(f"m{s}", torch.nn.Parameter(torch.ones(b - a, device=device)))
         new.add_module(MASK_MODULE, holder)
-        label_slot = _label_slots(analysis, entries, slices)
+        label_slot = _label_slots(analysis, [(i, e) for i, e in enumerate(entries) if not e.head])
+        mixed = any(e.head for e in entries)
+        head_slot = _label_slots(analysis, [(i, e) for i, e in enumerate(entries) if e.head]) if mixed else None
         state = MaskState(self.granularity, self.budget, structures, entries, slices)
-        _insert(new, analysis, label_slot, slices, state)
+        _insert(new, analysis, label_slot, head_slot, slices, state)
         if not state.sites:
             return PassResult(gm, False, MaskState(self.granularity, self.budget, [], [], []))
         new.graph.lint()
@@ -152,11 +158,12 @@ class InsertMasks(GraphPass[MaskState]):
         return PassResult(new, True, state)
 
 
-def _label_slots(analysis: GroupAnalysis, entries: list[Entry], slices: list[tuple[int, int]]) -> np.ndarray:
-    """Per label: its index in the concatenation ``[1, m0, m1, ...]`` (0 = not masked)."""
+def _label_slots(analysis: GroupAnalysis, entries: list[tuple[int, Entry]]) -> np.ndarray:
+    """Per label: its index in the concatenation ``[1, m0, m1, ...]`` (0 = not masked), from ``entries``
+    (``(index among all entries, entry)``; disjoint: a channel has one)."""
     slot = np.zeros(len(analysis.label_class), dtype=np.int64)
     class_slot: dict[int, int] = {}
-    for i, e in enumerate(entries):
+    for i, e in entries:
         for gid, chans in e.channels.items():
             for c in np.asarray(chans).tolist():
                 class_slot[int(analysis.groups[gid].classes[c])] = 1 + i
@@ -165,7 +172,8 @@ def _label_slots(analysis: GroupAnalysis, entries: list[Entry], slices: list[tup
     return slot
 
 
-def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.ndarray, slices, state) -> None:  # noqa: ANN001
+def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.ndarray, head_slot: np.ndarray | None,
+            slices, state) -> None:  # noqa: ANN001  # fmt: skip
     graph = gm.graph
     seeds = {u.node for u in analysis.uses if u.role == "out"}
     nodes = {n.name: n for n in graph.nodes}
@@ -175,22 +183,27 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
         if block is None or block.labels.ndim != 1:
             continue
         slots = label_slot[block.labels]
-        if not slots.any():
+        heads = head_slot[block.labels] if head_slot is not None else np.zeros_like(slots)
+        if not slots.any() and not heads.any():
             continue
-        used = sorted({_structure_of(int(x), slices) for x in slots if x})
+        used = sorted({_structure_of(int(x), slices) for x in (*slots, *heads) if x})
         # index into cat([1, m_used...]): remap global slots to the local concatenation
         offsets, pos = {}, 1
         for s in used:
-            offsets[s] = pos
+            offsets[s] = pos - slices[s][0]
             pos += slices[s][1] - slices[s][0]
-        local = np.array(
-            [0 if x == 0 else offsets[_structure_of(int(x), slices)] + (int(x) - 1 - slices[_structure_of(int(x), slices)][0]) for x in slots],
-            dtype=np.int64,
-        )
+
+        def local(xs: np.ndarray, offsets: dict[int, int] = offsets) -> np.ndarray:
+            return np.array([0 if x == 0 else offsets[_structure_of(int(x), slices)] + int(x) - 1 for x in xs],
+                            dtype=np.int64)  # fmt: skip
+
         idx_name = f"idx_{name}"
         holder = gm.get_submodule(MASK_MODULE)
         device = holder.m0.device
-        holder.register_buffer(idx_name, torch.as_tensor(local, device=device), persistent=False)
+        holder.register_buffer(idx_name, torch.as_tensor(local(slots), device=device), persistent=False)
+        head_name = f"heads_{name}" if heads.any() else None
+        if head_name is not None:
+            holder.register_buffer(head_name, torch.as_tensor(local(heads), device=device), persistent=False)
         axis = block.axes[0]
         rank = node.meta["val"].dim()
         users = list(node.users)
@@ -200,6 +213,10 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
         full = emit("call_function", torch.ops.aten.cat.default, ([one, *masks],))
         idx = emit("get_attr", f"{MASK_MODULE}.{idx_name}")
         last = emit("call_function", torch.ops.aten.index_select.default, (full, 0, idx))
+        if head_name is not None:  # a channel's head dim times its head
+            of_head = emit("call_function", torch.ops.aten.index_select.default,
+                           (full, 0, emit("get_attr", f"{MASK_MODULE}.{head_name}")))  # fmt: skip
+            last = emit("call_function", torch.ops.aten.mul.Tensor, (last, of_head))
         dtype = node.meta["val"].dtype
         cast = dtype if dtype != torch.float32 else None  # keep the activation's dtype (bf16/fp16 models)
         if cast is not None:
@@ -209,7 +226,8 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
             last = emit("call_function", torch.ops.aten.view.default, (last, list(view)))
         masked = emit("call_function", torch.ops.aten.mul.Tensor, (node, last))
         masked.meta[MASK_TAG_KEY] = MaskTag(
-            name, tuple(f"{MASK_MODULE}.m{s}" for s in used), f"{MASK_MODULE}.{idx_name}", cast, view
+            name, tuple(f"{MASK_MODULE}.m{s}" for s in used), f"{MASK_MODULE}.{idx_name}", cast, view,
+            None if head_name is None else f"{MASK_MODULE}.{head_name}",
         )
         for u in users:
             u.replace_input_with(node, masked)
