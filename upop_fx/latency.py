@@ -9,8 +9,12 @@ exported as it is deployed — dynamic axes, as ``export_onnx`` writes it; the g
 of them run interleaved with the dense model on inputs of the latency shape.
 ``(dense − cut) / dense / structures in the class`` is the share of the time one structure saves at width ``k``
 (a share of the dense time measured in the same interleaved run: the load may drift from one class to the next);
-between the measured widths it is interpolated linearly, and made monotone (fewer entries never cost more). Removals in different classes are taken to add up; the prediction for a selection is
-the measured dense time minus what its structures save, and the report sets a measured speedup beside it.
+between the measured widths it is interpolated linearly, and made monotone (fewer entries never cost more).
+With ``granularity="heads+dims"`` a class of attention layers is also cut to a few head counts (every dim kept),
+and its table is two-dimensional: ``h`` heads of ``j`` dims save what ``h·j`` channels save as head dims plus
+what removing those heads saves beyond their channels (the softmax and score work), exact on both measured axes.
+Removals in different classes are taken to add up; the prediction for a selection is the measured dense time
+minus what its structures save, and the report sets a measured speedup beside it.
 
 Tables are cached on disk (``$UPOP_FX_CACHE`` or ``~/.cache/upop_fx``, ``latency/``) per machine, runtime,
 library versions, class shape, batch and sequence length: a second ``compress`` of the same layers measures
@@ -285,8 +289,8 @@ def _heads_table(n_heads: int, dims: np.ndarray, heads: dict[int, float]) -> np.
     return np.maximum.accumulate(out[:, ::-1], axis=1)[:, ::-1]
 
 
-def _cut(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: Sequence[Entry],
-         members: dict[int, list[int]], widths: dict[int, Any], structures: Sequence[Structure]) -> torch.fx.GraphModule:
+def _cut(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: Sequence[Entry], members: dict[int, list[int]],
+         widths: dict[int, Any], structures: Sequence[Structure]) -> torch.fx.GraphModule:  # fmt: skip
     """``dense`` with structure ``s`` cut to its first ``widths[s]`` entries (the others whole); a
     ``"heads+dims"`` structure to its first ``(h, j)`` heads and dims."""
     pruned = np.zeros(len(entries), dtype=bool)
@@ -435,7 +439,8 @@ def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
         st, n = prepared.structures[e.structure], full[e.structure]
         if st.heads:  # a head: the mean of all but one head going (all dims kept); a dim: the same over dims
             h, j = n
-            e.cost = float(st.latency[1, j] / (h - 1) if e.head else st.latency[h, 1] / (j - 1)) if min(h, j) > 1 else 0.0
+            per = st.latency[1, j] / (h - 1) if e.head else st.latency[h, 1] / (j - 1)
+            e.cost = float(per) if min(h, j) > 1 else 0.0
         else:
             e.cost = float(st.latency[1] / (n - 1)) if n > 1 else 0.0
     most = latency.most_saved()
