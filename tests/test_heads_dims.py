@@ -104,11 +104,26 @@ def test_a_heads_by_dims_table_is_exact_on_both_measured_axes_and_monotone():
     assert table[2, 4] > table[4, 2]
 
 
-def test_uniform_allocation_refuses_mixed_entries():
+def test_uniform_allocation_thins_the_dims_and_keeps_the_heads():
     zoo = ZOO["bert"]()
-    with pytest.raises(ConfigError, match="uniform allocation"):
-        upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
-                         granularity="heads+dims", allocate="uniform")  # fmt: skip
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
+                              granularity="heads+dims", allocate="uniform", budget="flops")  # fmt: skip
+    assert result.report.prunable_cost_removed >= 0.45
+    for g in result.analysis.prunable:
+        if g.kind == "qk":
+            h, j = _rectangle(result.keep[g.id], g.heads, g.head_dim)
+            assert h == g.heads and j < g.head_dim
+
+
+def test_a_latency_budget_ranks_heads_and_dims_unless_told_otherwise():
+    from upop_fx.pipeline import check_options
+    from upop_fx.structures import resolve_granularity
+
+    assert resolve_granularity(None, "latency") == "heads+dims" and resolve_granularity(None, "flops") == "upop"
+    assert resolve_granularity("upop", "latency") == "upop"
+    check_options(0.5, "latency", None, 1, 0)
+    with pytest.raises(ConfigError, match="granularity must be one of"):
+        check_options(0.5, "latency", "head", 1, 0)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -141,7 +156,7 @@ def test_a_latency_budget_with_heads_measures_a_heads_axis(tmp_path, monkeypatch
     model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     x = torch.randn(8, 64, 128)
     result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
-                              runtime="torch-cpu", granularity="heads+dims")  # fmt: skip
+                              runtime="torch-cpu")  # fmt: skip  # heads+dims: the latency budget's default
     import json
 
     stored = [json.loads(p.read_text()) for p in (tmp_path / "latency").glob("*.json")]
@@ -149,3 +164,4 @@ def test_a_latency_budget_with_heads_measures_a_heads_axis(tmp_path, monkeypatch
     t = result.report.latency
     assert t["predicted_ms"] < t["dense_ms"] and t["measured_speedup"] > 0
     assert result.report.prunable_cost_removed >= t["rounds"][t["kept_round"]]["target"]
+    assert result.report.granularity == "heads+dims"

@@ -51,7 +51,7 @@ def compress(
     search_steps: int = 100,
     retrain_steps: int = 100,
     budget: str = "params",
-    granularity: str = "upop",
+    granularity: str | None = None,
     round_to: int = 1,
     lr: float = 1e-4,
     interval: int = 10,
@@ -95,6 +95,7 @@ def compress(
         granularity: one of :data:`GRANULARITIES`: ``"upop"`` (head-dims shared across heads and q/k/v),
             ``"qk_v"``, ``"heads"`` or ``"heads+dims"`` (whole heads and head dims compete in one ranking; with
             ``budget="latency"`` what removing a head saves — its softmax and score work — is measured too).
+            Default: ``"heads+dims"`` with ``budget="latency"``, ``"upop"`` otherwise.
         round_to: keep head dims and MLP widths at multiples of this (the budget is still met).
         lr: AdamW learning rate of the search and the retrain.
         interval: the search re-selects the entries to prune every ``interval`` steps.
@@ -178,7 +179,7 @@ class UPop:
         total_steps: int = 100,
         interval: int = 10,
         budget: str = "params",
-        granularity: str = "upop",
+        granularity: str | None = None,
         seed: int = 0,
         round_to: int = 1,
         score: str = "gradient",

@@ -95,8 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    "torch-cuda or onnxruntime-cuda")
     c.add_argument("--latency-batch", type=int, default=None, metavar="N",
                    help="with --budget latency: the batch size to time at (default: --batch-size)")
-    c.add_argument("--granularity", default="upop", help=f"what one ranking entry removes, one of "
-                   f"{', '.join(GRANULARITIES)} (default upop: a head dim across heads and q/k/v)")
+    c.add_argument("--granularity", default=None, help=f"what one ranking entry removes, one of "
+                   f"{', '.join(GRANULARITIES)} (default: upop, a head dim across heads and q/k/v; with --budget "
+                   "latency heads+dims, whole heads and head dims in one ranking)")
     c.add_argument("--allocate", default="unified", choices=list(ALLOCATIONS),
                    help="unified (one ranking over every layer and tower; default) or uniform (the same fraction "
                    "of every layer)")

@@ -52,6 +52,7 @@ from .structures import (
     group_cost,
     keep_sets,
     removed_fraction,
+    resolve_granularity,
 )
 
 __all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded", "fingerprint"]
@@ -90,7 +91,8 @@ def check_options(ratio: Any, budget: Any, granularity: Any, round_to: Any, seed
         check_latency_shape(latency_shape)
     elif runtime is not None or latency_shape is not None:
         raise ConfigError(f"runtime= and latency_shape= belong to budget='latency' (got budget={budget!r})")
-    check_choice("granularity", granularity, GRANULARITIES)
+    if granularity is not None:  # None: resolve_granularity's default for the budget
+        check_choice("granularity", granularity, GRANULARITIES)
     check_int("round_to", round_to, 1)
     check_int("seed", seed)
 
@@ -108,7 +110,7 @@ def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
 
 def prepare(
     model: torch.nn.Module, example_inputs: Any, ratio: float = 0.5, budget: str = "params",
-    granularity: str = "upop", round_to: int = 1, own_class: bool = False, runtime: str | None = None,
+    granularity: str | None = None, round_to: int = 1, own_class: bool = False, runtime: str | None = None,
     latency_shape: tuple[int, int | None] | None = None,
 ) -> Prepared:  # fmt: skip
     """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries.
@@ -116,6 +118,7 @@ def prepare(
     (:func:`~upop_fx.restrict.restrict_to_class`). ``budget="latency"``: measure the latency tables of the
     structures on ``runtime`` at ``latency_shape`` (:mod:`upop_fx.latency`)."""
     check_options(ratio, budget, granularity, round_to, 0, runtime, latency_shape)
+    granularity = resolve_granularity(granularity, budget)
     if not isinstance(own_class, bool):
         raise ConfigError(f"own_class must be True or False, got {own_class!r}")
     cap = capture(model, example_inputs)
@@ -192,7 +195,7 @@ def run(
     retrain_steps: int = 0,
     lr: float = 1e-4,
     budget: str = "params",
-    granularity: str = "upop",
+    granularity: str | None = None,
     round_to: int = 1,
     seed: int = 0,
     precision: str = "fp32",
@@ -205,6 +208,7 @@ def run(
     """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
     ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
     check_options(ratio, budget, granularity, round_to, seed, runtime, latency_shape)
+    granularity = resolve_granularity(granularity, budget)
     check_int("retrain_steps", retrain_steps, 0)
     check_choice("precision", precision, PRECISIONS)
     check_int("checkpoint_every", checkpoint_every, 1)

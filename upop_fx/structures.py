@@ -29,12 +29,20 @@ from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
     "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "BUDGETS", "widths",
-    "build_entries", "check_choice", "check_int", "group_cost", "keep_sets", "keep_jaccard",
+    "build_entries", "resolve_granularity", "check_choice", "check_int", "group_cost", "keep_sets", "keep_jaccard",
     "removed_fraction", "entries_left",
 ]
 
 GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
 BUDGETS = ("params", "flops", "latency")
+
+
+def resolve_granularity(granularity: str | None, budget: str) -> str:
+    """The granularity a run uses: ``granularity``, or where it is None ``"heads+dims"`` under a latency budget
+    (removing a head is what removes its softmax and score work) and ``"upop"`` under any other."""
+    if granularity is not None:
+        return granularity
+    return "heads+dims" if budget == "latency" else "upop"
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

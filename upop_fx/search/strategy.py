@@ -40,7 +40,7 @@ import torch
 from ..capture import Captured
 from ..errors import ConfigError
 from ..groups import GroupAnalysis
-from ..structures import Entry, Structure, entries_left
+from ..structures import Entry, Structure, widths
 from .ranking import select_pruned
 from .train import Batches, Objective, Training
 
@@ -107,16 +107,14 @@ def uniform(
     kept; a multiple of the structure's ``multiple``), the least important first. Entries of one structure cost
     the same at every granularity (one head dim across heads, one head, one neuron), so this is the same
     fraction of every structure's cost. With latency tables (``budget="latency"``) the common fraction of
-    entries is the smallest whose measured saving reaches ``fraction`` of the dense latency."""
-    if any(s.heads for s in structures):
-        raise ConfigError("uniform allocation needs one kind of entry per structure; granularity='heads+dims' "
-                          "mixes heads and head dims (use the unified allocation)")
+    entries is the smallest whose measured saving reaches ``fraction`` of the dense latency. A
+    ``"heads+dims"`` structure keeps its heads and loses that fraction of its head dims."""
     if not structures or any(s.latency is None for s in structures):
         return _uniform_entries(importance, entries, structures, fraction)
     def saved(q: float) -> tuple[float, np.ndarray]:
         pruned = _uniform_entries(importance, entries, structures, q)
-        left = entries_left(list(entries), len(structures), pruned)
-        return float(sum(s.latency[k] for s, k in zip(structures, left))), pruned
+        kept = widths(list(entries), list(structures), pruned)
+        return float(sum(s.latency[k] for s, k in zip(structures, kept))), pruned
 
     lo, hi = 0.0, 1.0
     for _ in range(30):
@@ -134,7 +132,8 @@ def _uniform_entries(
     """:func:`uniform` by the entries' count."""
     by_structure: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(entries):
-        by_structure[e.structure].append(i)
+        if not e.head:  # a heads+dims structure: its dims alone
+            by_structure[e.structure].append(i)
     pruned = np.zeros(len(entries), dtype=bool)
     for idx in by_structure.values():
         idx_arr = np.asarray(idx)
