@@ -9,7 +9,7 @@ import torch
 
 import upop_fx
 from upop_fx.errors import ConfigError
-from upop_fx.latency import _additivity, _interpolate, latency_inputs, measure_latency
+from upop_fx.latency import _additivity, _interpolate, _next_target, latency_inputs, measure_latency
 from upop_fx.search.ranking import select_pruned
 from upop_fx.search.strategy import uniform
 from upop_fx.structures import Entry, Structure
@@ -178,6 +178,19 @@ def test_the_upop_search_walks_the_latency_tables(encoder, tmp_path, monkeypatch
     assert seen == [True]  # π_t is a fraction of the measured latency
     assert result.report.latency["rounds"][0]["target"] == 0.3
     assert result.report.prunable_cost_removed >= 0.3
+
+
+def test_a_reselection_aims_by_ratio_first_then_by_a_secant_through_the_last_two_rounds():
+    first = {"target": 0.5, "predicted_speedup": 2.0, "measured_speedup": 1.6}
+    assert _next_target(0.5, [first], 0.9) == pytest.approx(1 - 0.5 * 1.6 / 2.0)
+    # the tables misjudge deeper cuts more: 0.5 -> saved 0.375, 0.6 -> saved 0.444; the line reaches 0.5 at 0.68
+    second = {"target": 0.6, "predicted_speedup": 2.5, "measured_speedup": 1.8}
+    secant = _next_target(0.5, [first, second], 0.9)
+    assert secant == pytest.approx(0.6 + (0.5 - (1 - 1 / 1.8)) * 0.1 / ((1 - 1 / 1.8) - 0.375))
+    assert secant > 1 - 0.5 * 1.8 / 2.5  # further than the ratio rule would go
+    assert _next_target(0.5, [first, second], 0.65) == 0.65  # held to what the tables can save
+    flat = {"target": 0.6, "predicted_speedup": 2.5, "measured_speedup": 1.6}  # no slope: the ratio rule
+    assert _next_target(0.5, [first, flat], 0.9) == pytest.approx(1 - 0.5 * 1.6 / 2.5)
 
 
 def test_the_additivity_factor_is_the_joint_saving_over_the_summed_ones():
