@@ -469,11 +469,11 @@ def calibrated_cut(
     cut_graph: Callable[[Prepared, np.ndarray, torch.fx.GraphModule], torch.fx.GraphModule],
 ) -> tuple[np.ndarray, torch.fx.GraphModule, dict[str, Any]]:  # fmt: skip
     """Time the cut ``small`` on the runtime beside the prediction; while it measures outside
-    ``[SHORT, OVER] × asked``, re-select (``selection.reselect``) with the measured / predicted ratio folded into
-    the target (:func:`_next_target`) and cut again with ``cut_graph`` (up to :data:`CALIBRATIONS` times). Of the rounds, the one kept is
-    the slowest that reaches ``SHORT × asked`` (the fastest when none does). Returns its selection, its cut and
-    the report's latency row (with ``rounds``: target, predicted and measured speedup of each round, and
-    ``kept_round``)."""
+    ``[SHORT, OVER] × asked``, re-select (``selection.reselect``) with the miss folded into the target
+    (:func:`_next_target`: the measured / predicted ratio, then the line through the last two rounds) and cut again
+    with ``cut_graph`` (up to :data:`CALIBRATIONS` times). Of the rounds, the one kept is the slowest that reaches
+    ``SHORT × asked`` (the fastest when none does). Returns its selection, its cut and the report's latency row
+    (with ``rounds``: target, predicted and measured speedup of each round, and ``kept_round``)."""
     asked = 1 / (1 - prepared.ratio)
     model = prepared.latency
     info = prepared.captured.info

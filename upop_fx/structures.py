@@ -153,7 +153,8 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         if granularity == "heads" and both and not fixed:
             add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
             done.update({qk.id, v.id})
-        elif (granularity in ("upop", "heads", "heads+dims") or (both and _interleaved(qk, v))) and both and _shared_dims(qk, v):
+        elif ((granularity in ("upop", "heads", "heads+dims") or (both and _interleaved(qk, v))) and both
+              and _shared_dims(qk, v)):  # fmt: skip
             # heads: where the heads are fixed; qk_v: where one per-head view splits q, k and v
             # head-dim j of q, k and v together; a rotary pair of q/k takes the v dims at the same positions
             mixed = granularity == "heads+dims" and not fixed and qk.heads > 1
@@ -216,16 +217,14 @@ def removed_fraction(entries: list[Entry], pruned: np.ndarray, structures: list[
     if structures is None or not any(st.heads for st in structures):
         total = sum(e.cost for e in entries)
         return sum(e.cost for e, p in zip(entries, pruned) if p) / total if total else 0.0
-    kept = widths(entries, structures, pruned)
-    total = removed = 0.0
-    for s, st in enumerate(structures):
-        costs = np.array([(e.cost, p) for e, p in zip(entries, pruned) if e.structure == s and not e.head] or
-                         [(0.0, False)], dtype=np.float64)  # fmt: skip
-        full = costs[:, 0].sum()
-        total += full
+    dims = [(e.structure, e.cost, bool(p)) for e, p in zip(entries, pruned) if not e.head]
+    where = np.array([d[0] for d in dims], dtype=np.int64)
+    cost = np.array([d[1] for d in dims], dtype=np.float64)
+    full = np.bincount(where, cost, minlength=len(structures))
+    removed = np.bincount(where, cost * np.array([d[2] for d in dims]), minlength=len(structures))
+    for s, (st, kept) in enumerate(zip(structures, widths(entries, structures, pruned))):
         if st.heads:
-            h, j = kept[s]
-            removed += full * (1 - h * j / (st.heads * len(costs)))
-        else:
-            removed += costs[costs[:, 1] > 0, 0].sum()
-    return removed / total if total else 0.0
+            h, j = kept
+            removed[s] = full[s] * (1 - h * j / (st.heads * np.count_nonzero(where == s)))
+    total = full.sum()
+    return float(removed.sum() / total) if total else 0.0

@@ -192,18 +192,13 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
         for s in used:
             offsets[s] = pos - slices[s][0]
             pos += slices[s][1] - slices[s][0]
-
-        def local(xs: np.ndarray, offsets: dict[int, int] = offsets) -> np.ndarray:
-            return np.array([0 if x == 0 else offsets[_structure_of(int(x), slices)] + int(x) - 1 for x in xs],
-                            dtype=np.int64)  # fmt: skip
-
         idx_name = f"idx_{name}"
         holder = gm.get_submodule(MASK_MODULE)
         device = holder.m0.device
-        holder.register_buffer(idx_name, torch.as_tensor(local(slots), device=device), persistent=False)
+        holder.register_buffer(idx_name, torch.as_tensor(_local(slots, offsets, slices), device=device), persistent=False)
         head_name = f"heads_{name}" if heads.any() else None
         if head_name is not None:
-            holder.register_buffer(head_name, torch.as_tensor(local(heads), device=device), persistent=False)
+            holder.register_buffer(head_name, torch.as_tensor(_local(heads, offsets, slices), device=device), persistent=False)
         axis = block.axes[0]
         rank = node.meta["val"].dim()
         users = list(node.users)
@@ -244,6 +239,13 @@ class _Emitter:
         with self.graph.inserting_after(self.cursor):
             self.cursor = self.graph.create_node(op, target, args, kwargs or {})
         return self.cursor
+
+
+def _local(slots: np.ndarray, offsets: dict[int, int], slices: list[tuple[int, int]]) -> np.ndarray:
+    """Global slots (``1 + entry index``, 0: none) as indices into one site's ``cat([1, m_used...])``:
+    ``offsets[s]`` maps structure ``s``'s entries there."""
+    return np.array([0 if x == 0 else offsets[_structure_of(int(x), slices)] + int(x) - 1 for x in slots],
+                    dtype=np.int64)  # fmt: skip
 
 
 def _structure_of(slot: int, slices: list[tuple[int, int]]) -> int:
