@@ -140,7 +140,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         lat = result.report.latency
                         info[budget] |= {"predicted_speedup": lat["predicted_speedup"],
                                          "check_speedup": lat["measured_speedup"],
-                                         "additivity": lat["additivity"], "table_seconds": lat["table_seconds"],
+                                         "table_seconds": lat["table_seconds"],
                                          "reselections": len(lat["rounds"]) - 1}
                 if "latency" not in models:
                     continue

@@ -9,7 +9,7 @@ import torch
 
 import upop_fx
 from upop_fx.errors import ConfigError
-from upop_fx.latency import _additivity, _interpolate, _next_target, latency_inputs, measure_latency
+from upop_fx.latency import LatencyModel, _interpolate, _next_target, latency_inputs, measure_latency
 from upop_fx.search.ranking import select_pruned
 from upop_fx.search.strategy import uniform
 from upop_fx.structures import Entry, Structure
@@ -94,12 +94,11 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     t = result.report.latency
     assert t["runtime"] == "torch-cpu" and (t["batch"], t["seq"]) == (8, None)
     assert t["predicted_ms"] < t["dense_ms"] and t["measured_speedup"] > 0
-    assert len(t["measured_classes"]) == 3 and t["measured_classes"][-1] == "joint"  # attention, MLP, both
-    assert 0.5 <= t["additivity"] <= 1.25
+    assert len(t["measured_classes"]) == 3 and t["measured_classes"][-1] == "floor"  # attention, MLP, both
     # of the predicted latency: what the kept round aimed at (0.3 unless the measurement passed the ask by 5%)
     assert result.report.prunable_cost_removed >= t["rounds"][t["kept_round"]]["target"]
     assert "latency on torch-cpu" in result.report.table()
-    assert len(list((tmp_path / "latency").glob("*.json"))) == 3  # one table per class, and the joint cut
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 3  # one table per class, and the floor
     again = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
                              runtime="torch-cpu")
     assert again.report.latency["measured_classes"] == []  # every table came from the cache
@@ -193,17 +192,22 @@ def test_a_reselection_aims_by_ratio_first_then_by_a_secant_through_the_last_two
     assert _next_target(0.5, [first, flat], 0.9) == pytest.approx(1 - 0.5 * 1.6 / 2.5)
 
 
-def test_the_additivity_factor_is_the_joint_saving_over_the_summed_ones():
-    assert _additivity(0.3, 0.4) == pytest.approx(0.75)
-    assert _additivity(0.1, 0.4) == 0.5 and _additivity(0.9, 0.4) == 1.25  # held to ADDITIVITY_RANGE
-    assert _additivity(0.005, 0.01) == 1.0 and _additivity(-0.1, 0.4) == 1.0  # too little saved to tell
+@pytest.mark.parametrize("overlap", [0.3, 0.05, 0.0, -0.2])
+def test_the_bent_sum_is_monotone_and_needed_inverts_it(overlap):
+    model = LatencyModel("torch-cpu", (8, None), 100.0, [], reach=0.6, overlap=overlap)
+    xs = np.linspace(0, 0.6, 61)
+    ys = [model.together(x) for x in xs]
+    assert ys[0] == 0 and ys[-1] == pytest.approx(0.6 - overlap) and np.all(np.diff(ys) >= -1e-12)
+    assert [model.needed(y) for y in ys] == pytest.approx(list(xs), abs=1e-9)
+    assert model.together(0.06) == pytest.approx(0.06 - overlap / 100)  # a tenth of the reach: 1% of the overlap
 
 
-def test_tables_are_scaled_by_what_the_classes_save_together(encoder, tmp_path, monkeypatch):
-    """A fake runtime: every single-class cut saves 10 of the dense 100 ms, the joint cut (both classes at half
-    width) 15 ms, against 2 x 10 = 20 ms summed: the tables are scaled by 0.75."""
+def test_a_class_cut_is_shared_among_its_structures_and_the_floor_bends_the_sum(encoder, tmp_path, monkeypatch):
+    """A fake runtime: every single-class cut saves 10 of the dense 100 ms; a class has two structures, so each
+    saves 5 ms at every measured width. The floor cut (all four at their narrowest) saves 15 ms, not the 20 the
+    tables sum to: the deepest cut is predicted at 85 ms, a shallow one as the plain sum."""
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
-    ms = {"dense": 100.0, "joint": 85.0}
+    ms = {"dense": 100.0, "floor": 85.0}
 
     def fake_runner(runtime, gm, inputs, work, name, export_inputs=None):
         return lambda: name
@@ -222,14 +226,20 @@ def test_tables_are_scaled_by_what_the_classes_save_together(encoder, tmp_path, 
     prepared = upop_fx.pipeline.prepare(model, x, 0.3, budget="flops")
     latency = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
                               prepared.captured.info, "torch-cpu")
-    assert latency.additivity == pytest.approx(0.75) and latency.measured[-1] == "joint"
+    assert latency.measured[-1] == "floor" and len(latency.measured) == 3 and len(latency.saved) == 4
     for saved in latency.saved:
-        n = len(saved) - 1  # a class of 2 structures saving 10 ms at every measured width: 5 ms each
-        assert saved[n // 2] == pytest.approx(0.75 * 5.0) and saved[n] == 0
+        n = len(saved) - 1
+        assert saved[n // 2] == pytest.approx(5.0) and saved[n] == 0
+    assert (latency.reach, latency.overlap) == (pytest.approx(0.2), pytest.approx(0.05))
     assert latency.predict([len(t) - 1 for t in latency.saved]) == pytest.approx(100.0)
+    assert latency.predict([1 for t in latency.saved]) == pytest.approx(85.0)  # the floor, as measured
+    assert latency.most_saved() == pytest.approx(0.15) and latency.needed(0.15) == pytest.approx(0.2)
+    one = [1, len(latency.saved[1]) - 1, len(latency.saved[2]) - 1, len(latency.saved[3]) - 1]
+    assert latency.predict(one) == pytest.approx(100 - 5 + 0.05 * 0.25**2 * 100)  # a quarter of the reach
     again = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
                             prepared.captured.info, "torch-cpu")
-    assert again.measured == [] and again.additivity == pytest.approx(0.75)  # tables and joint cut from the cache
+    assert again.measured == [] and [list(t) for t in again.saved] == [list(t) for t in latency.saved]  # cached
+    assert again.overlap == pytest.approx(0.05)  # the floor too
 
 
 def test_onnxruntime_tables_and_check_time_the_file_as_deployed(encoder, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ from .structures import Entry, Structure, check_choice, entries_left, keep_sets,
 from .timing import saved_interleaved, time_interleaved
 
 __all__ = [
-    "RUNTIMES", "CALIBRATIONS", "SHORT", "OVER", "ADDITIVITY_RANGE", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
+    "RUNTIMES", "CALIBRATIONS", "SHORT", "OVER", "LatencyModel", "check_runtime", "check_latency_shape", "latency_inputs",
     "measure_latency", "runner", "deployed_inputs", "ort_providers", "cache_dir", "use_latency", "calibrated_cut",
 ]  # fmt: skip
 
@@ -153,28 +153,51 @@ def deployed_inputs(runtime: str, info: CaptureInfo, shape: tuple[int, int | Non
 class LatencyModel:
     """Measured latency of the dense model and, per structure, the milliseconds it saves at each width.
 
-    ``saved[s][k]`` is what structure ``s`` saves with ``k`` of its entries kept (``saved[s][n] = 0``)."""
+    ``saved[s][k]`` is what structure ``s`` saves with ``k`` of its entries kept (``saved[s][n] = 0``). Summed,
+    the tables overstate deep cuts (what thinner attention and thinner MLPs save overlaps: the same norms, adds
+    and copies get cheaper once): the *floor* cut, every structure at its narrowest at once, is timed too, and a
+    summed saving ``x`` (a fraction of the dense latency) is predicted to save
+    ``x − overlap · (x / reach)²`` — the sum where it is small, what the floor measured (``reach − overlap``) at
+    the deepest cut, monotone between (``overlap`` is held to ``[−reach/2, reach/2]``)."""
 
     runtime: str
     shape: tuple[int, int | None]
     dense_ms: float
     saved: list[np.ndarray]
     measured: list[str] = field(default_factory=list)  #: the classes measured now (the others came from the cache)
-    #: the classes' savings together over their sum apart (every class at half width; ``saved`` is scaled by it)
-    additivity: float = 1.0
-    seconds: float = 0.0  #: the time taken to measure (dense model, tables, joint cut)
+    seconds: float = 0.0  #: the time taken to measure (dense model, tables and the floor cut)
+    reach: float = 0.0  #: the summed saving of every structure at its narrowest (a fraction of the dense latency)
+    overlap: float = 0.0  #: ``reach`` less what the floor cut measured
+
+    def together(self, summed: float) -> float:
+        """What structures whose tables add up to ``summed`` save cut together (fractions of the dense latency)."""
+        if self.reach <= 0:
+            return summed
+        return summed - self.overlap * (min(summed, self.reach) / self.reach) ** 2
+
+    def needed(self, fraction: float) -> float:
+        """The summed table saving that :meth:`together` maps to ``fraction``: what an allocation walks to."""
+        d, a = self.overlap, self.reach
+        if a <= 0 or abs(d) < 1e-12:
+            return fraction
+        disc = max(0.0, 1 - 4 * d * fraction / a**2)
+        return float(a**2 * (1 - np.sqrt(disc)) / (2 * d))
 
     def predict(self, kept: Sequence[Any]) -> float:
         """Predicted milliseconds with ``kept[s]`` entries kept in structure ``s`` (``(heads, dims)`` for a
         ``"heads+dims"`` structure: :func:`~upop_fx.structures.widths`)."""
-        return self.dense_ms - float(sum(t[k] for t, k in zip(self.saved, kept)))
+        summed = float(sum(t[k] for t, k in zip(self.saved, kept))) / self.dense_ms
+        return self.dense_ms * (1 - self.together(summed))
 
     def fractions(self) -> list[np.ndarray]:
         """``saved`` as fractions of the dense latency: what the ranking's walk adds up."""
         return [t / self.dense_ms for t in self.saved]
 
     def most_saved(self) -> float:
-        """The largest fraction of the dense latency pruning can save: every structure down to one entry."""
+        """The largest fraction of the dense latency pruning can save: every structure at its narrowest (what
+        the floor cut measured)."""
+        if self.reach > 0:
+            return self.together(self.reach)
         return sum(float(t[(1,) * t.ndim]) for t in self.saved) / self.dense_ms
 
 
@@ -344,20 +367,21 @@ def measure_latency(
         else:
             todo.append((sig, file))
     dims = {sig: len(members[idx[0]]) - structures[idx[0]].heads for sig, idx in classes.items()}
-    # the joint point: every class at half its width together (one class: nothing to join)
-    half = {sig: _grid(dims[sig], structures[idx[0]].multiple, (0.5,)) for sig, idx in classes.items()}
-    joint_file = store / f"{_key(base | {'joint': sorted(classes)})}.json"
-    joint: float | None = None
-    if len(classes) > 1 and use_cache and joint_file.is_file():
-        joint = float(json.loads(joint_file.read_text())["saved"])
+    narrowest = {s: _narrowest(structures[s], dims[sig]) for sig, idx in classes.items() for s in idx}
+    # the floor cut is a whole-model measurement: keyed by the graph too, not only by its classes
+    graph = hashlib.sha256((dense.code + str([tuple(p.shape) for p in dense.parameters()])).encode()).hexdigest()
+    counts = sorted((sig, len(idx)) for sig, idx in classes.items())
+    floor_file = store / f"{_key(base | {'floor': counts, 'graph': graph})}.json"
+    floor: float | None = None
+    if use_cache and floor_file.is_file():
+        floor = float(json.loads(floor_file.read_text())["saved"])
     measured = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         dense_call = runner(runtime, dense, inputs, work, "dense", exported)
         (first,) = time_interleaved(dense_call, runs=3, warmup=1)
         runs = _rounds(first, runs, seconds)
-        steps = len(todo) + (len(classes) > 1 and joint is None)
-        bar = tqdm(total=steps, desc="latency tables", leave=False, disable=None)
+        bar = tqdm(total=len(todo) + (floor is None), desc="latency tables", leave=False, disable=None)
         for sig, file in todo:
             idx = classes[sig]
             n_heads = structures[idx[0]].heads
@@ -381,50 +405,50 @@ def measure_latency(
             store.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps(record, indent=1))
             bar.update()
-        if len(classes) > 1 and joint is None:
-            widths = {s: (structures[s].heads, half[sig][0]) if structures[s].heads else half[sig][0]
-                      for sig, idx in classes.items() for s in idx if half[sig]}  # fmt: skip
-            call = runner(runtime, _cut(dense, analysis, entries, members, widths, structures), inputs, work, "joint",
-                          exported)  # fmt: skip
-            base, (joint,) = saved_interleaved(dense_call, call, runs=runs, warmup=2)
-            measured.append("joint")
+        if floor is None and narrowest:
+            call = runner(runtime, _cut(dense, analysis, entries, members, narrowest, structures), inputs, work,
+                          "floor", exported)  # fmt: skip
+            base_ms, (floor,) = saved_interleaved(dense_call, call, runs=runs, warmup=2)
+            measured.append("floor")
             store.mkdir(parents=True, exist_ok=True)
-            joint_file.write_text(json.dumps({"classes": sorted(classes), "runtime": runtime, "shape": resolved,
-                                              "dense_ms": base, "saved": joint, "machine": machine}, indent=1))
+            floor_file.write_text(json.dumps({"runtime": runtime, "shape": resolved, "dense_ms": base_ms,
+                                              "saved": floor, "machine": machine}, indent=1))  # fmt: skip
             bar.update()
         bar.close()
         (dense_ms,) = time_interleaved(dense_call, runs=runs, warmup=2)
-    additivity = 1.0
-    if joint is not None:
-        alone = sum(len(idx) * tables[sig].get(half[sig][0], 0.0) for sig, idx in classes.items() if half[sig])
-        additivity = _additivity(joint, alone)
     saved = [np.zeros(1)] * len(structures)
     for sig, idx in classes.items():
         table = _interpolate(dims[sig], tables[sig])
         if sig in head_tables:
             table = _heads_table(structures[idx[0]].heads, table, head_tables[sig])
         for s in idx:
-            saved[s] = additivity * dense_ms * table
+            saved[s] = dense_ms * table
+    reach = sum(float(saved[s][k]) for s, k in narrowest.items()) / dense_ms
+    overlap = _overlap(reach, floor) if floor is not None else 0.0
     seconds = time.perf_counter() - start
     log.info("latency tables on %s: %d of %d measured in %.0f s", runtime, len(measured), len(classes) + 1, seconds)
-    return LatencyModel(runtime, resolved, dense_ms, saved, measured, additivity, seconds)
+    return LatencyModel(runtime, resolved, dense_ms, saved, measured, seconds, reach, overlap)
 
 
-#: the range an additivity factor is held to (outside it, one noisy joint measurement would rule every prediction)
-ADDITIVITY_RANGE = (0.5, 1.25)
+def _narrowest(structure: Structure, dims: int) -> Any:
+    """The narrowest width a structure may be cut to: one entry (a multiple of ``structure.multiple``; one head
+    of as many dims for a ``"heads+dims"`` structure)."""
+    m = structure.multiple
+    k = m if dims > m else dims
+    return (1, k) if structure.heads else k
 
 
-def _additivity(joint: float, alone: float) -> float:
-    """What the classes save cut together (``joint``) over the sum of what they save cut one at a time at the
-    same widths (``alone``), both fractions of the dense latency; 1 when too little is saved to tell."""
-    if alone < 0.02 or joint <= 0:
-        log.warning("latency: the joint cut saved %.1f%% against %.1f%% for the classes alone: taken as additive",
-                    100 * joint, 100 * alone)
-        return 1.0
-    factor = float(np.clip(joint / alone, *ADDITIVITY_RANGE))
-    log.info("latency: every class at half width saves %.1f%% together, %.1f%% summed alone: additivity %.3f",
-             100 * joint, 100 * alone, factor)
-    return factor
+def _overlap(reach: float, floor: float) -> float:
+    """``reach`` (what the tables sum to at the floor) less what the floor cut measured, held to ``[−reach/2,
+    reach/2]`` (where :meth:`LatencyModel.together` stays monotone); 0 when too little is saved to tell."""
+    if reach < 0.02 or floor <= 0:
+        log.warning("latency: the floor cut saved %.1f%% against %.1f%% summed: taken as additive", 100 * floor,
+                    100 * reach)
+        return 0.0
+    overlap = float(np.clip(reach - floor, -reach / 2, reach / 2))
+    log.info("latency: every structure at its narrowest saves %.1f%% together, %.1f%% summed: overlap %.3f",
+             100 * floor, 100 * reach, overlap)
+    return overlap
 
 
 def use_latency(prepared: Prepared, latency: LatencyModel) -> None:
@@ -496,7 +520,7 @@ def calibrated_cut(
             if not (short or over) or (short and target >= most):
                 break
             target = _next_target(prepared.ratio, rounds, most)
-            pruned = np.asarray(selection.reselect(target), dtype=bool)
+            pruned = np.asarray(selection.reselect(model.needed(target)), dtype=bool)
             small = cut_graph(prepared, pruned, selection.dense)
             row = timed(pruned, small, f"cut{i + 1}")
             tried.append((pruned, small, row))
@@ -542,7 +566,7 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
         "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
         "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
-        "additivity": model.additivity, "table_seconds": model.seconds, "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
+        "table_seconds": model.seconds, "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
     }  # fmt: skip
     log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
              model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])

@@ -59,8 +59,8 @@ class Report:
     #: why ``Result.module`` is None (the cut cannot be expressed by the model's own class); None when it is set
     module_reason: str | None = None
     #: ``budget="latency"``: runtime, shape, the dense latency, the predicted latency after the cut and the
-    #: speedup measured on the runtime beside the predicted one; the tables' additivity factor, the seconds the
-    #: latency model took, and each calibration round (``rounds``)
+    #: speedup measured on the runtime beside the predicted one; the seconds the latency model took, the classes
+    #: measured now (not read from the cache) and each calibration round (``rounds``)
     latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

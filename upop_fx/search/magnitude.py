@@ -38,7 +38,7 @@ class Magnitude:
         def allocate(fraction: float) -> np.ndarray:
             return checked(fn(scores, prepared.entries, prepared.structures, fraction), prepared.entries)
 
-        return Selection(allocate(prepared.ratio), prepared.captured.gm, reselect=allocate)
+        return Selection(allocate(prepared.target), prepared.captured.gm, reselect=allocate)
 
 
 def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) -> tuple[np.ndarray, np.ndarray]:

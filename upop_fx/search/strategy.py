@@ -17,7 +17,7 @@ Example (a strategy of your own: keep the first entries of every structure):
     ...     name = "keep_first"
     ...     def select(self, prepared, batches, objective):
     ...         importance = -np.arange(len(prepared.entries), dtype=float)
-    ...         pruned = uniform(importance, prepared.entries, prepared.structures, prepared.ratio)
+    ...         pruned = uniform(importance, prepared.entries, prepared.structures, prepared.target)
     ...         return Selection(pruned, prepared.captured.gm)
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), KeepFirst(), ratio=0.5)
@@ -66,6 +66,13 @@ class Prepared:
     training: Training | None = None  #: precision and checkpoints of the run's training phases
     source: torch.nn.Module | None = None  #: the caller's model (never modified): what ``Result.module`` copies
     latency: Any = None  #: ``budget="latency"``: the measured :class:`~upop_fx.latency.LatencyModel`
+
+    @property
+    def target(self) -> float:
+        """The fraction of the summed cost an allocation walks to: ``ratio``; under a latency budget the summed
+        table saving the latency model predicts removes ``ratio`` of the dense latency
+        (:meth:`~upop_fx.latency.LatencyModel.needed`: the tables overstate deep cuts summed)."""
+        return self.ratio if self.latency is None else self.latency.needed(self.ratio)
 
 
 @dataclass

@@ -124,7 +124,7 @@ class UPopState:
 
     def __init__(self, prepared: Prepared, search: UPopSearch) -> None:
         self.prepared, self.search = prepared, search
-        self.ratio, self.total_steps, self.interval = prepared.ratio, search.total_steps, search.interval
+        self.ratio, self.total_steps, self.interval = prepared.target, search.total_steps, search.interval
         masked = InsertMasks(prepared.granularity, prepared.budget)(prepared.captured.gm)
         if not masked.modified:
             raise UPopError("nothing to mask: the analysis found prunable groups but no producer to mask")
