@@ -13,12 +13,14 @@ between the measured widths it is interpolated linearly, and made monotone (fewe
 With ``granularity="heads+dims"`` a class of attention layers is also cut to a few head counts (every dim kept),
 and its table is two-dimensional: ``h`` heads of ``j`` dims save what ``h·j`` channels save as head dims plus
 what removing those heads saves beyond their channels (the softmax and score work), exact on both measured axes.
-Removals in different classes are taken to add up; the prediction for a selection is the measured dense time
-minus what its structures save, and the report sets a measured speedup beside it.
+Removals in different classes are taken to add up, bent at the deep end by one more measurement: the *floor* cut,
+every structure at its narrowest at once (:class:`LatencyModel`: what the tables sum to there, less what the floor
+measured, is taken off in proportion to the square of the summed saving). The prediction for a selection is the
+measured dense time minus that, and the report sets a measured speedup beside it.
 
 Tables are cached on disk (``$UPOP_FX_CACHE`` or ``~/.cache/upop_fx``, ``latency/``) per machine, runtime,
-library versions, class shape, batch and sequence length: a second ``compress`` of the same layers measures
-nothing but the dense model.
+library versions, class shape, batch and sequence length (the floor cut per graph): a second ``compress`` of the
+same model measures nothing but the dense model.
 
 Example:
     >>> import torch
