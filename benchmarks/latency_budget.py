@@ -23,8 +23,9 @@ a model's speedup is ``1 / (1 − s)`` with ``s`` the median over the rounds of 
 time it saves — the protocol of the library's own check, which a slowdown lasting a few rounds cannot bias).
 A row gives the measured speedup, the speedup ``report.latency`` predicted and the one the library's
 own check measured (``check_speedup``, timed during ``compress``), the prediction error
-(predicted ÷ measured − 1), the FLOPs reduction, the parameters left and (``table_seconds``) how long the latency
-model took (the first asked speedup of a batch measures every table; the later ones read them from the run's
+(predicted ÷ measured − 1), the FLOPs reduction, the parameters left, (``floor_summed``, ``floor_measured``, in
+the JSON) what the tables sum to with every structure at its narrowest beside what that cut measured, and
+(``table_seconds``) how long the latency model took (the first asked speedup of a batch measures every table; the later ones read them from the run's
 cache and time only the dense model). The load average is recorded before and after each timed
 group; a group timed under a load above ``--max-load`` is timed again (up to ``--tries``), and one that never
 ran quiet is kept in the JSON with ``"loaded": true`` but left out of the table (the guard:
@@ -141,6 +142,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         info[budget] |= {"predicted_speedup": lat["predicted_speedup"],
                                          "check_speedup": lat["measured_speedup"],
                                          "table_seconds": lat["table_seconds"],
+                                         "floor_summed": lat["floor_summed"], "floor_measured": lat["floor_measured"],
                                          "reselections": len(lat["rounds"]) - 1}
                 if "latency" not in models:
                     continue

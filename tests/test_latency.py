@@ -95,6 +95,7 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     assert t["runtime"] == "torch-cpu" and (t["batch"], t["seq"]) == (8, None)
     assert t["predicted_ms"] < t["dense_ms"] and t["measured_speedup"] > 0
     assert len(t["measured_classes"]) == 3 and t["measured_classes"][-1] == "floor"  # attention, MLP, both
+    assert 0 < t["floor_measured"] <= 1 and t["floor_summed"] > 0
     # of the predicted latency: what the kept round aimed at (0.3 unless the measurement passed the ask by 5%)
     assert result.report.prunable_cost_removed >= t["rounds"][t["kept_round"]]["target"]
     assert "latency on torch-cpu" in result.report.table()

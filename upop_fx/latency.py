@@ -568,7 +568,8 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
         "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
         "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
-        "table_seconds": model.seconds, "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
+        "table_seconds": model.seconds, "floor_summed": model.reach, "floor_measured": model.together(model.reach),
+        "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
     }  # fmt: skip
     log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
              model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])

@@ -60,7 +60,8 @@ class Report:
     module_reason: str | None = None
     #: ``budget="latency"``: runtime, shape, the dense latency, the predicted latency after the cut and the
     #: speedup measured on the runtime beside the predicted one; the seconds the latency model took, the classes
-    #: measured now (not read from the cache) and each calibration round (``rounds``)
+    #: measured now (not read from the cache), what the tables sum to with every structure at its narrowest beside
+    #: what that floor cut measured (``floor_summed``, ``floor_measured``) and each calibration round (``rounds``)
     latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
