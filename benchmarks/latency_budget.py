@@ -25,8 +25,8 @@ A row gives the measured speedup, the speedup ``report.latency`` predicted and t
 own check measured (``check_speedup``, timed during ``compress``), the prediction error
 (predicted ÷ measured − 1), the FLOPs reduction, the parameters left, (``floor_summed``, ``floor_measured``, in
 the JSON) what the tables sum to with every structure at its narrowest beside what that cut measured, and
-(``table_seconds``) how long the latency model took (the first asked speedup of a batch measures every table; the later ones read them from the run's
-cache and time only the dense model). The load average is recorded before and after each timed
+(``table_seconds``) how long the latency model took (the first asked speedup of a batch measures every table;
+the later ones read them from the run's cache and time only the dense model). The load average is recorded before and after each timed
 group; a group timed under a load above ``--max-load`` is timed again (up to ``--tries``), and one that never
 ran quiet is kept in the JSON with ``"loaded": true`` but left out of the table (the guard:
 :func:`benchmarks.common.quiet_timing`). The latency tables are measured afresh in every run (a temporary

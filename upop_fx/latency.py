@@ -58,6 +58,7 @@ from .export import export_for_timing
 from .groups import GroupAnalysis
 from .ort import ort_feeds, ort_session
 from .passes import Surgery
+from .passes.base import fingerprint
 from .search.strategy import Prepared, Selection
 from .structures import Entry, Structure, check_choice, entries_left, keep_sets, widths
 from .timing import saved_interleaved, time_interleaved
@@ -370,9 +371,10 @@ def measure_latency(
             todo.append((sig, file))
     dims = {sig: len(members[idx[0]]) - structures[idx[0]].heads for sig, idx in classes.items()}
     narrowest = {s: _narrowest(structures[s], dims[sig]) for sig, idx in classes.items() for s in idx}
-    # the floor cut is a whole-model measurement: keyed by the graph too, not only by its classes
-    graph = hashlib.sha256((dense.code + str([tuple(p.shape) for p in dense.parameters()])).encode()).hexdigest()
+    # the floor cut is a whole-model measurement: keyed by the graph and its tensors' names and shapes too
+    code, tensors = fingerprint(dense)
     counts = sorted((sig, len(idx)) for sig, idx in classes.items())
+    graph = {"code": code, "tensors": [(name, shape) for name, shape, _ in tensors]}
     floor_file = store / f"{_key(base | {'floor': counts, 'graph': graph})}.json"
     floor: float | None = None
     if use_cache and floor_file.is_file():
