@@ -3,7 +3,7 @@ keep-sets as the unfused masked graph, and how close are bf16 keep-sets to fp32?
 
 A BERT-base-sized ``transformers.BertModel`` (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab 30522,
 SDPA attention, random weights, ``torch.manual_seed(0)``) goes through the public pipeline,
-``upop_fx.pipeline.run(model, example, UPopSearch(..., fuse=...), ratio=0.5, data=batches, precision=...)``,
+``upop_fx.pipeline.run(model, example, UPopSearch(fuse=...), ratio=0.5, data=batches, precision=...)``,
 on batch 8 × sequence 128 random token ids (a fixed ``torch.Generator`` seed; half the rows of each batch end
 in padding, so the kernels' key-padding path runs too). The objective is the pipeline's default: distillation
 from the dense model. One row per run:
@@ -21,7 +21,7 @@ index of the keep-sets, taken over (group id, kept channel) pairs, and whether t
 unfused fp32 (the target is identical), bf16 vs fp32 (how close). The latency rows time, right after the
 first row, the original module, the dense captured graph (``result.dense``) and the compressed
 ``result.model`` at the same batch, in fp32 and under bf16 autocast: medians of interleaved runs
-(``upop_fx.bench.time_interleaved``), each call followed by ``torch.cuda.synchronize()``.
+(``upop_fx.runtime.speed.time_interleaved``), each call followed by ``torch.cuda.synchronize()``.
 
 Writes ``--out`` (JSON: ``{"machine": {...}, "config": {...}, "rows": [...], "comparisons": [...],
 "latency": [...]}``, rewritten after every row so a run cut short keeps what it measured) and a markdown
@@ -287,10 +287,10 @@ def run_row(name: str, model: torch.nn.Module, batches: list[dict[str, torch.Ten
     result = None
     try:
         with recording_fusion() as reports:
-            search = UPopSearch(total_steps=cfg.search_steps, interval=cfg.interval, lr=cfg.lr, fuse=fuse)
+            search = UPopSearch(fuse=fuse)
             result = upop_fx.pipeline.run(
                 model, batches[0], search, ratio=cfg.ratio, data=batches, search_steps=cfg.search_steps,
-                retrain_steps=cfg.retrain_steps, lr=cfg.lr, precision=precision, seed=0,
+                retrain_steps=cfg.retrain_steps, lr=cfg.lr, interval=cfg.interval, precision=precision, seed=0,
             )  # fmt: skip
         sync(device)
         row["status"] = "ok"
@@ -348,7 +348,7 @@ def _fmt(x: float | None) -> str:
 def time_latency(model: torch.nn.Module, result: Any, example: dict[str, torch.Tensor], cfg: Config,
                  device: torch.device) -> list[dict[str, Any]]:
     """Original module, dense captured graph and compressed graph, interleaved, in fp32 and bf16 autocast."""
-    from upop_fx.bench import time_interleaved
+    from upop_fx.runtime.timing import time_interleaved
 
     def call(m: torch.nn.Module, autocast: torch.dtype | None) -> Callable[[], None]:
         def f() -> None:

@@ -14,7 +14,7 @@ ViT-B/16-sized config (random weights) — the script prunes at each ratio with
   multiples of 8;
 * ``upop_fx-heads``  — (with ``--heads``) ``granularity="heads"``: whole heads, like Torch-Pruning,
 
-exports every model with :func:`upop_fx.export.export_onnx` (parity-checked) and times it in
+exports every model with :func:`upop_fx.runtime.export.export_onnx` (parity-checked) and times it in
 
 * ``ort-cpu``       — ONNX Runtime, CPUExecutionProvider, ``ORT_ENABLE_ALL``;
 * ``ort-cuda``      — ONNX Runtime, CUDAExecutionProvider (only with a GPU and ``onnxruntime-gpu``);
@@ -67,11 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import upop_fx  # noqa: E402
 from benchmarks.common import MAX_LOAD, cpu_name, quiet_timing  # noqa: E402
-from upop_fx.bench import time_interleaved  # noqa: E402
-from upop_fx.capture import capture  # noqa: E402
-from upop_fx.export import export_onnx  # noqa: E402
-from upop_fx.ort import ort_session  # noqa: E402
+from upop_fx.capture.program import capture  # noqa: E402
 from upop_fx.report import count_flops, count_params  # noqa: E402
+from upop_fx.runtime.export import export_onnx  # noqa: E402
+from upop_fx.runtime.sessions import ort_session  # noqa: E402
+from upop_fx.runtime.speed import time_interleaved  # noqa: E402
 
 log = logging.getLogger("latency")
 

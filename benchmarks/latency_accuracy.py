@@ -40,9 +40,9 @@ import torch
 
 import upop_fx
 from upop_fx.datasets import load_minilm
-from upop_fx.latency import runner
 from upop_fx.report import count_flops
-from upop_fx.timing import saved_interleaved
+from upop_fx.runtime.runners import runner
+from upop_fx.runtime.timing import saved_interleaved
 
 from .accuracy_minilm import Corpus, embed, evaluate
 from .common import RESULTS, machine, markdown_table, match_speedup, quiet_timing, write_results

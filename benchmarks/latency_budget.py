@@ -17,8 +17,8 @@ exported as deployed, at the latency shape):
 * ``torch-pruning@speed``  — Torch-Pruning (:func:`benchmarks.latency.tp_prune`: whole heads and MLP widths,
   uniform per layer; needs ``pip install -e '.[bench]'``),
 
-exports every model with :func:`upop_fx.export.export_onnx` and times them and the dense model interleaved in
-ONNX Runtime CPU (:func:`upop_fx.timing.saved_interleaved`, order reversed every other round, ``--runs`` rounds:
+exports every model with :func:`upop_fx.runtime.export.export_onnx` and times them and the dense model interleaved in
+ONNX Runtime CPU (:func:`upop_fx.runtime.timing.saved_interleaved`, order reversed every other round, ``--runs`` rounds:
 a model's speedup is ``1 / (1 − s)`` with ``s`` the median over the rounds of the fraction of that round's dense
 time it saves — the protocol of the library's own check, which a slowdown lasting a few rounds cannot bias).
 A row gives the measured speedup, the speedup ``report.latency`` predicted and the one the library's
@@ -57,11 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import upop_fx  # noqa: E402
 from benchmarks.common import machine, markdown_table, match_speedup, quiet_timing, write_results  # noqa: E402
 from benchmarks.latency import build, tp_prune  # noqa: E402
-from upop_fx.export import export_onnx  # noqa: E402
-from upop_fx.latency import RUNTIMES, check_runtime, ort_providers, runner  # noqa: E402
-from upop_fx.ort import ort_feeds, ort_session  # noqa: E402
+from upop_fx.options import RUNTIMES, check_runtime  # noqa: E402
 from upop_fx.report import count_flops  # noqa: E402
-from upop_fx.timing import saved_interleaved  # noqa: E402
+from upop_fx.runtime.export import export_onnx  # noqa: E402
+from upop_fx.runtime.runners import ort_providers, runner  # noqa: E402
+from upop_fx.runtime.sessions import ort_feeds, ort_session  # noqa: E402
+from upop_fx.runtime.timing import saved_interleaved  # noqa: E402
 
 log = logging.getLogger("latency_budget")
 
@@ -215,7 +216,7 @@ def _speedup(dense: Any, example: dict[str, torch.Tensor], model: torch.nn.Modul
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    check_runtime(args.runtime)  # a CUDA runtime on a machine without one fails here, before anything is built
+    check_runtime("--runtime", args.runtime)  # a CUDA runtime on a machine without one fails here, before anything is built
     if args.cache is None:  # tables measured afresh in this run (shared by its asked speedups), not an old cache
         tmp = tempfile.TemporaryDirectory()
         os.environ["UPOP_FX_CACHE"] = tmp.name

@@ -67,9 +67,9 @@ def stage(name: str, small: bool, device: str, search_steps: int, retrain_steps:
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated() / 2**20
     if name == "prepare":
-        upop_fx.pipeline.prepare(model, data[0], 0.5)
+        upop_fx.pipeline.prepare(model, data[0], ratio=0.5)
     elif name == "magnitude":
-        upop_fx.pipeline.run(model, data[0], Magnitude(), ratio=0.5)
+        upop_fx.pipeline.run(model, data[0], Magnitude(), ratio=0.5, retrain_steps=0)
     elif name in ("search", "search+retrain"):
         upop_fx.compress(model, data[0], 0.5, data=data, search_steps=search_steps, interval=2,
                          retrain_steps=retrain_steps if name == "search+retrain" else 0)

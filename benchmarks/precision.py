@@ -29,7 +29,7 @@ import torch
 import upop_fx
 from benchmarks.common import machine, markdown_table, write_results
 from upop_fx.datasets import bbc_news, load_minilm
-from upop_fx.structures import keep_jaccard
+from upop_fx.ir.entries import keep_jaccard
 
 log = logging.getLogger("benchmarks.precision")
 

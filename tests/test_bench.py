@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import upop_fx
-import upop_fx.bench as bench_module
-import upop_fx.ort as ort_module
-import upop_fx.timing as timing_module
-from upop_fx.bench import time_interleaved
+import upop_fx.runtime.sessions as ort_module
+import upop_fx.runtime.speed as bench_module
+import upop_fx.runtime.timing as timing_module
 from upop_fx.errors import ConfigError
-from upop_fx.ort import OPTIMIZATION_LEVELS, ort_session
+from upop_fx.runtime.sessions import OPTIMIZATION_LEVELS, ort_session
+from upop_fx.runtime.speed import time_interleaved
 
 
 def _recorders(names: str) -> tuple[list[str], list[Callable[[], None]]]:

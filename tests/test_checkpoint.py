@@ -1,6 +1,6 @@
 """Checkpoint and resume: a run killed with SIGKILL mid-search and resumed equals the uninterrupted run; a
 one-shot data stream resumes at its position; checkpoints of another model or other settings are refused;
-the CLI's --checkpoint resumes."""
+the CLI's --checkpoint-dir resumes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 import upop_fx
 import upop_fx.cli
-from upop_fx.search.checkpoint import FINGERPRINT_FILE
+from upop_fx.training.checkpoint import FINGERPRINT_FILE
 
 from . import scaleout
 
@@ -111,7 +111,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
     scaleout.checkpointed_run(str(tmp_path))
     data = scaleout.global_batches()
-    with pytest.raises(upop_fx.CheckpointError, match=r"settings\.ratio differs \(0\.5 there, 0\.4 here\)"):
+    with pytest.raises(upop_fx.CheckpointError, match=r"settings\.options\.ratio differs \(0\.5 there, 0\.4 here\)"):
         upop_fx.compress(scaleout.encoder(), data[0][0], 0.4, data=data, loss_fn=scaleout.mse,
                          search_steps=scaleout.SEARCH, retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL,
                          lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2)
@@ -137,7 +137,7 @@ def test_checkpoint_options_are_checked_before_capture(tmp_path):
 
 def test_cli_checkpoint_resumes(tmp_path, caplog):
     args = ["compress", "tests.scaleout:build", "--ratio", "0.5", "--search-steps", "4", "--retrain-steps", "2",
-            "--no-onnx", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "-v"]
+            "--no-onnx", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "-v"]
     assert upop_fx.cli.main([*args, "--out", str(tmp_path / "a")]) == 0
     with caplog.at_level(logging.INFO, logger="upop_fx"):
         assert upop_fx.cli.main([*args, "--out", str(tmp_path / "b")]) == 0

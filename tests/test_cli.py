@@ -1,4 +1,5 @@
-"""The ``upop-fx`` command, driven as a user would: the README's commands, then checks on what they wrote."""
+"""The ``upop-fx`` command, driven as a user would: the documented commands (docs/cli.md), then checks on what
+they wrote."""
 
 from __future__ import annotations
 
@@ -27,23 +28,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _readme_commands() -> str:
-    text = (ROOT / "README.md").read_text()
+def _documented_commands() -> str:
+    text = (ROOT / "docs" / "cli.md").read_text()
     section = text.split("## From the command line", 1)[1]
     return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Run the README's command-line block in a fresh directory."""
+    """Run the documented command-line block in a fresh directory."""
     d = tmp_path_factory.mktemp("cli")
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", _readme_commands()], cwd=d, env=_env(),
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", _documented_commands()], cwd=d, env=_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return d, proc.stdout
 
 
-def test_readme_commands_write_every_artifact(workdir):
+def test_documented_commands_write_every_artifact(workdir):
     d, stdout = workdir
     expected = [*upop_fx.artifacts.FILES, upop_fx.artifacts.PRETRAINED]
     assert sorted(p.name for p in (d / "small").iterdir()) == sorted(expected)
@@ -154,8 +155,10 @@ def test_report_json_matches_markdown(workdir):
     "argv, message",
     [
         (["compress", "/nonexistent/model", "--ratio", "0.5", "--out", "o"], "neither a model directory"),
-        (["compress", "MODEL", "--ratio", "0.5", "--out", "o", "--method", "random"], "unknown method"),
-        (["compress", "MODEL", "--ratio", "1.5", "--out", "o"], "--ratio must be in [0, 1)"),
+        (["compress", "MODEL", "--ratio", "0.5", "--out", "o", "--method", "random"], "invalid choice: 'random'"),
+        (["compress", "MODEL", "--ratio", "1.5", "--out", "o"], "ratio must be a number in [0, 1), got 1.5"),
+        (["compress", "MODEL", "--out", "o", "--runtime", "torch-cpu"], "belong to budget='latency'"),
+        (["compress", "MODEL", "--out", "o", "--budget", "latency", "--latency-shape", "8x128"], "BATCH,SEQ"),
         (["compress", "MODEL", "--ratio", "0.5", "--out", "taken"], "exists and is not empty"),
         (["bench", "nowhere"], "no report.json"),
     ],
@@ -173,7 +176,14 @@ def test_bad_input_exits_with_one_line(tmp_path, argv, message):
 
 
 def test_help_explains_every_option():
+    """Every field of Options is a flag, shown with its doc (the one explanation of the option)."""
+    import dataclasses
+
     proc = subprocess.run([str(BIN / "upop-fx"), "compress", "--help"], env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0
-    for opt in ("--ratio", "--out", "--method", "--data", "--budget", "--round-to", "--search-steps", "--retrain-steps", "examples:"):
+    help_text = " ".join(proc.stdout.split())
+    for f in dataclasses.fields(upop_fx.Options):
+        assert "--" + f.name.replace("_", "-") in help_text
+        assert " ".join(f.metadata["doc"].split())[:40] in help_text, f.name
+    for opt in ("--out", "--data", "examples:", "search options", "latency options"):
         assert opt in proc.stdout

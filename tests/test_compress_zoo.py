@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.capture import cache_off
+from upop_fx.capture.program import cache_off
 from upop_fx.compare import relative_error
+from upop_fx.ir.entries import build_entries
 from upop_fx.report import count_params
-from upop_fx.structures import build_entries
 
 from .models import ZOO
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.capture import CAPTURE_KEY
+from upop_fx.capture.program import CAPTURE_KEY
 from upop_fx.errors import PostconditionError, PreconditionError, SurgeryCheckError
+from upop_fx.ir.entries import build_entries
+from upop_fx.ir.groups import get_analysis
 from upop_fx.passes import FindGroups, InsertMasks, PassResult, SortExperts, Surgery
 from upop_fx.passes.base import GraphPass
 from upop_fx.passes.fuse_attention import FuseMaskedAttention
@@ -70,7 +72,7 @@ def test_nothing_to_do_is_reported_as_unmodified(layer):
     groups = FindGroups()(cap.gm).value.prunable
     full = Surgery({g.id: range(g.width) for g in groups})(cap.gm)
     assert full.modified is False and full.gm is cap.gm
-    masked = InsertMasks()(cap.gm)
+    masked = InsertMasks(*build_entries(get_analysis(cap.gm)))(cap.gm)
     assert masked.modified is True and masked.gm is not cap.gm
     fuse = FuseMaskedAttention(device="cuda")(masked.gm)  # the weights are on the CPU: nothing to do
     assert fuse.modified is False and fuse.gm is masked.gm
@@ -79,7 +81,7 @@ def test_nothing_to_do_is_reported_as_unmodified(layer):
 def test_insert_masks_with_nothing_to_mask():
     cap = upop_fx.capture(_NoGroups().eval(), torch.randn(2, 8))
     FindGroups()(cap.gm)
-    result = InsertMasks()(cap.gm)
+    result = InsertMasks(*build_entries(get_analysis(cap.gm)))(cap.gm)
     assert result.modified is False and result.gm is cap.gm and result.value.structures == []
 
 
@@ -119,12 +121,15 @@ def test_insert_masks_tags_every_mask_site(layer):
     model, x = layer
     cap = upop_fx.capture(model, x)
     FindGroups()(cap.gm)
-    masked = InsertMasks("qk_v")(cap.gm)
+    masked = InsertMasks(*build_entries(get_analysis(cap.gm), "qk_v"))(cap.gm)
     tags = [n.meta["upop_mask"] for n in masked.gm.graph.nodes if "upop_mask" in n.meta]
     assert len(tags) == len(masked.value.sites) > 0
     assert all(t.index.startswith("upop_masks.") and t.masks for t in tags)
     with pytest.raises(PreconditionError, match="masked already"):
-        InsertMasks()(masked.gm)
+        InsertMasks(*build_entries(get_analysis(cap.gm)))(masked.gm)
+    structures, entries = build_entries(get_analysis(cap.gm))
+    with pytest.raises(PreconditionError, match="grouped by structure"):
+        InsertMasks(structures, entries[::-1])(cap.gm)
 
 
 def test_surgery_check_is_its_postcondition(layer):

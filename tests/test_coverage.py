@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import upop_fx
+from upop_fx.ir.entries import STACKED_MULTIPLE
 from upop_fx.passes import FindGroups, SortExperts
 from upop_fx.passes.find_groups import unlisted_weights
 from upop_fx.passes.param_views import ParamView, resolve
-from upop_fx.structures import STACKED_MULTIPLE
 
 from .models import ZOO
 

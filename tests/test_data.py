@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.search.train import Batches
+from upop_fx.training.loop import Batches
 
 
 def _tiny():
@@ -111,7 +111,7 @@ def test_upop_constructor_leaves_the_rng_alone():
     model = _tiny()
     x = torch.randn(2, 5, 16)
     before = torch.get_rng_state()
-    upop_fx.UPop(model, x, 0.5, total_steps=2, seed=3)
+    upop_fx.UPop(model, x, 0.5, search_steps=2, seed=3)
     assert torch.equal(torch.get_rng_state(), before)
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 import upop_fx
+from upop_fx.ir.entries import keep_jaccard
 from upop_fx.search import distributed
-from upop_fx.structures import keep_jaccard
 
 from . import scaleout
 
@@ -75,7 +75,7 @@ def test_cli_under_torchrun(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "upop_fx.cli", "compress", "tests.scaleout:build", "--ratio", "0.5", "--out", str(tmp_path / "small"),
-        "--search-steps", "4", "--retrain-steps", "2", "--no-onnx", "--checkpoint", str(tmp_path / "ckpt"),
+        "--search-steps", "4", "--retrain-steps", "2", "--no-onnx", "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--checkpoint-every", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

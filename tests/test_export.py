@@ -20,9 +20,9 @@ import torch
 import torch.utils._pytree as pytree
 
 import upop_fx
-import upop_fx.export as export_module
+import upop_fx.runtime.export as export_module
 from upop_fx.errors import ConfigError, InputError, UPopError
-from upop_fx.export import PARITY_TOLERANCE, ExportError, ExportInfo, export_onnx
+from upop_fx.runtime.export import PARITY_TOLERANCE, ExportError, ExportInfo, export_onnx
 
 from .models import ZOO, ZooModel
 
@@ -94,7 +94,7 @@ def test_round_trip_whole_zoo(name: str, variant: str, tmp_path: Path) -> None:
 
 def test_output_names() -> None:
     """Field names for a ModelOutput, dotted when nested (CLIP); output_i for a tensor."""
-    from upop_fx.export import _output_names
+    from upop_fx.runtime.export import _output_names
 
     assert _output_names(torch.zeros(2)) == ["output_0"]
     assert _output_names((torch.zeros(2), [torch.zeros(1), torch.zeros(1)])) == ["output_0", "output_1.0", "output_1.1"]
@@ -222,7 +222,7 @@ def test_failed_parity_leaves_nothing_and_keeps_the_old_file(tmp_path: Path, mon
 def test_timing_exports_fixed_and_as_deployed(tmp_path: Path) -> None:
     """The fixed timing file takes only its own shapes; the deployed form has the dynamic batch and sequence
     axes ``export_onnx`` gives, and both agree with PyTorch."""
-    from upop_fx.export import export_for_timing
+    from upop_fx.runtime.export import export_for_timing
 
     layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     x = torch.randn(2, 5, 16)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import upop_fx
+from upop_fx.ir.entries import build_entries
+from upop_fx.ir.groups import get_analysis
 from upop_fx.kernels import MASKED_ATTENTION_OP
 from upop_fx.passes import FindGroups, InsertMasks
 from upop_fx.passes.fuse_attention import FuseMaskedAttention
@@ -79,7 +81,7 @@ def _call(module, inputs):
 
 
 def _masked(cap: upop_fx.Captured, granularity: str) -> torch.fx.GraphModule:
-    masked = InsertMasks(granularity)(cap.gm).gm
+    masked = InsertMasks(*build_entries(get_analysis(cap.gm), granularity))(cap.gm).gm
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # in (0, 1], not all ones: the mask gradients are not trivial
         for m in masked.upop_masks.parameters():
@@ -254,7 +256,7 @@ def test_upop_search_applies_the_pass_for_cuda(monkeypatch):
     torch.manual_seed(0)
     x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
     monkeypatch.setattr(upop_mod, "FuseMaskedAttention", spy)
-    pruner = upop_fx.UPop(_Attn("padding"), (x, mask), ratio=0.5, total_steps=3, interval=1)
+    pruner = upop_fx.UPop(_Attn("padding"), (x, mask), ratio=0.5, search_steps=3, interval=1)
     assert asked == ["cuda"] and MASKED_ATTENTION_OP in _targets(pruner.model)
     for _ in range(3):
         pruner.model(x, mask).pow(2).mean().backward()

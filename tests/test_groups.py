@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.groups import DIMS_KEY, GROUPS_KEY, get_analysis
+from upop_fx.ir.groups import DIMS_KEY, GROUPS_KEY, get_analysis
 from upop_fx.passes import FindGroups
 
 from .models import ZOO

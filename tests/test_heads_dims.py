@@ -11,11 +11,12 @@ import torch
 import upop_fx
 from upop_fx.compare import relative_error
 from upop_fx.errors import ConfigError
-from upop_fx.latency import _heads_table, _interpolate
+from upop_fx.ir.entries import Entry, Structure, build_entries, removed_fraction, widths
+from upop_fx.runtime.latency_tables import _heads_table, _interpolate
 from upop_fx.search.ranking import select_pruned
-from upop_fx.structures import Entry, Structure, build_entries, removed_fraction, widths
 
 from .models import ZOO
+from .simulated_runtime import SimulatedRuntime
 
 #: zoo models with attention whose q/k and v share head dims (BLOOM's interleaved heads, ALiBi, do not mix)
 MIXED = ["bert", "clip", "deit", "distilbert", "gpt2", "llama", "llava", "mixtral", "torch_transformer", "vit"]
@@ -114,14 +115,13 @@ def test_uniform_allocation_thins_the_dims_and_keeps_the_heads():
 
 
 def test_a_latency_budget_ranks_heads_and_dims_unless_told_otherwise():
-    from upop_fx.pipeline import check_options
-    from upop_fx.structures import resolve_granularity
+    from upop_fx.options import Options, resolve_granularity
 
     assert resolve_granularity(None, "latency") == "heads+dims" and resolve_granularity(None, "flops") == "upop"
     assert resolve_granularity("upop", "latency") == "upop"
-    check_options(0.5, "latency", None, 1, 0)
+    assert Options(budget="latency").resolved_granularity == "heads+dims"
     with pytest.raises(ConfigError, match="granularity must be one of"):
-        check_options(0.5, "latency", "head", 1, 0)
+        Options(budget="latency", granularity="head")
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -133,8 +133,8 @@ def test_the_upop_search_masks_heads_and_dims_together(name):
 
     zoo = ZOO[name]()
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    FindGroups()(cap.gm)
-    state = InsertMasks("heads+dims")(cap.gm).value
+    analysis = FindGroups()(cap.gm).value
+    state = InsertMasks(*build_entries(analysis, "heads+dims"))(cap.gm).value
     heads = [e for e in state.entries if e.head]
     assert heads and len(state.entries) == sum(b - a for a, b in state.entry_slices)
     result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, granularity="heads+dims", budget="flops",
@@ -149,6 +149,7 @@ def test_the_upop_search_masks_heads_and_dims_together(name):
 
 def test_a_latency_budget_with_heads_measures_a_heads_axis(tmp_path, monkeypatch):
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    SimulatedRuntime().install(monkeypatch)
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(128, 4, 1024, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()

@@ -14,9 +14,9 @@ import torch
 import upop_fx
 from upop_fx.compare import relative_error
 from upop_fx.errors import InputError
+from upop_fx.module.rebuild import rebuild
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.passes.surgery import removed_labels
-from upop_fx.rebuild import rebuild
 
 from .models import ZOO, _tokens
 

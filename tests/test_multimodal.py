@@ -167,7 +167,7 @@ def test_unified_ranking_prunes_the_dead_tower(dead_vision_clip, method, score):
 
 @pytest.mark.parametrize("name", ["clip", pytest.param("blip", marks=pytest.mark.slow)])
 def test_compressed_model_exports_to_onnx(name, request, tmp_path):
-    from upop_fx.export import export_onnx
+    from upop_fx.runtime.export import export_onnx
 
     zoo, result = request.getfixturevalue(name)
     info = export_onnx(result.model, zoo.example_inputs, tmp_path / f"{name}_small.onnx", optimize=False)

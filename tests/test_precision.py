@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import upop_fx
+from upop_fx.ir.entries import keep_jaccard
 from upop_fx.search.upop import UPopSearch
-from upop_fx.structures import keep_jaccard
 
 from . import scaleout
 
@@ -49,8 +49,8 @@ def test_fp16_search_with_a_grad_scaler_runs():
 
 def _state():
     encoder = scaleout.encoder()
-    prepared = upop_fx.pipeline.prepare(encoder, torch.randn(2, 5, scaleout.D), ratio=0.5)
-    return UPopSearch(total_steps=4, interval=4).start(prepared)
+    prepared = upop_fx.pipeline.prepare(encoder, torch.randn(2, 5, scaleout.D), ratio=0.5, search_steps=4, interval=4)
+    return UPopSearch().start(prepared)
 
 
 def test_mask_gradients_are_unscaled_in_float64_before_they_are_accumulated():

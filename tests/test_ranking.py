@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from upop_fx.ir.entries import Entry, Structure
 from upop_fx.search.ranking import select_pruned, zscore_by_kind
-from upop_fx.structures import Entry, Structure
 
 
 def _entries(costs, kinds, structures):

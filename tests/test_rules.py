@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import upop_fx
-from upop_fx.groups import DIMS_KEY, Block
+from upop_fx.ir.groups import DIMS_KEY, Block
 from upop_fx.passes.rules import REWRITES, RULES, SEEDING, key_of
 from upop_fx.passes.rules._util import dim_expr
 from upop_fx.passes.trace import LabelTracer

@@ -12,6 +12,8 @@ import torch
 import upop_fx
 from upop_fx.compare import relative_error
 from upop_fx.errors import UPopError
+from upop_fx.ir.entries import build_entries
+from upop_fx.ir.groups import get_analysis
 from upop_fx.passes import FindGroups, InsertMasks
 from upop_fx.search.upop import schedule
 
@@ -28,7 +30,7 @@ def test_masks_are_exact_noop_at_one(name):
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
     FindGroups()(cap.gm)
     for granularity in ("upop", "qk_v", "heads"):
-        masked = InsertMasks(granularity)(cap.gm).gm
+        masked = InsertMasks(*build_entries(get_analysis(cap.gm), granularity))(cap.gm).gm
         masked.graph.lint()
         with torch.no_grad():
             for inputs in (zoo.example_inputs, zoo.other_inputs):
@@ -41,7 +43,7 @@ def test_mask_shapes_per_granularity():
     zoo = ZOO["bert"]()  # 2 layers, 4 heads x 8, MLP 64
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
     FindGroups()(cap.gm)
-    shapes = {g: [tuple(m.shape) for m in InsertMasks(g)(cap.gm).gm.upop_masks.parameters()] for g in ("upop", "qk_v", "heads")}
+    shapes = {g: [tuple(m.shape) for m in InsertMasks(*build_entries(get_analysis(cap.gm), g))(cap.gm).gm.upop_masks.parameters()] for g in ("upop", "qk_v", "heads")}
     assert shapes["upop"] == [(8,), (64,), (8,), (64,)]
     assert shapes["qk_v"] == [(8,), (8,), (64,), (8,), (8,), (64,)]
     assert shapes["heads"] == [(4,), (64,), (4,), (64,)]
@@ -72,7 +74,7 @@ def _run_loop(pruner, model, data, steps):
         x = data[i % len(data)]
         with torch.no_grad():
             target = pruner.teacher(x)  # the captured dense graph is compress()'s teacher
-        loss = upop_fx.search.train.distillation_loss(pruner.model(x), target)
+        loss = upop_fx.training.loop.distillation_loss(pruner.model(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -83,7 +85,7 @@ def _run_loop(pruner, model, data, steps):
 
 def test_masks_progress_and_end_exactly_zero_or_one(tiny):
     model, data = tiny
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=12, interval=3)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=12, interval=3)
     seen = _run_loop(pruner, model, data, 12)
     values = torch.cat(seen[-1])
     assert set(values.unique().tolist()) == {0.0, 1.0}
@@ -101,7 +103,7 @@ def test_masks_progress_and_end_exactly_zero_or_one(tiny):
 
 def test_finalize_early_is_refused(tiny):
     model, data = tiny
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=10)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=10)
     _run_loop(pruner, model, data, 3)
     with pytest.raises(UPopError, match="not yet 0/1"):
         pruner.finalize()
@@ -112,7 +114,7 @@ def test_prepare_step_finalize_equals_compress(tiny):
     kwargs = dict(ratio=0.5, interval=3, seed=7)
     result = upop_fx.compress(model, data[0], data=data, search_steps=9, retrain_steps=0, lr=1e-4, **kwargs)
     torch.manual_seed(0)  # the pruner seeds itself; the outer state must not matter
-    pruner = upop_fx.UPop(model, data[0], total_steps=9, **kwargs)
+    pruner = upop_fx.UPop(model, data[0], search_steps=9, **kwargs)
     _run_loop(pruner, model, data, 9)
     manual = pruner.finalize()
     assert manual.keep == result.keep
@@ -172,7 +174,7 @@ def test_loss_fn_requires_pairs(tiny):
 @pytest.mark.parametrize("score", ["gradient", "sensitivity"])
 def test_scores_are_accumulated_gradients(tiny, score):
     model, data = tiny
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=4, interval=100, score=score)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=4, interval=100, score=score)
     grads = np.zeros(sum(m.numel() for m in pruner.mask_values()))
     for i in range(2):
         out = pruner.model(data[i])
@@ -207,7 +209,7 @@ def test_allocate_hook_replaces_the_unified_ranking(tiny):
             pruned[idx[np.argsort(importance[idx], kind="stable")[:k]]] = True
         return pruned
 
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=6, interval=2, allocate=per_structure)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=6, interval=2, allocate=per_structure)
     _run_loop(pruner, model, data, 6)
     assert calls == pytest.approx([schedule(t, 6, 0.5) for t in (0, 2, 4, 5)])
     result = pruner.finalize("per_structure")
@@ -220,7 +222,7 @@ def test_allocate_hook_replaces_the_unified_ranking(tiny):
 
 def test_allocate_must_return_one_flag_per_entry(tiny):
     model, data = tiny
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, total_steps=2, allocate=lambda imp, e, s, pi: np.zeros(3, bool))
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=2, allocate=lambda imp, e, s, pi: np.zeros(3, bool))
     with pytest.raises(UPopError, match="allocate returned shape"):
         _run_loop(pruner, model, data, 1)
 
@@ -230,7 +232,7 @@ def test_the_trained_dense_graph_shares_the_students_tensors():
     model = torch.nn.TransformerEncoder(
         torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False).eval()
     x = torch.randn(2, 5, 32)
-    pruner = upop_fx.UPop(model, x, ratio=0.5, total_steps=2, interval=1)
+    pruner = upop_fx.UPop(model, x, ratio=0.5, search_steps=2, interval=1)
     for _ in range(2):
         pruner.model(x).pow(2).mean().backward()
         pruner.step()

@@ -9,9 +9,9 @@ Example:
 """
 
 from . import pipeline
-from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, SCORES, UPop, compress, retrain
+from .api import UPop, compress, retrain
 from .artifacts import load, save
-from .capture import Captured, capture
+from .capture.program import Captured, capture
 from .errors import (
     CaptureError,
     CheckpointError,
@@ -28,11 +28,12 @@ from .errors import (
     SurgeryError,
     UPopError,
 )
-from .export import export_onnx
-from .groups import DimGroup, GroupAnalysis
+from .ir.groups import DimGroup, GroupAnalysis
+from .module.pretrained import from_pretrained, save_pretrained
+from .options import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, RUNTIMES, SCORES, Options
 from .pipeline import Result
-from .pretrained import from_pretrained, save_pretrained
 from .report import Report
+from .runtime.export import export_onnx
 from .search.strategy import Allocate, Prepared, Selection, Strategy, unified, uniform
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "export_onnx",
     "retrain",
     "UPop",
+    "Options",
     "Result",
     "METHODS",
     "SCORES",
@@ -51,6 +53,7 @@ __all__ = [
     "BUDGETS",
     "ALLOCATIONS",
     "PRECISIONS",
+    "RUNTIMES",
     "pipeline",
     "Strategy",
     "Prepared",

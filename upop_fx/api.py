@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,47 +22,32 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .pipeline import Result, check_options, cut, prepare, run, seeded
-from .search.magnitude import Magnitude
-from .search.strategy import ALLOCATIONS, Allocate
-from .search.train import PRECISIONS, retrain
-from .search.upop import SCORES, UPopSearch
-from .structures import BUDGETS, GRANULARITIES, keep_sets
+from .ir.entries import keep_sets
+from .options import Options
+from .pipeline import Result, finish, prepare, run, seeded
+from .search.upop import UPopSearch
+from .training.loop import retrain
 
-__all__ = [
-    "compress", "retrain", "UPop", "Result", "METHODS", "SCORES", "GRANULARITIES", "BUDGETS", "ALLOCATIONS",
-    "PRECISIONS",
-]
+__all__ = ["compress", "retrain", "UPop", "Result"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("upop", "magnitude")
+
+def _options(options: Options | None, ratio: float | None, method: str | None, changes: dict[str, Any]) -> Options:
+    given = {k: v for k, v in (("ratio", ratio), ("method", method)) if v is not None}
+    return Options.make(options, **given, **changes)
 
 
 def compress(
     model: torch.nn.Module,
     example_inputs: Any,
-    ratio: float = 0.5,
-    method: str = "upop",
+    ratio: float | None = None,
+    method: str | None = None,
     *,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    search_steps: int = 100,
-    retrain_steps: int = 100,
-    budget: str = "params",
-    granularity: str | None = None,
-    round_to: int = 1,
-    lr: float = 1e-4,
-    interval: int = 10,
-    seed: int = 0,
-    score: str = "gradient",
-    allocate: str | Allocate | None = None,
-    precision: str = "fp32",
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    own_class: bool = False,
-    runtime: str | None = None,
-    latency_shape: tuple[int, int | None] | None = None,
+    options: Options | None = None,
+    **changes: Any,
 ) -> Result:
     """Remove ``ratio`` of the prunable cost of ``model`` and return a dense, smaller model.
 
@@ -71,9 +55,7 @@ def compress(
         model: any ``nn.Module`` that ``torch.export`` captures (Hugging Face BERT, ViT, CLIP, BLIP, GPT-2, ...).
             It is never modified, and the global RNG state is the same after the call as before.
         example_inputs: a tensor, a tuple of positional args, or a dict of keyword args; batch ≥ 2.
-        ratio: fraction of the prunable cost to remove, in [0, 1).
-        method: ``"upop"`` — the unified progressive search (masks scored by accumulated gradients while the
-            weights train); ``"magnitude"`` — one-shot global ranking by mean |weight|.
+        ratio, method: the options of those names (None: their defaults, ``0.5`` and ``"upop"``).
         data: training batches for the search and the retrain, any iterable, streamed: a re-iterable (a list,
             a ``DataLoader``) is iterated afresh per phase and epoch; a one-shot iterator is read once across
             the search and the retrain. Batches are model inputs shaped like ``example_inputs`` (with their
@@ -81,43 +63,9 @@ def compress(
             ``(inputs, target)`` pairs when ``loss_fn`` is given. Default: the example inputs.
         loss_fn: ``loss_fn(outputs, target) -> scalar``; default: the model's ``.loss`` when the example inputs
             carry ``labels``, else distillation from the dense model.
-        search_steps: training steps of the UPop search (ignored by ``"magnitude"``).
-        retrain_steps: fine-tuning steps of the dense small model after the cut (0 = none).
-        budget: one of :data:`BUDGETS` — the unit of cost: ``"params"``, ``"flops"``, or ``"latency"``: the
-            latency measured on ``runtime`` (``ratio=0.5`` removes half of the dense model's measured time;
-            what no pruning changes counts too). Each structure's latency is measured at a few widths on that
-            runtime (:mod:`upop_fx.latency`, cached on disk), and ``report.latency`` gives the predicted
-            latency after the cut beside the speedup measured there.
-        runtime: with ``budget="latency"``: ``"onnxruntime-cpu"`` (default), ``"torch-cpu"``, ``"torch-cuda"``
-            or ``"onnxruntime-cuda"`` (the last two need a GPU).
-        latency_shape: with ``budget="latency"``: ``(batch, seq)`` to time at (``seq`` None: the inputs' own
-            length); default: the example inputs' shape.
-        granularity: one of :data:`GRANULARITIES`: ``"upop"`` (head-dims shared across heads and q/k/v),
-            ``"qk_v"``, ``"heads"`` or ``"heads+dims"`` (whole heads and head dims compete in one ranking; with
-            ``budget="latency"`` what removing a head saves — its softmax and score work — is measured too).
-            Default: ``"heads+dims"`` with ``budget="latency"``, ``"upop"`` otherwise.
-        round_to: keep head dims and MLP widths at multiples of this (the budget is still met).
-        lr: AdamW learning rate of the search and the retrain.
-        interval: the search re-selects the entries to prune every ``interval`` steps.
-        seed: results are deterministic for a seed (and the same data).
-        score: one of :data:`SCORES` — how the UPop search ranks entries: ``"gradient"`` (the signed
-            accumulated mask gradient, as in the paper) or ``"sensitivity"`` (accumulated ``|∂L/∂mask|``, which
-            prunes entries the loss never sees first). Ignored by ``"magnitude"``.
-        allocate: how the ranking becomes a cut: ``"unified"`` (default: one ranking over every layer and
-            tower), ``"uniform"`` (the same fraction in every structure), or a callable (see
-            :data:`~upop_fx.search.strategy.Allocate`).
-        precision: one of :data:`PRECISIONS`: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a
-            gradient scaler) for the search and the retrain. Mask gradients are unscaled and accumulated in
-            float64 either way.
-        checkpoint_dir: write the training state there every ``checkpoint_every`` steps (atomically); called
-            again with the same directory, the same model, data and settings, the run resumes where it stopped
-            and gives the result an uninterrupted run gives. A directory of another run raises
-            :class:`~upop_fx.errors.CheckpointError`.
-        checkpoint_every: steps between checkpoints (and one at the end of each phase).
-        own_class: prune only what the model's own class can express, so that ``result.module`` exists
-            (layers whose code fixes a size the cut would change are left whole, each listed in
-            ``report.not_prunable`` with the reason). Default: prune everything the graph can cut; the result's
-            ``module`` is then None where the class cannot follow, and ``report.module_reason`` says why.
+        options, **changes: every other setting, by keyword (``search_steps=200, budget="latency"``) or as an
+            :class:`~upop_fx.options.Options` (with keywords changing it): each option is explained there, once.
+            All are checked before the model is captured; an unknown keyword is a ConfigError naming it.
 
     Returns a :class:`Result`: ``result.model`` (the dense small graph, what :func:`export_onnx` exports) and
     ``result.module`` (the caller's model of its own class, cut alike and verified equal to the graph — it
@@ -130,27 +78,21 @@ def compress(
 
     Raises:
         ConfigError, InputError, CaptureError, NoPrunableGroupError, SurgeryError — all :class:`UPopError`.
-        Options are checked before the model is captured.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    search = UPopSearch(search_steps, interval, score, lr, allocate)  # validates the search options either way
-    strategy = search if method == "upop" else Magnitude(allocate)
-    return run(
-        model, example_inputs, strategy, ratio=ratio, data=data, loss_fn=loss_fn,
-        search_steps=search_steps if method == "upop" else 0, retrain_steps=retrain_steps, lr=lr, budget=budget,
-        granularity=granularity, round_to=round_to, seed=seed, precision=precision,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, own_class=own_class, runtime=runtime,
-        latency_shape=latency_shape,
-    )  # fmt: skip
+    return run(model, example_inputs, None, _options(options, ratio, method, changes), data=data, loss_fn=loss_fn)
+
+
+#: options that belong to ``compress``'s own training loop: with :class:`UPop` your loop decides them
+_NOT_FOR_UPOP = ("method", *Options().group("training"))
 
 
 class UPop:
     """The UPop search driven by your own training loop: ``model`` to train, :meth:`step` after each
     backward, :meth:`finalize` for the dense small model — the same pipeline as :func:`compress`.
 
-    ``score``, ``allocate`` and ``own_class`` as in :func:`compress`; :meth:`finalize`'s result carries
-    ``module`` (the caller's class, cut alike) as :func:`compress`'s does. On CUDA, ``model``'s masked
+    Options as in :func:`compress` (those of the search, the latency budget and the outputs:
+    :class:`~upop_fx.options.Options`; your loop and optimizer decide the training's); :meth:`finalize`'s
+    result carries ``module`` (the caller's class, cut alike) as :func:`compress`'s does. On CUDA, ``model``'s masked
     attention sites run the fused Triton kernel. The global RNG state is left as it was.
 
     Example:
@@ -158,7 +100,7 @@ class UPop:
         >>> model = torch.nn.TransformerEncoder(
         ...     torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False).eval()
         >>> x = torch.randn(4, 10, 32)
-        >>> pruner = upop_fx.UPop(model, x, ratio=0.5, total_steps=20)
+        >>> pruner = upop_fx.UPop(model, x, ratio=0.5, search_steps=20)
         >>> opt = torch.optim.AdamW(pruner.parameters(), lr=1e-4)
         >>> for _ in range(20):
         ...     loss = (pruner.model(x) - model(x).detach()).pow(2).mean()
@@ -174,25 +116,19 @@ class UPop:
         self,
         model: torch.nn.Module,
         example_inputs: Any,
-        ratio: float = 0.5,
+        ratio: float | None = None,
         *,
-        total_steps: int = 100,
-        interval: int = 10,
-        budget: str = "params",
-        granularity: str | None = None,
-        seed: int = 0,
-        round_to: int = 1,
-        score: str = "gradient",
-        allocate: str | Allocate | None = None,
-        own_class: bool = False,
-        runtime: str | None = None,
-        latency_shape: tuple[int, int | None] | None = None,
+        options: Options | None = None,
+        **changes: Any,
     ) -> None:
-        check_options(ratio, budget, granularity, round_to, seed, runtime, latency_shape)
-        self.search = UPopSearch(total_steps, interval, score, allocate=allocate)
-        with seeded(seed, model):
-            self.prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class, runtime,
-                                    latency_shape)
+        for name in _NOT_FOR_UPOP:
+            if name in changes:
+                raise ConfigError(f"{name} is an option of compress()'s own loop; with UPop your training loop "
+                                  "and optimizer decide it")
+        opts = _options(options, ratio, None, changes)
+        self.search = UPopSearch()
+        with seeded(opts.seed, model):
+            self.prepared = prepare(model, example_inputs, opts)
             self.state = self.search.start(self.prepared)
 
     @property
@@ -205,7 +141,8 @@ class UPop:
         return self.state.t
 
     @property
-    def total_steps(self) -> int:
+    def search_steps(self) -> int:
+        """How many steps the search runs (``options.search_steps``)."""
         return self.state.total_steps
 
     @property
@@ -245,9 +182,9 @@ class UPop:
 
     def keep(self) -> dict[int, list[int]]:
         """Kept channel indices per group, as the current selection stands."""
-        return keep_sets(self.prepared.analysis, self.state.state.entries, self.state.pruned)
+        return keep_sets(self.prepared.analysis, self.prepared.entries, self.state.pruned)
 
     def finalize(self, method: str = "upop") -> Result:
         """Cut the pruned entries out: the dense small model (its report labelled ``method``), equal to the
         final masked model."""
-        return cut(self.prepared, self.state.selection(), method)
+        return finish(self.prepared, self.state.selection(), method)

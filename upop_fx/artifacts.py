@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from .capture import export_program
+from .capture.program import export_program
 from .errors import InputError
-from .export import export_onnx
-from .pretrained import from_pretrained, save_pretrained
+from .module.pretrained import from_pretrained, save_pretrained
+from .runtime.export import export_onnx
 
 __all__ = ["save", "load", "report_markdown", "FILES", "PRETRAINED"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -26,13 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .api import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, SCORES, compress
+from .api import compress
 from .artifacts import PRETRAINED, load, save
-from .bench import time_pair
 from .errors import ConfigError, InputError, UPopError
-from .pipeline import check_options
-from .pretrained import from_pretrained
-from .search.train import to_device
+from .module.pretrained import from_pretrained
+from .options import GROUPS, Options
+from .runtime.speed import time_pair
+from .training.loop import to_device
 
 __all__ = ["main", "load_source", "text_batches"]
 
@@ -49,10 +50,11 @@ COMPRESS_EPILOG = """examples:
   upop-fx compress ./all-MiniLM-L6-v2 --ratio 0.5 --out small/ --method magnitude
   upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/ --search-steps 200
   upop-fx compress mypkg.models:build --ratio 0.3 --out small/ --budget flops --round-to 8
-  upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/ --checkpoint ckpt/ --precision bf16
+  upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/ --checkpoint-dir ckpt/ --precision bf16
+  upop-fx compress ./bert-finetuned --ratio 0.5 --out small/ --budget latency --latency-shape 8,128
   torchrun --nproc_per_node 4 -m upop_fx.cli compress ./bert-finetuned --ratio 0.5 --out small/ --data ./texts/
 
-With --checkpoint, the search and the retrain write their state to that directory every --checkpoint-every
+With --checkpoint-dir, the search and the retrain write their state to that directory every --checkpoint-every
 steps; the same command run again resumes where it stopped (and refuses a directory of another run).
 Under torchrun each rank trains on its share of the --data batches (every world-size-th batch) on
 cuda:LOCAL_RANK when GPUs are present (gloo on CPU, NCCL on GPU); rank 0 alone logs and writes.
@@ -61,7 +63,10 @@ MODEL is a local Hugging Face model directory (config.json + weights; loaded off
 or module:function, a Python callable returning (model, example_inputs). DIR receives model.pt2,
 model.onnx, report.json, report.md and widths.png, and pretrained/ (the model of its own class, with its
 tokenizer or processor; reload it with upop_fx.load(DIR)) when the cut can be expressed by the model's class
-(--own-class makes sure it can); it is written atomically."""
+(--own-class makes sure it can); it is written atomically.
+
+Every option of upop_fx.Options is a flag of the same name (see the sections above); the same option in
+Python is explained once, in upop_fx/options.py."""
 
 GENERATE_EPILOG = """examples:
   upop-fx generate small/ --prompt "The markets"
@@ -83,43 +88,14 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Compress MODEL: remove --ratio of its prunable cost and save the dense small model.")
     c.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory, or module:function")
-    c.add_argument("--ratio", type=float, required=True, help="fraction of the prunable cost to remove, in [0, 1)")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    c.add_argument("--method", default="upop", help=f"one of {', '.join(METHODS)}: upop (search; default) or "
-                   "magnitude (one-shot)")
     c.add_argument("--data", metavar="PATH", help="a folder of .txt files (text models) or images (vision models) "
                    "for the search and the retrain; default: built-in sample inputs")
-    c.add_argument("--budget", default="params", help=f"cost unit, one of {', '.join(BUDGETS)} (default params; "
-                   "latency: the time measured on --runtime, ratio 0.5 = half of it)")
-    c.add_argument("--runtime", default=None, help="with --budget latency: onnxruntime-cpu (default), torch-cpu, "
-                   "torch-cuda or onnxruntime-cuda")
-    c.add_argument("--latency-batch", type=int, default=None, metavar="N",
-                   help="with --budget latency: the batch size to time at (default: --batch-size)")
-    c.add_argument("--granularity", default=None, help=f"what one ranking entry removes, one of "
-                   f"{', '.join(GRANULARITIES)} (default: upop, a head dim across heads and q/k/v; with --budget "
-                   "latency heads+dims, whole heads and head dims in one ranking)")
-    c.add_argument("--allocate", default="unified", choices=list(ALLOCATIONS),
-                   help="unified (one ranking over every layer and tower; default) or uniform (the same fraction "
-                   "of every layer)")
-    c.add_argument("--score", default="gradient", choices=SCORES,
-                   help="UPop ranking: gradient (signed accumulated mask gradient, the paper's; default) or "
-                   "sensitivity (accumulated |gradient|: prunes what the loss never sees first)")
-    c.add_argument("--round-to", type=int, default=1, metavar="N", help="keep widths at multiples of N (default 1)")
-    c.add_argument("--search-steps", type=int, default=100, metavar="N", help="UPop search steps (default 100)")
-    c.add_argument("--retrain-steps", type=int, default=100, metavar="N", help="retrain steps after the cut (default 100)")
     c.add_argument("--seq", type=int, default=128, help="tokens per text example (default 128)")
     c.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
-    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto", help="where to train: auto (cuda when present; default), cpu, "
                    "cuda or cuda:N")
-    c.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 (default), bf16 (autocast) or fp16 (autocast and a gradient scaler)")
-    c.add_argument("--checkpoint", metavar="CKPT", help="checkpoint directory: written during the run, resumed "
-                   "from when the command runs again")
-    c.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints "
-                   "(default 50)")
-    c.add_argument("--own-class", action="store_true", help="prune only what the model's own class can express, "
-                   "so that DIR/pretrained/ is written (layers whose code fixes a size are left whole)")
+    _add_options(c)
     c.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
     c.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
     c.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -141,6 +117,30 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default 20)")
     g.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`~upop_fx.options.Options`, in its section, explained by the field's doc."""
+    for group in GROUPS:
+        section = parser.add_argument_group(f"{group} options")
+        for f in dataclasses.fields(Options):
+            meta = f.metadata
+            if meta["group"] != group or not meta["cli"]:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            helptext = f"{meta['doc']} (default: {f.default})".replace("%", "%%")
+            if isinstance(f.default, bool):
+                section.add_argument(flag, action="store_true", help=helptext)
+                continue
+            kind = meta["parse"] or (type(f.default) if f.default is not None else str)
+            choices = getattr(meta["check"], "choices", None)
+            section.add_argument(flag, type=kind, default=f.default, choices=choices, metavar=meta["metavar"],
+                                 help=helptext)
+
+
+def _options_of(args: argparse.Namespace) -> Options:
+    """The :class:`~upop_fx.options.Options` the flags give (checked now, before any model is loaded)."""
+    return Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if f.metadata["cli"]})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,14 +236,7 @@ def _image_batches(model_dir: Path, folder: Path, batch_size: int) -> list[dict[
 
 # ------------------------------------------------------------------ commands
 def _compress(args: argparse.Namespace) -> int:
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= args.ratio < 1.0:
-        raise ConfigError(f"--ratio must be in [0, 1), got {args.ratio}")
-    shape = (args.latency_batch, None) if args.latency_batch is not None else None
-    check_options(args.ratio, args.budget, args.granularity, args.round_to, args.seed, args.runtime, shape)
-    if args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    options = _options_of(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise InputError(f"{out} exists and is not empty (use --force to replace it)")
@@ -257,18 +250,12 @@ def _compress(args: argparse.Namespace) -> int:
         model = model.to(device)
         example = to_device(example, device)
         t0 = time.perf_counter()
-        result = compress(
-            model, example, args.ratio, args.method, data=batches, search_steps=args.search_steps,
-            retrain_steps=args.retrain_steps, budget=args.budget, granularity=args.granularity,
-            round_to=args.round_to, seed=args.seed, score=args.score, allocate=args.allocate,
-            precision=args.precision, checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every,
-            own_class=args.own_class, runtime=args.runtime, latency_shape=shape,
-        )  # fmt: skip
+        result = compress(model, example, data=batches, options=options)
         if rank != 0:
             return 0
         source = {"source": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
                   "seq": args.seq, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2),
-                  "device": str(device), "ranks": world, "precision": args.precision}
+                  "device": str(device), "ranks": world, "precision": options.precision}
         save(result, example, out, force=args.force, onnx=not args.no_onnx, extra={"cli": source},
              processor=_processor(Path(args.model)) if Path(args.model).is_dir() else None)
         if result.module is None:

@@ -1,15 +1,17 @@
 """The pipeline, once: capture → find groups → selection (a strategy) → surgery → report (→ retrain).
 
 Every method runs through here: ``compress`` (UPop's search or magnitude), ``UPop(...)``'s hand-driven loop
-(:func:`prepare`, then :func:`cut`), and any :class:`~upop_fx.search.strategy.Strategy` of your own
-(:func:`run`). The caller's model and global RNG state are left as they were: the run works on a copy, under
-:func:`torch.random.fork_rng`, seeded with ``seed``.
+(:func:`prepare`, then :func:`finish`), and any :class:`~upop_fx.search.strategy.Strategy` of your own
+(:func:`run`). The run's settings are one :class:`~upop_fx.options.Options`, checked before anything slow. The
+caller's model and global RNG state are left as they were: the run works on a copy, under
+:func:`torch.random.fork_rng`, seeded with ``options.seed``.
 
 Example:
     >>> import torch, upop_fx
     >>> from upop_fx.search.magnitude import Magnitude
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
-    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(allocate="uniform"), ratio=0.5)
+    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(), ratio=0.5, allocate="uniform",
+    ...                               retrain_steps=0)
     >>> [row.kept for row in result.report.groups]
     [8, 8, 16]
 """
@@ -17,11 +19,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,33 +29,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import cache_off, capture, get_capture
+from .calibration import calibrated_cut
+from .capture.program import cache_off, capture, get_capture
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
-from .groups import GroupAnalysis
-from .latency import calibrated_cut, check_latency_shape, check_runtime, measure_latency, use_latency
-from .passes import FindGroups, SortExperts, Surgery
-from .passes.surgery import removed_labels, zeroed_reference
-from .rebuild import copy_weights, module_gap, rebuild
+from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
+from .ir.groups import GroupAnalysis
+from .ir.latency_model import priced
+from .module.class_limits import restrict_to_class
+from .module.rebuild import copy_weights, module_gap, rebuild
+from .options import Options
+from .passes import FindGroups, SortExperts
+from .passes.surgery import cut_entries, removed_labels, zeroed_reference
 from .report import GroupRow, Report, count_flops, count_params
-from .restrict import restrict_to_class
-from .search import distributed
-from .search.checkpoint import Checkpointer
+from .runtime.latency_tables import measure_latency
+from .search.magnitude import Magnitude
 from .search.strategy import Prepared, Selection, Strategy
-from .search.train import PRECISIONS, Batches, Training, has_task_loss, make_objective, retrain
-from .structures import (
-    BUDGETS,
-    GRANULARITIES,
-    build_entries,
-    check_choice,
-    check_int,
-    group_cost,
-    keep_sets,
-    removed_fraction,
-    resolve_granularity,
-)
+from .search.upop import UPopSearch
+from .training import distributed
+from .training.checkpoint import Checkpointer
+from .training.loop import Batches, Training, has_task_loss, make_objective, retrain
 
-__all__ = ["Result", "prepare", "cut", "run", "check_options", "seeded", "fingerprint"]
+__all__ = ["Result", "prepare", "finish", "run", "strategy_for", "seeded", "run_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +75,6 @@ class Result:
         return zeroed_reference(self.dense, removed_labels(self.analysis, self.keep))
 
 
-def check_options(ratio: Any, budget: Any, granularity: Any, round_to: Any, seed: Any, runtime: Any = None,
-                  latency_shape: Any = None) -> None:
-    """Raise :class:`~upop_fx.errors.ConfigError` for an option out of range — before anything slow runs."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    check_choice("budget", budget, BUDGETS)
-    if budget == "latency":
-        check_runtime(runtime or "onnxruntime-cpu")
-        check_latency_shape(latency_shape)
-    elif runtime is not None or latency_shape is not None:
-        raise ConfigError(f"runtime= and latency_shape= belong to budget='latency' (got budget={budget!r})")
-    if granularity is not None:  # None: resolve_granularity's default for the budget
-        check_choice("granularity", granularity, GRANULARITIES)
-    check_int("round_to", round_to, 1)
-    check_int("seed", seed)
-
-
 @contextlib.contextmanager
 def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
     """Run the block with the global RNG seeded by ``seed``, and restore the caller's RNG state afterwards
@@ -108,56 +86,63 @@ def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
         yield
 
 
-def prepare(
-    model: torch.nn.Module, example_inputs: Any, ratio: float = 0.5, budget: str = "params",
-    granularity: str | None = None, round_to: int = 1, own_class: bool = False, runtime: str | None = None,
-    latency_shape: tuple[int, int | None] | None = None,
-) -> Prepared:  # fmt: skip
-    """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries.
-    ``own_class``: leave unpruned the groups that the model's own class cannot express
-    (:func:`~upop_fx.restrict.restrict_to_class`). ``budget="latency"``: measure the latency tables of the
-    structures on ``runtime`` at ``latency_shape`` (:mod:`upop_fx.latency`)."""
-    check_options(ratio, budget, granularity, round_to, 0, runtime, latency_shape)
-    granularity = resolve_granularity(granularity, budget)
-    if not isinstance(own_class, bool):
-        raise ConfigError(f"own_class must be True or False, got {own_class!r}")
+def strategy_for(options: Options) -> Strategy:
+    """The strategy ``options.method`` names."""
+    return UPopSearch() if options.method == "upop" else Magnitude()
+
+
+def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None = None, **changes: Any) -> Prepared:
+    """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries, once.
+    ``options`` (with ``changes``): ``own_class`` leaves unpruned the groups that the model's own class cannot
+    express (:func:`~upop_fx.module.class_limits.restrict_to_class`); ``budget="latency"`` measures the latency
+    tables of the structures on ``runtime`` at ``latency_shape`` (:mod:`upop_fx.runtime.latency_tables`) and
+    prices the entries by them."""
+    options = Options.make(options, **changes)
+    granularity = options.resolved_granularity
     cap = capture(model, example_inputs)
     if distributed.active():  # every rank must start from the same dense model
         distributed.check_same(_weights_checksum(cap.gm), "the dense model's weights (build or load it alike on every rank)")
     analysis = FindGroups()(cap.gm).value
     SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
-    if own_class and analysis.prunable:
-        restrict_to_class(model, cap.gm, analysis, granularity, budget)
+    if options.own_class and analysis.prunable:
+        restrict_to_class(model, cap.gm, analysis, granularity, options.budget)
     analysis.require_prunable(type(model).__name__)
-    structures, entries = build_entries(analysis, granularity, budget)
-    prepared = Prepared(cap, analysis, structures, entries, float(ratio), budget, granularity, round_to, source=model)
-    if budget == "latency":
-        runtime = runtime or "onnxruntime-cpu"
+    structures, entries = build_entries(analysis, granularity, options.budget)
+    latency = None
+    if options.budget == "latency":
+        runtime = options.resolved_runtime
         with torch.random.fork_rng():
-            latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, latency_shape)
-        use_latency(prepared, latency)
-    return prepared
+            latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.latency_shape)
+        structures, entries = priced(latency, structures, entries)
+        _check_reachable(options.ratio, latency)
+    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency)
 
 
-def _cut_graph(prepared: Prepared, pruned: np.ndarray, dense: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    surgery = Surgery(keep_sets(prepared.analysis, prepared.entries, pruned))(dense)
-    # nothing removed: Surgery returns its input; the result is still a model of its own
-    return surgery.gm if surgery.modified else copy.deepcopy(dense)
+def _check_reachable(ratio: float, latency: Any) -> None:
+    """A latency ratio beyond what the prunable structures can save is refused, with both numbers."""
+    most = latency.most_saved()
+    log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
+             latency.shape, latency.dense_ms, 100 * most)
+    if ratio > most:
+        raise ConfigError(
+            f"ratio={ratio} asks to remove {100 * ratio:.0f}% of the measured latency "
+            f"({latency.dense_ms:.2f} ms on {latency.runtime}), but the prunable structures account for at most "
+            f"{100 * most:.0f}% (the rest — embeddings, norms, the head, overheads — does not shrink); ask for less "
+            "(the tables are cached: a second call measures only the dense model)"
+        )
 
 
-def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
-    """Remove the selected entries from ``selection.dense`` (Surgery checks itself against the zeroed
-    reference), check the cut against ``selection.final`` when there is one, and write the report.
-    ``budget="latency"``: the cut is timed on the runtime; while its measured speedup falls short of the asked one
-    or passes it by more than 8% (:data:`~upop_fx.latency.SHORT`, :data:`~upop_fx.latency.OVER`), the strategy
-    re-selects with the miss folded into its target (up to :data:`~upop_fx.latency.CALIBRATIONS` times; each
-    round is in ``report.latency["rounds"]``, the kept one in ``report.latency["kept_round"]``: the slowest that
-    reaches the ask)."""
+def finish(prepared: Prepared, selection: Selection, method: str) -> Result:
+    """Cut the selected entries out of ``selection.dense`` (Surgery checks itself against the zeroed
+    reference), check the cut against ``selection.final`` when there is one, write the report and give the
+    caller's class back. ``budget="latency"``: the cut is timed on the runtime and re-selected while it measures
+    off the asked speedup (:func:`~upop_fx.calibration.calibrated_cut`; each round is in
+    ``report.latency["rounds"]``, the kept one in ``report.latency["kept_round"]``)."""
     pruned = np.asarray(selection.pruned, dtype=bool)
-    small = _cut_graph(prepared, pruned, selection.dense)
+    small = cut_entries(selection.dense, prepared.analysis, prepared.entries, pruned)
     row = None
     if prepared.latency is not None:
-        pruned, small, row = calibrated_cut(prepared, selection, pruned, small, _cut_graph)
+        pruned, small, row = calibrated_cut(prepared, selection, pruned, small)
     keep = keep_sets(prepared.analysis, prepared.entries, pruned)
     info = prepared.captured.info
     if selection.final is not None and np.array_equal(pruned, selection.pruned):
@@ -186,50 +171,33 @@ def cut(prepared: Prepared, selection: Selection, method: str) -> Result:
 def run(
     model: torch.nn.Module,
     example_inputs: Any,
-    strategy: Strategy,
+    strategy: Strategy | None = None,
+    options: Options | None = None,
     *,
-    ratio: float = 0.5,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    search_steps: int = 0,
-    retrain_steps: int = 0,
-    lr: float = 1e-4,
-    budget: str = "params",
-    granularity: str | None = None,
-    round_to: int = 1,
-    seed: int = 0,
-    precision: str = "fp32",
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    own_class: bool = False,
-    runtime: str | None = None,
-    latency_shape: tuple[int, int | None] | None = None,
+    **changes: Any,
 ) -> Result:
-    """The whole pipeline with ``strategy`` as the selection: see :func:`upop_fx.compress` for the arguments.
-    ``search_steps`` is how many batches the strategy reads (checked against ``data`` before training)."""
-    check_options(ratio, budget, granularity, round_to, seed, runtime, latency_shape)
-    granularity = resolve_granularity(granularity, budget)
-    check_int("retrain_steps", retrain_steps, 0)
-    check_choice("precision", precision, PRECISIONS)
-    check_int("checkpoint_every", checkpoint_every, 1)
+    """The whole pipeline with ``strategy`` as the selection (None: the one ``options.method`` names): see
+    :func:`upop_fx.compress` for ``data`` and ``loss_fn``, and :class:`~upop_fx.options.Options` for the options
+    (``options`` with ``changes``). A strategy with ``trains = True`` reads ``options.search_steps`` batches
+    (checked against ``data`` before training)."""
+    options = Options.make(options, **changes)
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable, not {type(loss_fn).__name__}")
     if data is not None and not isinstance(data, Iterable):
         raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
-    with distributed.quiet_ranks(), seeded(seed, model):
-        prepared = prepare(model, example_inputs, ratio, budget, granularity, round_to, own_class, runtime,
-                           latency_shape)
-        settings = {
-            "strategy": strategy.name, "strategy_config": getattr(strategy, "config", dict)(), "ratio": ratio,
-            "budget": budget, "granularity": granularity, "round_to": round_to, "seed": seed,
-            "search_steps": search_steps, "retrain_steps": retrain_steps, "lr": lr, "precision": precision,
-            "loss": "loss_fn" if loss_fn is not None else "default", "own_class": own_class,
-            "runtime": runtime, "latency_shape": latency_shape,
-        }  # fmt: skip
+    strategy = strategy if strategy is not None else strategy_for(options)
+    search_steps = options.search_steps if getattr(strategy, "trains", False) else 0
+    with distributed.quiet_ranks(), seeded(options.seed, model):
+        prepared = prepare(model, example_inputs, options)
         checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = Checkpointer(checkpoint_dir, checkpoint_every, fingerprint(prepared.captured.gm, settings))
-        prepared.training = Training(precision, checkpoint)
+        if options.checkpoint_dir is not None:
+            settings = {"strategy": strategy.name, "strategy_config": getattr(strategy, "config", dict)(),
+                        "options": options.record(), "loss": "loss_fn" if loss_fn is not None else "default"}
+            checkpoint = Checkpointer(options.checkpoint_dir, options.checkpoint_every,
+                                      run_fingerprint(prepared.captured.gm, settings))
+        prepared.training = Training(options.precision, checkpoint)
         teacher = prepared.captured.gm
         info = prepared.captured.info
         example = info.kwargs or info.args
@@ -238,11 +206,10 @@ def run(
             log.info("training on the model's own loss (the inputs carry labels)")
         objective = make_objective(loss_fn, teacher, task)
         batches = Batches(data, example)
-        batches.require(search_steps + retrain_steps)
-        result = cut(prepared, strategy.select(prepared, batches, objective), strategy.name)
-        if retrain_steps:  # retrain() checks that the data holds its steps
-            result.losses["retrain"] = _retrain(result, teacher, batches, loss_fn, retrain_steps, lr, example,
-                                                prepared.training)
+        batches.require(search_steps + options.retrain_steps)
+        result = finish(prepared, strategy.select(prepared, batches, objective), strategy.name)
+        if options.retrain_steps:  # retrain() checks that the data holds its steps
+            result.losses["retrain"] = _retrain(result, teacher, batches, loss_fn, options, example, prepared.training)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -251,17 +218,19 @@ def run(
     return result
 
 
-def _retrain(result: Result, teacher: torch.nn.Module, batches: Batches, loss_fn: Any, steps: int, lr: float,
+def _retrain(result: Result, teacher: torch.nn.Module, batches: Batches, loss_fn: Any, options: Options,
              example: Any, training: Training | None) -> list[float]:
     """Fine-tune the cut model: ``result.module`` in train mode (dropout as the model defines it) when there is
     one, its weights then copied into the graph ``result.model`` (checked equal); else the graph."""
     module = result.module
     if module is None:
-        return retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training)
+        return retrain(result.model, teacher, batches, loss_fn, options.retrain_steps, options.lr, example,
+                       training=training)
     module.train()
     try:
         with cache_off(module):
-            losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training)
+            losses = retrain(module, teacher, batches, loss_fn, options.retrain_steps, options.lr, example,
+                             training=training)
     finally:
         module.eval()
     copy_weights(module, result.model, sliced_ok=False)  # tensors the graph lacks are unused by the forward
@@ -271,7 +240,7 @@ def _retrain(result: Result, teacher: torch.nn.Module, batches: Batches, loss_fn
     return losses
 
 
-def fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str, Any]:
+def run_fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str, Any]:
     """What identifies a run for its checkpoints: the captured graph's code, a hash of its weights and of the
     example inputs, the settings and the number of ranks."""
     info = get_capture(gm)
@@ -292,9 +261,9 @@ def _weights_checksum(gm: torch.nn.Module) -> float:
 
 def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, list[int]], method: str,
             fraction: float) -> Report:
-    cap, analysis, budget = prepared.captured, prepared.analysis, prepared.budget
+    cap, analysis, budget = prepared.captured, prepared.analysis, prepared.options.budget
     report = Report(
-        method=method, ratio=prepared.ratio, budget=budget, granularity=prepared.granularity,
+        method=method, ratio=prepared.options.ratio, budget=budget, granularity=prepared.granularity,
         params_before=count_params(cap.gm), params_after=count_params(small),
         flops_before=count_flops(cap.gm, cap.args, cap.kwargs),
         flops_after=count_flops(small, cap.args, cap.kwargs),

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import run_module
+from .capture.program import run_module
 
 __all__ = ["GroupRow", "Report", "count_params", "count_flops"]
 

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import PostconditionError, PreconditionError
 
-__all__ = ["PassResult", "GraphPass", "fingerprint", "copy_structure", "own_tensors", "set_tensor", "module_tensors"]
+__all__ = ["PassResult", "GraphPass", "graph_fingerprint", "copy_structure", "own_tensors", "set_tensor", "module_tensors"]
 
 T = TypeVar("T")
 
@@ -103,14 +103,14 @@ def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: tor
     return new
 
 
-def fingerprint(gm: torch.fx.GraphModule) -> tuple[Any, ...]:
+def graph_fingerprint(gm: torch.fx.GraphModule) -> tuple[Any, ...]:
     """What a modification changes: the graph and the names, shapes and identities of the tensors."""
     tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     return str(gm.graph), tuple((name, tuple(t.shape), id(t)) for name, t in tensors)
 
 
 def _structure(fp: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A fingerprint without tensor identities (a copy of a module has the same structure)."""
+    """A graph fingerprint without tensor identities (a copy of a module has the same structure)."""
     code, tensors = fp
     return code, tuple((name, shape) for name, shape, _ in tensors)
 
@@ -144,7 +144,7 @@ class GraphPass(Generic[T]):
             raise
         except (AssertionError, LookupError, RuntimeError) as exc:
             raise PreconditionError(f"{name}: {exc}") from exc
-        before = fingerprint(gm)
+        before = graph_fingerprint(gm)
         result = self.run(gm)
         self._check_mode(name, gm, before, result)
         try:
@@ -157,13 +157,13 @@ class GraphPass(Generic[T]):
         return result
 
     def _check_mode(self, name: str, gm: torch.fx.GraphModule, before: tuple[Any, ...], result: PassResult[T]) -> None:
-        after = fingerprint(result.gm)
+        after = graph_fingerprint(result.gm)
         changed = _structure(after) != _structure(before)
         if self.in_place:
             if result.gm is not gm:
                 raise PostconditionError(f"{name} is in place but returned a different module")
         else:
-            if fingerprint(gm) != before:
+            if graph_fingerprint(gm) != before:
                 raise PostconditionError(f"{name} is functional but changed the module it was given")
             if changed and result.gm is gm:
                 raise PostconditionError(f"{name} is functional but returned its input changed")

@@ -4,8 +4,8 @@ Requires: a GraphModule made by :func:`upop_fx.capture` — its ``gm.meta["upop_
 batch size that per-sample FLOPs are divided by, every tensor node carries ``meta["val"]``, parameters are
 ``get_attr`` nodes.
 Ensures (an analysis, in place, ``modified=False``): ``gm.meta["upop_groups"]`` holds a
-:class:`~upop_fx.groups.GroupAnalysis` in which no class of labels is in two prunable groups, each node's
-``meta["upop_dims"]`` its channel :class:`~upop_fx.groups.Block` (or None); the graph itself is unchanged.
+:class:`~upop_fx.ir.groups.GroupAnalysis` in which no class of labels is in two prunable groups, each node's
+``meta["upop_dims"]`` its channel :class:`~upop_fx.ir.groups.Block` (or None); the graph itself is unchanged.
 
 Labels are created where channels are produced (Linear/conv outputs, embeddings) and flow forward through one
 rule per op family (``passes/rules``). Classes (labels that must go together) come from a union-find; groups
@@ -32,10 +32,10 @@ import networkx as nx
 import numpy as np
 import torch
 
-from ..capture import get_capture
-from ..cost import class_costs
+from ..capture.program import get_capture
 from ..errors import PostconditionError, PreconditionError
-from ..groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, get_analysis
+from ..ir.cost import class_costs
+from ..ir.groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
 from .param_views import ParamView, resolve
 from .rules import REWRITES, key_of

@@ -30,8 +30,9 @@ Example:
     >>> layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()  # head dim 16
     >>> x = torch.randn(2, 5, 32)
     >>> cap = upop_fx.capture(layer, x)
-    >>> _ = FindGroups()(cap.gm)
-    >>> masked = InsertMasks("upop")(cap.gm).gm
+    >>> from upop_fx.ir.entries import build_entries
+    >>> analysis = FindGroups()(cap.gm).value
+    >>> masked = InsertMasks(*build_entries(analysis, "upop"))(cap.gm).gm
     >>> FuseMaskedAttention(device="cuda")(masked).modified   # parameters on CPU: left alone
     False
     >>> want = masked(x)

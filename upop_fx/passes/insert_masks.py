@@ -1,7 +1,8 @@
 """InsertMasks: one learnable mask vector per ranking structure, multiplied in where channels are produced.
 
-Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; a granularity and a budget
-(configured in ``__init__``).
+Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; the ranking's structures and
+entries over that analysis (:func:`~upop_fx.ir.entries.build_entries`, configured in ``__init__``), entries
+grouped by structure in order — the same objects the rest of the run ranks, so a mask element *is* an entry.
 Ensures (functional): a *new* GraphModule whose producers of prunable channels (Linear/conv outputs: q, k and
 v projections, MLP hidden neurons *before* the activation) are multiplied by a gathered view of the masks;
 ``gm.meta["upop_masks"]`` holds the :class:`MaskState`, and each ``mul`` that applies a mask carries a
@@ -10,7 +11,7 @@ reads). With every mask at 1.0 the graph computes exactly what it did (multiplic
 checked on the capture's example inputs. The original ``gm`` is not modified. A graph with nothing to mask is
 returned as it is, ``modified=False``.
 
-Mask ``s`` has one element per entry of structure ``s`` (see ``upop_fx/structures.py``): with granularity
+Mask ``s`` has one element per entry of structure ``s`` (see :mod:`upop_fx.ir.entries`): with granularity
 ``"upop"`` an attention layer's mask has one element per head dim, shared by every head and by q, k and v —
 UPop's ``qkv * alpha``, so a q·k score sees ``m_j²`` — and an MLP's mask one element per neuron. With
 ``"heads+dims"`` an attention layer's mask has one element per head and then one per head dim, and a channel
@@ -18,12 +19,13 @@ is multiplied by both (its head's and its dim's: two gathers, one product).
 
 Example:
     >>> import torch, upop_fx
+    >>> from upop_fx.ir.entries import build_entries
     >>> from upop_fx.passes import FindGroups, InsertMasks
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> x = torch.randn(2, 5, 16)
     >>> cap = upop_fx.capture(layer, x)
     >>> analysis = FindGroups()(cap.gm).value
-    >>> masked = InsertMasks("upop")(cap.gm).gm
+    >>> masked = InsertMasks(*build_entries(analysis, "upop"))(cap.gm).gm
     >>> [tuple(m.shape) for m in masked.upop_masks.parameters()]
     [(8,), (32,)]
     >>> bool((masked(x) == cap.gm(x)).all())
@@ -38,11 +40,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..capture import get_capture
+from ..capture.program import get_capture
 from ..compare import relative_error
 from ..errors import PostconditionError, PreconditionError
-from ..groups import DIMS_KEY, GroupAnalysis, get_analysis
-from ..structures import BUDGETS, GRANULARITIES, Entry, Structure, build_entries, check_choice
+from ..ir.entries import Entry, Structure
+from ..ir.groups import DIMS_KEY, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult
 
 __all__ = ["InsertMasks", "MaskState", "MaskTag", "MASKS_KEY", "MASK_TAG_KEY", "MASK_MODULE", "get_masks"]
@@ -77,8 +79,6 @@ class MaskTag:
 class MaskState:
     """The masked graph's state: which structure each mask belongs to, and where it was inserted."""
 
-    granularity: str
-    budget: str
     structures: list[Structure]
     entries: list[Entry]
     entry_slices: list[tuple[int, int]]  # structure -> (first entry, end) in ``entries``
@@ -100,15 +100,18 @@ class InsertMasks(GraphPass[MaskState]):
 
     in_place = False
 
-    def __init__(self, granularity: str = "upop", budget: str = "params") -> None:
-        check_choice("granularity", granularity, GRANULARITIES)
-        check_choice("budget", budget, BUDGETS)
-        self.granularity, self.budget = granularity, budget
+    def __init__(self, structures: list[Structure], entries: list[Entry]) -> None:
+        self.structures, self.entries = list(structures), list(entries)
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
-        get_analysis(gm)
+        analysis = get_analysis(gm)
         if MASKS_KEY in gm.meta:
             raise PreconditionError("InsertMasks: this graph is masked already")
+        order = [e.structure for e in self.entries]
+        if order != sorted(order) or (order and (order[0] != 0 or order[-1] != len(self.structures) - 1)):
+            raise PreconditionError("InsertMasks: the entries must be grouped by structure, in order (build_entries)")
+        if any(gid >= len(analysis.groups) for e in self.entries for gid in e.channels):
+            raise PreconditionError("InsertMasks: the entries name groups this graph's analysis does not have")
 
     def ensures(self, gm: torch.fx.GraphModule, result: PassResult[MaskState]) -> None:
         if not result.modified:
@@ -129,11 +132,9 @@ class InsertMasks(GraphPass[MaskState]):
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult[MaskState]:
         analysis = get_analysis(gm)
-        structures, entries = build_entries(analysis, self.granularity, self.budget)
+        structures, entries = self.structures, self.entries
         if not structures:
-            return PassResult(gm, False, MaskState(self.granularity, self.budget, [], [], []))
-        order = sorted(range(len(entries)), key=lambda i: entries[i].structure)
-        entries = [entries[i] for i in order]
+            return PassResult(gm, False, MaskState([], [], []))
         slices, start = [], 0
         for s in range(len(structures)):
             n = sum(1 for e in entries if e.structure == s)
@@ -148,10 +149,10 @@ class InsertMasks(GraphPass[MaskState]):
         label_slot = _label_slots(analysis, [(i, e) for i, e in enumerate(entries) if not e.head])
         mixed = any(e.head for e in entries)
         head_slot = _label_slots(analysis, [(i, e) for i, e in enumerate(entries) if e.head]) if mixed else None
-        state = MaskState(self.granularity, self.budget, structures, entries, slices)
+        state = MaskState(structures, entries, slices)
         _insert(new, analysis, label_slot, head_slot, slices, state)
         if not state.sites:
-            return PassResult(gm, False, MaskState(self.granularity, self.budget, [], [], []))
+            return PassResult(gm, False, MaskState([], [], []))
         new.graph.lint()
         new.recompile()
         new.meta[MASKS_KEY] = state

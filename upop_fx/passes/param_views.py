@@ -5,7 +5,7 @@ three ``linear`` calls; ``x @ W.T`` transposes a weight (``aten.numpy_T``/``t``)
 projections slice one weight per role. To the label tracer such a weight is a *view*: each of its axes is one axis
 of the parameter (``param_axis``) at known positions (``positions``), or an axis the parameter does not have.
 A rule then records its use of the view as a use of the parameter itself, at those positions
-(:class:`~upop_fx.groups.ParamUse` ``positions``), and surgery — which slices the parameter — rewrites the literal
+(:class:`~upop_fx.ir.groups.ParamUse` ``positions``), and surgery — which slices the parameter — rewrites the literal
 arguments of the view ops so that they select the kept part (a ``chunk`` becomes a ``split_with_sizes`` of the
 kept sizes, a ``slice`` gets the kept start and end).
 

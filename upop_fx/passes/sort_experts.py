@@ -42,10 +42,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..capture import get_capture
+from ..capture.program import get_capture
 from ..compare import relative_error
 from ..errors import PostconditionError
-from ..groups import DimGroup, get_analysis
+from ..ir.groups import DimGroup, get_analysis
 from .base import GraphPass, PassResult, module_tensors, set_tensor
 
 __all__ = ["SortExperts", "neuron_scores"]

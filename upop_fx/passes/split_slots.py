@@ -17,7 +17,7 @@ import torch
 from torch.fx import Node
 
 from ..errors import SurgeryError
-from ..groups import Block
+from ..ir.groups import Block
 from .blocks import compact
 from .rules import REWRITES, key_of
 

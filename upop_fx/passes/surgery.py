@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,17 +35,18 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..capture import get_capture, run_module
+from ..capture.program import get_capture, run_module
 from ..compare import relative_error
 from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
-from ..groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
+from ..ir.entries import Entry, keep_sets
+from ..ir.groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
 from .base import GraphPass, PassResult, copy_structure, own_tensors, set_tensor
 from .blocks import RAGGED, compact
 from .param_views import rewrite_views
 from .rules import REWRITES, key_of
 from .split_slots import split_ragged
 
-__all__ = ["Surgery", "SurgeryInfo", "zeroed_reference", "removed_labels"]
+__all__ = ["Surgery", "SurgeryInfo", "zeroed_reference", "removed_labels", "cut_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,14 @@ class Surgery(GraphPass[SurgeryInfo]):
                 f"the reduced graph differs from the zeroed reference (relative error {err:.3g} > {self.rtol:g}); "
                 f"refusing to return a silently wrong model"
             )
+
+
+def cut_entries(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: list[Entry], pruned: np.ndarray
+                ) -> torch.fx.GraphModule:
+    """``dense`` with the ``pruned`` entries cut out (:class:`Surgery`, checked), always a model of its own: a
+    copy of ``dense`` when nothing is removed."""
+    surgery = Surgery(keep_sets(analysis, entries, np.asarray(pruned, dtype=bool)))(dense)
+    return surgery.gm if surgery.modified else copy.deepcopy(dense)
 
 
 def removed_labels(analysis: GroupAnalysis, keep: Mapping[int, Iterable[int]]) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..groups import DIMS_KEY, AttentionSite, Block, ParamUse, TableUse
+from ..ir.groups import DIMS_KEY, AttentionSite, Block, ParamUse, TableUse
 from .param_views import ParamView, resolve
 from .rules import RULES, SEEDING, key_of
 

@@ -4,7 +4,7 @@ Example:
     >>> import torch, upop_fx
     >>> from upop_fx.search.magnitude import Magnitude
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
-    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(), ratio=0.5)
+    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(), ratio=0.5, retrain_steps=0)
     >>> result.report.method, result.report.prunable_cost_removed >= 0.5
     ('magnitude', True)
 """
@@ -14,27 +14,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..groups import GroupAnalysis
-from ..structures import Entry
-from .strategy import Allocate, Prepared, Selection, allocation, checked
-from .train import Batches, Objective
+from ..ir.entries import Entry
+from ..ir.groups import GroupAnalysis
+from ..training.loop import Batches, Objective
+from .strategy import Prepared, Selection, allocation, checked
 
 __all__ = ["Magnitude", "channel_magnitude", "magnitude_scores"]
 
 
 class Magnitude:
     """One-shot selection: importance = mean |weight| of the entry's parameter slices, allocated by
-    ``allocate`` (a name, a callable, or None: the unified ranking); reads no data."""
+    ``options.allocate``; reads no data."""
 
     name = "magnitude"
-
-    def __init__(self, allocate: str | Allocate | None = None) -> None:
-        self.allocate = allocate
-        allocation(allocate)  # validates before any capture
+    trains = False
 
     def select(self, prepared: Prepared, batches: Batches, objective: Objective | None) -> Selection:
         scores = magnitude_scores(prepared.captured.gm, prepared.analysis, prepared.entries)
-        fn = allocation(self.allocate, prepared.round_to)
+        fn = allocation(prepared.options)
+
         def allocate(fraction: float) -> np.ndarray:
             return checked(fn(scores, prepared.entries, prepared.structures, fraction), prepared.entries)
 

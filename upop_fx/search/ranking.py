@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..structures import Entry, Structure, entries_left
+from ..ir.entries import Entry, Structure, entries_left
 
 __all__ = ["zscore_by_kind", "select_pruned"]
 

@@ -20,7 +20,7 @@ Example (a strategy of your own: keep the first entries of every structure):
     ...         pruned = uniform(importance, prepared.entries, prepared.structures, prepared.target)
     ...         return Selection(pruned, prepared.captured.gm)
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
-    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), KeepFirst(), ratio=0.5)
+    >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), KeepFirst(), ratio=0.5, retrain_steps=0)
     >>> mlp = next(g.id for g in result.analysis.prunable if g.kind == "mlp")
     >>> result.report.method, result.keep[mlp][:3]
     ('keep_first', [0, 1, 2])
@@ -37,14 +37,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..capture import Captured
+from ..capture.program import Captured
 from ..errors import ConfigError
-from ..groups import GroupAnalysis
-from ..structures import Entry, Structure, widths
+from ..ir.entries import Entry, Structure, widths
+from ..ir.groups import GroupAnalysis
+from ..ir.latency_model import LatencyModel
+from ..options import ALLOCATIONS, Options
+from ..training.loop import Batches, Objective, Training
 from .ranking import select_pruned
-from .train import Batches, Objective, Training
 
-__all__ = ["Prepared", "Selection", "Strategy", "Allocate", "unified", "uniform", "ALLOCATIONS", "allocation"]
+__all__ = ["Prepared", "Selection", "Strategy", "Allocate", "unified", "uniform", "ALLOCATORS", "allocation", "checked"]
 
 #: ``allocate(importance, entries, structures, fraction) -> prune mask``: ``importance`` is higher for entries
 #: that matter more; the mask is True for the entries to remove so that ``fraction`` of the cost goes.
@@ -53,26 +55,30 @@ Allocate = Callable[[np.ndarray, Sequence[Entry], Sequence[Structure], float], n
 
 @dataclass
 class Prepared:
-    """What every strategy starts from: the captured graph, its groups and the entries a ranking removes."""
+    """What every strategy starts from: the captured graph, its groups, the entries a ranking removes (built
+    once, shared by every later stage) and the run's :class:`~upop_fx.options.Options`."""
 
     captured: Captured
     analysis: GroupAnalysis
     structures: list[Structure]
     entries: list[Entry]
-    ratio: float
-    budget: str
-    granularity: str
-    round_to: int = 1
+    options: Options
     training: Training | None = None  #: precision and checkpoints of the run's training phases
     source: torch.nn.Module | None = None  #: the caller's model (never modified): what ``Result.module`` copies
-    latency: Any = None  #: ``budget="latency"``: the measured :class:`~upop_fx.latency.LatencyModel`
+    latency: LatencyModel | None = None  #: ``budget="latency"``: the measured latency model
+
+    @property
+    def granularity(self) -> str:
+        """The run's granularity, resolved (:attr:`Options.resolved_granularity`)."""
+        return self.options.resolved_granularity
 
     @property
     def target(self) -> float:
-        """The fraction of the summed cost an allocation walks to: ``ratio``; under a latency budget the summed
-        table saving the latency model predicts removes ``ratio`` of the dense latency
-        (:meth:`~upop_fx.latency.LatencyModel.needed`: the tables overstate deep cuts summed)."""
-        return self.ratio if self.latency is None else self.latency.needed(self.ratio)
+        """The fraction of the summed cost an allocation walks to: ``options.ratio``; under a latency budget the
+        summed table saving the latency model predicts removes ``ratio`` of the dense latency
+        (:meth:`~upop_fx.ir.latency_model.LatencyModel.needed`: the tables overstate deep cuts summed)."""
+        ratio = self.options.ratio
+        return ratio if self.latency is None else self.latency.needed(ratio)
 
 
 @dataclass
@@ -91,7 +97,9 @@ class Selection:
 
 
 class Strategy(Protocol):
-    """One small interface: ``select(prepared, batches, objective) -> Selection``; ``name`` labels the report."""
+    """One small interface: ``select(prepared, batches, objective) -> Selection``; ``name`` labels the report.
+    A strategy reads its settings from ``prepared.options``; one that trains (reads ``options.search_steps``
+    batches) says so with a ``trains = True`` attribute, so that the pipeline checks the data holds them."""
 
     name: str
 
@@ -158,21 +166,18 @@ def _uniform_entries(
     return pruned
 
 
-#: the allocations selectable by name (``compress(allocate="uniform")``, ``--allocate`` on the CLI).
-ALLOCATIONS: dict[str, Allocate] = {"unified": unified, "uniform": uniform}
+#: the functions of the allocations selectable by name (:data:`~upop_fx.options.ALLOCATIONS`)
+ALLOCATORS: dict[str, Allocate] = {"unified": unified, "uniform": uniform}
+assert tuple(ALLOCATORS) == ALLOCATIONS
 
 
-def allocation(allocate: str | Allocate | None, round_to: int = 1) -> Allocate:
-    """Resolve ``allocate`` (a name in :data:`ALLOCATIONS`, a callable, or None for :func:`unified`)."""
+def allocation(options: Options) -> Allocate:
+    """The allocation ``options.allocate`` names (None: :func:`unified`, at ``options.round_to``), or the callable
+    itself."""
+    allocate = options.allocate
     if allocate is None or allocate == "unified":
-        return lambda imp, ent, st, f: unified(imp, ent, st, f, round_to)
-    if isinstance(allocate, str):
-        if allocate not in ALLOCATIONS:
-            raise ConfigError(f"allocate must be one of {', '.join(ALLOCATIONS)} or a callable; got {allocate!r}")
-        return ALLOCATIONS[allocate]
-    if not callable(allocate):
-        raise ConfigError(f"allocate must be a name or a callable, not {type(allocate).__name__}")
-    return allocate
+        return lambda imp, ent, st, f: unified(imp, ent, st, f, options.round_to)
+    return ALLOCATORS[allocate] if isinstance(allocate, str) else allocate
 
 
 def checked(mask: Any, entries: Sequence[Entry]) -> np.ndarray:

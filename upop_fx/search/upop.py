@@ -23,8 +23,8 @@ Example (the state driven by hand; ``upop_fx.UPop`` wraps this with capture and 
     >>> from upop_fx.search.upop import UPopSearch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> x = torch.randn(2, 5, 16)
-    >>> prepared = upop_fx.pipeline.prepare(layer, x, ratio=0.5)
-    >>> state = UPopSearch(total_steps=3).start(prepared)
+    >>> prepared = upop_fx.pipeline.prepare(layer, x, ratio=0.5, search_steps=3)
+    >>> state = UPopSearch().start(prepared)
     >>> for _ in range(3):
     ...     state.model(x).pow(2).mean().backward()
     ...     pi = state.step()
@@ -46,58 +46,31 @@ import torch
 from ..errors import ConfigError, UPopError
 from ..passes import InsertMasks, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
-from ..structures import check_int
-from . import distributed
-from .strategy import Allocate, Prepared, Selection, allocation, checked
-from .train import Batches, Objective, Training, train_steps
+from ..training import distributed
+from ..training.loop import Batches, Objective, Training, train_steps
+from .strategy import Prepared, Selection, allocation, checked
 
-__all__ = ["UPopSearch", "UPopState", "schedule", "SCORES"]
-
-SCORES = ("gradient", "sensitivity")
+__all__ = ["UPopSearch", "UPopState", "schedule"]
 
 log = logging.getLogger(__name__)
 
 
-def schedule(t: int, total_steps: int, ratio: float) -> float:
+def schedule(t: int, total_steps: int, target: float) -> float:
     """π_t = p · sin(π (t+1) / (2T)): the fraction of the cost marked for pruning at step ``t`` (0-based)."""
-    return ratio * math.sin(math.pi * (t + 1) / (2 * total_steps))
+    return target * math.sin(math.pi * (t + 1) / (2 * total_steps))
 
 
 class UPopSearch:
-    """The UPop search as a strategy: ``total_steps`` training steps of the masked graph (AdamW, ``lr``),
-    re-selecting every ``interval`` steps. ``score`` is ``"gradient"`` (the paper's signed accumulated mask
-    gradient) or ``"sensitivity"`` (accumulated ``|gradient|``); ``allocate`` replaces the unified ranking (a
-    name in ``ALLOCATIONS`` or a callable, see :data:`~upop_fx.search.strategy.Allocate`), keeping the scores,
-    the schedule and the mask updates. On CUDA the masked attention runs in the fused kernel (``fuse=False``:
-    the masked graph as it is, e.g. to compare the two)."""
+    """The UPop search as a strategy: ``options.search_steps`` training steps of the masked graph (AdamW at
+    ``options.lr``), re-selecting every ``options.interval`` steps, ranking by ``options.score`` and allocating
+    by ``options.allocate`` (the scores, the schedule and the mask updates stay UPop's). On CUDA the masked
+    attention runs in the fused kernel (``fuse=False``: the masked graph as it is, e.g. to compare the two)."""
 
     name = "upop"
+    trains = True
 
-    def __init__(
-        self,
-        total_steps: int = 100,
-        interval: int = 10,
-        score: str = "gradient",
-        lr: float = 1e-4,
-        allocate: str | Allocate | None = None,
-        fuse: bool = True,
-    ) -> None:
-        check_int("total_steps", total_steps, 1)
-        check_int("interval", interval, 1)
-        if score not in SCORES:
-            raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-            raise ConfigError(f"lr must be a non-negative number, got {lr!r}")
-        allocation(allocate)
-        self.total_steps, self.interval, self.score, self.lr, self.allocate = total_steps, interval, score, lr, allocate
+    def __init__(self, fuse: bool = True) -> None:
         self.fuse = bool(fuse)
-
-    def config(self) -> dict[str, Any]:
-        """The settings that decide the search's result (what a checkpoint must have been written with)."""
-        allocate = self.allocate if self.allocate is None or isinstance(self.allocate, str) else (
-            f"{getattr(self.allocate, '__module__', '?')}.{getattr(self.allocate, '__qualname__', '?')}")
-        return {"total_steps": self.total_steps, "interval": self.interval, "score": self.score, "lr": self.lr,
-                "allocate": allocate}
 
     def start(self, prepared: Prepared) -> UPopState:
         """The masked graph and the search state, ready for the first training step."""
@@ -107,13 +80,15 @@ class UPopSearch:
         if objective is None:
             raise ConfigError("the UPop search trains: it needs an objective")
         state = self.start(prepared)
+        options = prepared.options
 
         def after(i: int, grad_scale: float) -> str:
             return f"pi={state.step(grad_scale):.4f}"
 
         losses = train_steps(
-            state.model, list(state.parameters()), objective, batches, self.total_steps, self.lr, "upop search",
-            after, log_every=self.interval, training=prepared.training or Training(), phase="search", state=state,
+            state.model, list(state.parameters()), objective, batches, options.search_steps, options.lr,
+            "upop search", after, log_every=options.interval, training=prepared.training or Training(),
+            phase="search", state=state,
         )  # fmt: skip
         return state.selection(losses)
 
@@ -124,21 +99,21 @@ class UPopState:
 
     def __init__(self, prepared: Prepared, search: UPopSearch) -> None:
         self.prepared, self.search = prepared, search
-        self.ratio, self.total_steps, self.interval = prepared.target, search.total_steps, search.interval
-        masked = InsertMasks(prepared.granularity, prepared.budget)(prepared.captured.gm)
+        options = prepared.options
+        self.target, self.total_steps, self.interval = prepared.target, options.search_steps, options.interval
+        self.score = options.score
+        masked = InsertMasks(prepared.structures, prepared.entries)(prepared.captured.gm)
         if not masked.modified:
             raise UPopError("nothing to mask: the analysis found prunable groups but no producer to mask")
         # on CUDA the masked attention sites run in the Triton kernel; a no-op off CUDA
         self.model: torch.fx.GraphModule = FuseMaskedAttention(device="cuda")(masked.gm).gm if search.fuse else masked.gm
         self.state = get_masks(self.model)
-        if prepared.latency is not None:
-            _share_latency(prepared, self.state.structures, self.state.entries)
         self._masks = self.state.masks(self.model)
         self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
         self.pruned = np.zeros(len(self.state.entries), dtype=bool)
         self.t = 0
         self.pi = 0.0
-        self._allocate = allocation(search.allocate, prepared.round_to)
+        self._allocate = allocation(options)
 
     # --------------------------------------------------------------- training
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -164,7 +139,7 @@ class UPopState:
         to the host except at a re-selection."""
         if self.t >= self.total_steps:
             raise UPopError(f"the search has already run its {self.total_steps} steps; call finalize()")
-        sensitivity = self.search.score == "sensitivity"
+        sensitivity = self.score == "sensitivity"
         for m, s in zip(self._masks, self.scores):
             if m.grad is not None:
                 g = m.grad.detach().double()
@@ -175,7 +150,7 @@ class UPopState:
                 m.grad = None
         last = self.t == self.total_steps - 1
         if self.t % self.interval == 0 or last:
-            self.pi = schedule(self.t, self.total_steps, self.ratio)
+            self.pi = schedule(self.t, self.total_steps, self.target)
             self._select(self.pi)
         self.t += 1
         return self.pi
@@ -183,13 +158,13 @@ class UPopState:
     def _importance(self) -> np.ndarray:
         scores = torch.cat(self.scores).cpu().numpy()
         # "gradient": a large accumulated gradient means the entry matters little; "sensitivity": it matters much
-        return scores if self.search.score == "sensitivity" else -scores
+        return scores if self.score == "sensitivity" else -scores
 
     def _select(self, pi: float) -> None:
         entries = self.state.entries
         self.pruned = checked(self._allocate(self._importance(), entries, self.state.structures, pi), entries)
         distributed.check_same(distributed.checksum([self.pruned]), f"the entries selected at step {self.t}")
-        value = 1.0 - pi / self.ratio if self.ratio > 0 else 1.0
+        value = 1.0 - pi / self.target if self.target > 0 else 1.0
         with torch.no_grad():
             for s, (a, b) in enumerate(self.state.entry_slices):
                 m = torch.ones(b - a, dtype=self._masks[s].dtype)
@@ -232,37 +207,10 @@ class UPopState:
                 f"finalize() after {self.t} of {self.total_steps} steps: the masks are not yet 0/1, "
                 f"so cutting now would change the model; run the remaining steps"
             )
-        pruned = _in_prepared_order(self.pruned, self.state.entries, self.prepared.entries)
         importance = self._importance()
 
         def reselect(fraction: float) -> np.ndarray:  # the final scores, allocated at another fraction
             entries = self.state.entries
-            mask = checked(self._allocate(importance, entries, self.state.structures, fraction), entries)
-            return _in_prepared_order(mask, entries, self.prepared.entries)
+            return checked(self._allocate(importance, entries, self.state.structures, fraction), entries)
 
-        return Selection(pruned, self.dense_trained(), self.model, list(losses or []), reselect)
-
-
-def _share_latency(prepared: Prepared, structures: list[Any], entries: list[Any]) -> None:
-    """``budget="latency"``: the masked graph's structures and entries take the pipeline's measured tables and
-    costs (matched by their groups and channels), so that π_t is a fraction of the measured latency."""
-    tables = {tuple(st.groups): st.latency for st in prepared.structures}
-    costs = {_signature(e): e.cost for e in prepared.entries}
-    for st in structures:
-        st.latency = tables[tuple(st.groups)]
-    for e in entries:
-        e.cost = costs[_signature(e)]
-
-
-def _signature(e: Any) -> tuple[Any, ...]:
-    return tuple(sorted((gid, tuple(np.asarray(ch).tolist())) for gid, ch in e.channels.items()))
-
-
-def _in_prepared_order(pruned: np.ndarray, mask_entries: list[Any], entries: list[Any]) -> np.ndarray:
-    """``pruned`` over the masked graph's entries, re-indexed over the pipeline's (matched by channels)."""
-
-    where = {_signature(e): i for i, e in enumerate(entries)}
-    out = np.zeros(len(entries), dtype=bool)
-    for p, e in zip(pruned, mask_entries):
-        out[where[_signature(e)]] = p
-    return out
+        return Selection(self.pruned.copy(), self.dense_trained(), self.model, list(losses or []), reselect)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...groups import Block
+from ...ir.groups import Block
 
 __all__ = ["arg", "val", "rank", "numel", "contract", "with_axes", "dim_expr", "shape_exprs", "concrete"]
 

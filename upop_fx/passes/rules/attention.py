@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...groups import AttentionSite, Block
+from ...ir.groups import AttentionSite, Block
 from ._util import arg, concrete, rank, val
 from .registry import rewrite, rule
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...groups import Block, TableUse
+from ...ir.groups import Block, TableUse
 from ._util import arg, rank, val
 from .registry import rule
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...groups import Block
+from ...ir.groups import Block
 from ._util import arg, rank, val
 from .registry import rewrite, rule
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...groups import Block
+from ...ir.groups import Block
 from ._util import arg, contract, numel, rank, val
 from .attention import activation_matmul
 from .registry import rewrite, rule

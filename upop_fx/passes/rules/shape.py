@@ -19,7 +19,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from ...groups import Block
+from ...ir.groups import Block
 from ._util import rank, shape_exprs, val
 from .registry import rewrite, rule
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import NoPrunableGroupError
+from ..errors import NoPrunableGroupError
 
 __all__ = [
     "DIMS_KEY",

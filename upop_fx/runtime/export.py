@@ -28,7 +28,7 @@ for :func:`upop_fx.compress`); the ONNX file itself accepts any batch. An axis t
 
 Example:
     >>> import tempfile, torch
-    >>> from upop_fx.export import export_onnx
+    >>> from upop_fx.runtime.export import export_onnx
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> with tempfile.TemporaryDirectory() as d:
     ...     info = export_onnx(layer, torch.randn(2, 5, 16), f"{d}/layer.onnx")
@@ -57,9 +57,10 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import dynamic_shapes, normalize_inputs, run_module
-from .errors import ConfigError, ExportError, InputError
-from .ort import ort_session
+from ..capture.program import dynamic_shapes, normalize_inputs, run_module
+from ..compare import relative_error
+from ..errors import ConfigError, ExportError, InputError
+from .sessions import ort_session
 
 __all__ = ["ExportError", "ExportInfo", "export_onnx", "export_for_timing", "SUPPORTED_OPSETS", "PARITY_TOLERANCE"]
 
@@ -173,7 +174,7 @@ def export_for_timing(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
 
     Example:
         >>> import tempfile, torch
-        >>> from upop_fx.export import export_for_timing
+        >>> from upop_fx.runtime.export import export_for_timing
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
         >>> with tempfile.TemporaryDirectory() as d:
         ...     export_for_timing(layer, (torch.randn(1, 5, 16),), {}, f"{d}/layer.onnx").name
@@ -487,7 +488,7 @@ class _Inputs:
 
 
 def _axes_of(t: torch.Tensor) -> list[int]:
-    """The axes :func:`upop_fx.capture.dynamic_shapes` makes dynamic."""
+    """The axes :func:`upop_fx.capture.program.dynamic_shapes` makes dynamic."""
     if t.dim() == 0:
         return []
     is_tokens = not t.is_floating_point() and t.dim() == 2
@@ -552,18 +553,10 @@ def _parity(file: Path, feeds: _Inputs, cases: list[tuple[dict[str, torch.Tensor
             if a.shape != b.shape:
                 raise ExportError(f"output {name!r} of the {what} has shape {a.shape}, PyTorch {b.shape} "
                                   f"(inputs {shapes})")
-            err = _relative_error(a, b)
+            err = relative_error(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b)))
             if not err <= PARITY_TOLERANCE:
                 raise ExportError(f"output {name!r} of the {what} differs from PyTorch: relative error {err:.3g} "
                                   f"> {PARITY_TOLERANCE:g} (inputs {shapes})")
             worst = max(worst, err)
     log.debug("%s parity: max relative error %.3g", what, worst)
     return worst
-
-
-def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """‖a − b‖ / ‖b‖ (‖a − b‖ when b is all zeros), in float64."""
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    diff = float(np.linalg.norm((a64 - b64).ravel()))
-    ref = float(np.linalg.norm(b64.ravel()))
-    return diff / ref if ref > 0 else diff

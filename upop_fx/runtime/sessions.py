@@ -7,8 +7,8 @@ graph saved to a file (its weights in an external-data file when the model is la
 
 Example:
     >>> import tempfile, torch
-    >>> from upop_fx.export import export_onnx
-    >>> from upop_fx.ort import ort_session
+    >>> from upop_fx.runtime.export import export_onnx
+    >>> from upop_fx.runtime.sessions import ort_session
     >>> with tempfile.TemporaryDirectory() as d:
     ...     info = export_onnx(torch.nn.Linear(4, 3), torch.randn(2, 4), f"{d}/linear.onnx", optimize=False)
     ...     session = ort_session(info.path, level="extended")
@@ -25,7 +25,7 @@ from typing import Any
 
 import onnxruntime
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["ort_session", "ort_feeds", "OPTIMIZATION_LEVELS", "LARGE_MODEL_BYTES"]
 

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .passes.base import module_tensors, set_tensor
+from ..errors import InputError
+from ..passes.base import module_tensors, set_tensor
 
 __all__ = ["save_pretrained", "from_pretrained", "EDITS_FILE", "WEIGHTS_FILE"]
 

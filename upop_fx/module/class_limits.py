@@ -4,7 +4,7 @@ Some layers compute a size from something no cut can change — Hugging Face's B
 ``embed_dim // num_heads`` of its *input* width, ``nn.MultiheadAttention`` derives its head size from the model
 width, a rotary table is shared by every layer. The graph cuts them exactly; the model's class cannot. Before the
 search, :func:`restrict_to_class` makes a trial cut (one entry of every structure), rebuilds the module
-(:func:`~upop_fx.rebuild.rebuild`) and marks the groups of every module that could not follow as not prunable,
+(:func:`~upop_fx.module.rebuild.rebuild`) and marks the groups of every module that could not follow as not prunable,
 with the reason; it repeats until the trial module is verified, or no failure names a module.
 
 Example:
@@ -24,11 +24,11 @@ import logging
 import numpy as np
 import torch
 
-from .groups import DimGroup, GroupAnalysis
-from .passes import Surgery
-from .passes.surgery import removed_labels
+from ..ir.entries import build_entries, keep_sets
+from ..ir.groups import DimGroup, GroupAnalysis
+from ..passes import Surgery
+from ..passes.surgery import removed_labels
 from .rebuild import rebuild
-from .structures import build_entries, keep_sets
 
 __all__ = ["restrict_to_class"]
 

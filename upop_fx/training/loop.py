@@ -15,7 +15,7 @@ the retrain continuing where the other stopped, and when it cannot give the batc
 
 Example:
     >>> import torch
-    >>> from upop_fx.search.train import Batches
+    >>> from upop_fx.training.loop import Batches
     >>> batches = Batches(iter([torch.ones(2, 3)] * 5), example_inputs=None)
     >>> batches.require(4)
     >>> len(list(batches.take(3))), len(list(batches.take(1)))
@@ -34,14 +34,14 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import normalize_inputs
+from ..capture.program import normalize_inputs
 from ..errors import InputError
-from ..structures import check_choice
+from ..options import PRECISIONS, check_choice
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
-    "Batches", "Objective", "Training", "PRECISIONS", "PhaseState", "AfterStep", "call", "distillation_loss",
+    "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss",
     "make_objective", "to_device", "train_steps", "retrain",
 ]
 
@@ -214,8 +214,8 @@ class Batches:
 @dataclass
 class Training:
     """How the training phases of a run go: ``precision`` (one of :data:`PRECISIONS`) and, optionally, a
-    :class:`~upop_fx.search.checkpoint.Checkpointer`. Inside an initialised process group the model trains under
-    ``DistributedDataParallel`` (:mod:`upop_fx.search.distributed`)."""
+    :class:`~upop_fx.training.checkpoint.Checkpointer`. Inside an initialised process group the model trains under
+    ``DistributedDataParallel`` (:mod:`upop_fx.training.distributed`)."""
 
     precision: str = "fp32"
     checkpoint: Checkpointer | None = None
@@ -225,7 +225,6 @@ class Training:
 
 
 #: ``"fp32"``; ``"bf16"``: autocast to bfloat16; ``"fp16"``: autocast to float16 with a gradient scaler.
-PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

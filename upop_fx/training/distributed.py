@@ -16,7 +16,7 @@ with a ``DistributedSampler``: each rank's batches are its share of the global b
 Outside a process group (or with one rank) every function here is a no-op.
 
 Example:
-    >>> from upop_fx.search.distributed import active, is_main, world_size
+    >>> from upop_fx.training.distributed import active, is_main, world_size
     >>> active(), is_main(), world_size()
     (False, True, 1)
 """

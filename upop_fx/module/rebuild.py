@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .capture import cache_off, capture, get_capture, run_module
-from .compare import relative_error
-from .groups import GroupAnalysis
-from .passes.base import module_tensors, set_tensor
+from ..capture.program import cache_off, capture, get_capture, run_module
+from ..compare import relative_error
+from ..ir.groups import GroupAnalysis
+from ..passes.base import module_tensors, set_tensor
 
 __all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "module_gap"]
 

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from upop_fx.timing import time_interleaved
+    >>> from upop_fx.runtime.timing import time_interleaved
     >>> a, b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 16)
     >>> x = torch.randn(8, 64)
     >>> ms_a, ms_b = time_interleaved(lambda: a(x), lambda: b(x), runs=5, warmup=1)
@@ -17,16 +17,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-__all__ = ["time_interleaved", "saved_interleaved"]
+__all__ = ["time_interleaved", "saved_interleaved", "clock"]
+
+#: the clock every timed call reads (seconds, monotonic); tests put a simulated clock here
+clock = time.perf_counter
 
 
 def time_interleaved(*fns: Callable[[], Any], runs: int = 20, warmup: int = 3, alternate: bool = False) -> list[float]:
     """Median milliseconds of each callable, the callables run in turn.
 
     Each of ``warmup`` warm-up rounds calls every callable once, in order; each of ``runs`` timed rounds then
-    does the same, timing every call with :func:`time.perf_counter`. With ``alternate`` the timed rounds run in
+    does the same, timing every call with :data:`clock` (:func:`time.perf_counter`). With ``alternate`` the timed rounds run in
     reverse order every other round (a, b, c, c, b, a, a, b, c, ...), so that no callable always runs right
     after the same other one. Every callable is called ``warmup + runs`` times.
 
@@ -90,7 +93,7 @@ def _rounds(fns: tuple[Callable[[], Any], ...], runs: int, warmup: int, alternat
     forward = list(range(len(fns)))
     for r in range(runs):
         for i in (forward[::-1] if alternate and r % 2 else forward):
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[i]()
-            times[i].append((time.perf_counter() - t0) * 1e3)
+            times[i].append((clock() - t0) * 1e3)
     return times

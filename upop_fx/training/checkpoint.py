@@ -13,7 +13,7 @@ half-written file. Only rank 0 writes; every rank reads.
 
 Example:
     >>> import tempfile, torch
-    >>> from upop_fx.search.checkpoint import Checkpointer
+    >>> from upop_fx.training.checkpoint import Checkpointer
     >>> d = tempfile.mkdtemp()
     >>> ckpt = Checkpointer(d, every=2, fingerprint={"model": "abc", "ratio": 0.5})
     >>> ckpt.load("search") is None
@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
+from ..options import check_int
 from . import distributed
 
 __all__ = ["Checkpointer", "FINGERPRINT_FILE", "rng_state", "set_rng_state"]
@@ -54,8 +55,7 @@ class Checkpointer:
     another fingerprint raises :class:`~upop_fx.errors.CheckpointError` naming the keys that differ."""
 
     def __init__(self, directory: str | os.PathLike[str], every: int, fingerprint: dict[str, Any]) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"checkpoint_every must be an integer >= 1, got {every!r}")
+        check_int("checkpoint_every", every, 1)
         self.dir, self.every, self.fingerprint = Path(directory), every, fingerprint
         if self.dir.exists() and not self.dir.is_dir():
             raise CheckpointError(f"checkpoint directory {self.dir} exists and is not a directory")

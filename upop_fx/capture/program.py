@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from .errors import CaptureError, InputError
+from ..errors import CaptureError, InputError
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",

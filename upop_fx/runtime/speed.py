@@ -1,13 +1,13 @@
 """Timing helpers: models on the same inputs, interleaved, warmed up, median of many runs.
 
-:func:`time_interleaved` (from :mod:`upop_fx.timing`) calls any number of callables in turn, so that they all
+:func:`time_interleaved` (from :mod:`upop_fx.runtime.timing`) calls any number of callables in turn, so that they all
 see the same machine load;
 :func:`time_pair` times a dense model against its pruned version in PyTorch and in ONNX Runtime. The ONNX
-Runtime sessions come from :func:`upop_fx.ort.ort_session`.
+Runtime sessions come from :func:`upop_fx.runtime.sessions.ort_session`.
 
 Example:
     >>> import torch
-    >>> from upop_fx.bench import time_pair
+    >>> from upop_fx.runtime.speed import time_pair
     >>> rows = time_pair(torch.nn.Linear(64, 64), torch.nn.Linear(64, 16), torch.randn(8, 64), None, runs=3)
     >>> rows[0]["runtime"], rows[0]["ms_dense"] > 0
     ('pytorch', True)
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .capture import normalize_inputs
+from ..capture.program import normalize_inputs
 from .export import export_onnx
-from .ort import ort_feeds, ort_session
+from .sessions import ort_feeds, ort_session
 from .timing import time_interleaved
 
 __all__ = ["time_interleaved", "time_pair"]
@@ -35,12 +35,12 @@ def time_pair(original: torch.nn.Module, small: torch.nn.Module, example: Any, s
 
     ``original`` and ``small`` run interleaved on ``example`` (:func:`time_interleaved`, ``runs`` timed rounds
     after 3 warm-up rounds). For ONNX Runtime, ``original`` is exported to a temporary file with
-    :func:`upop_fx.export.export_onnx` and both files run in the CPU provider at ONNX Runtime's full
+    :func:`upop_fx.runtime.export.export_onnx` and both files run in the CPU provider at ONNX Runtime's full
     optimisation level.
 
     Example:
         >>> import torch
-        >>> from upop_fx.bench import time_pair
+        >>> from upop_fx.runtime.speed import time_pair
         >>> rows = time_pair(torch.nn.Linear(32, 32), torch.nn.Linear(32, 8), torch.randn(4, 32), None, runs=3)
         >>> [r["runtime"] for r in rows], rows[0]["speedup"] > 0
         (['pytorch'], True)

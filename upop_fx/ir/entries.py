@@ -24,42 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..options import BUDGETS, GRANULARITIES, check_choice
 from .groups import DimGroup, GroupAnalysis
 
 __all__ = [
-    "Entry", "Structure", "STACKED_MULTIPLE", "GRANULARITIES", "BUDGETS", "widths",
-    "build_entries", "resolve_granularity", "check_choice", "check_int", "group_cost", "keep_sets", "keep_jaccard",
+    "Entry", "Structure", "STACKED_MULTIPLE", "widths", "build_entries", "group_cost", "keep_sets", "keep_jaccard",
     "removed_fraction", "entries_left",
 ]
-
-GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
-BUDGETS = ("params", "flops", "latency")
-
-
-def resolve_granularity(granularity: str | None, budget: str) -> str:
-    """The granularity a run uses: ``granularity``, or where it is None ``"heads+dims"`` under a latency budget
-    (removing a head is what removes its softmax and score work) and ``"upop"`` under any other."""
-    if granularity is not None:
-        return granularity
-    return "heads+dims" if budget == "latency" else "upop"
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise :class:`~upop_fx.errors.ConfigError` unless ``value`` is one of ``choices``."""
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-_KIND = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}
-
-
-def check_int(name: str, value: object, minimum: int | None = None) -> None:
-    """Raise :class:`~upop_fx.errors.ConfigError` unless ``value`` is an int (not a bool) ``>= minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
-        kind = _KIND.get(minimum, f"an integer >= {minimum}")
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
-
 
 #: stacked experts keep a multiple of this many neurons: grouped matmul kernels (``torch._grouped_mm``) need
 #: rows aligned to 16 bytes, 8 entries of a 16-bit dtype (4 of float32)
@@ -73,7 +44,7 @@ class Structure:
     groups: list[int]
     multiple: int = 1  #: keep a multiple of this many entries (or all of them)
     #: ``budget="latency"``: the fraction of the dense model's measured latency saved with ``k`` entries kept
-    #: (index ``k``, or ``[h, j]`` where the structure has head entries; :mod:`upop_fx.latency`), None otherwise
+    #: (index ``k``, or ``[h, j]`` where the structure has head entries; :mod:`upop_fx.runtime.latency_tables`), None otherwise
     latency: np.ndarray | None = field(default=None, repr=False)
     #: ``"heads+dims"``: the structure's first ``heads`` entries are whole heads, the rest head dims (0: none)
     heads: int = 0
