@@ -42,7 +42,7 @@ def test_alternate_reverses_every_other_timed_round() -> None:
 def test_one_median_per_callable_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake clock: each call of callable i takes i+1 ms, except one outlier; the median ignores it."""
     now = [0.0]
-    monkeypatch.setattr(timing_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing_module, "clock", lambda: now[0])
     slow = iter([50.0])
 
     def step(ms: float, outlier: bool = False) -> Callable[[], None]:
@@ -59,7 +59,7 @@ def test_savings_are_taken_per_round_so_a_slow_spell_cancels(monkeypatch: pytest
     """A fake clock: the cut always takes 60% of the base's time, and 3 of 5 rounds run 2x slower (another job):
     the saving of every round is 40%, and so is its median; the base's median is that of its slow rounds."""
     now = [0.0]
-    monkeypatch.setattr(timing_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing_module, "clock", lambda: now[0])
     factor = [1, 2, 2, 1, 2]  # per round: both calls of a round run alike
     calls = []
 

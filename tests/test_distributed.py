@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import upop_fx
 from upop_fx.ir.entries import keep_jaccard
-from upop_fx.search import distributed
+from upop_fx.training import distributed
 
 from . import scaleout
 
