@@ -35,7 +35,7 @@ from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
 from .ir.groups import GroupAnalysis
-from .ir.latency_model import priced
+from .ir.latency_model import LatencyModel, priced
 from .module.class_limits import restrict_to_class
 from .module.rebuild import copy_weights, module_gap, rebuild
 from .options import Options
@@ -118,7 +118,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency)
 
 
-def _check_reachable(ratio: float, latency: Any) -> None:
+def _check_reachable(ratio: float, latency: LatencyModel) -> None:
     """A latency ratio beyond what the prunable structures can save is refused, with both numbers."""
     most = latency.most_saved()
     log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
