@@ -130,6 +130,24 @@ if [ -n "$CUDA_REASON" ]; then
     skip kernel_tests "$CUDA_REASON"
 elif ! "$PY" -c "import pytest" >/dev/null 2>&1; then
     skip kernel_tests "pytest is not installed for $PY"
+elif ! TRITON_INTERPRET=1 ${TIMEOUT:+$TIMEOUT 60} "$PY" - >"$OUT/interpreter_probe.log" 2>&1 <<'PROBE'
+# Can this Triton's interpreter run a loop over a run-time bound (what every kernel here does)? Triton <= 3.6
+# converts the bound with int() of a 1-element array, which NumPy >= 2.5 refuses ("only 0-dimensional arrays").
+import torch, triton, triton.language as tl
+
+@triton.jit
+def _count(Out, n):
+    acc = 0
+    for _ in range(0, n, 1):
+        acc += 1
+    tl.store(Out, acc)
+
+out = torch.zeros(1, dtype=torch.int32)
+_count[(1,)](out, 3)
+assert int(out) == 3, int(out)
+PROBE
+then
+    skip kernel_tests "this Triton's interpreter cannot run a loop over a run-time bound here (interpreter_probe.log; Triton $("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null), NumPy $("$PY" -c 'import numpy; print(numpy.__version__)' 2>/dev/null)); CI runs these tests; kernel_cuda checks the compiled kernels"
 else
     STEP_NOTE=$KT_NOTE
     run_step kernel_tests 100 "$PY" -m pytest -q tests/test_kernels.py tests/test_kernel_op.py \
@@ -212,7 +230,7 @@ fi
 if [ -n "$CUDA_REASON" ]; then
     skip memory "$CUDA_REASON"
 else
-    run_step memory 80 "$PY" -m benchmarks.memory --device cuda --out "$OUT"
+    run_step memory 170 "$PY" -m benchmarks.memory --device cuda --out "$OUT"
 fi
 
 # ------------------------------------------------------------------------------------------- d. UPop search

@@ -277,3 +277,30 @@ def test_a_fused_graph_exports_and_compiles():
     compiled = torch.compile(fused, backend="aot_eager", dynamic=True)
     torch.testing.assert_close(compiled(*x), want, rtol=1e-5, atol=1e-6)
     _assert_same_function(masked, fused, other)
+
+
+@pytest.mark.parametrize("driver", ["compress", "UPop"])
+def test_a_fused_search_distils_from_a_teacher_with_its_arithmetic(monkeypatch, driver):
+    """The fused kernel rounds differently from the captured graph; distilling from the captured graph, step 0's
+    loss would be rounding noise (~1e-12) and AdamW's normalised step would turn it into a full-lr move of every
+    weight. The fused search's teacher is the search graph at masks 1, on the dense tensors: step 0's loss is 0,
+    so the first step moves no weight, as in the unfused search."""
+    import upop_fx.search.upop as upop_mod
+
+    monkeypatch.setattr(upop_mod, "FuseMaskedAttention", lambda device: FuseMaskedAttention(device=device, force=True))
+    torch.manual_seed(0)
+    model = _Attn("padding").eval()
+    x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
+    if driver == "compress":
+        result = upop_fx.compress(model, (x, mask), ratio=0.5, data=[(x, mask)], search_steps=2, interval=1,
+                                  retrain_steps=0)
+        assert result.losses["search"][0] == 0.0
+        return
+    pruner = upop_fx.UPop(model, (x, mask), ratio=0.5, search_steps=2, interval=1)
+    assert pruner.state.fused and MASKED_ATTENTION_OP in _targets(pruner.teacher)
+    dense = dict(pruner.prepared.captured.gm.named_parameters())
+    assert all(p is dense[n] for n, p in pruner.teacher.named_parameters() if n in dense)  # shared, not copied
+    with torch.no_grad():
+        unmatched = upop_fx.training.loop.distillation_loss(pruner.model(x, mask), pruner.prepared.captured.gm(x, mask))
+        matched = upop_fx.training.loop.distillation_loss(pruner.model(x, mask), pruner.teacher(x, mask))
+    assert matched == 0.0 and unmatched > 0.0

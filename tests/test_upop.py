@@ -242,3 +242,24 @@ def test_the_trained_dense_graph_shares_the_students_tensors():
         assert p is student[name]
     teacher = {id(p) for p in pruner.teacher.parameters()}
     assert not teacher & {id(p) for p in dense.parameters()}
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-12])
+def test_the_first_marking_is_not_decided_by_rounding_noise(tiny, noise):
+    """Distilling from the dense model, step 0's mask gradients are zero up to rounding (a fused kernel's last
+    bits): the first marking follows the weights' magnitude whatever that noise is, so fused and unfused
+    searches start from the same entries."""
+    from upop_fx.search.magnitude import magnitude_scores
+
+    model, data = tiny
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=10, interval=5)
+    gen = torch.Generator().manual_seed(5)
+    for m in pruner.masks:
+        m.grad = noise * torch.randn(m.shape, generator=gen, dtype=m.dtype)
+    pruner.step()
+    state = pruner.state
+    expected = state._allocate(magnitude_scores(state.prepared.captured.gm, state.prepared.analysis,
+                                                state.state.entries), state.state.entries, state.state.structures,
+                               state.pi)
+    assert state.pruned.any()
+    np.testing.assert_array_equal(state.pruned, expected)

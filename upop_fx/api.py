@@ -130,6 +130,7 @@ class UPop:
         with seeded(opts.seed, model):
             self.prepared = prepare(model, example_inputs, opts)
             self.state = self.search.start(self.prepared)
+        self._teacher = self.state.matched_teacher() if self.state.fused else self.prepared.captured.gm
 
     @property
     def model(self) -> torch.fx.GraphModule:
@@ -157,8 +158,10 @@ class UPop:
 
     @property
     def teacher(self) -> torch.fx.GraphModule:
-        """The captured dense graph (what :func:`compress` distils from)."""
-        return self.prepared.captured.gm
+        """The dense model to distil from (what :func:`compress` distils from): the captured graph, or, where the
+        search runs the fused attention kernel, the same function computed by the search graph at masks 1, so
+        that the loss starts at exactly zero."""
+        return self._teacher
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The model's weights, masks excluded: give these to your optimizer."""

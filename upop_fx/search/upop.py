@@ -14,6 +14,11 @@ finalize.
 * **Progressive pruning**: ``π_t = p · sin(π (t+1) / (2T))``; marked masks are set to ``1 − π_t / p``, the
   others to 1, re-selected every ``interval`` steps and at the last step, where the marked masks are exactly 0,
   so surgery changes nothing ("no weight gap").
+* **The first marking** (step 0) is ranked by weight magnitude (:func:`~upop_fx.search.magnitude.magnitude_scores`),
+  not by the one gradient seen so far: distilling from the dense model, that gradient is exactly zero at step 0
+  (student = teacher), and z-scoring would let rounding noise (a fused kernel's last bits) or index order
+  decide which entries the whole search then starts from. From step ``interval`` on, the masks have moved, the
+  gradients carry the loss, and the accumulated scores rank as in the paper.
 
 The search is a :class:`~upop_fx.search.strategy.Strategy` (:class:`UPopSearch`): ``compress(method="upop")``
 runs its loop; ``upop_fx.UPop`` hands the same state (:class:`UPopState`) to your own training loop.
@@ -47,7 +52,8 @@ from ..errors import ConfigError, UPopError
 from ..passes import InsertMasks, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
 from ..training import distributed
-from ..training.loop import Batches, Objective, Training, train_steps
+from ..training.loop import Batches, Distillation, Objective, Training, train_steps
+from .magnitude import magnitude_scores
 from .strategy import Prepared, Selection, allocation, checked
 
 __all__ = ["UPopSearch", "UPopState", "schedule"]
@@ -81,6 +87,8 @@ class UPopSearch:
             raise ConfigError("the UPop search trains: it needs an objective")
         state = self.start(prepared)
         options = prepared.options
+        if isinstance(objective, Distillation) and state.fused:
+            objective = Distillation(state.matched_teacher())
 
         def after(i: int, grad_scale: float) -> str:
             return f"pi={state.step(grad_scale):.4f}"
@@ -106,7 +114,9 @@ class UPopState:
         if not masked.modified:
             raise UPopError("nothing to mask: the analysis found prunable groups but no producer to mask")
         # on CUDA the masked attention sites run in the Triton kernel; a no-op off CUDA
-        self.model: torch.fx.GraphModule = FuseMaskedAttention(device="cuda")(masked.gm).gm if search.fuse else masked.gm
+        fused = FuseMaskedAttention(device="cuda")(masked.gm) if search.fuse else None
+        self.fused = fused is not None and fused.modified
+        self.model: torch.fx.GraphModule = fused.gm if fused is not None else masked.gm
         self.state = get_masks(self.model)
         self._masks = self.state.masks(self.model)
         self.scores = [torch.zeros_like(m, dtype=torch.float64) for m in self._masks]
@@ -114,6 +124,7 @@ class UPopState:
         self.t = 0
         self.pi = 0.0
         self._allocate = allocation(options)
+        self._prior = magnitude_scores(prepared.captured.gm, prepared.analysis, self.state.entries)
 
     # --------------------------------------------------------------- training
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -156,6 +167,8 @@ class UPopState:
         return self.pi
 
     def _importance(self) -> np.ndarray:
+        if self.t == 0:  # no gradient to rank on yet (see the module docstring): the weights' magnitude
+            return self._prior
         scores = torch.cat(self.scores).cpu().numpy()
         # "gradient": a large accumulated gradient means the entry matters little; "sensitivity": it matters much
         return scores if self.score == "sensitivity" else -scores
@@ -199,6 +212,21 @@ class UPopState:
             raise UPopError(f"the masked model lacks the dense graph's tensors {missing[:3]}")
         return copy.deepcopy(teacher, {id(t): student[name] for name, t in own.items()})
 
+    def matched_teacher(self) -> torch.fx.GraphModule:
+        """The dense model computed with the student's arithmetic: the search graph (fused kernel included) at
+        masks 1, on the captured graph's own tensors (shared, not copied). Distilling from it, the loss and every
+        gradient start at exactly zero. From the captured graph, the fused kernel's last bits would make a
+        gradient of ~1e-6 that AdamW's normalised step turns into a full ``lr`` step of every weight at step 0.
+        Call before the first step (the masks must still be 1)."""
+        if self.t != 0 or any(bool((m != 1).any()) for m in self._masks):
+            raise UPopError("matched_teacher() needs the search graph as it starts: masks at 1, before step 0")
+        own = dict(self.prepared.captured.gm.named_parameters()) | dict(self.prepared.captured.gm.named_buffers())
+        student = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        missing = sorted(set(own) - set(student))
+        if missing:
+            raise UPopError(f"the search graph lacks the dense graph's tensors {missing[:3]}")
+        return copy.deepcopy(self.model, {id(student[name]): t for name, t in own.items()})
+
     def selection(self, losses: list[float] | None = None) -> Selection:
         """The entries marked at the last step, the trained dense graph to cut, and the final masked graph
         the cut must reproduce. Raises before ``total_steps`` steps: the masks are not yet 0/1."""
@@ -207,7 +235,7 @@ class UPopState:
                 f"finalize() after {self.t} of {self.total_steps} steps: the masks are not yet 0/1, "
                 f"so cutting now would change the model; run the remaining steps"
             )
-        importance = self._importance()
+        importance = self._prior if self.total_steps == 1 else self._importance()
 
         def reselect(fraction: float) -> np.ndarray:  # the final scores, allocated at another fraction
             entries = self.state.entries

@@ -41,7 +41,7 @@ from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
-    "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss",
+    "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
     "make_objective", "to_device", "train_steps", "retrain",
 ]
 
@@ -104,13 +104,21 @@ def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task
         return own
     if teacher is None:
         raise InputError("distillation needs the dense model as a teacher")
+    return Distillation(teacher)
 
-    def distill(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+
+class Distillation:
+    """The default objective: :func:`distillation_loss` of the model's outputs against ``teacher``'s on the
+    same batch (the teacher run without gradients). A search may swap in a teacher that computes the same
+    function with the student's own arithmetic (:attr:`teacher`), so that the loss starts at exactly zero."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        self.teacher = teacher
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         with torch.no_grad():
-            reference = call(teacher, batch)
+            reference = call(self.teacher, batch)
         return distillation_loss(call(model, batch), reference)
-
-    return distill
 
 
 class Batches:
