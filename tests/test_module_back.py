@@ -227,11 +227,11 @@ def test_from_pretrained_refuses_what_is_not_a_save(bert_small, tmp_path):
     with pytest.raises(InputError, match="not a directory"):
         upop_fx.from_pretrained(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="upop_fx.json, config.json, model.safetensors missing"):
+    with pytest.raises(InputError, match="upop_fx.json, config.json, upop_fx.safetensors missing"):
         upop_fx.from_pretrained(tmp_path / "empty")
     bad = tmp_path / "bad"
     bad.mkdir()
-    for f in ("config.json", "model.safetensors"):
+    for f in ("config.json", "upop_fx.safetensors"):
         (bad / f).write_bytes((path / f).read_bytes())
     record = json.loads((path / "upop_fx.json").read_text())
     layer = next(k for k in record["edits"] if k.endswith("attention.self.query"))
@@ -244,6 +244,56 @@ def test_from_pretrained_refuses_what_is_not_a_save(bert_small, tmp_path):
         upop_fx.from_pretrained(bad)
     with pytest.raises(InputError, match="needs a Hugging Face model"):
         upop_fx.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "linear")
+
+
+def test_plain_transformers_never_loads_a_non_uniform_save_wrong(bert_small):
+    """Without upop_fx, plain from_pretrained finds no model.safetensors and stops (it never fills the config's
+    sizes with fresh weights); with trust_remote_code the directory's loader rebuilds it through upop_fx, exactly;
+    the README says how."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    zoo, result, path = bert_small
+    assert json.loads((path / "upop_fx.json").read_text())["layout"] == "upop_fx"
+    for loader in (BertForSequenceClassification, AutoModelForSequenceClassification):
+        with pytest.raises(OSError, match="no file named model.safetensors"):
+            loader.from_pretrained(path)
+    remote = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+    ours = upop_fx.from_pretrained(path)
+    assert type(remote) is type(zoo.model) and "auto_map" not in vars(remote.config)
+    with torch.no_grad():
+        assert torch.equal(remote(**zoo.other_inputs).logits, ours(**zoo.other_inputs).logits)
+    card = (path / "README.md").read_text()
+    assert "upop_fx.from_pretrained(" in card and "trust_remote_code=True" in card and "| module | changed |" in card
+
+
+def _uniform_mlp_half(scores, entries, structures, fraction):
+    """An allocation that removes the lower half of every layer's MLP and nothing else (the pooler stays):
+    widths a config can state."""
+    pruned = np.zeros(len(entries), dtype=bool)
+    for s in range(len(structures)):
+        if ".layer[" not in structures[s].name:
+            continue
+        mlp = sorted((i for i, e in enumerate(entries) if e.structure == s and e.kind == "mlp"), key=lambda i: scores[i])
+        pruned[mlp[: len(mlp) // 2]] = True
+    return pruned
+
+
+def test_a_uniform_cut_is_saved_as_a_stock_checkpoint(tmp_path):
+    """Where every layer keeps the same widths and the config has a field for each, the save is a plain
+    checkpoint: config.json states the new sizes and stock transformers loads it exactly."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    zoo = ZOO["bert_cls"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.3, method="magnitude", retrain_steps=0,
+                              allocate=_uniform_mlp_half)
+    path = upop_fx.save_pretrained(result.module, tmp_path / "stock")
+    assert json.loads((path / "upop_fx.json").read_text())["layout"] == "stock"
+    assert (path / "model.safetensors").is_file() and not (path / "upop_fx.safetensors").exists()
+    assert AutoConfig.from_pretrained(path).intermediate_size == zoo.model.config.intermediate_size // 2
+    with torch.no_grad():
+        want = result.module(**zoo.other_inputs).logits
+        for loaded in (AutoModelForSequenceClassification.from_pretrained(path), upop_fx.from_pretrained(path)):
+            assert torch.equal(loaded(**zoo.other_inputs).logits, want)
 
 
 def test_module_trains_with_the_hugging_face_trainer(bert_small, tmp_path):

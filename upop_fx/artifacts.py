@@ -70,7 +70,7 @@ def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *,
         plot_widths(result.report, stage / "widths.png")
         module = getattr(result, "module", None)
         if module is not None and hasattr(getattr(module, "config", None), "save_pretrained"):
-            save_pretrained(module, stage / PRETRAINED, tokenizer=processor)
+            save_pretrained(module, stage / PRETRAINED, tokenizer=processor, card=report_markdown(result.report))
     log.info("saved %s", dest)
     return dest
 

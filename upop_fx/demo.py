@@ -17,6 +17,7 @@ import torch
 
 from . import METHODS, compress, export_onnx, from_pretrained, save_pretrained
 from .datasets import bbc_news, load_minilm
+from .artifacts import report_markdown
 from .runtime.speed import time_pair
 
 log = logging.getLogger("upop_fx.demo")
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.module is None:
         print(f"no model of its own class for this cut: {result.report.module_reason}")
     else:
-        saved = save_pretrained(result.module, out / "pretrained", tokenizer=tokenizer)
+        saved = save_pretrained(result.module, out / "pretrained", tokenizer=tokenizer,
+                                card=report_markdown(result.report))
         again = from_pretrained(saved)
         with torch.no_grad():
             same = torch.equal(_pooled(again, data[0]), _pooled(result.module, data[0]))

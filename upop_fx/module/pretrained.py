@@ -1,14 +1,23 @@
-"""``save_pretrained`` / ``from_pretrained`` for a cut Hugging Face model: non-uniform widths that reload.
+"""``save_pretrained`` / ``from_pretrained`` for a cut Hugging Face model: non-uniform widths that reload, and
+saves that plain ``transformers`` never loads wrong.
 
-A compressed model has per-layer sizes that its config cannot describe (layer 3 keeps 7 heads of 41 dims, layer
-4 keeps 12 of 64), so ``transformers``' own ``from_pretrained`` cannot rebuild it. :func:`save_pretrained`
-writes, beside the original ``config.json``:
+A compressed model can have per-layer sizes that its config cannot describe (layer 3 keeps 7 heads of 41 dims,
+layer 4 keeps 12 of 64). :func:`save_pretrained` writes one of two layouts:
 
-* ``upop_fx.json`` — every structural edit, found by comparing the model with its class built afresh from its
-  config: per module path, the attributes that differ (``attention_head_size``, ``out_features``, ...) and the
-  shapes of its parameters and buffers that differ; tied tensors; the class to build;
-* ``model.safetensors`` — every parameter and buffer (tied ones once);
-* the generation config, and the tokenizer / processor files when given.
+* **A stock checkpoint**, where a config can describe the cut (every layer keeps the same widths and the config
+  has a field for each, e.g. ``intermediate_size``): ``config.json`` with the new sizes and ``model.safetensors``,
+  which plain ``AutoModel….from_pretrained(dir)`` loads exactly — checked by loading it so, before it is kept.
+* **A upop_fx checkpoint** otherwise: the original ``config.json``, ``upop_fx.json`` (every structural edit,
+  found by comparing the model with its class built afresh from its config: per module path, the attributes that
+  differ — ``attention_head_size``, ``out_features``, ... — and the shapes of its parameters and buffers that
+  differ; tied tensors; the class to build) and the weights as ``upop_fx.safetensors``. With no
+  ``model.safetensors`` in the directory, plain ``from_pretrained(dir)`` stops with "no file named
+  model.safetensors" instead of loading mismatched sizes into freshly initialised layers; ``config.json`` maps the
+  model's auto classes to ``upop_fx_loader.py`` in the directory, so ``AutoModel….from_pretrained(dir,
+  trust_remote_code=True)`` loads it exactly through upop_fx.
+
+Both carry ``upop_fx.json``, a ``README.md`` model card (what was cut, the widths, how to load, and the
+compression report when given), the generation config, and the tokenizer / processor files when given.
 
 :func:`from_pretrained` builds the class from the config on the ``meta`` device (no full-size weights are
 allocated), replays the edits, loads the tensors and returns a model equal to the saved one — offline, in a
@@ -31,7 +40,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -43,13 +54,40 @@ import torch
 from ..errors import InputError
 from ..passes.base import module_tensors, set_tensor
 
-__all__ = ["save_pretrained", "from_pretrained", "EDITS_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_pretrained", "from_pretrained", "EDITS_FILE", "WEIGHTS_FILE", "STOCK_WEIGHTS_FILE", "LOADER_FILE"]
 
 log = logging.getLogger(__name__)
 
 EDITS_FILE = "upop_fx.json"
-WEIGHTS_FILE = "model.safetensors"
+#: the weights of a checkpoint plain transformers cannot rebuild: a name its loaders do not look for
+WEIGHTS_FILE = "upop_fx.safetensors"
+#: the weights of a stock checkpoint (and of saves made before ``WEIGHTS_FILE``)
+STOCK_WEIGHTS_FILE = "model.safetensors"
+#: the ``trust_remote_code`` shim that loads a upop_fx checkpoint through :func:`from_pretrained`
+LOADER_FILE = "upop_fx_loader.py"
+CARD_FILE = "README.md"
 FORMAT = 1
+
+_LOADER = '''"""Loads this directory through upop_fx: its layers have sizes its config cannot describe.
+
+    model = upop_fx.from_pretrained(directory)        # or, equivalently:
+    model = AutoModel....from_pretrained(directory, trust_remote_code=True)
+"""
+
+import upop_fx  # pip install upop_fx
+
+
+class UPopFxCheckpoint:
+    """What ``config.json``'s ``auto_map`` names: ``from_pretrained`` returns the saved model, exactly."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class=None):
+        pass
+
+    @classmethod
+    def from_pretrained(cls, directory, *args, **kwargs):
+        return upop_fx.from_pretrained(directory)
+'''
 
 
 def _config_of(module: Any) -> Any:
@@ -96,11 +134,11 @@ def _edits(module: torch.nn.Module, fresh: torch.nn.Module) -> dict[str, dict[st
 
 
 def save_pretrained(module: torch.nn.Module, directory: str | os.PathLike[str], *, tokenizer: Any = None,
-                    processor: Any = None) -> Path:
-    """Write ``module`` (a cut Hugging Face model, e.g. ``result.module``) into ``directory`` so that
-    :func:`from_pretrained` rebuilds it (see the module docstring). Returns the directory."""
-    from safetensors.torch import save_file
-
+                    processor: Any = None, card: str | None = None) -> Path:
+    """Write ``module`` (a cut Hugging Face model, e.g. ``result.module``) into ``directory``: a stock checkpoint
+    where its config can describe the cut, else a upop_fx checkpoint that plain ``transformers`` refuses (see the
+    module docstring); :func:`from_pretrained` loads either. ``card``: Markdown added to the directory's
+    ``README.md`` (``upop_fx.save`` passes the compression report). Returns the directory."""
     config = _config_of(module)
     dest = Path(directory)
     if dest.exists() and not dest.is_dir():
@@ -115,29 +153,169 @@ def save_pretrained(module: torch.nn.Module, directory: str | os.PathLike[str], 
             ties[name] = first[id(t)]
         else:
             first[id(t)] = name
-            tensors[name] = t
+            tensors[name] = t.detach().contiguous().cpu()
     dest.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(dest)
+    for stale in (WEIGHTS_FILE, STOCK_WEIGHTS_FILE, LOADER_FILE):
+        (dest / stale).unlink(missing_ok=True)
+    auto = _auto_classes(module)
+    stock = _stock_config(module, config, edits)
+    if stock is not None and _write_stock(module, stock, tensors, dest):
+        layout = "stock"
+    else:
+        layout = "upop_fx"
+        _write_upop_fx(config, auto, tensors, dest)
     generation = getattr(module, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):
         generation.save_pretrained(dest)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(dest / WEIGHTS_FILE),
-              metadata={"format": "pt"})
     cls = type(module)
-    record = {"format": FORMAT, "class": f"{cls.__module__}:{cls.__qualname__}", "edits": edits, "ties": ties,
+    record = {"format": FORMAT, "class": f"{cls.__module__}:{cls.__qualname__}", "layout": layout,
+              "edits": edits if layout == "upop_fx" else {}, "ties": ties,
               "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None}
     (dest / EDITS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
     for extra in (tokenizer, processor):
         if extra is not None:
             extra.save_pretrained(dest)
-    log.info("saved %s with %d edited modules to %s", cls.__name__, len(edits), dest)
+    (dest / CARD_FILE).write_text(_card(module, fresh, edits, layout, auto, card, dest))
+    log.info("saved %s (%s checkpoint, %d edited modules) to %s", cls.__name__, layout, len(edits), dest)
     return dest
+
+
+def _write_upop_fx(config: Any, auto: list[str], tensors: dict[str, torch.Tensor], dest: Path) -> None:
+    """The original config (the ``auto`` classes mapped to the loader shim), the weights under
+    :data:`WEIGHTS_FILE`, the shim."""
+    from safetensors.torch import save_file
+
+    config.save_pretrained(dest)
+    if auto:
+        data = json.loads((dest / "config.json").read_text())
+        data["auto_map"] = {name: f"{LOADER_FILE.removesuffix('.py')}.UPopFxCheckpoint" for name in auto}
+        (dest / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (dest / LOADER_FILE).write_text(_LOADER)
+    save_file(tensors, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _auto_classes(module: torch.nn.Module) -> list[str]:
+    """The ``transformers.AutoModel*`` classes that build ``type(module)`` from its config."""
+    import transformers
+
+    names = []
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        try:
+            mapping = getattr(transformers, name)._model_mapping
+            if mapping[type(module.config)] is type(module):
+                names.append(name)
+        except Exception:  # noqa: BLE001 - an auto class without this config, or one this install lacks
+            continue
+    return names
+
+
+def _stock_config(module: torch.nn.Module, config: Any, edits: dict[str, dict[str, Any]]) -> Any | None:
+    """A copy of ``config`` from which ``type(module)`` builds exactly ``module``'s structure (every attribute
+    and tensor shape), found by substituting the uniform size changes (every ``old`` size that became one
+    ``new`` size everywhere) into the config's integer fields; ``None`` where no such config exists."""
+    if not edits:
+        return config
+    fresh = dict(_build_on_meta(type(module), config).named_modules(remove_duplicate=False))
+    changes: dict[int, set[int]] = {}
+    for path, edit in edits.items():
+        base, sub = fresh[path], module.get_submodule(path)
+        for k, v in edit["attrs"].items():
+            old = vars(base).get(k)
+            if isinstance(old, int) and not isinstance(old, bool) and isinstance(v, int):
+                changes.setdefault(old, set()).add(v)
+        for k in edit["tensors"]:
+            old_t = base._parameters.get(k, base._buffers.get(k))
+            new_t = sub._parameters.get(k, sub._buffers.get(k))
+            for a, b in zip(old_t.shape, new_t.shape):
+                if a != b:
+                    changes.setdefault(int(a), set()).add(int(b))
+    fields = [(f, next(iter(changes[v]))) for f, v in vars(config).items()
+              if isinstance(v, int) and not isinstance(v, bool) and len(changes.get(v, ())) == 1]
+    if not fields or len(fields) > 6:
+        return None
+    for n in range(len(fields), 0, -1):  # the most substitutions first; at most 63 meta builds
+        for subset in itertools.combinations(fields, n):
+            candidate = copy.deepcopy(config)
+            for f, v in subset:
+                setattr(candidate, f, v)
+            try:
+                if not _edits(module, _build_on_meta(type(module), candidate)):
+                    return candidate
+            except Exception:  # noqa: BLE001 - a config the class rejects, or builds another structure from
+                continue
+    return None
+
+
+def _write_stock(module: torch.nn.Module, config: Any, tensors: dict[str, torch.Tensor], dest: Path) -> bool:
+    """``config`` and :data:`STOCK_WEIGHTS_FILE`, kept only if plain ``type(module).from_pretrained(dest)`` gives
+    back every tensor of ``module`` exactly (the non-persistent buffers it recomputes from the config included)."""
+    from safetensors.torch import save_file
+
+    loader = getattr(type(module), "from_pretrained", None)
+    if loader is None:
+        return False
+    config.save_pretrained(dest)
+    save_file(tensors, str(dest / STOCK_WEIGHTS_FILE), metadata={"format": "pt"})
+    try:
+        loaded = loader(dest)
+        want, got = module_tensors(module), module_tensors(loaded)
+        exact = want.keys() == got.keys() and all(
+            w.dtype == got[n].dtype and w.shape == got[n].shape and torch.equal(w.detach().cpu(), got[n].detach().cpu())
+            for n, w in want.items()
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - whatever plain transformers fails on, the upop_fx layout is used
+        log.debug("the stock checkpoint does not load back: %s", exc)
+        exact = False
+    if not exact:
+        (dest / STOCK_WEIGHTS_FILE).unlink(missing_ok=True)
+    return exact
+
+
+def _card(module: torch.nn.Module, fresh: torch.nn.Module, edits: dict[str, dict[str, Any]], layout: str,
+          auto: list[str], card: str | None, dest: Path) -> str:
+    """The directory's README.md: what was cut, how to load it, and ``card``."""
+    name = type(module).__name__
+    where = f"path/to/{dest.name}"
+    auto_name = "AutoModel" if "AutoModel" in auto or not auto else auto[0]
+    params = sum(t.numel() for t in dict.fromkeys(module_tensors(module).values()))
+    lines = [f"# {name}, compressed by upop_fx", "",
+             f"Structured pruning by [upop_fx](https://pypi.org/project/upop-fx/): {params:,} parameters and buffers.", ""]
+    if layout == "stock":
+        lines += ["Every layer keeps the same widths, and `config.json` states them: this is a plain checkpoint.",
+                  "", "```python", f"from transformers import {auto_name}", f'model = {auto_name}.from_pretrained("{where}")',
+                  "```", ""]
+    else:
+        lines += [f"Its layers have sizes that `config.json` cannot describe ({len(edits)} modules differ from what "
+                  "the config builds), so it loads through upop_fx:", "", "```python", "import upop_fx",
+                  f'model = upop_fx.from_pretrained("{where}")', "```", "",
+                  f'or, with transformers and upop_fx installed, `{auto_name}.from_pretrained("{where}", '
+                  f"trust_remote_code=True)` (which runs `{LOADER_FILE}`, a call of the line above). Plain "
+                  "`from_pretrained` without `trust_remote_code` stops with \"no file named model.safetensors\": "
+                  f"the weights are in `{WEIGHTS_FILE}`, so that no loader fills layers of the config's sizes with "
+                  "freshly initialised weights.", ""]
+    fresh_modules = dict(fresh.named_modules(remove_duplicate=False))
+    rows = []
+    for path, edit in edits.items():
+        base = fresh_modules[path]
+        changed = [f"{k} {vars(base).get(k)} → {v}" for k, v in edit["attrs"].items()]
+        changed += [f"{k} {list(getattr(base, k).shape)} → {shape}" for k, shape in edit["tensors"].items()
+                    if not edit["attrs"]]
+        rows.append(f"| `{path or '<root>'}` | {', '.join(changed)} |")
+    if rows:
+        lines += ["## Widths (against the original config)", "", "| module | changed |", "|---|---|", *rows, ""]
+    if card:
+        lines += ["## Compression report", "", card.strip(), ""]
+    return "\n".join(lines)
 
 
 def _read_record(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise InputError(f"{path} is not a directory")
-    missing = [f for f in (EDITS_FILE, "config.json", WEIGHTS_FILE) if not (path / f).is_file()]
+    missing = [f for f in (EDITS_FILE, "config.json") if not (path / f).is_file()]
+    if not _weights_file(path).is_file():
+        missing.append(WEIGHTS_FILE)
     if missing:
         raise InputError(f"{path} is not a upop_fx save_pretrained directory: {', '.join(missing)} missing")
     try:
@@ -147,6 +325,11 @@ def _read_record(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("edits"), dict):
         raise InputError(f"{path / EDITS_FILE} is not a upop_fx edit record of format {FORMAT}")
     return record
+
+
+def _weights_file(path: Path) -> Path:
+    """Where a save's weights are: :data:`WEIGHTS_FILE`, else (a stock checkpoint) :data:`STOCK_WEIGHTS_FILE`."""
+    return path / WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else path / STOCK_WEIGHTS_FILE
 
 
 def _import_class(spec: str) -> type:
@@ -172,6 +355,7 @@ def from_pretrained(directory: str | os.PathLike[str], *, device: str | torch.de
     if config_class is None:
         raise InputError(f"{cls.__name__} has no config_class: not a Hugging Face model class")
     config = config_class.from_pretrained(path)
+    config.__dict__.pop("auto_map", None)  # the loader shim belongs to the directory, not to the model
     model = _build_on_meta(cls, config)
     for mod_path, edit in record["edits"].items():
         try:
@@ -186,9 +370,9 @@ def from_pretrained(directory: str | os.PathLike[str], *, device: str | torch.de
                 raise InputError(f"{EDITS_FILE} resizes {mod_path}.{k}, which {cls.__name__} does not have")
             set_tensor(sub, k, torch.empty(shape, dtype=old.dtype, device="meta"), old)
     try:
-        weights = load_file(str(path / WEIGHTS_FILE), device=str(device) if device is not None else "cpu")
+        weights = load_file(str(_weights_file(path)), device=str(device) if device is not None else "cpu")
     except (SafetensorError, OSError) as exc:
-        raise InputError(f"{path / WEIGHTS_FILE} cannot be read: {exc}") from exc
+        raise InputError(f"{_weights_file(path)} cannot be read: {exc}") from exc
     expected = module_tensors(model)
     for name, t in weights.items():
         if name not in expected:
