@@ -2,7 +2,7 @@
 
 Each top-level folder (and each top-level module) is a unit; units form layers, bottom to top:
 
-    errors → options, compare → ir → capture → kernels → passes → training → runtime → search → module
+    errors, logs → options, compare → ir → capture → kernels → passes → training → runtime → search → module
     → report, datasets → calibration → pipeline → artifacts → api → the package root → cli, demo
 
 A module may import its own unit or a lower layer — never a higher layer, and never another unit of its own
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1] / "upop_fx"
 PACKAGE = "upop_fx"
 
 LAYERS = [
-    ["errors"],
+    ["errors", "logs"],
     ["options", "compare"],
     ["ir"],
     ["capture"],

@@ -101,6 +101,11 @@ def _bool(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be True or False, got {value!r}")
 
 
+def _optional_bool(name: str, value: object) -> None:
+    if value is not None:
+        _bool(name, value)
+
+
 def check_runtime(name: str, value: object) -> None:
     """A runtime of :data:`RUNTIMES` that this machine has (None: the latency budget's default)."""
     if value is None:
@@ -145,10 +150,12 @@ def resolve_granularity(granularity: str | None, budget: str) -> str:
 
 
 def _option(default: Any, group: str, doc: str, check: Callable[[str, Any], None], *, cli: bool = True,
-            parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> Any:
-    """A field of :class:`Options`: its default, section, explanation and check (and how the CLI reads it)."""
+            parse: Callable[[str], Any] | None = None, metavar: str | None = None, recorded: bool = True) -> Any:
+    """A field of :class:`Options`: its default, section, explanation and check (and how the CLI reads it;
+    ``recorded=False``: it changes nothing of the result, so a checkpoint's run record leaves it out)."""
     assert group in GROUPS, group
-    meta = {"group": group, "doc": doc, "check": check, "cli": cli, "parse": parse, "metavar": metavar}
+    meta = {"group": group, "doc": doc, "check": check, "cli": cli, "parse": parse, "metavar": metavar,
+            "recorded": recorded}
     return field(default=default, metadata=meta)
 
 
@@ -223,6 +230,10 @@ class Options:
     own_class: bool = _option(
         False, "outputs", "prune only what the model's own class can express, so that result.module exists "
         "(layers whose code fixes a size are left whole, listed in report.not_prunable)", _bool)
+    verbose: bool | None = _option(
+        None, "outputs", "True: one INFO line per phase on stderr (even with no logging configured); False: "
+        "warnings only; None: upop_fx's logger as the application set it. Progress bars show on a terminal "
+        "either way", _optional_bool, cli=False, recorded=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -265,6 +276,8 @@ class Options:
         records of its run."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if not f.metadata["recorded"]:
+                continue
             v = getattr(self, f.name)
             if callable(v):
                 v = f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', '?')}"

@@ -36,6 +36,7 @@ from .errors import ConfigError, InputError, SurgeryCheckError
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
 from .ir.groups import GroupAnalysis
 from .ir.latency_model import LatencyModel, priced
+from .logs import quiet, verbosity
 from .module.class_limits import restrict_to_class
 from .module.rebuild import copy_weights, module_gap, rebuild
 from .options import Options
@@ -189,7 +190,7 @@ def run(
         raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
     strategy = strategy if strategy is not None else strategy_for(options)
     search_steps = options.search_steps if getattr(strategy, "trains", False) else 0
-    with distributed.quiet_ranks(), seeded(options.seed, model):
+    with quiet(), verbosity(options.verbose), distributed.quiet_ranks(), seeded(options.seed, model):
         prepared = prepare(model, example_inputs, options)
         checkpoint = None
         if options.checkpoint_dir is not None:

@@ -154,7 +154,7 @@ class Surgery(GraphPass[SurgeryInfo]):
         new_gm.graph.lint()
         new_gm.recompile()
         new_gm.meta.pop(GROUPS_KEY, None)
-        log.info("surgery: %d parameters sliced, %d nodes rewritten", len(sliced), len(rewritten))
+        log.debug("surgery: %d parameters sliced, %d nodes rewritten", len(sliced), len(rewritten))
         return PassResult(new_gm, True, SurgeryInfo(sliced, rewritten, 0.0))
 
     def ensures(self, gm: torch.fx.GraphModule, result: PassResult[SurgeryInfo]) -> None:
@@ -171,7 +171,7 @@ class Surgery(GraphPass[SurgeryInfo]):
             ) from exc
         err = relative_error(out, run_module(ref, info.args, info.kwargs))
         result.value.max_error = err
-        log.info("surgery check: relative error %.2e against the zeroed reference", err)
+        log.debug("surgery check: relative error %.2e against the zeroed reference", err)
         if not err <= self.rtol:
             raise SurgeryCheckError(
                 f"the reduced graph differs from the zeroed reference (relative error {err:.3g} > {self.rtol:g}); "

@@ -60,6 +60,7 @@ import torch.utils._pytree as pytree
 from ..capture.program import dynamic_shapes, normalize_inputs, run_module
 from ..compare import relative_error
 from ..errors import ConfigError, ExportError, InputError
+from ..logs import quietly
 from .sessions import ort_session
 
 __all__ = ["ExportError", "ExportInfo", "export_onnx", "export_for_timing", "SUPPORTED_OPSETS", "PARITY_TOLERANCE"]
@@ -89,6 +90,7 @@ class ExportInfo:
     max_error: float  #: largest relative error ‖onnx − torch‖ / ‖torch‖ seen by the parity checks
 
 
+@quietly
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: Any,

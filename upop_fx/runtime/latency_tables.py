@@ -234,7 +234,7 @@ def measure_latency(
                       "dense_ms": base, "saved": tables[sig], "machine": machine}  # fmt: skip
             if n_heads:
                 head_tables[sig] = record["heads"] = dict(zip(hs, per[len(ks):]))
-            log.info("latency class %s: dense %.2f ms, saved per structure (fraction of dense) %s%s",
+            log.debug("latency class %s: dense %.2f ms, saved per structure (fraction of dense) %s%s",
                      structures[idx[0]].name, base, {k: round(v, 4) for k, v in tables[sig].items()},
                      f", by heads kept {({h: round(v, 4) for h, v in head_tables[sig].items()})}" if n_heads else "")
             measured.append(structures[idx[0]].name)
@@ -282,6 +282,6 @@ def _overlap(reach: float, floor: float) -> float:
                     100 * reach)
         return 0.0
     overlap = float(np.clip(reach - floor, -reach / 2, reach / 2))
-    log.info("latency: every structure at its narrowest saves %.1f%% together, %.1f%% summed: overlap %.3f",
+    log.debug("latency: every structure at its narrowest saves %.1f%% together, %.1f%% summed: overlap %.3f",
              100 * floor, 100 * reach, overlap)
     return overlap
