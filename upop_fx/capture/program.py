@@ -6,7 +6,8 @@ made dynamic, so the captured graph — and everything made from it — runs at 
 lengths than the example's. Where the model fixes the batch size (a literal batch in a reshape), capture falls
 back to one automatic batch dim per input. A model whose config asks for a KV cache (``use_cache=True``, every
 Hugging Face decoder's default) is captured without it: the cache is an inference-time output, not part of the
-function being pruned.
+function being pruned. Non-contiguous example tensors are captured as contiguous copies (torch.export guards an
+input's strides).
 
 Example:
     >>> import torch
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from ..errors import CaptureError, InputError
@@ -92,7 +94,10 @@ def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``."""
+    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``, with
+    every non-contiguous tensor (anywhere in them) replaced by a contiguous copy: torch.export guards the strides
+    of its inputs, so a strided example would give a graph that refuses contiguous inputs. The caller's tensors
+    are not touched."""
     if isinstance(example_inputs, torch.Tensor):
         args, kwargs = (example_inputs,), {}
     elif isinstance(example_inputs, Mapping):
@@ -112,7 +117,7 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
         raise InputError(f"every tensor input needs the same batch size on axis 0; found sizes {sorted(batch)}")
     if batch.pop() < 2:
         raise InputError("the example batch must hold at least 2 samples, or torch.export specialises the batch size")
-    return args, kwargs
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
 
 
 def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
