@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 import upop_fx
 from upop_fx import errors
@@ -75,6 +76,20 @@ def test_model_export_cannot_capture():
     with pytest.raises(errors.CaptureError, match="torch.export could not capture _DataDependent"):
         upop_fx.compress(model, torch.randn(2, 8), ratio=0.5)
     _assert_unchanged(model, before, False)
+
+
+def test_misspelt_input_key_is_named_before_capture():
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(errors.InputError, match="'input_id'") as info:
+        upop_fx.capture(model, {"input_id": ids})
+    message = str(info.value)
+    assert "did you mean 'input_ids'?" in message
+    assert "BertModel.forward takes input_ids, attention_mask, token_type_ids" in message
+    with pytest.raises(errors.InputError, match="did you mean 'attention_mask'"):  # a typo sent to **kwargs
+        upop_fx.capture(model, {"input_ids": ids, "attention_masks": torch.ones_like(ids)})
 
 
 class _NoGroups(torch.nn.Module):

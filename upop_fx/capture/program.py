@@ -7,7 +7,7 @@ lengths than the example's. Where the model fixes the batch size (a literal batc
 back to one automatic batch dim per input. A model whose config asks for a KV cache (``use_cache=True``, every
 Hugging Face decoder's default) is captured without it: the cache is an inference-time output, not part of the
 function being pruned. Non-contiguous example tensors are captured as contiguous copies (torch.export guards an
-input's strides).
+input's strides), and a keyword input the forward does not take is refused before capture.
 
 Example:
     >>> import torch
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import inspect
 import logging
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +122,47 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
     return pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
 
 
+def unknown_keywords(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """``(message, certain)`` when ``kwargs`` has keys ``model.forward`` does not take, else None.
+
+    A forward without ``**kwargs`` takes only its named parameters (``certain``); one whose ``**kwargs`` is typed
+    ``Unpack[SomeTypedDict]`` (as in Hugging Face models) also takes that dict's keys, but a wrapper may consume
+    more, so there ``certain`` holds only when an unknown key is close to a name the forward takes (a typo). A
+    forward with an untyped ``**kwargs`` takes anything: None."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_kw = next((p for p in params.values() if p.kind is p.VAR_KEYWORD), None)
+    typed = _typed_kwargs(var_kw.annotation) if var_kw is not None else None
+    if var_kw is not None and typed is None:
+        return None
+    extra = sorted((typed.__required_keys__ | typed.__optional_keys__) - set(names)) if typed is not None else []
+    unknown = [k for k in kwargs if k not in names and k not in extra]
+    if not unknown:
+        return None
+    forward = f"{type(model).__name__}.forward"
+    close = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, [*names, *extra], n=1))}
+    some = "s" if len(unknown) > 1 else ""
+    keys = ", ".join(repr(k) for k in unknown)
+    guesses = "; ".join(f"did you mean {m!r}" + (f" for {k!r}" if len(unknown) > 1 else "") + "?"
+                        for k, m in close.items())
+    takes = ", ".join(names) + (f", and in **kwargs the keys of {typed.__name__}: {', '.join(extra)}" if extra else "")
+    message = (f"example_inputs key{some} {keys}: unexpected keyword argument{some} of {forward}"
+               + (f" ({guesses})" if guesses else "") + f". {forward} takes {takes}")
+    return message, typed is None or bool(close)
+
+
+def _typed_kwargs(annotation: Any) -> Any:
+    """The TypedDict of a ``**kwargs: Unpack[TypedDict]`` annotation (Python 3.11 on), else None."""
+    unpack = getattr(typing, "Unpack", None)
+    if unpack is None or typing.get_origin(annotation) is not unpack:
+        return None
+    (inner,) = typing.get_args(annotation)
+    return inner if typing.is_typeddict(inner) else None
+
+
 def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     with torch.no_grad():
         return module(*args, **kwargs)
@@ -164,7 +207,7 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """Capture ``model`` called on ``example_inputs`` as a GraphModule (the model itself is not touched).
 
     Raises:
-        InputError: the inputs are malformed or the model raises on them.
+        InputError: the inputs are malformed, have a key the forward does not take, or the model raises on them.
         CaptureError: torch.export fails; the message carries its reason.
     """
     ep, args, kwargs, spec = export_program(model, example_inputs)
@@ -182,17 +225,25 @@ def export_program(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    unknown = unknown_keywords(model, kwargs)
+    if unknown is not None and unknown[1]:
+        raise InputError(unknown[0])
     work = copy.deepcopy(model).eval()
     with cache_off(work, note=True):
-        return _export(model, work, args, kwargs)
+        return _export(model, work, args, kwargs, unknown[0] if unknown is not None else None)
 
 
-def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any], Any]:
+def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            unknown: str | None = None) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any], Any]:
     try:
         run_module(work, args, kwargs)
     except Exception as exc:  # the model's own error, re-raised with context
+        if unknown is not None:
+            raise InputError(f"{unknown}\n(the model raises on example_inputs: {type(exc).__name__}: {exc})") from exc
         raise InputError(f"the model raises on example_inputs: {type(exc).__name__}: {exc}") from exc
+    if unknown is not None:
+        log.warning("%s (the model runs with it: it is passed on in **kwargs, where a wrapper may take it or the "
+                    "model ignore it)", unknown)
     dynamic = dynamic_shapes(work, args, kwargs)
     try:
         try:
