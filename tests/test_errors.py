@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +78,37 @@ def test_model_export_cannot_capture():
     with pytest.raises(errors.CaptureError, match="torch.export could not capture _DataDependent"):
         upop_fx.compress(model, torch.randn(2, 8), ratio=0.5)
     _assert_unchanged(model, before, False)
+
+
+class _ReadsValues(torch.nn.Module):
+    """Reads a tensor's values through numpy: runs eagerly, but torch.export traces without values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = float(x.detach().numpy().std())
+        return self.fc(x) * scale
+
+
+@pytest.mark.parametrize("model_class,text", [(_DataDependent, "if h.sum() > 0:"),
+                                              (_ReadsValues, "scale = float(x.detach().numpy().std())")])
+def test_capture_error_names_the_models_source_line(model_class, text):
+    source, first = inspect.getsourcelines(model_class.forward)
+    line = first + next(i for i, code in enumerate(source) if text in code)
+    with pytest.raises(errors.CaptureError) as info:
+        upop_fx.capture(model_class().eval(), torch.randn(2, 8))
+    message = str(info.value)
+    head = "\n".join(message.splitlines()[:2])
+    assert model_class.__name__ in head and f"{Path(__file__).name}:{line}" in head and text in head
+    assert len(message.splitlines()) <= 6 and "Traceback" not in message
+    assert info.value.__cause__ is not None  # torch's error, in full
+    if model_class is _DataDependent:  # the hint for a branch on a value, and torch's reason, shortened
+        assert "torch.where" in message and "torch.cond" in message and "data-dependent" in message
+        assert type(info.value.__cause__).__name__ == "GuardOnDataDependentSymNode"
+    else:
+        assert "torch.where" not in message and ".numpy()" in message
 
 
 def test_misspelt_input_key_is_named_before_capture():

@@ -7,7 +7,8 @@ lengths than the example's. Where the model fixes the batch size (a literal batc
 back to one automatic batch dim per input. A model whose config asks for a KV cache (``use_cache=True``, every
 Hugging Face decoder's default) is captured without it: the cache is an inference-time output, not part of the
 function being pruned. Non-contiguous example tensors are captured as contiguous copies (torch.export guards an
-input's strides), and a keyword input the forward does not take is refused before capture.
+input's strides), and a keyword input the forward does not take is refused before capture. When torch.export
+fails, the :class:`~upop_fx.errors.CaptureError` names the model's source line it failed on.
 
 Example:
     >>> import torch
@@ -24,7 +25,12 @@ import contextlib
 import copy
 import difflib
 import inspect
+import linecache
 import logging
+import os
+import re
+import sysconfig
+import traceback
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -208,7 +214,7 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
 
     Raises:
         InputError: the inputs are malformed, have a key the forward does not take, or the model raises on them.
-        CaptureError: torch.export fails; the message carries its reason.
+        CaptureError: torch.export fails; the message names the model's source line and carries export's reason.
     """
     ep, args, kwargs, spec = export_program(model, example_inputs)
     gm = ep.module()
@@ -256,11 +262,75 @@ def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...]
             dynamic = dynamic_shapes(work, args, kwargs, shared=False)
             ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
-        ) from exc
+        raise CaptureError(capture_failure(type(model).__name__, exc)) from exc
     return ep, args, kwargs, dynamic
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException")
+_DATA_DEPENDENT_HINT = (
+    "hint: a Python branch or size taken from a tensor's values (`if`/`while` on a tensor, bool(), int(), "
+    ".item()) cannot be captured: "
+    "compute both results and pick with torch.where(cond, a, b), or branch with torch.cond(pred, true_fn, "
+    "false_fn); or set the model option that avoids the branch."
+)
+#: Lines of torch's messages that advise torch's own developers (logging switches), left out of the excerpt.
+_TORCH_ADVICE = ("consider using", "caused by:", "for more", "for extended", "if you suspect", "for c++", "the error above")
+
+
+def capture_failure(model_name: str, exc: BaseException) -> str:
+    """The message of a failed ``torch.export`` of ``model_name``: where in the model's source it failed (file,
+    line and the line's text), a hint for the common cause, and an excerpt of torch's message (the full message
+    and traceback stay on the exception chained as ``__cause__``)."""
+    chain = _chain(exc)
+    frame = _user_frame(chain)
+    where = f" at {frame.filename}:{frame.lineno} in {frame.name}" if frame is not None else ""
+    lines = [f"torch.export could not capture {model_name}: {type(exc).__name__}{where}"]
+    if frame is not None and frame.line:
+        lines.append(f"    {frame.line.strip()}")
+    if any(type(e).__name__ in _DATA_DEPENDENT or "data-dependent" in str(e) for e in chain):
+        lines.append(_DATA_DEPENDENT_HINT)
+    first = str(exc).strip().split("\n\n")[0]  # torch's reason; then its debugging advice and the stack
+    excerpt = [line.strip() for line in first.splitlines()
+               if line.strip() and not line.strip().lower().startswith(_TORCH_ADVICE)]
+    if excerpt:
+        text = " ".join(excerpt[:3])
+        lines.append(f"torch: {text[:500]}{' ...' if len(text) > 500 or len(excerpt) > 3 else ''}")
+    return "\n".join(lines)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _user_frame(chain: list[BaseException]) -> traceback.FrameSummary | None:
+    """The innermost frame, in the innermost exception that has one, of code outside torch, the standard library
+    and this module: the model's line torch.export failed on. Falls back on the ``File "...", line N`` torch
+    writes into some messages."""
+    for exc in reversed(chain):
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_file(f.filename)]
+        if frames:
+            return frames[-1]
+    for exc in chain:
+        found = [m for m in re.finditer(r'File "([^"]+)", line (\d+), in (\S+)', str(exc)) if _is_user_file(m[1])]
+        if found:
+            path, lineno, name = found[-1].groups()
+            return traceback.FrameSummary(path, int(lineno), name, line=linecache.getline(path, int(lineno)))
+    return None
+
+
+def _is_user_file(path: str) -> bool:
+    """A file of the model's code: not torch's, the standard library's (installed packages are) or this one."""
+    if path.startswith(("<", _TORCH_DIR)) or path == __file__:
+        return False
+    return not path.startswith(_STDLIB_DIR) or "site-packages" in path or "dist-packages" in path
 
 
 def _is_constraint_error(exc: Exception) -> bool:
