@@ -44,7 +44,7 @@ from ..errors import CaptureError, InputError
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
-    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence",
+    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "unknown_keywords", "capture_failure",
 ]
 
 log = logging.getLogger(__name__)
