@@ -3,6 +3,7 @@ captured without their KV cache, the caller's model and config untouched."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -66,3 +67,19 @@ def test_decoder_is_captured_without_its_cache_and_the_callers_config_is_untouch
     assert "use_cache=False" in caplog.text
     assert model.config.use_cache  # the caller's config is left as it was
     assert result.model(input_ids=torch.randint(0, 100, (3, 5))).logits.shape == (3, 5, 100)
+
+
+@pytest.mark.parametrize("view", ["transpose", "stride"])
+def test_non_contiguous_example_inputs_are_captured_as_contiguous(view):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    x = torch.randn(5, 2, 16).transpose(0, 1) if view == "transpose" else torch.randn(2, 10, 16)[:, ::2]
+    assert x.shape == (2, 5, 16) and not x.is_contiguous()
+    strides = x.stride()
+    cap = upop_fx.capture(layer, x)
+    result = upop_fx.compress(layer, x, 0.5, method="magnitude", retrain_steps=0)
+    assert x.stride() == strides and not x.is_contiguous()  # the caller's tensor is left as it was
+    for batch, seq in [(3, 7), (1, 5)]:
+        other = torch.randn(batch, seq, 16)
+        torch.testing.assert_close(cap.gm(other), layer(other))
+        assert result.model(other).shape == (batch, seq, 16)

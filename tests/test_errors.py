@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import inspect
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import upop_fx
 from upop_fx import errors
@@ -75,6 +78,51 @@ def test_model_export_cannot_capture():
     with pytest.raises(errors.CaptureError, match="torch.export could not capture _DataDependent"):
         upop_fx.compress(model, torch.randn(2, 8), ratio=0.5)
     _assert_unchanged(model, before, False)
+
+
+class _ReadsValues(torch.nn.Module):
+    """Reads a tensor's values through numpy: runs eagerly, but torch.export traces without values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = float(x.detach().numpy().std())
+        return self.fc(x) * scale
+
+
+@pytest.mark.parametrize("model_class,text", [(_DataDependent, "if h.sum() > 0:"),
+                                              (_ReadsValues, "scale = float(x.detach().numpy().std())")])
+def test_capture_error_names_the_models_source_line(model_class, text):
+    source, first = inspect.getsourcelines(model_class.forward)
+    line = first + next(i for i, code in enumerate(source) if text in code)
+    with pytest.raises(errors.CaptureError) as info:
+        upop_fx.capture(model_class().eval(), torch.randn(2, 8))
+    message = str(info.value)
+    head = "\n".join(message.splitlines()[:2])
+    assert model_class.__name__ in head and f"{Path(__file__).name}:{line}" in head and text in head
+    assert len(message.splitlines()) <= 6 and "Traceback" not in message
+    assert info.value.__cause__ is not None  # torch's error, in full
+    if model_class is _DataDependent:  # the hint for a branch on a value, and torch's reason, shortened
+        assert "torch.where" in message and "torch.cond" in message and "data-dependent" in message
+        assert type(info.value.__cause__).__name__ == "GuardOnDataDependentSymNode"
+    else:
+        assert "torch.where" not in message and ".numpy()" in message
+
+
+def test_misspelt_input_key_is_named_before_capture():
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(errors.InputError, match="'input_id'") as info:
+        upop_fx.capture(model, {"input_id": ids})
+    message = str(info.value)
+    assert "did you mean 'input_ids'?" in message
+    assert "BertModel.forward takes input_ids, attention_mask, token_type_ids" in message
+    with pytest.raises(errors.InputError, match="did you mean 'attention_mask'"):  # a typo sent to **kwargs
+        upop_fx.capture(model, {"input_ids": ids, "attention_masks": torch.ones_like(ids)})
 
 
 class _NoGroups(torch.nn.Module):

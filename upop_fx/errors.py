@@ -42,7 +42,8 @@ class InputError(UPopError, ValueError):
 
 
 class CaptureError(UPopError):
-    """``torch.export`` could not capture the model; the message carries export's reason."""
+    """``torch.export`` could not capture the model; the message names the model's source line it failed on, a
+    hint for the common cause, and export's reason (export's error itself is the ``__cause__``)."""
 
 
 class NoPrunableGroupError(UPopError):

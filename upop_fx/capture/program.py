@@ -6,7 +6,9 @@ made dynamic, so the captured graph — and everything made from it — runs at 
 lengths than the example's. Where the model fixes the batch size (a literal batch in a reshape), capture falls
 back to one automatic batch dim per input. A model whose config asks for a KV cache (``use_cache=True``, every
 Hugging Face decoder's default) is captured without it: the cache is an inference-time output, not part of the
-function being pruned.
+function being pruned. Non-contiguous example tensors are captured as contiguous copies (torch.export guards an
+input's strides), and a keyword input the forward does not take is refused before capture. When torch.export
+fails, the :class:`~upop_fx.errors.CaptureError` names the model's source line it failed on.
 
 Example:
     >>> import torch
@@ -21,20 +23,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import inspect
+import linecache
 import logging
+import os
+import re
+import sysconfig
+import traceback
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from ..errors import CaptureError, InputError
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
-    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence",
+    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "unknown_keywords", "capture_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,7 +102,10 @@ def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``."""
+    """Turn a tensor, a tuple/list of positional args, or a dict of keyword args into ``(args, kwargs)``, with
+    every non-contiguous tensor (anywhere in them) replaced by a contiguous copy: torch.export guards the strides
+    of its inputs, so a strided example would give a graph that refuses contiguous inputs. The caller's tensors
+    are not touched."""
     if isinstance(example_inputs, torch.Tensor):
         args, kwargs = (example_inputs,), {}
     elif isinstance(example_inputs, Mapping):
@@ -112,7 +125,48 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
         raise InputError(f"every tensor input needs the same batch size on axis 0; found sizes {sorted(batch)}")
     if batch.pop() < 2:
         raise InputError("the example batch must hold at least 2 samples, or torch.export specialises the batch size")
-    return args, kwargs
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
+
+
+def unknown_keywords(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """``(message, certain)`` when ``kwargs`` has keys ``model.forward`` does not take, else None.
+
+    A forward without ``**kwargs`` takes only its named parameters (``certain``); one whose ``**kwargs`` is typed
+    ``Unpack[SomeTypedDict]`` (as in Hugging Face models) also takes that dict's keys, but a wrapper may consume
+    more, so there ``certain`` holds only when an unknown key is close to a name the forward takes (a typo). A
+    forward with an untyped ``**kwargs`` takes anything: None."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_kw = next((p for p in params.values() if p.kind is p.VAR_KEYWORD), None)
+    typed = _typed_kwargs(var_kw.annotation) if var_kw is not None else None
+    if var_kw is not None and typed is None:
+        return None
+    extra = sorted((typed.__required_keys__ | typed.__optional_keys__) - set(names)) if typed is not None else []
+    unknown = [k for k in kwargs if k not in names and k not in extra]
+    if not unknown:
+        return None
+    forward = f"{type(model).__name__}.forward"
+    close = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, [*names, *extra], n=1))}
+    some = "s" if len(unknown) > 1 else ""
+    keys = ", ".join(repr(k) for k in unknown)
+    guesses = "; ".join(f"did you mean {m!r}" + (f" for {k!r}" if len(unknown) > 1 else "") + "?"
+                        for k, m in close.items())
+    takes = ", ".join(names) + (f", and in **kwargs the keys of {typed.__name__}: {', '.join(extra)}" if extra else "")
+    message = (f"example_inputs key{some} {keys}: unexpected keyword argument{some} of {forward}"
+               + (f" ({guesses})" if guesses else "") + f". {forward} takes {takes}")
+    return message, typed is None or bool(close)
+
+
+def _typed_kwargs(annotation: Any) -> Any:
+    """The TypedDict of a ``**kwargs: Unpack[TypedDict]`` annotation (Python 3.11 on), else None."""
+    unpack = getattr(typing, "Unpack", None)
+    if unpack is None or typing.get_origin(annotation) is not unpack:
+        return None
+    (inner,) = typing.get_args(annotation)
+    return inner if typing.is_typeddict(inner) else None
 
 
 def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -159,8 +213,8 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """Capture ``model`` called on ``example_inputs`` as a GraphModule (the model itself is not touched).
 
     Raises:
-        InputError: the inputs are malformed or the model raises on them.
-        CaptureError: torch.export fails; the message carries its reason.
+        InputError: the inputs are malformed, have a key the forward does not take, or the model raises on them.
+        CaptureError: torch.export fails; the message names the model's source line and carries export's reason.
     """
     ep, args, kwargs, spec = export_program(model, example_inputs)
     gm = ep.module()
@@ -177,17 +231,25 @@ def export_program(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    unknown = unknown_keywords(model, kwargs)
+    if unknown is not None and unknown[1]:
+        raise InputError(unknown[0])
     work = copy.deepcopy(model).eval()
     with cache_off(work, note=True):
-        return _export(model, work, args, kwargs)
+        return _export(model, work, args, kwargs, unknown[0] if unknown is not None else None)
 
 
-def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any], Any]:
+def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            unknown: str | None = None) -> tuple[torch.export.ExportedProgram, tuple[Any, ...], dict[str, Any], Any]:
     try:
         run_module(work, args, kwargs)
     except Exception as exc:  # the model's own error, re-raised with context
+        if unknown is not None:
+            raise InputError(f"{unknown}\n(the model raises on example_inputs: {type(exc).__name__}: {exc})") from exc
         raise InputError(f"the model raises on example_inputs: {type(exc).__name__}: {exc}") from exc
+    if unknown is not None:
+        log.warning("%s (the model runs with it: it is passed on in **kwargs, where a wrapper may take it or the "
+                    "model ignore it)", unknown)
     dynamic = dynamic_shapes(work, args, kwargs)
     try:
         try:
@@ -200,11 +262,75 @@ def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...]
             dynamic = dynamic_shapes(work, args, kwargs, shared=False)
             ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
-        ) from exc
+        raise CaptureError(capture_failure(type(model).__name__, exc)) from exc
     return ep, args, kwargs, dynamic
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException")
+_DATA_DEPENDENT_HINT = (
+    "hint: a Python branch or size taken from a tensor's values (`if`/`while` on a tensor, bool(), int(), "
+    ".item()) cannot be captured: "
+    "compute both results and pick with torch.where(cond, a, b), or branch with torch.cond(pred, true_fn, "
+    "false_fn); or set the model option that avoids the branch."
+)
+#: Lines of torch's messages that advise torch's own developers (logging switches), left out of the excerpt.
+_TORCH_ADVICE = ("consider using", "caused by:", "for more", "for extended", "if you suspect", "for c++", "the error above")
+
+
+def capture_failure(model_name: str, exc: BaseException) -> str:
+    """The message of a failed ``torch.export`` of ``model_name``: where in the model's source it failed (file,
+    line and the line's text), a hint for the common cause, and an excerpt of torch's message (the full message
+    and traceback stay on the exception chained as ``__cause__``)."""
+    chain = _chain(exc)
+    frame = _user_frame(chain)
+    where = f" at {frame.filename}:{frame.lineno} in {frame.name}" if frame is not None else ""
+    lines = [f"torch.export could not capture {model_name}: {type(exc).__name__}{where}"]
+    if frame is not None and frame.line:
+        lines.append(f"    {frame.line.strip()}")
+    if any(type(e).__name__ in _DATA_DEPENDENT or "data-dependent" in str(e) for e in chain):
+        lines.append(_DATA_DEPENDENT_HINT)
+    first = str(exc).strip().split("\n\n")[0]  # torch's reason; then its debugging advice and the stack
+    excerpt = [line.strip() for line in first.splitlines()
+               if line.strip() and not line.strip().lower().startswith(_TORCH_ADVICE)]
+    if excerpt:
+        text = " ".join(excerpt[:3])
+        lines.append(f"torch: {text[:500]}{' ...' if len(text) > 500 or len(excerpt) > 3 else ''}")
+    return "\n".join(lines)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _user_frame(chain: list[BaseException]) -> traceback.FrameSummary | None:
+    """The innermost frame, in the innermost exception that has one, of code outside torch, the standard library
+    and this module: the model's line torch.export failed on. Falls back on the ``File "...", line N`` torch
+    writes into some messages."""
+    for exc in reversed(chain):
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_file(f.filename)]
+        if frames:
+            return frames[-1]
+    for exc in chain:
+        found = [m for m in re.finditer(r'File "([^"]+)", line (\d+), in (\S+)', str(exc)) if _is_user_file(m[1])]
+        if found:
+            path, lineno, name = found[-1].groups()
+            return traceback.FrameSummary(path, int(lineno), name, line=linecache.getline(path, int(lineno)))
+    return None
+
+
+def _is_user_file(path: str) -> bool:
+    """A file of the model's code: not torch's, the standard library's (installed packages are) or this one."""
+    if path.startswith(("<", _TORCH_DIR)) or path == __file__:
+        return False
+    return not path.startswith(_STDLIB_DIR) or "site-packages" in path or "dist-packages" in path
 
 
 def _is_constraint_error(exc: Exception) -> bool:
