@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .api import compress
 from .artifacts import PRETRAINED, load, save
 from .errors import ConfigError, InputError, UPopError
+from .logs import show_progress
 from .module.pretrained import from_pretrained
 from .options import GROUPS, Options
 from .runtime.speed import time_pair
@@ -98,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_options(c)
     c.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
     c.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
-    c.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    loud = c.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="one line per phase (capture, latency tables, "
+                      "search, cut, retrain, export) on stderr")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars "
+                      "(bars show on a terminal only anyway)")
     b = sub.add_parser("bench", help="time a saved model against its original (ONNX Runtime and PyTorch)",
                        description="Time DIR/model.onnx and DIR/model.pt2 against the original model recorded in "
                        "DIR/report.json, on its example inputs, interleaved, median of --runs.",
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("upop_fx").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes on absent torchvision ops
+    show_progress(not getattr(args, "quiet", False))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return {"compress": _compress, "bench": _bench, "generate": _generate}[args.command](args)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import METHODS, compress, export_onnx, from_pretrained, save_pretrained
-from .datasets import bbc_news, load_minilm
 from .artifacts import report_markdown
+from .datasets import bbc_news, load_minilm
 from .runtime.speed import time_pair
 
 log = logging.getLogger("upop_fx.demo")

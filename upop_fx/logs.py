@@ -8,7 +8,8 @@
   the application configured no logging; ``verbose=False`` keeps only warnings; ``None`` leaves upop_fx's
   logger as the application set it.
 
-Progress bars (tqdm) show on a terminal only; in logs, the phases are INFO lines.
+* :func:`progress_bar` — every long phase's bar (tqdm): on a terminal only, never in a log file, and not at all
+  after :func:`show_progress(False) <show_progress>` (``upop-fx --quiet``).
 
 Example:
     >>> import logging
@@ -28,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["quiet", "quietly", "verbosity", "THIRD_PARTY"]
+__all__ = ["quiet", "quietly", "verbosity", "progress_bar", "show_progress", "THIRD_PARTY"]
 
 #: logger → the lowest level let through inside :func:`quiet`
 THIRD_PARTY = {
@@ -46,6 +47,7 @@ WARNINGS = [
 ]
 
 _depth = 0
+_bars = True
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,3 +113,17 @@ def verbosity(verbose: bool | None) -> Iterator[None]:
         logger.setLevel(level)
         if handler is not None:
             logger.removeHandler(handler)
+
+
+def show_progress(on: bool) -> None:
+    """Turn every progress bar of upop_fx on (the default: on a terminal only) or off."""
+    global _bars
+    _bars = bool(on)
+
+
+def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True) -> Any:
+    """A tqdm bar for a phase of ``total`` steps: shown on a terminal only (``enabled=False``, e.g. on ranks
+    other than 0, or after :func:`show_progress(False) <show_progress>`: never); it leaves no line behind."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if enabled and _bars else True)

@@ -41,6 +41,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from ..errors import CaptureError, InputError
+from ..logs import quietly
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
@@ -209,6 +210,7 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     return spec
 
 
+@quietly
 def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """Capture ``model`` called on ``example_inputs`` as a GraphModule (the model itself is not touched).
 
@@ -344,7 +346,8 @@ def _is_constraint_error(exc: Exception) -> bool:
 def cache_off(module: torch.nn.Module, note: bool = False) -> Iterator[None]:
     """Run the block with ``config.use_cache`` off on ``module`` and every submodule's config (the text or
     decoder config of a composite model too), restored afterwards: a KV cache is an inference-time output that
-    torch.export cannot return and that pruning and retraining do not need. ``note``: say so at INFO."""
+    torch.export cannot return and that pruning and retraining do not need. ``note``: say so at INFO, for a
+    model that generates (an encoder's config may carry ``use_cache`` too: not worth a line)."""
     configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
     turned = []
     for c in configs.values():
@@ -352,7 +355,8 @@ def cache_off(module: torch.nn.Module, note: bool = False) -> Iterator[None]:
             if getattr(sub, "use_cache", False) is True:
                 sub.use_cache = False
                 turned.append(sub)
-    if turned and note:
+    can_generate = getattr(module, "can_generate", None)
+    if turned and note and callable(can_generate) and can_generate():
         log.info("captured %s with use_cache=False (the KV cache is not part of the pruned function)",
                  type(module).__name__)
     try:

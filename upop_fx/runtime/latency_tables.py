@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import torch
-from tqdm.auto import tqdm
 
 from ..capture.program import CaptureInfo
 from ..ir.entries import Entry, Structure, entries_left
 from ..ir.groups import GroupAnalysis
 from ..ir.latency_model import LatencyModel
+from ..logs import progress_bar
 from ..options import check_runtime
 from ..passes.base import graph_fingerprint
 from ..passes.surgery import cut_entries
@@ -217,7 +217,7 @@ def measure_latency(
         dense_call = runner(runtime, dense, inputs, work, "dense", exported)
         (first,) = timing.time_interleaved(dense_call, runs=3, warmup=1)
         runs = timed_rounds(first, runs, seconds)
-        bar = tqdm(total=len(todo) + (floor is None), desc="latency tables", leave=False, disable=None)
+        bar = progress_bar(len(todo) + (floor is None), "latency tables")
         for sig, file in todo:
             idx = classes[sig]
             n_heads = structures[idx[0]].heads

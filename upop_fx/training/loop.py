@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from ..capture.program import normalize_inputs
 from ..errors import InputError
+from ..logs import progress_bar
 from ..options import PRECISIONS, check_choice
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
@@ -310,7 +310,7 @@ def train_steps(
     every = log_every or max(1, steps // 5)
     autocast = _AUTOCAST.get(training.precision)
     pending: list[torch.Tensor] = []
-    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, disable=None if distributed.is_main() else True)
+    bar = progress_bar(steps, desc, initial=start, enabled=distributed.is_main())
     note = ""
     for i, batch in enumerate(batches.take(steps, skip=start), start):
         batch = to_device(batch, device)
