@@ -314,9 +314,11 @@ def _bench(args: argparse.Namespace) -> int:
     original, example, _ = load_source(meta["source"], meta["seq"], meta["batch_size"])
     small = load(d, graph=True)
     rows = time_pair(original, small, example, d / "model.onnx", runs=args.runs)
-    print(f"{'runtime':<16} {'original ms':>12} {'compressed ms':>14} {'speedup':>8}")
+    print(f"inputs {rows[0]['shape']}; median of {args.runs} interleaved runs each")
+    print(f"{'runtime':<16} {'original ms':>12} {'compressed ms':>14} {'speedup':>8} {'threads':>8}  load before/after")
     for r in rows:
-        print(f"{r['runtime']:<16} {r['ms_dense']:>12.2f} {r['ms_pruned']:>14.2f} {r['speedup']:>7.2f}x")
+        print(f"{r['runtime']:<16} {r['ms_dense']:>12.2f} {r['ms_pruned']:>14.2f} {r['speedup']:>7.2f}x "
+              f"{r['threads']:>8}  {r['load_before']} / {r['load_after']}")
     return 0
 
 
