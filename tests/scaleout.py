@@ -102,7 +102,26 @@ def checkpointed_run(checkpoint_dir: str | None, delay: float = 0.0, every: int 
     )  # fmt: skip
 
 
-if __name__ == "__main__":  # python -m tests.scaleout run CKPT OUT [DELAY]
+def torchrun_compress(out: str) -> None:
+    """One rank under torchrun that never initialises a process group itself: compress must create it, so that
+    the ranks (each with its own half of every batch) search together and keep the same channels."""
+    import os
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    data = global_batches()
+    half = data[0][0].shape[0] // world
+    shard = [(x[rank * half:(rank + 1) * half], t[rank * half:(rank + 1) * half]) for x, t in data]
+    result = upop_fx.compress(encoder(), shard[0][0], 0.5, data=shard, loss_fn=mse, search_steps=SEARCH,
+                              retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3)
+    torch.save({"rank": rank, "group": torch.distributed.is_initialized(),
+                "world": torch.distributed.get_world_size(), **summary(result)}, f"{out}.{rank}")
+
+
+if __name__ == "__main__":  # python -m tests.scaleout run CKPT OUT [DELAY] | torchrun OUT
+    if sys.argv[1] == "torchrun":
+        torchrun_compress(sys.argv[2])
+        raise SystemExit(0)
     _, command, ckpt, out, *rest = sys.argv
     assert command == "run"
     torch.save(summary(checkpointed_run(ckpt, float(rest[0]) if rest else 0.0)), out)

@@ -86,3 +86,17 @@ def test_cli_under_torchrun(tmp_path):
     assert (tmp_path / "ckpt" / "search.pt").is_file()
     small = upop_fx.load(tmp_path / "small")
     assert small(torch.randn(3, 7, scaleout.D)).shape == (3, 7, scaleout.D)
+
+
+def test_compress_under_torchrun_without_a_process_group_searches_once(tmp_path):
+    """torchrun sets WORLD_SIZE but the script never calls init_process_group: compress creates the group from
+    the environment, so the two ranks (each on its own half of every batch) keep the same channels — the ones
+    one process keeps over the global batches — instead of running two independent searches."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tests.scaleout", "torchrun", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+    assert all(r["group"] and r["world"] == 2 for r in ranks)
+    assert ranks[0]["keep"] == ranks[1]["keep"]

@@ -3,7 +3,7 @@
 Each top-level folder (and each top-level module) is a unit; units form layers, bottom to top:
 
     errors, logs → options, compare → ir → capture → kernels → passes → training → runtime → search → module
-    → report, datasets → calibration → pipeline → artifacts → api → the package root → cli, demo
+    → report, datasets → calibration → pipeline → artifacts → api → the package root → cli, demo, integrations
 
 A module may import its own unit or a lower layer — never a higher layer, and never another unit of its own
 layer. Inside a folder the files are ordered too (:data:`ORDER`, bottom first; the folder's ``__init__`` last):
@@ -39,7 +39,7 @@ LAYERS = [
     ["artifacts"],
     ["api"],
     [""],  # upop_fx/__init__.py: the public facade
-    ["cli", "demo"],
+    ["cli", "demo", "integrations"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -26,6 +26,7 @@ from .ir.entries import keep_sets
 from .options import Options
 from .pipeline import Result, finish, prepare, run, seeded
 from .search.upop import UPopSearch
+from .training import distributed
 from .training.loop import retrain
 
 __all__ = ["compress", "retrain", "UPop", "Result"]
@@ -126,6 +127,7 @@ class UPop:
                 raise ConfigError(f"{name} is an option of compress()'s own loop; with UPop your training loop "
                                   "and optimizer decide it")
         opts = _options(options, ratio, None, changes)
+        distributed.init_from_environment()  # under torchrun without a process group: one search, not one per rank
         self.search = UPopSearch()
         with seeded(opts.seed, model):
             self.prepared = prepare(model, example_inputs, opts)

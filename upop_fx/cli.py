@@ -34,6 +34,7 @@ from .logs import show_progress
 from .module.pretrained import from_pretrained
 from .options import GROUPS, Options
 from .runtime.speed import time_pair
+from .training.distributed import init_from_environment
 from .training.loop import to_device
 
 __all__ = ["main", "load_source", "text_batches"]
@@ -274,17 +275,12 @@ def _compress(args: argparse.Namespace) -> int:
 def _process_group() -> Iterator[tuple[int, int]]:
     """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is created for the
     command (NCCL when CUDA is present, else gloo) and destroyed after it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    created = init_from_environment()
     try:
-        yield dist.get_rank(), dist.get_world_size()
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
 
 
 def _device(spec: str, distributed: bool) -> torch.device:

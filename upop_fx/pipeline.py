@@ -51,7 +51,7 @@ from .training import distributed
 from .training.checkpoint import Checkpointer
 from .training.loop import Batches, Training, has_task_loss, make_objective, retrain
 
-__all__ = ["Result", "prepare", "finish", "run", "strategy_for", "seeded", "run_fingerprint"]
+__all__ = ["Result", "prepare", "finish", "run", "retrain_result", "strategy_for", "seeded", "run_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ def run(
         raise InputError(f"data must be an iterable of batches, not {type(data).__name__}")
     strategy = strategy if strategy is not None else strategy_for(options)
     search_steps = options.search_steps if getattr(strategy, "trains", False) else 0
+    distributed.init_from_environment()  # under torchrun without a process group: one search, not one per rank
     with quiet(), verbosity(options.verbose), distributed.quiet_ranks(), seeded(options.seed, model):
         prepared = prepare(model, example_inputs, options)
         checkpoint = None
@@ -210,7 +211,8 @@ def run(
         batches.require(search_steps + options.retrain_steps)
         result = finish(prepared, strategy.select(prepared, batches, objective), strategy.name)
         if options.retrain_steps:  # retrain() checks that the data holds its steps
-            result.losses["retrain"] = _retrain(result, teacher, batches, loss_fn, options, example, prepared.training)
+            result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
+                                                      options.lr, example, prepared.training)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -219,19 +221,18 @@ def run(
     return result
 
 
-def _retrain(result: Result, teacher: torch.nn.Module, batches: Batches, loss_fn: Any, options: Options,
-             example: Any, training: Training | None) -> list[float]:
-    """Fine-tune the cut model: ``result.module`` in train mode (dropout as the model defines it) when there is
-    one, its weights then copied into the graph ``result.model`` (checked equal); else the graph."""
+def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
+                   lr: float, example: Any, training: Training | None = None) -> list[float]:
+    """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` in train
+    mode (dropout as the model defines it) when there is one, its weights then copied into the graph
+    ``result.model`` (checked equal); else the graph. Returns the losses."""
     module = result.module
     if module is None:
-        return retrain(result.model, teacher, batches, loss_fn, options.retrain_steps, options.lr, example,
-                       training=training)
+        return retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training)
     module.train()
     try:
         with cache_off(module):
-            losses = retrain(module, teacher, batches, loss_fn, options.retrain_steps, options.lr, example,
-                             training=training)
+            losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training)
     finally:
         module.eval()
     copy_weights(module, result.model, sliced_ok=False)  # tensors the graph lacks are unused by the forward

@@ -13,7 +13,11 @@ When ``compress`` runs inside an initialised process group of more than one rank
 gloo on CPU, NCCL on GPU — whatever backend the process group was created with. Shard the data yourself, e.g.
 with a ``DistributedSampler``: each rank's batches are its share of the global batch.
 
-Outside a process group (or with one rank) every function here is a no-op.
+Under ``torchrun`` without a process group (``WORLD_SIZE`` > 1 in the environment, nothing initialised),
+``compress`` creates one from torchrun's environment, as Accelerate does (:func:`init_from_environment`: NCCL
+when CUDA is present, else gloo) and leaves it initialised: the ranks search together, never each on its own.
+
+Outside a process group (or with one rank) every other function here is a no-op.
 
 Example:
     >>> from upop_fx.training.distributed import active, is_main, world_size
@@ -26,17 +30,41 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import DistributedMismatchError
+from ..errors import ConfigError, DistributedMismatchError
 
-__all__ = ["active", "rank", "world_size", "is_main", "wrap", "unwrap", "check_same", "checksum", "comm_device",
+__all__ = ["init_from_environment", "active", "rank", "world_size", "is_main", "wrap", "unwrap", "check_same", "checksum", "comm_device",
            "quiet_ranks",
            "DistributedMismatchError"]
+
+
+def init_from_environment() -> bool:
+    """Create the process group torchrun's environment describes, where ``WORLD_SIZE`` > 1 and none exists yet
+    (NCCL when CUDA is present, on ``cuda:LOCAL_RANK``; else gloo). Returns True when it created one."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} says this process is one of {world} ranks, but {', '.join(missing)} "
+                          "is not set: start it with torchrun, or call torch.distributed.init_process_group first")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend)
+    except Exception as exc:  # noqa: BLE001 - any failure to join the group stops the run: never search alone
+        raise ConfigError(f"WORLD_SIZE={world}: could not create the {backend} process group torchrun describes "
+                          f"({type(exc).__name__}: {exc}); the ranks must search together") from exc
+    logging.getLogger(__name__).info("created the %s process group of %d ranks from torchrun's environment",
+                                     backend, world)
+    return True
 
 
 def active() -> bool:
