@@ -3,6 +3,7 @@ INFO lines, and ``verbose=`` shows or hides them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import upop_fx
-from upop_fx.logs import quiet
+from upop_fx.logs import THIRD_PARTY, quiet
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,10 @@ def bert():
 
 def test_a_compress_and_an_export_log_a_few_lines_of_upop_fx_only(bert, caplog, tmp_path):
     model, inputs = bert
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+    with contextlib.ExitStack() as stack:  # INFO everywhere, whatever an earlier test set on these loggers
+        for name in ("", "upop_fx", *THIRD_PARTY):
+            stack.enter_context(caplog.at_level(logging.INFO, logger=name or None))
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
         warnings.simplefilter("always")
         result = upop_fx.compress(model, inputs, ratio=0.5, search_steps=2, retrain_steps=1)
         upop_fx.export_onnx(result.model, inputs, tmp_path / "m.onnx")

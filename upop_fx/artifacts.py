@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .capture.program import export_program
+from .capture.program import export_program, get_capture
 from .errors import InputError
 from .module.pretrained import from_pretrained, save_pretrained
 from .runtime.export import export_onnx
@@ -67,7 +67,7 @@ def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *,
         payload = {**result.report.to_dict(), **(extra or {})}
         (stage / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         (stage / "report.md").write_text(report_markdown(result.report))
-        plot_widths(result.report, stage / "widths.png")
+        plot_widths(result.report, stage / "widths.png", title=plot_title(result))
         module = getattr(result, "module", None)
         if module is not None and hasattr(getattr(module, "config", None), "save_pretrained"):
             save_pretrained(module, stage / PRETRAINED, tokenizer=processor, card=report_markdown(result.report))
@@ -147,14 +147,29 @@ def report_markdown(report: Any) -> str:
     lines += ["", "## Per group", "", "| group | tower | layer | kind | heads x dim | kept | total |", "|---|---|---|---|---|---|---|"]
     for r in report.groups:
         kind = ("cross-" if r.cross else "") + r.kind
-        lines.append(f"| {r.group} | {r.tower or '<root>'} | {r.layer} | {kind} | {r.shape} | {r.kept} | {r.total} |")
+        lines.append(f"| {r.group} | {r.tower or r.where} | {r.layer} | {kind} | {r.shape} | {r.kept} | {r.total} |")
     if report.not_prunable:
         lines += ["", "## Not prunable", ""] + [f"- {d}" for d in report.not_prunable]
     return "\n".join(lines) + "\n"
 
 
-def plot_widths(report: Any, path: Path) -> None:
-    """Kept width per layer and structure, one bar chart per tower."""
+def plot_title(result: Any) -> str:
+    """The model, the method and budget, and the speedup measured (``budget="latency"``) or the FLOPs cut."""
+    report = result.report
+    try:
+        name = get_capture(result.dense).model_name
+    except Exception:  # noqa: BLE001 - a result assembled by hand: no capture record to name the model
+        name = "model"
+    if report.latency:
+        gain = f"measured {report.latency['measured_speedup']:.2f}x on {report.latency['runtime']}"
+    else:
+        gain = f"FLOPs {report.flops_before / max(report.flops_after, 1):.2f}x fewer"
+    return f"{name}: {report.method}, budget={report.budget}, {gain}"
+
+
+def plot_widths(report: Any, path: Path, title: str | None = None) -> None:
+    """Kept width per layer and structure, one bar chart per tower; ``title`` above them (see
+    :func:`plot_title`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,9 +192,11 @@ def plot_widths(report: Any, path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [str(x) for x in layers])
         ax.set_ylim(0, 105)
         ax.set_ylabel("kept %")
-        ax.set_title(tower)
+        ax.set_title(f"{tower}: kept width per layer")
         ax.legend(fontsize=8, ncols=len(kinds))
     axes[-1, 0].set_xlabel("layer")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

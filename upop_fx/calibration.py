@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .capture.program import is_sequence
 from .ir.entries import widths
 from .passes.surgery import cut_entries
 from .runtime import timing
@@ -108,6 +109,18 @@ def _round(target: float, row: dict[str, Any]) -> dict[str, float]:
     return {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": row["measured_speedup"]}
 
 
+def _timed_seq(prepared: Prepared) -> int | None:
+    """The sequence length the latency was timed at: ``latency_shape``'s, else the example's (None: no input has
+    a sequence axis, e.g. an image model)."""
+    seq = prepared.latency.shape[1] if prepared.latency is not None else None
+    if seq is not None:
+        return seq
+    info = prepared.captured.info
+    leaves = torch.utils._pytree.tree_leaves((info.args, info.kwargs))
+    lengths = {int(t.shape[1]) for t in leaves if isinstance(t, torch.Tensor) and is_sequence(t)}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
 def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any], small: Callable[[], Any]
                  ) -> dict[str, Any]:
     """Predicted latency after the cut, and the speedup measured on the runtime (dense and cut interleaved)."""
@@ -117,7 +130,7 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
     dense_ms, (saved,) = timing.saved_interleaved(dense, small, runs=runs, warmup=3)
     small_ms = dense_ms * (1 - saved)  # the per-round saving on the dense median: see saved_interleaved
     row = {
-        "runtime": model.runtime, "batch": model.shape[0], "seq": model.shape[1], "dense_ms": model.dense_ms,
+        "runtime": model.runtime, "batch": model.shape[0], "seq": _timed_seq(prepared), "dense_ms": model.dense_ms,
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
         "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
         "table_seconds": model.seconds, "floor_summed": model.reach, "floor_measured": model.together(model.reach),

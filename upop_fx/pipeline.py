@@ -275,7 +275,7 @@ def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, lis
                 g.id, g.kind, g.tower, g.layer, g.heads, g.head_positions,
                 g.kept_positions(keep[g.id]), g.kept_positions(list(range(g.width))), g.cross,
                 len({c // g.head_dim for c in keep[g.id]}) if g.heads else None,
-                float(group_cost(g, budget)[keep[g.id]].sum()), float(group_cost(g, budget).sum()),
+                float(group_cost(g, budget)[keep[g.id]].sum()), float(group_cost(g, budget).sum()), g.where,
             )
             for g in analysis.prunable
         ],

@@ -35,8 +35,12 @@ class GroupRow:
             return ""
         return f"{self.heads}x{self.head_dim}->{self.kept_heads}x{self.kept // self.kept_heads}"
 
+    place: str = ""  # where the group is (:attr:`DimGroup.where`); the rows of older reports lack it
+
     @property
     def where(self) -> str:
+        if self.place:
+            return self.place
         return f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.tower or "<root>"
 
 
@@ -106,8 +110,9 @@ class Report:
         ]
         if self.latency:
             t = self.latency
+            seq = f", seq {t['seq']}" if t.get("seq") else ""
             lines.append(
-                f"latency on {t['runtime']} (batch {t['batch']}, seq {t['seq'] or 'as given'}): predicted "
+                f"latency on {t['runtime']} (batch {t['batch']}{seq}): predicted "
                 f"{t['dense_ms']:.2f} -> {t['predicted_ms']:.2f} ms ({t['predicted_speedup']:.2f}x); measured "
                 f"{t['measured_dense_ms']:.2f} -> {t['measured_ms']:.2f} ms ({t['measured_speedup']:.2f}x)"
             )

@@ -110,7 +110,7 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
     for g in analysis.prunable:
         if g.id in done:
             continue
-        name = f"{g.tower}[{g.layer}]" if g.layer >= 0 else (g.scope or "<root>")
+        name = g.where
         if g.kind == "mlp":
             what = f"mlp ({g.experts} experts)" if g.experts else "mlp"
             add("mlp", f"{name} {what}", [g], [{g.id: np.array([c])} for c in range(g.width)])

@@ -182,13 +182,24 @@ class DimGroup:
             return len(channels)
         return sum(len(self.dims[c % self.head_dim]) for c in channels)
 
+    @property
+    def where(self) -> str:
+        """Where the group is, for people: ``tower[layer]``, else the modules' common scope, else (a group whose
+        modules share only the root, e.g. a pooler feeding a classifier) the modules that produce it."""
+        if self.layer >= 0:
+            return f"{self.tower}[{self.layer}]"
+        if self.scope:
+            return self.scope
+        modules = dict.fromkeys(name.rpartition(".")[0] or name for name, _, _ in self.producers)
+        return ", ".join(modules) if modules else "<root>"
+
     def describe(self) -> str:
         pairs = ""
         if self.dims is not None:
             n = sum(len(d) == 2 for d in self.dims)
             pairs = f" (rotary: {n} pairs of {self.head_dim} channels per head)"
         heads = f" heads={self.heads}x{self.head_positions}{pairs}" if self.heads else ""
-        where = f"{self.tower}[{self.layer}]" if self.layer >= 0 else self.scope or "<root>"
+        where = self.where
         cross = " cross" if self.cross else ""
         state = "" if self.prunable else f" (not prunable: {self.reason})"
         experts = f" experts={self.experts}" if self.experts else ""
