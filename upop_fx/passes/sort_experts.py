@@ -29,7 +29,7 @@ Example:
     ...         return x + torch.bmm(h, self.w2).sum(0)
     >>> cap = upop_fx.capture(Experts().eval(), torch.randn(3, 8))
     >>> FindGroups()(cap.gm).value.prunable[0].describe()
-    '#0 mlp <root> experts=4 width=16'
+    '#0 mlp w1 experts=4 width=16'
     >>> SortExperts()(cap.gm).value   # the ids of the groups it sorted
     [0]
 """
