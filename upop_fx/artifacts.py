@@ -38,6 +38,7 @@ import torch
 
 from .capture.program import export_program, get_capture
 from .errors import InputError
+from .logs import quietly
 from .module.pretrained import from_pretrained, save_pretrained
 from .runtime.export import export_onnx
 
@@ -49,6 +50,7 @@ FILES = ("model.pt2", "model.onnx", "report.json", "report.md", "widths.png")
 PRETRAINED = "pretrained"  #: the folder of the module save, beside FILES, when the result has a Hugging Face module
 
 
+@quietly
 def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *, force: bool = False,
          onnx: bool = True, extra: dict[str, Any] | None = None, processor: Any = None) -> Path:
     """Write the artifacts of ``result`` (a :class:`~upop_fx.Result`) into ``directory``, atomically.

@@ -58,6 +58,12 @@ def load_minilm() -> tuple[Any, Any]:
     import transformers
 
     path = minilm_path()
-    model = transformers.AutoModel.from_pretrained(str(path)).eval()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a bar per load of a 22 M-parameter model: noise
+    try:
+        model = transformers.AutoModel.from_pretrained(str(path)).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer

@@ -122,8 +122,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
 def _check_reachable(ratio: float, latency: LatencyModel) -> None:
     """A latency ratio beyond what the prunable structures can save is refused, with both numbers."""
     most = latency.most_saved()
-    log.info("latency on %s at %s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
-             latency.shape, latency.dense_ms, 100 * most)
+    batch, seq = latency.shape
+    log.info("latency on %s at batch %d%s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
+             batch, f", seq {seq}" if seq else " (the inputs' own length)", latency.dense_ms, 100 * most)
     if ratio > most:
         raise ConfigError(
             f"ratio={ratio} asks to remove {100 * ratio:.0f}% of the measured latency "
