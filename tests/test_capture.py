@@ -83,3 +83,37 @@ def test_non_contiguous_example_inputs_are_captured_as_contiguous(view):
         other = torch.randn(batch, seq, 16)
         torch.testing.assert_close(cap.gm(other), layer(other))
         assert result.model(other).shape == (batch, seq, 16)
+
+
+class _FixesItsBatch(torch.nn.Module):
+    """Reshapes with a literal batch of 2: torch.export cannot keep the batch dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return h.reshape(2, -1)
+
+
+def test_a_size_the_model_fixes_is_said_and_refused_by_name(caplog):
+    """No silent specialisation: capture says the batch is fixed, the report says so, and the returned graph
+    refuses another batch with an InputError naming the size (the sequence axis stays dynamic)."""
+    import logging
+
+    x = torch.randn(2, 5, 8)
+    with caplog.at_level(logging.INFO, logger="upop_fx"):
+        result = upop_fx.compress(_FixesItsBatch(), x, ratio=0.5, method="magnitude", retrain_steps=0)
+    assert "runs only at batch 2 (input 'x', axis 0)" in caplog.text
+    assert result.report.runs_only_at == ["batch 2 (input 'x', axis 0)"]
+    assert "runs only at: batch 2" in result.report.table()
+    assert result.model(torch.randn(2, 7, 8)).shape == (2, 7 * 8)  # another sequence length: fine
+    with pytest.raises(upop_fx.InputError, match="runs only at batch 2 .* got 3"):
+        result.model(torch.randn(3, 5, 8))
+
+
+def test_a_model_with_free_sizes_has_nothing_fixed():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    cap = upop_fx.capture(layer, torch.randn(2, 5, 16))
+    assert cap.info.fixed == []

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .calibration import calibrated_cut
-from .capture.program import cache_off, capture, get_capture
+from .capture.program import cache_off, capture, get_capture, guard_fixed_sizes
 from .compare import relative_error
 from .errors import ConfigError, InputError, SurgeryCheckError
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
@@ -159,6 +159,8 @@ def finish(prepared: Prepared, selection: Selection, method: str) -> Result:
         result.report.latency = row
         result.report.prunable_cost_removed = 1 - row["predicted_ms"] / prepared.latency.dense_ms
     result.losses["search"] = list(selection.losses)
+    result.report.runs_only_at = [f.describe() for f in info.fixed]
+    guard_fixed_sizes(small, info.fixed)  # another size: an InputError naming the fixed one, not torch's guard
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
         removed = removed_labels(prepared.analysis, keep)

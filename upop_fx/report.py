@@ -67,6 +67,8 @@ class Report:
     #: measured now (not read from the cache), what the tables sum to with every structure at its narrowest beside
     #: what that floor cut measured (``floor_summed``, ``floor_measured``) and each calibration round (``rounds``)
     latency: dict[str, Any] | None = None
+    #: sizes the model's code fixed at capture (``"batch 2 (input 'x', axis 0)"``): the graph runs only at those
+    runs_only_at: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -108,6 +110,8 @@ class Report:
             f"({self.flops_before / max(self.flops_after, 1):.2f}x fewer)",
             f"prunable {self.budget} removed: {100 * self.prunable_cost_removed:.1f}% (asked {100 * self.ratio:.1f}%)",
         ]
+        if self.runs_only_at:
+            lines.append("runs only at: " + "; ".join(self.runs_only_at) + " (the model's code fixes it)")
         if self.latency:
             t = self.latency
             seq = f", seq {t['seq']}" if t.get("seq") else ""

@@ -33,19 +33,21 @@ import sysconfig
 import traceback
 import typing
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..errors import CaptureError, InputError
 from ..logs import quietly
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
-    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "unknown_keywords", "capture_failure",
+    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "FixedSize", "fixed_sizes",
+    "guard_fixed_sizes", "unknown_keywords", "capture_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,78 @@ class CaptureInfo:
     batch_size: int
     dynamic_shapes: Any
     model_name: str
+    #: input axes asked to be dynamic that the model's code fixed (torch.export made them constants)
+    fixed: list[FixedSize] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FixedSize:
+    """An input axis capture asked to keep dynamic (batch, sequence) that the model's code fixed: the graph runs
+    only at ``size`` there. ``input``: the forward's parameter (or keyword) name; ``position``: its index among
+    the positional inputs, or None for a keyword input."""
+
+    input: str
+    position: int | None
+    axis: int
+    size: int
+
+    def describe(self) -> str:
+        what = "batch" if self.axis == 0 else "sequence length"
+        return f"{what} {self.size} (input {self.input!r}, axis {self.axis})"
+
+    def value(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        """The size this axis has in a call, or None when the call lacks the input."""
+        t = args[self.position] if self.position is not None and self.position < len(args) else kwargs.get(self.input)
+        return int(t.shape[self.axis]) if isinstance(t, torch.Tensor) and t.dim() > self.axis else None
+
+
+def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> list[FixedSize]:
+    """The axes of the top-level tensor inputs that capture asked to be dynamic but ``gm`` (``ep.module()``)
+    holds as constants. Placeholders are matched with the inputs in order, checked against their shapes; an
+    input nested in a container is not examined."""
+    leaves = [(path, t) for path, t in torch.utils._pytree.tree_flatten_with_path((args, kwargs))[0]
+              if isinstance(t, torch.Tensor)]
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [v for v in vals if isinstance(v, torch.Tensor)]
+    if len(vals) != len(leaves):
+        return []
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    out = []
+    for (path, t), v in zip(leaves, vals):
+        if v.dim() != t.dim() or any(is_concrete_int(d) and int(d) != e for d, e in zip(v.shape, t.shape)):
+            return []  # not the order assumed: say nothing rather than something wrong
+        if len(path) != 2:
+            continue
+        top, key = path[0].idx, path[1]
+        if top == 0:
+            position, name = key.idx, (params[key.idx] if key.idx < len(params) else f"args[{key.idx}]")
+        else:
+            position, name = None, str(key.key)
+        for axis in _dynamic_axes(t, None) or {}:
+            if is_concrete_int(v.shape[axis]):  # an int, or a SymInt export pinned to a constant
+                out.append(FixedSize(name, position, axis, int(v.shape[axis])))
+    return out
+
+
+def guard_fixed_sizes(gm: torch.nn.Module, fixed: list[FixedSize]) -> None:
+    """Make ``gm`` refuse, with an :class:`~upop_fx.errors.InputError` naming the size, a call at another size
+    on an axis its capture fixed (instead of torch's guard failure)."""
+    if not fixed:
+        return
+
+    def check(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for f in fixed:
+            got = f.value(args, kwargs)
+            if got is not None and got != f.size:
+                raise InputError(f"this model runs only at {f.describe()}, got {got}: the model's code fixes that "
+                                 "size (a literal in a reshape or a loop over it), so the capture could not keep it "
+                                 "dynamic; compress it with inputs of the size you will run it at")
+
+    gm.register_forward_pre_hook(check, with_kwargs=True, prepend=True)
 
 
 @dataclass
@@ -220,8 +294,13 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
     """
     ep, args, kwargs, spec = export_program(model, example_inputs)
     gm = ep.module()
-    gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__)
+    fixed = fixed_sizes(gm, model, args, kwargs)
+    gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__, fixed)
+    guard_fixed_sizes(gm, fixed)
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
+    for f in fixed:
+        log.info("%s runs only at %s: its code fixes that size, so the captured graph cannot vary it",
+                 type(model).__name__, f.describe())
     return Captured(gm)
 
 
