@@ -94,7 +94,7 @@ class _FixesItsBatch(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc2(torch.relu(self.fc1(x)))
-        return h.reshape(2, -1)
+        return h.reshape(2, -1)  # the line that fixes the batch
 
 
 def test_a_size_the_model_fixes_is_said_and_refused_by_name(caplog):
@@ -105,8 +105,13 @@ def test_a_size_the_model_fixes_is_said_and_refused_by_name(caplog):
     x = torch.randn(2, 5, 8)
     with caplog.at_level(logging.INFO, logger="upop_fx"):
         result = upop_fx.compress(_FixesItsBatch(), x, ratio=0.5, method="magnitude", retrain_steps=0)
-    assert "runs only at batch 2 (input 'x', axis 0)" in caplog.text
-    assert result.report.runs_only_at == ["batch 2 (input 'x', axis 0)"]
+    import inspect
+
+    lines, first = inspect.getsourcelines(_FixesItsBatch.forward)
+    line = first + next(i for i, text in enumerate(lines) if "fixes the batch" in text)
+    where = f"{__file__}:{line}: return h.reshape(2, -1)"
+    assert f"runs only at batch 2 (input 'x', axis 0, fixed by {where}" in caplog.text
+    assert result.report.runs_only_at == [f"batch 2 (input 'x', axis 0, fixed by {where}  # the line that fixes the batch)"]
     assert "runs only at: batch 2" in result.report.table()
     assert result.model(torch.randn(2, 7, 8)).shape == (2, 7 * 8)  # another sequence length: fine
     with pytest.raises(upop_fx.InputError, match="runs only at batch 2 .* got 3"):

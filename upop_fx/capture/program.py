@@ -80,10 +80,13 @@ class FixedSize:
     position: int | None
     axis: int
     size: int
+    #: the model's line that fixed it (``file:line: code``), where torch.export's guard was added from it
+    source: str | None = None
 
     def describe(self) -> str:
         what = "batch" if self.axis == 0 else "sequence length"
-        return f"{what} {self.size} (input {self.input!r}, axis {self.axis})"
+        where = f", fixed by {self.source}" if self.source else ""
+        return f"{what} {self.size} (input {self.input!r}, axis {self.axis}{where})"
 
     def value(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         """The size this axis has in a call, or None when the call lacks the input."""
@@ -92,10 +95,11 @@ class FixedSize:
 
 
 def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> list[FixedSize]:
+                kwargs: dict[str, Any], sources: Mapping[int, traceback.FrameSummary] | None = None) -> list[FixedSize]:
     """The axes of the top-level tensor inputs that capture asked to be dynamic but ``gm`` (``ep.module()``)
     holds as constants. Placeholders are matched with the inputs in order, checked against their shapes; an
-    input nested in a container is not examined."""
+    input nested in a container is not examined. ``sources``: constant → the model's frame that pinned a size
+    to it (:func:`guard_sources`)."""
     leaves = [(path, t) for path, t in torch.utils._pytree.tree_flatten_with_path((args, kwargs))[0]
               if isinstance(t, torch.Tensor)]
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
@@ -119,8 +123,49 @@ def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[An
             position, name = None, str(key.key)
         for axis in _dynamic_axes(t, None) or {}:
             if is_concrete_int(v.shape[axis]):  # an int, or a SymInt export pinned to a constant
-                out.append(FixedSize(name, position, axis, int(v.shape[axis])))
+                size = int(v.shape[axis])
+                frame = (sources or {}).get(size)
+                source = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}" if frame else None
+                out.append(FixedSize(name, position, axis, size, source))
     return out
+
+
+class _GuardSources(logging.Handler):
+    """For each constant torch.export pins a symbolic size to (its "[guard added]" record of ``Eq(s, c)``), the
+    innermost frame of the model's code on the stack when the guard was added."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.found: dict[int, traceback.FrameSummary] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "[guard added]" not in str(record.msg) or not isinstance(record.args, tuple) or len(record.args) < 2:
+            return
+        m = re.fullmatch(r"Eq\((?:s\d+, (\d+)|(\d+), s\d+)\)", str(record.args[1]))
+        if m is None:
+            return
+        frames = [f for f in traceback.extract_stack() if _is_user_file(f.filename)]
+        if frames:
+            self.found.setdefault(int(m[1] or m[2]), frames[-1])
+
+
+@contextlib.contextmanager
+def guard_sources() -> Iterator[dict[int, traceback.FrameSummary]]:
+    """While torch.export runs in the block: constant → the model's frame that pinned a size to it (torch's
+    symbolic-shapes INFO records, read here and not passed on)."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handler = _GuardSources()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the INFO records turned on here are for this handler alone
+    try:
+        yield handler.found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def guard_fixed_sizes(gm: torch.nn.Module, fixed: list[FixedSize]) -> None:
@@ -292,9 +337,10 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
         InputError: the inputs are malformed, have a key the forward does not take, or the model raises on them.
         CaptureError: torch.export fails; the message names the model's source line and carries export's reason.
     """
-    ep, args, kwargs, spec = export_program(model, example_inputs)
+    with guard_sources() as sources:
+        ep, args, kwargs, spec = export_program(model, example_inputs)
     gm = ep.module()
-    fixed = fixed_sizes(gm, model, args, kwargs)
+    fixed = fixed_sizes(gm, model, args, kwargs, sources)
     gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__, fixed)
     guard_fixed_sizes(gm, fixed)
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
