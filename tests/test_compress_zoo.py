@@ -110,3 +110,24 @@ def test_half_module_survives_save_pretrained_and_from_pretrained(half, tmp_path
     assert type(again) is type(zoo.model)
     with cache_off(result.module), cache_off(again):
         assert relative_error(_call(again, zoo.other_inputs), _call(result.module, zoo.other_inputs)) <= 1e-6
+
+
+def test_a_squared_relu_mlp_is_pruned_exactly():
+    """Squared ReLU (Primer, some decoders: ``aten.square``) keeps a removed neuron at exactly zero: its MLP is a
+    prunable group, and the cut equals the zeroed reference."""
+
+    class SquaredReLU(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.down(torch.square(torch.relu(self.up(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    result = upop_fx.compress(SquaredReLU().eval(), x, ratio=0.5, method="magnitude", retrain_steps=0)
+    assert [g.kind for g in result.report.groups] == ["mlp"] and result.report.groups[0].kept == 32
+    with torch.no_grad():
+        other = torch.randn(3, 7, 16)
+        torch.testing.assert_close(result.model(other), result.reference()(other), rtol=1e-5, atol=1e-6)

@@ -388,9 +388,10 @@ def _quick_gelu(h: torch.Tensor) -> torch.Tensor:
     [
         (torch.relu, True), (F.gelu, True), (F.silu, True), (torch.tanh, True),
         (lambda h: h * 3.0, True), (lambda h: h / 2.0, True), (lambda h: h**2, True), (_quick_gelu, True),
+        (lambda h: torch.square(torch.relu(h)), True),  # squared ReLU (aten.square)
         (torch.sigmoid, False), (torch.exp, False), (lambda h: h + 1.0, False), (lambda h: 2.0 / h, False),
     ],
-    ids=["relu", "gelu", "silu", "tanh", "mul_scalar", "div_scalar", "square", "quick_gelu",
+    ids=["relu", "gelu", "silu", "tanh", "mul_scalar", "div_scalar", "square", "quick_gelu", "squared_relu",
          "sigmoid", "exp", "add_scalar", "reciprocal"],
 )  # fmt: skip
 def test_zero_tracking_through_activations(act, zero):

@@ -27,7 +27,7 @@ ZERO_PRESERVING = [
     aten.relu, aten.gelu, aten.silu, aten.tanh, aten.neg, aten.erf, aten.abs, aten.sin, aten.hardtanh,
     aten.leaky_relu, aten.elu, aten.mish, aten.dropout, aten.feature_dropout, aten.alpha_dropout,
     aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy, aten.type_as,
-    aten.lift_fresh_copy, aten.sqrt, aten.relu6, aten.hardswish, aten.sign,
+    aten.lift_fresh_copy, aten.sqrt, aten.relu6, aten.hardswish, aten.sign, aten.square,
 ]  # fmt: skip
 #: f(0) != 0 in general.
 NOT_ZERO_PRESERVING = [aten.sigmoid, aten.exp, aten.cos, aten.softplus, aten.log, aten.rsqrt, aten.reciprocal]
