@@ -258,3 +258,23 @@ def test_disentangled_attention_prunes_q_k_with_their_relative_projections():
         out = result.model(**zoo.other_inputs).last_hidden_state
         ref = result.reference()(**zoo.other_inputs).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_weight_on_the_left_of_a_matmul_is_reported():
+    """``W @ x`` mixes rows (tokens), not channels: no rule follows it, and it is listed as not prunable with the
+    weight's name instead of being missing from the report."""
+
+    class LeftWeight(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+            self.mix = torch.nn.Parameter(torch.randn(5, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mix @ self.fc(x)
+
+    cap = upop_fx.capture(LeftWeight().eval(), torch.randn(2, 5, 16))
+    analysis = FindGroups()(cap.gm).value
+    assert unlisted_weights(cap.gm, analysis) == []
+    reasons = [g.reason for g in analysis.groups if not g.prunable]
+    assert any("its weight mix stands on the left (W @ x)" in (r or "") for r in reasons), reasons

@@ -394,6 +394,7 @@ def _export(model: torch.nn.Module, work: torch.nn.Module, args: tuple[Any, ...]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # upop_fx/
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
 _DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException")
 _DATA_DEPENDENT_HINT = (
@@ -454,8 +455,8 @@ def _user_frame(chain: list[BaseException]) -> traceback.FrameSummary | None:
 
 
 def _is_user_file(path: str) -> bool:
-    """A file of the model's code: not torch's, the standard library's (installed packages are) or this one."""
-    if path.startswith(("<", _TORCH_DIR)) or path == __file__:
+    """A file of the model's code: not torch's, the standard library's (installed packages are) or upop_fx's."""
+    if path.startswith(("<", _TORCH_DIR, _PACKAGE_DIR)):
         return False
     return not path.startswith(_STDLIB_DIR) or "site-packages" in path or "dist-packages" in path
 

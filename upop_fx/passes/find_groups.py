@@ -85,9 +85,12 @@ class FindGroups(GraphPass[GroupAnalysis]):
             v = node.meta.get("val")
             axis = 1 if node.target in _CONVS else -1
             width = int(v.shape[axis]) if isinstance(v, torch.Tensor) and v.dim() > 1 else 0
+            left = resolve(node.args[0], {}) if node.target in _LEFT_WEIGHTED and node.args else None
+            why = (f"its weight {left.param.target} stands on the left (W @ x): it mixes rows (tokens), not channels"
+                   if isinstance(left, ParamView) else "no rule follows the output channels of this weighted op")
             analysis.groups.append(DimGroup(
                 id=len(analysis.groups), kind="other", width=width, tower="", layer=-1, scope="", prunable=False,
-                reason=f"node {name} ({node.target}): no rule follows the output channels of this weighted op",
+                reason=f"node {name} ({node.target}): {why}",
             ))  # fmt: skip
             analysis.seeded.append(name)
         gm.meta[GROUPS_KEY] = analysis
@@ -103,6 +106,9 @@ WEIGHTED = {
     torch.ops.aten.addmm.default: 2, torch.ops.aten.mm.default: 1, torch.ops.aten.matmul.default: 1,
 }  # fmt: skip
 
+
+#: matmuls whose weight may stand on the left (``W @ x``): its rows are the output's rows
+_LEFT_WEIGHTED = {torch.ops.aten.mm.default, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 
 _CONVS = {
     torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
@@ -125,6 +131,11 @@ def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[
         if n.op != "call_function" or n.name in seeded:
             continue
         i = WEIGHTED.get(n.target)
+        left = resolve(n.args[0], views) if n.target in _LEFT_WEIGHTED and n.args else None
+        if isinstance(left, ParamView) and str(left.param.target) in params:  # W @ x: a weight mixing rows
+            if (n.name, str(left.param.target)) not in used:
+                out.append(n.name)
+            continue
         if i is not None and len(n.args) > i:
             view = resolve(n.args[i], views)
             if isinstance(view, ParamView) and (n.name, str(view.param.target)) in used:
