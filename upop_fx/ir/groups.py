@@ -190,8 +190,11 @@ class DimGroup:
             return f"{self.tower}[{self.layer}]"
         if self.scope:
             return self.scope
-        modules = dict.fromkeys(name.rpartition(".")[0] or name for name, _, _ in self.producers)
-        return ", ".join(modules) if modules else "<root>"
+        modules = list(dict.fromkeys(name.rpartition(".")[0] or name for name, _, _ in self.producers))
+        if not modules:
+            return "<root>"
+        more = f" and {len(modules) - 2} more" if len(modules) > 2 else ""
+        return ", ".join(modules[:2]) + more
 
     def describe(self) -> str:
         pairs = ""
