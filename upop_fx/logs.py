@@ -38,6 +38,7 @@ THIRD_PARTY = {
     "onnx": logging.WARNING,
     "torch.onnx": logging.ERROR,  # "torchvision is not installed. Skipping torchvision::nms", four per export
     "torch._export": logging.WARNING,
+    "torch.fx.experimental.symbolic_shapes": logging.WARNING,  # guards added while exporting (read by capture)
     "torch.export": logging.WARNING,
 }
 #: (message regex, category) of the warnings held back inside :func:`quiet`

@@ -155,17 +155,15 @@ def guard_sources() -> Iterator[dict[int, traceback.FrameSummary]]:
     symbolic-shapes INFO records, read here and not passed on)."""
     logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     handler = _GuardSources()
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    if not logger.isEnabledFor(logging.INFO):
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # the INFO records turned on here are for this handler alone
+    level, propagate, handlers = logger.level, logger.propagate, logger.handlers
+    logger.handlers = [handler]  # the records of the block go to this handler alone
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
     try:
         yield handler.found
     finally:
-        logger.removeHandler(handler)
+        logger.handlers, logger.propagate = handlers, propagate
         logger.setLevel(level)
-        logger.propagate = propagate
 
 
 def guard_fixed_sizes(gm: torch.nn.Module, fixed: list[FixedSize]) -> None:
