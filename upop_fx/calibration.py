@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture.program import is_sequence
+from .capture.program import sequence_lengths
 from .ir.entries import widths
 from .passes.surgery import cut_entries
 from .runtime import timing
@@ -115,9 +114,7 @@ def _timed_seq(prepared: Prepared) -> int | None:
     seq = prepared.latency.shape[1] if prepared.latency is not None else None
     if seq is not None:
         return seq
-    info = prepared.captured.info
-    leaves = torch.utils._pytree.tree_leaves((info.args, info.kwargs))
-    lengths = {int(t.shape[1]) for t in leaves if isinstance(t, torch.Tensor) and is_sequence(t)}
+    lengths = sequence_lengths(prepared.captured.info)
     return lengths.pop() if len(lengths) == 1 else None
 
 
@@ -134,7 +131,7 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
         "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
         "table_seconds": model.seconds, "floor_summed": model.reach, "floor_measured": model.together(model.reach),
-        "load_average": os.getloadavg()[0], "measured_classes": list(model.measured),
+        "load_average": timing.load_average(), "measured_classes": list(model.measured),
     }  # fmt: skip
     log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
              model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])

@@ -314,7 +314,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{'runtime':<16} {'original ms':>12} {'compressed ms':>14} {'speedup':>8} {'threads':>8}  load before/after")
     for r in rows:
         print(f"{r['runtime']:<16} {r['ms_dense']:>12.2f} {r['ms_pruned']:>14.2f} {r['speedup']:>7.2f}x "
-              f"{r['threads']:>8}  {r['load_before']} / {r['load_after']}")
+              f"{r['threads'] or 'default':>8}  {r['load_before']} / {r['load_after']}")
     return 0
 
 

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print("re-timed now, one model at a time, median of 10 interleaved runs:")
     for r in time_pair(model, result.model, data[0], out / "model.onnx", runs=10):
         print(f"  {r['runtime']:<16} dense {r['ms_dense']:7.1f} ms   compressed {r['ms_pruned']:7.1f} ms   "
-              f"speedup {r['speedup']:.2f}x   ({r['threads']} threads, load {r['load_before']} -> {r['load_after']})")
+              f"speedup {r['speedup']:.2f}x   ({r['threads'] or 'default'} threads, load {r['load_before']} -> {r['load_after']})")
     return 0
 
 

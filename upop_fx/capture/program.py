@@ -46,7 +46,7 @@ from ..logs import quietly
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
-    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "FixedSize", "fixed_sizes",
+    "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "sequence_lengths", "FixedSize", "fixed_sizes",
     "guard_fixed_sizes", "unknown_keywords", "capture_failure",
 ]
 
@@ -100,7 +100,7 @@ def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[An
     holds as constants. Placeholders are matched with the inputs in order, checked against their shapes; an
     input nested in a container is not examined. ``sources``: constant → the model's frame that pinned a size
     to it (:func:`guard_sources`)."""
-    leaves = [(path, t) for path, t in torch.utils._pytree.tree_flatten_with_path((args, kwargs))[0]
+    leaves = [(path, t) for path, t in pytree.tree_flatten_with_path((args, kwargs))[0]
               if isinstance(t, torch.Tensor)]
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [v for v in vals if isinstance(v, torch.Tensor)]
@@ -295,6 +295,13 @@ def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 def is_sequence(t: torch.Tensor) -> bool:
     """An input whose axis 1 is a sequence: token ids (2-D integers) or a sequence of vectors (3-D floats)."""
     return (not t.is_floating_point() and t.dim() == 2) or (t.is_floating_point() and t.dim() == 3)
+
+
+def sequence_lengths(info: CaptureInfo) -> set[int]:
+    """The lengths (axis 1) of the captured example's sequence inputs (:func:`is_sequence`); empty for a model
+    with none, e.g. an image model."""
+    leaves = pytree.tree_leaves((info.args, info.kwargs))
+    return {int(t.shape[1]) for t in leaves if isinstance(t, torch.Tensor) and is_sequence(t)}
 
 
 def _dynamic_axes(t: Any, batch: Any) -> dict[int, Any] | None:

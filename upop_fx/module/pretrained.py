@@ -158,7 +158,7 @@ def save_pretrained(module: torch.nn.Module, directory: str | os.PathLike[str], 
     for stale in (WEIGHTS_FILE, STOCK_WEIGHTS_FILE, LOADER_FILE):
         (dest / stale).unlink(missing_ok=True)
     auto = _auto_classes(module)
-    stock = _stock_config(module, config, edits)
+    stock = _stock_config(module, config, fresh, edits)
     if stock is not None and _write_stock(module, stock, tensors, dest):
         layout = "stock"
     else:
@@ -211,13 +211,15 @@ def _auto_classes(module: torch.nn.Module) -> list[str]:
     return names
 
 
-def _stock_config(module: torch.nn.Module, config: Any, edits: dict[str, dict[str, Any]]) -> Any | None:
+def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Module,
+                  edits: dict[str, dict[str, Any]]) -> Any | None:
     """A copy of ``config`` from which ``type(module)`` builds exactly ``module``'s structure (every attribute
     and tensor shape), found by substituting the uniform size changes (every ``old`` size that became one
-    ``new`` size everywhere) into the config's integer fields; ``None`` where no such config exists."""
+    ``new`` size everywhere) into the config's integer fields; ``None`` where no such config exists.
+    ``fresh_model``: the class built from ``config`` (on the meta device)."""
     if not edits:
         return config
-    fresh = dict(_build_on_meta(type(module), config).named_modules(remove_duplicate=False))
+    fresh = dict(fresh_model.named_modules(remove_duplicate=False))
     changes: dict[int, set[int]] = {}
     for path, edit in edits.items():
         base, sub = fresh[path], module.get_submodule(path)

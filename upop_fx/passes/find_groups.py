@@ -85,9 +85,9 @@ class FindGroups(GraphPass[GroupAnalysis]):
             v = node.meta.get("val")
             axis = 1 if node.target in _CONVS else -1
             width = int(v.shape[axis]) if isinstance(v, torch.Tensor) and v.dim() > 1 else 0
-            left = resolve(node.args[0], {}) if node.target in _LEFT_WEIGHTED and node.args else None
+            left = _left_weight(node, {})
             why = (f"its weight {left.param.target} stands on the left (W @ x): it mixes rows (tokens), not channels"
-                   if isinstance(left, ParamView) else "no rule follows the output channels of this weighted op")
+                   if left is not None else "no rule follows the output channels of this weighted op")
             analysis.groups.append(DimGroup(
                 id=len(analysis.groups), kind="other", width=width, tower="", layer=-1, scope="", prunable=False,
                 reason=f"node {name} ({node.target}): {why}",
@@ -116,6 +116,14 @@ _CONVS = {
 }
 
 
+def _left_weight(node: torch.fx.Node, views: dict[str, object]) -> ParamView | None:
+    """The weight of ``W @ x`` (a parameter, or a view of one, on the left of a matmul), else None."""
+    if node.target not in _LEFT_WEIGHTED or not node.args:
+        return None
+    view = resolve(node.args[0], views)
+    return view if isinstance(view, ParamView) else None
+
+
 def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[str]:
     """The invariant every analysis keeps: each op that applies a parameter weight (``linear``, a convolution,
     an embedding, a matmul with a parameter or a view of one, or any other op consuming a parameter of rank 2 or
@@ -131,8 +139,8 @@ def unlisted_weights(gm: torch.fx.GraphModule, analysis: GroupAnalysis) -> list[
         if n.op != "call_function" or n.name in seeded:
             continue
         i = WEIGHTED.get(n.target)
-        left = resolve(n.args[0], views) if n.target in _LEFT_WEIGHTED and n.args else None
-        if isinstance(left, ParamView) and str(left.param.target) in params:  # W @ x: a weight mixing rows
+        left = _left_weight(n, views)
+        if left is not None and str(left.param.target) in params:  # W @ x: a weight mixing rows
             if (n.name, str(left.param.target)) not in used:
                 out.append(n.name)
             continue

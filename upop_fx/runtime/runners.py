@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capture.program import CaptureInfo, is_sequence
+from ..capture.program import CaptureInfo, is_sequence, sequence_lengths
 from ..errors import ConfigError
 from ..options import check_latency_shape
 from .export import export_for_timing
@@ -62,9 +62,7 @@ def latency_inputs(info: CaptureInfo, shape: tuple[int, int | None] | None) -> t
         return info.args, info.kwargs
     batch, seq = shape
     seq_axis = bool(_sequence_axes(info))
-    leaves = [t for t in torch.utils._pytree.tree_leaves((info.args, info.kwargs)) if isinstance(t, torch.Tensor)]
-    lengths = {int(t.shape[1]) for t in leaves if is_sequence(t)}
-    if seq is not None and not seq_axis and lengths != {seq}:
+    if seq is not None and not seq_axis and sequence_lengths(info) != {seq}:
         raise ConfigError(f"latency_shape asks for sequence length {seq}, but no input of this model has a "
                           "sequence axis (give seq=None to time at the inputs' own size)")
 

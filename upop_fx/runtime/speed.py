@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from ..capture.program import normalize_inputs
 from .export import export_onnx
 from .sessions import ort_feeds, ort_session
-from .timing import time_interleaved
+from .timing import load_average, time_interleaved
 
 __all__ = ["time_interleaved", "time_pair"]
 
@@ -34,7 +33,7 @@ def time_pair(original: torch.nn.Module, small: torch.nn.Module, example: Any, s
               runs: int = 20) -> list[dict[str, Any]]:
     """Rows ``{runtime, ms_dense, ms_pruned, speedup, shape, threads, load_before, load_after}`` for PyTorch and
     (when ``small_onnx`` exists) ONNX Runtime: ``shape`` the timed inputs' shapes, ``threads`` the runtime's
-    intra-op threads, the load averages (1 min) around each timed group.
+    intra-op threads (None: ONNX Runtime's default, one per physical core), the load averages (1 min) around each timed group.
 
     ``original`` and ``small`` run interleaved on ``example`` (:func:`time_interleaved`, ``runs`` timed rounds
     after 3 warm-up rounds). For ONNX Runtime, ``original`` is exported to a temporary file with
@@ -52,23 +51,20 @@ def time_pair(original: torch.nn.Module, small: torch.nn.Module, example: Any, s
     shape = " ".join(f"{k}{list(t.shape)}" for k, t in [*(("", a) for a in args), *kwargs.items()]
                      if isinstance(t, torch.Tensor))
     rows = []
-    load = _load()
+    load = load_average()
     with torch.inference_mode():
         a, b = time_interleaved(lambda: original(*args, **kwargs), lambda: small(*args, **kwargs), runs=runs)
     rows.append({"runtime": "pytorch", "ms_dense": a, "ms_pruned": b, "speedup": a / b, "shape": shape,
-                 "threads": torch.get_num_threads(), "load_before": load, "load_after": _load()})
+                 "threads": torch.get_num_threads(), "load_before": load, "load_after": load_average()})
     if small_onnx is not None and Path(small_onnx).is_file():
         with tempfile.TemporaryDirectory() as d:
             dense_onnx = export_onnx(original, example, Path(d) / "original.onnx", optimize=False).path
             sa, sb = ort_session(dense_onnx, spinning=False), ort_session(small_onnx, spinning=False)
             fa, fb = ort_feeds(sa, args, kwargs), ort_feeds(sb, args, kwargs)
-            load = _load()
+            load = load_average()
             a, b = time_interleaved(lambda: sa.run(None, fa), lambda: sb.run(None, fb), runs=runs)
-            threads = sa.get_session_options().intra_op_num_threads or os.cpu_count()
+            threads = sa.get_session_options().intra_op_num_threads or None  # None: one per physical core
         rows.append({"runtime": "onnxruntime-cpu", "ms_dense": a, "ms_pruned": b, "speedup": a / b, "shape": shape,
-                     "threads": threads, "load_before": load, "load_after": _load()})
+                     "threads": threads, "load_before": load, "load_after": load_average()})
     return rows
 
-
-def _load() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,10 +20,15 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["time_interleaved", "saved_interleaved", "clock"]
+__all__ = ["time_interleaved", "saved_interleaved", "clock", "load_average"]
 
 #: the clock every timed call reads (seconds, monotonic); tests put a simulated clock here
 clock = time.perf_counter
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (recorded beside every timing), or None where the OS has none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def time_interleaved(*fns: Callable[[], Any], runs: int = 20, warmup: int = 3, alternate: bool = False) -> list[float]:

@@ -46,8 +46,8 @@ def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) ->
     count = np.zeros(g.width)
     for name, axis, chan in g.producers + g.consumers:
         mod, _, attr = name.rpartition(".")
-        t = getattr(gm.get_submodule(mod) if mod else gm, attr).detach().cpu().double().abs()
-        per_entry = t.sum(dim=[d for d in range(t.dim()) if d != axis]).numpy() if t.dim() > 1 else t.numpy()
+        t = getattr(gm.get_submodule(mod) if mod else gm, attr).detach().double().abs()  # on its device
+        per_entry = (t.sum(dim=[d for d in range(t.dim()) if d != axis]) if t.dim() > 1 else t).cpu().numpy()
         n = t.numel() // t.shape[axis]
         hit = chan >= 0
         np.add.at(total, chan[hit], per_entry[hit])

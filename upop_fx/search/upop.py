@@ -40,6 +40,7 @@ Example (the state driven by hand; ``upop_fx.UPop`` wraps this with capture and 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -124,7 +125,6 @@ class UPopState:
         self.t = 0
         self.pi = 0.0
         self._allocate = allocation(options)
-        self._prior = magnitude_scores(prepared.captured.gm, prepared.analysis, self.state.entries)
 
     # --------------------------------------------------------------- training
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -166,6 +166,11 @@ class UPopState:
         self.t += 1
         return self.pi
 
+    @functools.cached_property
+    def _prior(self) -> np.ndarray:
+        """The first marking's ranking (see the module docstring): read once, and only by a search at step 0."""
+        return magnitude_scores(self.prepared.captured.gm, self.prepared.analysis, self.state.entries)
+
     def _importance(self) -> np.ndarray:
         if self.t == 0:  # no gradient to rank on yet (see the module docstring): the weights' magnitude
             return self._prior
@@ -204,13 +209,7 @@ class UPopState:
     def dense_trained(self) -> torch.fx.GraphModule:
         """The captured graph carrying the weights trained during the search (masks left out). Its parameters
         and buffers *are* the masked model's (shared, not copied): the search holds no third copy of the model."""
-        teacher = self.prepared.captured.gm
-        student = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        own = dict(teacher.named_parameters()) | dict(teacher.named_buffers())
-        missing = sorted(set(own) - set(student))
-        if missing:
-            raise UPopError(f"the masked model lacks the dense graph's tensors {missing[:3]}")
-        return copy.deepcopy(teacher, {id(t): student[name] for name, t in own.items()})
+        return self._copy_sharing(self.prepared.captured.gm, self.model)
 
     def matched_teacher(self) -> torch.fx.GraphModule:
         """The dense model computed with the student's arithmetic: the search graph (fused kernel included) at
@@ -220,12 +219,17 @@ class UPopState:
         Call before the first step (the masks must still be 1)."""
         if self.t != 0 or any(bool((m != 1).any()) for m in self._masks):
             raise UPopError("matched_teacher() needs the search graph as it starts: masks at 1, before step 0")
-        own = dict(self.prepared.captured.gm.named_parameters()) | dict(self.prepared.captured.gm.named_buffers())
-        student = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        missing = sorted(set(own) - set(student))
+        return self._copy_sharing(self.model, self.prepared.captured.gm)
+
+    def _copy_sharing(self, graph: torch.fx.GraphModule, source: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """A deep copy of ``graph`` (the captured graph or the search graph) whose tensors named as the captured
+        graph's are ``source``'s own (shared, not copied); the masks and gathers of the search graph are copied."""
+        dense, search = _tensors(self.prepared.captured.gm), _tensors(self.model)
+        missing = sorted(set(dense) - set(search))
         if missing:
             raise UPopError(f"the search graph lacks the dense graph's tensors {missing[:3]}")
-        return copy.deepcopy(self.model, {id(student[name]): t for name, t in own.items()})
+        mine, theirs = _tensors(graph), _tensors(source)
+        return copy.deepcopy(graph, {id(mine[name]): theirs[name] for name in dense})
 
     def selection(self, losses: list[float] | None = None) -> Selection:
         """The entries marked at the last step, the trained dense graph to cut, and the final masked graph
@@ -242,3 +246,7 @@ class UPopState:
             return checked(self._allocate(importance, entries, self.state.structures, fraction), entries)
 
         return Selection(self.pruned.copy(), self.dense_trained(), self.model, list(losses or []), reselect)
+
+
+def _tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(gm.named_parameters()) | dict(gm.named_buffers())
