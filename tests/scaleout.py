@@ -16,6 +16,7 @@ import upop_fx
 
 D, HEADS, FF, LAYERS = 32, 4, 64, 2
 SEARCH, RETRAIN, INTERVAL = 8, 4, 2
+CALIBRATION = 2  # batches read between the search and the retrain (reconstruction, the retrain's check)
 
 
 def encoder(seed: int = 0) -> torch.nn.Module:
@@ -29,7 +30,7 @@ def build() -> tuple[torch.nn.Module, torch.Tensor]:
     return encoder(), torch.randn(4, 10, D, generator=torch.Generator().manual_seed(1))
 
 
-def global_batches(n: int = SEARCH + RETRAIN, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def global_batches(n: int = SEARCH + CALIBRATION + RETRAIN, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(inputs, target)`` pairs: regress a fixed random map of the input, so that the loss is a plain mean."""
     g = torch.Generator().manual_seed(2)
     proj = torch.randn(D, D, generator=g) / D**0.5
@@ -99,6 +100,7 @@ def checkpointed_run(checkpoint_dir: str | None, delay: float = 0.0, every: int 
     return upop_fx.compress(
         encoder(), data[0][0], 0.5, data=SlowBatches(data, delay), loss_fn=mse, search_steps=SEARCH,
         retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3, checkpoint_dir=checkpoint_dir, checkpoint_every=every,
+        calibration_batches=CALIBRATION,
     )  # fmt: skip
 
 
@@ -113,7 +115,7 @@ def torchrun_compress(out: str) -> None:
     half = data[0][0].shape[0] // world
     shard = [(x[rank * half:(rank + 1) * half], t[rank * half:(rank + 1) * half]) for x, t in data]
     result = upop_fx.compress(encoder(), shard[0][0], 0.5, data=shard, loss_fn=mse, search_steps=SEARCH,
-                              retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3)
+                              retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3, calibration_batches=CALIBRATION)
     torch.save({"rank": rank, "group": torch.distributed.is_initialized(),
                 "world": torch.distributed.get_world_size(), **summary(result)}, f"{out}.{rank}")
 

@@ -85,11 +85,11 @@ def _run_stream(ckpt: Path, fail_at: int | None) -> upop_fx.Result:
     return upop_fx.compress(
         scaleout.encoder(), data[0][0], 0.5, data=_stream(fail_at), loss_fn=scaleout.mse,
         search_steps=scaleout.SEARCH, retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL, lr=1e-3,
-        checkpoint_dir=ckpt, checkpoint_every=2,
+        checkpoint_dir=ckpt, checkpoint_every=2, calibration_batches=scaleout.CALIBRATION,
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("fail_at", [5, scaleout.SEARCH + 3])  # in the search; in the retrain
+@pytest.mark.parametrize("fail_at", [5, scaleout.SEARCH + scaleout.CALIBRATION + 2])  # in the search; the retrain
 def test_one_shot_stream_resumes_at_its_position(tmp_path, fail_at):
     """A one-shot stream is read once across both phases (the retrain continues where the search stopped): the
     resumed run must skip exactly the batches the checkpoint consumed, the search's included."""
@@ -105,7 +105,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(upop_fx.CheckpointError, match="weights differs"):
         upop_fx.compress(scaleout.encoder(seed=1), data[0][0], 0.5, data=data, loss_fn=scaleout.mse,
                          search_steps=scaleout.SEARCH, retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL,
-                         lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2)
+                         lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2, calibration_batches=scaleout.CALIBRATION)
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
@@ -114,7 +114,7 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
     with pytest.raises(upop_fx.CheckpointError, match=r"settings\.options\.ratio differs \(0\.5 there, 0\.4 here\)"):
         upop_fx.compress(scaleout.encoder(), data[0][0], 0.4, data=data, loss_fn=scaleout.mse,
                          search_steps=scaleout.SEARCH, retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL,
-                         lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2)
+                         lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2, calibration_batches=scaleout.CALIBRATION)
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path):

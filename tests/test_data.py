@@ -36,30 +36,31 @@ def test_a_dataloader_is_streamed_not_materialised():
     data = Counting()
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     result = upop_fx.compress(_tiny(), torch.randn(2, 5, 16), 0.5, data=loader, search_steps=6, retrain_steps=4,
-                              interval=2)
-    # the search reads 6 batches, the retrain starts a fresh epoch and reads 4
-    assert data.reads == 2 * (6 + 4), data.reads
+                              interval=2, calibration_batches=2)
+    # the search reads 6 batches; the calibration starts a fresh epoch and reads 2, the retrain another and reads 4
+    assert data.reads == 2 * (6 + 2 + 4), data.reads
     assert len(result.losses["search"]) == 6 and len(result.losses["retrain"]) == 4
 
 
 def test_ten_steps_read_ten_batches():
     data = Counting()
     loader = torch.utils.data.DataLoader(data, batch_size=4)
-    upop_fx.compress(_tiny(), torch.randn(2, 5, 16), 0.5, "magnitude", data=loader, retrain_steps=10)
-    assert data.reads == 4 * 10
+    upop_fx.compress(_tiny(), torch.randn(2, 5, 16), 0.5, "magnitude", data=loader, retrain_steps=10,
+                     calibration_batches=3)
+    assert data.reads == 4 * (3 + 10)
 
 
 def test_a_one_shot_iterator_is_read_once_across_search_and_retrain():
     seen = []
 
     def gen():
-        for i in range(7):
+        for i in range(9):
             seen.append(i)
             yield torch.randn(2, 5, 16)
 
     result = upop_fx.compress(_tiny(), torch.randn(2, 5, 16), 0.5, data=gen(), search_steps=4, retrain_steps=3,
-                              interval=2)
-    assert seen == list(range(7)) and len(result.losses["retrain"]) == 3
+                              interval=2, calibration_batches=2)  # 4 + 2 (after the search) + 3
+    assert seen == list(range(9)) and len(result.losses["retrain"]) == 3
 
 
 def test_a_one_shot_iterator_that_runs_out_says_so():

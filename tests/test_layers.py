@@ -51,9 +51,9 @@ ORDER = {
     "passes": ["rules", "base", "blocks", "param_views", "trace", "split_slots", "find_groups", "insert_masks",
                "sort_experts", "fuse_attention", "surgery", ""],
     "passes.rules": ["registry", "_util", "attention", "elementwise", "indexing", "shape", "linear", ""],
-    "training": ["distributed", "checkpoint", "loop", ""],
+    "training": ["distributed", "checkpoint", "loop", "reconstruct", ""],
     "runtime": ["sessions", "timing", "export", "runners", "latency_tables", "speed", ""],
-    "search": ["ranking", "strategy", "magnitude", "upop", ""],
+    "search": ["ranking", "strategy", "magnitude", "activation", "upop", ""],
     "module": ["rebuild", "pretrained", "class_limits", ""],
 }
 

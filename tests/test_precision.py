@@ -23,7 +23,8 @@ def _run(precision: str, seen: list | None = None, **kwargs) -> upop_fx.Result:
 
     return upop_fx.compress(
         scaleout.encoder(), data[0][0], 0.5, data=data, loss_fn=loss, search_steps=scaleout.SEARCH,
-        retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL, lr=1e-3, precision=precision, **kwargs,
+        retrain_steps=scaleout.RETRAIN, interval=scaleout.INTERVAL, lr=1e-3, precision=precision,
+        calibration_batches=0, **kwargs,
     )  # fmt: skip
 
 

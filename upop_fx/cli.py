@@ -136,7 +136,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             helptext = f"{meta['doc']} (default: {f.default})".replace("%", "%%")
             if isinstance(f.default, bool):
-                section.add_argument(flag, action="store_true", help=helptext)
+                action = argparse.BooleanOptionalAction if f.default else "store_true"  # on by default: --no-X
+                section.add_argument(flag, action=action, default=f.default, help=helptext)
                 continue
             kind = meta["parse"] or (type(f.default) if f.default is not None else str)
             choices = getattr(meta["check"], "choices", None)

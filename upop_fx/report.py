@@ -69,6 +69,12 @@ class Report:
     latency: dict[str, Any] | None = None
     #: sizes the model's code fixed at capture (``"batch 2 (input 'x', axis 0)"``): the graph runs only at those
     runs_only_at: list[str] = field(default_factory=list)
+    #: the layers re-fitted after the cut (``options.reconstruct``): weight, calibration rows, relative error on
+    #: the calibration batches before and after (:class:`~upop_fx.training.reconstruct.LayerFit`)
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)
+    #: the retrain's check loss ``[steps done, loss]`` (measured on held batches before the first step and along
+    #: the way); the weights kept are those of the lowest
+    retrain_check: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -112,6 +118,15 @@ class Report:
         ]
         if self.runs_only_at:
             lines.append("runs only at: " + "; ".join(self.runs_only_at) + " (the model's code fixes it)")
+        if self.reconstruction:
+            before = sum(f["before"] for f in self.reconstruction) / len(self.reconstruction)
+            after = sum(f["after"] for f in self.reconstruction) / len(self.reconstruction)
+            lines.append(f"reconstruction: {len(self.reconstruction)} layers re-fitted to the dense model, mean "
+                         f"relative error {before:.3f} -> {after:.3f} (calibration batches)")
+        if self.retrain_check:
+            first, best = self.retrain_check[0], min(self.retrain_check, key=lambda h: h[1])
+            lines.append(f"retrain: check loss {first[1]:.4f} at the cut -> {best[1]:.4f}, the weights after "
+                         f"{int(best[0])} steps kept")
         if self.latency:
             t = self.latency
             seq = f", seq {t['seq']}" if t.get("seq") else ""

@@ -66,6 +66,8 @@ class Prepared:
     training: Training | None = None  #: precision and checkpoints of the run's training phases
     source: torch.nn.Module | None = None  #: the caller's model (never modified): what ``Result.module`` copies
     latency: LatencyModel | None = None  #: ``budget="latency"``: the measured latency model
+    #: model inputs of the calibration batches, for a strategy that reads them (``reads_calibration = True``)
+    calibration: list[Any] | None = None
 
     @property
     def granularity(self) -> str:

@@ -5,8 +5,8 @@ A *batch* is what ``data`` yields. The loss (:func:`make_objective`) is, in this
 * ``loss_fn(outputs, target)`` when a ``loss_fn`` is given; each batch is then an ``(inputs, target)`` pair;
 * the model's own loss, when the example inputs carry ``labels`` and the model's output has a ``.loss``
   (Hugging Face models): batches are model inputs with their labels, taken as they come;
-* otherwise distillation from the dense model: the mean squared error of every floating-point output, each
-  divided by the teacher's mean square so that outputs of different scales weigh alike.
+* otherwise distillation from the dense model (:func:`distillation_loss`): KL divergence on ``logits``, and on
+  every other floating-point output the squared error of each feature over the teacher's variance of it.
 
 ``data`` is streamed (:class:`Batches`): a re-iterable (a list, a ``DataLoader``) is iterated afresh for each
 phase and each epoch and never held in memory; a one-shot iterator (a generator) is read once, the search and
@@ -42,7 +42,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
-    "make_objective", "to_device", "train_steps", "retrain",
+    "make_objective", "to_device", "train_steps", "retrain", "BestWeights", "VARIANCE_FLOOR",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,53 @@ def call(model: torch.nn.Module, inputs: Any) -> Any:
     return model(*args, **kwargs)
 
 
+#: a dimension's variance is floored at this fraction of the mean variance of its output (a dimension constant
+#: over the batch must not weigh without bound)
+VARIANCE_FLOOR = 1e-2
+
+
 def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
-    """Sum over the floating-point outputs of ``mse(student, teacher) / mean(teacher²)``."""
-    s_leaves, _ = torch.utils._pytree.tree_flatten(student)
-    t_leaves, _ = torch.utils._pytree.tree_flatten(teacher)
-    terms = [
-        torch.nn.functional.mse_loss(s.float(), t.float()) / (t.float().pow(2).mean() + 1e-8)
-        for s, t in zip(s_leaves, t_leaves)
-        if isinstance(t, torch.Tensor) and t.is_floating_point()
-    ]
+    """The distillation loss of a student's outputs against the teacher's: a sum of one term per floating-point
+    output, each scale-free so that outputs of different scales weigh alike.
+
+    * An output named ``logits`` (a Hugging Face head): the KL divergence from the teacher's token (or class)
+      distribution to the student's, averaged over positions.
+    * Any other output of at least two rows (``(..., features)``): the squared error of each feature divided by
+      the teacher's variance of that feature over the batch's rows (samples × positions), floored at
+      :data:`VARIANCE_FLOOR` of the mean variance; i.e. the error measured against what tells the inputs apart,
+      not against a large component all inputs share (which a plain MSE over ``mean(teacher²)`` is dominated by,
+      so that matching it rewards collapsing onto it).
+    * A scalar or one row: ``mse / mean(teacher²)``.
+    """
+    s_leaves = torch.utils._pytree.tree_leaves(student)
+    t_paths, _ = torch.utils._pytree.tree_flatten_with_path(teacher)
+    terms = []
+    for s, (path, t) in zip(s_leaves, t_paths):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        s, t = s.float(), t.float()
+        if _named(path, "logits") and t.dim() >= 2:
+            flat_t, flat_s = t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1])
+            terms.append(torch.nn.functional.kl_div(flat_s.log_softmax(-1), flat_t.log_softmax(-1), log_target=True,
+                                                    reduction="batchmean"))
+        elif t.dim() >= 2 and t.numel() // t.shape[-1] >= 2:
+            rows = t.reshape(-1, t.shape[-1])
+            var = rows.var(0, unbiased=False)
+            var = var.clamp_min(VARIANCE_FLOOR * float(var.mean()) + 1e-12)
+            terms.append(((s - t).reshape(-1, t.shape[-1]).pow(2) / var).mean())
+        else:
+            terms.append(torch.nn.functional.mse_loss(s, t) / (t.pow(2).mean() + 1e-8))
     if not terms:
         raise InputError("distillation needs at least one floating-point model output; pass a loss_fn")
     return torch.stack(terms).sum()
+
+
+def _named(path: tuple[Any, ...], name: str) -> bool:
+    """Whether a pytree key path ends at a field or key called ``name`` (a ``ModelOutput``'s ``.logits``)."""
+    if not path:
+        return False
+    key = path[-1]
+    return getattr(key, "key", getattr(key, "name", None)) == name
 
 
 def has_task_loss(model: torch.nn.Module, example_inputs: Any) -> bool:
@@ -359,6 +394,57 @@ def _gathered(pending: list[torch.Tensor]) -> list[float]:
     return values.tolist()
 
 
+#: the retrain's check reads at most this many of the batches it is given
+CHECK_BATCHES = 8
+
+
+class BestWeights:
+    """The retrain's guard (a :class:`PhaseState`): the objective on fixed check batches, measured before the
+    first step and every ``every`` steps, and the weights where it was lowest, put back at the end — so a retrain
+    never ends worse, on those batches, than the cut it started from."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, check: list[Any], every: int) -> None:
+        self.model, self.objective, self.check, self.every = model, objective, check, max(1, every)
+        self.history: list[tuple[int, float]] = []  # (steps done, check loss)
+        self.best: dict[str, torch.Tensor] | None = None  # a copy of the weights at the lowest check loss
+        self.best_step = 0
+
+    def measure(self, done: int) -> str:
+        """Measure the check loss after ``done`` steps; keep a copy of the weights when it is the lowest yet."""
+        was_training = self.model.training
+        self.model.eval()
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            loss = sum(float(self.objective(self.model, to_device(b, device))) for b in self.check) / len(self.check)
+        self.model.train(was_training)
+        if distributed.active():
+            loss = _gathered([torch.tensor(loss, device=device)])[0]
+        if not self.history or loss < min(v for _, v in self.history):
+            self.best_step = done
+            self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.history.append((done, loss))
+        return f"check={loss:.4f}"
+
+    def after_step(self, i: int, grad_scale: float) -> str:
+        done = i + 1
+        return self.measure(done) if done % self.every == 0 else ""
+
+    def restore(self) -> None:
+        """Put the best weights back (when the last measurement was not the best)."""
+        if self.best is not None and self.history and self.best_step != self.history[-1][0]:
+            self.model.load_state_dict(self.best)
+            log.info("retrain: kept the weights after %d steps (check loss %.5f; %.5f at the end)", self.best_step,
+                     min(v for _, v in self.history), self.history[-1][1])
+        self.best = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "best_step": self.best_step, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
+        self.best_step, self.best = int(state["best_step"]), state["best"]
+
+
 def retrain(
     model: torch.nn.Module,
     teacher: torch.nn.Module | None,
@@ -369,12 +455,17 @@ def retrain(
     example_inputs: Any,
     *,
     training: Training | None = None,
+    check: list[Any] | None = None,
+    history: list[tuple[int, float]] | None = None,
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
     The loss is ``loss_fn`` when given, else the model's own ``.loss`` when ``example_inputs`` carry ``labels``,
     else distillation from ``teacher``. ``data`` as in :class:`Batches` (or a :class:`Batches` to continue).
     ``training``: precision and checkpoints (phase ``"retrain"``), see :func:`train_steps`.
+    ``check``: batches (as ``data`` yields them; the first :data:`CHECK_BATCHES`) on which the loss is measured
+    before the first step and every ``steps // 5`` steps; the weights where it was lowest are the ones kept (:class:`BestWeights`); the
+    measurements are appended to ``history`` as ``(steps done, loss)``.
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
@@ -382,4 +473,17 @@ def retrain(
     example = to_device(example_inputs, device)
     objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example))
     params = [p for p in model.parameters() if p.requires_grad]
-    return train_steps(model, params, objective, batches, steps, lr, "retrain", training=training, phase="retrain")
+    guard = BestWeights(model, objective, check[:CHECK_BATCHES], max(1, steps // 5)) if check else None
+    resumed = training is not None and training.checkpoint is not None and training.checkpoint.path("retrain").is_file()
+    if guard is not None and not resumed:  # a resumed phase has its measurements in its checkpoint
+        guard.measure(0)
+    losses = train_steps(model, params, objective, batches, steps, lr, "retrain",
+                         guard.after_step if guard is not None else None, training=training, phase="retrain",
+                         state=guard)
+    if guard is not None:
+        if not guard.history or guard.history[-1][0] != steps:
+            guard.measure(steps)
+        guard.restore()
+        if history is not None:
+            history.extend(guard.history)
+    return losses

@@ -1,0 +1,154 @@
+"""Reconstruction after the cut, the retrain's guard and the distillation loss.
+
+The per-layer errors :func:`reconstruct` reports are checked against an independent computation: every node's
+value recorded by ``torch.fx.Interpreter`` on the dense and the cut graphs, the residual sums compared directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import upop_fx
+from upop_fx.compare import relative_error
+from upop_fx.passes import FindGroups, Surgery
+from upop_fx.training.loop import VARIANCE_FLOOR, distillation_loss
+from upop_fx.training.reconstruct import reconstruct, refit_sites
+
+from .models import ZOO, ZooModel
+
+MODELS = ["bert", "gpt2", "llama", "timm_vit"]  # linear and addmm (Conv1D) layers; post- and pre-norm residuals
+
+
+def _values(gm: torch.fx.GraphModule, inputs) -> dict[str, torch.Tensor]:
+    """Every node's value (by name) when ``gm`` runs ``inputs``."""
+    args, kwargs = ZooModel.split(inputs)
+    flat = torch.fx._pytree.tree_flatten_spec((args, kwargs), gm.graph._codegen.pytree_info.in_spec)
+    env: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            env[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    return env
+
+
+def _cut(name: str):
+    zoo = ZOO[name]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    groups = FindGroups()(cap.gm).value.prunable
+    keep = {g.id: [c for c in range(g.width) if (c % g.head_dim if g.heads else c) % 3 != 1] for g in groups}
+    return zoo, cap.gm, Surgery(keep)(cap.gm).gm
+
+
+def _site_error(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, site, batches) -> float:
+    """The residual sum's error at ``site``, over the centred spread of its target, computed from node values."""
+    num = 0.0
+    ys = []
+    for b in batches:
+        d, s = _values(dense, b), _values(small, b)
+        target = d[site.dense_add.name] - s[site.residual.name]
+        got = s[site.small_add.name] - s[site.residual.name]
+        num += float((got - target).double().pow(2).sum())
+        ys.append(target.double().reshape(-1, target.shape[-1]))
+    y = torch.cat(ys)
+    return num / float((y - y.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reconstruct_lowers_each_layers_error_and_reports_it_exactly(name):
+    zoo, dense, small = _cut(name)
+    batches = [zoo.example_inputs, zoo.other_inputs]
+    before_dense = {k: v.clone() for k, v in dense.state_dict().items()}
+    before_small = {k: v.clone() for k, v in small.state_dict().items()}
+    code = (dense.code, small.code)
+    sites = refit_sites(dense, small)
+    assert sites and all(s.residual is not None for s in sites)
+    first_before = _site_error(dense, small, sites[0], batches)
+
+    fits = reconstruct(dense, small, batches)
+
+    assert [f.weight for f in fits] == [s.weight for s in sites]
+    assert all(f.after < f.before for f in fits), [(f.weight, f.before, f.after) for f in fits]
+    assert math.isclose(fits[0].before, first_before, rel_tol=1e-5)
+    for site, fit in zip(sites, fits):  # each layer was fitted after the ones before it: the final weights give it
+        assert math.isclose(_site_error(dense, small, site, batches), fit.after, rel_tol=1e-4, abs_tol=1e-7)
+    # the dense graph is untouched; of the cut graph, only the re-fitted layers changed; both graphs restored
+    assert all(torch.equal(v, before_dense[k]) for k, v in dense.state_dict().items())
+    refitted = {f.weight for f in fits} | {s.bias for s in sites if s.bias}
+    for k, v in small.state_dict().items():
+        assert torch.equal(v, before_small[k]) != (k in refitted), k
+    assert (dense.code, small.code) == code
+    small.graph.lint()
+
+
+def test_reconstruct_is_deterministic_and_leaves_uncut_layers():
+    zoo, dense, small = _cut("bert")
+    twin = copy.deepcopy(small)
+    batches = [zoo.example_inputs, zoo.other_inputs]
+    reconstruct(dense, small, batches)
+    reconstruct(dense, twin, batches)
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), twin.state_dict().values()))
+    # an uncut model has nothing to re-fit
+    assert reconstruct(dense, copy.deepcopy(dense), batches) == []
+
+
+def test_compress_reconstructs_by_default_with_data_and_the_module_follows():
+    zoo = ZOO["bert"]()
+    data = [zoo.example_inputs, zoo.other_inputs] * 2
+    kwargs = dict(ratio=0.5, method="magnitude", retrain_steps=0, data=data, calibration_batches=4)
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
+    plain = upop_fx.compress(zoo.model, zoo.example_inputs, reconstruct=False, **kwargs)
+    assert result.report.reconstruction and not plain.report.reconstruction
+    assert all(f["after"] < f["before"] for f in result.report.reconstruction)
+    assert "reconstruction:" in result.report.table()
+    dense = zoo.call(zoo.example_inputs).last_hidden_state
+    err = relative_error(result.model(**zoo.example_inputs).last_hidden_state, dense)
+    err_plain = relative_error(plain.model(**zoo.example_inputs).last_hidden_state, dense)
+    assert err < err_plain
+    torch.testing.assert_close(plain.model(**zoo.other_inputs), plain.reference()(**zoo.other_inputs))
+    assert result.module is not None  # rebuilt from the re-fitted weights, verified equal to the graph
+    torch.testing.assert_close(result.module(**zoo.other_inputs).last_hidden_state,
+                               result.model(**zoo.other_inputs).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_retrain_never_ends_worse_than_the_cut_on_its_check_batches():
+    zoo = ZOO["bert"]()
+    data = [zoo.example_inputs, zoo.other_inputs] * 4
+    kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=2, reconstruct=False)
+    cut = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=0, **kwargs)
+    wrecked = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=10, lr=1.0, **kwargs)  # lr 1: ruinous
+    check = wrecked.report.retrain_check
+    assert [int(s) for s, _ in check] == [0, 2, 4, 6, 8, 10]  # before the first step, then every fifth of them
+    assert min(v for _, v in check) == check[0][1] < check[-1][1]
+    torch.testing.assert_close(wrecked.model(**zoo.other_inputs), cut.model(**zoo.other_inputs))  # the cut kept
+    assert "kept" in wrecked.report.table()
+
+
+def test_distillation_loss_weighs_features_by_their_spread_and_logits_by_kl():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(4, 6, 8, generator=gen) * torch.linspace(0.5, 2, 8)
+    s = t + 0.1 * torch.randn(4, 6, 8, generator=gen)
+    base = distillation_loss(s, t)
+    offset, scale = 100 * torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5
+    # what every input shares does not count, and each feature is measured in its own spread
+    torch.testing.assert_close(distillation_loss(s + offset, t + offset), base, rtol=1e-4, atol=0)
+    torch.testing.assert_close(distillation_loss(s * scale, t * scale), base, rtol=1e-4, atol=0)
+    var = t.reshape(-1, 8).var(0, unbiased=False).clamp_min(VARIANCE_FLOOR * float(t.reshape(-1, 8).var(0, unbiased=False).mean()))
+    torch.testing.assert_close(base, ((s - t).reshape(-1, 8) ** 2 / var).mean())
+    assert float(distillation_loss(t, t)) == 0.0
+
+    from transformers.modeling_outputs import CausalLMOutput
+
+    logits_t, logits_s = torch.randn(2, 3, 11, generator=gen), torch.randn(2, 3, 11, generator=gen)
+    kl = (logits_t.softmax(-1) * (logits_t.log_softmax(-1) - logits_s.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(distillation_loss(CausalLMOutput(logits=logits_s), CausalLMOutput(logits=logits_t)), kl)
+    torch.testing.assert_close(distillation_loss(CausalLMOutput(logits=logits_s + 3.0), CausalLMOutput(logits=logits_s)),
+                               torch.tensor(0.0), atol=1e-6, rtol=0)

@@ -1,0 +1,337 @@
+"""Reconstruction after the cut: re-fit each cut layer's output projection to the dense layer's output.
+
+A cut removes input columns of the linear maps that consume the removed channels: an attention block's output
+projection, an MLP's second layer. Their output width (the residual stream) is unchanged, so the dense model's
+output of that same layer is a target the cut one can be fitted to. On calibration batches, for each such layer
+in the order the graph runs them, this records the *cut* model's input ``X`` to the layer (with the layers
+before it already re-fitted) and the *dense* model's output ``Y`` of it, and solves the ridge-regularised least
+squares
+
+    min over W, b:  ‖X Wᵀ + b − Y‖²  +  λ · s · ‖W − W₀‖²,     s = mean(diag(XᵀX))
+
+(``W₀`` the cut weight, ``λ`` = :data:`RIDGE`) in float64 from the accumulated ``XᵀX`` and ``XᵀY``. The bias
+absorbs the mean of what the removed channels gave (FLAP's compensation); the weights re-mix the kept channels
+to stand in for the removed ones (Kwon et al.'s mask tuning). Each layer's error on the calibration batches —
+``‖X Wᵀ + b − Y‖²`` over the centred ``‖Y − Ȳ‖²`` — is reported before and after; the ridge solution never
+raises it (a fit that would, from rounding, is not applied). Deterministic: no randomness, fixed order.
+
+A layer is re-fitted when it is a linear map (``aten.linear``; ``aten.addmm`` with a weight parameter, Hugging
+Face's ``Conv1D``) whose weight the cut narrowed on its input axis and left whole on its output axis, and which
+the graph uses once.
+
+Example:
+    >>> import torch, upop_fx
+    >>> from upop_fx.passes import FindGroups, Surgery
+    >>> from upop_fx.training.reconstruct import reconstruct
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    >>> cap = upop_fx.capture(layer, torch.randn(2, 5, 16))
+    >>> keep = {g.id: range(g.width // 2) for g in FindGroups()(cap.gm).value.prunable if g.kind == "mlp"}
+    >>> small = Surgery(keep)(cap.gm).gm
+    >>> fits = reconstruct(cap.gm, small, [torch.randn(4, 5, 16) for _ in range(4)])
+    >>> [(f.weight, f.after < f.before) for f in fits]
+    [('linear2.weight', True)]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from ..logs import progress_bar
+from .loop import call, to_device
+
+__all__ = ["LayerFit", "reconstruct", "refit_sites", "input_norms", "stored_transposed", "RIDGE"]
+
+log = logging.getLogger(__name__)
+
+#: the ridge weight λ, relative to the mean diagonal of ``XᵀX``: pulls the fit toward the cut weights where the
+#: calibration activations say little (a direction they hardly span)
+RIDGE = 1e-2
+
+_aten = torch.ops.aten
+
+
+@dataclass
+class LayerFit:
+    """One re-fitted layer: its weight's name, the calibration rows (tokens) it was fitted on, and its relative
+    error on them before and after (``‖X Wᵀ + b − Y‖² / ‖Y − Ȳ‖²``)."""
+
+    weight: str
+    rows: int
+    before: float
+    after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Site:
+    """A linear map of the cut graph to re-fit, and the node of the same weight in the dense graph."""
+
+    small: Node
+    dense: Node
+    weight: str  # the weight's attribute path (shared by both graphs)
+    bias: str | None
+    transposed: bool  # addmm: the weight is stored (in, out)
+    #: the residual add the layer's output goes into, in each graph, and the add's other operand in ``small``
+    #: (None: the output goes elsewhere, and the layer's own output is the target)
+    small_add: Node | None = None
+    dense_add: Node | None = None
+    residual: Node | None = None
+
+
+def _linear_parts(n: Node) -> tuple[Node, Node, Node | None, bool] | None:
+    """``(input, weight, bias, transposed)`` of a linear map node with ``get_attr`` weight (and bias)."""
+    if n.op != "call_function":
+        return None
+    if n.target is _aten.linear.default:
+        x, w, b = (list(n.args) + [None])[:3]
+        b = b if b is not None else n.kwargs.get("bias")
+        transposed = False
+    elif n.target is _aten.addmm.default and not n.kwargs and len(n.args) == 3:
+        b, x, w = n.args
+        transposed = True
+    else:
+        return None
+    if not (isinstance(w, Node) and w.op == "get_attr") or (b is not None and not (isinstance(b, Node) and b.op == "get_attr")):
+        return None
+    return x, w, b, transposed
+
+
+#: ops that pass a layer's output on unchanged in an inference graph (a view back to (batch, tokens, features)
+#: after a 2-D ``addmm`` included: rows stay rows, which :func:`reconstruct` checks on the recorded values)
+_PASS_THROUGH = (_aten.dropout.default, _aten.clone.default, _aten.alias.default, _aten.view.default,
+                 _aten.reshape.default, _aten._unsafe_view.default)
+
+
+def _residual_add(n: Node) -> tuple[Node, Node] | None:
+    """``(add, other operand)`` when ``n``'s value goes, through ops of :data:`_PASS_THROUGH` only, into a plain
+    ``aten.add.Tensor`` (a residual connection) as its only use."""
+    path = n
+    while len(path.users) == 1:
+        (user,) = path.users
+        if user.op == "call_function" and user.target in _PASS_THROUGH and user.args[0] is path:
+            path = user
+            continue
+        if user.op == "call_function" and user.target is _aten.add.Tensor and not user.kwargs and len(user.args) == 2:
+            other = user.args[1] if user.args[0] is path else user.args[0]
+            if isinstance(other, Node) and other is not path:
+                return user, other
+        return None
+    return None
+
+
+def _attr(gm: torch.nn.Module, path: str) -> torch.Tensor:
+    owner, _, name = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def refit_sites(dense: torch.fx.GraphModule, small: torch.fx.GraphModule) -> list[_Site]:
+    """The linear maps of ``small`` that the cut narrowed on their input axis only, in the order the graph runs
+    them, each paired with the node of the same weight in ``dense`` (see the module docstring)."""
+    uses: dict[str, int] = {}
+    for n in small.graph.nodes:
+        if n.op == "get_attr":
+            uses[n.target] = len(n.users)
+    in_dense: dict[str, Node] = {}
+    for n in dense.graph.nodes:
+        parts = _linear_parts(n)
+        if parts is not None:
+            in_dense.setdefault(parts[1].target, n)
+    sites = []
+    for n in small.graph.nodes:
+        parts = _linear_parts(n)
+        if parts is None:
+            continue
+        _, w, b, transposed = parts
+        d = in_dense.get(w.target)
+        if d is None or uses.get(w.target) != 1 or _linear_parts(d)[3] != transposed:
+            continue
+        ws, wd = _attr(small, w.target), _attr(dense, w.target)
+        in_axis, out_axis = (0, 1) if transposed else (1, 0)
+        if ws.dim() == 2 and ws.shape[out_axis] == wd.shape[out_axis] and ws.shape[in_axis] < wd.shape[in_axis]:
+            site = _Site(n, d, w.target, b.target if b is not None else None, transposed)
+            small_res, dense_res = _residual_add(n), _residual_add(d)
+            if small_res is not None and dense_res is not None:
+                site.small_add, site.residual = small_res
+                site.dense_add = dense_res[0]
+            sites.append(site)
+    return sites
+
+
+class _Found(Exception):
+    """Raised by a probe to stop the forward once the layer it records has run."""
+
+    def __init__(self, value: tuple[torch.Tensor, ...]) -> None:
+        self.value = value
+
+
+def _stop_with(values: tuple[torch.Tensor, ...]) -> None:
+    raise _Found(values)
+
+
+def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any]) -> list[list[torch.Tensor]]:
+    """Per batch, the values of ``nodes`` when ``gm`` runs it, each as 2-D rows (the last axis kept); the forward
+    stops right after the last of them. The graph is restored afterwards."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_after(max(nodes, key=order.__getitem__)):
+        probe = graph.call_function(_stop_with, (tuple(nodes),))
+    gm.recompile()
+    out = []
+    try:
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        for batch in batches:
+            try:
+                with torch.no_grad():
+                    call(gm, to_device(batch, device))
+            except _Found as found:
+                out.append([v.reshape(-1, v.shape[-1]) for v in found.value])
+                continue
+            raise RuntimeError(f"the forward never reached {nodes[-1].name}")  # the probe sits after it: unreachable
+    finally:
+        graph.erase_node(probe)
+        gm.recompile()
+    return out
+
+
+def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: list[torch.Tensor],
+         ridge: float) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:
+    """The ridge solution for one site: its :class:`LayerFit` and the new weight and bias (None: not applied)."""
+    w0 = _attr(small, site.weight).detach()
+    b0 = _attr(small, site.bias).detach() if site.bias else None
+    w = (w0.t() if site.transposed else w0).double()  # (out, in)
+    out_features, in_features = w.shape
+    a = torch.zeros(in_features + 1, in_features + 1, dtype=torch.float64, device=w.device)
+    c = torch.zeros(in_features + 1, out_features, dtype=torch.float64, device=w.device)
+    yy = torch.zeros((), dtype=torch.float64, device=w.device)
+    rows = 0
+    for x, y in zip(xs, ys):
+        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], 1)
+        y = y.double()
+        a += x.t() @ x
+        c += x.t() @ y
+        yy += (y * y).sum()
+        rows += x.shape[0]
+    mean = c[-1] / rows
+    spread = float(yy - rows * (mean * mean).sum())
+    w_aug = torch.cat([w, (b0.double() if b0 is not None else torch.zeros(out_features, dtype=torch.float64,
+                                                                          device=w.device))[:, None]], 1)
+
+    def error(wa: torch.Tensor) -> float:  # ‖X W_augᵀ − Y‖² from the accumulated sums
+        return float(((wa @ a) * wa).sum() - 2 * (wa * c.t()).sum() + yy) / max(spread, 1e-30)
+
+    before = error(w_aug)
+    scale = float(a.diagonal()[:-1].mean()) if in_features else 0.0
+    scale = scale if scale > 0 else 1.0  # inputs all zero (a dead tower): the ridge alone keeps the weights
+    damp = torch.full((in_features + 1,), ridge * scale, dtype=torch.float64, device=w.device)
+    if b0 is None:  # no bias to fit: the ones column is pinned to zero
+        damp[-1] = 1e30
+    lhs = a + torch.diag(damp)
+    rhs = c + damp[:, None] * w_aug.t()
+    new = torch.linalg.solve(lhs, rhs).t()  # (out, in + 1)
+    if b0 is None:
+        new[:, -1] = 0
+    after = error(new)
+    fit = LayerFit(site.weight, rows, before, after)
+    if not after < before:
+        fit.after = before
+        return fit, None, None
+    weight = new[:, :-1]
+    weight = (weight.t() if site.transposed else weight).to(w0.dtype).contiguous()
+    bias = new[:, -1].to(b0.dtype) if b0 is not None else None
+    return fit, weight, bias
+
+
+def _replace(gm: torch.nn.Module, path: str, value: torch.Tensor) -> None:
+    """A new tensor at ``path`` (the old one may be shared with the dense graph, which must stay as it is)."""
+    owner, _, name = path.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    old = getattr(module, name)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(module, name, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
+
+
+def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batches: Iterable[Any],
+                ridge: float = RIDGE) -> list[LayerFit]:
+    """Re-fit, in place, each linear map of ``small`` (the cut graph) that the cut narrowed on its input axis, so
+    that its output matches the same layer of ``dense`` on ``batches`` (model inputs, as ``data`` yields them);
+    layer by layer in the order the graph runs them, each seeing the earlier layers already re-fitted. Returns a
+    :class:`LayerFit` per layer. ``dense`` is not modified (its tensors are never written)."""
+    calibration = list(batches)  # a few batches, held for the layer-by-layer passes
+    sites = refit_sites(dense, small)
+    if not calibration or not sites:
+        return []
+    fits = []
+    bar = progress_bar(len(sites), "reconstruct")
+    for site in sites:
+        x_node = _linear_parts(site.small)[0]
+        width = _attr(small, site.weight).shape[1 if site.transposed else 0]
+        if site.residual is not None:  # the target: what the dense residual stream holds after the add
+            xs, rs = zip(*_record(small, [x_node, site.residual], calibration))
+            ys = [d - r if d.shape == r.shape else None for (d,), r in zip(_record(dense, [site.dense_add], calibration), rs)]
+        if site.residual is None or any(y is None or y.shape != (x.shape[0], width) for x, y in zip(xs, ys)):
+            xs = [x for (x,) in _record(small, [x_node], calibration)]
+            ys = [y for (y,) in _record(dense, [site.dense], calibration)]
+        fit, weight, bias = _fit(site, small, xs, ys, ridge)
+        if weight is not None:
+            _replace(small, site.weight, weight)
+            if bias is not None and site.bias is not None:
+                _replace(small, site.bias, bias)
+        fits.append(fit)
+        log.debug("reconstruct %s: relative error %.4f -> %.4f over %d rows", fit.weight, fit.before, fit.after,
+                  fit.rows)
+        bar.update(1)
+    bar.close()
+    return fits
+
+
+def stored_transposed(gm: torch.fx.GraphModule) -> dict[str, bool]:
+    """Per linear map's weight name: whether it is stored ``(in, out)`` (``addmm``: Hugging Face's Conv1D)."""
+    out = {}
+    for n in gm.graph.nodes:
+        parts = _linear_parts(n)
+        if parts is not None:
+            out[parts[1].target] = parts[3]
+    return out
+
+
+def input_norms(gm: torch.fx.GraphModule, batches: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """Per linear map of ``gm`` (by its weight's name): the root sum of squares of each input feature over every
+    row (sample × position) of ``batches`` — the ``‖X_j‖`` of an activation-weighted importance. ``gm`` runs each
+    batch once; its graph is restored afterwards."""
+    graph = gm.graph
+    sums: dict[str, torch.Tensor] = {}
+    probes = []
+
+    def accumulator(key: str) -> Any:
+        def accumulate(x: torch.Tensor) -> None:
+            sq = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+            sums[key] = sums[key] + sq if key in sums else sq
+
+        return accumulate
+
+    for n in list(graph.nodes):
+        parts = _linear_parts(n)
+        if parts is not None:
+            with graph.inserting_after(n):
+                probes.append(graph.call_function(accumulator(parts[1].target), (parts[0],)))
+    gm.recompile()
+    try:
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        for batch in batches:
+            with torch.no_grad():
+                call(gm, to_device(batch, device))
+    finally:
+        for probe in probes:
+            graph.erase_node(probe)
+        gm.recompile()
+    return {k: v.sqrt() for k, v in sums.items()}
