@@ -9,11 +9,13 @@ squares
 
     min over W, b:  ‖X Wᵀ + b − Y‖²  +  λ · s · ‖W − W₀‖²,     s = mean(diag(XᵀX))
 
-(``W₀`` the cut weight, ``λ`` = :data:`RIDGE`) in float64 from the accumulated ``XᵀX`` and ``XᵀY``. The bias
+(``W₀`` the cut weight, ``λ`` the one of :data:`RIDGES` with the lowest error on held-out calibration batches)
+in float64 from the accumulated ``XᵀX`` and ``XᵀY``. The bias
 absorbs the mean of what the removed channels gave (FLAP's compensation); the weights re-mix the kept channels
 to stand in for the removed ones (Kwon et al.'s mask tuning). Each layer's error on the calibration batches —
-``‖X Wᵀ + b − Y‖²`` over the centred ``‖Y − Ȳ‖²`` — is reported before and after; the ridge solution never
-raises it (a fit that would, from rounding, is not applied). Deterministic: no randomness, fixed order.
+``‖X Wᵀ + b − Y‖²`` over the centred ``‖Y − Ȳ‖²`` — is reported before and after, on all of them and on the
+held-out ones; a fit that does not lower the held-out error (too few calibration rows for the layer's width) is
+not applied. Deterministic: no randomness, fixed order.
 
 A layer is re-fitted when it is a linear map (``aten.linear``; ``aten.addmm`` with a weight parameter, Hugging
 Face's ``Conv1D``) whose weight the cut narrowed on its input axis and left whole on its output axis, and which
@@ -45,13 +47,14 @@ from torch.fx import Node
 from ..logs import progress_bar
 from .loop import call, to_device
 
-__all__ = ["LayerFit", "reconstruct", "refit_sites", "input_norms", "stored_transposed", "RIDGE"]
+__all__ = ["LayerFit", "reconstruct", "refit_sites", "input_norms", "stored_transposed", "RIDGES"]
 
 log = logging.getLogger(__name__)
 
-#: the ridge weight λ, relative to the mean diagonal of ``XᵀX``: pulls the fit toward the cut weights where the
-#: calibration activations say little (a direction they hardly span)
-RIDGE = 1e-2
+#: the ridge weights λ tried, relative to the mean diagonal of ``XᵀX``: a larger one pulls the fit toward the cut
+#: weights where the calibration activations say little; the one with the lowest error on held-out calibration
+#: batches is used (with a single batch, the middle one)
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
 
 _aten = torch.ops.aten
 
@@ -65,6 +68,11 @@ class LayerFit:
     rows: int
     before: float
     after: float
+    #: the same error on the held-out calibration batches, the cut weights against the fit on the others
+    #: (None with a single calibration batch)
+    held_before: float | None = None
+    held_after: float | None = None
+    ridge: float | None = None  #: the ridge weight used (None: not applied: the held-out batches said no)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,48 +209,84 @@ def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any]) -> 
     return out
 
 
+@dataclass
+class _Sums:
+    """``XᵀX``, ``XᵀY``, ``ΣY²`` and the row count of some calibration batches (``X`` with a column of ones)."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    yy: float
+    rows: int
+
+    @staticmethod
+    def of(xs: list[torch.Tensor], ys: list[torch.Tensor], in_features: int, out_features: int,
+           device: torch.device) -> _Sums:
+        a = torch.zeros(in_features + 1, in_features + 1, dtype=torch.float64, device=device)
+        c = torch.zeros(in_features + 1, out_features, dtype=torch.float64, device=device)
+        yy, rows = 0.0, 0
+        for x, y in zip(xs, ys):
+            x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], 1)
+            y = y.double()
+            a += x.t() @ x
+            c += x.t() @ y
+            yy += float((y * y).sum())
+            rows += x.shape[0]
+        return _Sums(a, c, yy, rows)
+
+    def __add__(self, other: _Sums) -> _Sums:
+        return _Sums(self.a + other.a, self.c + other.c, self.yy + other.yy, self.rows + other.rows)
+
+    def error(self, wa: torch.Tensor) -> float:
+        """``‖X W_augᵀ − Y‖²`` over the centred ``‖Y − Ȳ‖²``."""
+        mean = self.c[-1] / max(self.rows, 1)
+        spread = self.yy - self.rows * float((mean * mean).sum())
+        return float(((wa @ self.a) * wa).sum() - 2 * (wa * self.c.t()).sum() + self.yy) / max(spread, 1e-30)
+
+    def solve(self, w_aug: torch.Tensor, ridge: float, has_bias: bool) -> torch.Tensor:
+        """The ridge solution pulled toward ``w_aug`` (see the module docstring)."""
+        n = self.a.shape[0]
+        scale = float(self.a.diagonal()[:-1].mean()) if n > 1 else 0.0
+        scale = scale if scale > 0 else 1.0  # inputs all zero (a dead tower): the ridge alone keeps the weights
+        damp = torch.full((n,), ridge * scale, dtype=torch.float64, device=self.a.device)
+        if not has_bias:  # no bias to fit: the ones column is pinned to zero
+            damp[-1] = 1e30
+        new = torch.linalg.solve(self.a + torch.diag(damp), self.c + damp[:, None] * w_aug.t()).t()
+        if not has_bias:
+            new[:, -1] = 0
+        return new
+
+
 def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: list[torch.Tensor],
-         ridge: float) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:
-    """The ridge solution for one site: its :class:`LayerFit` and the new weight and bias (None: not applied)."""
+         ridges: tuple[float, ...]) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:
+    """One site's fit: its :class:`LayerFit`, and the new weight and bias (None: not applied). With two batches
+    or more, every fourth (at least one) is held out: each ridge weight is fitted on the others and the one with
+    the lowest held-out error is chosen; when none beats the cut weights there, nothing is applied. The chosen
+    weight is then fitted on all the batches."""
     w0 = _attr(small, site.weight).detach()
     b0 = _attr(small, site.bias).detach() if site.bias else None
     w = (w0.t() if site.transposed else w0).double()  # (out, in)
     out_features, in_features = w.shape
-    a = torch.zeros(in_features + 1, in_features + 1, dtype=torch.float64, device=w.device)
-    c = torch.zeros(in_features + 1, out_features, dtype=torch.float64, device=w.device)
-    yy = torch.zeros((), dtype=torch.float64, device=w.device)
-    rows = 0
-    for x, y in zip(xs, ys):
-        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], 1)
-        y = y.double()
-        a += x.t() @ x
-        c += x.t() @ y
-        yy += (y * y).sum()
-        rows += x.shape[0]
-    mean = c[-1] / rows
-    spread = float(yy - rows * (mean * mean).sum())
-    w_aug = torch.cat([w, (b0.double() if b0 is not None else torch.zeros(out_features, dtype=torch.float64,
-                                                                          device=w.device))[:, None]], 1)
-
-    def error(wa: torch.Tensor) -> float:  # ‖X W_augᵀ − Y‖² from the accumulated sums
-        return float(((wa @ a) * wa).sum() - 2 * (wa * c.t()).sum() + yy) / max(spread, 1e-30)
-
-    before = error(w_aug)
-    scale = float(a.diagonal()[:-1].mean()) if in_features else 0.0
-    scale = scale if scale > 0 else 1.0  # inputs all zero (a dead tower): the ridge alone keeps the weights
-    damp = torch.full((in_features + 1,), ridge * scale, dtype=torch.float64, device=w.device)
-    if b0 is None:  # no bias to fit: the ones column is pinned to zero
-        damp[-1] = 1e30
-    lhs = a + torch.diag(damp)
-    rhs = c + damp[:, None] * w_aug.t()
-    new = torch.linalg.solve(lhs, rhs).t()  # (out, in + 1)
-    if b0 is None:
-        new[:, -1] = 0
-    after = error(new)
-    fit = LayerFit(site.weight, rows, before, after)
-    if not after < before:
-        fit.after = before
+    bias0 = b0.double() if b0 is not None else torch.zeros(out_features, dtype=torch.float64, device=w.device)
+    w_aug = torch.cat([w, bias0[:, None]], 1)
+    held = {i for i in range(len(xs)) if i % 4 == 3} or ({len(xs) - 1} if len(xs) > 1 else set())
+    part = [_Sums.of([x for i, x in enumerate(xs) if (i in held) == h], [y for i, y in enumerate(ys) if (i in held) == h],
+                     in_features, out_features, w.device) for h in (False, True)]  # fmt: skip
+    everything = part[0] + part[1]
+    fit = LayerFit(site.weight, everything.rows, everything.error(w_aug), everything.error(w_aug))
+    ridge = ridges[len(ridges) // 2]
+    if held:
+        fit.held_before = part[1].error(w_aug)
+        trials = {r: part[1].error(part[0].solve(w_aug, r, b0 is not None)) for r in ridges}
+        ridge = min(trials, key=trials.__getitem__)
+        if not trials[ridge] < fit.held_before:
+            fit.held_after = fit.held_before
+            return fit, None, None
+        fit.held_after = trials[ridge]
+    new = everything.solve(w_aug, ridge, b0 is not None)
+    after = everything.error(new)
+    if not after < fit.before:
         return fit, None, None
+    fit.after, fit.ridge = after, ridge
     weight = new[:, :-1]
     weight = (weight.t() if site.transposed else weight).to(w0.dtype).contiguous()
     bias = new[:, -1].to(b0.dtype) if b0 is not None else None
@@ -261,7 +305,7 @@ def _replace(gm: torch.nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batches: Iterable[Any],
-                ridge: float = RIDGE) -> list[LayerFit]:
+                ridges: tuple[float, ...] = RIDGES) -> list[LayerFit]:
     """Re-fit, in place, each linear map of ``small`` (the cut graph) that the cut narrowed on its input axis, so
     that its output matches the same layer of ``dense`` on ``batches`` (model inputs, as ``data`` yields them);
     layer by layer in the order the graph runs them, each seeing the earlier layers already re-fitted. Returns a
@@ -281,7 +325,7 @@ def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batche
         if site.residual is None or any(y is None or y.shape != (x.shape[0], width) for x, y in zip(xs, ys)):
             xs = [x for (x,) in _record(small, [x_node], calibration)]
             ys = [y for (y,) in _record(dense, [site.dense], calibration)]
-        fit, weight, bias = _fit(site, small, xs, ys, ridge)
+        fit, weight, bias = _fit(site, small, xs, ys, ridges)
         if weight is not None:
             _replace(small, site.weight, weight)
             if bias is not None and site.bias is not None:
