@@ -15,7 +15,8 @@ absorbs the mean of what the removed channels gave (FLAP's compensation); the we
 to stand in for the removed ones (Kwon et al.'s mask tuning). Each layer's error on the calibration batches —
 ``‖X Wᵀ + b − Y‖²`` over the centred ``‖Y − Ȳ‖²`` — is reported before and after, on all of them and on the
 held-out ones; a fit that does not lower the held-out error (too few calibration rows for the layer's width) is
-not applied. Deterministic: no randomness, fixed order.
+not applied. Deterministic: no randomness, fixed order. Inside a process group the sums are added over the ranks
+(each with its own calibration batches), so every rank fits the same weights.
 
 A layer is re-fitted when it is a linear map (``aten.linear``; ``aten.addmm`` with a weight parameter, Hugging
 Face's ``Conv1D``) whose weight the cut narrowed on its input axis and left whole on its output axis, and which
@@ -45,6 +46,7 @@ import torch
 from torch.fx import Node
 
 from ..logs import progress_bar
+from . import distributed
 from .loop import call, to_device
 
 __all__ = ["LayerFit", "reconstruct", "refit_sites", "input_norms", "stored_transposed", "RIDGES"]
@@ -231,6 +233,14 @@ class _Sums:
             c += x.t() @ y
             yy += float((y * y).sum())
             rows += x.shape[0]
+        if distributed.active():  # every rank its own batches: one fit over all of them, the same on every rank
+            flat = torch.cat([a.flatten(), c.flatten(), torch.tensor([yy, rows], dtype=torch.float64, device=device)])
+            flat = flat.to(distributed.comm_device())
+            torch.distributed.all_reduce(flat)
+            flat = flat.to(device)
+            a = flat[: a.numel()].view_as(a)
+            c = flat[a.numel(): a.numel() + c.numel()].view_as(c)
+            yy, rows = float(flat[-2]), int(flat[-1])
         return _Sums(a, c, yy, rows)
 
     def __add__(self, other: _Sums) -> _Sums:
