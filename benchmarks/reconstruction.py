@@ -92,17 +92,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         deployed = ((), example)
         dense_call = runner("onnxruntime-cpu", model, ((), timing), work, "dense", deployed)
 
-        def speedup(small: torch.nn.Module) -> float:
+        def speedup(small: torch.nn.Module) -> tuple[float, dict[str, Any]]:
             call = runner("onnxruntime-cpu", small, ((), timing), work, "probe", deployed)
             (_, (saved,)), load = quiet_timing(lambda: saved_interleaved(dense_call, call, runs=args.runs, warmup=2))
             if load["loaded"]:
                 log.warning("a speed measurement ran under load: %s", load)
-            return 1 / (1 - saved)
+            return 1 / (1 - saved), load
 
         def row(label: str, seed: int, small: torch.nn.Module, minutes: float) -> dict[str, Any]:
             scores = evaluate(small, corpus, dense)
-            out = {"row": label, "seed": seed, "speedup": speedup(small), **scores,
-                   "mrr_vs_dense": scores["mrr"] / base["mrr"], "minutes": round(minutes, 2)}
+            measured, load = speedup(small)
+            out = {"row": label, "seed": seed, "speedup": measured, **scores,
+                   "mrr_vs_dense": scores["mrr"] / base["mrr"], "minutes": round(minutes, 2),
+                   "load_before": load["load_before"], "load_after": load["load_after"], "timing_loaded": load["loaded"]}
             log.info("%s", out)
             return out
 
