@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "match_speedup", "RESULTS"]
@@ -140,3 +141,18 @@ def write_results(
     text = markdown if markdown is not None else markdown_table(payload["rows"], columns) + "\n"
     (out / f"{name}.md").write_text(text)
     return path
+
+
+def seed_summary(rows: list[dict[str, Any]], key: str, metrics: list[str]) -> list[dict[str, Any]]:
+    """Per value of ``rows[i][key]`` (in order of appearance): the number of seeds, and for each of ``metrics``
+    ``"mean ± std"`` (sample std; 0 for one seed) with the mean alone under ``<metric>_mean``."""
+    out = []
+    for label in dict.fromkeys(r[key] for r in rows):
+        mine = [r for r in rows if r[key] == label]
+        entry: dict[str, Any] = {key: label, "seeds": len(mine)}
+        for m in metrics:
+            values = np.array([r[m] for r in mine], dtype=np.float64)
+            entry[m] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
+            entry[f"{m}_mean"] = float(values.mean())
+        out.append(entry)
+    return out

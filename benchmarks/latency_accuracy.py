@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import upop_fx
@@ -45,7 +44,7 @@ from upop_fx.runtime.runners import runner
 from upop_fx.runtime.timing import saved_interleaved
 
 from .accuracy_minilm import Corpus, embed, evaluate
-from .common import RESULTS, machine, markdown_table, match_speedup, quiet_timing, write_results
+from .common import RESULTS, machine, markdown_table, match_speedup, quiet_timing, seed_summary, write_results
 
 log = logging.getLogger("benchmarks.latency_accuracy")
 
@@ -127,21 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
                       "batch_size": args.batch_size, "lr": args.lr, "interval": args.interval,
                       "articles": int(len(corpus.labels)), "flops_ratio_probes": probes},
-            "rows": rows, "summary": summary(rows)}
-
-
-def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over the seeds, per budget."""
-    out = []
-    for budget in dict.fromkeys(r["budget"] for r in rows):
-        mine = [r for r in rows if r["budget"] == budget]
-        entry: dict[str, Any] = {"budget": budget, "seeds": len(mine)}
-        for m in METRICS:
-            values = np.array([r[m] for r in mine], dtype=np.float64)
-            entry[m] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
-            entry[f"{m}_mean"] = float(values.mean())
-        out.append(entry)
-    return out
+            "rows": rows, "summary": seed_summary(rows, "budget", METRICS)}
 
 
 def render(payload: dict[str, Any]) -> str:

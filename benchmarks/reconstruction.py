@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import upop_fx
@@ -43,7 +42,7 @@ from upop_fx.runtime.timing import saved_interleaved
 from upop_fx.training.loop import Batches
 
 from .accuracy_minilm import Corpus, embed, evaluate
-from .common import RESULTS, machine, markdown_table, quiet_timing, write_results
+from .common import RESULTS, machine, markdown_table, quiet_timing, seed_summary, write_results
 
 log = logging.getLogger("benchmarks.reconstruction")
 
@@ -137,21 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
                       "batch_size": args.batch_size, "calibration_batches": args.calibration, "lr": 1e-4,
                       "articles": int(len(corpus.labels))},
-            "rows": rows, "summary": summary(rows)}
-
-
-def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over the seeds, per row label."""
-    out = []
-    for label in dict.fromkeys(r["row"] for r in rows):
-        mine = [r for r in rows if r["row"] == label]
-        entry: dict[str, Any] = {"row": label, "seeds": len(mine)}
-        for m in METRICS:
-            values = np.array([r[m] for r in mine], dtype=np.float64)
-            entry[m] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
-            entry[f"{m}_mean"] = float(values.mean())
-        out.append(entry)
-    return out
+            "rows": rows, "summary": seed_summary(rows, "row", METRICS)}
 
 
 def render(payload: dict[str, Any]) -> str:

@@ -222,14 +222,16 @@ def run(
         batches = Batches(data, example)
         calibration = options.calibration_batches if data is not None else 0
         batches.require(search_steps + calibration + options.retrain_steps)
+        def take_calibration() -> tuple[list[Any], list[Any]]:  # the batches, and their model inputs
+            held = list(batches.take(calibration))
+            return held, [b[0] if loss_fn is not None else b for b in held]
+
         early = getattr(strategy, "reads_calibration", False)  # a one-shot strategy that ranks on them
-        held = list(batches.take(calibration)) if early else []
-        inputs = [b[0] if loss_fn is not None else b for b in held]
+        held, inputs = take_calibration() if early else ([], [])
         prepared.calibration = inputs or None
         selection = strategy.select(prepared, batches, objective)
         if not early:  # read after the search: the batches that follow it in a stream
-            held = list(batches.take(calibration))  # the reconstruction's, and the retrain's check batches
-            inputs = [b[0] if loss_fn is not None else b for b in held]
+            held, inputs = take_calibration()  # the reconstruction's, and the retrain's check batches
         result = finish(prepared, selection, strategy.name, inputs if options.reconstruct and held else None)
         if options.retrain_steps:  # retrain() checks that the data holds its steps
             result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,

@@ -82,6 +82,12 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def get_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter, buffer or tensor attribute at the dotted ``name`` in ``module`` (a ``get_attr`` target)."""
+    owner_name, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner_name) if owner_name else module, attr)
+
+
 def set_tensor(module: torch.nn.Module, name: str, data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Put ``data`` at ``name`` in ``module`` as a parameter when ``like`` (the tensor it replaces) is one, with
     its ``requires_grad``, else as a buffer of the same persistence; a parameter given as ``data`` is placed as

@@ -21,15 +21,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from ..ir.entries import Entry
 from ..ir.groups import GroupAnalysis
+from ..passes.base import get_tensor
 from ..training.loop import Batches, Objective
 from ..training.reconstruct import input_norms, stored_transposed
+from .magnitude import entry_means
 from .strategy import Prepared, Selection, allocation, checked
 
 __all__ = ["Activation", "activation_scores"]
@@ -76,8 +76,7 @@ def channel_activation(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int,
     for name, axis, chan in consumers or g.producers:
         if name not in norms or name not in layout:
             continue
-        owner, _, attr = name.rpartition(".")
-        w = getattr(gm.get_submodule(owner) if owner else gm, attr)
+        w = get_tensor(gm, name)
         if w.dim() != 2:
             continue
         n = norms[name]
@@ -91,14 +90,4 @@ def channel_activation(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int,
 def activation_scores(gm: torch.nn.Module, analysis: GroupAnalysis, entries: list[Entry],
                       norms: dict[str, torch.Tensor]) -> np.ndarray:
     """The mean ``|w| · ‖x‖`` per entry (higher = more important; 0 for an entry tied to no linear weight)."""
-    cache: dict[int, Any] = {}
-    scores = np.zeros(len(entries))
-    for i, e in enumerate(entries):
-        tot = cnt = 0.0
-        for gid, ch in e.channels.items():
-            if gid not in cache:
-                cache[gid] = channel_activation(gm, analysis, gid, norms)
-            tot += cache[gid][0][ch].sum()
-            cnt += cache[gid][1][ch].sum()
-        scores[i] = tot / max(cnt, 1.0)
-    return scores
+    return entry_means(entries, lambda gid: channel_activation(gm, analysis, gid, norms))

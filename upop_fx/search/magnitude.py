@@ -11,15 +11,18 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from ..ir.entries import Entry
 from ..ir.groups import GroupAnalysis
+from ..passes.base import get_tensor
 from ..training.loop import Batches, Objective
 from .strategy import Prepared, Selection, allocation, checked
 
-__all__ = ["Magnitude", "channel_magnitude", "magnitude_scores"]
+__all__ = ["Magnitude", "channel_magnitude", "magnitude_scores", "entry_means"]
 
 
 class Magnitude:
@@ -45,8 +48,7 @@ def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) ->
     total = np.zeros(g.width)
     count = np.zeros(g.width)
     for name, axis, chan in g.producers + g.consumers:
-        mod, _, attr = name.rpartition(".")
-        t = getattr(gm.get_submodule(mod) if mod else gm, attr).detach().double().abs()  # on its device
+        t = get_tensor(gm, name).detach().double().abs()  # on its device
         per_entry = (t.sum(dim=[d for d in range(t.dim()) if d != axis]) if t.dim() > 1 else t).cpu().numpy()
         n = t.numel() // t.shape[axis]
         hit = chan >= 0
@@ -55,16 +57,22 @@ def channel_magnitude(gm: torch.nn.Module, analysis: GroupAnalysis, gid: int) ->
     return total, count
 
 
-def magnitude_scores(gm: torch.nn.Module, analysis: GroupAnalysis, entries: list[Entry]) -> np.ndarray:
-    """Mean |w| per entry (higher = more important)."""
-    cache = {}
+def entry_means(entries: list[Entry], per_channel: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Per entry: the sum over its channels of ``per_channel(gid)``'s totals over the sum of its counts (each
+    group's channels are scored once)."""
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     scores = np.zeros(len(entries))
     for i, e in enumerate(entries):
         tot = cnt = 0.0
         for gid, ch in e.channels.items():
             if gid not in cache:
-                cache[gid] = channel_magnitude(gm, analysis, gid)
+                cache[gid] = per_channel(gid)
             tot += cache[gid][0][ch].sum()
             cnt += cache[gid][1][ch].sum()
         scores[i] = tot / max(cnt, 1.0)
     return scores
+
+
+def magnitude_scores(gm: torch.nn.Module, analysis: GroupAnalysis, entries: list[Entry]) -> np.ndarray:
+    """Mean |w| per entry (higher = more important)."""
+    return entry_means(entries, lambda gid: channel_magnitude(gm, analysis, gid))

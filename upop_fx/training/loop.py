@@ -407,7 +407,11 @@ class BestWeights:
         self.model, self.objective, self.check, self.every = model, objective, check, max(1, every)
         self.history: list[tuple[int, float]] = []  # (steps done, check loss)
         self.best: dict[str, torch.Tensor] | None = None  # a copy of the weights at the lowest check loss
-        self.best_step = 0
+
+    @property
+    def best_step(self) -> int:
+        """The steps done where the check loss was lowest (the first such, 0 before any measurement)."""
+        return min(self.history, key=lambda h: h[1])[0] if self.history else 0
 
     def measure(self, done: int) -> str:
         """Measure the check loss after ``done`` steps; keep a copy of the weights when it is the lowest yet."""
@@ -420,7 +424,6 @@ class BestWeights:
         if distributed.active():
             loss = _gathered([torch.tensor(loss, device=device)])[0]
         if not self.history or loss < min(v for _, v in self.history):
-            self.best_step = done
             self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.history.append((done, loss))
         return f"check={loss:.4f}"
@@ -438,11 +441,11 @@ class BestWeights:
         self.best = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "best_step": self.best_step, "best": self.best}
+        return {"history": list(self.history), "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
-        self.best_step, self.best = int(state["best_step"]), state["best"]
+        self.best = state["best"]
 
 
 def retrain(

@@ -46,6 +46,7 @@ import torch
 from torch.fx import Node
 
 from ..logs import progress_bar
+from ..passes.base import get_tensor, set_tensor
 from . import distributed
 from .loop import call, to_device
 
@@ -137,11 +138,6 @@ def _residual_add(n: Node) -> tuple[Node, Node] | None:
     return None
 
 
-def _attr(gm: torch.nn.Module, path: str) -> torch.Tensor:
-    owner, _, name = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
 def refit_sites(dense: torch.fx.GraphModule, small: torch.fx.GraphModule) -> list[_Site]:
     """The linear maps of ``small`` that the cut narrowed on their input axis only, in the order the graph runs
     them, each paired with the node of the same weight in ``dense`` (see the module docstring)."""
@@ -163,7 +159,7 @@ def refit_sites(dense: torch.fx.GraphModule, small: torch.fx.GraphModule) -> lis
         d = in_dense.get(w.target)
         if d is None or uses.get(w.target) != 1 or _linear_parts(d)[3] != transposed:
             continue
-        ws, wd = _attr(small, w.target), _attr(dense, w.target)
+        ws, wd = get_tensor(small, w.target), get_tensor(dense, w.target)
         in_axis, out_axis = (0, 1) if transposed else (1, 0)
         if ws.dim() == 2 and ws.shape[out_axis] == wd.shape[out_axis] and ws.shape[in_axis] < wd.shape[in_axis]:
             site = _Site(n, d, w.target, b.target if b is not None else None, transposed)
@@ -272,8 +268,8 @@ def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: l
     or more, every fourth (at least one) is held out: each ridge weight is fitted on the others and the one with
     the lowest held-out error is chosen; when none beats the cut weights there, nothing is applied. The chosen
     weight is then fitted on all the batches."""
-    w0 = _attr(small, site.weight).detach()
-    b0 = _attr(small, site.bias).detach() if site.bias else None
+    w0 = get_tensor(small, site.weight).detach()
+    b0 = get_tensor(small, site.bias).detach() if site.bias else None
     w = (w0.t() if site.transposed else w0).double()  # (out, in)
     out_features, in_features = w.shape
     bias0 = b0.double() if b0 is not None else torch.zeros(out_features, dtype=torch.float64, device=w.device)
@@ -303,17 +299,6 @@ def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: l
     return fit, weight, bias
 
 
-def _replace(gm: torch.nn.Module, path: str, value: torch.Tensor) -> None:
-    """A new tensor at ``path`` (the old one may be shared with the dense graph, which must stay as it is)."""
-    owner, _, name = path.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    old = getattr(module, name)
-    if isinstance(old, torch.nn.Parameter):
-        setattr(module, name, torch.nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
-
-
 def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batches: Iterable[Any],
                 ridges: tuple[float, ...] = RIDGES) -> list[LayerFit]:
     """Re-fit, in place, each linear map of ``small`` (the cut graph) that the cut narrowed on its input axis, so
@@ -328,7 +313,7 @@ def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batche
     bar = progress_bar(len(sites), "reconstruct")
     for site in sites:
         x_node = _linear_parts(site.small)[0]
-        width = _attr(small, site.weight).shape[1 if site.transposed else 0]
+        width = get_tensor(small, site.weight).shape[1 if site.transposed else 0]
         if site.residual is not None:  # the target: what the dense residual stream holds after the add
             xs, rs = zip(*_record(small, [x_node, site.residual], calibration))
             ys = [d - r if d.shape == r.shape else None for (d,), r in zip(_record(dense, [site.dense_add], calibration), rs)]
@@ -336,10 +321,10 @@ def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batche
             xs = [x for (x,) in _record(small, [x_node], calibration)]
             ys = [y for (y,) in _record(dense, [site.dense], calibration)]
         fit, weight, bias = _fit(site, small, xs, ys, ridges)
-        if weight is not None:
-            _replace(small, site.weight, weight)
+        if weight is not None:  # new tensors: the old ones may be shared with the dense graph
+            set_tensor(small, site.weight, weight, like=get_tensor(small, site.weight))
             if bias is not None and site.bias is not None:
-                _replace(small, site.bias, bias)
+                set_tensor(small, site.bias, bias, like=get_tensor(small, site.bias))
         fits.append(fit)
         log.debug("reconstruct %s: relative error %.4f -> %.4f over %d rows", fit.weight, fit.before, fit.after,
                   fit.rows)
