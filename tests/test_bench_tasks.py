@@ -135,7 +135,13 @@ def test_every_task_model_compresses_exactly_against_its_zeroed_reference(module
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("module", TASKS, ids=lambda m: m.__name__.split(".")[-1])
+#: every task's driver is the shared ``benchmarks.digits_task``: one end-to-end run (the fastest task) is in
+#: ``make test``; the others (about a minute each on two cores) run with ``pytest -m slow``. Every task's model is
+#: compressed exactly in ``make test`` (above).
+END_TO_END = [m if m is vit_digits else pytest.param(m, marks=pytest.mark.slow) for m in TASKS]
+
+
+@pytest.mark.parametrize("module", END_TO_END, ids=lambda m: m.__name__.split(".")[-1])
 def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
     payload = module.main(["--seeds", "0", "--quick", "--train-steps", "5"])
     methods = [r["method"] for r in payload["rows"]]

@@ -118,11 +118,11 @@ def test_own_class_leaves_inexpressible_attention_whole(tmp_path, capsys):
 
     argv = ["compress", "tests.scaleout:build", "--ratio", "0.3", "--out", str(tmp_path / "o"), "--method",
             "magnitude", "--retrain-steps", "0", "--no-onnx"]
-    assert main([*argv, "--own-class"]) == 0
+    assert main(argv) == 0  # own_class=True is the default
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert {g["kind"] for g in report["groups"]} == {"mlp"} and report["module_reason"] is None
-    assert any("own_class=True" in why and "MultiheadAttention" in why for why in report["not_prunable"])
-    assert main([*argv, "--force"]) == 0  # without it the attention is pruned and only the graph comes back
+    assert any("left whole" in line and "MultiheadAttention" in line for line in report["class_limits"])
+    assert main([*argv, "--no-own-class", "--force"]) == 0  # the attention is pruned and only the graph comes back
     assert "no pretrained/" in capsys.readouterr().out
 
 

@@ -12,6 +12,7 @@ import upop_fx
 from upop_fx.capture.program import cache_off
 from upop_fx.compare import relative_error
 from upop_fx.ir.entries import build_entries
+from upop_fx.module.rebuild import RTOL
 from upop_fx.report import count_params
 
 from .models import ZOO
@@ -67,36 +68,48 @@ def test_ratio_zero_reproduces_outputs(name):
     assert result.module is not None and type(result.module) is type(zoo.model), result.report.module_reason
 
 
-#: zoo models whose own class cannot express the cut at ratio 0.5 (magnitude, granularity "upop"), and the words
-#: of ``report.module_reason`` that say why; every other zoo model gets ``result.module``
-NO_MODULE = {
-    "llama": "rotary pairs per layer",  # one cos/sin table for all layers
-    "mixtral": "rotary pairs per layer",
-    "gptj": "rotary pairs per layer",
-    "llava": "rotary pairs per layer",
-    "mpnet": "scales by 2.82843 = sqrt(8)",  # scores divided by sqrt(attention_head_size) in the forward
-    "deberta_v2": "differs from the cut graph",  # scale from the query's size(-1)
-    "blip_vqa": "scales by 4 = sqrt(16)",  # text attention divides by sqrt(attention_head_size) in the forward
-    "torch_encoder": "default scale",  # nn.MultiheadAttention: SDPA with scale=None
-    "torch_transformer": "default scale",
-    "timm_vit": "default scale",
+#: zoo models whose own class cannot express every cut the graph can, and the words of ``report.class_limits`` that
+#: say what the default cut does instead; every zoo model gets ``result.module``
+CLASS_LIMITS = {
+    "llama": "whole heads only",  # one cos/sin table for all layers, one head_dim for q, k and v
+    "mixtral": "whole heads only",
+    "gptj": "whole heads only",
+    "llava": "whole heads only",
+    "blip_vqa": "left whole",  # the vision attention reshapes to embed_dim // num_heads of its input width
+    "torch_encoder": "left whole",  # nn.MultiheadAttention: head size = embed_dim // num_heads
+    "torch_transformer": "left whole",
+    "timm_vit": "left whole",  # reshapes the heads' output to its input width
 }
 
 
 def test_half_module_is_the_callers_class_and_equals_the_graph(half):
     zoo, result = half
-    if zoo.name in NO_MODULE:
-        assert result.module is None
-        assert NO_MODULE[zoo.name] in result.report.module_reason
-        return
     assert result.report.module_reason is None
+    if zoo.name in CLASS_LIMITS:
+        assert any(CLASS_LIMITS[zoo.name] in line for line in result.report.class_limits), result.report.class_limits
+    else:
+        assert result.report.class_limits == []
     module = result.module
     assert type(module) is type(zoo.model) and module is not zoo.model
     assert count_params(module) < count_params(zoo.model)
     with cache_off(module):
         for inputs in (zoo.example_inputs, zoo.other_inputs):
             err = relative_error(_call(module, inputs), _call(result.model, inputs))
-            assert err <= 1e-5, f"{zoo.name}: module vs graph relative error {err:.2e}"
+            assert err <= RTOL, f"{zoo.name}: module vs graph relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("llama", "rotary pairs per layer"),  # the graph slices the shared cos/sin table per layer
+    ("timm_vit", "default scale"),  # the graph pins SDPA's scale at the original head size
+    ("mpnet", "scales by 2.82843 = sqrt(8)"),  # scores divided by sqrt(attention_head_size) in the forward
+])  # fmt: skip
+def test_the_graph_only_cut_is_wider_and_says_why_the_class_cannot_follow(name, words):
+    zoo = ZOO[name]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0,
+                              own_class=False)
+    assert result.module is None and words in result.report.module_reason
+    assert result.report.class_limits == []
+    assert any(row.kept % row.head_dim for row in result.report.groups if row.heads)  # head dims went
 
 
 def test_half_module_survives_save_pretrained_and_from_pretrained(half, tmp_path):

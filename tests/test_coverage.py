@@ -182,7 +182,7 @@ def test_alibi_bias_fixes_the_heads_and_heads_granularity_prunes_head_dims():
 
 def test_relative_position_bias_is_not_a_channel_and_fixes_the_heads():
     zoo = ZOO["mpnet"]()
-    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0,
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.5, method="magnitude", retrain_steps=0, own_class=False,
                               granularity="heads")
     kinds = sorted(g.kind for g in result.analysis.prunable)
     assert kinds == ["mlp", "mlp", "qk", "qk", "v", "v"]  # v is not poisoned by the bias

@@ -40,7 +40,7 @@ def _rectangle(keep: list[int], heads: int, head_dim: int) -> tuple[int, int]:
 @pytest.mark.parametrize("name", MIXED)
 def test_heads_and_dims_cut_exact_rectangles_at_the_asked_cost(name):
     zoo = ZOO[name]()
-    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0,
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0, own_class=False,
                               granularity="heads+dims", budget="flops")  # fmt: skip
     structures, entries = build_entries(result.analysis, "heads+dims", "flops")
     assert any(st.heads for st in structures), f"{name}: no layer mixes heads and dims"
@@ -154,7 +154,7 @@ def test_a_latency_budget_with_heads_measures_a_heads_axis(tmp_path, monkeypatch
     layer = torch.nn.TransformerEncoderLayer(128, 4, 1024, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     x = torch.randn(8, 64, 128)
-    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                               runtime="torch-cpu")  # fmt: skip  # heads+dims: the latency budget's default
     import json
 

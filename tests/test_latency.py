@@ -101,7 +101,7 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
     SimulatedRuntime().install(monkeypatch)
     model, x = encoder
-    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                               runtime="torch-cpu")
     t = result.report.latency
     # timed at the example's own shape: the sequence length it had is the one reported
@@ -113,13 +113,13 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     assert result.report.prunable_cost_removed >= 0.3
     assert "latency on torch-cpu" in result.report.table()
     assert len(list((tmp_path / "latency").glob("*.json"))) == 3  # one table per class, and the floor
-    again = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+    again = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                              runtime="torch-cpu")
     assert again.report.latency["measured_classes"] == []  # every table came from the cache
     assert again.keep == result.keep
     most = t["floor_measured"]  # what the floor cut saves: the most a ratio may ask
     with pytest.raises(ConfigError, match=f"account for at most {100 * most:.0f}%"):
-        upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, budget="latency", runtime="torch-cpu")
+        upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, own_class=False, budget="latency", runtime="torch-cpu")
 
 
 def _fake_measurements(monkeypatch, speedup):
@@ -239,7 +239,7 @@ def test_a_class_cut_is_shared_among_its_structures_and_the_floor_bends_the_sum(
 
     monkeypatch.setitem(upop_fx.runtime.runners.RUNNERS, "torch-cpu", build)
     model, x = encoder
-    prepared = upop_fx.pipeline.prepare(model, x, ratio=0.3, budget="flops")
+    prepared = upop_fx.pipeline.prepare(model, x, ratio=0.3, budget="flops", own_class=False)
     latency = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
                               prepared.captured.info, "torch-cpu")
     assert latency.measured[-1] == "floor" and len(latency.measured) == 3 and len(latency.saved) == 4
@@ -276,7 +276,7 @@ def test_onnxruntime_tables_and_check_time_the_file_as_deployed(encoder, tmp_pat
 
     monkeypatch.setattr(runners, "export_for_timing", spy)
     model, x = encoder
-    result = upop_fx.compress(model, x[:, :16].contiguous(), 0.1, method="magnitude", retrain_steps=0, budget="latency",
+    result = upop_fx.compress(model, x[:, :16].contiguous(), 0.1, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                               runtime="onnxruntime-cpu", latency_shape=(1, None), granularity="upop")
     t = result.report.latency
     assert (t["batch"], t["runtime"]) == (1, "onnxruntime-cpu") and t["measured_speedup"] > 0

@@ -78,15 +78,16 @@ def with_weights_of(model: torch.nn.Module, graph: torch.fx.GraphModule) -> torc
     return model
 
 
-@pytest.mark.parametrize("make, granularity", [(_gpt2, "upop"), (_llama, "heads"), (_mixtral, "heads")],
-                         ids=["gpt2", "llama", "mixtral"])
-def test_decoder_generates_as_the_original_with_dead_channels(make, granularity, tmp_path):
+@pytest.mark.parametrize("make", [_gpt2, _llama, _mixtral], ids=["gpt2", "llama", "mixtral"])
+def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
+    """With the defaults: Llama and Mixtral (one rotary table for all layers) lose whole KV groups, GPT-2 head dims."""
     model = make()
     assert model.config.use_cache  # compress accepts the model with its cache on
     prompt = _tokens(2, 6, seed=3)
-    result = upop_fx.compress(model, prompt, ratio=0.5, method="magnitude", retrain_steps=0,
-                              granularity=granularity)
+    result = upop_fx.compress(model, prompt, ratio=0.5, method="magnitude", retrain_steps=0)
     assert result.module is not None, result.report.module_reason
+    attention = [row for row in result.report.groups if row.heads]
+    assert any(row.kept < row.total for row in attention)
     assert type(result.module) is type(model) and model.config.use_cache
     original = with_dead_channels(with_weights_of(make(), result.dense), result)
     want = _greedy(original, **prompt)
@@ -96,11 +97,27 @@ def test_decoder_generates_as_the_original_with_dead_channels(make, granularity,
     assert torch.equal(_greedy(upop_fx.from_pretrained(tmp_path / "small"), **prompt), want)
 
 
-def test_llama_default_granularity_says_which_option_gives_the_module():
-    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+def test_llama_graph_only_cut_says_which_option_gives_the_module():
+    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0,
+                              own_class=False)
     assert result.module is None
-    assert "rotary" in result.report.module_reason and "granularity='heads'" in result.report.module_reason
+    assert "rotary" in result.report.module_reason and "own_class=True" in result.report.module_reason
     assert result.model is not None  # the graph is still returned
+
+
+def test_llama_by_default_keeps_whole_heads_and_says_why():
+    """Its class computes one cos/sin table for every layer and sizes q, k and v by one ``head_dim``: the default
+    cut removes whole KV groups (a key/value head with its query heads), every kept head at full size."""
+    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+    assert result.module is not None and result.report.module_reason is None
+    rows = [row for row in result.report.groups if row.heads]
+    assert rows and all(row.kept == row.kept_heads * row.head_dim for row in rows)
+    assert any(row.kept_heads < row.heads for row in rows)
+    limits = result.report.class_limits
+    assert len(limits) == len(rows) and all("whole heads only" in line for line in limits)
+    assert any("rotary" in line or "head_dim" in line or "fails to run" in line for line in limits)
+    layer = result.module.model.layers[0].self_attn
+    assert layer.head_dim == 8 and layer.q_proj.out_features % 8 == 0
 
 
 def test_llava_generates_as_the_original_with_dead_channels():
@@ -130,12 +147,13 @@ def _blip(cls: type) -> torch.nn.Module:
 @pytest.mark.parametrize("task", ["caption", "vqa"])
 def test_blip_generates_as_the_original_with_dead_channels(task):
     """BLIP's vision attention reshapes to ``embed_dim // num_heads`` of its input, and its text attention divides
-    by ``sqrt(attention_head_size)``: with whole heads (the text head size stays) and ``own_class=True`` (the
-    vision attention stays whole, and the report says so) the captioner / VQA model comes back and generates."""
+    by ``sqrt(attention_head_size)``: by default the vision attention stays whole (the report says so), the text
+    attention loses head dims with its scale folded into q and k, and the captioner / VQA model comes back and
+    generates as the original with the same channels zeroed."""
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
 
     cls = BlipForConditionalGeneration if task == "caption" else BlipForQuestionAnswering
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(3)
     pixels = torch.randn(2, 3, 32, 32, generator=g)
     ids = torch.randint(3, 98, (2, 6), generator=g)
     ids[:, 0] = 1
@@ -143,14 +161,15 @@ def test_blip_generates_as_the_original_with_dead_channels(task):
     if task == "vqa":  # without labels its forward never runs the text towers
         example["labels"] = ids
     if task == "vqa":
-        plain = upop_fx.compress(_blip(cls), example, ratio=0.5, method="magnitude", retrain_steps=0)
+        plain = upop_fx.compress(_blip(cls), example, ratio=0.5, method="magnitude", retrain_steps=0, own_class=False)
         assert plain.module is None and "scales by" in plain.report.module_reason
-    result = upop_fx.compress(_blip(cls), example, ratio=0.5, method="magnitude", retrain_steps=0, own_class=True,
-                              granularity="heads")
+    result = upop_fx.compress(_blip(cls), example, ratio=0.5, method="magnitude", retrain_steps=0)
     assert result.module is not None, result.report.module_reason
-    assert any("own_class=True" in why for why in result.report.not_prunable)
+    assert any(line.startswith("vision_model") and "left whole" in line for line in result.report.class_limits)
     kinds = {(row.tower.split(".")[0], row.kind) for row in result.report.groups if row.kept < row.total}
     assert ("vision_model", "mlp") in kinds and any(t.startswith("text") and k == "qk" for t, k in kinds)
+    text = [row for row in result.report.groups if row.tower.startswith("text") and row.kind == "qk"]
+    assert any(row.kept % row.head_dim for row in text)  # head dims went: the scale is folded into q and k
     original = with_dead_channels(_blip(cls), result)
     prompt = {"pixel_values": pixels, "input_ids": ids[:, :3] if task == "caption" else ids}  # (a caption drops its last)
     want = _greedy(original, **prompt)

@@ -99,7 +99,7 @@ def _compressed(name: str, granularity: str, spread: bool = True) -> Case:
     if spread:
         _spread(zoo.model)
     original = copy.deepcopy(zoo.model)
-    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0,
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0, own_class=False,
                               granularity=granularity)
     # The oracle's premise: nothing was trained, so the cut was made from the original weights.
     dense = dict(result.dense.named_parameters())

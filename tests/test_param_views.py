@@ -70,7 +70,7 @@ def test_views_of_parameters_compress_exactly(name, granularity):
     torch.manual_seed(0)
     build, inputs = CASES[name]
     model = build().eval()
-    result = upop_fx.compress(model, inputs(2, 5), 0.5, method="magnitude", retrain_steps=0, granularity=granularity)
+    result = upop_fx.compress(model, inputs(2, 5), 0.5, method="magnitude", retrain_steps=0, own_class=False, granularity=granularity)
     assert sorted(g.kind for g in result.analysis.prunable) == KINDS[name]
     assert result.report.params_after < result.report.params_before
     result.model.graph.lint()
@@ -85,7 +85,7 @@ def test_packed_bias_chunk_becomes_a_split_of_the_kept_sizes():
     torch.manual_seed(0)
     model = CrossAttend().eval()
     result = upop_fx.compress(model, (torch.randn(2, 5, 32), torch.randn(2, 7, 16)), 0.5, method="magnitude",
-                              retrain_steps=0, granularity="qk_v")
+                              retrain_steps=0, own_class=False, granularity="qk_v")
     splits = [n for n in result.model.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
     assert len(splits) == 1
     sizes = splits[0].args[1]

@@ -897,10 +897,15 @@ def test_attention_operand_without_head_layout_is_refused():
     assert tr.tracer.sites == []
 
 
-def test_sdpa_rewrite_pins_the_scale():
+def test_sdpa_rewrite_pins_the_scale_where_the_head_dim_shrinks():
     implicit = trace(_attn(), x3(c=8), **_attn_parts())
     node = implicit.node(aten.scaled_dot_product_attention)
-    REWRITES[key_of(node.target)](RewriteCtx(implicit), node)
+    REWRITES[key_of(node.target)](RewriteCtx(implicit), node)  # nothing cut (or whole heads): the default holds
+    assert "scale" not in node.kwargs and len(node.args) <= 6
+    q = node.args[0]
+    b, last = q.meta[DIMS_KEY], q.meta["val"].dim() - 1
+    narrower = Block(b.axes, np.take(b.labels, [0], axis=b.axes.index(last)), b.outer, b.zero)
+    REWRITES[key_of(node.target)](RewriteCtx(implicit, new={q.name: narrower}), node)
     assert node.kwargs["scale"] == pytest.approx(1 / math.sqrt(2))
     explicit = trace(_attn(scale=0.25), x3(c=8), **_attn_parts())
     node = explicit.node(aten.scaled_dot_product_attention)

@@ -210,7 +210,7 @@ def test_allocate_hook_replaces_the_unified_ranking(tiny):
             pruned[idx[np.argsort(importance[idx], kind="stable")[:k]]] = True
         return pruned
 
-    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=6, interval=2, allocate=per_structure)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=6, interval=2, allocate=per_structure, own_class=False)
     _run_loop(pruner, model, data, 6)
     assert calls == pytest.approx([schedule(t, 6, 0.5) for t in (0, 2, 4, 5)])
     result = pruner.finalize("per_structure")

@@ -239,8 +239,9 @@ class Options:
 
     # ---------------------------------------------------------------- outputs
     own_class: bool = _option(
-        False, "outputs", "prune only what the model's own class can express, so that result.module exists "
-        "(layers whose code fixes a size are left whole, listed in report.not_prunable)", _bool)
+        True, "outputs", "prune only what the model's own class can express, so that result.module exists: "
+        "attention whose code fixes the head size loses whole heads, other layers that fix a size stay whole "
+        "(listed in report.class_limits); False: the wider graph-only cut (result.model, for ONNX)", _bool)
     verbose: bool | None = _option(
         None, "outputs", "True: one INFO line per phase on stderr (even with no logging configured); False: "
         "warnings only; None: upop_fx's logger as the application set it. Progress bars show on a terminal "

@@ -96,8 +96,8 @@ def strategy_for(options: Options) -> Strategy:
 
 def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None = None, **changes: Any) -> Prepared:
     """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries, once.
-    ``options`` (with ``changes``): ``own_class`` leaves unpruned the groups that the model's own class cannot
-    express (:func:`~upop_fx.module.class_limits.restrict_to_class`); ``budget="latency"`` measures the latency
+    ``options`` (with ``changes``): ``own_class`` (the default) restricts the groups to what the model's own class
+    can express — whole heads, or left whole (:func:`~upop_fx.module.class_limits.restrict_to_class`); ``budget="latency"`` measures the latency
     tables of the structures on ``runtime`` at ``latency_shape`` (:mod:`upop_fx.runtime.latency_tables`) and
     prices the entries by them."""
     options = Options.make(options, **changes)
@@ -107,8 +107,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
         distributed.check_same(_weights_checksum(cap.gm), "the dense model's weights (build or load it alike on every rank)")
     analysis = FindGroups()(cap.gm).value
     SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
-    if options.own_class and analysis.prunable:
-        restrict_to_class(model, cap.gm, analysis, granularity, options.budget)
+    limits: list[str] = []
+    if options.own_class and analysis.prunable and _has_own_class(model):
+        limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget)
     analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, options.budget)
     latency = None
@@ -118,7 +119,12 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
             latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.latency_shape)
         structures, entries = priced(latency, structures, entries)
         _check_reachable(options.ratio, latency)
-    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency)
+    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency, class_limits=limits)
+
+
+def _has_own_class(model: Any) -> bool:
+    """A model whose class a cut can be given back in: an ``nn.Module`` that is not itself a graph."""
+    return isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule)
 
 
 def _check_reachable(ratio: float, latency: LatencyModel) -> None:
@@ -173,7 +179,8 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
         removed = removed_labels(prepared.analysis, keep)
-        back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity)
+        back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity,
+                       fold=prepared.options.own_class)  # own_class=False: the graph keeps the original's weights
         result.module, result.report.module_reason = back.module, back.reason
         if back.module is None:
             log.info("no module of %s's class for this cut (result.model is the graph): %s",
@@ -313,6 +320,7 @@ def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, lis
             for g in analysis.prunable
         ],
         not_prunable=[g.describe() for g in analysis.groups if not g.prunable],
+        class_limits=list(prepared.class_limits),
     )  # fmt: skip
     log.debug("\n%s", report.table())
     return report

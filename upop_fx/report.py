@@ -60,6 +60,9 @@ class Report:
     prunable_cost_removed: float  # the fraction of the prunable cost (in `budget` units) removed
     groups: list[GroupRow] = field(default_factory=list)
     not_prunable: list[str] = field(default_factory=list)
+    #: ``own_class=True``: per group the model's class could not cut as the graph can, what was done instead
+    #: (``"whole heads only; ..."`` or ``"left whole; ..."``) and why
+    class_limits: list[str] = field(default_factory=list)
     #: why ``Result.module`` is None (the cut cannot be expressed by the model's own class); None when it is set
     module_reason: str | None = None
     #: ``budget="latency"``: runtime, shape, the dense latency, the predicted latency after the cut and the
@@ -116,6 +119,9 @@ class Report:
             f"({self.flops_before / max(self.flops_after, 1):.2f}x fewer)",
             f"prunable {self.budget} removed: {100 * self.prunable_cost_removed:.1f}% (asked {100 * self.ratio:.1f}%)",
         ]
+        if self.class_limits:
+            lines.append(f"restricted to what the model's class can express: {len(self.class_limits)} groups "
+                         "(report.class_limits; own_class=False cuts the graph alone, wider)")
         if self.runs_only_at:
             lines.append("runs only at: " + "; ".join(self.runs_only_at) + " (the model's code fixes it)")
         if self.reconstruction:

@@ -8,6 +8,8 @@ An *entry* is the smallest unit a ranking can remove and still leave a dense gra
   interleaves q, k and v per head, they share entries as with ``"upop"``.
 * ``"heads"``: whole heads (q, k and v of head ``h``); where a per-head additive score bias (ALiBi) fixes the
   heads, that layer's entries are head dims as with ``"upop"``.
+* Whatever the granularity, an attention group whose ``whole_heads`` is set (the model's class fixes its head
+  size: :mod:`upop_fx.module.class_limits`) has whole heads as its entries.
 * ``"heads+dims"``: per attention layer both — its whole heads and its head dims (as with ``"upop"``) are
   entries of one structure, so a ranking removes whichever is less important: a layer keeps ``h`` heads of
   ``j`` dims each (the kept q/k/v channels are the product). Removing a head is what cuts the softmax and the
@@ -121,7 +123,8 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         both = qk is not None and v is not None and qk.heads == v.heads
         label = f"{name} {'cross-' if g.cross else ''}attn"
         fixed = analysis.sites[g.site].fixed_heads if g.site is not None and g.site < len(analysis.sites) else None
-        if granularity == "heads" and both and not fixed:
+        whole = qk is not None and qk.whole_heads or v is not None and v.whole_heads
+        if (granularity == "heads" or whole) and both and not fixed:
             add("attn", label, [qk, v], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)])
             done.update({qk.id, v.id})
         elif ((granularity in ("upop", "heads", "heads+dims") or (both and _interleaved(qk, v))) and both
@@ -134,6 +137,9 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
                 for j in range(qk.head_dim)
             ], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)] if mixed else [])  # fmt: skip
             done.update({qk.id, v.id})
+        elif g.whole_heads and g.heads and g.heads > 1 and not fixed:  # the class fixes this group's head size
+            add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head(g, h)} for h in range(g.heads)])
+            done.add(g.id)
         else:  # qk_v, or a layer whose q/k and v cannot share entries
             add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head_channels(g, j)} for j in range(g.head_dim)])
             done.add(g.id)

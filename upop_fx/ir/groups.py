@@ -164,6 +164,9 @@ class DimGroup:
     dims: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  #: positions of each channel
     #: stacked experts (an MoE layer's ``[E, ...]`` weights): channel ``c`` is neuron ``c`` of each of them
     experts: int | None = None
+    #: why only whole heads of this attention group can go (the model's class fixes its head size:
+    #: :mod:`upop_fx.module.class_limits`); None: head dims can go too
+    whole_heads: str | None = None
 
     def positions(self, j: int) -> list[int]:
         """The positions within a head of channel ``j`` of a head (``[j]`` unless paired)."""
@@ -205,6 +208,8 @@ class DimGroup:
         where = self.where
         cross = " cross" if self.cross else ""
         state = "" if self.prunable else f" (not prunable: {self.reason})"
+        if self.prunable and self.whole_heads:
+            state = f" (whole heads only: {self.whole_heads})"
         experts = f" experts={self.experts}" if self.experts else ""
         return f"#{self.id} {self.kind}{cross} {where}{heads}{experts} width={self.width}{state}"
 

@@ -1,18 +1,24 @@
-"""``own_class=True``: prune only what the model's own class can express, so that ``result.module`` exists.
+"""``own_class=True`` (the default): prune only what the model's own class can express, so that ``result.module`` exists.
 
-Some layers compute a size from something no cut can change — Hugging Face's BLIP vision attention reshapes to
-``embed_dim // num_heads`` of its *input* width, ``nn.MultiheadAttention`` derives its head size from the model
-width, a rotary table is shared by every layer. The graph cuts them exactly; the model's class cannot. Before the
+Some layers compute a size from something no cut can change — a rotary cos/sin table computed once for every
+layer, one ``head_dim`` attribute that sizes q, k and v, an attention scale computed from the head size (SDPA's
+default, ``/ sqrt(attention_head_size)``), Hugging Face's BLIP vision attention reshaping to
+``embed_dim // num_heads`` of its *input* width. The graph cuts them exactly; the model's class cannot. Before the
 search, :func:`restrict_to_class` makes a trial cut (one entry of every structure), rebuilds the module
-(:func:`~upop_fx.module.rebuild.rebuild`) and marks the groups of every module that could not follow as not prunable,
-with the reason; it repeats until the trial module is verified, or no failure names a module.
+(:func:`~upop_fx.module.rebuild.rebuild`, checked by running it) and, for every module that could not follow:
+
+* an attention layer that loses head dims is tried again with **whole heads** as its entries (every head keeps
+  its size, its rotary pairs and its scale; :attr:`~upop_fx.ir.groups.DimGroup.whole_heads` holds why);
+* anything else, or whole heads that still fail, is marked not prunable, with the reason.
+
+It repeats until the trial module is verified, or no failure names a module. What was done is listed per
+structure in the returned lines (``report.class_limits``); ``own_class=False`` cuts the graph alone, wider.
 
 Example:
     >>> import torch, upop_fx
     >>> enc = torch.nn.TransformerEncoder(
     ...     torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False).eval()
-    >>> result = upop_fx.compress(enc, torch.randn(2, 5, 16), ratio=0.3, method="magnitude", retrain_steps=0,
-    ...                           own_class=True)
+    >>> result = upop_fx.compress(enc, torch.randn(2, 5, 16), ratio=0.3, method="magnitude", retrain_steps=0)
     >>> sorted({row.kind for row in result.report.groups}), type(result.module).__name__
     (['mlp'], 'TransformerEncoder')
 """
@@ -28,13 +34,14 @@ from ..ir.entries import build_entries, keep_sets
 from ..ir.groups import DimGroup, GroupAnalysis
 from ..passes import Surgery
 from ..passes.surgery import removed_labels
-from .rebuild import rebuild
+from .rebuild import reason_of, rebuild
 
 __all__ = ["restrict_to_class"]
 
 log = logging.getLogger(__name__)
 
-ROUNDS = 4
+#: trial rounds: each one leaves whole (or to whole heads) what the previous trial named
+ROUNDS = 6
 
 
 def _params(g: DimGroup) -> set[str]:
@@ -42,21 +49,65 @@ def _params(g: DimGroup) -> set[str]:
 
 
 def _trial(analysis: GroupAnalysis, granularity: str, budget: str) -> dict[int, list[int]] | None:
-    """Keep-sets removing one entry (the last) of every structure that has more than one."""
+    """Keep-sets removing a few entries from every structure that has more than one: the last ``multiple``
+    (one for most), and where more than two are left also one from the front; from the ``k``-th structure of a
+    kind, the ``k``-th from each end — so that layers keep different entries, and a size or a table the class
+    shares between layers that the cut would make different shows up."""
     structures, entries = build_entries(analysis, granularity, budget)
     pruned = np.zeros(len(entries), dtype=bool)
-    for s in range(len(structures)):
-        mine = [i for i, e in enumerate(entries) if e.structure == s]
-        if len(mine) > 1:
-            pruned[mine[-1]] = True
+    seen: dict[str, int] = {}
+    for s, st in enumerate(structures):
+        mine = [i for i, e in enumerate(entries) if e.structure == s and not e.head]
+        mine = mine or [i for i, e in enumerate(entries) if e.structure == s]
+        n, m = len(mine), st.multiple
+        if n <= m:
+            continue
+        k = seen[st.kind] = seen.get(st.kind, -1) + 1
+        last = n - (k * m) % (n - m + 1)  # one past the last of the ``m`` removed from the back
+        pruned[mine[last - m:last]] = True
+        if m == 1 and n > 2:
+            pruned[mine[k % (n - 1)]] = True  # and one from the front (another where the back one is it)
     return keep_sets(analysis, entries, pruned) if pruned.any() else None
 
 
+def _site_groups(analysis: GroupAnalysis, g: DimGroup) -> list[DimGroup]:
+    """The prunable attention groups of ``g``'s attention site (``[g]`` without a site)."""
+    if g.site is None:
+        return [g]
+    return [o for o in analysis.prunable if o.site == g.site and o.kind in ("qk", "v")]
+
+
+def _heads_can_go(analysis: GroupAnalysis, g: DimGroup) -> bool:
+    """Whole heads are still to try for ``g``: an attention group of several heads, not yet whole heads, whose
+    heads no per-head bias fixes."""
+    if g.kind not in ("qk", "v") or not g.heads or g.heads < 2 or g.whole_heads:
+        return False
+    site = analysis.sites[g.site] if g.site is not None and g.site < len(analysis.sites) else None
+    return site is None or not site.fixed_heads
+
+
+def _alike(model: torch.nn.Module, at: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The problems found per module path, extended to every module of the same class as one that failed (its
+    code is the same: the run stops at the first failing layer, the others would fail alike), with the texts of
+    the one that failed."""
+    out = {path: list(texts) for path, texts in at.items()}
+    failed = {}
+    for path, texts in at.items():
+        try:
+            failed.setdefault(type(model.get_submodule(path)), texts)
+        except AttributeError:
+            continue
+    for path, m in model.named_modules():
+        if path and path not in out and type(m) in failed:
+            out[path] = failed[type(m)]
+    return out
+
+
 def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis: GroupAnalysis,
-                      granularity: str, budget: str) -> list[int]:
-    """Mark the groups that ``model``'s class cannot cut as not prunable (see the module docstring); returns
-    their ids. ``gm``: the captured graph that ``analysis`` describes."""
-    excluded: list[int] = []
+                      granularity: str, budget: str) -> list[str]:
+    """Restrict the groups of ``analysis`` to what ``model``'s class can cut (see the module docstring): whole
+    heads where head dims fail, not prunable where that fails too. ``gm``: the captured graph that ``analysis``
+    describes. Returns one line per restricted group: where, what was done and why."""
     for _ in range(ROUNDS):
         if not analysis.prunable:
             break
@@ -64,24 +115,42 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
         if keep is None:
             break
         small = Surgery(keep)(gm).gm
-        back = rebuild(model, gm, small, analysis, removed_labels(analysis, keep), granularity)
+        back = rebuild(model, gm, small, analysis, removed_labels(analysis, keep), granularity, recapture=False)
         if back.module is not None:
             break
-        hit = []
+        texts = _alike(model, back.problems.at)
+        hit, why = [], {}
         for g in analysis.prunable:
             rotary = back.problems.rotary and g.kind == "qk" and g.dims is not None
-            owned = any(p.startswith(path + ".") for path in back.problems.paths for p in _params(g))
-            if rotary or owned:
+            owners = [path for path in texts if any(p.startswith(path + ".") for p in _params(g))]
+            if rotary or owners:
                 hit.append(g)
+                why[g.id] = reason_of(([back.problems[0]] if rotary else []) + [t for path in owners for t in texts[path]])
         if not hit:
-            log.info("own_class: the trial cut fails without naming a module (%s); nothing more is excluded",
-                     back.reason)
-            break
+            wide = [g for g in analysis.prunable if g.whole_heads]
+            if not wide:
+                log.info("own_class: the trial cut fails without naming a module (%s); nothing more is excluded",
+                         back.reason)
+                break
+            hit = wide  # their whole heads are what the trial changed: they stay whole
+            why = {g.id: back.reason for g in wide}
+        done: set[int] = set()
         for g in hit:
-            g.prunable = False
-            g.reason = f"its module cannot express a cut (own_class=True): {back.reason}"
-            excluded.append(g.id)
-    if excluded:
-        log.info("own_class: %d groups left unpruned so that the model's own class can express the cut",
-                 len(excluded))
-    return excluded
+            if g.id in done:  # done with its site
+                continue
+            site = _site_groups(analysis, g)
+            done.update(o.id for o in site)
+            if all(_heads_can_go(analysis, o) for o in site):
+                for o in site:
+                    o.whole_heads = f"its class cannot cut head dims: {why[g.id]}"
+            else:
+                for o in site:
+                    o.prunable = False
+                    o.reason = f"its module cannot express a cut (own_class=True): {why[g.id]}"
+    lines = [f"{g.where} {g.kind}: whole heads only; {g.whole_heads}" for g in analysis.prunable if g.whole_heads]
+    lines += [f"{g.where} {g.kind}: left whole; {g.reason}" for g in analysis.groups
+              if not g.prunable and g.reason and "own_class=True" in g.reason]
+    if lines:
+        log.info("own_class: %d groups restricted so that the model's own class can express the cut (whole heads "
+                 "or left whole; own_class=False cuts the graph alone, wider)", len(lines))
+    return lines

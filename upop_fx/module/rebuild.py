@@ -49,13 +49,15 @@ from ..capture.program import cache_off, capture, get_capture, run_module
 from ..compare import relative_error
 from ..ir.groups import GroupAnalysis
 from ..passes.base import module_tensors, set_tensor
+from .scale_fold import fold_scales, held_floats
 
 __all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "module_gap"]
 
 log = logging.getLogger(__name__)
 
-#: the largest relative error between the rebuilt module and the cut graph that counts as equal
-RTOL = 1e-5
+#: the largest relative error between the rebuilt module and the cut graph that counts as equal (float32
+#: rounding of a differently ordered computation stays near 1e-5; a wrong size or scale is far above)
+RTOL = 1e-4
 
 
 class Problems(list):
@@ -66,11 +68,13 @@ class Problems(list):
         super().__init__()
         self.paths: set[str] = set()
         self.rotary = False
+        self.at: dict[str, list[str]] = defaultdict(list)  #: module path -> the texts found there
 
     def add(self, text: str, path: str | None = None) -> None:
         self.append(text)
         if path:
             self.paths.add(path)
+            self.at[path].append(text)
 
 
 @dataclass
@@ -210,13 +214,16 @@ def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, p
     literals the cut leaves alone go to ``floats`` (per module path: (value, node))."""
     old_nodes = {n.name: n for n in dense.graph.nodes}
     changes: dict[str, dict[int, set[tuple[int, str]]]] = defaultdict(lambda: defaultdict(set))
+    rescaled: list[tuple[str, float, float, str]] = []
     for n in small.graph.nodes:
         if n.op != "call_function":
             continue
         o = old_nodes.get(n.name)
         if o is None or o.op != "call_function":
-            problems.add(f"the cut inserts {n.target} (node {n.name}), which the module's forward does not have",
-                         None)
+            path, cls = _inserted_owner(n, old_nodes) or (None, None)
+            where = f"{path} ({cls})" if path else "<root>"
+            problems.add(f"the cut inserts {getattr(n.target, '__name__', n.target)} (node {n.name}) in {where}, "
+                         "which the module's forward does not have", path)
             continue
         path, cls = _owner(o)
         where = f"node {n.name} in {path or '<root>'} ({cls or type(dense).__name__})"
@@ -243,12 +250,38 @@ def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, p
             if isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool):
                 if 0 <= x < _OPEN_END:  # a -1 or an open end the cut made explicit: the module still infers it
                     changes[path][x].add((y, n.name))
+            elif isinstance(x, float) and isinstance(y, float):
+                rescaled.append((path, x, y, where))
             else:
                 problems.add(f"the cut changes the literal {x!r} to {y!r} at {where}", path)
+    for path, x, y, where in rescaled:  # a folded scale (scale_fold): sqrt of a size the cut changes, recomputed
+        if not any(_root_of(x, a) and _root_of(y, b) for a, news in changes[path].items() for b, _ in news):
+            problems.add(f"the cut changes the literal {x!r} to {y!r} at {where}", path)
     return changes
 
 
+def _root_of(x: float, size: int) -> bool:
+    """``x`` is ``sqrt(size)`` or ``1/sqrt(size)``."""
+    return size > 0 and any(abs(x - c) <= 1e-6 * abs(c) for c in (size**0.5, size**-0.5))
+
+
 _OPEN_END = 2**31  # a slice end this large means "to the end"
+
+
+def _inserted_owner(node: Node, old_nodes: dict[str, Node]) -> tuple[str, str] | None:
+    """(module path, class name) of the first node of the original graph that a node surgery inserted feeds
+    (through other inserted nodes); None where none is found."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        u = todo.pop(0)
+        if u.name in seen:
+            continue
+        seen.add(u.name)
+        o = old_nodes.get(u.name)
+        if o is not None and o.op == "call_function":
+            return _owner(o) if _owner(o)[0] else None
+        todo.extend(u.users)
+    return None
 
 
 def _full_args(n: Node) -> tuple[Any, ...]:
@@ -281,11 +314,7 @@ def _scale_problems(model: torch.nn.Module, changes: dict[str, dict[int, set[tup
     that no float attribute of the module (or of a module above it) holds, was computed in the forward from
     the size: the patched module would compute it from the new size, the graph keeps the old one."""
     for path, sizes in changes.items():
-        held = set()
-        parts = path.split(".") if path else []
-        for i in range(len(parts) + 1):
-            m = model.get_submodule(".".join(parts[:i])) if i else model
-            held |= {v for v in vars(m).values() if isinstance(v, float)}
+        held = held_floats(model, path)
         for old in sizes:
             for f, node in floats.get(path, []):
                 derived = any(abs(f - c) <= 1e-6 * abs(c) for c in (old**0.5, old**-0.5))
@@ -343,7 +372,12 @@ def _tables_problem(analysis: GroupAnalysis, removed: np.ndarray, granularity: s
         kept.append(tuple(np.nonzero(~gone)[0].tolist()))
     if not kept or all(len(k) == len(analysis.tables[i].labels[0]) for i, k in enumerate(kept)):
         return None
-    hint = " — compress with granularity='heads' (whole heads: every table entry stays)" if granularity != "heads" else ""
+    hint = (" — compress with own_class=True (the default; whole heads where the class needs them: every table "
+            "entry stays)")
+    if len(set(kept)) == 1:
+        return (f"the rotary cos/sin tables are computed once from every rotary frequency, and the cut keeps "
+                f"{len(kept[0])} of {len(analysis.tables[0].labels[0])} table entries (the same in all {len(kept)} "
+                f"uses); the class does not slice its frequencies{hint}")
     return (f"the rotary cos/sin tables are computed once for all layers, and the cut keeps different rotary "
             f"pairs per layer ({len(set(kept))} different sets over {len(kept)} uses){hint}")
 
@@ -397,20 +431,38 @@ def _same_as(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str 
     return (None, None) if err <= RTOL else (f"the module differs from the graph (relative error {err:.3g})", None)
 
 
-def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str | None, str | None]:
-    """``(None, None)`` when ``module`` runs, and captured again equals ``small`` on the example inputs and at a
-    second size; else ``(why, the module path that failed where known)``."""
-    info = get_capture(small)
+def _run_failure(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[str | None, str | None]:
+    """``(why, the failing submodule's path)`` when ``module`` (its cache off) fails on the inputs; ``(None, None)``
+    when it runs."""
     try:
-        again = capture(module, info.kwargs or info.args).gm  # (capture runs the module once itself)
+        with cache_off(module):
+            run_module(module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
-        try:  # run it here, on the module itself, to name the submodule that fails
-            with cache_off(module):
-                run_module(module, info.args, info.kwargs)
-        except Exception as run_exc:  # noqa: BLE001
-            return (f"the rebuilt module fails to run: {type(run_exc).__name__}: "
-                    f"{str(run_exc).splitlines()[0][:300]}", _failing_module(module, run_exc))
-        return f"the rebuilt module cannot be captured again: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", None
+        path = _failing_module(module, exc)
+        where = f" in {path} ({type(module.get_submodule(path)).__name__})" if path else ""
+        return (f"the rebuilt module fails to run{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                path)
+    return None, None
+
+
+def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: bool = True
+            ) -> tuple[str | None, str | None]:
+    """``(None, None)`` when ``module`` runs, and (captured again unless ``recapture`` is False: then run eagerly)
+    equals ``small`` on the example inputs and at a second size; else ``(why, the module path that failed where
+    known)``."""
+    info = get_capture(small)
+    why, path = _run_failure(module, info.args, info.kwargs)
+    if why is not None:
+        return why, path
+    if recapture:
+        try:
+            again: Any = capture(module, info.kwargs or info.args).gm
+        except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
+            return (f"the rebuilt module cannot be captured again: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:300]}", None)
+    else:
+        again = module
     tried = 0
     for grow, shrink in ((False, False), (True, True), (False, True), (True, False)):
         args, kwargs = varied_inputs(info.args, info.kwargs, info.dynamic_shapes, grow, shrink)
@@ -421,27 +473,38 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str |
         except Exception:  # noqa: BLE001 — the graph does not run at this size; try another
             continue
         try:
-            got = run_module(again, args, kwargs)
+            with cache_off(module):
+                got = run_module(again, args, kwargs)
         except Exception as exc:  # noqa: BLE001
-            return f"the re-captured module fails to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", None
+            return (f"the rebuilt module fails to run at input shapes {_shapes(args, kwargs)}: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", _failing_module(module, exc))
         err = relative_error(got, want)
         if not err <= RTOL:
-            shapes = [tuple(t.shape) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
             return (f"the rebuilt module differs from the cut graph (relative error {err:.3g} at input shapes "
-                    f"{shapes})"), None
+                    f"{_shapes(args, kwargs)})"), None
         tried += 1
     if tried < 2:
         return "the cut graph runs at no second input size to compare the rebuilt module with", None
     return None, None
 
 
+def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+
+
 # ------------------------------------------------------------------------------------------- rebuild
 def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
-            analysis: GroupAnalysis, removed: np.ndarray, granularity: str = "upop") -> Rebuilt:
+            analysis: GroupAnalysis, removed: np.ndarray, granularity: str = "upop", recapture: bool = True,
+            fold: bool = True) -> Rebuilt:
     """A copy of ``model`` cut as ``small`` (the surgery of ``dense``), verified; see the module docstring.
 
-    ``removed``: the removed labels of ``analysis`` (:func:`~upop_fx.passes.surgery.removed_labels`)."""
+    ``removed``: the removed labels of ``analysis`` (:func:`~upop_fx.passes.surgery.removed_labels`).
+    ``recapture=False`` verifies by running the module eagerly instead of capturing it again (a trial cut's check).
+    ``fold``: first fold into ``small``'s q/k weights, in place and exactly, the attention scales the class would
+    recompute from the narrowed head size (:func:`~upop_fx.module.scale_fold.fold_scales`)."""
     problems = Problems()
+    if fold:
+        fold_scales(model, dense, small, analysis, removed)
     if (why := _tables_problem(analysis, removed, granularity)) is not None:
         problems.add(why)
         problems.rotary = True
@@ -449,14 +512,14 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
     changes = _literal_changes(dense, small, problems, floats)
     _scale_problems(model, changes, floats, problems)
     if problems:
-        return Rebuilt(None, _reason(problems), problems=problems)
+        return Rebuilt(None, reason_of(problems), problems=problems)
     module = _copy_without(model, set(module_tensors(small)))
     before = {n: tuple(t.shape) for n, t in module_tensors(module).items()}
     missing = copy_weights(small, module)
     missing += [n for n, t in module_tensors(module).items() if t.is_meta]
     if missing:
         problems.add(f"the cut graph and the model do not hold the same tensors: {', '.join(missing[:4])}")
-        return Rebuilt(None, _reason(problems), problems=problems)
+        return Rebuilt(None, reason_of(problems), problems=problems)
     patched: dict[str, dict[str, Any]] = {}
     owners: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for name, t in module_tensors(module).items():
@@ -482,19 +545,22 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
     _patch_from_literals(model, module, changes, patched, problems, notes, granularity)
     if not problems:
         module.eval()
-        verify = _verify if (owners or changes) else _same_as  # nothing resized: the model itself, new weights
-        why, path = verify(module, small)
+        if owners or changes:
+            why, path = _verify(module, small, recapture)
+        else:  # nothing resized: the model itself, with new weights
+            why, path = _same_as(module, small)
         if why is not None:
             problems.add(why, path)
             problems.extend(notes)
     if problems:
-        return Rebuilt(None, _reason(problems), patched, problems)
+        return Rebuilt(None, reason_of(problems), patched, problems)
     log.info("rebuilt %s: %d modules with patched size attributes, verified against the cut graph",
              type(model).__name__, len(patched))
     return Rebuilt(module, None, patched)
 
 
-def _reason(problems: list[str]) -> str:
+def reason_of(problems: list[str]) -> str:
+    """The first three distinct ``problems``, joined (and how many more)."""
     unique = list(dict.fromkeys(problems))
     more = f" (and {len(unique) - 3} more)" if len(unique) > 3 else ""
     return "; ".join(unique[:3]) + more

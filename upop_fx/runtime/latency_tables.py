@@ -97,7 +97,7 @@ def _classes(analysis: GroupAnalysis, structures: Sequence[Structure], entries: 
         groups = [analysis.groups[g] for g in st.groups]
         sig = json.dumps([st.kind, int(counts[s]), st.multiple, *([st.heads] if st.heads else []), [
             (g.kind, g.tower, g.width, g.heads, g.head_dim, g.cross, g.experts, round(float(g.cost_flops.sum())),
-             len(g.producers), len(g.consumers))
+             len(g.producers), len(g.consumers), *(["whole heads"] if g.whole_heads else []))
             for g in groups
         ]])  # fmt: skip
         out.setdefault(sig, []).append(s)

@@ -68,6 +68,8 @@ class Prepared:
     latency: LatencyModel | None = None  #: ``budget="latency"``: the measured latency model
     #: model inputs of the calibration batches, for a strategy that reads them (``reads_calibration = True``)
     calibration: list[Any] | None = None
+    #: ``own_class``: per restricted group, what the model's class could not follow and what was done instead
+    class_limits: list[str] = field(default_factory=list)
 
     @property
     def granularity(self) -> str:

@@ -183,13 +183,24 @@ def baddbmm(ctx: Any, node: Node) -> Block | None:
 
 @rewrite(aten.scaled_dot_product_attention)
 def pin_scale(ctx: Any, node: Node) -> None:
-    """Keep the softmax temperature of the original head dim: SDPA's default is 1/sqrt(current d)."""
-    if arg(node, 6, "scale") is None:
+    """Keep the softmax temperature of the original head dim: SDPA's default is 1/sqrt(current d). Where the cut
+    keeps the head dim (whole heads go), the default stays: it is still the original one."""
+    if arg(node, 6, "scale") is None and not _head_dim_kept(ctx, node.args[0]):
         scale = 1.0 / math.sqrt(int(val(node.args[0]).shape[-1]))
         if len(node.args) > 6:
             node.args = (*node.args[:6], scale, *node.args[7:])
         else:
             node.kwargs = {**node.kwargs, "scale": scale}
+
+
+def _head_dim_kept(ctx: Any, q: Any) -> bool:
+    """Whether the cut is known to keep every entry of ``q``'s last axis (the head dim): False where ``q``'s
+    channels are not known here (a node surgery inserted)."""
+    old, new = ctx.old_block(q), ctx.new_block(q)
+    last = val(q).dim() - 1
+    if not hasattr(old, "axes") or not hasattr(new, "axes") or last not in old.axes or last not in new.axes:
+        return False
+    return old.axis_labels(last) == new.axis_labels(last)
 
 
 __all__ = ["activation_matmul"]
