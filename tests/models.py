@@ -224,6 +224,46 @@ def mixtral() -> ZooModel:
                           "expert; RoPE + GQA attention as in Llama")
 
 
+def qwen3() -> ZooModel:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=MAX_POS,
+                      bos_token_id=1, eos_token_id=EOS, pad_token_id=0, use_cache=False, **SDPA)
+    return ZooModel("qwen3", _eval(Qwen3ForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(),
+                    notes="per-head RMSNorm on q and k (q_norm/k_norm over head_dim, one weight shared by the heads) "
+                          "before RoPE; GQA 4 query heads over 2 KV heads; SwiGLU MLP")
+
+
+def gemma3() -> ZooModel:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(SEED)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=MAX_POS,
+                           sliding_window=4, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
+                           eos_token_id=EOS, pad_token_id=0, use_cache=False, **SDPA)
+    return ZooModel("gemma3", _eval(Gemma3ForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(),
+                    notes="per-head q/k RMSNorm, one KV head (multi-query), a sliding-window layer then a global one "
+                          "(two rotary tables), scaled embeddings, GeGLU MLP, sandwich norms")
+
+
+def bigcode() -> ZooModel:
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = GPTBigCodeConfig(vocab_size=VOCAB, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                           multi_query=True, bos_token_id=1, eos_token_id=EOS, pad_token_id=0, use_cache=False,
+                           **SDPA)
+    return ZooModel("bigcode", _eval(GPTBigCodeForCausalLM(cfg)), _tokens(BATCH, SEQ, 1),
+                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(), dim_max={"seq": MAX_POS},
+                    notes="StarCoder-style multi-query attention: one fused c_attn [q (4 heads) | k | v (one head)], "
+                          "learned positions")
+
+
 def gptj() -> ZooModel:
     from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -479,6 +519,9 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "llama": llama,
     "mixtral": mixtral,
     "gptj": gptj,
+    "qwen3": qwen3,
+    "gemma3": gemma3,
+    "bigcode": bigcode,
     "bloom": bloom,
     "mpnet": mpnet,
     "deberta_v2": deberta_v2,

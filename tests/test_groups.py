@@ -129,6 +129,26 @@ GOLDEN = {
         ('v', 'model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],
+    "qwen3": [  # the per-head q/k RMSNorm reduces over head_dim: q/k are reported, v and the MLP pruned
+        ('v', 'model.layers', 0, 2, 8, 16, False),
+        ('mlp', 'model.layers', 0, None, None, 64, False),
+        ('v', 'model.layers', 1, 2, 8, 16, False),
+        ('mlp', 'model.layers', 1, None, None, 64, False),
+    ],
+    "gemma3": [  # one KV head: v is one head of 16 dims broadcast to both query heads; q/k normalised per head
+        ('v', 'model.layers', 0, 1, 16, 16, False),
+        ('mlp', 'model.layers', 0, None, None, 64, False),
+        ('v', 'model.layers', 1, 1, 16, 16, False),
+        ('mlp', 'model.layers', 1, None, None, 64, False),
+    ],
+    "bigcode": [  # multi-query: the query heads meet one key head, so a q/k dim goes from every query head
+        ('qk', 'transformer.h', 0, 1, 8, 8, False),
+        ('v', 'transformer.h', 0, 1, 8, 8, False),
+        ('mlp', 'transformer.h', 0, None, None, 64, False),
+        ('qk', 'transformer.h', 1, 1, 8, 8, False),
+        ('v', 'transformer.h', 1, 1, 8, 8, False),
+        ('mlp', 'transformer.h', 1, None, None, 64, False),
+    ],
     "mixtral": [  # the experts of a layer: one MLP group, neuron j of each expert (see test_coverage.py)
         ('qk', 'model.layers', 0, 2, 4, 8, False),
         ('v', 'model.layers', 0, 2, 8, 16, False),

@@ -888,13 +888,28 @@ def test_attention_mask_carrying_channels_is_refused():
 def test_attention_operand_without_head_layout_is_refused():
     def fn(m, x):
         B, T, _ = x.shape
-        q = m.q(x).unsqueeze(1).expand(B, 2, T, 2)  # d labelled, but 2 heads that are copies
-        kv = x.view(B, T, 2, 4).transpose(1, 2)[..., :2]
+        q = m.q(x).view(B, T, 2, 2).transpose(1, 2)
+        kv = m.kv(x).view(B, T * 2, 2).unsqueeze(1)  # heads folded into the token axis: no (heads, d) layout
         return F.scaled_dot_product_attention(q, kv, kv).sum()
 
-    tr = trace(fn, x3(c=8), q=nn.Linear(8, 2))
+    tr = trace(fn, x3(c=8), q=nn.Linear(8, 4), kv=nn.Linear(8, 4))
     assert "attention operand without a clean (heads, head_dim) layout" in tr.reason(tr.labels("q.weight"))
     assert tr.tracer.sites == []
+
+
+def test_one_key_value_head_broadcast_to_every_query_head_is_multi_query():
+    """k and v of one head, expanded over the query heads (their labels only on the head-dim axis): q dim j of
+    every head meets k dim j, so they are one channel; v dim j reaches the output dim j of every head."""
+    def fn(m, x):
+        B, T, _ = x.shape
+        q = m.q(x).view(B, T, 2, 4).transpose(1, 2)
+        k, v = (p(x).unsqueeze(1).expand(B, 2, T, 4) for p in (m.k, m.v))
+        return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8))
+
+    tr = trace(fn, x3(c=8), q=nn.Linear(8, 8), k=nn.Linear(8, 4), v=nn.Linear(8, 4), o=nn.Linear(8, 8))
+    q, k = tr.roots(tr.labels("q.weight")), tr.roots(tr.labels("k.weight"))
+    assert q[:4].tolist() == q[4:].tolist() == k.tolist()  # head 0 dim j, head 1 dim j and k dim j: one class
+    assert len(tr.tracer.sites) == 1 and not tr.reasons(tr.labels("v.weight"))
 
 
 def test_sdpa_rewrite_pins_the_scale_where_the_head_dim_shrinks():

@@ -137,9 +137,6 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
                 for j in range(qk.head_dim)
             ], [{qk.id: _head(qk, h), v.id: _head(v, h)} for h in range(qk.heads)] if mixed else [])  # fmt: skip
             done.update({qk.id, v.id})
-        elif g.whole_heads and g.heads and g.heads > 1 and not fixed:  # the class fixes this group's head size
-            add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head(g, h)} for h in range(g.heads)])
-            done.add(g.id)
         else:  # qk_v, or a layer whose q/k and v cannot share entries
             add(g.kind, f"{label} {g.kind}", [g], [{g.id: _head_channels(g, j)} for j in range(g.head_dim)])
             done.add(g.id)

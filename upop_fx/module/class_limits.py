@@ -77,13 +77,17 @@ def _site_groups(analysis: GroupAnalysis, g: DimGroup) -> list[DimGroup]:
     return [o for o in analysis.prunable if o.site == g.site and o.kind in ("qk", "v")]
 
 
-def _heads_can_go(analysis: GroupAnalysis, g: DimGroup) -> bool:
-    """Whole heads are still to try for ``g``: an attention group of several heads, not yet whole heads, whose
-    heads no per-head bias fixes."""
-    if g.kind not in ("qk", "v") or not g.heads or g.heads < 2 or g.whole_heads:
+def _heads_can_go(analysis: GroupAnalysis, site: list[DimGroup]) -> bool:
+    """Whole heads are still to try for an attention site's prunable groups: its q/k and its v (a head goes from
+    both, or q, k and v would differ in heads), of as many heads, several, not whole heads yet, and no per-head
+    bias fixes them."""
+    kinds = sorted(g.kind for g in site)
+    if kinds != ["qk", "v"] or site[0].heads != site[1].heads or not site[0].heads or site[0].heads < 2:
         return False
-    site = analysis.sites[g.site] if g.site is not None and g.site < len(analysis.sites) else None
-    return site is None or not site.fixed_heads
+    if any(g.whole_heads for g in site):
+        return False
+    where = site[0].site
+    return where is None or where >= len(analysis.sites) or not analysis.sites[where].fixed_heads
 
 
 def _alike(model: torch.nn.Module, at: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -140,7 +144,7 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                 continue
             site = _site_groups(analysis, g)
             done.update(o.id for o in site)
-            if all(_heads_can_go(analysis, o) for o in site):
+            if _heads_can_go(analysis, site):
                 for o in site:
                     o.whole_heads = f"its class cannot cut head dims: {why[g.id]}"
             else:

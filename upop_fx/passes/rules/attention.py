@@ -33,8 +33,8 @@ def _heads(ctx: Any, x: Any) -> tuple[np.ndarray | None, bool]:
         return None, False
     if b.axes == (r - 3, r - 1):
         return b.labels, b.zero
-    if b.axes == (r - 1,) and int(val(x).shape[r - 3]) == 1:
-        return b.labels[None], b.zero
+    if b.axes == (r - 1,):  # the same labels in every head: one head broadcast (multi-query: one KV head)
+        return np.repeat(b.labels[None], concrete(val(x).shape[r - 3]), axis=0), b.zero
     return None, False
 
 
