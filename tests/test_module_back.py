@@ -348,6 +348,31 @@ def test_a_uniform_cut_is_saved_as_a_stock_checkpoint(tmp_path):
             assert torch.equal(loaded(**zoo.other_inputs).logits, want)
 
 
+def test_a_uniform_decoder_cut_is_a_stock_checkpoint_that_plain_transformers_generates_with(tmp_path):
+    """Llama (grouped-query attention, one rotary table): every layer keeps one of its two KV groups and half its
+    MLP, so the config states the new head counts and width; a fresh process without upop_fx loads it with
+    ``AutoModelForCausalLM`` and generates the module's tokens."""
+    prompt = _tokens(2, 6, seed=3)
+    result = upop_fx.compress(_llama(), prompt, ratio=0.5, method="magnitude", retrain_steps=0, allocate="uniform")
+    path = upop_fx.save_pretrained(result.module, tmp_path / "stock")
+    assert json.loads((path / "upop_fx.json").read_text())["layout"] == "stock"
+    config = json.loads((path / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 32)
+    want = _greedy(result.module, **prompt)
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}).eval()\n"
+        f"ids = torch.tensor({prompt['input_ids'].tolist()}); mask = torch.tensor({prompt['attention_mask'].tolist()})\n"
+        "out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)\n"
+        "assert 'upop_fx' not in sys.modules\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == want.tolist()
+
+
 def test_module_trains_with_the_hugging_face_trainer(bert_small, tmp_path):
     from transformers import Trainer, TrainingArguments
 

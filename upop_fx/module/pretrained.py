@@ -51,8 +51,11 @@ from typing import Any
 
 import torch
 
+from ..capture.program import cache_off
+from ..compare import relative_error
 from ..errors import InputError
 from ..passes.base import module_tensors, set_tensor
+from .rebuild import RTOL
 
 __all__ = ["save_pretrained", "from_pretrained", "EDITS_FILE", "WEIGHTS_FILE", "STOCK_WEIGHTS_FILE", "LOADER_FILE"]
 
@@ -159,7 +162,8 @@ def save_pretrained(module: torch.nn.Module, directory: str | os.PathLike[str], 
         (dest / stale).unlink(missing_ok=True)
     auto = _auto_classes(module)
     stock = _stock_config(module, config, fresh, edits)
-    if stock is not None and _write_stock(module, stock, tensors, dest):
+    loose = stock is not None and bool(_edits(module, _build_on_meta(type(module), stock)))
+    if stock is not None and _write_stock(module, stock, tensors, dest, loose):
         layout = "stock"
     else:
         layout = "upop_fx"
@@ -213,10 +217,12 @@ def _auto_classes(module: torch.nn.Module) -> list[str]:
 
 def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Module,
                   edits: dict[str, dict[str, Any]]) -> Any | None:
-    """A copy of ``config`` from which ``type(module)`` builds exactly ``module``'s structure (every attribute
-    and tensor shape), found by substituting the uniform size changes (every ``old`` size that became one
-    ``new`` size everywhere) into the config's integer fields; ``None`` where no such config exists.
-    ``fresh_model``: the class built from ``config`` (on the meta device)."""
+    """A copy of ``config`` from which ``type(module)`` builds ``module``'s tensors in the same shapes, found by
+    substituting the uniform size changes (every ``old`` size that became one ``new`` size everywhere, also
+    counted in heads) into the config's integer fields; ``None`` where no such config exists. Integer attributes
+    may still differ (one the cut patched, one the forward never reads): :func:`_write_stock` then keeps the stock
+    checkpoint only if it computes what ``module`` does. ``fresh_model``: the class built from ``config`` (on the
+    meta device)."""
     if not edits:
         return config
     fresh = dict(fresh_model.named_modules(remove_duplicate=False))
@@ -233,6 +239,11 @@ def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Mo
             for a, b in zip(old_t.shape, new_t.shape):
                 if a != b:
                     changes.setdefault(int(a), set()).add(int(b))
+    unit = _head_size(config)  # widths in heads: q rows 4·d → 2·d is num_attention_heads 4 → 2
+    for a, news in list(changes.items()):
+        for b in list(news):
+            if unit and a % unit == 0 and b % unit == 0:
+                changes.setdefault(a // unit, set()).add(b // unit)
     fields = [(f, next(iter(changes[v]))) for f, v in vars(config).items()
               if isinstance(v, int) and not isinstance(v, bool) and len(changes.get(v, ())) == 1]
     if not fields or len(fields) > 6:
@@ -243,23 +254,57 @@ def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Mo
             for f, v in subset:
                 setattr(candidate, f, v)
             try:
-                if not _edits(module, _build_on_meta(type(module), candidate)):
-                    return candidate
+                left = _edits(module, _build_on_meta(type(module), candidate))
             except Exception:  # noqa: BLE001 - a config the class rejects, or builds another structure from
                 continue
+            if not any(edit["tensors"] for edit in left.values()):  # the same tensors (attributes: see _write_stock)
+                return candidate
     return None
 
 
-def _write_stock(module: torch.nn.Module, config: Any, tensors: dict[str, torch.Tensor], dest: Path) -> bool:
+def _same_outputs(module: torch.nn.Module, other: torch.nn.Module) -> bool:
+    """``module`` and ``other`` (both in eval mode, caches off) give equal outputs (up to the rebuild's tolerance:
+    an attribute may choose another kernel, such as a repeat of one KV head or SDPA's broadcast of it) on
+    ``module.dummy_inputs``; False where the model has none."""
+    inputs = getattr(module, "dummy_inputs", None)
+    if not isinstance(inputs, dict) or not all(isinstance(v, torch.Tensor) for v in inputs.values()):
+        return False
+    device = next(module.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    was = module.training
+    module.eval()
+    other.to(device).eval()
+    try:
+        with torch.no_grad(), cache_off(module), cache_off(other):
+            return relative_error(module(**inputs), other(**inputs)) <= RTOL
+    finally:
+        module.train(was)
+
+
+def _head_size(config: Any) -> int | None:
+    """The attention head size a config states (``head_dim``, else ``hidden_size // num_attention_heads``)."""
+    d = getattr(config, "head_dim", None)
+    if isinstance(d, int) and d > 1:
+        return d
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads and hidden % heads == 0 else None
+
+
+def _write_stock(module: torch.nn.Module, config: Any, tensors: dict[str, torch.Tensor], dest: Path,
+                 loose: bool = False) -> bool:
     """``config`` and :data:`STOCK_WEIGHTS_FILE`, kept only if plain ``type(module).from_pretrained(dest)`` gives
-    back every tensor of ``module`` exactly (the non-persistent buffers it recomputes from the config included)."""
+    back every tensor of ``module`` exactly (the non-persistent buffers it recomputes from the config included)
+    and, where their integer attributes differ (``loose``), the same outputs on the model's ``dummy_inputs``
+    (without them, no stock checkpoint)."""
     from safetensors.torch import save_file
 
     loader = getattr(type(module), "from_pretrained", None)
     if loader is None:
         return False
     config.save_pretrained(dest)
-    save_file(tensors, str(dest / STOCK_WEIGHTS_FILE), metadata={"format": "pt"})
+    persistent = set(module.state_dict())  # the class recomputes the others (a rotary table) from the config
+    save_file({n: t for n, t in tensors.items() if n in persistent}, str(dest / STOCK_WEIGHTS_FILE),
+              metadata={"format": "pt"})
     try:
         loaded = loader(dest)
         want, got = module_tensors(module), module_tensors(loaded)
@@ -267,6 +312,8 @@ def _write_stock(module: torch.nn.Module, config: Any, tensors: dict[str, torch.
             w.dtype == got[n].dtype and w.shape == got[n].shape and torch.equal(w.detach().cpu(), got[n].detach().cpu())
             for n, w in want.items()
         )  # fmt: skip
+        if exact and loose:
+            exact = _same_outputs(module, loaded)
     except Exception as exc:  # noqa: BLE001 - whatever plain transformers fails on, the upop_fx layout is used
         log.debug("the stock checkpoint does not load back: %s", exc)
         exact = False
@@ -356,6 +403,9 @@ def from_pretrained(directory: str | os.PathLike[str], *, device: str | torch.de
     config_class = getattr(cls, "config_class", None)
     if config_class is None:
         raise InputError(f"{cls.__name__} has no config_class: not a Hugging Face model class")
+    if record.get("layout") == "stock":  # plain transformers loads it exactly (checked when it was saved)
+        model = cls.from_pretrained(path)
+        return (model.to(device) if device is not None else model).eval()
     config = config_class.from_pretrained(path)
     config.__dict__.pop("auto_map", None)  # the loader shim belongs to the directory, not to the model
     model = _build_on_meta(cls, config)
