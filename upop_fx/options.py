@@ -32,9 +32,17 @@ import torch
 from .errors import ConfigError
 
 __all__ = [
+    "cache_root",
     "Options", "GROUPS", "METHODS", "BUDGETS", "GRANULARITIES", "SCORES", "ALLOCATIONS", "PRECISIONS",
     "RUNTIMES", "check_choice", "check_int", "check_runtime", "check_latency_shape", "resolve_granularity",
 ]  # fmt: skip
+
+
+def cache_root() -> str:
+    """Where upop_fx keeps what it measures or converts once (latency tables, a model's plain copy):
+    ``$UPOP_FX_CACHE``, else ``~/.cache/upop_fx``."""
+    return os.environ.get("UPOP_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "upop_fx")
+
 
 METHODS = ("upop", "magnitude", "activation")
 BUDGETS = ("params", "flops", "latency")

@@ -53,7 +53,7 @@ from ..ir.entries import Entry, Structure, entries_left
 from ..ir.groups import GroupAnalysis
 from ..ir.latency_model import LatencyModel
 from ..logs import progress_bar
-from ..options import check_runtime
+from ..options import cache_root, check_runtime
 from ..passes.base import graph_fingerprint
 from ..passes.surgery import cut_entries
 from . import timing
@@ -72,8 +72,7 @@ HEAD_GRID = (0.5, 0.25, 0.125)
 
 def cache_dir() -> Path:
     """Where latency tables are kept: ``$UPOP_FX_CACHE/latency`` or ``~/.cache/upop_fx/latency``."""
-    root = os.environ.get("UPOP_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "upop_fx")
-    return Path(root) / "latency"
+    return Path(cache_root()) / "latency"
 
 
 def _machine() -> dict[str, Any]:
