@@ -153,6 +153,28 @@ def test_llama_by_default_keeps_whole_heads_and_says_why():
     assert layer.head_dim == 8 and layer.q_proj.out_features % 8 == 0
 
 
+def test_an_attribute_that_only_held_a_cut_size_keeps_its_value():
+    """9 query heads over 3 KV heads: ``num_key_value_groups`` (3) equals the KV head count (3) that the cut
+    changes per layer; it must stay 3 (the export path repeats each KV head by it) while the heads go."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=100, hidden_size=36, intermediate_size=48, num_hidden_layers=3, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=4, initializer_range=0.3, bos_token_id=1, eos_token_id=99, pad_token_id=0,
+        )).eval()
+
+    prompt = _tokens(2, 6, seed=3)
+    result = upop_fx.compress(make(), prompt, ratio=0.5, method="magnitude", retrain_steps=0)
+    assert result.module is not None, result.report.module_reason
+    layers = result.module.model.layers
+    assert {layer.self_attn.num_key_value_groups for layer in layers} == {3}
+    assert len({layer.self_attn.k_proj.out_features for layer in layers}) > 1  # the layers keep different KV heads
+    original = with_dead_channels(with_weights_of(make(), result.dense), result)
+    assert torch.equal(_greedy(result.module, **prompt), _greedy(original, **prompt))
+
+
 def test_llava_generates_as_the_original_with_dead_channels():
     zoo = ZOO["llava"]()
     zoo.model.config.text_config.use_cache = True

@@ -542,11 +542,14 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
                     patched.setdefault(path, {})[k] = v
             break
     notes: list[str] = []
+    by_weights = {path: dict(attrs) for path, attrs in patched.items()}
     _patch_from_literals(model, module, changes, patched, problems, notes, granularity)
     if not problems:
         module.eval()
         if owners or changes:
             why, path = _verify(module, small, recapture)
+            if why is not None:
+                why, path = _unpatch_coincidences(model, module, small, patched, by_weights, recapture, (why, path))
         else:  # nothing resized: the model itself, with new weights
             why, path = _same_as(module, small)
         if why is not None:
@@ -557,6 +560,35 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
     log.info("rebuilt %s: %d modules with patched size attributes, verified against the cut graph",
              type(model).__name__, len(patched))
     return Rebuilt(module, None, patched)
+
+
+def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small: torch.fx.GraphModule,
+                          patched: dict[str, dict[str, Any]], by_weights: dict[str, dict[str, Any]],
+                          recapture: bool, failed: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+    """Where the verification failed: give back their original value to the attributes of one name in one class
+    that a shape literal patched (an attribute that merely held the same number, such as a count of KV groups
+    equal to the count of KV heads), one (class, name) at a time; keep the first that verifies. Returns the
+    verification's answer (``failed`` when none does)."""
+    keys: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path, attrs in patched.items():
+        for k in attrs:
+            if k not in by_weights.get(path, {}):
+                keys[(type(module.get_submodule(path) if path else module).__name__, k)].append(path)
+    for (cls, k), paths in sorted(keys.items()):
+        new = {path: getattr(module.get_submodule(path) if path else module, k) for path in paths}
+        for path in paths:
+            setattr(module.get_submodule(path) if path else module, k,
+                    getattr(model.get_submodule(path) if path else model, k))
+        why, where = _verify(module, small, recapture)
+        if why is None:
+            for path in paths:
+                del patched[path][k]
+            log.info("rebuild: %s.%s kept its original value in %d modules (it only held the same number as a size "
+                     "the cut changed)", cls, k, len(paths))
+            return None, None
+        for path, v in new.items():
+            setattr(module.get_submodule(path) if path else module, k, v)
+    return failed
 
 
 def reason_of(problems: list[str]) -> str:
