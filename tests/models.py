@@ -264,6 +264,23 @@ def bigcode() -> ZooModel:
                           "learned positions")
 
 
+def deepseek_v3() -> ZooModel:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                           qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                           num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1,
+                           n_group=1, topk_group=1, max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=EOS,
+                           pad_token_id=0, use_cache=False, **SDPA)
+    return ZooModel("deepseek_v3", _eval(DeepseekV3ForCausalLM(cfg)), _tokens(BATCH, SEQ, 1),
+                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
+                    notes="multi-head latent attention (low-rank q and kv projections with RMSNorms, a RoPE key shared "
+                          "by the heads, the key assembled with new_empty + copy_); a dense first layer, then a "
+                          "mixture of 4 routed experts (top-2 of sigmoid scores with a bias) and a shared expert")
+
+
 def gptj() -> ZooModel:
     from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -522,6 +539,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "qwen3": qwen3,
     "gemma3": gemma3,
     "bigcode": bigcode,
+    "deepseek_v3": deepseek_v3,
     "bloom": bloom,
     "mpnet": mpnet,
     "deberta_v2": deberta_v2,

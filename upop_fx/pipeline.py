@@ -182,6 +182,8 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
         back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity,
                        fold=prepared.options.own_class)  # own_class=False: the graph keeps the original's weights
         result.module, result.report.module_reason = back.module, back.reason
+        if back.module is None and not prepared.options.own_class:
+            result.report.module_reason += " — own_class=True (the default) cuts only what the class can express"
         if back.module is None:
             log.info("no module of %s's class for this cut (result.model is the graph): %s",
                      type(prepared.source).__name__, back.reason)

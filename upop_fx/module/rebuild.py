@@ -372,14 +372,12 @@ def _tables_problem(analysis: GroupAnalysis, removed: np.ndarray, granularity: s
         kept.append(tuple(np.nonzero(~gone)[0].tolist()))
     if not kept or all(len(k) == len(analysis.tables[i].labels[0]) for i, k in enumerate(kept)):
         return None
-    hint = (" — compress with own_class=True (the default; whole heads where the class needs them: every table "
-            "entry stays)")
     if len(set(kept)) == 1:
         return (f"the rotary cos/sin tables are computed once from every rotary frequency, and the cut keeps "
                 f"{len(kept[0])} of {len(analysis.tables[0].labels[0])} table entries (the same in all {len(kept)} "
-                f"uses); the class does not slice its frequencies{hint}")
+                f"uses); the class does not slice its frequencies")
     return (f"the rotary cos/sin tables are computed once for all layers, and the cut keeps different rotary "
-            f"pairs per layer ({len(set(kept))} different sets over {len(kept)} uses){hint}")
+            f"pairs per layer ({len(set(kept))} different sets over {len(kept)} uses)")
 
 
 # --------------------------------------------------------------------------------------- verification
