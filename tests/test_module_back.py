@@ -262,7 +262,7 @@ class HardCodedAttention(torch.nn.Module):
 def test_a_size_no_attribute_holds_is_refused_with_the_node():
     torch.manual_seed(0)
     result = upop_fx.compress(HardCodedAttention().eval(), torch.randn(2, 5, 32), ratio=0.5, method="magnitude",
-                              retrain_steps=0)
+                              retrain_steps=0, own_class=False)  # (by default: refused, as below)
     assert result.module is None
     assert "fails to run" in result.report.module_reason
     assert "no integer attribute holds the size 8" in result.report.module_reason
@@ -454,3 +454,27 @@ def test_retrain_runs_on_the_module_in_train_mode():
         assert relative_error(result.module(**other), result.model(**other)) <= 1e-5
         assert relative_error(result.module(**other), result.reference()(**other)) > 1e-3  # it did train
     assert all(torch.equal(p, original[n]) for n, p in zoo.model.named_parameters())
+
+
+class _FixedAttention(torch.nn.Module):
+    """An attention whose forward writes its sizes as numbers (nothing the cut could patch), and no MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p.reshape(b, t, 2, 8).transpose(1, 2) for p in self.qkv(x).split(16, dim=-1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=8**-0.5)
+        return x + self.out(o.transpose(1, 2).reshape(b, t, 16))
+
+
+def test_a_class_that_can_express_no_cut_is_refused_with_the_graph_only_option():
+    from upop_fx.errors import NoPrunableGroupError
+
+    model, x = _FixedAttention().eval(), torch.randn(2, 5, 16)
+    with pytest.raises(NoPrunableGroupError, match="own class can express no cut.*own_class=False"):
+        upop_fx.compress(model, x, ratio=0.3, method="magnitude", retrain_steps=0)
+    result = upop_fx.compress(model, x, ratio=0.3, method="magnitude", retrain_steps=0, own_class=False)
+    assert result.module is None and result.report.params_after < result.report.params_before

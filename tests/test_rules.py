@@ -927,3 +927,34 @@ def test_sdpa_rewrite_pins_the_scale_where_the_head_dim_shrinks():
     before = (node.args, dict(node.kwargs))
     REWRITES[key_of(node.target)](RewriteCtx(explicit), node)
     assert (node.args, dict(node.kwargs)) == before
+
+
+class _ExpertBias(nn.Module):
+    """A linear layer's output plus a bias row gathered per token by expert id (``bias[expert_ids]``), clamped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 6, bias=False), nn.Linear(6, 8)
+        self.bias = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert = (x[..., 0] > 0).long() + (x[..., 1] > 0).long()  # 0, 1 or 2 per token
+        h = (self.up(x) + self.bias[expert]).clamp(min=-1.0, max=1.0)
+        return self.down(h)
+
+
+def test_an_expert_bias_gathered_by_index_is_a_use_of_its_last_axis():
+    tr = trace(lambda m, x: m.e(x), x3(c=8), e=_ExpertBias())
+    use = tr.use("e.bias", "out")
+    assert use.axis == 1
+    # the gathered bias entry j is neuron j of the up projection: one class, kept zero by the clamp (0 in bounds)
+    assert tr.roots(use.labels).tolist() == tr.roots(tr.labels("e.up.weight")).tolist()
+    assert not tr.reasons(tr.labels("e.up.weight"))
+
+
+def test_a_clamp_that_excludes_zero_does_not_keep_a_removed_channel_zero():
+    def fn(m, x):
+        return m.down(m.up(x).clamp(min=0.5))
+
+    tr = trace(fn, x3(c=8), up=nn.Linear(8, 6), down=nn.Linear(6, 8))
+    assert tr.reasons(tr.labels("up.weight"))  # clamp(0, min=0.5) = 0.5: removing a channel would change down's input

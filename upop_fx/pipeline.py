@@ -32,7 +32,7 @@ import torch
 from .calibration import calibrated_cut
 from .capture.program import cache_off, capture, get_capture, guard_fixed_sizes
 from .compare import relative_error
-from .errors import ConfigError, InputError, SurgeryCheckError
+from .errors import ConfigError, InputError, NoPrunableGroupError, SurgeryCheckError
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
 from .ir.groups import GroupAnalysis
 from .ir.latency_model import LatencyModel, priced
@@ -108,8 +108,13 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     analysis = FindGroups()(cap.gm).value
     SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
     limits: list[str] = []
+    graph_only = len(analysis.prunable)
     if options.own_class and analysis.prunable and _has_own_class(model):
         limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget)
+    if graph_only and not analysis.prunable:
+        raise NoPrunableGroupError(
+            f"{type(model).__name__}'s own class can express no cut of its {graph_only} prunable groups "
+            f"({'; '.join(limits[:2])}); own_class=False cuts the graph alone (result.model, no module)")
     analysis.require_prunable(type(model).__name__)
     structures, entries = build_entries(analysis, granularity, options.budget)
     latency = None

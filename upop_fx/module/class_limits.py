@@ -126,7 +126,7 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
         hit, why = [], {}
         for g in analysis.prunable:
             rotary = back.problems.rotary and g.kind == "qk" and g.dims is not None
-            owners = [path for path in texts if any(p.startswith(path + ".") for p in _params(g))]
+            owners = [path for path in texts if path == "" or any(p.startswith(path + ".") for p in _params(g))]
             if rotary or owners:
                 hit.append(g)
                 why[g.id] = reason_of(([back.problems[0]] if rotary else []) + [t for path in owners for t in texts[path]])

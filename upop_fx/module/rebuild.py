@@ -72,7 +72,7 @@ class Problems(list):
 
     def add(self, text: str, path: str | None = None) -> None:
         self.append(text)
-        if path:
+        if path is not None:  # "" is the model's own forward
             self.paths.add(path)
             self.at[path].append(text)
 
@@ -404,13 +404,14 @@ def varied_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any, grow
 
 
 def _failing_module(module: torch.nn.Module, exc: BaseException) -> str | None:
-    """The path of the innermost submodule of ``module`` whose code raised ``exc`` (from its traceback)."""
+    """The path of the innermost submodule of ``module`` whose code raised ``exc`` (from its traceback; ``""``
+    for the model's own forward)."""
     paths = {id(m): p for p, m in module.named_modules()}
     found = None
     tb = exc.__traceback__
     while tb is not None:
         owner = tb.tb_frame.f_locals.get("self")
-        if id(owner) in paths and paths[id(owner)]:
+        if id(owner) in paths:
             found = paths[id(owner)]
         tb = tb.tb_next
     return found
@@ -438,7 +439,7 @@ def _run_failure(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
             run_module(module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
         path = _failing_module(module, exc)
-        where = f" in {path} ({type(module.get_submodule(path)).__name__})" if path else ""
+        where = f" in {path or '<root>'} ({type(module.get_submodule(path)).__name__})" if path is not None else ""
         return (f"the rebuilt module fails to run{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                 path)
     return None, None

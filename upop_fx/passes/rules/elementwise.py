@@ -49,6 +49,21 @@ def unary(ctx: Any, node: Node) -> Block | None:
     return Block(b.axes, b.labels, b.outer, zero)
 
 
+@rule(aten.clamp)
+def clamp(ctx: Any, node: Node) -> Block | None:
+    """``clamp(x, min, max)`` with scalar bounds acts per channel; a zero channel stays zero where the bounds
+    admit 0 (GPT-OSS clamps its gate and up projections to ``±limit``)."""
+    b = ctx.block(node.args[0])
+    if b is None:
+        return None
+    lo, hi = arg(node, 1, "min", None), arg(node, 2, "max", None)
+    if any(isinstance(x, Node) for x in (lo, hi)):
+        ctx.refuse_block(b, "clamp with tensor bounds")
+        return None
+    zero = b.zero and (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    return Block(b.axes, b.labels, b.outer, zero)
+
+
 _BINARY = [
     aten.add, aten.sub, aten.mul, aten.div, aten.where, aten.masked_fill, aten.maximum, aten.minimum,
     aten.pow, aten.rsub, aten.add_, aten.sub_, aten.mul_, aten.div_, aten.masked_fill_,

@@ -97,19 +97,26 @@ def slice_(ctx: Any, node: Node) -> Block | None:
     return Block(b.axes, np.take(b.labels, idx, axis=i), b.outer, b.zero)
 
 
-@rule(aten.index)
+@rule(aten.index, seeding=True)
 def index(ctx: Any, node: Node) -> Block | None:
     """``x[idx]`` with index tensors only on axes before the channels (rows gathered by token or by expert):
     the channel axes move by the change of rank. A labelled tensor used as an index, or an index on a channel
-    axis, is refused."""
+    axis, is refused. A parameter gathered on its leading axes only (an expert's bias, ``bias[expert_ids]``)
+    labels its last axis as a table lookup does: the gathered rows' entries are channels of the parameter."""
     b = ctx.block(node.args[0])
     indices = list(node.args[1])
     for t in indices:
         if ctx.block(t) is not None:
             ctx.refuse_block(ctx.block(t), "channels used as indices")
-    if b is None:
-        return None
     used = [i for i, t in enumerate(indices) if t is not None]
+    if b is None:
+        src = node.args[0]
+        if not ctx.is_param(src) or not used or used != list(range(len(used))) or len(used) >= rank(src):
+            return None
+        size = int(val(src).shape[-1])
+        labels = ctx.new_labels((size,))
+        ctx.use(src, rank(src) - 1, labels, "out")
+        return Block((rank(node) - 1,), labels)
     contiguous = used == list(range(used[0], used[-1] + 1)) if used else False
     if not used or not contiguous or max(used) >= min(b.axes):
         ctx.refuse_block(b, "an index on a channel axis, or on axes apart")
