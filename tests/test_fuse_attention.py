@@ -256,7 +256,7 @@ def test_upop_search_applies_the_pass_for_cuda(monkeypatch):
     torch.manual_seed(0)
     x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
     monkeypatch.setattr(upop_mod, "FuseMaskedAttention", spy)
-    pruner = upop_fx.UPop(_Attn("padding"), (x, mask), ratio=0.5, search_steps=3, interval=1)
+    pruner = upop_fx.UPop(_Attn("padding"), (x, mask), ratio=0.5, search_steps=3, interval=1, own_class=False)
     assert asked == ["cuda"] and MASKED_ATTENTION_OP in _targets(pruner.model)
     for _ in range(3):
         pruner.model(x, mask).pow(2).mean().backward()
@@ -292,11 +292,11 @@ def test_a_fused_search_distils_from_a_teacher_with_its_arithmetic(monkeypatch, 
     model = _Attn("padding").eval()
     x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
     if driver == "compress":
-        result = upop_fx.compress(model, (x, mask), ratio=0.5, data=[(x, mask)], search_steps=2, interval=1,
+        result = upop_fx.compress(model, (x, mask), ratio=0.5, data=[(x, mask)], search_steps=2, interval=1, own_class=False,
                                   retrain_steps=0)
         assert result.losses["search"][0] == 0.0
         return
-    pruner = upop_fx.UPop(model, (x, mask), ratio=0.5, search_steps=2, interval=1)
+    pruner = upop_fx.UPop(model, (x, mask), ratio=0.5, search_steps=2, interval=1, own_class=False)
     assert pruner.state.fused and MASKED_ATTENTION_OP in _targets(pruner.teacher)
     dense = dict(pruner.prepared.captured.gm.named_parameters())
     assert all(p is dense[n] for n, p in pruner.teacher.named_parameters() if n in dense)  # shared, not copied

@@ -12,8 +12,12 @@ Example:
     >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     >>> result = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(), ratio=0.5, allocate="uniform",
     ...                               retrain_steps=0)
-    >>> [row.kept for row in result.report.groups]
-    [8, 8, 16]
+    >>> [row.kept for row in result.report.groups]  # nn.MultiheadAttention cannot hold fewer heads: the MLP
+    [16]
+    >>> graph_only = upop_fx.pipeline.run(layer, torch.randn(2, 5, 16), Magnitude(), ratio=0.5, allocate="uniform",
+    ...                                   retrain_steps=0, own_class=False)
+    >>> [row.kept for row in graph_only.report.groups], graph_only.module
+    ([8, 8, 16], None)
 """
 
 from __future__ import annotations
