@@ -107,6 +107,19 @@ def _alike(model: torch.nn.Module, at: dict[str, list[str]]) -> dict[str, list[s
     return out
 
 
+def _whole_partner(analysis: GroupAnalysis, g: DimGroup) -> str:
+    """Where ``g`` is one side of an attention whose other side is not prunable (q/k under a per-head norm, say):
+    why whole heads cannot go either — a head leaves q, k and v together."""
+    if g.site is None or g.kind not in ("qk", "v"):
+        return ""
+    other = next((o for o in analysis.groups if o.site == g.site and o.kind in ("qk", "v") and o.kind != g.kind
+                  and not o.prunable), None)
+    if other is None or not other.reason:
+        return ""
+    return (f" — and whole heads cannot go: this attention's {other.kind} is not prunable ({other.reason}), and a "
+            f"head leaves q, k and v together")
+
+
 def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis: GroupAnalysis,
                       granularity: str, budget: str) -> list[str]:
     """Restrict the groups of ``analysis`` to what ``model``'s class can cut (see the module docstring): whole
@@ -148,9 +161,10 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                 for o in site:
                     o.whole_heads = f"its class cannot cut head dims: {why[g.id]}"
             else:
+                context = _whole_partner(analysis, g)
                 for o in site:
                     o.prunable = False
-                    o.reason = f"its module cannot express a cut (own_class=True): {why[g.id]}"
+                    o.reason = f"its module cannot express a cut (own_class=True): {why[g.id]}{context}"
     lines = [f"{g.where} {g.kind}: whole heads only; {g.whole_heads}" for g in analysis.prunable if g.whole_heads]
     lines += [f"{g.where} {g.kind}: left whole; {g.reason}" for g in analysis.groups
               if not g.prunable and g.reason and "own_class=True" in g.reason]
