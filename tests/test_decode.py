@@ -64,3 +64,32 @@ def test_bad_arguments_are_refused(kwargs, words):
         decode_latency([_lm(1)], **kwargs)
     with pytest.raises(ConfigError, match="generate"):
         decode_latency([torch.nn.Linear(2, 2)])
+
+
+def test_a_cut_decoder_exports_with_its_kv_cache_and_decodes_as_generate(tmp_path):
+    """Layers left with different KV head counts: each past/present pair has its own; 32 greedy tokens in ONNX
+    Runtime equal ``generate``'s (checked inside the export too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import upop_fx
+    from upop_fx.runtime.decoder_onnx import export_decoder_onnx, ort_greedy
+
+    from .models import _tokens
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=36, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=9, num_key_value_heads=3, head_dim=4,
+                                         initializer_range=0.3, bos_token_id=1, eos_token_id=99, pad_token_id=0)).eval()
+    result = upop_fx.compress(model, _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+    kv = [layer.self_attn.k_proj.out_features for layer in result.module.model.layers]
+    assert len(set(kv)) > 1, kv
+    path = export_decoder_onnx(result.module, tmp_path / "step.onnx", parity_tokens=32)
+    prompt = torch.tensor([[1, 17, 42, 5, 63], [1, 8, 8, 91, 30]])
+    with torch.no_grad():
+        want = result.module.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                      min_new_tokens=32, do_sample=False)
+    assert torch.equal(ort_greedy(path, prompt, 32), want)
+    import onnxruntime as ort
+
+    inputs = {i.name: i.shape for i in ort.InferenceSession(str(path)).get_inputs()}
+    assert [inputs[f"past.{i}.key"][1] for i in range(3)] == [k // 4 for k in kv]  # KV heads per layer

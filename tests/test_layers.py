@@ -52,7 +52,7 @@ ORDER = {
                "sort_experts", "fuse_attention", "surgery", ""],
     "passes.rules": ["registry", "_util", "attention", "elementwise", "indexing", "shape", "linear", ""],
     "training": ["distributed", "checkpoint", "loop", "reconstruct", ""],
-    "runtime": ["sessions", "timing", "decode", "export", "runners", "latency_tables", "speed", ""],
+    "runtime": ["sessions", "timing", "decode", "export", "decoder_onnx", "runners", "latency_tables", "speed", ""],
     "search": ["ranking", "strategy", "magnitude", "activation", "upop", ""],
     "module": ["scale_fold", "rebuild", "pretrained", "class_limits", ""],
 }
