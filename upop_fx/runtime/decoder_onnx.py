@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -53,18 +54,29 @@ class _Step(torch.nn.Module):
         cache = DynamicCache()  # full-attention layers (a sliding-window cache crops by its length: not exported)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{_cache_argument(self.model): cache})
         present = []
-        for layer in out.past_key_values.layers[:self.layers]:
+        for layer in _cache_of(out).layers[:self.layers]:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers ≥ 5.2x), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _kv_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     """(KV heads, head dim) of every layer, read from one forward with the cache on."""
     with torch.no_grad():
         out = model(input_ids=torch.ones(1, 2, dtype=torch.long, device=_device(model)), use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = _cache_of(out)
     if cache is None or not hasattr(cache, "layers"):
         raise ExportError(f"{type(model).__name__} returns no KV cache with use_cache=True: not a decoder to export")
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[-1])) for layer in cache.layers]
