@@ -119,6 +119,13 @@ def _eval(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _text_zoo(name: str, model: nn.Module, **extra: Any) -> ZooModel:
+    """A text model of the zoo: ``model`` in eval mode with the standard token batches (:func:`_tokens`) and
+    their dynamic batch and sequence axes; ``extra``: the other :class:`ZooModel` fields (notes, ``dim_max``)."""
+    return ZooModel(name, _eval(model), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims=_text_dims(), **extra)
+
+
 SDPA = dict(attn_implementation="sdpa")  # the transformers 5.x default, pinned so the graphs stay put
 
 
@@ -130,10 +137,9 @@ def bert() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=MAX_POS, **SDPA)
-    return ZooModel("bert", _eval(BertModel(cfg)),
-                    _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(), dim_max={"seq": MAX_POS},
-                    notes="separate q/k/v Linears; SDPA with bool padding mask and scale=1/sqrt(8)")
+    return _text_zoo("bert", BertModel(cfg),
+                     dim_max={"seq": MAX_POS},
+                     notes="separate q/k/v Linears; SDPA with bool padding mask and scale=1/sqrt(8)")
 
 
 def bert_cls() -> ZooModel:
@@ -142,9 +148,8 @@ def bert_cls() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=MAX_POS, num_labels=3, **SDPA)
-    return ZooModel("bert_cls", _eval(BertForSequenceClassification(cfg)),
-                    _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(), dim_max={"seq": MAX_POS}, notes="BertModel + pooler/dropout/classifier")
+    return _text_zoo("bert_cls", BertForSequenceClassification(cfg),
+                     dim_max={"seq": MAX_POS}, notes="BertModel + pooler/dropout/classifier")
 
 
 def vit() -> ZooModel:
@@ -175,9 +180,8 @@ def distilbert() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                            max_position_embeddings=MAX_POS, **SDPA)
-    return ZooModel("distilbert", _eval(DistilBertModel(cfg)),
-                    _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(), dim_max={"seq": MAX_POS}, notes="q_lin/k_lin/v_lin/out_lin; no embedding token types")
+    return _text_zoo("distilbert", DistilBertModel(cfg),
+                     dim_max={"seq": MAX_POS}, notes="q_lin/k_lin/v_lin/out_lin; no embedding token types")
 
 
 def gpt2() -> ZooModel:
@@ -186,12 +190,11 @@ def gpt2() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=4, n_inner=128,
                      bos_token_id=1, eos_token_id=EOS, use_cache=False, **SDPA)
-    return ZooModel("gpt2", _eval(GPT2LMHeadModel(cfg)),
-                    _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(), dim_max={"seq": MAX_POS},
-                    notes="use_cache=False (with the cache, export fails: DynamicCache output is not a pytree); "
-                          "Conv1D = view+addmm with [in, out] weights; packed c_attn split(32); gelu_new chain; "
-                          "lm_head tied to wte")
+    return _text_zoo("gpt2", GPT2LMHeadModel(cfg),
+                     dim_max={"seq": MAX_POS},
+                     notes="use_cache=False (with the cache, export fails: DynamicCache output is not a pytree); "
+                           "Conv1D = view+addmm with [in, out] weights; packed c_attn split(32); gelu_new chain; "
+                           "lm_head tied to wte")
 
 
 def llama() -> ZooModel:
@@ -201,12 +204,11 @@ def llama() -> ZooModel:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
                       bos_token_id=1, eos_token_id=EOS, pad_token_id=0, use_cache=False, **SDPA)
-    return ZooModel("llama", _eval(LlamaForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(),
-                    notes="RoPE (rotate_half: dim j paired with j + d/2; cos/sin computed once, shared by layers), "
-                          "GQA 4 query heads over 2 KV heads (repeat_kv: expand + reshape), SwiGLU MLP, RMSNorm; "
-                          "use_cache=False so that the eager output compares with the graph's (capture turns the "
-                          "cache off by itself: tests/test_capture.py)")
+    return _text_zoo("llama", LlamaForCausalLM(cfg),
+                     notes="RoPE (rotate_half: dim j paired with j + d/2; cos/sin computed once, shared by layers), "
+                           "GQA 4 query heads over 2 KV heads (repeat_kv: expand + reshape), SwiGLU MLP, RMSNorm; "
+                           "use_cache=False so that the eager output compares with the graph's (capture turns the "
+                           "cache off by itself: tests/test_capture.py)")
 
 
 def mixtral() -> ZooModel:
@@ -217,11 +219,10 @@ def mixtral() -> ZooModel:
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                         max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
                         use_cache=False, **SDPA)
-    return ZooModel("mixtral", _eval(MixtralForCausalLM(cfg)), _tokens(BATCH, SEQ, 1),
-                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
-                    notes="mixture of experts: a top-2 router over 4 experts stacked in 3-D weights (gate_up_proj "
-                          "[E, 2I, H], down_proj [E, H, I]) applied by a grouped matmul over the rows sorted by "
-                          "expert; RoPE + GQA attention as in Llama")
+    return _text_zoo("mixtral", MixtralForCausalLM(cfg),
+                     notes="mixture of experts: a top-2 router over 4 experts stacked in 3-D weights (gate_up_proj "
+                           "[E, 2I, H], down_proj [E, H, I]) applied by a grouped matmul over the rows sorted by "
+                           "expert; RoPE + GQA attention as in Llama")
 
 
 def qwen3() -> ZooModel:
@@ -231,10 +232,9 @@ def qwen3() -> ZooModel:
     cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=MAX_POS,
                       bos_token_id=1, eos_token_id=EOS, pad_token_id=0, use_cache=False, **SDPA)
-    return ZooModel("qwen3", _eval(Qwen3ForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(),
-                    notes="per-head RMSNorm on q and k (q_norm/k_norm over head_dim, one weight shared by the heads) "
-                          "before RoPE; GQA 4 query heads over 2 KV heads; SwiGLU MLP")
+    return _text_zoo("qwen3", Qwen3ForCausalLM(cfg),
+                     notes="per-head RMSNorm on q and k (q_norm/k_norm over head_dim, one weight shared by the heads) "
+                           "before RoPE; GQA 4 query heads over 2 KV heads; SwiGLU MLP")
 
 
 def gemma3() -> ZooModel:
@@ -245,10 +245,9 @@ def gemma3() -> ZooModel:
                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=MAX_POS,
                            sliding_window=4, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
                            eos_token_id=EOS, pad_token_id=0, use_cache=False, **SDPA)
-    return ZooModel("gemma3", _eval(Gemma3ForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(),
-                    notes="per-head q/k RMSNorm, one KV head (multi-query), a sliding-window layer then a global one "
-                          "(two rotary tables), scaled embeddings, GeGLU MLP, sandwich norms")
+    return _text_zoo("gemma3", Gemma3ForCausalLM(cfg),
+                     notes="per-head q/k RMSNorm, one KV head (multi-query), a sliding-window layer then a global one "
+                           "(two rotary tables), scaled embeddings, GeGLU MLP, sandwich norms")
 
 
 def bigcode() -> ZooModel:
@@ -258,10 +257,10 @@ def bigcode() -> ZooModel:
     cfg = GPTBigCodeConfig(vocab_size=VOCAB, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=4, n_inner=64,
                            multi_query=True, bos_token_id=1, eos_token_id=EOS, pad_token_id=0, use_cache=False,
                            **SDPA)
-    return ZooModel("bigcode", _eval(GPTBigCodeForCausalLM(cfg)), _tokens(BATCH, SEQ, 1),
-                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(), dim_max={"seq": MAX_POS},
-                    notes="StarCoder-style multi-query attention: one fused c_attn [q (4 heads) | k | v (one head)], "
-                          "learned positions")
+    return _text_zoo("bigcode", GPTBigCodeForCausalLM(cfg),
+                     dim_max={"seq": MAX_POS},
+                     notes="StarCoder-style multi-query attention: one fused c_attn [q (4 heads) | k | v (one head)], "
+                           "learned positions")
 
 
 def deepseek_v3() -> ZooModel:
@@ -274,11 +273,10 @@ def deepseek_v3() -> ZooModel:
                            num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1,
                            n_group=1, topk_group=1, max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=EOS,
                            pad_token_id=0, use_cache=False, **SDPA)
-    return ZooModel("deepseek_v3", _eval(DeepseekV3ForCausalLM(cfg)), _tokens(BATCH, SEQ, 1),
-                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
-                    notes="multi-head latent attention (low-rank q and kv projections with RMSNorms, a RoPE key shared "
-                          "by the heads, the key assembled with new_empty + copy_); a dense first layer, then a "
-                          "mixture of 4 routed experts (top-2 of sigmoid scores with a bias) and a shared expert")
+    return _text_zoo("deepseek_v3", DeepseekV3ForCausalLM(cfg),
+                     notes="multi-head latent attention (low-rank q and kv projections with RMSNorms, a RoPE key shared "
+                           "by the heads, the key assembled with new_empty + copy_); a dense first layer, then a "
+                           "mixture of 4 routed experts (top-2 of sigmoid scores with a bias) and a shared expert")
 
 
 def gptj() -> ZooModel:
@@ -287,10 +285,9 @@ def gptj() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = GPTJConfig(vocab_size=VOCAB, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
                      bos_token_id=1, eos_token_id=EOS, use_cache=False, **SDPA)
-    return ZooModel("gptj", _eval(GPTJForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(),
-                    notes="interleaved RoPE (2i paired with 2i+1: strided slices, stack, flatten) on the first "
-                          "rotary_dim=4 of 8 head dims (partial rotary); parallel attention + MLP")
+    return _text_zoo("gptj", GPTJForCausalLM(cfg),
+                     notes="interleaved RoPE (2i paired with 2i+1: strided slices, stack, flatten) on the first "
+                           "rotary_dim=4 of 8 head dims (partial rotary); parallel attention + MLP")
 
 
 def bloom() -> ZooModel:
@@ -299,11 +296,10 @@ def bloom() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=EOS,
                       use_cache=False)
-    return ZooModel("bloom", _eval(BloomForCausalLM(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(),
-                    notes="ALiBi: scores = baddbmm(alibi, q, kᵀ) on (B·H, T, d) tensors, the per-head bias passing "
-                          "through (it fixes the heads: granularity='heads' prunes head dims there); per-head "
-                          "fused query_key_value viewed as (B, T, H, 3, d)")
+    return _text_zoo("bloom", BloomForCausalLM(cfg),
+                     notes="ALiBi: scores = baddbmm(alibi, q, kᵀ) on (B·H, T, d) tensors, the per-head bias passing "
+                           "through (it fixes the heads: granularity='heads' prunes head dims there); per-head "
+                           "fused query_key_value viewed as (B, T, H, 3, d)")
 
 
 def mpnet() -> ZooModel:
@@ -312,10 +308,10 @@ def mpnet() -> ZooModel:
     torch.manual_seed(SEED)
     cfg = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=MAX_POS + 2, pad_token_id=0)
-    return ZooModel("mpnet", _eval(MPNetModel(cfg)), _tokens(BATCH, SEQ, 1), _tokens(OTHER_BATCH, OTHER_SEQ, 2),
-                    dims=_text_dims(), dim_max={"seq": MAX_POS},
-                    notes="a relative-position bias embedding (one column per head) added to the eager attention "
-                          "scores: not channels, and it fixes the heads")
+    return _text_zoo("mpnet", MPNetModel(cfg),
+                     dim_max={"seq": MAX_POS},
+                     notes="a relative-position bias embedding (one column per head) added to the eager attention "
+                           "scores: not channels, and it fixes the heads")
 
 
 def deberta_v2() -> ZooModel:
@@ -325,11 +321,10 @@ def deberta_v2() -> ZooModel:
     cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=64, max_position_embeddings=MAX_POS, relative_attention=True,
                           pos_att_type=["p2c", "c2p"], position_buckets=16, pad_token_id=0)
-    return ZooModel("deberta_v2", _eval(DebertaV2Model(cfg)), _tokens(BATCH, SEQ, 1),
-                    _tokens(OTHER_BATCH, OTHER_SEQ, 2), dims=_text_dims(),
-                    notes="disentangled attention on (B·H, T, d): c2p/p2c terms multiply q and k with projections "
-                          "of the relative embeddings repeated per batch (aten.repeat: an outer factor); those "
-                          "per-head score terms fix the heads")
+    return _text_zoo("deberta_v2", DebertaV2Model(cfg),
+                     notes="disentangled attention on (B·H, T, d): c2p/p2c terms multiply q and k with projections "
+                           "of the relative embeddings repeated per batch (aten.repeat: an outer factor); those "
+                           "per-head score terms fix the heads")
 
 
 def torch_transformer() -> ZooModel:

@@ -161,8 +161,7 @@ def save_pretrained(module: torch.nn.Module, directory: str | os.PathLike[str], 
     for stale in (WEIGHTS_FILE, STOCK_WEIGHTS_FILE, LOADER_FILE):
         (dest / stale).unlink(missing_ok=True)
     auto = _auto_classes(module)
-    stock = _stock_config(module, config, fresh, edits)
-    loose = stock is not None and bool(_edits(module, _build_on_meta(type(module), stock)))
+    stock, loose = _stock_config(module, config, fresh, edits)
     if stock is not None and _write_stock(module, stock, tensors, dest, loose):
         layout = "stock"
     else:
@@ -216,15 +215,15 @@ def _auto_classes(module: torch.nn.Module) -> list[str]:
 
 
 def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Module,
-                  edits: dict[str, dict[str, Any]]) -> Any | None:
+                  edits: dict[str, dict[str, Any]]) -> tuple[Any | None, bool]:
     """A copy of ``config`` from which ``type(module)`` builds ``module``'s tensors in the same shapes, found by
     substituting the uniform size changes (every ``old`` size that became one ``new`` size everywhere, also
     counted in heads) into the config's integer fields; ``None`` where no such config exists. Integer attributes
-    may still differ (one the cut patched, one the forward never reads): :func:`_write_stock` then keeps the stock
-    checkpoint only if it computes what ``module`` does. ``fresh_model``: the class built from ``config`` (on the
-    meta device)."""
+    may still differ (one the cut patched, one the forward never reads): the second value says so, and
+    :func:`_write_stock` then keeps the stock checkpoint only if it computes what ``module`` does.
+    ``fresh_model``: the class built from ``config`` (on the meta device)."""
     if not edits:
-        return config
+        return config, False
     fresh = dict(fresh_model.named_modules(remove_duplicate=False))
     changes: dict[int, set[int]] = {}
     for path, edit in edits.items():
@@ -247,7 +246,7 @@ def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Mo
     fields = [(f, next(iter(changes[v]))) for f, v in vars(config).items()
               if isinstance(v, int) and not isinstance(v, bool) and len(changes.get(v, ())) == 1]
     if not fields or len(fields) > 6:
-        return None
+        return None, False
     for n in range(len(fields), 0, -1):  # the most substitutions first; at most 63 meta builds
         for subset in itertools.combinations(fields, n):
             candidate = copy.deepcopy(config)
@@ -258,8 +257,8 @@ def _stock_config(module: torch.nn.Module, config: Any, fresh_model: torch.nn.Mo
             except Exception:  # noqa: BLE001 - a config the class rejects, or builds another structure from
                 continue
             if not any(edit["tensors"] for edit in left.values()):  # the same tensors (attributes: see _write_stock)
-                return candidate
-    return None
+                return candidate, bool(left)
+    return None, False
 
 
 def _same_outputs(module: torch.nn.Module, other: torch.nn.Module) -> bool:

@@ -49,7 +49,7 @@ from ..capture.program import cache_off, capture, get_capture, run_module
 from ..compare import relative_error
 from ..ir.groups import GroupAnalysis
 from ..passes.base import module_tensors, set_tensor
-from .scale_fold import fold_scales, held_floats
+from .scale_fold import fold_scales, held_floats, near, node_owner, root_of
 
 __all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "module_gap"]
 
@@ -61,19 +61,17 @@ RTOL = 1e-4
 
 
 class Problems(list):
-    """Why a cut cannot be expressed by the model's class: the texts, the module paths they were found in, and
+    """Why a cut cannot be expressed by the model's class: the texts, those found per module path (``at``), and
     whether a shared rotary table is among them."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.paths: set[str] = set()
         self.rotary = False
         self.at: dict[str, list[str]] = defaultdict(list)  #: module path -> the texts found there
 
     def add(self, text: str, path: str | None = None) -> None:
         self.append(text)
         if path is not None:  # "" is the model's own forward
-            self.paths.add(path)
             self.at[path].append(text)
 
 
@@ -199,15 +197,6 @@ def _flat(x: Any) -> list[Any]:
     return [x]
 
 
-def _owner(node: Node) -> tuple[str, str]:
-    """(module path, class name) of the innermost module whose forward made ``node``; ``("", "")`` for none."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, cls in reversed(list(stack.values())):
-        if isinstance(path, str) and not path.startswith("_"):
-            return path, (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
-    return "", ""
-
-
 def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, problems: Problems,
                      floats: dict[str, list[tuple[float, str]]]) -> dict[str, dict[int, set[tuple[int, str]]]]:
     """Per module path: old size → {(new size, node)} for every shape literal surgery changed. The float
@@ -225,7 +214,7 @@ def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, p
             problems.add(f"the cut inserts {getattr(n.target, '__name__', n.target)} (node {n.name}) in {where}, "
                          "which the module's forward does not have", path)
             continue
-        path, cls = _owner(o)
+        path, cls = node_owner(o)
         where = f"node {n.name} in {path or '<root>'} ({cls or type(dense).__name__})"
         if o.target != n.target:
             size = _even_split(o, n)
@@ -255,14 +244,9 @@ def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, p
             else:
                 problems.add(f"the cut changes the literal {x!r} to {y!r} at {where}", path)
     for path, x, y, where in rescaled:  # a folded scale (scale_fold): sqrt of a size the cut changes, recomputed
-        if not any(_root_of(x, a) and _root_of(y, b) for a, news in changes[path].items() for b, _ in news):
+        if not any(root_of(x, a) and root_of(y, b) for a, news in changes[path].items() for b, _ in news):
             problems.add(f"the cut changes the literal {x!r} to {y!r} at {where}", path)
     return changes
-
-
-def _root_of(x: float, size: int) -> bool:
-    """``x`` is ``sqrt(size)`` or ``1/sqrt(size)``."""
-    return size > 0 and any(abs(x - c) <= 1e-6 * abs(c) for c in (size**0.5, size**-0.5))
 
 
 _OPEN_END = 2**31  # a slice end this large means "to the end"
@@ -279,7 +263,8 @@ def _inserted_owner(node: Node, old_nodes: dict[str, Node]) -> tuple[str, str] |
         seen.add(u.name)
         o = old_nodes.get(u.name)
         if o is not None and o.op == "call_function":
-            return _owner(o) if _owner(o)[0] else None
+            owner = node_owner(o)
+            return owner if owner[0] else None
         todo.extend(u.users)
     return None
 
@@ -317,8 +302,7 @@ def _scale_problems(model: torch.nn.Module, changes: dict[str, dict[int, set[tup
         held = held_floats(model, path)
         for old in sizes:
             for f, node in floats.get(path, []):
-                derived = any(abs(f - c) <= 1e-6 * abs(c) for c in (old**0.5, old**-0.5))
-                if old > 1 and derived and not any(abs(f - h) <= 1e-6 * abs(f) for h in held):
+                if old > 1 and root_of(f, old) and not any(near(h, f) for h in held):
                     problems.add(f"{path or '<root>'}: node {node} scales by {f:.6g} = sqrt({old}) or its inverse, "
                                  f"which the forward computes from the size {old} the cut changes; only the graph "
                                  f"keeps it", path)
@@ -572,12 +556,11 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
     for path, attrs in patched.items():
         for k in attrs:
             if k not in by_weights.get(path, {}):
-                keys[(type(module.get_submodule(path) if path else module).__name__, k)].append(path)
+                keys[(type(module.get_submodule(path)).__name__, k)].append(path)  # ("": the model itself)
     for (cls, k), paths in sorted(keys.items()):
-        new = {path: getattr(module.get_submodule(path) if path else module, k) for path in paths}
+        new = {path: getattr(module.get_submodule(path), k) for path in paths}
         for path in paths:
-            setattr(module.get_submodule(path) if path else module, k,
-                    getattr(model.get_submodule(path) if path else model, k))
+            setattr(module.get_submodule(path), k, getattr(model.get_submodule(path), k))
         why, where = _verify(module, small, recapture)
         if why is None:
             for path in paths:
@@ -586,7 +569,7 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
                      "the cut changed)", cls, k, len(paths))
             return None, None
         for path, v in new.items():
-            setattr(module.get_submodule(path) if path else module, k, v)
+            setattr(module.get_submodule(path), k, v)
     return failed
 
 

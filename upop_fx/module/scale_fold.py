@@ -39,7 +39,7 @@ from ..compare import relative_error
 from ..ir.groups import DimGroup, GroupAnalysis
 from ..passes.base import get_tensor, set_tensor
 
-__all__ = ["fold_scales", "owner_path", "held_floats"]
+__all__ = ["fold_scales", "node_owner", "held_floats", "near", "root_of"]
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,23 @@ FOLD_RTOL = 1e-5
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def owner_path(node: Node) -> str:
-    """The module path of the innermost module whose forward made ``node`` (``""`` for the root)."""
+def node_owner(node: Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module whose forward made ``node``; ``("", "")`` for none."""
     stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
+    for path, cls in reversed(list(stack.values())):
         if isinstance(path, str) and not path.startswith("_"):
-            return path
-    return ""
+            return path, (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
+    return "", ""
+
+
+def near(x: float, y: float) -> bool:
+    """``x`` equals ``y`` up to a relative ``1e-6`` of ``y``: a float literal recorded from a computed value."""
+    return abs(x - y) <= 1e-6 * abs(y)
+
+
+def root_of(x: float, size: int) -> bool:
+    """``x`` is ``sqrt(size)`` or ``1/sqrt(size)`` (an attention scale computed from a head size)."""
+    return size > 0 and any(near(x, c) for c in (math.sqrt(size), 1 / math.sqrt(size)))
 
 
 def held_floats(model: torch.nn.Module, path: str) -> set[float]:
@@ -67,15 +77,10 @@ def held_floats(model: torch.nn.Module, path: str) -> set[float]:
     return held
 
 
-def _kept_channels(analysis: GroupAnalysis, g: DimGroup, removed: np.ndarray) -> list[int]:
-    first = {int(c): int(i) for c, i in zip(*np.unique(analysis.label_class, return_index=True))}
-    return [c for c, cls in enumerate(g.classes.tolist()) if not removed[first[int(cls)]]]
-
-
-def _head_dims(analysis: GroupAnalysis, g: DimGroup, removed: np.ndarray) -> tuple[int, int] | None:
+def _head_dims(g: DimGroup, gone: dict[int, bool]) -> tuple[int, int] | None:
     """``(d, d')``: the head size of ``g`` before the cut and after, where every kept head keeps ``d'``; None
-    where the kept heads differ in size or nothing is kept."""
-    kept = _kept_channels(analysis, g, removed)
+    where the kept heads differ in size or nothing is kept. ``gone``: class id -> removed."""
+    kept = [c for c, cls in enumerate(g.classes.tolist()) if not gone[int(cls)]]
     if not kept or not g.head_dim:
         return None
     per_head: dict[int, list[int]] = {}
@@ -85,10 +90,6 @@ def _head_dims(analysis: GroupAnalysis, g: DimGroup, removed: np.ndarray) -> tup
     return (int(g.head_positions), sizes.pop()) if len(sizes) == 1 else None
 
 
-def _near(x: float, y: float) -> bool:
-    return abs(x - y) <= 1e-6 * abs(y)
-
-
 def _literal_sites(small: torch.fx.GraphModule, dense_nodes: dict[str, Node], path: str, d: int, held: set[float]
                    ) -> list[tuple[Node, int | str, float]]:
     """The float arguments ``sqrt(d)`` or ``1/sqrt(d)`` of the nodes of the module at ``path`` that no attribute
@@ -96,11 +97,10 @@ def _literal_sites(small: torch.fx.GraphModule, dense_nodes: dict[str, Node], pa
     out = []
     for n in small.graph.nodes:
         o = dense_nodes.get(n.name)
-        if n.op != "call_function" or o is None or owner_path(o) != path:
+        if n.op != "call_function" or o is None or node_owner(o)[0] != path:
             continue
         for key, x in [*enumerate(n.args), *n.kwargs.items()]:
-            if (isinstance(x, float) and any(_near(x, c) for c in (math.sqrt(d), 1 / math.sqrt(d)))
-                    and not any(_near(x, h) for h in held)):
+            if isinstance(x, float) and root_of(x, d) and not any(near(x, h) for h in held):
                 out.append((n, key, x))
     return out
 
@@ -146,22 +146,24 @@ def fold_scales(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torc
     dense_nodes = {n.name: n for n in dense.graph.nodes}
     small_nodes = {n.name: n for n in small.graph.nodes}
     plans: list[tuple[DimGroup, float, list[tuple[Node, int | str, Any]]]] = []
+    classes, first = np.unique(analysis.label_class, return_index=True)
+    gone = dict(zip(classes.tolist(), removed[first].tolist()))  # a class is removed with any of its labels
     for g in analysis.prunable:
         if g.kind != "qk" or g.site is None or g.site >= len(analysis.sites):
             continue
-        sizes = _head_dims(analysis, g, removed)
+        sizes = _head_dims(g, gone)
         site = analysis.sites[g.site]
         o, n = dense_nodes.get(site.node), small_nodes.get(site.node)
         if sizes is None or sizes[0] == sizes[1] or o is None or n is None:
             continue
         d, d_new = sizes
-        path = owner_path(o)
+        path = node_owner(o)[0]
         edits: list[tuple[Node, int | str, Any]] = []
         if o.target == _SDPA and (o.args[6] if len(o.args) > 6 else o.kwargs.get("scale")) is None:
             edits.append((n, 6 if len(n.args) > 6 else "scale", None))  # the default again: 1/sqrt(d')
         else:
             for node, key, x in _literal_sites(small, dense_nodes, path, d, held_floats(model, path)):
-                edits.append((node, key, math.sqrt(d_new) if _near(x, math.sqrt(d)) else 1 / math.sqrt(d_new)))
+                edits.append((node, key, math.sqrt(d_new) if near(x, math.sqrt(d)) else 1 / math.sqrt(d_new)))
         if edits:
             plans.append((g, (d_new / d) ** 0.25, edits))
     if not plans:
@@ -187,7 +189,7 @@ def fold_scales(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torc
         small.recompile()
         log.info("attention scales not folded: the graph would change by %.3g", err)
         return []
-    paths = sorted({owner_path(dense_nodes[analysis.sites[g.site].node]) for g, _, _ in plans})
+    paths = sorted({node_owner(dense_nodes[analysis.sites[g.site].node])[0] for g, _, _ in plans})
     log.info("attention scales folded into q/k at %d sites (the class computes them from the narrowed head size)",
              len(paths))
     return paths

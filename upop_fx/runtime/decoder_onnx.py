@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 from pathlib import Path
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from .export import _check_destination, _eval_copy, _first_line, _root_cause
+from .sessions import ort_session
 
 __all__ = ["export_decoder_onnx", "ort_greedy"]
 
@@ -91,10 +92,8 @@ def export_decoder_onnx(model: torch.nn.Module, path: str | os.PathLike[str], pa
     """Export ``model`` (a Hugging Face causal LM; never modified: an eval-mode copy on the CPU is exported) as a
     KV-cache decode step to ``path`` (see the module docstring), then check that :func:`ort_greedy` on it gives
     ``model.generate``'s ``parity_tokens`` greedy tokens after ``prompt`` (default: 8 fixed token ids)."""
-    dest = Path(path)
-    if not dest.parent.is_dir():
-        raise ExportError(f"{dest.parent} is not a directory")
-    work = copy.deepcopy(model).cpu().eval()
+    dest = _check_destination(path)
+    work = _eval_copy(model).cpu()
     shapes = _kv_shapes(work)
     batch, new, past_len = 2, 3, 4
     ids = torch.randint(3, int(work.get_input_embeddings().num_embeddings), (batch, new),
@@ -108,8 +107,9 @@ def export_decoder_onnx(model: torch.nn.Module, path: str | os.PathLike[str], pa
         ep = torch.export.export(step, (ids, mask, *past), dynamic_shapes=dynamic, strict=False)
         program = torch.onnx.export(ep, (), dynamo=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - whatever torch fails on is the reason the file is not written
+        cause = _root_cause(exc)
         raise ExportError(f"{type(model).__name__} could not be exported as a decode step: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+                          f"{type(cause).__name__}: {_first_line(cause)}") from exc
     graph = program.model.graph
     names = ["input_ids", "attention_mask"] + [f"past.{i}.{kv}" for i in range(len(shapes)) for kv in ("key", "value")]
     outs = ["logits"] + [f"present.{i}.{kv}" for i in range(len(shapes)) for kv in ("key", "value")]
@@ -130,7 +130,7 @@ def export_decoder_onnx(model: torch.nn.Module, path: str | os.PathLike[str], pa
         except Exception as exc:  # noqa: BLE001 - a step that does not run in ONNX Runtime is not exported
             dest.unlink(missing_ok=True)
             raise ExportError(f"the exported decode step of {type(model).__name__} fails in ONNX Runtime: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+                              f"{type(exc).__name__}: {_first_line(exc)}") from exc
         if not torch.equal(got, want.cpu()):
             dest.unlink(missing_ok=True)
             first = int(torch.nonzero(got[0] != want[0].cpu())[0, 0]) if got.shape == want.shape else -1
@@ -142,9 +142,7 @@ def export_decoder_onnx(model: torch.nn.Module, path: str | os.PathLike[str], pa
 def ort_greedy(path: str | os.PathLike[str], input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding of ``new_tokens`` tokens after ``input_ids`` (batch × prompt, every token real) with the
     decode-step file :func:`export_decoder_onnx` wrote, in ONNX Runtime on the CPU: the prompt then the tokens."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     inputs = session.get_inputs()
     batch = int(input_ids.shape[0])
     past = {}
