@@ -75,8 +75,7 @@ CLASS_LIMITS = {
     "mixtral": "whole heads only",
     "gptj": "whole heads only",
     "llava": "whole heads only",
-    "qwen3": "left whole",  # q/k normalised per head (not analysed), and one head_dim sizes q, k and v
-    "gemma3": "left whole",
+    "gemma3": "left whole",  # one KV head normalised per head: no whole head can go, and one head_dim sizes v
     "blip_vqa": "left whole",  # the vision attention reshapes to embed_dim // num_heads of its input width
     "torch_encoder": "left whole",  # nn.MultiheadAttention: head size = embed_dim // num_heads
     "torch_transformer": "left whole",

@@ -129,9 +129,11 @@ GOLDEN = {
         ('v', 'model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],
-    "qwen3": [  # the per-head q/k RMSNorm reduces over head_dim: q/k are reported, v and the MLP pruned
+    "qwen3": [  # the per-head q/k RMSNorm reduces over head_dim: a q/k channel is a whole head (of 8 positions)
+        ('qk', 'model.layers', 0, 2, 1, 2, False),
         ('v', 'model.layers', 0, 2, 8, 16, False),
         ('mlp', 'model.layers', 0, None, None, 64, False),
+        ('qk', 'model.layers', 1, 2, 1, 2, False),
         ('v', 'model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],

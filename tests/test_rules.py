@@ -483,6 +483,51 @@ def test_reductions():
     assert tr.reasons(tr.labels("a.weight")) == [] and tr.reasons(tr.labels("b.weight")) == []
 
 
+def test_a_norm_over_each_heads_dims_makes_a_head_one_class():
+    """A reduction over a head's dims (a per-head RMSNorm, decomposed or ``F.layer_norm`` over the last axis)
+    with the heads axis still labelled: a head goes whole or not at all, so its dims are one class; the norm's
+    weight runs within every head and is never cut; a norm over the only labelled axis is still refused."""
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def fn(m, x):
+        B, T, _ = x.shape
+        q = rms(m.a(x).view(B, T, 3, 4), m.w)  # decomposed RMSNorm per head
+        k = torch.nn.functional.layer_norm(m.b(x).view(B, T, 3, 4), (4,), m.ln.weight)
+        return m.o(torch.cat([q, k], -1).flatten(2)).sum(-1), m.o2(rms(m.c(x), m.w6)).sum(-1)
+
+    tr = trace(fn, x3(), a=nn.Linear(4, 12), b=nn.Linear(4, 12), c=nn.Linear(4, 6), w=_p(4), w6=_p(6),
+               ln=nn.LayerNorm(4), o=nn.Linear(24, 2), o2=nn.Linear(6, 2))
+    for name in ("a.weight", "b.weight"):
+        heads = tr.roots(tr.labels(name)).reshape(3, 4)
+        assert (heads == heads[:, :1]).all() and len(set(heads[:, 0].tolist())) == 3, heads
+        assert tr.reasons(tr.labels(name)) == []
+    assert not tr.has_use("w") and not tr.has_use("ln.weight")  # shared by whole heads: never sliced
+    mean = tr.node(aten.mean)
+    slices = {tr.tracer.find(k): v for k, v in tr.tracer.slices.items()}
+    assert slices[int(tr.roots(tr.labels("a.weight"))[0])].startswith(f"node {mean.name} (aten.mean.dim)")
+    assert tr.block(mean).axes == (2,) and tr.block(mean).labels.shape == (3,)
+    whole = tr.nodes(aten.mean)[1]  # the RMSNorm over all of c's channels
+    assert tr.reasons(tr.labels("c.weight")) == [f"node {whole.name} (aten.mean.dim): reduction over channels"]
+
+
+def test_per_head_norm_heads_are_cut_exactly_in_the_graph_and_the_class():
+    """q/k under a per-head RMSNorm (Qwen3's layout): the heads go whole, the cut graph equals the zeroed
+    reference, and the model's own class comes back."""
+    from tests.models import get
+
+    zoo = get("qwen3")
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0)
+    qk = [g for g in result.analysis.prunable if g.kind == "qk"]
+    assert qk and all(g.whole_heads and "a per-head norm" in g.whole_heads for g in qk)
+    assert len(result.report.whole_heads) == len(qk) and result.report.class_limits == []
+    assert any(row.kept_heads < row.heads for row in result.report.groups if row.kind == "qk")
+    assert type(result.module) is type(zoo.model)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(**zoo.other_inputs), result.reference()(**zoo.other_inputs))
+
+
 # --------------------------------------------------------------------------------------------- shape.py
 def test_view_splits_channels_into_heads_and_permutes():
     def fn(m, x):

@@ -332,6 +332,8 @@ def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, lis
         ],
         not_prunable=[g.describe() for g in analysis.groups if not g.prunable],
         class_limits=list(prepared.class_limits),
+        whole_heads=[f"{g.where} {g.kind}: {g.whole_heads}" for g in analysis.prunable
+                     if g.whole_heads and not any(line.startswith(f"{g.where} {g.kind}:") for line in prepared.class_limits)],
     )  # fmt: skip
     log.debug("\n%s", report.table())
     return report

@@ -63,6 +63,9 @@ class Report:
     #: ``own_class=True``: per group the model's class could not cut as the graph can, what was done instead
     #: (``"whole heads only; ..."`` or ``"left whole; ..."``) and why
     class_limits: list[str] = field(default_factory=list)
+    #: attention groups whose heads go whole in the graph itself (a norm over each head's q/k dims couples them):
+    #: where and why
+    whole_heads: list[str] = field(default_factory=list)
     #: why ``Result.module`` is None (the cut cannot be expressed by the model's own class); None when it is set
     module_reason: str | None = None
     #: ``budget="latency"``: runtime, shape, the dense latency, the predicted latency after the cut and the
@@ -122,6 +125,9 @@ class Report:
         if self.class_limits:
             lines.append(f"restricted to what the model's class can express: {len(self.class_limits)} groups "
                          "(report.class_limits; own_class=False cuts the graph alone, wider)")
+        if self.whole_heads:
+            lines.append(f"whole heads only (the graph couples each head's dims): {len(self.whole_heads)} groups "
+                         "(report.whole_heads)")
         if self.runs_only_at:
             lines.append("runs only at: " + "; ".join(self.runs_only_at) + " (the model's code fixes it)")
         if self.reconstruction:

@@ -164,8 +164,9 @@ class DimGroup:
     dims: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  #: positions of each channel
     #: stacked experts (an MoE layer's ``[E, ...]`` weights): channel ``c`` is neuron ``c`` of each of them
     experts: int | None = None
-    #: why only whole heads of this attention group can go (the model's class fixes its head size:
-    #: :mod:`upop_fx.module.class_limits`); None: head dims can go too
+    #: why only whole heads of this attention group can go: the graph couples a head's dims (a per-head q/k norm:
+    #: then a channel is a whole head), or the model's class fixes its head size
+    #: (:mod:`upop_fx.module.class_limits`); None: head dims can go too
     whole_heads: str | None = None
 
     def positions(self, j: int) -> list[int]:

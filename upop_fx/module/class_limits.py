@@ -124,7 +124,9 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                       granularity: str, budget: str) -> list[str]:
     """Restrict the groups of ``analysis`` to what ``model``'s class can cut (see the module docstring): whole
     heads where head dims fail, not prunable where that fails too. ``gm``: the captured graph that ``analysis``
-    describes. Returns one line per restricted group: where, what was done and why."""
+    describes. Returns one line per restricted group: where, what was done and why (a group whose heads the graph
+    itself couples, under a per-head norm, is not the class's doing: ``report.whole_heads`` lists it)."""
+    coupled = {g.id for g in analysis.prunable if g.whole_heads}
     for _ in range(ROUNDS):
         if not analysis.prunable:
             break
@@ -165,7 +167,8 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                 for o in site:
                     o.prunable = False
                     o.reason = f"its module cannot express a cut (own_class=True): {why[g.id]}{context}"
-    lines = [f"{g.where} {g.kind}: whole heads only; {g.whole_heads}" for g in analysis.prunable if g.whole_heads]
+    lines = [f"{g.where} {g.kind}: whole heads only; {g.whole_heads}" for g in analysis.prunable
+             if g.whole_heads and g.id not in coupled]
     lines += [f"{g.where} {g.kind}: left whole; {g.reason}" for g in analysis.groups
               if not g.prunable and g.reason and "own_class=True" in g.reason]
     if lines:

@@ -274,7 +274,7 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
     roles = {site_role[r][0] for r in classes if r in site_role}
     sites = {site_role[r][1].index for r in classes if r in site_role}
     reason = next((refused[r] for r in sorted(classes) if r in refused), None)
-    kind, heads, head_dim, site_idx, dims = "other", None, None, None, None
+    kind, heads, head_dim, site_idx, dims, whole = "other", None, None, None, None, None
     if len(roles) == 1 and len(sites) == 1:
         kind = roles.pop()
         site_idx = sites.pop()
@@ -287,6 +287,10 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
             order, heads, dims = layout
             if dims is not None:
                 head_dim = len(dims)
+            if dims is not None and len(dims) == 1 and head_dim < len(dims[0]):  # one class per head
+                mine = set(order.tolist())
+                whole = next((text for x, text in tracer.slices.items() if int(roots[x]) in mine),
+                             "a head's dims are coupled together")
         if len(set(order.tolist())) != len(order) or set(order.tolist()) != classes:
             reason = reason or f"the {kind} dims of attention {site.node} are coupled with other channels"
     elif roles:
@@ -309,7 +313,7 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
         reason = "not a recognised structure"
     return DimGroup(
         id=gid, kind=kind, width=len(order), tower="", layer=-1, scope="", heads=heads, head_dim=head_dim,
-        site=site_idx, prunable=reason is None, reason=reason, classes=order, dims=dims,
+        site=site_idx, prunable=reason is None, reason=reason, classes=order, dims=dims, whole_heads=whole,
     )  # fmt: skip
 
 
@@ -323,6 +327,9 @@ def _layout(head_roots: np.ndarray) -> tuple[np.ndarray, int, tuple[tuple[int, .
     distinct = np.array(rows, dtype=np.int64)
     if len(set(distinct.reshape(-1).tolist())) == distinct.size:  # grouped heads, one class per position
         return distinct.reshape(-1), len(rows), None
+    whole = distinct[:, 0]
+    if (distinct == whole[:, None]).all() and len(set(whole.tolist())) == len(rows):  # a head is one class
+        return whole, len(rows), (tuple(range(distinct.shape[1])),)
     paired = _pairs(distinct)
     if paired is None:
         return None

@@ -40,6 +40,7 @@ class LabelTracer:
         self.tables: list[TableUse] = []
         self.seeds: list[tuple[str, np.ndarray]] = []
         self.refusals: dict[int, str] = {}  # label -> first reason its class cannot be removed
+        self.slices: dict[int, str] = {}  # label -> why its class is a whole slice (a head's dims reduced together)
         self.node: Node | None = None
         self._views: dict[str, Any] = {}
 
@@ -80,6 +81,26 @@ class LabelTracer:
         where = f"node {self.node.name} ({_op_name(self.node)})" if self.node is not None else "graph"
         for x in np.asarray(labels).reshape(-1).tolist():
             self.refusals.setdefault(int(x), f"{where}: {reason}")
+
+    def couple_slices(self, block: Block, axes: tuple[int, ...], reason: str) -> np.ndarray:
+        """The labels of ``block`` along its tensor ``axes`` are reduced together (a norm over a head's dims): couple
+        each slice (one per position of the block's other axes) into one class, which can only go whole. Returns
+        one label per slice (``block.labels`` without those axes)."""
+        where = [block.axes.index(a) for a in axes]
+        rest = [i for i in range(len(block.axes)) if i not in where]
+        moved = np.moveaxis(block.labels, where, list(range(len(rest), len(block.axes))))
+        rows = moved.reshape(int(np.prod(moved.shape[: len(rest)])), -1)
+        self.union(rows, rows[:, :1])
+        text = f"node {self.node.name} ({_op_name(self.node)}): {reason}" if self.node is not None else reason
+        for x in rows[:, 0].tolist():
+            self.slices.setdefault(int(x), text)
+        return rows[:, 0].reshape(moved.shape[: len(rest)])
+
+    def whole_rows(self, rows: np.ndarray) -> bool:
+        """Whether every row of ``rows`` (labels) is one class (a whole slice), with several rows."""
+        if rows.shape[0] < 2 or rows.shape[1] < 2:
+            return False
+        return all(len({self.find(int(x)) for x in row}) == 1 for row in rows.tolist())
 
     def refuse_block(self, block: Block | None, reason: str) -> None:
         if block is not None:

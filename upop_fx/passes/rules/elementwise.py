@@ -81,13 +81,14 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
     labelled = [(a, _aligned(ctx.block(a), R - rank(a))) for a in operands if ctx.block(a) is not None]
     if not labelled:
         return None
-    ref = labelled[0][1]
-    for _, b in labelled[1:]:
-        if b.axes != ref.axes or b.labels.shape != ref.labels.shape or b.outer != ref.outer:
+    ref = max((b for _, b in labelled), key=lambda b: len(b.axes))
+    for a, b in labelled:
+        spread = _spread(a, b, ref, R)
+        if spread is None:
             for _, bb in labelled:
                 ctx.refuse_block(bb, "operands carry channels on different axes")
             return None
-        ctx.union(ref.labels, b.labels)
+        ctx.union(ref.labels, spread)
     broadcast_other = mixed = False
     for a in operands:
         if ctx.block(a) is not None:
@@ -110,6 +111,8 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
             continue
         i = full[0]
         lab = np.moveaxis(ref.labels, i, -1).reshape(-1, ref.labels.shape[i])
+        if ctx.whole_rows(lab):  # its entries run within whole heads (a per-head norm's weight): never cut
+            continue
         if lab.shape[0] > 1:  # one parameter entry shared by every position of the other labelled axes
             ctx.union(lab, lab[0:1])
         ctx.use(a, ref.axes[i] - off, lab[0], "out")
@@ -117,6 +120,27 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
         return None  # (a relative-position bias added to the scores must not pass for channels further on)
     zero = _zero_after(node, [b for _, b in labelled], broadcast_other)
     return Block(ref.axes, ref.labels, ref.outer, zero)
+
+
+def _spread(operand: Node, b: Block, ref: Block, R: int) -> np.ndarray | None:
+    """``b``'s labels spread over ``ref``'s labelled axes: the same where they share an axis, broadcast where
+    ``operand`` has size 1 on one of ``ref``'s axes (a per-head statistic times its head's dims); None where
+    they carry channels on different axes."""
+    if not set(b.axes) <= set(ref.axes):
+        return None
+    off = R - rank(operand)
+    shape = []
+    for i, ax in enumerate(ref.axes):
+        if ax in b.axes:
+            j = b.axes.index(ax)
+            if b.labels.shape[j] != ref.labels.shape[i] or b.outer[j] != ref.outer[i]:
+                return None
+            shape.append(ref.labels.shape[i])
+        elif ax - off >= 0 and int(val(operand).shape[ax - off]) != 1:
+            return None
+        else:
+            shape.append(1)
+    return np.broadcast_to(b.labels.reshape(shape), ref.labels.shape)
 
 
 def _is_mul(node: Node) -> bool:
@@ -154,9 +178,18 @@ def norm(ctx: Any, node: Node) -> Block | None:
     b = ctx.block(node.args[0])
     if b is None:
         return None
+    last = rank(node.args[0]) - 1
+    if node.target.overloadpacket in (aten.layer_norm, aten.native_layer_norm, aten.rms_norm):
+        normed = tuple(range(last + 1 - len(node.args[1]), last + 1))
+        reduced = tuple(a for a in b.axes if a in normed)
+        if reduced and len(reduced) < len(b.axes):  # a norm per head: whole heads can go
+            if _per_slice(ctx, b, reduced, list(normed), True, "normalises a head's dims together (a per-head norm)") is None:
+                return None
+            bias = arg(node, 3, "bias") if node.target.overloadpacket != aten.rms_norm else None
+            out = Block(b.axes, b.labels, b.outer, b.zero and bias is None)  # its weight spans whole heads: not cut
+            return [out, None, None] if isinstance(val(node), (tuple, list)) else out
     ctx.refuse_block(b, "normalisation statistics change when channels are removed")
     weights = [a for a in node.args[1:] if ctx.is_param(a) and rank(a) == 1]
-    last = rank(node.args[0]) - 1
     if last in b.axes and b.labels.ndim == 1:
         for w in weights:
             if int(val(w).shape[0]) == b.labels.shape[0]:
@@ -183,12 +216,32 @@ def reduction(ctx: Any, node: Node) -> Block | None:
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(r))
     dims = [d % r for d in ([dims] if isinstance(dims, int) else dims)]
-    if any(d in b.axes for d in dims) or isinstance(val(node), (tuple, list)):
+    keep = bool(arg(node, 2, "keepdim", False))
+    reduced = tuple(a for a in b.axes if a in dims)
+    if reduced and not isinstance(val(node), (tuple, list)):
+        return _per_slice(ctx, b, reduced, dims, keep, "reduces a head's dims together (a per-head norm)")
+    if reduced or isinstance(val(node), (tuple, list)):
         ctx.refuse_block(b, "reduction over channels")
         return None
-    keep = bool(arg(node, 2, "keepdim", False))
     axes = b.axes if keep else tuple(a - sum(d < a for d in dims) for a in b.axes)
     return Block(axes, b.labels, b.outer, b.zero)
+
+
+def _per_slice(ctx: Any, b: Block, reduced: tuple[int, ...], dims: list[int], keepdim: bool,
+               reason: str) -> Block | None:
+    """A reduction (or a norm's statistics) over the channels of ``reduced`` axes while other labelled axes stay
+    (a mean over each head's dims): a slice goes whole or not at all — a whole zero slice reduces to zero and
+    leaves the other slices' statistics as they were — so each slice becomes one class. Without another labelled
+    axis (a norm over the hidden width) the channels are refused. Returns the per-slice block (the reduced axes
+    dropped from the labels; ``dims``: every axis reduced, labelled or not), or None where refused."""
+    rest = [i for i, a in enumerate(b.axes) if a not in reduced]
+    if not rest or any(b.outer[b.axes.index(a)] != 1 for a in reduced):
+        ctx.refuse_block(b, "reduction over channels")
+        return None
+    heads = ctx.couple_slices(b, reduced, reason)
+    kept = [b.axes[i] for i in rest]
+    axes = tuple(kept) if keepdim else tuple(a - sum(d < a for d in dims) for a in kept)
+    return Block(axes, heads, tuple(b.outer[i] for i in rest), b.zero)
 
 
 __all__: list[str] = []
