@@ -145,3 +145,54 @@ def test_a_squared_relu_mlp_is_pruned_exactly():
     with torch.no_grad():
         other = torch.randn(3, 7, 16)
         torch.testing.assert_close(result.model(other), result.reference()(other), rtol=1e-5, atol=1e-6)
+
+
+def test_windowed_attention_with_pooled_queries_is_pruned_exactly_in_its_class():
+    """Hiera's mask-unit attention: q, k and v laid out ``(B, H, windows, T, d)`` (an axis between the heads and
+    the tokens), queries pooled by ``max`` over a stride window, a single-head first stage whose head axis carries
+    no labels. Every stage's heads and head dims are pruned, exactly, and the model's class comes back."""
+    from transformers import HieraConfig, HieraModel
+
+    torch.manual_seed(0)
+    config = HieraConfig(embed_dim=16, image_size=[128, 128], patch_size=[7, 7], patch_stride=[4, 4],
+                         patch_padding=[3, 3], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2], query_stride=[2, 2],
+                         masked_unit_size=[8, 8], mlp_ratio=2.0)
+    model = HieraModel(config).eval()
+    result = upop_fx.compress(model, torch.randn(2, 3, 128, 128), ratio=0.4, method="magnitude", retrain_steps=0)
+    attention = [(row.layer, row.kind) for row in result.report.groups if row.kind in ("qk", "v")]
+    assert attention == [(stage, kind) for stage in range(4) for kind in ("qk", "v")]
+    assert all(row.kept < row.total for row in result.report.groups)
+    assert result.report.class_limits == [] and type(result.module) is HieraModel
+    other = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        cut = result.model(other).last_hidden_state
+        torch.testing.assert_close(cut, result.reference()(other).last_hidden_state, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.module(other).last_hidden_state, cut, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_multi_query_attention_broadcast_by_the_matmul_is_pruned_exactly():
+    """One key/value head of size-1 head axis, broadcast over the query heads by ``q @ kᵀ`` and ``probs @ v``
+    (no ``expand``): head dims go from every query head and the one KV head at once, exactly."""
+
+    class MultiQuery(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(16, n) for n in (16, 4, 4))
+            self.o = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, T, _ = x.shape
+            q = self.q(x).view(B, T, 4, -1).transpose(1, 2)
+            k, v = self.k(x).unsqueeze(1), self.v(x).unsqueeze(1)  # (B, 1, T, 4)
+            probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, -1)
+            return x + self.o((probs @ v).transpose(1, 2).reshape(B, T, -1))
+
+    torch.manual_seed(0)
+    result = upop_fx.compress(MultiQuery().eval(), torch.randn(2, 5, 16), ratio=0.5, method="magnitude",
+                              retrain_steps=0)
+    kinds = {row.kind: row for row in result.report.groups}
+    assert kinds["qk"].heads == kinds["v"].heads == 1 and kinds["qk"].kept < kinds["qk"].total
+    other = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), result.reference()(other), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.module(other), result.model(other), rtol=1e-5, atol=1e-6)

@@ -892,15 +892,16 @@ def test_sdpa_grouped_query_heads_are_refused():
     assert not set(tr.roots(tr.labels("q.weight")).tolist()) & set(tr.roots(tr.labels("k.weight")).tolist())
 
 
-def test_eager_attention_with_one_shared_key_head_is_refused():
+def test_eager_attention_with_one_shared_key_head_is_multi_query():
+    """``q @ kᵀ`` where the matmul broadcasts one key head over the query heads: q dim j of every head meets k
+    dim j (one channel), as under SDPA; ``probs @ v`` still records v."""
     tr = trace(_attn("eager", hk=1), x3(c=8), **_attn_parts(hk=1))
-    scores = tr.node(aten.matmul, 0)
-    why = f"node {scores.name} (aten.matmul.default): matmul of two activations that is not an attention pattern"
-    for p in "qk":
-        assert why in tr.reason(tr.labels(f"{p}.weight"))
-    (site,) = tr.tracer.sites  # probs @ v still records v
-    assert site.q is None and site.node == tr.node(aten.matmul, 1).name
-    assert tr.reasons(tr.labels("v.weight")) == []
+    q, k = tr.roots(tr.labels("q.weight")), tr.roots(tr.labels("k.weight"))
+    assert q[:2].tolist() == q[2:].tolist() == k.tolist()
+    (site,) = tr.tracer.sites
+    assert site.node == tr.node(aten.matmul, 0).name and site.v is not None
+    for p in "qkv":
+        assert tr.reasons(tr.labels(f"{p}.weight")) == []
 
 
 def test_eager_scores_with_non_zero_q_are_refused():
@@ -1003,3 +1004,29 @@ def test_a_clamp_that_excludes_zero_does_not_keep_a_removed_channel_zero():
 
     tr = trace(fn, x3(c=8), up=nn.Linear(8, 6), down=nn.Linear(6, 8))
     assert tr.reasons(tr.labels("up.weight"))  # clamp(0, min=0.5) = 0.5: removing a channel would change down's input
+
+
+def test_attention_with_windows_between_heads_and_tokens_and_max_pooled_queries():
+    """``(B, H, windows, T, d)`` attention (Hiera's mask units) with queries pooled by ``max`` over a stride:
+    q[h, j] meets k[h, j] as in ``(B, H, T, d)``; the pooling keeps the channels; v passes to the output."""
+
+    def fn(m, x):  # x: (B, tokens per window, windows, C)
+        B, T, W, _ = x.shape
+        q, k, v = (p(x).view(B, T, W, 2, 4).permute(0, 3, 2, 1, 4) for p in (m.q, m.k, m.v))  # (B, H, W, T, d)
+        q = q.reshape(B, 2, W, 2, T // 2, 4).max(dim=3).values
+        out = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return m.o(out.transpose(1, 3).reshape(B, -1, 8)).sum(-1)
+
+    tr = trace(fn, torch.randn(2, 4, 3, 8), q=nn.Linear(8, 8), k=nn.Linear(8, 8), v=nn.Linear(8, 8), o=nn.Linear(8, 2))
+    (site,) = tr.tracer.sites
+    np.testing.assert_array_equal(tr.roots(site.q), tr.roots(site.k))
+    np.testing.assert_array_equal(site.v, tr.labels("v.weight").reshape(2, 4))
+    for p in "qkv":
+        assert tr.reasons(tr.labels(f"{p}.weight")) == []
+    values, indices = tr.block(tr.node(aten.max))
+    assert values.axes == (1, 4) and values.zero and not indices.zero
+
+
+def test_max_over_channels_is_refused():
+    tr = trace(lambda m, x: m.a(x).max(dim=-1).values.sum(), x3(), a=nn.Linear(4, 6))
+    assert tr.reasons(tr.labels("a.weight")) == [f"node {tr.node(aten.max).name} (aten.max.dim): reduction over channels"]

@@ -484,10 +484,21 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
     ``removed``: the removed labels of ``analysis`` (:func:`~upop_fx.passes.surgery.removed_labels`).
     ``recapture=False`` verifies by running the module eagerly instead of capturing it again (a trial cut's check).
     ``fold``: first fold into ``small``'s q/k weights, in place and exactly, the attention scales the class would
-    recompute from the narrowed head size (:func:`~upop_fx.module.scale_fold.fold_scales`)."""
+    recompute from the narrowed head size (:func:`~upop_fx.module.scale_fold.fold_scales`); where the module
+    fails with the fold, it is undone and the module tried again."""
+    undo = fold_scales(model, dense, small, analysis, removed) if fold else None
+    back = _rebuild(model, dense, small, analysis, removed, granularity, recapture)
+    if back.module is None and undo is not None:
+        undo()
+        again = _rebuild(model, dense, small, analysis, removed, granularity, recapture)
+        if again.module is not None:
+            return again
+    return back  # the graph stays unfolded: both equal the dense model's cut
+
+
+def _rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
+             analysis: GroupAnalysis, removed: np.ndarray, granularity: str, recapture: bool) -> Rebuilt:
     problems = Problems()
-    if fold:
-        fold_scales(model, dense, small, analysis, removed)
     if (why := _tables_problem(analysis, removed, granularity)) is not None:
         problems.add(why)
         problems.rotary = True

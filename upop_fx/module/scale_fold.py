@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -139,10 +140,12 @@ def _scale_rows(small: torch.fx.GraphModule, analysis: GroupAnalysis, g: DimGrou
 
 
 def fold_scales(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
-                analysis: GroupAnalysis, removed: np.ndarray) -> list[str]:
+                analysis: GroupAnalysis, removed: np.ndarray) -> Callable[[], None] | None:
     """Fold every attention scale of ``small`` (the cut of ``dense``) that ``model``'s class would recompute from
-    the narrowed head size into the q/k rows, in place (see the module docstring). Returns the module paths
-    folded; on a check failure nothing is changed and the failure is logged."""
+    the narrowed head size into the q/k rows, in place (see the module docstring). Returns what undoes the fold
+    (a literal that only equals ``1/sqrt(d)``, written by hand in the class, is not recomputed: the rebuild then
+    fails with the fold and is tried without it), or None where nothing was folded; on a check failure nothing is
+    changed and the failure is logged."""
     dense_nodes = {n.name: n for n in dense.graph.nodes}
     small_nodes = {n.name: n for n in small.graph.nodes}
     plans: list[tuple[DimGroup, float, list[tuple[Node, int | str, Any]]]] = []
@@ -167,7 +170,7 @@ def fold_scales(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torc
         if edits:
             plans.append((g, (d_new / d) ** 0.25, edits))
     if not plans:
-        return []
+        return None
     info = get_capture(small)
     with torch.no_grad():
         before = run_module(small, info.args, info.kwargs)
@@ -180,16 +183,19 @@ def fold_scales(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torc
     small.recompile()
     with torch.no_grad():
         err = relative_error(run_module(small, info.args, info.kwargs), before)
-    if not err <= FOLD_RTOL:
+    def undo() -> None:
         for name, t in saved.items():
             set_tensor(small, name, t, get_tensor(small, name))
         for node in small.graph.nodes:
             if node.name in old_args:
                 node.args, node.kwargs = old_args[node.name]
         small.recompile()
+
+    if not err <= FOLD_RTOL:
+        undo()
         log.info("attention scales not folded: the graph would change by %.3g", err)
-        return []
+        return None
     paths = sorted({node_owner(dense_nodes[analysis.sites[g.site].node])[0] for g, _, _ in plans})
     log.info("attention scales folded into q/k at %d sites (the class computes them from the narrowed head size)",
              len(paths))
-    return paths
+    return undo

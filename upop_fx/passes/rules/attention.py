@@ -1,6 +1,7 @@
 """``scaled_dot_product_attention``: where q/k and v head dims are found and coupled.
 
-q and k enter as ``(..., H, T, d)`` with their labels on the head and dim axes; ``q[h, j]`` meets ``k[h, j]`` in
+q and k enter as ``(..., H, T, d)`` with their labels on the head and dim axes (axes may stand between the heads
+and the tokens: Hiera's ``(B, H, windows, T, d)``); ``q[h, j]`` meets ``k[h, j]`` in
 the score ``q·kᵀ``, so the two are unioned. v's labels pass to the output (``out[h, :, j]`` is a mix of
 ``v[h, :, j]``). The site is recorded for the group analysis; surgery pins the scale, which SDPA would otherwise
 recompute from the reduced head dim.
@@ -31,9 +32,10 @@ def _heads(ctx: Any, x: Any) -> tuple[np.ndarray | None, bool]:
     r = rank(x)
     if any(o != 1 for o in b.outer):
         return None, False
-    if b.axes == (r - 3, r - 1):
+    if len(b.axes) == 2 and b.axes[0] <= r - 3 and b.axes[1] == r - 1:  # (heads, ..., T, d)
         return b.labels, b.zero
     if b.axes == (r - 1,):  # the same labels in every head: one head broadcast (multi-query: one KV head)
+        # (the head axis is taken to be SDPA's, ``r - 3``)
         return np.repeat(b.labels[None], concrete(val(x).shape[r - 3]), axis=0), b.zero
     return None, False
 
@@ -57,9 +59,10 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
         ctx.refuse_block(ctx.block(mask), "channels used as an attention mask")
     qv, kv = val(q), val(k)
 
+    head_axis = ctx.block(q).axes[0] if ql is not None and len(ctx.block(q).axes) == 2 else qv.dim() - 3
     batch = 1
-    for d in qv.shape[:-3]:
-        batch *= concrete(d)
+    for i, d in enumerate(qv.shape[:-2]):
+        batch *= concrete(d) if i != head_axis else 1
     pair_flops = 2.0 * batch * concrete(qv.shape[-2]) * concrete(kv.shape[-2])
     ctx.sites.append(
         AttentionSite(
@@ -73,7 +76,9 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
     if vl is None:
         return None
     r = rank(node)
-    return Block((r - 3, r - 1), vl, zero=ctx.block(v).zero)
+    vb = ctx.block(v)
+    head = vb.axes[0] + r - rank(v) if len(vb.axes) == 2 else r - 3
+    return Block((head, r - 1), vl, zero=vb.zero)
 
 
 SCORES_KEY = "upop_scores_site"
@@ -116,14 +121,17 @@ def _per_head_bias(probs: Node) -> str | None:
 def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Block | None:
     """Eager attention written as matmuls: ``q @ kᵀ`` (contracts head dims) and ``probs @ v``. Heads may be
     merged with the batch (``(B·H, T, d)``, as BLOOM's ``bmm``/``baddbmm`` do): the same outer factor on both
-    operands."""
+    operands. One key/value head broadcast over the query heads by the matmul (multi-query attention) meets
+    every query head, as under SDPA."""
     a = node.args[0] if a is None else a
     b = node.args[1] if b is None else b
-    ab, bb = ctx.block(a), ctx.block(b)
+    ab, bb = _one_head(ctx.block(a), a), _one_head(ctx.block(b), b)
     ra, rb, r = rank(a), rank(b), rank(node)
 
-    if ab is not None and bb is not None and ab.axes == (ra - 3, ra - 1) and bb.axes == (rb - 3, rb - 2):
+    if (ab is not None and bb is not None and len(ab.axes) == len(bb.axes) == 2 and ab.axes[1] == ra - 1
+            and bb.axes[1] == rb - 2 and ab.axes[0] - ra == bb.axes[0] - rb <= -3):  # (H, .., T, d) @ (H, .., d, T)
         clean = ab.outer[1:] == bb.outer[1:] == (1,) and str(ab.outer[0]) == str(bb.outer[0])
+        bb = _broadcast_head(bb, b, ab.labels.shape[0])
         if ab.labels.shape != bb.labels.shape or not clean or not (ab.zero and bb.zero):
             ctx.refuse_block(ab, "attention scores with mismatched q/k head layouts")
             ctx.refuse_block(bb, "attention scores with mismatched q/k head layouts")
@@ -136,9 +144,10 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
         ctx.sites.append(site)
         node.meta[SCORES_KEY] = site.index
         return None
-    if ab is None and bb is not None and bb.axes == (rb - 3, rb - 1) and bb.outer[1] == 1:
+    if ab is None and bb is not None and len(bb.axes) == 2 and bb.axes[0] <= rb - 3 and bb.axes[1] == rb - 1 and bb.outer[1] == 1:
         idx = _site_upstream(a)
         out = val(node)
+        bb = _broadcast_head(bb, b, concrete(out.shape[bb.axes[0] + r - rb]))
         batch = _batch(bb, b, out)
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(val(a).shape[-1])
         if idx is not None and ctx.sites[idx].v is None:
@@ -148,19 +157,42 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
                 ctx.sites[idx].fixed_heads = f"node {bias}: an additive score bias differs per head"
         else:
             ctx.sites.append(AttentionSite(node=node.name, q=None, k=None, v=bb.labels, scale=None, index=len(ctx.sites), flops_v=flops))
-        return Block((r - 3, r - 1), bb.labels, bb.outer, zero=bb.zero)
+        return Block((bb.axes[0] + r - rb, r - 1), bb.labels, bb.outer, zero=bb.zero)
     for x in (ab, bb):
         ctx.refuse_block(x, "matmul of two activations that is not an attention pattern")
     return None
 
 
+def _broadcast_head(block: Block, x: Node, heads: int) -> Block:
+    """``block`` with its one head repeated ``heads`` times where ``x``'s head axis has size 1 (the matmul
+    broadcasts it over the query heads); unchanged otherwise."""
+    if block.labels.shape[0] != 1 or heads == 1 or concrete(val(x).shape[block.axes[0]]) != 1:
+        return block
+    return Block(block.axes, np.repeat(block.labels, heads, axis=0), block.outer, block.zero)
+
+
+def _one_head(block: Block | None, x: Node) -> Block | None:
+    """A single head (``(B, 1, T, d)`` or ``(B, 1, windows, T, d)``, whose size-1 head axis carries no labels;
+    the dims last, or one before in ``kᵀ``): the block with that axis as a head axis of one label, as a multi-head
+    one has (the last size-1 axis before the last two; none: unchanged)."""
+    r = rank(x)
+    if block is None or r < 3 or len(block.axes) != 1 or block.axes[0] not in (r - 1, r - 2):
+        return block
+    ones = [i for i in range(r - 2) if concrete(val(x).shape[i]) == 1]
+    if not ones:
+        return block
+    return Block((ones[-1], block.axes[0]), block.labels[None], (1, *block.outer), block.zero)
+
+
 def _batch(block: Block, operand: Node, out: torch.Tensor) -> int:
-    """Example batch of an attention matmul: the axes before the heads, times an outer factor merged into the
-    head axis (``(B·H, T, d)``: the operand's head-axis size over the head count)."""
-    batch = 1
-    for d in out.shape[:-3]:
-        batch *= concrete(d)
+    """Example batch of an attention matmul: the axes other than the heads and the last two (the batch, windows
+    between the heads and the tokens), times an outer factor merged into the head axis (``(B·H, T, d)``: the
+    operand's head-axis size over the head count)."""
     head_axis = block.axes[0]
+    at = head_axis + out.dim() - val(operand).dim()
+    batch = 1
+    for i, d in enumerate(out.shape[:-2]):
+        batch *= concrete(d) if i != at else 1
     return batch * (concrete(val(operand).shape[head_axis]) // int(block.labels.shape[0]))
 
 

@@ -227,6 +227,23 @@ def reduction(ctx: Any, node: Node) -> Block | None:
     return Block(axes, b.labels, b.outer, b.zero)
 
 
+@rule(aten.max, aten.min)
+def max_min(ctx: Any, node: Node) -> Block | list[Block | None] | None:
+    """``max``/``min``: of two tensors, elementwise (as ``maximum``); along a dim, ``(values, indices)`` — over
+    tokens or a pooling window (Hiera's pooled queries: ``view(..., stride, T/stride, d).max(dim=3)``) both keep
+    the channels (a zero channel's maximum is zero; its indices are no channel values); over channels, refused."""
+    if len(node.args) > 1 and isinstance(node.args[1], Node):
+        return broadcast(ctx, node)
+    b = ctx.block(node.args[0])
+    r = rank(node.args[0])
+    if len(node.args) < 2 or not isinstance(val(node), (tuple, list)) or node.args[1] % r in b.axes:
+        ctx.refuse_block(b, "reduction over channels")
+        return None
+    dim = node.args[1] % r
+    axes = b.axes if arg(node, 2, "keepdim", False) else tuple(a - (dim < a) for a in b.axes)
+    return [Block(axes, b.labels, b.outer, b.zero), Block(axes, b.labels, b.outer, False)]
+
+
 def _per_slice(ctx: Any, b: Block, reduced: tuple[int, ...], dims: list[int], keepdim: bool,
                reason: str) -> Block | None:
     """A reduction (or a norm's statistics) over the channels of ``reduced`` axes while other labelled axes stay
