@@ -429,6 +429,29 @@ def blip_vqa() -> ZooModel:
                           "text encoder self+cross (to image), answer decoder causal self+cross (to question)")
 
 
+def blip_caption() -> ZooModel:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    # the captioner's text decoder cross-attends to the image tokens: text encoder_hidden_size == vision hidden
+    text = dict(vocab_size=VOCAB, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_POS,
+                pad_token_id=0, bos_token_id=1, sep_token_id=2, eos_token_id=EOS, use_cache=False)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4)
+    model = _eval(BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)))
+
+    def inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+        tok = _tokens(batch, seq, seed)
+        tok["input_ids"][:, 0] = 1  # bos
+        return {**tok, "pixel_values": _pixels(batch, seed)}
+
+    return ZooModel("blip_caption", model, inputs(BATCH, SEQ, 1), inputs(OTHER_BATCH, OTHER_SEQ, 2),
+                    dims={**_text_dims(), **_pixel_dims()}, dim_max={"seq": MAX_POS},
+                    notes="image captioner: vision packed qkv; causal text decoder with cross-attention to the "
+                          "image tokens; generate() runs in its own class")
+
+
 def torch_encoder() -> ZooModel:
     torch.manual_seed(SEED)
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
@@ -540,6 +563,7 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "deberta_v2": deberta_v2,
     "clip": clip,
     "blip_vqa": blip_vqa,
+    "blip_caption": blip_caption,
     "torch_encoder": torch_encoder,
     "timm_vit": timm_vit,
     "torch_transformer": torch_transformer,

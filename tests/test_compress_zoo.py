@@ -77,6 +77,7 @@ CLASS_LIMITS = {
     "llava": "whole heads only",
     "gemma3": "left whole",  # one KV head normalised per head: no whole head can go, and one head_dim sizes v
     "blip_vqa": "left whole",  # the vision attention reshapes to embed_dim // num_heads of its input width
+    "blip_caption": "left whole",
     "torch_encoder": "left whole",  # nn.MultiheadAttention: head size = embed_dim // num_heads
     "torch_transformer": "left whole",
     "timm_vit": "left whole",  # reshapes the heads' output to its input width
