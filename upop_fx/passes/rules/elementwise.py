@@ -105,6 +105,8 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
             rows = np.moveaxis(ref.labels, i, -1).reshape(-1, ref.labels.shape[i])
             ctx.tables.append(TableUse(node.name, node.args.index(a), ref.axes[i] - off, rows.copy()))
             continue
+        if ctx.is_param(a) and _per_head_weight(ctx, a, ref, full, off):
+            continue
         if not ctx.is_param(a) or len(full) != 1 or ref.outer[full[0]] != 1:
             ctx.refuse_block(ref, f"operand {a.name} of unknown channels spans a channel axis")
             mixed = True
@@ -120,6 +122,16 @@ def broadcast(ctx: Any, node: Node) -> Block | None:
         return None  # (a relative-position bias added to the scores must not pass for channels further on)
     zero = _zero_after(node, [b for _, b in labelled], broadcast_other)
     return Block(ref.axes, ref.labels, ref.outer, zero)
+
+
+def _per_head_weight(ctx: Any, param: Node, ref: Block, full: list[int], off: int) -> bool:
+    """A parameter ``[heads, head_dim]`` over channels whose heads are whole classes (a per-head norm's own
+    weights, Cohere's q/k LayerNorm): it is cut with its heads, a use of its head axis. False where it is not
+    that."""
+    if full != [0, 1] or len(ref.axes) != 2 or ref.outer != (1, 1) or not ctx.whole_rows(ref.labels):
+        return False
+    ctx.use(param, ref.axes[0] - off, ref.labels[:, 0], "out")
+    return True
 
 
 def _spread(operand: Node, b: Block, ref: Block, R: int) -> np.ndarray | None:
