@@ -54,7 +54,7 @@ ORDER = {
     "training": ["distributed", "checkpoint", "loop", "reconstruct", ""],
     "runtime": ["sessions", "timing", "decode", "export", "decoder_onnx", "runners", "latency_tables", "speed", ""],
     "search": ["ranking", "strategy", "magnitude", "activation", "upop", ""],
-    "module": ["scale_fold", "rebuild", "pretrained", "class_limits", ""],
+    "module": ["scale_fold", "rotary", "rebuild", "pretrained", "class_limits", ""],
 }
 
 

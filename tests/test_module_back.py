@@ -151,24 +151,44 @@ def test_llama_graph_only_cut_says_which_option_gives_the_module():
     assert result.model is not None  # the graph is still returned
 
 
-def test_llama_by_default_keeps_whole_heads_and_says_why():
+def test_llama_by_default_shares_its_rotary_pairs_across_layers_and_slices_the_frequencies(tmp_path):
     """Its class computes one cos/sin table for every layer and sizes q, k and v by one ``head_dim``: the default
-    cut removes whole KV groups (a key/value head with its query heads), every kept head at full size."""
-    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+    cut keeps the same rotary pairs (and as many v dims) in every layer, one structure over all of them, and the
+    module's ``inv_freq`` is sliced to those pairs — saved and loaded with it, and equal to the graph."""
+    prompt = _tokens(2, 6, seed=3)
+    result = upop_fx.compress(_llama(), prompt, ratio=0.5, method="magnitude", retrain_steps=0)
     assert result.module is not None and result.report.module_reason is None
     rows = [row for row in result.report.groups if row.heads]
-    assert rows and all(row.kept == row.kept_heads * row.head_dim for row in rows)
-    assert any(row.kept_heads < row.heads for row in rows)
+    assert rows and len({row.kept // row.kept_heads for row in rows}) == 1  # one head size in every layer
+    assert all(row.kept // row.kept_heads < row.head_dim for row in rows)
     limits = result.report.class_limits
-    assert len(limits) == len(rows) and all("whole heads only" in line for line in limits)
-    assert any("rotary" in line or "head_dim" in line or "fails to run" in line for line in limits)
-    layer = result.module.model.layers[0].self_attn
-    assert layer.head_dim == 8 and layer.q_proj.out_features % 8 == 0
+    assert len(limits) == len(rows) and all("head dims shared by every rotary layer" in line for line in limits)
+    kept_dim = rows[0].kept // rows[0].kept_heads
+    rotary = result.module.model.rotary_emb
+    assert result.module.model.layers[0].self_attn.head_dim == kept_dim
+    assert rotary.inv_freq.shape == rotary.original_inv_freq.shape == (kept_dim // 2,)
+    dense = _llama().model.rotary_emb.inv_freq
+    assert set(rotary.inv_freq.tolist()) <= set(dense.tolist())  # a subset of the model's own frequencies
+    upop_fx.save_pretrained(result.module, tmp_path / "m")
+    again = upop_fx.from_pretrained(tmp_path / "m")
+    assert torch.equal(again.model.rotary_emb.inv_freq, rotary.inv_freq)
+    assert torch.equal(_greedy(again, **prompt), _greedy(result.module, **prompt))
+
+
+def test_llama_with_uniform_widths_keeps_whole_heads_for_a_stock_config():
+    """``allocate="uniform"`` is for a checkpoint plain transformers loads: its config states head counts, not
+    sliced rotary frequencies, so the rotary layers lose whole KV groups (every kept head at full size)."""
+    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0,
+                              allocate="uniform")
+    rows = [row for row in result.report.groups if row.heads]
+    assert rows and all(row.kept == row.kept_heads * row.head_dim for row in rows)
+    assert all("whole heads only" in line for line in result.report.class_limits)
+    assert result.module.model.layers[0].self_attn.head_dim == 8
 
 
 def test_an_attribute_that_only_held_a_cut_size_keeps_its_value():
     """9 query heads over 3 KV heads: ``num_key_value_groups`` (3) equals the KV head count (3) that the cut
-    changes per layer; it must stay 3 (the export path repeats each KV head by it) while the heads go."""
+    changes per layer; it must stay 3 (the export path repeats each KV head by it) while whole heads go."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def make():
@@ -179,7 +199,7 @@ def test_an_attribute_that_only_held_a_cut_size_keeps_its_value():
         )).eval()
 
     prompt = _tokens(2, 6, seed=3)
-    result = upop_fx.compress(make(), prompt, ratio=0.5, method="magnitude", retrain_steps=0)
+    result = upop_fx.compress(make(), prompt, ratio=0.5, method="magnitude", retrain_steps=0, granularity="heads")
     assert result.module is not None, result.report.module_reason
     layers = result.module.model.layers
     assert {layer.self_attn.num_key_value_groups for layer in layers} == {3}

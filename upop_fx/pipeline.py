@@ -42,7 +42,7 @@ from .ir.groups import GroupAnalysis
 from .ir.latency_model import LatencyModel, priced
 from .logs import quiet, verbosity
 from .module.class_limits import restrict_to_class
-from .module.rebuild import copy_weights, module_gap, rebuild
+from .module.rebuild import copy_weights, module_gap, module_tensors, rebuild
 from .options import Options
 from .passes import FindGroups, SortExperts
 from .passes.surgery import cut_entries, removed_labels, zeroed_reference
@@ -114,7 +114,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     limits: list[str] = []
     graph_only = len(analysis.prunable)
     if options.own_class and analysis.prunable and _has_own_class(model):
-        limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget)
+        # uniform widths are for a stock checkpoint: its config states head counts, not sliced rotary frequencies
+        limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget,
+                                   share_rotary=options.allocate != "uniform")
     if graph_only and not analysis.prunable:
         raise NoPrunableGroupError(
             f"{type(model).__name__}'s own class can express no cut of its {graph_only} prunable groups "
@@ -286,7 +288,9 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     finally:
         module.eval()
     result.report.retrain_check = [list(h) for h in history]
-    copy_weights(module, result.model, sliced_ok=False)  # tensors the graph lacks are unused by the forward
+    graph = module_tensors(result.model)  # the module's rotary frequencies may be sliced; the graph slices its tables
+    sliced = frozenset(n for n, t in module.named_buffers() if n in graph and graph[n].shape != t.shape)
+    copy_weights(module, result.model, sliced_ok=False, skip=sliced)  # tensors the graph lacks are unused by the forward
     gap = module_gap(module, result.model)
     if not gap <= 1e-4:
         raise SurgeryCheckError(f"after the retrain the graph and the module differ (relative error {gap:.3g})")

@@ -10,6 +10,9 @@ An *entry* is the smallest unit a ranking can remove and still leave a dense gra
   heads, that layer's entries are head dims as with ``"upop"``.
 * Whatever the granularity, an attention group whose ``whole_heads`` is set (the model's class fixes its head
   size: :mod:`upop_fx.module.class_limits`) has whole heads as its entries.
+* Attention groups that share a ``joint`` key (the model's class computes one rotary table for every layer) are
+  one structure whatever the granularity: entry ``j`` is rotary pair ``j`` of q/k and the v dims at its
+  positions, in every one of those layers at once, so that every layer keeps the same pairs.
 * ``"heads+dims"``: per attention layer both — its whole heads and its head dims (as with ``"upop"``) are
   entries of one structure, so a ranking removes whichever is less important: a layer keeps ``h`` heads of
   ``j`` dims each (the kept q/k/v channels are the product). Removing a head is what cuts the softmax and the
@@ -99,6 +102,11 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
         if g.kind in ("qk", "v"):
             by_site.setdefault(g.site, {})[g.kind] = g
     done: set[int] = set()
+    joint: dict[str, list[tuple[DimGroup, DimGroup]]] = {}
+    for pair in by_site.values():
+        qk, v = pair.get("qk"), pair.get("v")
+        if qk is not None and qk.joint and not qk.whole_heads and v is not None and _shared_dims(qk, v):
+            joint.setdefault(qk.joint, []).append((qk, v))
 
     def add(kind: str, name: str, groups: list[DimGroup], chans: list[dict[int, np.ndarray]],
             heads: list[dict[int, np.ndarray]] = ()) -> None:  # fmt: skip
@@ -120,6 +128,16 @@ def build_entries(analysis: GroupAnalysis, granularity: str = "upop", budget: st
             continue
         pair = by_site.get(g.site, {})
         qk, v = pair.get("qk"), pair.get("v")
+        shared = joint.get(qk.joint) if qk is not None and qk.joint else None
+        if shared and len({(q.head_dim, q.dims) for q, _ in shared}) == 1:
+            first = shared[0][0]
+            add("attn", f"{first.tower} attn: rotary pairs shared by {len(shared)} layers", [x for p in shared for x in p], [
+                {gid: ch for q, w in shared for gid, ch in ((q.id, _head_channels(q, j)),
+                 (w.id, np.concatenate([_head_channels(w, p) for p in q.positions(j)])))}
+                for j in range(first.head_dim)
+            ])  # fmt: skip
+            done.update(x.id for p in shared for x in p)
+            continue
         both = qk is not None and v is not None and qk.heads == v.heads
         label = f"{name} {'cross-' if g.cross else ''}attn"
         fixed = analysis.sites[g.site].fixed_heads if g.site is not None and g.site < len(analysis.sites) else None

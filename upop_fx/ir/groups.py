@@ -168,6 +168,10 @@ class DimGroup:
     #: then a channel is a whole head), or the model's class fixes its head size
     #: (:mod:`upop_fx.module.class_limits`); None: head dims can go too
     whole_heads: str | None = None
+    #: attention groups with the same key keep the same head dims (their rotary pairs, and v as many), one
+    #: structure of entries over all of them: the model's class computes one rotary table for every layer
+    #: (:mod:`upop_fx.module.class_limits`); None: each layer keeps its own
+    joint: str | None = None
 
     def positions(self, j: int) -> list[int]:
         """The positions within a head of channel ``j`` of a head (``[j]`` unless paired)."""

@@ -7,6 +7,10 @@ default, ``/ sqrt(attention_head_size)``), Hugging Face's BLIP vision attention 
 search, :func:`restrict_to_class` makes a trial cut (one entry of every structure), rebuilds the module
 (:func:`~upop_fx.module.rebuild.rebuild`, checked by running it) and, for every module that could not follow:
 
+* where the class computes one rotary cos/sin table for every layer and the layers keep different pairs, the
+  rotary attention layers are tried again with **their head dims shared** (one structure whose entry ``j`` is
+  rotary pair ``j`` in every layer, :attr:`~upop_fx.ir.groups.DimGroup.joint`): every layer keeps the same pairs,
+  and the rebuild slices the class's rotary frequencies to them;
 * an attention layer that loses head dims is tried again with **whole heads** as its entries (every head keeps
   its size, its rotary pairs and its scale; :attr:`~upop_fx.ir.groups.DimGroup.whole_heads` holds why);
 * anything else, or whole heads that still fail, is marked not prunable, with the reason.
@@ -107,6 +111,24 @@ def _alike(model: torch.nn.Module, at: dict[str, list[str]]) -> dict[str, list[s
     return out
 
 
+def _share_rotary_dims(analysis: GroupAnalysis) -> bool:
+    """Give every rotary attention layer (q/k in pairs, v beside it) one key, so that their head dims become one
+    structure (see the module docstring). False where there are fewer than two such layers."""
+    sites = {}
+    for g in analysis.prunable:
+        if g.kind == "qk" and g.dims is not None and not g.whole_heads:
+            sites[g.site] = [o for o in _site_groups(analysis, g)]
+    if len(sites) < 2:
+        return False
+    key = ("its class computes one rotary cos/sin table for every layer: every layer keeps the same rotary pairs, "
+           "and the class's frequencies are sliced to them")
+    for groups in sites.values():
+        for o in groups:
+            o.joint = key
+    log.info("own_class: the head dims of %d rotary attention layers are shared (one rotary table)", len(sites))
+    return True
+
+
 def _whole_partner(analysis: GroupAnalysis, g: DimGroup) -> str:
     """Where ``g`` is one side of an attention whose other side is not prunable (q/k under a per-head norm, say):
     why whole heads cannot go either — a head leaves q, k and v together."""
@@ -121,12 +143,15 @@ def _whole_partner(analysis: GroupAnalysis, g: DimGroup) -> str:
 
 
 def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis: GroupAnalysis,
-                      granularity: str, budget: str) -> list[str]:
+                      granularity: str, budget: str, share_rotary: bool = True) -> list[str]:
     """Restrict the groups of ``analysis`` to what ``model``'s class can cut (see the module docstring): whole
     heads where head dims fail, not prunable where that fails too. ``gm``: the captured graph that ``analysis``
     describes. Returns one line per restricted group: where, what was done and why (a group whose heads the graph
-    itself couples, under a per-head norm, is not the class's doing: ``report.whole_heads`` lists it)."""
+    itself couples, under a per-head norm, is not the class's doing: ``report.whole_heads`` lists it).
+    ``share_rotary=False``: rotary layers go to whole heads at once, never to shared head dims (a head dim the
+    class's config cannot state: plain transformers computes the frequencies of a narrower head afresh)."""
     coupled = {g.id for g in analysis.prunable if g.whole_heads}
+    tried_joint = False
     for _ in range(ROUNDS):
         if not analysis.prunable:
             break
@@ -138,6 +163,9 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
         if back.module is not None:
             break
         texts = _alike(model, back.problems.at)
+        if back.problems.rotary and share_rotary and not tried_joint and _share_rotary_dims(analysis):
+            tried_joint = True
+            continue
         hit, why = [], {}
         for g in analysis.prunable:
             rotary = back.problems.rotary and g.kind == "qk" and g.dims is not None
@@ -159,6 +187,8 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                 continue
             site = _site_groups(analysis, g)
             done.update(o.id for o in site)
+            for o in site:
+                o.joint = None
             if _heads_can_go(analysis, site):
                 for o in site:
                     o.whole_heads = f"its class cannot cut head dims: {why[g.id]}"
@@ -169,6 +199,8 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                     o.reason = f"its module cannot express a cut (own_class=True): {why[g.id]}{context}"
     lines = [f"{g.where} {g.kind}: whole heads only; {g.whole_heads}" for g in analysis.prunable
              if g.whole_heads and g.id not in coupled]
+    lines += [f"{g.where} {g.kind}: head dims shared by every rotary layer; {g.joint}" for g in analysis.prunable
+              if g.joint]
     lines += [f"{g.where} {g.kind}: left whole; {g.reason}" for g in analysis.groups
               if not g.prunable and g.reason and "own_class=True" in g.reason]
     if lines:

@@ -16,7 +16,8 @@ guessing at a model's code:
 Then the copy is **verified**: captured again and compared with the cut graph on the example inputs and at a
 second batch/sequence size. Whatever cannot be expressed — a size no attribute holds, one attribute serving two
 sizes that the cut made different, an attention scale that only exists as the default ``1/sqrt(head size)``, a
-rotary table shared by layers that keep different pairs, ops that surgery had to insert — makes the module
+rotary table shared by layers that keep different pairs (where they keep the same, the class's frequencies are
+sliced: :mod:`.rotary`), ops that surgery had to insert — makes the module
 ``None`` with the precise reason (and the option that avoids it, where there is one); the graph is unaffected.
 
 Example:
@@ -49,6 +50,8 @@ from ..capture.program import cache_off, capture, get_capture, run_module
 from ..compare import relative_error
 from ..ir.groups import GroupAnalysis
 from ..passes.base import module_tensors, set_tensor
+from ..passes.surgery import TABLE_KEEP
+from .rotary import frequency_slices, slice_frequencies, tables_problem
 from .scale_fold import fold_scales, held_floats, near, node_owner, root_of
 
 __all__ = ["Rebuilt", "rebuild", "varied_inputs", "copy_weights", "module_tensors", "module_gap"]
@@ -97,15 +100,19 @@ def _copy_without(model: torch.nn.Module, replaced: set[str]) -> torch.nn.Module
     return copy.deepcopy(model, memo)
 
 
-def copy_weights(source: torch.nn.Module, target: torch.nn.Module, sliced_ok: bool = True) -> list[str]:
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module, sliced_ok: bool = True,
+                 skip: frozenset[str] = frozenset()) -> list[str]:
     """Copy every tensor of ``source`` into ``target`` under the same name (aliases of one tensor in ``target``
-    receive one shared new tensor). Returns the names of ``source`` that ``target`` does not have."""
+    receive one shared new tensor), but those named in ``skip``. Returns the names of ``source`` that ``target``
+    does not have."""
     theirs = module_tensors(target)
     aliases: dict[int, list[str]] = defaultdict(list)
     for name, t in theirs.items():
         aliases[id(t)].append(name)
     missing, done = [], set()
     for name, t in module_tensors(source).items():
+        if name in skip:
+            continue
         if name not in theirs:
             missing.append(name)
             continue
@@ -197,10 +204,18 @@ def _flat(x: Any) -> list[Any]:
     return [x]
 
 
+def _table_slice(n: Node) -> bool:
+    """``n`` is one of surgery's per-use slices of a rotary table (an ``index_select`` by a table-keep buffer)."""
+    return any(a.op == "get_attr" and str(a.target).startswith(TABLE_KEEP) for a in n.all_input_nodes)
+
+
 def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, problems: Problems,
-                     floats: dict[str, list[tuple[float, str]]]) -> dict[str, dict[int, set[tuple[int, str]]]]:
+                     floats: dict[str, list[tuple[float, str]]], tables_follow: bool = False
+                     ) -> dict[str, dict[int, set[tuple[int, str]]]]:
     """Per module path: old size → {(new size, node)} for every shape literal surgery changed. The float
-    literals the cut leaves alone go to ``floats`` (per module path: (value, node))."""
+    literals the cut leaves alone go to ``floats`` (per module path: (value, node)). ``tables_follow``: the
+    module computes the sliced rotary tables itself (its frequencies are sliced), so the per-use slices surgery
+    inserted are not missing from its forward."""
     old_nodes = {n.name: n for n in dense.graph.nodes}
     changes: dict[str, dict[int, set[tuple[int, str]]]] = defaultdict(lambda: defaultdict(set))
     rescaled: list[tuple[str, float, float, str]] = []
@@ -208,6 +223,8 @@ def _literal_changes(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, p
         if n.op != "call_function":
             continue
         o = old_nodes.get(n.name)
+        if tables_follow and o is None and _table_slice(n):
+            continue
         if o is None or o.op != "call_function":
             path, cls = _inserted_owner(n, old_nodes) or (None, None)
             where = f"{path} ({cls})" if path else "<root>"
@@ -349,21 +366,6 @@ def _patch_from_literals(model: torch.nn.Module, module: torch.nn.Module,
                 setattr(m, k, targets[0])
 
 
-def _tables_problem(analysis: GroupAnalysis, removed: np.ndarray, granularity: str) -> str | None:
-    kept = []
-    for t in analysis.tables:
-        gone = removed[t.labels].all(axis=0)
-        kept.append(tuple(np.nonzero(~gone)[0].tolist()))
-    if not kept or all(len(k) == len(analysis.tables[i].labels[0]) for i, k in enumerate(kept)):
-        return None
-    if len(set(kept)) == 1:
-        return (f"the rotary cos/sin tables are computed once from every rotary frequency, and the cut keeps "
-                f"{len(kept[0])} of {len(analysis.tables[0].labels[0])} table entries (the same in all {len(kept)} "
-                f"uses); the class does not slice its frequencies")
-    return (f"the rotary cos/sin tables are computed once for all layers, and the cut keeps different rotary "
-            f"pairs per layer ({len(set(kept))} different sets over {len(kept)} uses)")
-
-
 # --------------------------------------------------------------------------------------- verification
 def varied_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any, grow_batch: bool, shrink_seq: bool
                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -499,18 +501,23 @@ def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx
 def _rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
              analysis: GroupAnalysis, removed: np.ndarray, granularity: str, recapture: bool) -> Rebuilt:
     problems = Problems()
-    if (why := _tables_problem(analysis, removed, granularity)) is not None:
+    why, same = tables_problem(analysis, removed)
+    frequencies = frequency_slices(dense, analysis, removed) if why is not None and same else None
+    if why is not None and frequencies is None:
         problems.add(why)
         problems.rotary = True
     floats: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    changes = _literal_changes(dense, small, problems, floats)
+    changes = _literal_changes(dense, small, problems, floats, tables_follow=bool(frequencies))
     _scale_problems(model, changes, floats, problems)
     if problems:
         return Rebuilt(None, reason_of(problems), problems=problems)
     module = _copy_without(model, set(module_tensors(small)))
     before = {n: tuple(t.shape) for n, t in module_tensors(module).items()}
-    missing = copy_weights(small, module)
+    missing = [n for n in copy_weights(small, module) if not (frequencies and n.startswith(TABLE_KEEP))]
     missing += [n for n, t in module_tensors(module).items() if t.is_meta]
+    if frequencies:
+        log.info("rebuild: rotary frequencies sliced to the pairs every layer keeps: %s",
+                 ", ".join(slice_frequencies(module, frequencies)))
     if missing:
         problems.add(f"the cut graph and the model do not hold the same tensors: {', '.join(missing[:4])}")
         return Rebuilt(None, reason_of(problems), problems=problems)

@@ -239,6 +239,10 @@ def _set(gm: torch.nn.Module, name: str, data: torch.Tensor) -> torch.Tensor:
     return set_tensor(gm, name, data, _get(gm, name))
 
 
+#: the prefix of the index buffers :func:`_slice_tables` inserts (one per sliced table use)
+TABLE_KEEP = "upop_table_keep_"
+
+
 def _slice_tables(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np.ndarray) -> list[str]:
     """Each computed table that multiplies channels (RoPE's cos/sin) keeps the entries whose channels stay: an
     ``index_select`` of the kept entries, inserted for that use (a table shared by layers is sliced per layer)."""
@@ -256,7 +260,7 @@ def _slice_tables(gm: torch.fx.GraphModule, analysis: GroupAnalysis, removed: np
             if not (rows_keep.all(axis=1) | ~rows_keep.any(axis=1)).all():
                 raise SurgeryError(f"node {t.node}: its table would need different entries per head")
         node = nodes[t.node]
-        name = f"upop_table_keep_{k}"
+        name = f"{TABLE_KEEP}{k}"
         gm.register_buffer(name, torch.as_tensor(np.nonzero(keep)[0], device=device))
         with gm.graph.inserting_before(node):
             idx = gm.graph.get_attr(name)
