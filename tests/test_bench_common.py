@@ -68,3 +68,28 @@ def test_search_step_benchmark_times_three_real_training_steps(tmp_path, monkeyp
     assert [r["step"] for r in payload["rows"]] == ["eager", "graph", "search"]
     assert payload["rows"][0]["vs_eager"] == 1.0 and all(r["median_ms"] > 0 for r in payload["rows"])
     assert "| search |" in (tmp_path / "search_step_small.md").read_text()
+
+
+def test_shared_rotary_benchmark_compares_both_cuts_of_a_llama(tmp_path):
+    """The comparison of ``benchmarks.shared_rotary`` on a tiny random Llama (MiniLM's tokenizer for the text):
+    the dense row and both cuts, each of the model's class, with finite perplexities; the shared cut narrows the
+    heads, the default keeps their size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import shared_rotary
+    from upop_fx.datasets import load_minilm
+
+    def load():
+        _, tok = load_minilm()
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.cls_token_id,
+                             eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+        return LlamaForCausalLM(config).eval(), tok
+
+    payload = shared_rotary.run(0.3, blocks=1, load=load)
+    dense, whole, shared = payload["rows"]
+    assert whole["head_dim"] == 8 and shared["head_dim"] < 8
+    assert all(r["params"] < dense["params"] for r in (whole, shared))
+    assert all(0 < r[k] < float("inf") for r in payload["rows"] for k in ("ppl_bbc", "ppl_pydoc"))
+    assert "| shared rotary pairs |" in shared_rotary.report(payload)

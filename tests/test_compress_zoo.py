@@ -71,10 +71,10 @@ def test_ratio_zero_reproduces_outputs(name):
 #: zoo models whose own class cannot express every cut the graph can, and the words of ``report.class_limits`` that
 #: say what the default cut does instead; every zoo model gets ``result.module``
 CLASS_LIMITS = {
-    "llama": "head dims shared by every rotary layer",  # one cos/sin table for all layers: inv_freq sliced
-    "mixtral": "head dims shared by every rotary layer",
-    "gptj": "whole heads only",  # its table is a [positions, dims] buffer, not frequencies
-    "llava": "head dims shared by every rotary layer",
+    "llama": "whole heads only",  # one cos/sin table for all layers, one head_dim for q, k and v
+    "mixtral": "whole heads only",
+    "gptj": "whole heads only",
+    "llava": "whole heads only",
     "gemma3": "left whole",  # one KV head normalised per head: no whole head can go, and one head_dim sizes v
     "blip_vqa": "left whole",  # the vision attention reshapes to embed_dim // num_heads of its input width
     "blip_caption": "left whole",

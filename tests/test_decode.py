@@ -80,8 +80,7 @@ def test_a_cut_decoder_exports_with_its_kv_cache_and_decodes_as_generate(tmp_pat
     model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=36, intermediate_size=48, num_hidden_layers=3,
                                          num_attention_heads=9, num_key_value_heads=3, head_dim=4,
                                          initializer_range=0.3, bos_token_id=1, eos_token_id=99, pad_token_id=0)).eval()
-    result = upop_fx.compress(model, _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0,
-                              granularity="heads")  # whole KV groups, a different number per layer
+    result = upop_fx.compress(model, _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
     kv = [layer.self_attn.k_proj.out_features for layer in result.module.model.layers]
     assert len(set(kv)) > 1, kv
     path = export_decoder_onnx(result.module, tmp_path / "step.onnx", parity_tokens=32)

@@ -151,12 +151,27 @@ def test_llama_graph_only_cut_says_which_option_gives_the_module():
     assert result.model is not None  # the graph is still returned
 
 
-def test_llama_by_default_shares_its_rotary_pairs_across_layers_and_slices_the_frequencies(tmp_path):
+def test_llama_by_default_keeps_whole_heads_and_says_why():
     """Its class computes one cos/sin table for every layer and sizes q, k and v by one ``head_dim``: the default
-    cut keeps the same rotary pairs (and as many v dims) in every layer, one structure over all of them, and the
-    module's ``inv_freq`` is sliced to those pairs — saved and loaded with it, and equal to the graph."""
+    cut removes whole KV groups (a key/value head with its query heads), every kept head at full size."""
+    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+    assert result.module is not None and result.report.module_reason is None
+    rows = [row for row in result.report.groups if row.heads]
+    assert rows and all(row.kept == row.kept_heads * row.head_dim for row in rows)
+    assert any(row.kept_heads < row.heads for row in rows)
+    limits = result.report.class_limits
+    assert len(limits) == len(rows) and all("whole heads only" in line for line in limits)
+    assert any("rotary" in line or "head_dim" in line or "fails to run" in line for line in limits)
+    layer = result.module.model.layers[0].self_attn
+    assert layer.head_dim == 8 and layer.q_proj.out_features % 8 == 0
+
+
+def test_llama_with_shared_rotary_keeps_the_same_pairs_in_every_layer_and_slices_the_frequencies(tmp_path):
+    """``shared_rotary=True``: the cut keeps the same rotary pairs (and as many v dims) in every layer, one
+    structure over all of them, and the module's ``inv_freq`` is sliced to those pairs — saved and loaded with
+    it, and equal to the graph."""
     prompt = _tokens(2, 6, seed=3)
-    result = upop_fx.compress(_llama(), prompt, ratio=0.5, method="magnitude", retrain_steps=0)
+    result = upop_fx.compress(_llama(), prompt, ratio=0.5, method="magnitude", retrain_steps=0, shared_rotary=True)
     assert result.module is not None and result.report.module_reason is None
     rows = [row for row in result.report.groups if row.heads]
     assert rows and len({row.kept // row.kept_heads for row in rows}) == 1  # one head size in every layer
@@ -175,11 +190,11 @@ def test_llama_by_default_shares_its_rotary_pairs_across_layers_and_slices_the_f
     assert torch.equal(_greedy(again, **prompt), _greedy(result.module, **prompt))
 
 
-def test_llama_with_uniform_widths_keeps_whole_heads_for_a_stock_config():
+def test_shared_rotary_with_uniform_widths_keeps_whole_heads_for_a_stock_config():
     """``allocate="uniform"`` is for a checkpoint plain transformers loads: its config states head counts, not
-    sliced rotary frequencies, so the rotary layers lose whole KV groups (every kept head at full size)."""
+    sliced rotary frequencies, so even with ``shared_rotary`` the rotary layers lose whole KV groups."""
     result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0,
-                              allocate="uniform")
+                              allocate="uniform", shared_rotary=True)
     rows = [row for row in result.report.groups if row.heads]
     assert rows and all(row.kept == row.kept_heads * row.head_dim for row in rows)
     assert all("whole heads only" in line for line in result.report.class_limits)
@@ -199,7 +214,7 @@ def test_an_attribute_that_only_held_a_cut_size_keeps_its_value():
         )).eval()
 
     prompt = _tokens(2, 6, seed=3)
-    result = upop_fx.compress(make(), prompt, ratio=0.5, method="magnitude", retrain_steps=0, granularity="heads")
+    result = upop_fx.compress(make(), prompt, ratio=0.5, method="magnitude", retrain_steps=0)
     assert result.module is not None, result.report.module_reason
     layers = result.module.model.layers
     assert {layer.self_attn.num_key_value_groups for layer in layers} == {3}

@@ -250,6 +250,11 @@ class Options:
         True, "outputs", "prune only what the model's own class can express, so that result.module exists: "
         "attention whose code fixes the head size loses whole heads, other layers that fix a size stay whole "
         "(listed in report.class_limits); False: the wider graph-only cut (result.model, for ONNX)", _bool)
+    shared_rotary: bool = _option(
+        False, "outputs", "with own_class, where the class computes one rotary cos/sin table for every layer "
+        "(Llama's rotary_emb): keep the same rotary pairs in every layer, ranked jointly, with the class's inv_freq "
+        "sliced to them, instead of whole heads; not with allocate='uniform' (its stock config cannot state sliced "
+        "frequencies)", _bool)
     verbose: bool | None = _option(
         None, "outputs", "True: one INFO line per phase on stderr (even with no logging configured); False: "
         "warnings only; None: upop_fx's logger as the application set it. Progress bars show on a terminal "

@@ -116,7 +116,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     if options.own_class and analysis.prunable and _has_own_class(model):
         # uniform widths are for a stock checkpoint: its config states head counts, not sliced rotary frequencies
         limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget,
-                                   share_rotary=options.allocate != "uniform")
+                                   share_rotary=options.shared_rotary and options.allocate != "uniform")
     if graph_only and not analysis.prunable:
         raise NoPrunableGroupError(
             f"{type(model).__name__}'s own class can express no cut of its {graph_only} prunable groups "

@@ -7,8 +7,8 @@ default, ``/ sqrt(attention_head_size)``), Hugging Face's BLIP vision attention 
 search, :func:`restrict_to_class` makes a trial cut (one entry of every structure), rebuilds the module
 (:func:`~upop_fx.module.rebuild.rebuild`, checked by running it) and, for every module that could not follow:
 
-* where the class computes one rotary cos/sin table for every layer and the layers keep different pairs, the
-  rotary attention layers are tried again with **their head dims shared** (one structure whose entry ``j`` is
+* with ``shared_rotary=True``, where the class computes one rotary cos/sin table for every layer and the layers
+  keep different pairs, the rotary attention layers are tried again with **their head dims shared** (one structure whose entry ``j`` is
   rotary pair ``j`` in every layer, :attr:`~upop_fx.ir.groups.DimGroup.joint`): every layer keeps the same pairs,
   and the rebuild slices the class's rotary frequencies to them;
 * an attention layer that loses head dims is tried again with **whole heads** as its entries (every head keeps
@@ -143,13 +143,13 @@ def _whole_partner(analysis: GroupAnalysis, g: DimGroup) -> str:
 
 
 def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis: GroupAnalysis,
-                      granularity: str, budget: str, share_rotary: bool = True) -> list[str]:
+                      granularity: str, budget: str, share_rotary: bool = False) -> list[str]:
     """Restrict the groups of ``analysis`` to what ``model``'s class can cut (see the module docstring): whole
     heads where head dims fail, not prunable where that fails too. ``gm``: the captured graph that ``analysis``
     describes. Returns one line per restricted group: where, what was done and why (a group whose heads the graph
     itself couples, under a per-head norm, is not the class's doing: ``report.whole_heads`` lists it).
-    ``share_rotary=False``: rotary layers go to whole heads at once, never to shared head dims (a head dim the
-    class's config cannot state: plain transformers computes the frequencies of a narrower head afresh)."""
+    ``share_rotary``: rotary layers whose class computes one table are first tried with shared head dims (see the
+    module docstring; ``Options.shared_rotary``); else they go to whole heads."""
     coupled = {g.id for g in analysis.prunable if g.whole_heads}
     tried_joint = False
     for _ in range(ROUNDS):
