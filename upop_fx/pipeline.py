@@ -113,7 +113,6 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
     limits: list[str] = []
     graph_only = len(analysis.prunable)
-    coupled = frozenset(g.id for g in analysis.prunable if g.whole_heads)  # before the class adds its own
     if options.own_class and analysis.prunable and _has_own_class(model):
         # uniform widths are for a stock checkpoint: its config states head counts, not sliced rotary frequencies
         limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget,
@@ -131,8 +130,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
             latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.latency_shape)
         structures, entries = priced(latency, structures, entries)
         _check_reachable(options.ratio, latency)
-    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency, class_limits=limits,
-                    coupled_heads=coupled)
+    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency, class_limits=limits)
 
 
 def _has_own_class(model: Any) -> bool:
@@ -338,7 +336,7 @@ def _report(prepared: Prepared, small: torch.fx.GraphModule, keep: dict[int, lis
         ],
         not_prunable=[g.describe() for g in analysis.groups if not g.prunable],
         class_limits=list(prepared.class_limits),
-        whole_heads=[f"{g.where} {g.kind}: {g.whole_heads}" for g in analysis.prunable if g.id in prepared.coupled_heads],
+        whole_heads=[f"{g.where} {g.kind}: {g.whole_heads}" for g in analysis.prunable if g.head_is_channel],
     )  # fmt: skip
     log.debug("\n%s", report.table())
     return report

@@ -178,6 +178,12 @@ class DimGroup:
         return [j] if self.dims is None else list(self.dims[j])
 
     @property
+    def head_is_channel(self) -> bool:
+        """Each head is one channel: the graph couples a head's dims (a per-head q/k norm), so only whole heads
+        can go, whatever the model's class."""
+        return self.dims is not None and len(self.dims) == 1 and len(self.dims[0]) > 1
+
+    @property
     def head_positions(self) -> int | None:
         """Positions (dims) per head: ``head_dim``, or more where rotary pairs are channels."""
         if self.head_dim is None or self.dims is None:

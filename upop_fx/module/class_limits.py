@@ -117,7 +117,7 @@ def _share_rotary_dims(analysis: GroupAnalysis) -> bool:
     sites = {}
     for g in analysis.prunable:
         if g.kind == "qk" and g.dims is not None and not g.whole_heads:
-            sites[g.site] = [o for o in _site_groups(analysis, g)]
+            sites[g.site] = _site_groups(analysis, g)
     if len(sites) < 2:
         return False
     key = ("its class computes one rotary cos/sin table for every layer: every layer keeps the same rotary pairs, "
@@ -150,7 +150,6 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
     itself couples, under a per-head norm, is not the class's doing: ``report.whole_heads`` lists it).
     ``share_rotary``: rotary layers whose class computes one table are first tried with shared head dims (see the
     module docstring; ``Options.shared_rotary``); else they go to whole heads."""
-    coupled = {g.id for g in analysis.prunable if g.whole_heads}
     tried_joint = False
     for _ in range(ROUNDS):
         if not analysis.prunable:
@@ -198,7 +197,7 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
                     o.prunable = False
                     o.reason = f"its module cannot express a cut (own_class=True): {why[g.id]}{context}"
     lines = [f"{g.where} {g.kind}: whole heads only; {g.whole_heads}" for g in analysis.prunable
-             if g.whole_heads and g.id not in coupled]
+             if g.whole_heads and not g.head_is_channel]
     lines += [f"{g.where} {g.kind}: head dims shared by every rotary layer; {g.joint}" for g in analysis.prunable
               if g.joint]
     lines += [f"{g.where} {g.kind}: left whole; {g.reason}" for g in analysis.groups

@@ -274,7 +274,7 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
     roles = {site_role[r][0] for r in classes if r in site_role}
     sites = {site_role[r][1].index for r in classes if r in site_role}
     reason = next((refused[r] for r in sorted(classes) if r in refused), None)
-    kind, heads, head_dim, site_idx, dims, whole = "other", None, None, None, None, None
+    kind, heads, head_dim, site_idx, dims = "other", None, None, None, None
     if len(roles) == 1 and len(sites) == 1:
         kind = roles.pop()
         site_idx = sites.pop()
@@ -287,10 +287,6 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
             order, heads, dims = layout
             if dims is not None:
                 head_dim = len(dims)
-            if dims is not None and len(dims) == 1 and head_dim < len(dims[0]):  # one class per head
-                mine = set(order.tolist())
-                whole = next((text for x, text in tracer.slices.items() if int(roots[x]) in mine),
-                             "a head's dims are coupled together")
         if len(set(order.tolist())) != len(order) or set(order.tolist()) != classes:
             reason = reason or f"the {kind} dims of attention {site.node} are coupled with other channels"
     elif roles:
@@ -311,10 +307,15 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
         kind = "other"
     if kind == "other" and reason is None:
         reason = "not a recognised structure"
-    return DimGroup(
+    g = DimGroup(
         id=gid, kind=kind, width=len(order), tower="", layer=-1, scope="", heads=heads, head_dim=head_dim,
-        site=site_idx, prunable=reason is None, reason=reason, classes=order, dims=dims, whole_heads=whole,
+        site=site_idx, prunable=reason is None, reason=reason, classes=order, dims=dims,
     )  # fmt: skip
+    if g.head_is_channel:
+        mine = set(order.tolist())
+        g.whole_heads = next((text for x, text in tracer.slices.items() if int(roots[x]) in mine),
+                             "a head's dims are coupled together")
+    return g
 
 
 def _layout(head_roots: np.ndarray) -> tuple[np.ndarray, int, tuple[tuple[int, ...], ...] | None] | None:

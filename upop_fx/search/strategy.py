@@ -70,8 +70,6 @@ class Prepared:
     calibration: list[Any] | None = None
     #: ``own_class``: per restricted group, what the model's class could not follow and what was done instead
     class_limits: list[str] = field(default_factory=list)
-    #: the attention groups whose heads the graph itself couples (a per-head q/k norm): whole heads only
-    coupled_heads: frozenset[int] = frozenset()
 
     @property
     def granularity(self) -> str:
