@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -14,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "match_speedup", "RESULTS"]
+__all__ = [
+    "machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "match_speedup", "arg_parser", "RESULTS",
+]  # fmt: skip
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: a group timed under a higher 1-minute load average is timed again (a ratio measured on a loaded 2-core
@@ -102,6 +105,14 @@ def cpu_name(default: str | None = None) -> str:
     except OSError:
         pass
     return default if default is not None else platform.processor() or platform.machine()
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its question (the docstring's first paragraph) as the description, the rest of
+    its docstring (setup, outputs, how to run it) after the options."""
+    question, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=question, epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def machine() -> dict[str, Any]:

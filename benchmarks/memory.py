@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, markdown_table, write_results
+from benchmarks.common import RESULTS, arg_parser, machine, markdown_table, write_results
 
 log = logging.getLogger("benchmarks.memory")
 
@@ -84,8 +84,7 @@ def stage(name: str, small: bool, device: str, search_steps: int, retrain_steps:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = arg_parser(__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--small", action="store_true", help="a tiny BERT config (seconds), for tests")
     p.add_argument("--search-steps", type=int, default=4)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, markdown_table, quiet_timing, write_results
+from benchmarks.common import RESULTS, arg_parser, machine, markdown_table, quiet_timing, write_results
 
 log = logging.getLogger("benchmarks.search_step")
 
@@ -130,8 +130,7 @@ def report(payload: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = arg_parser(__doc__)
     p.add_argument("--model", default="minilm", choices=MODELS)
     p.add_argument("--runs", type=int, default=20, help="timed rounds (medians over these)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")

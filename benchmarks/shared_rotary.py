@@ -16,7 +16,6 @@ attention keeps, the compress seconds and a greedy sample. Writes ``benchmarks/r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, markdown_table, write_results
+from benchmarks.common import RESULTS, arg_parser, machine, markdown_table, write_results
 
 log = logging.getLogger("benchmarks.shared_rotary")
 
@@ -98,8 +97,7 @@ def report(payload: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = arg_parser(__doc__)
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of the parameters to remove")
     p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
