@@ -37,6 +37,8 @@ def encoder():
     ({"latency_shape": (0, 16)}, "latency_shape must be"),
     ({"latency_shape": "8x128"}, "latency_shape must be"),
     ({"budget": "flops", "runtime": "torch-cpu"}, "belong to budget='latency'"),
+    ({"budget": "flops", "latency_phase": "decode"}, "belong to budget='latency'"),
+    ({"latency_phase": "prefill"}, "latency_phase must be one of"),
     ({"serch_steps": 3}, "unknown option 'serch_steps' \\(did you mean 'search_steps'\\?\\)"),
 ])  # fmt: skip
 def test_bad_latency_options_are_refused_before_the_model_is_captured(kwargs, words, encoder, monkeypatch):
@@ -120,6 +122,40 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     most = t["floor_measured"]  # what the floor cut saves: the most a ratio may ask
     with pytest.raises(ConfigError, match=f"account for at most {100 * most:.0f}%"):
         upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, own_class=False, budget="latency", runtime="torch-cpu")
+
+
+def test_a_decode_budget_times_one_token_and_measures_generate(tmp_path, monkeypatch):
+    """``latency_phase="decode"``: the tables and the calibration time the graph on one token per sequence at the
+    asked batch; the decoder's class comes back, and its prefill and decode through ``generate`` (with the KV
+    cache) are measured beside the dense model's at the asked context, in the report."""
+    from upop_fx.calibration import GENERATED_TOKENS
+    from upop_fx.runtime import runners
+
+    from .models import ZOO
+
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    sim = SimulatedRuntime().install(monkeypatch)
+    timed = []
+
+    def recording(runtime, gm, inputs, *rest, **kwargs):
+        timed.append({tuple(t.shape) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)})
+        return sim.build(runtime, gm, inputs, *rest, **kwargs)
+
+    monkeypatch.setitem(runners.RUNNERS, "torch-cpu", recording)
+    zoo = ZOO["llama"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.05, method="magnitude", retrain_steps=0,
+                              budget="latency", runtime="torch-cpu", latency_phase="decode", latency_shape=(1, 24))
+    lat = result.report.latency
+    assert lat["phase"] == "decode" and (lat["batch"], lat["seq"]) == (1, 1)
+    assert timed and all(shapes == {(1, 1)} for shapes in timed)  # every timed model ran on one token
+    assert result.module is not None
+    g = lat["generate"]
+    assert (g["batch"], g["context"], g["new_tokens"]) == (1, 24, GENERATED_TOKENS)
+    assert g["dense"]["context"] == g["cut"]["context"] == 24 and g["cut"]["prefill_ms"] >= 0
+    table = result.report.table()
+    assert "one decode token on torch-cpu (batch 1, seq 1)" in table
+    assert "generate with the KV cache (batch 1, context 24)" in table
+    assert zoo.model.training is False  # the caller's model was timed and left as it was
 
 
 def _fake_measurements(monkeypatch, speedup):

@@ -28,10 +28,11 @@ from .capture.program import sequence_lengths
 from .ir.entries import widths
 from .passes.surgery import cut_entries
 from .runtime import timing
+from .runtime.decode import decode_latency
 from .runtime.runners import deployed_inputs, latency_inputs, runner, timed_rounds
 from .search.strategy import Prepared, Selection
 
-__all__ = ["CALIBRATIONS", "SHORT", "OVER", "calibrated_cut", "next_target"]
+__all__ = ["CALIBRATIONS", "SHORT", "OVER", "GENERATED_TOKENS", "calibrated_cut", "next_target", "measured_generation"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ CALIBRATIONS = 2
 #: ``SHORT`` is 1: one interleaved measurement on a CPU strays by a few per cent from the next, so a cut kept at
 #: 0.97 × asked measures below that as often as not afterwards
 SHORT, OVER = 1.0, 1.08
+#: the greedy tokens each timed ``generate`` of :func:`measured_generation` produces after its prompt
+GENERATED_TOKENS = 16
 
 
 def calibrated_cut(
@@ -127,7 +130,8 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
     dense_ms, (saved,) = timing.saved_interleaved(dense, small, runs=runs, warmup=3)
     small_ms = dense_ms * (1 - saved)  # the per-round saving on the dense median: see saved_interleaved
     row = {
-        "runtime": model.runtime, "batch": model.shape[0], "seq": _timed_seq(prepared), "dense_ms": model.dense_ms,
+        "runtime": model.runtime, "phase": prepared.options.latency_phase, "batch": model.shape[0],
+        "seq": _timed_seq(prepared), "dense_ms": model.dense_ms,
         "predicted_ms": predicted, "predicted_speedup": model.dense_ms / predicted,
         "measured_dense_ms": dense_ms, "measured_ms": small_ms, "measured_speedup": dense_ms / small_ms,
         "table_seconds": model.seconds, "floor_summed": model.reach, "floor_measured": model.together(model.reach),
@@ -135,4 +139,50 @@ def _latency_row(prepared: Prepared, pruned: np.ndarray, dense: Callable[[], Any
     }  # fmt: skip
     log.info("latency on %s: predicted %.2f -> %.2f ms (%.2fx), measured %.2f -> %.2f ms (%.2fx)", model.runtime,
              model.dense_ms, predicted, row["predicted_speedup"], dense_ms, small_ms, row["measured_speedup"])
+    return row
+
+
+def _can_generate(model: torch.nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return hasattr(model, "generate") and (not callable(can) or bool(can()))
+
+
+def _speedup(dense_ms: float, cut_ms: float) -> float:
+    return dense_ms / cut_ms if cut_ms > 0 else float("nan")
+
+
+def measured_generation(prepared: Prepared, module: torch.nn.Module, runs: int = 3) -> dict[str, Any] | None:
+    """A decoder's prefill and decode, measured through ``generate`` with the KV cache, dense (the caller's
+    model) beside the cut ``module``, interleaved (:func:`~upop_fx.runtime.decode.decode_latency`): at batch
+    ``latency_shape[0]`` and a context of ``latency_shape[1]`` tokens (else the example's length), on a torch
+    runtime whose device the models are on. None where that cannot be measured: a model that cannot generate,
+    an ONNX Runtime runtime (its decode needs the exported cache:
+    :func:`~upop_fx.runtime.decoder_onnx.export_decoder_onnx`), or no sequence length."""
+    source, runtime, options = prepared.source, prepared.latency.runtime, prepared.options
+    if not (isinstance(source, torch.nn.Module) and _can_generate(source) and _can_generate(module)):
+        return None
+    params = next(module.parameters(), None)
+    if not runtime.startswith("torch") or params is None or params.device.type != runtime.split("-")[1]:
+        return None
+    batch = options.latency_shape[0] if options.latency_shape is not None else 1
+    lengths = sequence_lengths(prepared.captured.info)
+    context = options.latency_shape[1] if options.latency_shape is not None else None
+    context = context if context is not None else (lengths.pop() if len(lengths) == 1 else None)
+    if context is None:
+        return None
+    modes = {m: m.training for m in source.modules()}  # the caller's model is timed as it is served, then restored
+    source.eval()
+    try:
+        dense, cut = decode_latency([source, module], batch=batch, context=context, new_tokens=GENERATED_TOKENS,
+                                    runs=runs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    row = {"batch": batch, "context": context, "new_tokens": GENERATED_TOKENS, "dense": dense.to_dict(),
+           "cut": cut.to_dict(), "prefill_speedup": _speedup(dense.prefill_ms, cut.prefill_ms),
+           "decode_speedup": _speedup(dense.decode_ms, cut.decode_ms),
+           "load_average": timing.load_average()}  # fmt: skip
+    log.info("generate on %s (batch %d, context %d): prefill %.1f -> %.1f ms (%.2fx), decode %.2f -> %.2f ms per "
+             "token (%.2fx)", runtime, batch, context, dense.prefill_ms, cut.prefill_ms, row["prefill_speedup"],
+             dense.decode_ms, cut.decode_ms, row["decode_speedup"])
     return row

@@ -34,7 +34,7 @@ from .errors import ConfigError
 __all__ = [
     "cache_root",
     "Options", "GROUPS", "METHODS", "BUDGETS", "GRANULARITIES", "SCORES", "ALLOCATIONS", "PRECISIONS",
-    "RUNTIMES", "check_choice", "check_int", "check_runtime", "check_latency_shape", "resolve_granularity",
+    "RUNTIMES", "LATENCY_PHASES", "check_choice", "check_int", "check_runtime", "check_latency_shape", "resolve_granularity",
 ]  # fmt: skip
 
 
@@ -52,6 +52,9 @@ SCORES = ("gradient", "sensitivity")
 ALLOCATIONS = ("unified", "uniform")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
+#: what a latency budget times: one call of the model ("forward": an encoder's call, a decoder's prefill) or one
+#: generated token per sequence ("decode")
+LATENCY_PHASES = ("forward", "decode")
 #: the sections of :class:`Options` (the CLI's argument groups, in this order)
 GROUPS = ("search", "training", "latency", "outputs")
 
@@ -243,7 +246,15 @@ class Options:
         "'onnxruntime-cuda' (the last two need a GPU)", check_runtime)
     latency_shape: tuple[int, int | None] | None = _option(
         None, "latency", "(batch, seq) to time at (seq None: the inputs' own length); default: the example "
-        "inputs' shape", check_latency_shape, parse=_parse_shape, metavar="BATCH,SEQ")
+        "inputs' shape. With latency_phase='decode': (batch, context), batch default 1", check_latency_shape,
+        parse=_parse_shape, metavar="BATCH,SEQ")
+    latency_phase: str = _option(
+        "forward", "latency", "what the budget's latency is: 'forward', one call at latency_shape (an encoder's "
+        "forward, a decoder's prefill); 'decode', one generated token per sequence (a decoder's cost per token "
+        "with the KV cache: the graph is timed on one token; the attention over the cache, small beside the weights "
+        "each token reads, is not in it). Either way, a cut whose module can generate() on a torch runtime "
+        "has its prefill and decode measured with the KV cache in report.latency['generate']",
+        _choice(LATENCY_PHASES))
 
     # ---------------------------------------------------------------- outputs
     own_class: bool = _option(
@@ -263,8 +274,10 @@ class Options:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             f.metadata["check"](f.name, getattr(self, f.name))
-        if self.budget != "latency" and (self.runtime is not None or self.latency_shape is not None):
-            raise ConfigError(f"runtime= and latency_shape= belong to budget='latency' (got budget={self.budget!r})")
+        latency_set = self.runtime is not None or self.latency_shape is not None or self.latency_phase != "forward"
+        if self.budget != "latency" and latency_set:
+            raise ConfigError("runtime=, latency_shape= and latency_phase= belong to budget='latency' (got "
+                              f"budget={self.budget!r})")
         if isinstance(self.latency_shape, list):
             object.__setattr__(self, "latency_shape", tuple(self.latency_shape))
 
@@ -291,6 +304,14 @@ class Options:
     def resolved_runtime(self) -> str | None:
         """``runtime``, or ``"onnxruntime-cpu"`` where it is None under a latency budget (None under others)."""
         return (self.runtime or RUNTIMES[0]) if self.budget == "latency" else None
+
+    @property
+    def timed_shape(self) -> tuple[int, int | None] | None:
+        """The ``(batch, seq)`` the latency tables time: ``latency_shape`` (None: the example inputs'), or with
+        ``latency_phase="decode"`` one token at its batch (default 1)."""
+        if self.latency_phase != "decode":
+            return self.latency_shape
+        return (self.latency_shape[0] if self.latency_shape is not None else 1, 1)
 
     def group(self, name: str) -> dict[str, Any]:
         """The options of one section of :data:`GROUPS`."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import calibrated_cut
+from .calibration import calibrated_cut, measured_generation
 from .capture.program import cache_off, capture, get_capture, guard_fixed_sizes
 from .compare import relative_error
 from .errors import ConfigError, InputError, NoPrunableGroupError, SurgeryCheckError
@@ -102,8 +102,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     """Capture ``model``, find its groups (raising when none is prunable) and list the ranking's entries, once.
     ``options`` (with ``changes``): ``own_class`` (the default) restricts the groups to what the model's own class
     can express — whole heads, or left whole (:func:`~upop_fx.module.class_limits.restrict_to_class`); ``budget="latency"`` measures the latency
-    tables of the structures on ``runtime`` at ``latency_shape`` (:mod:`upop_fx.runtime.latency_tables`) and
-    prices the entries by them."""
+    tables of the structures on ``runtime`` at ``options.timed_shape`` (``latency_shape``, or one token per
+    sequence with ``latency_phase="decode"``; :mod:`upop_fx.runtime.latency_tables`) and prices the entries by
+    them."""
     options = Options.make(options, **changes)
     granularity = options.resolved_granularity
     cap = capture(model, example_inputs)
@@ -127,7 +128,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     if options.budget == "latency":
         runtime = options.resolved_runtime
         with torch.random.fork_rng():
-            latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.latency_shape)
+            latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.timed_shape)
         structures, entries = priced(latency, structures, entries)
         _check_reachable(options.ratio, latency)
     return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency, class_limits=limits)
@@ -198,6 +199,10 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
         if back.module is None:
             log.info("no module of %s's class for this cut (result.model is the graph): %s",
                      type(prepared.source).__name__, back.reason)
+        if row is not None and back.module is not None:
+            generation = measured_generation(prepared, back.module)
+            if generation is not None:
+                row["generate"] = generation
     return result
 
 

@@ -71,7 +71,10 @@ class Report:
     #: ``budget="latency"``: runtime, shape, the dense latency, the predicted latency after the cut and the
     #: speedup measured on the runtime beside the predicted one; the seconds the latency model took, the classes
     #: measured now (not read from the cache), what the tables sum to with every structure at its narrowest beside
-    #: what that floor cut measured (``floor_summed``, ``floor_measured``) and each calibration round (``rounds``)
+    #: what that floor cut measured (``floor_summed``, ``floor_measured``) and each calibration round (``rounds``);
+    #: ``phase`` (``latency_phase``), and for a module that can ``generate()`` on a torch runtime, ``generate``:
+    #: prefill and decode with the KV cache, dense and cut, measured
+    #: (:func:`~upop_fx.calibration.measured_generation`)
     latency: dict[str, Any] | None = None
     #: sizes the model's code fixed at capture (``"batch 2 (input 'x', axis 0)"``): the graph runs only at those
     runs_only_at: list[str] = field(default_factory=list)
@@ -142,11 +145,20 @@ class Report:
         if self.latency:
             t = self.latency
             seq = f", seq {t['seq']}" if t.get("seq") else ""
+            what = "one decode token" if t.get("phase") == "decode" else "latency"
             lines.append(
-                f"latency on {t['runtime']} (batch {t['batch']}{seq}): predicted "
+                f"{what} on {t['runtime']} (batch {t['batch']}{seq}): predicted "
                 f"{t['dense_ms']:.2f} -> {t['predicted_ms']:.2f} ms ({t['predicted_speedup']:.2f}x); measured "
                 f"{t['measured_dense_ms']:.2f} -> {t['measured_ms']:.2f} ms ({t['measured_speedup']:.2f}x)"
             )
+            if t.get("generate"):
+                g = t["generate"]
+                lines.append(
+                    f"generate with the KV cache (batch {g['batch']}, context {g['context']}): prefill "
+                    f"{g['dense']['prefill_ms']:.1f} -> {g['cut']['prefill_ms']:.1f} ms ({g['prefill_speedup']:.2f}x), "
+                    f"decode {g['dense']['decode_ms']:.2f} -> {g['cut']['decode_ms']:.2f} ms per token "
+                    f"({g['decode_speedup']:.2f}x), measured"
+                )
         towers = self.towers()
         if len(towers) > 1:
             lines.append("kept per tower: " + ", ".join(f"{n} {100 * t['kept_fraction']:.1f}%" for n, t in towers.items()))

@@ -79,12 +79,14 @@ def latency_inputs(info: CaptureInfo, shape: tuple[int, int | None] | None) -> t
 
 def deployed_inputs(runtime: str, info: CaptureInfo, shape: tuple[int, int | None] | None
                     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """For ONNX Runtime, the inputs the deployed file is exported at (:func:`latency_inputs` with a batch of at
-    least 2: the timed file has dynamic axes, as ``export_onnx`` writes it); None for PyTorch runtimes."""
+    """For ONNX Runtime, the inputs the deployed file is exported at (:func:`latency_inputs` with a batch and
+    sequence of at least 2: the timed file has dynamic axes, as ``export_onnx`` writes it); None for PyTorch
+    runtimes."""
     if not runtime.startswith("onnxruntime"):
         return None
-    # no shape: the example inputs themselves, whose batch capture already required to be at least 2
-    return latency_inputs(info, None if shape is None else (max(2, shape[0]), shape[1]))
+    # no shape: the example inputs themselves, whose batch capture already required to be at least 2; a size of
+    # 1 would be specialised by the export (one token is timed on a file exported at 2)
+    return latency_inputs(info, None if shape is None else (max(2, shape[0]), None if shape[1] is None else max(2, shape[1])))
 
 
 def ort_providers(runtime: str) -> list[str] | None:
