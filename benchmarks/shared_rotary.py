@@ -17,7 +17,6 @@ attention keeps, the compress seconds and a greedy sample. Writes ``benchmarks/r
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -26,22 +25,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, arg_parser, machine, markdown_table, write_results
+from benchmarks.common import RESULTS, arg_parser, machine, markdown_table, perplexity, write_results
 
 log = logging.getLogger("benchmarks.shared_rotary")
 
 PROMPT = "The Python language"
-
-
-def perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """exp of the mean token loss of ``model`` over ``batches`` (the model's own shifted loss)."""
-    total = count = 0.0
-    with torch.no_grad():
-        for b in batches:
-            n = float(b["input_ids"].numel())
-            total += float(model(**b).loss) * n
-            count += n
-    return math.exp(total / count)
 
 
 def run(ratio: float, blocks: int, load: Callable[[], tuple[Any, Any]] | None = None) -> dict[str, Any]:

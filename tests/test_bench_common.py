@@ -70,26 +70,70 @@ def test_search_step_benchmark_times_three_real_training_steps(tmp_path, monkeyp
     assert "| search |" in (tmp_path / "search_step_small.md").read_text()
 
 
+def _tiny_llama(hidden: int = 32, intermediate: int = 64):
+    """A random Llama of SmolLM2's layout (grouped-query heads, SwiGLU MLP), with MiniLM's tokenizer for text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from upop_fx.datasets import load_minilm
+
+    _, tok = load_minilm()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tok
+
+
 def test_shared_rotary_benchmark_compares_both_cuts_of_a_llama(tmp_path):
     """The comparison of ``benchmarks.shared_rotary`` on a tiny random Llama (MiniLM's tokenizer for the text):
     the dense row and both cuts, each of the model's class, with finite perplexities; the shared cut narrows the
     heads, the default keeps their size."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from benchmarks import shared_rotary
-    from upop_fx.datasets import load_minilm
 
-    def load():
-        _, tok = load_minilm()
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.cls_token_id,
-                             eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-        return LlamaForCausalLM(config).eval(), tok
-
-    payload = shared_rotary.run(0.3, blocks=1, load=load)
+    payload = shared_rotary.run(0.3, blocks=1, load=_tiny_llama)
     dense, whole, shared = payload["rows"]
     assert whole["head_dim"] == 8 and shared["head_dim"] < 8
     assert all(r["params"] < dense["params"] for r in (whole, shared))
     assert all(0 < r[k] < float("inf") for r in payload["rows"] for k in ("ppl_bbc", "ppl_pydoc"))
     assert "| shared rotary pairs |" in shared_rotary.report(payload)
+
+
+def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, monkeypatch):
+    """The smoke run of ``benchmarks.decoder_smollm2`` on a tiny random Llama, a few steps each: every method gives
+    a smaller model of the class, timed beside the dense one, with finite perplexities and samples, and the
+    result files hold them (Torch-Pruning's row where it is installed). The latency tables run on the simulated
+    runtime (a tiny model's real tables are overhead and noise); the generate() timings are real. Nothing about
+    the speeds is asserted."""
+    import importlib.util
+    import json
+    import time
+
+    from benchmarks import decoder_smollm2 as bench
+    from upop_fx.runtime import decode, timing
+
+    from .simulated_runtime import SimulatedRuntime
+
+    SimulatedRuntime().install(monkeypatch)
+    simulated = decode.time_interleaved
+
+    def real_clock(*fns, **kwargs):  # the models' generate() on the wall clock
+        with monkeypatch.context() as m:
+            m.setattr(timing, "clock", time.perf_counter)
+            return simulated(*fns, **kwargs)
+
+    monkeypatch.setattr(decode, "time_interleaved", real_clock)
+    quiet = {"load_before": 0.0, "load_after": 0.0, "others": 0.0, "loaded": False, "tries": 1}
+    monkeypatch.setattr(bench.common, "quiet_timing", lambda timer: (timer(), quiet))  # no wait for a quiet machine
+    monkeypatch.setattr(bench, "CONTEXT", 32)
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path / "cache"))
+    methods = ("upop", "magnitude") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
+    payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
+                        load=lambda: _tiny_llama(256, 1024), check_batches=2)
+    assert [r["method"] for r in payload["rows"]] == list(methods)
+    dense = payload["dense"]
+    for r in payload["rows"]:
+        assert r["params"] < dense["params"] and 0 < r["ppl_bbc"] < float("inf") and len(r["samples"]) == 5
+        assert r["decode_speedup"] > 0 and r["prefill_speedup"] > 0
+    bench.write_results("decoder", payload, bench.COLUMNS, tmp_path, markdown=bench.report(payload))
+    assert json.loads((tmp_path / "decoder.json").read_text())["rows"][0]["method"] == "upop"
+    assert "| 1.05x upop |" in (tmp_path / "decoder.md").read_text()

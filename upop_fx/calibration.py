@@ -45,6 +45,8 @@ CALIBRATIONS = 2
 SHORT, OVER = 1.0, 1.08
 #: the greedy tokens each timed ``generate`` of :func:`measured_generation` produces after its prompt
 GENERATED_TOKENS = 16
+#: the inputs of a model whose ``generate`` continues a prompt alone (what :func:`measured_generation` times)
+TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 
 def calibrated_cut(
@@ -155,17 +157,21 @@ def measured_generation(prepared: Prepared, module: torch.nn.Module, runs: int =
     """A decoder's prefill and decode, measured through ``generate`` with the KV cache, dense (the caller's
     model) beside the cut ``module``, interleaved (:func:`~upop_fx.runtime.decode.decode_latency`): at batch
     ``latency_shape[0]`` and a context of ``latency_shape[1]`` tokens (else the example's length), on a torch
-    runtime whose device the models are on. None where that cannot be measured: a model that cannot generate,
+    runtime whose device the models are on. None where that cannot be measured: a model that cannot generate
+    from a prompt alone (its example has inputs beyond :data:`TEXT_INPUTS`),
     an ONNX Runtime runtime (its decode needs the exported cache:
     :func:`~upop_fx.runtime.decoder_onnx.export_decoder_onnx`), or no sequence length."""
     source, runtime, options = prepared.source, prepared.latency.runtime, prepared.options
+    info = prepared.captured.info
+    if info.args or not set(info.kwargs) <= TEXT_INPUTS:  # a prompt alone: no image, no encoder input
+        return None
     if not (isinstance(source, torch.nn.Module) and _can_generate(source) and _can_generate(module)):
         return None
     params = next(module.parameters(), None)
     if not runtime.startswith("torch") or params is None or params.device.type != runtime.split("-")[1]:
         return None
     batch = options.latency_shape[0] if options.latency_shape is not None else 1
-    lengths = sequence_lengths(prepared.captured.info)
+    lengths = sequence_lengths(info)
     context = options.latency_shape[1] if options.latency_shape is not None else None
     context = context if context is not None else (lengths.pop() if len(lengths) == 1 else None)
     if context is None:
