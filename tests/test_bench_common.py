@@ -99,7 +99,7 @@ def test_shared_rotary_benchmark_compares_both_cuts_of_a_llama(tmp_path):
 
 
 def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, monkeypatch):
-    """The smoke run of ``benchmarks.decoder_smollm2`` on a tiny random Llama, a few steps each: every method gives
+    """The smoke run of ``benchmarks.decoder_smollm2`` on a tiny random Llama, a few steps each: each method gives
     a smaller model of the class, timed beside the dense one, with finite perplexities and samples, and the
     result files hold them (Torch-Pruning's row where it is installed). The latency tables run on the simulated
     runtime (a tiny model's real tables are overhead and noise); the generate() timings are real. Nothing about
@@ -126,7 +126,8 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     monkeypatch.setattr(bench.common, "quiet_timing", lambda timer: (timer(), quiet))  # no wait for a quiet machine
     monkeypatch.setattr(bench, "CONTEXT", 32)
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path / "cache"))
-    methods = ("upop", "magnitude") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
+    # one upop_fx row (the others differ only in `method`), and Torch-Pruning's where it is installed
+    methods = ("upop",) + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
     payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
                         load=lambda: _tiny_llama(256, 1024), check_batches=2)
     assert [r["method"] for r in payload["rows"]] == list(methods)

