@@ -114,9 +114,10 @@ def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Mod
 
 def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps: int, blocks: int,
         methods: tuple[str, ...] = METHODS, runs: int = 5, load: Callable[[], tuple[Any, Any]] | None = None,
-        check_batches: int | None = None) -> dict[str, Any]:
+        check_batches: int | None = None, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every row (see the module docstring) of the model ``load()`` gives (model, tokenizer; default SmolLM2).
-    ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default)."""
+    ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default);
+    ``save``: called with the payload so far after each asked speed (a long run keeps what it measured)."""
     import upop_fx
     from upop_fx import datasets
     from upop_fx.capture.program import cache_off
@@ -145,6 +146,13 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
 
     dense_row = {"method": "dense", **quality(model), **_widths(model), "samples": sample(model)}
     rows: list[dict[str, Any]] = []
+
+    def payload() -> dict[str, Any]:
+        return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "seeds": seeds, "search_steps": search_steps,
+                "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
+                "machine": machine(), "dense": dense_row, "rows": rows,
+                "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
+                                        ["decode_speedup", "prefill_speedup", "ppl_bbc", "ppl_pydoc"])}  # fmt: skip
     for seed in seeds:
         for asked in speeds:
             cuts: dict[str, torch.nn.Module] = {}
@@ -194,11 +202,9 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     "samples": sample(cuts[name]),
                 })  # fmt: skip
                 log.info("%s", {k: v for k, v in rows[-1].items() if k != "samples"})
-    return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "seeds": seeds, "search_steps": search_steps,
-            "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
-            "machine": machine(), "dense": dense_row, "rows": rows,
-            "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
-                                    ["decode_speedup", "prefill_speedup", "ppl_bbc", "ppl_pydoc"])}  # fmt: skip
+            if save is not None:
+                save(payload())
+    return payload()
 
 
 COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc",
@@ -241,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    def save(payload: dict[str, Any]) -> None:
+        write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
+
     payload = run(args.speeds, args.seeds, args.search_steps, args.retrain_steps, args.blocks, tuple(args.methods),
-                  args.runs)
-    write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
+                  args.runs, save=save)
+    save(payload)
     print(report(payload))
     return 0
 
