@@ -513,3 +513,37 @@ def test_a_class_that_can_express_no_cut_is_refused_with_the_graph_only_option()
         upop_fx.compress(model, x, ratio=0.3, method="magnitude", retrain_steps=0)
     result = upop_fx.compress(model, x, ratio=0.3, method="magnitude", retrain_steps=0, own_class=False)
     assert result.module is None and result.report.params_after < result.report.params_before
+
+
+def test_a_layer_index_equal_to_a_head_count_is_not_taken_for_the_size():
+    """Layer 3 of a Llama with 3 KV heads holds ``layer_idx == 3``, the number the cut changes: patched as a size,
+    the forward still verifies (the graph has no cache) but two layers would share one cache entry. The rebuild's
+    check with the KV cache sees it and gives the index back, so ``generate`` gives the tokens of a greedy decode
+    without a cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from upop_fx.module.rebuild import _cache_failure
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=5,
+                         num_attention_heads=6, num_key_value_heads=3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # one weak KV head per layer, a different one in each: per-layer cuts
+        for i, layer in enumerate(model.model.layers):
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight[8 * (i % 3): 8 * (i % 3) + 8] *= 1e-3
+    ids = torch.randint(0, 64, (2, 12))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = upop_fx.compress(model, example, 0.2, method="magnitude", retrain_steps=0)
+    small = result.module
+    assert small is not None and [layer.self_attn.layer_idx for layer in small.model.layers] == list(range(5))
+    assert any(layer.self_attn.k_proj.out_features < 24 for layer in small.model.layers)
+    prompt = ids[:1, :5]
+    want = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            want = torch.cat([want, small(input_ids=want, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(small.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), want)
+    assert _cache_failure(small, example) is None
+    small.model.layers[3].self_attn.layer_idx = 2  # what patching the index as a size did: two layers, one cache
+    assert "KV cache gives other outputs" in _cache_failure(small, example)

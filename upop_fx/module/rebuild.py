@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -470,7 +471,44 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: boo
         tried += 1
     if tried < 2:
         return "the cut graph runs at no second input size to compare the rebuilt module with", None
-    return None, None
+    return _cache_failure(module, info.kwargs), None
+
+
+#: the inputs of a prompt: a model called with these alone is checked with its KV cache (:func:`_cache_failure`)
+PROMPT_INPUTS = frozenset({"input_ids", "attention_mask"})
+
+
+def _cache_failure(module: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+    """For a decoder called with a prompt alone: None when its last token's logits are the same computed over
+    the KV cache of the tokens before it as without a cache; else why. The graph has no cache, so the forward's
+    verification cannot see an attribute the cache reads (a layer index) patched wrong. Models without a cache
+    (no ``past_key_values`` in their output, or a forward that takes none) pass."""
+    ids = kwargs.get("input_ids")
+    if not set(kwargs) <= PROMPT_INPUTS or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
+        return None
+    accepted = inspect.signature(module.forward).parameters
+    name = next((n for n in ("cache", "past_key_values") if n in accepted), None)
+    if name is None or "use_cache" not in accepted:
+        return None
+    mask = kwargs.get("attention_mask")
+    masks = {} if mask is None else {"attention_mask": mask}
+    short = {} if mask is None else {"attention_mask": mask[:, :-1]}
+    try:
+        with torch.no_grad():
+            whole = module(input_ids=ids, use_cache=False, **masks)
+            first = module(input_ids=ids[:, :-1], use_cache=True, **short)
+            cache = getattr(first, "past_key_values", None)
+            if cache is None or not hasattr(whole, "logits"):
+                return None
+            step = module(input_ids=ids[:, -1:], use_cache=True, **{name: cache}, **masks)
+    except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
+        return (f"the rebuilt module fails to run with its KV cache: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300]}")
+    err = relative_error(step.logits[:, -1], whole.logits[:, -1])
+    if not err <= RTOL:
+        return (f"the rebuilt module's KV cache gives other outputs than its forward without one (relative error "
+                f"{err:.3g} on the last token): an attribute the cut patched is read by the cache")
+    return None
 
 
 def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[int, ...]]:
@@ -568,27 +606,49 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
                           recapture: bool, failed: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
     """Where the verification failed: give back their original value to the attributes of one name in one class
     that a shape literal patched (an attribute that merely held the same number, such as a count of KV groups
-    equal to the count of KV heads), one (class, name) at a time; keep the first that verifies. Returns the
-    verification's answer (``failed`` when none does)."""
+    equal to the count of KV heads, or a layer's index), one (class, name) at a time, keeping the first that
+    verifies; when none does alone, all of them, then each patched again where the verification still passes.
+    Returns the verification's answer (``failed`` when nothing verifies)."""
     keys: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path, attrs in patched.items():
         for k in attrs:
             if k not in by_weights.get(path, {}):
                 keys[(type(module.get_submodule(path)).__name__, k)].append(path)  # ("": the model itself)
-    for (cls, k), paths in sorted(keys.items()):
-        new = {path: getattr(module.get_submodule(path), k) for path in paths}
-        for path in paths:
-            setattr(module.get_submodule(path), k, getattr(model.get_submodule(path), k))
-        why, where = _verify(module, small, recapture)
-        if why is None:
-            for path in paths:
+    new = {key: {path: getattr(module.get_submodule(path), key[1]) for path in paths} for key, paths in keys.items()}
+
+    def put(key: tuple[str, str], original: bool) -> None:
+        for path, v in new[key].items():
+            setattr(module.get_submodule(path), key[1], getattr(model.get_submodule(path), key[1]) if original else v)
+
+    def kept(originals: list[tuple[str, str]]) -> tuple[None, None]:
+        for cls, k in originals:
+            for path in keys[(cls, k)]:
                 del patched[path][k]
             log.info("rebuild: %s.%s kept its original value in %d modules (it only held the same number as a size "
-                     "the cut changed)", cls, k, len(paths))
-            return None, None
-        for path, v in new.items():
-            setattr(module.get_submodule(path), k, v)
-    return failed
+                     "the cut changed)", cls, k, len(keys[(cls, k)]))
+        return None, None
+
+    for key in sorted(keys):  # one alone
+        put(key, original=True)
+        if _verify(module, small, recapture)[0] is None:
+            return kept([key])
+        put(key, original=False)
+    if len(keys) < 2:
+        return failed
+    for key in keys:  # several together (a layer's index and its count of KV groups): all, then patch back what may be
+        put(key, original=True)
+    if _verify(module, small, recapture)[0] is not None:
+        for key in keys:
+            put(key, original=False)
+        return failed
+    originals = sorted(keys)
+    for key in sorted(keys):
+        put(key, original=False)
+        if _verify(module, small, recapture)[0] is None:
+            originals.remove(key)
+        else:
+            put(key, original=True)
+    return kept(originals)
 
 
 def reason_of(problems: list[str]) -> str:
