@@ -148,7 +148,9 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     rows: list[dict[str, Any]] = []
 
     def payload() -> dict[str, Any]:
-        return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "seeds": seeds, "search_steps": search_steps,
+        done = sorted({r["asked"] for r in rows})  # a run stopped early holds fewer than it asked for
+        return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "speeds_done": done, "seeds": seeds,
+                "search_steps": search_steps,
                 "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
                 "machine": machine(), "dense": dense_row, "rows": rows,
                 "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
@@ -221,7 +223,8 @@ def report(payload: dict[str, Any]) -> str:
         f"Decode: batch 1, {payload['context']}-token KV cache; prefill: {payload['prefill_batch']} x "
         f"{payload['context']} tokens; both measured through generate(), every cut of one asked speed interleaved "
         f"with the dense model. Search {payload['search_steps']} steps (UPop), retrain {payload['retrain_steps']} "
-        f"steps (every method); seeds {payload['seeds']}; perplexity over {payload['blocks']} batches of 4 x 256 "
+        f"steps (every method); seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
+        f" (of {payload['speeds']}); perplexity over {payload['blocks']} batches of 4 x 256 "
         "tokens of each held-out text.", "",
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
         f"Dense: ppl_bbc {dense['ppl_bbc']:.2f}, ppl_pydoc {dense['ppl_pydoc']:.2f}, params {dense['params']:,}", "",
