@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture.program import sequence_lengths
+from .capture.program import prompt_ids, sequence_lengths
 from .ir.entries import widths
 from .passes.surgery import cut_entries
 from .runtime import timing
@@ -45,8 +45,6 @@ CALIBRATIONS = 2
 SHORT, OVER = 1.0, 1.08
 #: the greedy tokens each timed ``generate`` of :func:`measured_generation` produces after its prompt
 GENERATED_TOKENS = 16
-#: the inputs of a model whose ``generate`` continues a prompt alone (what :func:`measured_generation` times)
-TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 
 def calibrated_cut(
@@ -158,12 +156,12 @@ def measured_generation(prepared: Prepared, module: torch.nn.Module, runs: int =
     model) beside the cut ``module``, interleaved (:func:`~upop_fx.runtime.decode.decode_latency`): at batch
     ``latency_shape[0]`` and a context of ``latency_shape[1]`` tokens (else the example's length), on a torch
     runtime whose device the models are on. None where that cannot be measured: a model that cannot generate
-    from a prompt alone (its example has inputs beyond :data:`TEXT_INPUTS`),
-    an ONNX Runtime runtime (its decode needs the exported cache:
-    :func:`~upop_fx.runtime.decoder_onnx.export_decoder_onnx`), or no sequence length."""
+    from a prompt alone (its example is not :func:`~upop_fx.capture.program.prompt_ids`), or an ONNX Runtime
+    runtime (its decode needs the exported cache: :func:`~upop_fx.runtime.decoder_onnx.export_decoder_onnx`)."""
     source, runtime, options = prepared.source, prepared.latency.runtime, prepared.options
     info = prepared.captured.info
-    if info.args or not set(info.kwargs) <= TEXT_INPUTS:  # a prompt alone: no image, no encoder input
+    ids = prompt_ids(info.args, info.kwargs)
+    if ids is None:
         return None
     if not (isinstance(source, torch.nn.Module) and _can_generate(source) and _can_generate(module)):
         return None
@@ -171,11 +169,8 @@ def measured_generation(prepared: Prepared, module: torch.nn.Module, runs: int =
     if not runtime.startswith("torch") or params is None or params.device.type != runtime.split("-")[1]:
         return None
     batch = options.latency_shape[0] if options.latency_shape is not None else 1
-    lengths = sequence_lengths(info)
     context = options.latency_shape[1] if options.latency_shape is not None else None
-    context = context if context is not None else (lengths.pop() if len(lengths) == 1 else None)
-    if context is None:
-        return None
+    context = context if context is not None else int(ids.shape[1])
     modes = {m: m.training for m in source.modules()}  # the caller's model is timed as it is served, then restored
     source.eval()
     try:

@@ -47,7 +47,7 @@ from ..logs import quietly
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
     "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "sequence_lengths", "FixedSize", "fixed_sizes",
-    "guard_fixed_sizes", "unknown_keywords", "capture_failure",
+    "guard_fixed_sizes", "unknown_keywords", "capture_failure", "PROMPT_INPUTS", "prompt_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,19 @@ def run_module(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 def is_sequence(t: torch.Tensor) -> bool:
     """An input whose axis 1 is a sequence: token ids (2-D integers) or a sequence of vectors (3-D floats)."""
     return (not t.is_floating_point() and t.dim() == 2) or (t.is_floating_point() and t.dim() == 3)
+
+
+#: the inputs of a prompt: a model called with these alone continues a text (its KV cache, its ``generate``)
+PROMPT_INPUTS = frozenset({"input_ids", "attention_mask"})
+
+
+def prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The ``(batch, tokens)`` ids of a call made with a prompt alone (keyword inputs among
+    :data:`PROMPT_INPUTS`: no image, no encoder input); None for any other call."""
+    ids = kwargs.get("input_ids")
+    if args or not set(kwargs) <= PROMPT_INPUTS or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    return ids
 
 
 def sequence_lengths(info: CaptureInfo) -> set[int]:

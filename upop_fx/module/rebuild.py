@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..capture.program import cache_off, capture, get_capture, run_module
+from ..capture.program import cache_off, capture, get_capture, prompt_ids, run_module
 from ..compare import relative_error
 from ..ir.groups import GroupAnalysis
 from ..passes.base import module_tensors, set_tensor
@@ -474,17 +474,13 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: boo
     return _cache_failure(module, info.kwargs), None
 
 
-#: the inputs of a prompt: a model called with these alone is checked with its KV cache (:func:`_cache_failure`)
-PROMPT_INPUTS = frozenset({"input_ids", "attention_mask"})
-
-
 def _cache_failure(module: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
     """For a decoder called with a prompt alone: None when its last token's logits are the same computed over
     the KV cache of the tokens before it as without a cache; else why. The graph has no cache, so the forward's
     verification cannot see an attribute the cache reads (a layer index) patched wrong. Models without a cache
     (no ``past_key_values`` in their output, or a forward that takes none) pass."""
-    ids = kwargs.get("input_ids")
-    if not set(kwargs) <= PROMPT_INPUTS or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
+    ids = prompt_ids((), kwargs)
+    if ids is None or ids.shape[1] < 2:
         return None
     accepted = inspect.signature(module.forward).parameters
     name = next((n for n in ("cache", "past_key_values") if n in accepted), None)
