@@ -294,10 +294,10 @@ def test_a_class_cut_is_shared_among_its_structures_and_the_floor_bends_the_sum(
     assert again.overlap == pytest.approx(0.05)  # the floor too
 
 
-def test_onnxruntime_tables_and_check_time_the_file_as_deployed(encoder, tmp_path, monkeypatch):
+def test_onnxruntime_tables_and_check_time_the_file_as_deployed(tmp_path, monkeypatch):
     """On ONNX Runtime every timed file is exported as ``export_onnx`` writes it (dynamic axes), at a batch of at
     least 2, and timed at the latency shape — batch 1 here. Real timing: only load-proof assertions (a small ask
-    that any load leaves reachable, a positive measurement)."""
+    that any load leaves reachable, a positive measurement). One layer: the time goes to the sixteen exports."""
     import json
 
     import upop_fx.runtime.runners as runners
@@ -311,7 +311,9 @@ def test_onnxruntime_tables_and_check_time_the_file_as_deployed(encoder, tmp_pat
         return real(model, args, kwargs, path, deployed=deployed)
 
     monkeypatch.setattr(runners, "export_for_timing", spy)
-    model, x = encoder
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(128, 4, 1024, batch_first=True)
+    model, x = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval(), torch.randn(8, 64, 128)
     result = upop_fx.compress(model, x[:, :16].contiguous(), 0.1, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                               runtime="onnxruntime-cpu", latency_shape=(1, None), granularity="upop")
     t = result.report.latency
