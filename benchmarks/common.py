@@ -92,7 +92,7 @@ def match_speedup(make: Callable[[float], Any], speedup_of: Callable[[Any], floa
         (r0, s0), (r1, s1) = ((0.0, 1.0), tried[-1][:2]) if len(tried) == 1 else (tried[-2][:2], tried[-1][:2])
         slope = (1 / s1 - 1 / s0) / (r1 - r0) if r1 != r0 else 0.0
         if slope >= 0:  # no progress to extrapolate from: step by the shortfall
-            ratio = min(0.95, ratio * (1 - 1 / target) / max(1e-3, 1 - 1 / speedup))
+            ratio = float(min(0.95, max(0.0, ratio * (1 - 1 / target) / max(1e-3, 1 - 1 / speedup))))
         else:
             ratio = float(min(0.95, max(0.0, r1 + (1 / target - 1 / s1) / slope)))
     best = min(tried, key=lambda t: abs(t[1] / target - 1))

@@ -183,7 +183,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 with RssPeak() as mem:
                     pruned, ratio, speed, probes = common.match_speedup(
                         lambda r: tp_prune_decoder(model, example, r), _decode_speedup(model, runs), target,
-                        min(0.9, 1.3 * (1 - 1 / target)))  # fmt: skip
+                        min(0.9, max(0.05, 1.3 * (1 - 1 / target))))  # fmt: skip (a target at or under 1x: a small first probe)
                     stream = _stream(train, tok, seed)
                     check = [next(stream) for _ in range(options.calibration_batches)]
                     with cache_off(pruned):

@@ -129,7 +129,7 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     # one upop_fx row (the others differ only in `method`), and Torch-Pruning's where it is installed
     methods = ("upop",) + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
     payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
-                        load=lambda: _tiny_llama(256, 1024), check_batches=2)
+                        load=lambda: _tiny_llama(128, 512), check_batches=2)
     assert [r["method"] for r in payload["rows"]] == list(methods)
     dense = payload["dense"]
     for r in payload["rows"]:
