@@ -1,5 +1,6 @@
-"""Nothing left unlisted: on every zoo model, every weight's output channels are in a prunable group or reported
-as not prunable with the node and the reason; rotary and grouped-query layouts are read as such."""
+"""Layouts beyond the zoo's defaults are read as such: rotary pairs and grouped-query heads, experts stacked or as
+modules, positional biases that fix the heads, per-head fused projections, weights applied twice or on the left of
+a matmul (reported); the UPop search on modern layouts. Every zoo weight's coverage is in ``test_groups``."""
 
 from __future__ import annotations
 
@@ -10,56 +11,8 @@ import upop_fx
 from upop_fx.ir.entries import STACKED_MULTIPLE
 from upop_fx.passes import FindGroups, SortExperts
 from upop_fx.passes.find_groups import unlisted_weights
-from upop_fx.passes.param_views import ParamView, resolve
 
 from .models import ZOO
-
-
-@pytest.fixture(scope="module", params=sorted(ZOO))
-def analysed(request):
-    zoo = ZOO[request.param]()
-    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    return zoo, cap.gm, FindGroups()(cap.gm).value
-
-
-def test_every_weight_is_in_a_group_or_reported(analysed):
-    zoo, gm, analysis = analysed
-    assert unlisted_weights(gm, analysis) == []
-    params = {id(p) for p in gm.parameters()}
-    weights = {
-        str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users
-        and id(w := gm.get_parameter(str(n.target)) if _is_param(gm, n) else None) in params
-        and w.dim() >= 2 and min(w.shape[-2:]) > 1
-    }  # fmt: skip
-    tied = {u.name for u in analysis.uses}
-    # every weight matrix is tied to some group (prunable or not), or is consumed by an op no rule follows,
-    # which is then itself a reported group
-    untied = {w for w in weights - tied if not _only_an_input(gm, w)}
-    reported = [g for g in analysis.groups if not g.prunable and "no rule follows" in (g.reason or "")]
-    assert not untied or reported, (zoo.name, sorted(untied))
-    for g in analysis.groups:
-        if not g.prunable:
-            assert g.reason and g.reason.startswith("node ") or "structure" in g.reason, (zoo.name, g.describe())
-
-
-def _only_an_input(gm: torch.fx.GraphModule, target: str) -> bool:
-    """The parameter reaches ops only as their data input (DeBERTa's relative embeddings fed to a linear)."""
-    views: dict = {}
-    consumers = []
-    for n in gm.graph.nodes:
-        for i, a in enumerate(n.args if n.op == "call_function" else ()):
-            v = resolve(a, views) if isinstance(a, torch.fx.Node) else None
-            if isinstance(v, ParamView) and str(v.param.target) == target and not isinstance(resolve(n, views), (ParamView, list)):
-                consumers.append((n, i))
-    return bool(consumers) and all(n.target == torch.ops.aten.linear.default and i == 0 for n, i in consumers)
-
-
-def _is_param(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    try:
-        gm.get_parameter(str(node.target))
-    except AttributeError:
-        return False
-    return True
 
 
 def test_rotary_pairs_and_grouped_heads():
