@@ -131,6 +131,15 @@ def check_same(value: float, what: str) -> None:
         )
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (a new tensor on ``t``'s device); ``t`` itself outside a process group."""
+    if not active():
+        return t
+    out = t.detach().to(comm_device()).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
 def comm_device() -> torch.device:
     """Where tensors for a collective must live: the current CUDA device under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -388,9 +388,7 @@ def _gathered(pending: list[torch.Tensor]) -> list[float]:
         return []
     values = torch.stack(pending)
     if distributed.active():
-        values = values.to(distributed.comm_device())
-        torch.distributed.all_reduce(values)
-        values = values / distributed.world_size()
+        values = distributed.all_reduce_sum(values) / distributed.world_size()
     return values.tolist()
 
 

@@ -231,9 +231,7 @@ class _Sums:
             rows += x.shape[0]
         if distributed.active():  # every rank its own batches: one fit over all of them, the same on every rank
             flat = torch.cat([a.flatten(), c.flatten(), torch.tensor([yy, rows], dtype=torch.float64, device=device)])
-            flat = flat.to(distributed.comm_device())
-            torch.distributed.all_reduce(flat)
-            flat = flat.to(device)
+            flat = distributed.all_reduce_sum(flat)
             a = flat[: a.numel()].view_as(a)
             c = flat[a.numel(): a.numel() + c.numel()].view_as(c)
             yy, rows = float(flat[-2]), int(flat[-1])
