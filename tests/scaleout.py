@@ -53,8 +53,9 @@ def summary(result: upop_fx.Result) -> dict[str, Any]:
 
 
 def ddp_worker(rank: int, world: int, store: str, out: str, mode: str) -> None:
-    """One gloo rank. ``mode``: ``"shard"`` (each rank its half of every global batch), ``"models_differ"``
-    (a different model per rank), ``"selection_differs"`` (an allocation that depends on the rank)."""
+    """One gloo rank. ``mode``: ``"shard"`` (each rank its half of every global batch), ``"activation"`` (the same,
+    ranked by ``method="activation"`` on the calibration batches), ``"models_differ"`` (a different model per
+    rank), ``"selection_differs"`` (an allocation that depends on the rank)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -70,6 +71,8 @@ def ddp_worker(rank: int, world: int, store: str, out: str, mode: str) -> None:
                     pruned = ~pruned
                 return pruned
             kwargs["allocate"] = allocate
+        if mode == "activation":
+            kwargs["method"] = "activation"
         try:
             result = upop_fx.compress(
                 model, shard[0][0], 0.5, data=shard, loss_fn=mse, search_steps=SEARCH, retrain_steps=RETRAIN,

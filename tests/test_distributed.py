@@ -47,6 +47,19 @@ def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(t
         assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
 
 
+def test_two_ranks_rank_by_activation_on_all_their_calibration_batches(tmp_path):
+    """``method="activation"`` under two ranks: each reads its own half of the calibration batches, and both rank
+    on the activations of all of them — the same channels on both, those of one process over the global batches."""
+    ranks = _spawn(tmp_path, "activation")
+    assert all("error" not in r for r in ranks), ranks
+    assert ranks[0]["keep"] == ranks[1]["keep"]
+    torch.set_num_threads(1)
+    data = scaleout.global_batches()
+    single = upop_fx.compress(scaleout.encoder(), data[0][0], 0.5, "activation", data=data, loss_fn=scaleout.mse,
+                              retrain_steps=scaleout.RETRAIN, lr=1e-3)
+    assert keep_jaccard(ranks[0]["keep"], single.keep) == 1.0
+
+
 def test_ranks_with_different_models_are_refused(tmp_path):
     ranks = _spawn(tmp_path, "models_differ")
     for r in ranks:

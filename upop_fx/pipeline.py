@@ -255,6 +255,8 @@ def run(
         held, inputs = take_calibration() if early else ([], [])
         prepared.calibration = inputs or None
         selection = strategy.select(prepared, batches, objective)
+        # ranks that would cut differently fail here, whatever the strategy, not later as different models
+        distributed.check_same(distributed.checksum([selection.pruned]), "the entries to prune")
         if not early:  # read after the search: the batches that follow it in a stream
             held, inputs = take_calibration()  # the reconstruction's, and the retrain's check batches
         result = finish(prepared, selection, strategy.name, inputs if options.reconstruct and held else None)

@@ -371,4 +371,6 @@ def input_norms(gm: torch.fx.GraphModule, batches: Iterable[Any]) -> dict[str, t
         for probe in probes:
             graph.erase_node(probe)
         gm.recompile()
+    for k in sorted(sums):  # every rank its own batches: one ranking over all of them, the same on every rank
+        sums[k] = distributed.all_reduce_sum(sums[k])
     return {k: v.sqrt() for k, v in sums.items()}
