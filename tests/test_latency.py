@@ -26,9 +26,13 @@ from .simulated_runtime import SimulatedRuntime
 def encoder():
     """Large enough that the prunable layers dominate its time (a tiny one is mostly per-op overhead, and what
     pruning can save then wavers around the ratios the tests ask for)."""
+    return _encoder(layers=2)
+
+
+def _encoder(layers: int) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(128, 4, 1024, batch_first=True)
-    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), torch.randn(8, 64, 128)
+    return torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval(), torch.randn(8, 64, 128)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -311,9 +315,7 @@ def test_onnxruntime_tables_and_check_time_the_file_as_deployed(tmp_path, monkey
         return real(model, args, kwargs, path, deployed=deployed)
 
     monkeypatch.setattr(runners, "export_for_timing", spy)
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(128, 4, 1024, batch_first=True)
-    model, x = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval(), torch.randn(8, 64, 128)
+    model, x = _encoder(layers=1)
     result = upop_fx.compress(model, x[:, :16].contiguous(), 0.1, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                               runtime="onnxruntime-cpu", latency_shape=(1, None), granularity="upop")
     t = result.report.latency

@@ -166,6 +166,9 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
     row = None
     if prepared.latency is not None:
         pruned, small, row = calibrated_cut(prepared, selection, pruned, small)
+    # ranks that would cut differently fail here, whatever chose the cut (a strategy, your own loop, a latency
+    # budget's re-selection), not later as different models
+    distributed.check_same(distributed.checksum([pruned]), "the entries to prune")
     keep = keep_sets(prepared.analysis, prepared.entries, pruned)
     info = prepared.captured.info
     if selection.final is not None and np.array_equal(pruned, selection.pruned):
@@ -255,8 +258,6 @@ def run(
         held, inputs = take_calibration() if early else ([], [])
         prepared.calibration = inputs or None
         selection = strategy.select(prepared, batches, objective)
-        # ranks that would cut differently fail here, whatever the strategy, not later as different models
-        distributed.check_same(distributed.checksum([selection.pruned]), "the entries to prune")
         if not early:  # read after the search: the batches that follow it in a stream
             held, inputs = take_calibration()  # the reconstruction's, and the retrain's check batches
         result = finish(prepared, selection, strategy.name, inputs if options.reconstruct and held else None)

@@ -457,8 +457,9 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: boo
                     f"{str(exc).splitlines()[0][:300]}", None)
     else:
         again = module
-    tried = 0
-    for grow, shrink in ((False, False), (True, True), (False, True), (True, False)):
+    sizes = ((False, False), (True, True), (False, True), (True, False))
+    tried = 0 if recapture else 1  # run eagerly, the module was compared at the example's size above
+    for grow, shrink in sizes if recapture else sizes[1:]:
         args, kwargs = varied_inputs(info.args, info.kwargs, info.dynamic_shapes, grow, shrink)
         if (grow or shrink) and tried >= 2:
             break
