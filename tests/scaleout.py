@@ -6,6 +6,7 @@ slow checkpointed search that ``test_checkpoint`` kills.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -13,6 +14,9 @@ from typing import Any
 import torch
 
 import upop_fx
+from upop_fx.runtime import runners, timing
+
+from .simulated_runtime import SimulatedRuntime, params_ms
 
 D, HEADS, FF, LAYERS = 32, 4, 64, 2
 SEARCH, RETRAIN, INTERVAL = 8, 4, 2
@@ -52,12 +56,42 @@ def summary(result: upop_fx.Result) -> dict[str, Any]:
     return {"keep": result.keep, "losses": result.losses, "output": output}
 
 
+def rank_runtime(rank: int) -> SimulatedRuntime:
+    """A simulated runtime that times differently on each rank, as two processes timing on one machine do:
+    rank 0 charges every parameter alike; the others charge the feed-forward weights 5x and run every cut 30%
+    slower than its parameters say (so their own tables would price other channels, and their own calibration
+    would re-select)."""
+    if rank == 0:  # a small fixed overhead: the prunable layers are most of the time
+        return SimulatedRuntime(lambda gm: params_ms(gm, overhead=0.01))
+
+    def ms_of(gm: torch.nn.Module) -> float:
+        return 0.01 + 1e-5 * sum(p.numel() * (5 if "linear" in n else 1) for n, p in gm.named_parameters())
+
+    sim = SimulatedRuntime(ms_of)
+    build = sim.build
+
+    def slower_cuts(runtime: str, gm: torch.nn.Module, inputs: Any, workdir: Any, name: str, export_inputs: Any = None):  # noqa: ANN202
+        call = build(runtime, gm, inputs, workdir, name, export_inputs)
+        if not name.startswith("cut"):
+            return call
+
+        def slow() -> None:
+            call()
+            sim.now += 0.3 * ms_of(gm) / 1e3
+        return slow
+
+    sim.build = slower_cuts  # type: ignore[method-assign]
+    return sim
+
+
 def ddp_worker(rank: int, world: int, store: str, out: str, mode: str) -> None:
     """One gloo rank. ``mode``: ``"shard"`` (each rank its half of every global batch), ``"activation"`` (the same,
-    ranked by ``method="activation"`` on the calibration batches), ``"models_differ"`` (a different model per
-    rank), ``"selection_differs"`` (an allocation that depends on the rank)."""
+    ranked by ``method="activation"`` on the calibration batches), ``"latency"`` (the same under a latency budget,
+    on a runtime that times differently on each rank: :func:`rank_runtime`), ``"models_differ"`` (a different model
+    per rank), ``"selection_differs"`` (an allocation that depends on the rank)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    sim = None
     try:
         model = encoder(seed=rank if mode == "models_differ" else 0)
         data = global_batches()
@@ -73,14 +107,49 @@ def ddp_worker(rank: int, world: int, store: str, out: str, mode: str) -> None:
             kwargs["allocate"] = allocate
         if mode == "activation":
             kwargs["method"] = "activation"
+        if mode == "latency":
+            os.environ["UPOP_FX_CACHE"] = f"{store}.cache{rank}"  # no rank reads tables another one wrote
+            sim = rank_runtime(rank)
+            runners.RUNNERS["torch-cpu"] = sim.build
+            timing.clock = sim.clock
+            kwargs.update(budget="latency", runtime="torch-cpu", ratio=0.3)
         try:
             result = upop_fx.compress(
-                model, shard[0][0], 0.5, data=shard, loss_fn=mse, search_steps=SEARCH, retrain_steps=RETRAIN,
-                interval=INTERVAL, lr=1e-3, **kwargs,
+                model, shard[0][0], **{"ratio": 0.5, **kwargs}, data=shard, loss_fn=mse, search_steps=SEARCH,
+                retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3,
             )  # fmt: skip
-            torch.save({"rank": rank, **summary(result)}, f"{out}.{rank}")
+            timed = {"latency": result.report.latency, "built": sim.built} if sim is not None else {}
+            torch.save({"rank": rank, **summary(result), **timed}, f"{out}.{rank}")
         except upop_fx.UPopError as exc:
             torch.save({"rank": rank, "error": type(exc).__name__, "message": str(exc)}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_main_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One gloo rank calling :func:`upop_fx.training.distributed.on_main` twice: with a function whose result
+    depends on the rank, then with one that raises on rank 0."""
+    from upop_fx.training import distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        ran: list[int] = []
+
+        def measure() -> dict[str, Any]:
+            ran.append(rank)
+            return {"rank": rank, "ms": 10.0 + rank}
+
+        got = distributed.on_main(measure)
+
+        def fails() -> None:
+            raise upop_fx.ConfigError(f"rank {rank} cannot measure")
+
+        try:
+            distributed.on_main(fails)
+            error = None
+        except upop_fx.ConfigError as exc:
+            error = str(exc)
+        torch.save({"got": got, "ran": ran, "error": error}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -110,8 +179,6 @@ def checkpointed_run(checkpoint_dir: str | None, delay: float = 0.0, every: int 
 def torchrun_compress(out: str) -> None:
     """One rank under torchrun that never initialises a process group itself: compress must create it, so that
     the ranks (each with its own half of every batch) search together and keep the same channels."""
-    import os
-
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     data = global_batches()

@@ -60,6 +60,28 @@ def test_two_ranks_rank_by_activation_on_all_their_calibration_batches(tmp_path)
     assert keep_jaccard(ranks[0]["keep"], single.keep) == 1.0
 
 
+def test_under_a_latency_budget_rank_0_times_and_every_rank_cuts_alike(tmp_path):
+    """Two ranks whose runtimes time differently (rank 1 would price the feed-forward weights 5x and measure every
+    cut 30% slow, so its own tables and its own calibration would choose another cut): rank 0 alone measures the
+    tables and times the cuts, rank 1 builds nothing, and both keep the same channels with the same latency row."""
+    ranks = _spawn(tmp_path, "latency")
+    assert all("error" not in r for r in ranks), ranks
+    r0, r1 = ranks
+    assert r0["built"] and r1["built"] == []  # rank 1 never ran its runtime
+    assert r0["keep"] == r1["keep"] and torch.equal(r0["output"], r1["output"])
+    assert r0["latency"] == r1["latency"]
+    assert r0["latency"]["measured_speedup"] >= 1 / 0.7  # rank 0's runtime: the asked 0.3 met
+
+
+def test_on_main_runs_on_rank_0_and_gives_every_rank_its_result_or_its_error(tmp_path):
+    out = tmp_path / "result"
+    mp.spawn(scaleout.on_main_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
+    assert r0["got"] == r1["got"] == {"rank": 0, "ms": 10.0}
+    assert r0["ran"] == [0] and r1["ran"] == []
+    assert r0["error"] == r1["error"] == "rank 0 cannot measure"  # raised on every rank, not a hang on rank 1
+
+
 def test_ranks_with_different_models_are_refused(tmp_path):
     ranks = _spawn(tmp_path, "models_differ")
     for r in ranks:

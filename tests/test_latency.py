@@ -118,6 +118,9 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     assert t["floor_measured"] == pytest.approx(t["floor_summed"], rel=1e-6)  # additive: no overlap
     assert result.report.prunable_cost_removed >= 0.3
     assert "latency on torch-cpu" in result.report.table()
+    phases = ["capture", "groups", "latency tables", "selection", "cut", "latency calibration", "report", "rebuild"]
+    assert list(result.report.seconds) == phases and min(result.report.seconds.values()) >= 0  # where the time went
+    assert "time: " in result.report.table()
     assert len(list((tmp_path / "latency").glob("*.json"))) == 3  # one table per class, and the floor
     again = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, own_class=False, budget="latency",
                              runtime="torch-cpu")

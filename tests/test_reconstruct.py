@@ -124,6 +124,7 @@ def test_compress_reconstructs_by_default_with_data_and_the_module_follows():
     assert result.report.reconstruction and not plain.report.reconstruction
     assert all(f["after"] < f["before"] for f in result.report.reconstruction if f["ridge"] is not None)
     assert "reconstruction:" in result.report.table()
+    assert "reconstruction" in result.report.seconds and "reconstruction" not in plain.report.seconds
     dense = zoo.call(zoo.example_inputs).last_hidden_state
     err = relative_error(result.model(**zoo.example_inputs).last_hidden_state, dense)
     err_plain = relative_error(plain.model(**zoo.example_inputs).last_hidden_state, dense)
@@ -145,6 +146,7 @@ def test_retrain_never_ends_worse_than_the_cut_on_its_check_batches():
     assert min(v for _, v in check) == check[0][1] < check[-1][1]
     torch.testing.assert_close(wrecked.model(**zoo.other_inputs), cut.model(**zoo.other_inputs))  # the cut kept
     assert "kept" in wrecked.report.table()
+    assert list(wrecked.report.seconds)[-1] == "retrain" and "retrain" not in cut.report.seconds
 
 
 def test_distillation_loss_weighs_features_by_their_spread_and_logits_by_kl():

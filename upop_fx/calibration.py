@@ -31,6 +31,7 @@ from .runtime import timing
 from .runtime.decode import decode_latency
 from .runtime.runners import deployed_inputs, latency_inputs, runner, timed_rounds
 from .search.strategy import Prepared, Selection
+from .training import distributed
 
 __all__ = ["CALIBRATIONS", "SHORT", "OVER", "GENERATED_TOKENS", "calibrated_cut", "next_target", "measured_generation"]
 
@@ -54,17 +55,26 @@ def calibrated_cut(
     ``[SHORT, OVER] × asked``, re-select (``selection.reselect``) with the miss folded into the target
     (:func:`next_target`: the measured / predicted ratio, then the line through the last two rounds) and cut again (up to :data:`CALIBRATIONS` times). Of the rounds, the one kept is the slowest that reaches
     ``SHORT × asked`` (the fastest when none does). Returns its selection, its cut and the report's latency row
-    (with ``rounds``: target, predicted and measured speedup of each round, and ``kept_round``)."""
+    (with ``rounds``: target, predicted and measured speedup of each round, and ``kept_round``). Under
+    ``torchrun`` rank 0 alone times (:func:`~upop_fx.training.distributed.on_main`), so every rank keeps the
+    same round."""
     asked = 1 / (1 - prepared.options.ratio)
     model = prepared.latency
     info = prepared.captured.info
     inputs = latency_inputs(info, model.shape)
     exported = deployed_inputs(model.runtime, info, model.shape)
     with tempfile.TemporaryDirectory() as d:
-        dense = runner(model.runtime, selection.dense, inputs, Path(d), "dense", exported)
+        dense: list[Callable[[], Any]] = []  # built once, on the rank that times
 
         def timed(pruned: np.ndarray, small: torch.fx.GraphModule, name: str) -> dict[str, Any]:
-            return _latency_row(prepared, pruned, dense, runner(model.runtime, small, inputs, Path(d), name, exported))
+            def measure() -> dict[str, Any]:
+                if not dense:
+                    dense.append(runner(model.runtime, selection.dense, inputs, Path(d), "dense", exported))
+                cut = runner(model.runtime, small, inputs, Path(d), name, exported)
+                return _latency_row(prepared, pruned, dense[0], cut)
+
+            # under torchrun rank 0 times and every rank gets its row: the ranks re-select alike
+            return distributed.on_main(measure)
 
         row = timed(pruned, small, "cut0")
         tried = [(pruned, small, row)]

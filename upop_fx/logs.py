@@ -10,6 +10,8 @@
 
 * :func:`progress_bar` — every long phase's bar (tqdm): on a terminal only, never in a log file, and not at all
   after :func:`show_progress(False) <show_progress>` (``upop-fx --quiet``).
+* :func:`phase` — the wall-clock seconds of each phase of a run, for ``report.seconds``: where a long compress
+  spent its time.
 
 Example:
     >>> import logging
@@ -25,11 +27,12 @@ import contextlib
 import functools
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["quiet", "quietly", "verbosity", "progress_bar", "show_progress", "THIRD_PARTY"]
+__all__ = ["quiet", "quietly", "verbosity", "progress_bar", "show_progress", "phase", "THIRD_PARTY"]
 
 #: logger → the lowest level let through inside :func:`quiet`
 THIRD_PARTY = {
@@ -128,3 +131,21 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = Tru
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None if enabled and _bars else True)
+
+
+@contextlib.contextmanager
+def phase(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall-clock seconds the block takes to ``seconds[name]`` (also when it raises).
+
+    Example:
+        >>> seconds: dict[str, float] = {}
+        >>> with phase(seconds, "capture"):
+        ...     pass
+        >>> list(seconds), seconds["capture"] >= 0
+        (['capture'], True)
+    """
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start

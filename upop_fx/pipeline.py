@@ -40,7 +40,7 @@ from .errors import ConfigError, InputError, NoPrunableGroupError, SurgeryCheckE
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
 from .ir.groups import GroupAnalysis
 from .ir.latency_model import LatencyModel, priced
-from .logs import quiet, verbosity
+from .logs import phase, quiet, verbosity
 from .module.class_limits import restrict_to_class
 from .module.rebuild import copy_weights, module_gap, module_tensors, rebuild
 from .options import Options
@@ -107,17 +107,20 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     them."""
     options = Options.make(options, **changes)
     granularity = options.resolved_granularity
-    cap = capture(model, example_inputs)
+    seconds: dict[str, float] = {}
+    with phase(seconds, "capture"):
+        cap = capture(model, example_inputs)
     if distributed.active():  # every rank must start from the same dense model
         distributed.check_same(_weights_checksum(cap.gm), "the dense model's weights (build or load it alike on every rank)")
-    analysis = FindGroups()(cap.gm).value
-    SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
-    limits: list[str] = []
-    graph_only = len(analysis.prunable)
-    if options.own_class and analysis.prunable and _has_own_class(model):
-        # uniform widths are for a stock checkpoint: its config states head counts, not sliced rotary frequencies
-        limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget,
-                                   share_rotary=options.shared_rotary and options.allocate != "uniform")
+    with phase(seconds, "groups"):
+        analysis = FindGroups()(cap.gm).value
+        SortExperts()(cap.gm)  # stacked MoE experts: neuron j of the layer is each expert's j-th strongest
+        limits: list[str] = []
+        graph_only = len(analysis.prunable)
+        if options.own_class and analysis.prunable and _has_own_class(model):
+            # uniform widths are for a stock checkpoint: its config states head counts, not sliced rotary frequencies
+            limits = restrict_to_class(model, cap.gm, analysis, granularity, options.budget,
+                                       share_rotary=options.shared_rotary and options.allocate != "uniform")
     if graph_only and not analysis.prunable:
         raise NoPrunableGroupError(
             f"{type(model).__name__}'s own class can express no cut of its {graph_only} prunable groups "
@@ -127,11 +130,16 @@ def prepare(model: torch.nn.Module, example_inputs: Any, options: Options | None
     latency = None
     if options.budget == "latency":
         runtime = options.resolved_runtime
-        with torch.random.fork_rng():
-            latency = measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.timed_shape)
+        def measure() -> LatencyModel:
+            with torch.random.fork_rng():
+                return measure_latency(cap.gm, analysis, structures, entries, cap.info, runtime, options.timed_shape)
+
+        with phase(seconds, "latency tables"):
+            latency = distributed.on_main(measure)  # one set of tables for all ranks: each rank's own would differ
         structures, entries = priced(latency, structures, entries)
         _check_reachable(options.ratio, latency)
-    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency, class_limits=limits)
+    return Prepared(cap, analysis, structures, entries, options, source=model, latency=latency, class_limits=limits,
+                    seconds=seconds)
 
 
 def _has_own_class(model: Any) -> bool:
@@ -161,11 +169,14 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
     :func:`~upop_fx.training.reconstruct.reconstruct`), write the report and give the caller's class back. ``budget="latency"``: the cut is timed on the runtime and re-selected while it measures
     off the asked speedup (:func:`~upop_fx.calibration.calibrated_cut`; each round is in
     ``report.latency["rounds"]``, the kept one in ``report.latency["kept_round"]``)."""
+    seconds = dict(prepared.seconds)  # this cut's: the report's, from capture to the rebuild
     pruned = np.asarray(selection.pruned, dtype=bool)
-    small = cut_entries(selection.dense, prepared.analysis, prepared.entries, pruned)
+    with phase(seconds, "cut"):
+        small = cut_entries(selection.dense, prepared.analysis, prepared.entries, pruned)
     row = None
     if prepared.latency is not None:
-        pruned, small, row = calibrated_cut(prepared, selection, pruned, small)
+        with phase(seconds, "latency calibration"):
+            pruned, small, row = calibrated_cut(prepared, selection, pruned, small)
     # ranks that would cut differently fail here, whatever chose the cut (a strategy, your own loop, a latency
     # budget's re-selection), not later as different models
     distributed.check_same(distributed.checksum([pruned]), "the entries to prune")
@@ -178,9 +189,13 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
         if not gap <= 1e-4:
             raise SurgeryCheckError(f"the reduced model differs from the final masked model (relative error {gap:.3g})")
     fraction = removed_fraction(prepared.entries, pruned, prepared.structures)
-    result = Result(small, _report(prepared, small, keep, method, fraction), prepared.analysis, keep, selection.dense)
+    with phase(seconds, "report"):
+        report = _report(prepared, small, keep, method, fraction)
+    report.seconds = seconds  # the phases after this one (the rebuild, a retrain) are added to it
+    result = Result(small, report, prepared.analysis, keep, selection.dense)
     if calibration is not None:
-        fits = reconstruct(prepared.captured.gm, small, calibration)
+        with phase(seconds, "reconstruction"):
+            fits = reconstruct(prepared.captured.gm, small, calibration)
         result.report.reconstruction = [f.to_dict() for f in fits]
         if fits:
             log.info("reconstruction: %d layers re-fitted to the dense model, mean relative error %.4f -> %.4f",
@@ -194,8 +209,9 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
         removed = removed_labels(prepared.analysis, keep)
-        back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity,
-                       fold=prepared.options.own_class)  # own_class=False: the graph keeps the original's weights
+        with phase(seconds, "rebuild"):
+            back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity,
+                           fold=prepared.options.own_class)  # own_class=False: the graph keeps the original's weights
         result.module, result.report.module_reason = back.module, back.reason
         if back.module is None and not prepared.options.own_class:
             result.report.module_reason += " — own_class=True (the default) cuts only what the class can express"
@@ -203,7 +219,8 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
             log.info("no module of %s's class for this cut (result.model is the graph): %s",
                      type(prepared.source).__name__, back.reason)
         if row is not None and back.module is not None:
-            generation = measured_generation(prepared, back.module)
+            with phase(seconds, "generate"):
+                generation = distributed.on_main(lambda: measured_generation(prepared, back.module))
             if generation is not None:
                 row["generate"] = generation
     return result
@@ -257,13 +274,15 @@ def run(
         early = getattr(strategy, "reads_calibration", False)  # a one-shot strategy that ranks on them
         held, inputs = take_calibration() if early else ([], [])
         prepared.calibration = inputs or None
-        selection = strategy.select(prepared, batches, objective)
+        with phase(prepared.seconds, "selection"):
+            selection = strategy.select(prepared, batches, objective)
         if not early:  # read after the search: the batches that follow it in a stream
             held, inputs = take_calibration()  # the reconstruction's, and the retrain's check batches
         result = finish(prepared, selection, strategy.name, inputs if options.reconstruct and held else None)
         if options.retrain_steps:  # retrain() checks that the data holds its steps
-            result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
-                                                      options.lr, example, prepared.training, check=held or None)
+            with phase(result.report.seconds, "retrain"):
+                result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
+                                                          options.lr, example, prepared.training, check=held or None)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,

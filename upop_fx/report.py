@@ -84,6 +84,9 @@ class Report:
     #: the retrain's check loss ``[steps done, loss]`` (measured on held batches before the first step and along
     #: the way); the weights kept are those of the lowest
     retrain_check: list[list[float]] = field(default_factory=list)
+    #: wall-clock seconds of each phase of the run, in the order they ran (capture, groups, latency tables,
+    #: selection, cut, latency calibration, report, reconstruction, rebuild, generate, retrain: those it had)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -162,6 +165,9 @@ class Report:
         towers = self.towers()
         if len(towers) > 1:
             lines.append("kept per tower: " + ", ".join(f"{n} {100 * t['kept_fraction']:.1f}%" for n, t in towers.items()))
+        if self.seconds:
+            lines.append(f"time: {sum(self.seconds.values()):.1f} s (" + ", ".join(
+                f"{name} {s:.1f}" for name, s in self.seconds.items()) + ")")
         return "\n".join(lines)
 
     def __str__(self) -> str:

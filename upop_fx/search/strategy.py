@@ -70,6 +70,8 @@ class Prepared:
     calibration: list[Any] | None = None
     #: ``own_class``: per restricted group, what the model's class could not follow and what was done instead
     class_limits: list[str] = field(default_factory=list)
+    #: wall-clock seconds of each phase so far (capture, groups, latency tables, ...): ``report.seconds``
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def granularity(self) -> str:

@@ -8,7 +8,9 @@ When ``compress`` runs inside an initialised process group of more than one rank
   UPop accumulates its scores — every rank accumulates the same scores;
 * every re-selection checks that all ranks chose the same entries (:func:`check_same`: one all-reduce of a
   checksum; a mismatch raises), and at the start the dense model is checked to be the same on every rank;
-* rank 0 alone logs (at INFO and below), shows progress and writes files (:func:`is_main`, :func:`quiet_ranks`).
+* rank 0 alone logs (at INFO and below), shows progress and writes files (:func:`is_main`, :func:`quiet_ranks`);
+* what must be one measurement, not one per rank — a latency budget's tables and timed cuts — is measured on
+  rank 0 alone while the others wait, and sent to every rank (:func:`on_main`).
 
 gloo on CPU, NCCL on GPU — whatever backend the process group was created with. Shard the data yourself, e.g.
 with a ``DistributedSampler``: each rank's batches are its share of the global batch.
@@ -31,7 +33,9 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,8 +44,10 @@ import torch.distributed as dist
 from ..errors import ConfigError, DistributedMismatchError
 
 __all__ = ["init_from_environment", "active", "rank", "world_size", "is_main", "wrap", "unwrap", "check_same", "checksum", "comm_device",
-           "quiet_ranks",
+           "quiet_ranks", "on_main", "all_reduce_sum",
            "DistributedMismatchError"]
+
+T = TypeVar("T")
 
 
 def init_from_environment() -> bool:
@@ -138,6 +144,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().to(comm_device()).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 alone and its (picklable) result sent to every rank; ``fn()`` itself outside a
+    process group. For a measurement that decides the cut: a timing taken on every rank differs from rank to rank
+    (and ranks timing at once on one machine slow each other down), so the ranks would cut differently. The other
+    ranks wait in the broadcast meanwhile. An exception on rank 0 is raised on every rank."""
+    if not active():
+        return fn()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = (True, fn())
+        except Exception as exc:
+            box[0] = (False, _picklable(exc))
+            dist.broadcast_object_list(box, src=0, device=comm_device())
+            raise
+    dist.broadcast_object_list(box, src=0, device=comm_device())
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` itself where it pickles, else a RuntimeError that names it (for the ranks that did not raise it)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any exception type: only its name and message travel
+        return RuntimeError(f"on rank 0: {type(exc).__name__}: {exc}")
 
 
 def comm_device() -> torch.device:
