@@ -95,6 +95,21 @@ def test_wrong_rewrite_is_caught(bert, monkeypatch):
         Surgery(keep)(cap.gm)
 
 
+def test_float32_rounding_past_rtol_is_told_apart_from_a_wrong_cut_in_float64(bert, monkeypatch, caplog):
+    """With an ``rtol`` no float32 error meets, the first check always fails, as float32 rounding amplified
+    through a deep pretrained model can: the float64 rerun of both graphs clears an exact cut and still refuses a
+    wrong one (a head-dim constant left unchanged)."""
+    zoo, cap, analysis = bert
+    keep = {g.id: _half_head_dims(g) if g.heads else list(range(0, g.width, 3)) for g in analysis.prunable}
+    with caplog.at_level("INFO", logger="upop_fx.passes.surgery"):
+        result = Surgery(keep, rtol=-1.0)(cap.gm)
+    assert result.modified and "float32 rounding, the cut is exact" in caplog.text
+    monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.view.default), lambda ctx, node: None)
+    qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
+    with pytest.raises(SurgeryCheckError, match="in float64"):
+        Surgery({qk.id: _half_head_dims(qk), v.id: _half_head_dims(v)}, rtol=-1.0)(cap.gm)
+
+
 def test_rewrite_that_fails_to_run_is_a_check_error(bert, monkeypatch):
     zoo, cap, analysis = bert
     monkeypatch.setitem(REWRITES, key_of(torch.ops.aten.view.default), lambda ctx, node: None)

@@ -9,11 +9,17 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
-__all__ = ["relative_error"]
+__all__ = ["relative_error", "in_float64", "FLOAT64_RTOL"]
+
+#: the relative error two float64 runs of the same function may differ by (rounding, amplified through a deep
+#: model) — a wrong cut differs by far more
+FLOAT64_RTOL = 1e-8
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def relative_error(out: Any, ref: Any) -> float:
@@ -35,3 +41,29 @@ def relative_error(out: Any, ref: Any) -> float:
         den = y.double().norm().item()
         worst = max(worst, (x.double() - y.double()).norm().item() / max(den, 1e-12))
     return worst
+
+
+def in_float64(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[torch.fx.GraphModule, tuple[Any, ...], dict[str, Any]]:
+    """A float64 copy of ``gm`` (its floating tensors, and every floating dtype its graph names: casts, tensor
+    factories, dtype asserts) with its floating inputs in float64: the same function without float32's rounding,
+    for telling a rounding difference from a real one. ``gm`` itself is untouched."""
+    new = copy.deepcopy(gm).double()
+
+    def widen(a: Any) -> Any:
+        if isinstance(a, torch.dtype) and a in _FLOATS:
+            return torch.float64
+        if isinstance(a, (list, tuple)):
+            return type(a)(widen(x) for x in a)
+        if isinstance(a, dict):
+            return {k: widen(v) for k, v in a.items()}
+        return a
+
+    for node in new.graph.nodes:
+        node.args, node.kwargs = widen(node.args), widen(node.kwargs)
+    new.recompile()
+
+    def inputs(t: Any) -> Any:
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return new, torch.utils._pytree.tree_map(inputs, args), torch.utils._pytree.tree_map(inputs, kwargs)
