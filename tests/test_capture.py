@@ -122,3 +122,42 @@ def test_a_model_with_free_sizes_has_nothing_fixed():
     layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     cap = upop_fx.capture(layer, torch.randn(2, 5, 16))
     assert cap.info.fixed == []
+
+
+class _Filled(torch.nn.Module):
+    """A key assembled as DeepSeek's latent attention does: an empty buffer, a per-head part and a part shared
+    by the heads copied into slices of it. ``early``: the buffer is read before the last copy."""
+
+    def __init__(self, early: bool = False, gap: bool = False) -> None:
+        super().__init__()
+        self.early, self.gap = early, gap
+        self.per_head, self.shared = torch.nn.Linear(8, 4 * 6), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        part = self.per_head(x).view(b, t, 4, 6).transpose(1, 2)
+        shared = self.shared(x).view(b, 1, t, 2).expand(-1, 4, -1, -1)
+        key = part.new_empty(b, 4, t, 8)
+        key[..., : 6 if not self.gap else 5].copy_(part[..., : 6 if not self.gap else 5])
+        seen = key.sum() if self.early else 0
+        key[..., 6:].copy_(shared)
+        return key * 2 + seen
+
+
+@pytest.mark.parametrize("early,gap,rewritten", [(False, False, True), (True, False, False), (False, True, False)],
+                         ids=["filled", "read-before-full", "not-covering"])
+def test_a_buffer_filled_by_slice_copies_is_captured_as_the_cat_of_its_pieces(early, gap, rewritten):
+    """Covering writes before any read: the graph holds ``cat`` instead of ``new_empty`` + ``copy_`` (the same
+    values, and channels a rule can follow). A read before the buffer is full, or writes that leave a gap, keep
+    the graph as torch.export gave it."""
+    from upop_fx.capture.filled_buffers import fill_to_cat
+
+    model = _Filled(early, gap).eval()
+    x = torch.randn(2, 5, 8)
+    gm = torch.export.export(model, (x,)).module()
+    assert (fill_to_cat(gm) == 1) is rewritten
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert (torch.ops.aten.cat.default in targets) is rewritten
+    assert (torch.ops.aten.new_empty.default in targets) is not rewritten
+    if rewritten:  # (the other two read uninitialised memory: nothing to compare)
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

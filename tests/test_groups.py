@@ -173,9 +173,12 @@ GOLDEN = {
         ('v', 'transformer.h', 1, 1, 8, 8, False),
         ('mlp', 'transformer.h', 1, None, None, 64, False),
     ],
-    "deepseek_v3": [  # latent attention not analysed yet (q/k layouts differ, the key built with new_empty);
+    "deepseek_v3": [  # latent attention: v's head dims (the key, filled piece by piece, is read as the cat of its
+        # per-head part and the rotary part every head shares, which couples q/k across the heads: not prunable);
         # the dense first MLP, then the shared expert and the 4 routed experts (one group, neuron j of each)
+        ('v', 'model.layers', 0, 4, 8, 32, False),
         ('mlp', 'model.layers', 0, None, None, 64, False),
+        ('v', 'model.layers', 1, 4, 8, 32, False),
         ('mlp', 'model.layers', 1, None, None, 16, False),
         ('mlp', 'model.layers', 1, None, None, 16, False),
     ],
@@ -205,9 +208,9 @@ GOLDEN = {
         ('v', 'decoder.layers', 0, 4, 8, 32, True),
         ('mlp', 'decoder.layers', 0, None, None, 64, False),
     ],
-    "segformer": [
-        ('qk', 'segformer.stages', 0, 1, 16, 16, True),
-        ('v', 'segformer.stages', 0, 1, 16, 16, True),
+    "segformer": [  # self-attention over keys from a spatially reduced copy of the same input (not cross)
+        ('qk', 'segformer.stages', 0, 1, 16, 16, False),
+        ('v', 'segformer.stages', 0, 1, 16, 16, False),
         ('mlp', 'segformer.stages', 0, None, None, 32, False),
         ('qk', 'segformer.stages', 1, 2, 16, 32, False),
         ('v', 'segformer.stages', 1, 2, 16, 32, False),

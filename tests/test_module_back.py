@@ -126,8 +126,9 @@ def with_weights_of(model: torch.nn.Module, graph: torch.fx.GraphModule) -> torc
 def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     """With the defaults: Llama and Mixtral (one rotary table for all layers) lose whole KV groups, GPT-2 head dims,
     the multi-query StarCoder-style decoder head dims of its one key/value head; Qwen3 and Gemma 3 (q/k normalised
-    per head) keep their attention whole and lose MLP neurons; DeepSeek-V3 (latent attention, not analysed) loses
-    neurons of its dense MLP, its shared expert and its routed experts."""
+    per head) keep their attention whole and lose MLP neurons; DeepSeek-V3 (latent attention) loses v head dims in
+    every layer (its latent ranks, which merely held the same number, keep their values) and neurons of its dense
+    MLP, its shared expert and its routed experts."""
     model = make()
     assert model.config.use_cache  # compress accepts the model with its cache on
     prompt = _tokens(2, 6, seed=3)
@@ -141,6 +142,23 @@ def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     assert torch.equal(_greedy(result.module, **prompt), want)
     upop_fx.save_pretrained(result.module, tmp_path / "small")
     assert torch.equal(_greedy(upop_fx.from_pretrained(tmp_path / "small"), **prompt), want)
+
+
+def test_latent_attention_loses_v_head_dims_and_keeps_its_latent_ranks():
+    """DeepSeek-V3's key is assembled in an empty buffer from a per-head part and a rotary part every head shares:
+    captured as their concatenation, v's head dims are prunable, and the class expresses them per layer
+    (``v_head_dim``). Its latent ranks and q/k head dims, which held the same numbers as v's sizes, keep theirs."""
+    model = _deepseek_v3()
+    prompt = _tokens(2, 6, seed=3)
+    result = upop_fx.compress(model, prompt, ratio=0.5, method="magnitude", retrain_steps=0)
+    v = [row for row in result.report.groups if row.kind == "v"]
+    assert len(v) == 2 and all(row.kept < row.total for row in v)
+    assert result.module is not None, result.report.module_reason
+    for layer, row in zip(result.module.model.layers, v):
+        attn = layer.self_attn
+        assert attn.v_head_dim == row.kept // row.heads < 8
+        assert (attn.qk_nope_head_dim, attn.kv_lora_rank, attn.q_lora_rank) == (8, 16, 16)
+    torch.testing.assert_close(result.module(**prompt).logits, result.model(**prompt).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_llama_graph_only_cut_says_which_option_gives_the_module():

@@ -43,6 +43,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..errors import CaptureError, InputError
 from ..logs import quietly
+from .filled_buffers import fill_to_cat
 
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
@@ -358,6 +359,9 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
     with guard_sources() as sources:
         ep, args, kwargs, spec = export_program(model, example_inputs)
     gm = ep.module()
+    filled = fill_to_cat(gm)  # a buffer written piece by piece (DeepSeek's key): the cat it computes
+    if filled:
+        log.debug("capture: %d buffer(s) filled by slice copies rewritten to cat", filled)
     fixed = fixed_sizes(gm, model, args, kwargs, sources)
     gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__, fixed)
     guard_fixed_sizes(gm, fixed)

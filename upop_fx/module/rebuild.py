@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 #: the largest relative error between the rebuilt module and the cut graph that counts as equal (float32
 #: rounding of a differently ordered computation stays near 1e-5; a wrong size or scale is far above)
 RTOL = 1e-4
+#: up to this many coincidental attribute keys, every subset is tried (fewest first) to find the ones to restore
+SUBSET_SEARCH = 6
 
 
 class Problems(list):
@@ -611,9 +614,11 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
                           recapture: bool, failed: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
     """Where the verification failed: give back their original value to the attributes of one name in one class
     that a shape literal patched (an attribute that merely held the same number, such as a count of KV groups
-    equal to the count of KV heads, or a layer's index), one (class, name) at a time, keeping the first that
-    verifies; when none does alone, all of them, then each patched again where the verification still passes.
-    Returns the verification's answer (``failed`` when nothing verifies)."""
+    equal to the count of KV heads, a layer's index, or a latent rank equal to a head's width), the fewest
+    (class, name) keys that verify: each alone, then every pair, and so on, up to :data:`SUBSET_SEARCH` keys
+    (a verification that fails costs one eager forward). With more keys: each alone, then all of them, then
+    each patched again where the verification still passes. Returns the verification's answer (``failed`` when
+    nothing verifies)."""
     keys: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path, attrs in patched.items():
         for k in attrs:
@@ -633,13 +638,21 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
                      "the cut changed)", cls, k, len(keys[(cls, k)]))
         return None, None
 
+    if len(keys) <= SUBSET_SEARCH:  # the fewest restored that verify: one alone, then two together, ...
+        for size in range(1, len(keys) + 1):
+            for subset in itertools.combinations(sorted(keys), size):
+                for key in subset:
+                    put(key, original=True)
+                if _verify(module, small, recapture)[0] is None:
+                    return kept(list(subset))
+                for key in subset:
+                    put(key, original=False)
+        return failed
     for key in sorted(keys):  # one alone
         put(key, original=True)
         if _verify(module, small, recapture)[0] is None:
             return kept([key])
         put(key, original=False)
-    if len(keys) < 2:
-        return failed
     for key in keys:  # several together (a layer's index and its count of KV groups): all, then patch back what may be
         put(key, original=True)
     if _verify(module, small, recapture)[0] is not None:

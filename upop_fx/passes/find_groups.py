@@ -288,7 +288,12 @@ def _classify(gid, seeds, classes, tracer, roots, site_role, refused, uses_by_cl
             if dims is not None:
                 head_dim = len(dims)
         if len(set(order.tolist())) != len(order) or set(order.tolist()) != classes:
-            reason = reason or f"the {kind} dims of attention {site.node} are coupled with other channels"
+            rows = {tuple(r) for r in roots[labels].tolist()}
+            shared = len(rows) > 1 and len({c for r in rows for c in set(r)}) < sum(len(set(r)) for r in rows)
+            reason = reason or (
+                f"node {site.node}: its {kind} dims are shared by several heads (a key part every head reads, as "
+                "latent attention's rotary key), so no head or head dim can go alone" if shared else
+                f"node {site.node}: the {kind} dims of this attention are coupled with other channels")
     elif roles:
         reason = reason or "channels shared between attention roles or layers"
         order = np.array(sorted(classes), dtype=np.int64)
@@ -392,7 +397,9 @@ def _tower_layer(scope: str) -> tuple[str, int]:
 
 
 def _is_cross(site: AttentionSite, tracer: LabelTracer, roots: np.ndarray, nodes: dict) -> bool:  # noqa: ANN001
-    """Cross-attention: q and k are projected from different tensors."""
+    """Cross-attention: q and k are projected from tensors computed from different model inputs (text queries
+    over image keys, a decoder over its encoder's output). Two projections of one layer's input — directly, or
+    through low-rank latents as in latent attention — are self-attention."""
     if site.q is None or site.k is None:
         return False
 
@@ -403,7 +410,29 @@ def _is_cross(site: AttentionSite, tracer: LabelTracer, roots: np.ndarray, nodes
                 return _activation_input(node)
         return None
 
-    return source(int(site.q.reshape(-1)[0])) is not source(int(site.k.reshape(-1)[0]))
+    q, k = source(int(site.q.reshape(-1)[0])), source(int(site.k.reshape(-1)[0]))
+    if q is k:
+        return False
+    if not isinstance(q, torch.fx.Node) or not isinstance(k, torch.fx.Node):
+        return True
+    return _input_ancestors(q) != _input_ancestors(k)
+
+
+_SIZES = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _input_ancestors(node: torch.fx.Node) -> frozenset[str]:
+    """The graph inputs (placeholders) ``node``'s values are computed from (not those that lend a size only)."""
+    seen, todo, found = {node}, [node], set()
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            found.add(n.name)
+        for a in n.all_input_nodes:
+            if a not in seen and not isinstance(a.meta.get("val"), _SIZES):
+                seen.add(a)
+                todo.append(a)
+    return frozenset(found)
 
 
 def _activation_input(node: torch.fx.Node) -> object:

@@ -156,9 +156,13 @@ def cat(ctx: Any, node: Node) -> Block | None:
     blocks = [ctx.block(t) for t in tensors]
     labelled = [b for b in blocks if b is not None]
     if any(b.axes != labelled[0].axes for b in labelled):
-        for b in labelled:
-            ctx.refuse_block(b, "concatenated operands carry channels on different axes")
-        return None
+        spread = _spread(blocks, tensors, dim)
+        if spread is None:
+            for b in labelled:
+                ctx.refuse_block(b, "concatenated operands carry channels on different axes")
+            return None
+        blocks = spread
+        labelled = [b for b in blocks if b is not None]
     ref = labelled[0]
     if any(b is None for b in blocks):
         ctx.refuse_block(ref, "concatenation with an operand of unknown channels")
@@ -177,6 +181,32 @@ def cat(ctx: Any, node: Node) -> Block | None:
             return None
         ctx.union(ref.labels, b.labels)
     return Block(ref.axes, ref.labels, ref.outer, all(b.zero for b in labelled))
+
+
+def _spread(blocks: list[Block | None], tensors: list[Any], dim: int) -> list[Block | None] | None:
+    """Operands labelled on different axes, all on the concatenated one: an operand whose channels do not depend
+    on an axis another operand labels (DeepSeek's rotary key part, one per token, expanded over the heads beside
+    the per-head part) carries the same labels at every position of it — they are spread along it, so that the
+    operands line up. None where an operand misses the concatenated axis or an axis mixes in an outer factor."""
+    labelled = [b for b in blocks if b is not None]
+    axes = tuple(sorted({a for b in labelled for a in b.axes}))
+    if any(dim not in b.axes or any(o != 1 for o in b.outer) for b in labelled):
+        return None
+    out: list[Block | None] = []
+    for b, t in zip(blocks, tensors):
+        if b is None or b.axes == axes:
+            out.append(b)
+            continue
+        shape = val(t).shape
+        labels = b.labels
+        for i, a in enumerate(axes):
+            if a not in b.axes:
+                size = shape[a]
+                if not isinstance(size, int):
+                    return None
+                labels = np.repeat(np.expand_dims(labels, i), size, axis=i)
+        out.append(Block(axes, labels, (1,) * len(axes), b.zero))
+    return out
 
 
 # ------------------------------------------------------------------ rewrites
