@@ -169,3 +169,41 @@ def test_distillation_loss_weighs_features_by_their_spread_and_logits_by_kl():
     torch.testing.assert_close(distillation_loss(CausalLMOutput(logits=logits_s), CausalLMOutput(logits=logits_t)), kl)
     torch.testing.assert_close(distillation_loss(CausalLMOutput(logits=logits_s + 3.0), CausalLMOutput(logits=logits_s)),
                                torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_the_dense_targets_of_every_layer_come_from_one_dense_forward(monkeypatch):
+    """The dense model does not change while the cut one is re-fitted: its residual stream after every site is
+    recorded in few forwards per batch (one site first, to learn a site's size, then as many as half its
+    parameters' memory holds), not in a forward up to each site — and the fits are the same as with one dense
+    forward per site."""
+    import upop_fx.training.reconstruct as rc
+
+    zoo = ZOO["bert"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    keep = {g.id: list(range(0, g.width, 2)) for g in FindGroups()(cap.gm).value.prunable}
+    small = Surgery(keep)(cap.gm).gm
+    data = _batches(zoo, 4)
+    calls = []
+    record = rc._record
+
+    def counting(gm, nodes, batches):
+        calls.append((gm is cap.gm, len(nodes)))
+        return record(gm, nodes, batches)
+
+    monkeypatch.setattr(rc, "_record", counting)
+    batched = copy.deepcopy(small)
+    fits = reconstruct(cap.gm, batched, data)
+    assert len(fits) == 4 and [c for c in calls if c[0]] == [(True, 1), (True, 3)]  # the first learns the size
+    init = rc._DenseTargets.__init__
+
+    def per_site(self, *args):  # noqa: ANN001, ANN202 - a budget of nothing: one site per dense forward
+        init(self, *args)
+        self.budget = 0
+
+    monkeypatch.setattr(rc._DenseTargets, "__init__", per_site)
+    calls.clear()
+    one_by_one = copy.deepcopy(small)
+    assert [f.after for f in reconstruct(cap.gm, one_by_one, data)] == [f.after for f in fits]
+    assert calls.count((True, 1)) == 4
+    for a, b in zip(batched.state_dict().values(), one_by_one.state_dict().values()):
+        assert torch.equal(a, b)

@@ -207,6 +207,32 @@ def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any]) -> 
     return out
 
 
+class _DenseTargets:
+    """The dense graph's residual stream after each site's add, per calibration batch: the dense model does not
+    change while the cut one is re-fitted, so one dense forward records the targets of many sites (instead of a
+    forward up to each site: quadratic in the depth). Sites are recorded in chunks whose values take about as
+    much memory as half the dense model's parameters; a chunk is dropped once the fits have moved past it."""
+
+    def __init__(self, dense: torch.fx.GraphModule, sites: list[_Site], calibration: list[Any]) -> None:
+        self.dense, self.sites, self.calibration = dense, sites, calibration
+        self.budget = sum(t.numel() * t.element_size() for t in dense.parameters()) // 2
+        self.values: dict[int, list[torch.Tensor]] = {}
+        self.chunk = 1  # sites per dense forward: one until the size of one site's values is known
+
+    def of(self, i: int) -> list[torch.Tensor]:
+        """Site ``i``'s targets (one 2-D tensor per batch); ``sites[i]`` has a residual add."""
+        if i not in self.values:
+            self.values.clear()  # the fits go in order: earlier sites are done
+            todo = [j for j in range(i, len(self.sites)) if self.sites[j].dense_add is not None][: self.chunk]
+            recorded = _record(self.dense, [self.sites[j].dense_add for j in todo], self.calibration)
+            for k, j in enumerate(todo):  # copies: a later in-place op of the forward may not touch them
+                self.values[j] = [batch[k].clone() for batch in recorded]
+            del recorded
+            size = sum(t.numel() * t.element_size() for t in self.values[i])
+            self.chunk = max(1, int(self.budget // max(size, 1)))
+        return self.values[i]
+
+
 @dataclass
 class _Sums:
     """``XᵀX``, ``XᵀY``, ``ΣY²`` and the row count of some calibration batches (``X`` with a column of ones)."""
@@ -309,12 +335,13 @@ def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batche
         return []
     fits = []
     bar = progress_bar(len(sites), "reconstruct")
-    for site in sites:
+    targets = _DenseTargets(dense, sites, calibration)
+    for i, site in enumerate(sites):
         x_node = _linear_parts(site.small)[0]
         width = get_tensor(small, site.weight).shape[1 if site.transposed else 0]
         if site.residual is not None:  # the target: what the dense residual stream holds after the add
             xs, rs = zip(*_record(small, [x_node, site.residual], calibration))
-            ys = [d - r if d.shape == r.shape else None for (d,), r in zip(_record(dense, [site.dense_add], calibration), rs)]
+            ys = [d - r if d.shape == r.shape else None for d, r in zip(targets.of(i), rs)]
         if site.residual is None or any(y is None or y.shape != (x.shape[0], width) for x, y in zip(xs, ys)):
             xs = [x for (x,) in _record(small, [x_node], calibration)]
             ys = [y for (y,) in _record(dense, [site.dense], calibration)]
