@@ -46,7 +46,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 #: per folder, its files bottom first ("": the folder's __init__, always last)
 ORDER = {
     "ir": ["groups", "cost", "entries", "latency_model", ""],
-    "capture": ["program", ""],
+    "capture": ["filled_buffers", "program", ""],
     "kernels": ["_checks", "masked_attention", ""],
     "passes": ["rules", "base", "blocks", "param_views", "trace", "split_slots", "find_groups", "insert_masks",
                "sort_experts", "fuse_attention", "surgery", ""],

@@ -614,11 +614,11 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
                           recapture: bool, failed: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
     """Where the verification failed: give back their original value to the attributes of one name in one class
     that a shape literal patched (an attribute that merely held the same number, such as a count of KV groups
-    equal to the count of KV heads, a layer's index, or a latent rank equal to a head's width), the fewest
-    (class, name) keys that verify: each alone, then every pair, and so on, up to :data:`SUBSET_SEARCH` keys
-    (a verification that fails costs one eager forward). With more keys: each alone, then all of them, then
-    each patched again where the verification still passes. Returns the verification's answer (``failed`` when
-    nothing verifies)."""
+    equal to the count of KV heads, a layer's index, or a latent rank equal to a head's width): up to
+    :data:`SUBSET_SEARCH` (class, name) keys, all of them but the fewest left patched that verify — none, then each
+    alone, then every pair, ... (a verification that fails costs one eager forward), so that an attribute the
+    forward never reads keeps its value. With more keys: each alone, then all of them, then each patched again
+    where the verification still passes. Returns the verification's answer (``failed`` when nothing verifies)."""
     keys: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path, attrs in patched.items():
         for k in attrs:
@@ -638,15 +638,19 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
                      "the cut changed)", cls, k, len(keys[(cls, k)]))
         return None, None
 
-    if len(keys) <= SUBSET_SEARCH:  # the fewest restored that verify: one alone, then two together, ...
-        for size in range(1, len(keys) + 1):
+    if len(keys) <= SUBSET_SEARCH:  # the fewest left patched that verify: none, then one, then two, ...
+        for key in keys:
+            put(key, original=True)
+        for size in range(len(keys)):
             for subset in itertools.combinations(sorted(keys), size):
                 for key in subset:
-                    put(key, original=True)
-                if _verify(module, small, recapture)[0] is None:
-                    return kept(list(subset))
-                for key in subset:
                     put(key, original=False)
+                if _verify(module, small, recapture)[0] is None:
+                    return kept(sorted(set(keys) - set(subset)))
+                for key in subset:
+                    put(key, original=True)
+        for key in keys:
+            put(key, original=False)
         return failed
     for key in sorted(keys):  # one alone
         put(key, original=True)
