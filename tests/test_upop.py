@@ -101,6 +101,25 @@ def test_masks_progress_and_end_exactly_zero_or_one(tiny):
         assert relative_error(result.model(x), pruner.model(x)) <= 1e-5
 
 
+def test_cut_against_the_final_masked_model_rechecks_float32_rounding_in_float64(tiny, monkeypatch, caplog):
+    """A float32 gap past its tolerance (forced here: no error meets a negative one) is rerun in float64, where an
+    exact cut agrees; only a float64 gap refuses the cut."""
+    import upop_fx.pipeline as pipeline
+
+    model, data = tiny
+    monkeypatch.setattr(pipeline, "MASKED_RTOL", -1.0)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=6, interval=2)
+    _run_loop(pruner, model, data, 6)
+    with caplog.at_level("INFO", logger="upop_fx.pipeline"):
+        pruner.finalize()
+    assert "in float64" in caplog.text
+    monkeypatch.setattr(pipeline, "FLOAT64_RTOL", -1.0)
+    pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=6, interval=2)
+    _run_loop(pruner, model, data, 6)
+    with pytest.raises(upop_fx.errors.SurgeryCheckError, match="in float64"):
+        pruner.finalize()
+
+
 def test_finalize_early_is_refused(tiny):
     model, data = tiny
     pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=10)

@@ -10,11 +10,14 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 
-__all__ = ["relative_error", "in_float64", "FLOAT64_RTOL"]
+log = logging.getLogger(__name__)
+
+__all__ = ["relative_error", "in_float64", "float64_error", "FLOAT64_RTOL"]
 
 #: the relative error two float64 runs of the same function may differ by (rounding, amplified through a deep
 #: model) — a wrong cut differs by far more
@@ -67,3 +70,21 @@ def in_float64(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str
         return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     return new, torch.utils._pytree.tree_map(inputs, args), torch.utils._pytree.tree_map(inputs, kwargs)
+
+
+def float64_error(small: torch.fx.GraphModule, ref: torch.fx.GraphModule, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> float | None:
+    """The relative error of ``small`` against ``ref`` with both run in float64 (:func:`in_float64`), for a
+    float32 check that a deep model's rounding (sums of other lengths, amplified layer after layer) pushed past
+    its tolerance: a right cut agrees within :data:`FLOAT64_RTOL`, a wrong one does not. None where a graph
+    cannot run in float64 (an op without a float64 kernel): the float32 verdict then stands."""
+    try:
+        with torch.no_grad():
+            small64, a, k = in_float64(small, args, kwargs)
+            out = small64(*a, **k)
+            del small64
+            ref64, a, k = in_float64(ref, args, kwargs)
+            return relative_error(out, ref64(*a, **k))
+    except Exception as exc:  # noqa: BLE001 - any failure to run widened leaves the float32 verdict
+        log.debug("no float64 rerun (%s: %s)", type(exc).__name__, exc)
+        return None

@@ -37,7 +37,7 @@ import torch
 from torch.fx import Node
 
 from ..capture.program import get_capture, run_module
-from ..compare import FLOAT64_RTOL, in_float64, relative_error
+from ..compare import FLOAT64_RTOL, float64_error, relative_error
 from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
 from ..ir.entries import Entry, keep_sets
 from ..ir.groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
@@ -177,7 +177,7 @@ class Surgery(GraphPass[SurgeryInfo]):
             return
         # a deep pretrained model can amplify float32's rounding (sums of other lengths) past rtol: the same two
         # graphs in float64 tell rounding from a wrong cut
-        err64 = _float64_error(result.gm, ref, info.args, info.kwargs)
+        err64 = float64_error(result.gm, ref, info.args, info.kwargs)
         if err64 is not None and err64 <= FLOAT64_RTOL:
             log.info("surgery check: relative error %.2e against the zeroed reference in float32, %.2e in float64: "
                      "float32 rounding, the cut is exact", err, err64)
@@ -187,21 +187,6 @@ class Surgery(GraphPass[SurgeryInfo]):
             f"the reduced graph differs from the zeroed reference (relative error {err:.3g} > {self.rtol:g}{in64}); "
             f"refusing to return a silently wrong model"
         )
-
-
-def _float64_error(small: torch.fx.GraphModule, ref: torch.fx.GraphModule, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> float | None:
-    """The relative error of ``small`` against ``ref`` both run in float64 (:func:`~upop_fx.compare.in_float64`);
-    None where a graph cannot run in float64."""
-    try:
-        small64, a, k = in_float64(small, args, kwargs)
-        out = run_module(small64, a, k)
-        del small64
-        ref64, a, k = in_float64(ref, args, kwargs)
-        return relative_error(out, run_module(ref64, a, k))
-    except Exception as exc:  # noqa: BLE001 - an op without a float64 kernel: the float32 verdict stands
-        log.debug("surgery check: no float64 rerun (%s: %s)", type(exc).__name__, exc)
-        return None
 
 
 def cut_entries(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: list[Entry], pruned: np.ndarray
