@@ -207,6 +207,7 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
         for r in roots[labels].tolist():
             seed_of_class.setdefault(r, s)
     components = sorted(nx.connected_components(graph), key=lambda c: min(seed_of_class[r] for r in c))
+    cross: dict[int, bool] = {}
     for classes in components:
         seeds = sorted({seed_of_class[r] for r in classes})
         gid = len(groups)
@@ -215,8 +216,10 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
         scope = _common_scope([node_scope.get(tracer.uses[i].node, "") for i in used])
         g.scope = scope
         g.tower, g.layer = _tower_layer(scope)
-        if g.site is not None and g.kind in ("qk", "v"):
-            g.cross = _is_cross(tracer.sites[g.site], tracer, roots, seed_nodes)
+        if g.site is not None and g.kind in ("qk", "v"):  # one walk per site: its qk and v groups share it
+            if g.site not in cross:
+                cross[g.site] = _is_cross(tracer.sites[g.site], tracer, roots, seed_nodes)
+            g.cross = cross[g.site]
         order = g.classes
         pos = {int(r): c for c, r in enumerate(order.tolist())}
         g.cost_params = cost_p[order]
