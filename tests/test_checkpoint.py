@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,19 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def uninterrupted():
     return scaleout.summary(scaleout.checkpointed_run(None))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The checkpoint directory of one finished run (tests that change it work on a copy: :func:`_copy`)."""
+    d = tmp_path_factory.mktemp("finished")
+    scaleout.checkpointed_run(str(d))
+    return d
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    shutil.copytree(finished, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
 
 
 def _same(a: dict, b: dict) -> None:
@@ -99,8 +113,8 @@ def test_one_shot_stream_resumes_at_its_position(tmp_path, fail_at):
     _same(scaleout.summary(_run_stream(tmp_path / "ckpt", None)), reference)
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    scaleout.checkpointed_run(str(tmp_path))
+def test_checkpoint_of_another_model_is_refused(finished):
+    tmp_path = finished  # only read: the refusal comes before anything is written
     data = scaleout.global_batches()
     with pytest.raises(upop_fx.CheckpointError, match="weights differs"):
         upop_fx.compress(scaleout.encoder(seed=1), data[0][0], 0.5, data=data, loss_fn=scaleout.mse,
@@ -108,8 +122,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                          lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2, calibration_batches=scaleout.CALIBRATION)
 
 
-def test_checkpoint_of_other_settings_is_refused(tmp_path):
-    scaleout.checkpointed_run(str(tmp_path))
+def test_checkpoint_of_other_settings_is_refused(finished):
+    tmp_path = finished  # only read: the refusal comes before anything is written
     data = scaleout.global_batches()
     with pytest.raises(upop_fx.CheckpointError, match=r"settings\.options\.ratio differs \(0\.5 there, 0\.4 here\)"):
         upop_fx.compress(scaleout.encoder(), data[0][0], 0.4, data=data, loss_fn=scaleout.mse,
@@ -117,11 +131,17 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
                          lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=2, calibration_batches=scaleout.CALIBRATION)
 
 
-def test_a_damaged_checkpoint_is_refused(tmp_path):
-    scaleout.checkpointed_run(str(tmp_path))
-    (tmp_path / "search.pt").write_bytes(b"not a checkpoint")
+def test_a_checkpoint_directory_moved_elsewhere_resumes_as_the_same_run(finished, tmp_path, uninterrupted):
+    """Where the checkpoints lie is not part of the run: a finished run's directory, copied to another path (a
+    scratch disk to home), resumes there to the uninterrupted result."""
+    _same(scaleout.summary(scaleout.checkpointed_run(str(_copy(finished, tmp_path)))), uninterrupted)
+
+
+def test_a_damaged_checkpoint_is_refused(finished, tmp_path):
+    ckpt = _copy(finished, tmp_path)
+    (ckpt / "search.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(upop_fx.CheckpointError, match="not a readable checkpoint"):
-        scaleout.checkpointed_run(str(tmp_path))
+        scaleout.checkpointed_run(str(ckpt))
 
 
 def test_a_directory_of_foreign_files_is_refused(tmp_path):

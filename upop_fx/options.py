@@ -236,7 +236,7 @@ class Options:
     checkpoint_dir: str | os.PathLike[str] | None = _option(
         None, "training", "write the training state there every `checkpoint_every` steps (atomically); the same "
         "call again resumes where it stopped and gives what an uninterrupted run gives; a directory of another "
-        "run is refused", _path, metavar="DIR")
+        "run is refused (a directory moved elsewhere is the same run)", _path, metavar="DIR", recorded=False)
     checkpoint_every: int = _option(50, "training", "steps between checkpoints (and one at the end of each phase)",
                                     _int(1), metavar="N")
 
