@@ -84,74 +84,82 @@ def rank_runtime(rank: int) -> SimulatedRuntime:
     return sim
 
 
-def ddp_worker(rank: int, world: int, store: str, out: str, mode: str) -> None:
-    """One gloo rank. ``mode``: ``"shard"`` (each rank its half of every global batch), ``"activation"`` (the same,
-    ranked by ``method="activation"`` on the calibration batches), ``"latency"`` (the same under a latency budget,
-    on a runtime that times differently on each rank: :func:`rank_runtime`), ``"models_differ"`` (a different model
-    per rank), ``"selection_differs"`` (an allocation that depends on the rank)."""
+#: the modes one spawn of :func:`ddp_worker` runs, in this order (the latency mode patches the runtime: last)
+MODES = ("shard", "activation", "models_differ", "selection_differs", "latency")
+
+
+def ddp_worker(rank: int, world: int, store: str, out: str, modes: tuple[str, ...] = MODES) -> None:
+    """One gloo rank running a compress per mode, one after another in one process group (each mode's result or
+    error saved to ``{out}.{mode}.{rank}``), then :func:`on_main`'s checks (``{out}.on_main.{rank}``). Modes:
+    ``"shard"`` (each rank its half of every global batch), ``"activation"`` (the same, ranked by
+    ``method="activation"`` on the calibration batches), ``"models_differ"`` (a different model per rank),
+    ``"selection_differs"`` (an allocation that depends on the rank), ``"latency"`` (the shard under a latency
+    budget, on a runtime that times differently on each rank: :func:`rank_runtime`)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    sim = None
     try:
-        model = encoder(seed=rank if mode == "models_differ" else 0)
-        data = global_batches()
-        half = data[0][0].shape[0] // world
-        shard = [(x[rank * half:(rank + 1) * half], t[rank * half:(rank + 1) * half]) for x, t in data]
-        kwargs: dict[str, Any] = {}
-        if mode == "selection_differs":
-            def allocate(importance, entries, structures, fraction):  # noqa: ANN001, ANN202
-                pruned = upop_fx.unified(importance, entries, structures, fraction)
-                if rank == 1 and fraction > 0:
-                    pruned = ~pruned
-                return pruned
-            kwargs["allocate"] = allocate
-        if mode == "activation":
-            kwargs["method"] = "activation"
-        if mode == "latency":
-            os.environ["UPOP_FX_CACHE"] = f"{store}.cache{rank}"  # no rank reads tables another one wrote
-            sim = rank_runtime(rank)
-            runners.RUNNERS["torch-cpu"] = sim.build
-            timing.clock = sim.clock
-            kwargs.update(budget="latency", runtime="torch-cpu", ratio=0.3)
-        try:
-            result = upop_fx.compress(
-                model, shard[0][0], **{"ratio": 0.5, **kwargs}, data=shard, loss_fn=mse, search_steps=SEARCH,
-                retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3,
-            )  # fmt: skip
-            timed = {"latency": result.report.latency, "built": sim.built} if sim is not None else {}
-            torch.save({"rank": rank, **summary(result), **timed}, f"{out}.{rank}")
-        except upop_fx.UPopError as exc:
-            torch.save({"rank": rank, "error": type(exc).__name__, "message": str(exc)}, f"{out}.{rank}")
+        for mode in modes:
+            _compress_mode(rank, world, store, f"{out}.{mode}", mode)
+        _on_main_checks(rank, f"{out}.on_main")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def on_main_worker(rank: int, world: int, store: str, out: str) -> None:
-    """One gloo rank calling :func:`upop_fx.training.distributed.on_main` twice: with a function whose result
-    depends on the rank, then with one that raises on rank 0."""
+def _compress_mode(rank: int, world: int, store: str, out: str, mode: str) -> None:
+    sim = None
+    model = encoder(seed=rank if mode == "models_differ" else 0)
+    data = global_batches()
+    half = data[0][0].shape[0] // world
+    shard = [(x[rank * half:(rank + 1) * half], t[rank * half:(rank + 1) * half]) for x, t in data]
+    kwargs: dict[str, Any] = {}
+    if mode == "selection_differs":
+        def allocate(importance, entries, structures, fraction):  # noqa: ANN001, ANN202
+            pruned = upop_fx.unified(importance, entries, structures, fraction)
+            if rank == 1 and fraction > 0:
+                pruned = ~pruned
+            return pruned
+        kwargs["allocate"] = allocate
+    if mode == "activation":
+        kwargs["method"] = "activation"
+    if mode == "latency":
+        os.environ["UPOP_FX_CACHE"] = f"{store}.cache{rank}"  # no rank reads tables another one wrote
+        sim = rank_runtime(rank)
+        runners.RUNNERS["torch-cpu"] = sim.build
+        timing.clock = sim.clock
+        kwargs.update(budget="latency", runtime="torch-cpu", ratio=0.3)
+    try:
+        result = upop_fx.compress(
+            model, shard[0][0], **{"ratio": 0.5, **kwargs}, data=shard, loss_fn=mse, search_steps=SEARCH,
+            retrain_steps=RETRAIN, interval=INTERVAL, lr=1e-3,
+        )  # fmt: skip
+        timed = {"latency": result.report.latency, "built": sim.built} if sim is not None else {}
+        torch.save({"rank": rank, **summary(result), **timed}, f"{out}.{rank}")
+    except upop_fx.UPopError as exc:
+        torch.save({"rank": rank, "error": type(exc).__name__, "message": str(exc)}, f"{out}.{rank}")
+
+
+def _on_main_checks(rank: int, out: str) -> None:
+    """:func:`upop_fx.training.distributed.on_main` twice: with a function whose result depends on the rank, then
+    with one that raises on rank 0."""
     from upop_fx.training import distributed
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ran: list[int] = []
+
+    def measure() -> dict[str, Any]:
+        ran.append(rank)
+        return {"rank": rank, "ms": 10.0 + rank}
+
+    got = distributed.on_main(measure)
+
+    def fails() -> None:
+        raise upop_fx.ConfigError(f"rank {rank} cannot measure")
+
     try:
-        ran: list[int] = []
-
-        def measure() -> dict[str, Any]:
-            ran.append(rank)
-            return {"rank": rank, "ms": 10.0 + rank}
-
-        got = distributed.on_main(measure)
-
-        def fails() -> None:
-            raise upop_fx.ConfigError(f"rank {rank} cannot measure")
-
-        try:
-            distributed.on_main(fails)
-            error = None
-        except upop_fx.ConfigError as exc:
-            error = str(exc)
-        torch.save({"got": got, "ran": ran, "error": error}, f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+        distributed.on_main(fails)
+        error = None
+    except upop_fx.ConfigError as exc:
+        error = str(exc)
+    torch.save({"got": got, "ran": ran, "error": error}, f"{out}.{rank}")
 
 
 class SlowBatches:

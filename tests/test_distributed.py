@@ -22,14 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
 
-def _spawn(tmp_path: Path, mode: str) -> list[dict]:
-    out = tmp_path / "result"
-    mp.spawn(scaleout.ddp_worker, args=(2, str(tmp_path / "store"), str(out), mode), nprocs=2, join=True)
-    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    """One spawn of two gloo ranks for every scenario (:data:`scaleout.MODES`, then ``on_main``): their results."""
+    d = tmp_path_factory.mktemp("ranks")
+    mp.spawn(scaleout.ddp_worker, args=(2, str(d / "store"), str(d / "result")), nprocs=2, join=True)
+    return d / "result"
 
 
-def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(tmp_path):
-    ranks = _spawn(tmp_path, "shard")
+def _ranks(spawned: Path, mode: str) -> list[dict]:
+    return [torch.load(f"{spawned}.{mode}.{r}", weights_only=False) for r in range(2)]
+
+
+def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(spawned):
+    ranks = _ranks(spawned, "shard")
     assert all("error" not in r for r in ranks), ranks
     r0, r1 = ranks
     assert r0["keep"] == r1["keep"]
@@ -47,10 +53,10 @@ def test_two_ranks_keep_the_same_channels_as_one_process_over_the_global_batch(t
         assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
 
 
-def test_two_ranks_rank_by_activation_on_all_their_calibration_batches(tmp_path):
+def test_two_ranks_rank_by_activation_on_all_their_calibration_batches(spawned):
     """``method="activation"`` under two ranks: each reads its own half of the calibration batches, and both rank
     on the activations of all of them — the same channels on both, those of one process over the global batches."""
-    ranks = _spawn(tmp_path, "activation")
+    ranks = _ranks(spawned, "activation")
     assert all("error" not in r for r in ranks), ranks
     assert ranks[0]["keep"] == ranks[1]["keep"]
     torch.set_num_threads(1)
@@ -60,11 +66,11 @@ def test_two_ranks_rank_by_activation_on_all_their_calibration_batches(tmp_path)
     assert keep_jaccard(ranks[0]["keep"], single.keep) == 1.0
 
 
-def test_under_a_latency_budget_rank_0_times_and_every_rank_cuts_alike(tmp_path):
+def test_under_a_latency_budget_rank_0_times_and_every_rank_cuts_alike(spawned):
     """Two ranks whose runtimes time differently (rank 1 would price the feed-forward weights 5x and measure every
     cut 30% slow, so its own tables and its own calibration would choose another cut): rank 0 alone measures the
     tables and times the cuts, rank 1 builds nothing, and both keep the same channels with the same latency row."""
-    ranks = _spawn(tmp_path, "latency")
+    ranks = _ranks(spawned, "latency")
     assert all("error" not in r for r in ranks), ranks
     r0, r1 = ranks
     assert r0["built"] and r1["built"] == []  # rank 1 never ran its runtime
@@ -73,24 +79,22 @@ def test_under_a_latency_budget_rank_0_times_and_every_rank_cuts_alike(tmp_path)
     assert r0["latency"]["measured_speedup"] >= 1 / 0.7  # rank 0's runtime: the asked 0.3 met
 
 
-def test_on_main_runs_on_rank_0_and_gives_every_rank_its_result_or_its_error(tmp_path):
-    out = tmp_path / "result"
-    mp.spawn(scaleout.on_main_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
-    r0, r1 = (torch.load(f"{out}.{r}", weights_only=False) for r in range(2))
+def test_on_main_runs_on_rank_0_and_gives_every_rank_its_result_or_its_error(spawned):
+    r0, r1 = _ranks(spawned, "on_main")
     assert r0["got"] == r1["got"] == {"rank": 0, "ms": 10.0}
     assert r0["ran"] == [0] and r1["ran"] == []
     assert r0["error"] == r1["error"] == "rank 0 cannot measure"  # raised on every rank, not a hang on rank 1
 
 
-def test_ranks_with_different_models_are_refused(tmp_path):
-    ranks = _spawn(tmp_path, "models_differ")
+def test_ranks_with_different_models_are_refused(spawned):
+    ranks = _ranks(spawned, "models_differ")
     for r in ranks:
         assert r.get("error") == "DistributedMismatchError", r
         assert "dense model's weights" in r["message"]
 
 
-def test_ranks_that_select_differently_are_refused(tmp_path):
-    ranks = _spawn(tmp_path, "selection_differs")
+def test_ranks_that_select_differently_are_refused(spawned):
+    ranks = _ranks(spawned, "selection_differs")
     for r in ranks:
         assert r.get("error") == "DistributedMismatchError", r
         assert "entries selected" in r["message"]

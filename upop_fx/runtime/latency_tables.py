@@ -103,10 +103,11 @@ def _classes(analysis: GroupAnalysis, structures: Sequence[Structure], entries: 
     return out
 
 
-def _grid(n: int, multiple: int, fractions: Sequence[float] = GRID) -> list[int]:
-    """The widths below ``n`` measured for a class: ``fractions`` of ``n``, rounded to ``multiple``."""
+def _grid(n: int, multiple: int, fractions: Sequence[float] | None = None) -> list[int]:
+    """The widths below ``n`` measured for a class: ``fractions`` (default :data:`GRID`) of ``n``, rounded to
+    ``multiple``."""
     ks = set()
-    for f in fractions:
+    for f in GRID if fractions is None else fractions:
         k = max(1, int(round(f * n)))
         if multiple > 1:
             k = max(multiple, multiple * round(k / multiple)) if n > multiple else n
