@@ -8,6 +8,8 @@ distillation batches and the search's seed):
   latency_shape=(8, 128)`` at ``1 − 1/--speedup`` of the measured latency (calibrated on the runtime);
 * ``latency heads+dims`` — the same with ``granularity="heads+dims"``: whole heads compete with head dims in
   the search (a channel's mask is its head's times its dim's);
+* ``latency heads+dims per_cost`` — the same with ``allocate="per_cost"``: the walk takes entries in order of
+  importance per unit of measured latency saved, not of importance alone;
 * ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
   :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
   so every model's own speedup is measured and reported beside its accuracy).
@@ -23,6 +25,8 @@ Writes ``benchmarks/results/latency_accuracy.json`` and ``.md`` (mean ± std ove
 
     python -m benchmarks.latency_accuracy                     # 3 seeds, about an hour on 2 cores
     python -m benchmarks.latency_accuracy --seeds 0 --steps 20 --quick     # smoke run
+    python -m benchmarks.latency_accuracy --variants "latency heads+dims" "latency heads+dims per_cost" \
+        --name latency_walk                                   # the two latency walks side by side
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ log = logging.getLogger("benchmarks.latency_accuracy")
 
 BATCH, SEQ = 8, 128
 COLUMNS = ["budget", "seed", "ratio", "speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc", "minutes"]
-#: budget label -> (budget, granularity); "flops" runs at the matched ratio
-VARIANTS = {"latency": ("latency", "upop"), "latency heads+dims": ("latency", "heads+dims"), "flops": ("flops", "upop")}
+#: budget label -> (budget, granularity, allocation); "flops" runs at the matched ratio
+VARIANTS = {"latency": ("latency", "upop", "unified"), "latency heads+dims": ("latency", "heads+dims", "unified"),
+            "latency heads+dims per_cost": ("latency", "heads+dims", "per_cost"), "flops": ("flops", "upop", "unified")}
 METRICS = ["speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc"]
 
 
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=20, help="timed rounds per speed measurement (default 20)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which models to compress per seed (default: all three)")
+    p.add_argument("--name", default=None, help="results file name (default latency_accuracy, or "
+                   "latency_accuracy_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run (written as *_quick)")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -99,21 +106,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.warning("a speed measurement ran under load: %s", load)
             return 1 / (1 - saved)  # the median per-round saving, as the library's own check
 
-        # the FLOP-budget ratio that runs as fast as asked, found on magnitude cuts (cheap, seed-independent)
-        _, flops_ratio, _, probes = match_speedup(
-            lambda r: upop_fx.compress(model, example, r, "magnitude", retrain_steps=0, budget="flops").model,
-            speedup, args.speedup, ratio)
-        log.info("flops budget: ratio %.3f for %.2fx (probes %s)", flops_ratio, args.speedup, probes)
+        flops_ratio, probes = None, []
+        if "flops" in args.variants:  # the FLOP-budget ratio that runs as fast as asked, on magnitude cuts
+            _, flops_ratio, _, probes = match_speedup(
+                lambda r: upop_fx.compress(model, example, r, "magnitude", retrain_steps=0, budget="flops").model,
+                speedup, args.speedup, ratio)
+            log.info("flops budget: ratio %.3f for %.2fx (probes %s)", flops_ratio, args.speedup, probes)
         for seed in args.seeds:
             data = corpus.batches(2 * args.steps, args.batch_size, seed=seed)
             for label in args.variants:
-                budget, granularity = VARIANTS[label]
+                budget, granularity, allocate = VARIANTS[label]
                 r = flops_ratio if budget == "flops" else ratio
                 extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if budget == "latency" else {}
                 t0 = time.perf_counter()
                 result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps,
                                           retrain_steps=args.steps, lr=args.lr, interval=args.interval, seed=seed,
-                                          budget=budget, granularity=granularity, **extra)
+                                          budget=budget, granularity=granularity, allocate=allocate, **extra)
                 minutes = (time.perf_counter() - t0) / 60
                 small = result.model
                 rows.append({"budget": label, "seed": seed, "ratio": r, "speedup": speedup(small),
@@ -138,7 +146,7 @@ def render(payload: dict[str, Any]) -> str:
         f"UPop, {s['steps']} search + {s['steps']} retrain steps of distillation (batch {s['batch_size']}, lr "
         f"{s['lr']}); asked {s['speedup']}x of the measured ONNX Runtime CPU latency at batch {s['batch']}, "
         f"{s['seq']} tokens; the FLOP budget at the ratio whose magnitude cut measured as fast "
-        f"(probes: {s['flops_ratio_probes']}). Speedups timed against the dense model, interleaved. Machine: "
+        f"(probes: {s['flops_ratio_probes'] or 'no FLOP-budget row'}). Speedups timed against the dense model, interleaved. Machine: "
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}. Mean ± std over seeds.",
         "",
         markdown_table(payload["summary"], ["budget", "seeds", *METRICS]),
@@ -151,6 +159,11 @@ def render(payload: dict[str, Any]) -> str:
             lines += ["", f"- MRR: {label} {lat['mrr']} against FLOP budget {flo['mrr']} at measured speedups "
                           f"{lat['speedup']} and {flo['speedup']}: {label} "
                           f"{'at least as good' if lat['mrr_mean'] >= flo['mrr_mean'] else 'BEHIND'}."]
+    base, walk = by.get("latency heads+dims"), by.get("latency heads+dims per_cost")
+    if base and walk:
+        lines += ["", f"- MRR: the per-cost walk {walk['mrr']} against the importance walk {base['mrr']} at measured "
+                      f"speedups {walk['speedup']} and {base['speedup']}: per_cost "
+                      f"{'at least as good' if walk['mrr_mean'] >= base['mrr_mean'] else 'BEHIND'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     payload = run(args)
-    name = "latency_accuracy_quick" if args.quick else "latency_accuracy"
+    name = args.name or ("latency_accuracy_quick" if args.quick else "latency_accuracy")
     path = write_results(name, payload, COLUMNS, args.out, markdown=render(payload))
     print(path.with_suffix(".md").read_text())
     return 0

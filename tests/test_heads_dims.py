@@ -88,8 +88,9 @@ def test_the_walk_reaches_the_asked_latency_on_a_heads_by_dims_table():
     entries, structures = _mixed([0.3, -0.2, 0.1, 0.5], np.linspace(-1, 1, 8), table)
     scores = np.concatenate([[0.3, -0.2, 0.1, 0.5], np.linspace(-1, 1, 8)])
     for ratio in (0.1, 0.3):
-        pruned = select_pruned(scores, entries, structures, ratio)
-        assert table[widths(entries, structures, pruned)[0]] >= ratio
+        for per_cost in (False, True):
+            pruned = select_pruned(scores, entries, structures, ratio, per_cost=per_cost)
+            assert table[widths(entries, structures, pruned)[0]] >= ratio
 
 
 def test_a_heads_by_dims_table_is_exact_on_both_measured_axes_and_monotone():

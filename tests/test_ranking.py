@@ -90,3 +90,75 @@ def test_round_to_through_compress():
         assert per_head % 8 == 0 or row.kept == row.total, row
     with pytest.raises(upop_fx.ConfigError, match="round_to"):
         upop_fx.compress(model, torch.randn(2, 6, 64), ratio=0.5, round_to=0)
+
+
+def _timed(per_entry: list[float], n: int) -> list[Structure]:
+    """Structures of ``n`` entries whose measured tables save ``per_entry[s]`` of the latency per entry removed."""
+    return [Structure("mlp", str(s), [], latency=np.array([(n - k) * x for k in range(n + 1)]))
+            for s, x in enumerate(per_entry)]
+
+
+def test_per_cost_takes_what_saves_most_time_per_importance_first():
+    """Two structures alike in importance; one saves 5x more latency per entry. Ranked by importance alone the
+    walk takes from both alike; per unit of latency saved it leaves the fast one nearly whole, and reaches the
+    target with less importance removed."""
+    n = 8
+    scores = np.concatenate([np.arange(0.0, 2 * n, 2), np.arange(1.0, 2 * n, 2)])  # interleaved by importance
+    entries = _entries([1.0] * 2 * n, ["mlp"] * 2 * n, [0] * n + [1] * n)
+    structures = _timed([0.05, 0.01], n)
+    by_score = select_pruned(scores, entries, structures, 0.2)
+    per_cost = select_pruned(scores, entries, structures, 0.2, per_cost=True)
+    assert per_cost[:n].sum() >= by_score[:n].sum() and per_cost[n:].sum() < by_score[n:].sum()
+    saved = lambda p: 0.05 * p[:n].sum() + 0.01 * p[n:].sum()  # noqa: E731
+    assert saved(per_cost) >= 0.2 and saved(by_score) >= 0.2
+    from upop_fx.search.ranking import importance_by_kind
+
+    imp = importance_by_kind(scores, ["mlp"] * 2 * n)
+    assert imp[per_cost].sum() < imp[by_score].sum()
+
+
+def test_importance_by_kind_is_non_negative_with_mean_one_per_kind():
+    from upop_fx.search.ranking import importance_by_kind
+
+    imp = importance_by_kind(np.array([-3.0, 1.0, 2.0, 10.0, 10.0, 40.0, 7.0, 7.0]), ["a"] * 3 + ["b"] * 3 + ["c"] * 2)
+    assert imp.min() == 0.0 and imp[:3].argmin() == 0
+    np.testing.assert_allclose([imp[:3].mean(), imp[3:6].mean()], [1.0, 1.0])
+    assert imp[6:].tolist() == [1.0, 1.0]  # a constant kind: all alike
+
+
+def test_per_cost_takes_a_flat_stretch_of_a_table_with_the_chunk_that_saves():
+    """A table that saves nothing until its third entry goes (a kernel that only gets faster below a tile size):
+    the first two entries are offered with the third, priced by what the three save together (0.1 per entry),
+    and go before a structure that saves 0.05 per entry of the same importance. Priced alone, the first entry
+    would save nothing and never go first."""
+    tiled = np.array([0.5, 0.3, 0.3, 0.3, 0.0, 0.0, 0.0])  # index: entries kept
+    linear = np.array([0.15, 0.1, 0.05, 0.0])
+    entries = _entries([1.0] * 11, ["mlp"] * 11, [0] * 6 + [1] * 3 + [2] * 2)
+    structures = [Structure("mlp", "tiled", [], latency=tiled), Structure("mlp", "linear", [], latency=linear),
+                  Structure("mlp", "anchor", [], latency=np.zeros(3))]  # the kind's least important, never timed
+    scores = np.array([1.0] * 9 + [0.0, 0.0])
+    pruned = select_pruned(scores, entries, structures, 0.3, per_cost=True)
+    assert pruned[:6].sum() == 3 and not pruned[6:].any()
+
+
+def test_per_cost_without_tables_removes_the_costly_entry_of_equal_importance_first():
+    entries = _entries([1.0, 4.0, 1.0, 4.0, 1.0], ["mlp"] * 5, [0, 0, 1, 1, 2])
+    structures = [Structure("mlp", "a", []), Structure("mlp", "b", []), Structure("mlp", "one entry", [])]
+    scores = np.array([0.0, 1.0, 0.0, 1.0, -10.0])  # the costly ones matter a little more, not 4x more
+    assert select_pruned(scores, entries, structures, 0.2).tolist() == [True, False, True, False, False]
+    assert select_pruned(scores, entries, structures, 0.2, per_cost=True).tolist() == [False, True, False, False, False]
+
+
+def test_per_cost_through_compress():
+    import torch
+
+    import upop_fx
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    result = upop_fx.compress(model, torch.randn(2, 6, 32), ratio=0.4, method="magnitude", retrain_steps=0,
+                              allocate="per_cost")
+    assert result.report.prunable_cost_removed >= 0.4
+    with pytest.raises(upop_fx.ConfigError, match="per_cost"):
+        upop_fx.compress(model, torch.randn(2, 6, 32), ratio=0.4, allocate="per-cost")

@@ -34,7 +34,7 @@ from .options import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, R
 from .pipeline import Result
 from .report import Report
 from .runtime.export import export_onnx
-from .search.strategy import Allocate, Prepared, Selection, Strategy, unified, uniform
+from .search.strategy import Allocate, Prepared, Selection, Strategy, per_cost, unified, uniform
 
 __all__ = [
     "compress",
@@ -61,6 +61,7 @@ __all__ = [
     "Allocate",
     "unified",
     "uniform",
+    "per_cost",
     "capture",
     "Captured",
     "DimGroup",

@@ -49,7 +49,7 @@ BUDGETS = ("params", "flops", "latency")
 GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
 SCORES = ("gradient", "sensitivity")
 #: the allocations selectable by name (their functions: :data:`upop_fx.search.strategy.ALLOCATORS`)
-ALLOCATIONS = ("unified", "uniform")
+ALLOCATIONS = ("unified", "uniform", "per_cost")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 #: what a latency budget times: one call of the model ("forward": an encoder's call, a decoder's prefill) or one
@@ -205,7 +205,9 @@ class Options:
                             "met)", _int(1), metavar="N")
     allocate: Any = _option(
         None, "search", "how the ranking becomes a cut: 'unified' (one ranking over every layer and tower; "
-        "default), 'uniform' (the same fraction of every layer), or a callable "
+        "default), 'uniform' (the same fraction of every layer), 'per_cost' (the unified ranking ordered by "
+        "importance per unit saved: under budget='latency' what each removal saves on the measured tables), or a "
+        "callable "
         "allocate(importance, entries, structures, fraction) -> prune mask", _allocate)
     score: str = _option("gradient", "search", "how the UPop search ranks: 'gradient' (the signed accumulated mask "
                          "gradient, the paper's) or 'sensitivity' (accumulated |gradient|: prunes what the loss "

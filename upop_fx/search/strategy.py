@@ -46,7 +46,7 @@ from ..options import ALLOCATIONS, Options
 from ..training.loop import Batches, Objective, Training
 from .ranking import select_pruned
 
-__all__ = ["Prepared", "Selection", "Strategy", "Allocate", "unified", "uniform", "ALLOCATORS", "allocation", "checked"]
+__all__ = ["Prepared", "Selection", "Strategy", "Allocate", "unified", "per_cost", "uniform", "ALLOCATORS", "allocation", "checked"]
 
 #: ``allocate(importance, entries, structures, fraction) -> prune mask``: ``importance`` is higher for entries
 #: that matter more; the mask is True for the entries to remove so that ``fraction`` of the cost goes.
@@ -121,6 +121,17 @@ def unified(
     return select_pruned(importance, entries, structures, fraction, round_to)
 
 
+def per_cost(
+    importance: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], fraction: float,
+    round_to: int = 1,
+) -> np.ndarray:  # fmt: skip
+    """The unified ranking ordered by importance per unit of cost saved: each entry's importance (its z-score
+    made non-negative, mean 1 per kind) over what removing it saves — under a latency budget what its
+    structure's measured table saves at that width, so a slow structure that matters little goes first; under
+    another budget its parameters or FLOPs."""
+    return select_pruned(importance, entries, structures, fraction, round_to, per_cost=True)
+
+
 def uniform(
     importance: np.ndarray, entries: Sequence[Entry], structures: Sequence[Structure], fraction: float
 ) -> np.ndarray:
@@ -173,7 +184,7 @@ def _uniform_entries(
 
 
 #: the functions of the allocations selectable by name (:data:`~upop_fx.options.ALLOCATIONS`)
-ALLOCATORS: dict[str, Allocate] = {"unified": unified, "uniform": uniform}
+ALLOCATORS: dict[str, Allocate] = {"unified": unified, "uniform": uniform, "per_cost": per_cost}
 assert tuple(ALLOCATORS) == ALLOCATIONS
 
 
@@ -183,6 +194,8 @@ def allocation(options: Options) -> Allocate:
     allocate = options.allocate
     if allocate is None or allocate == "unified":
         return lambda imp, ent, st, f: unified(imp, ent, st, f, options.round_to)
+    if allocate == "per_cost":
+        return lambda imp, ent, st, f: per_cost(imp, ent, st, f, options.round_to)
     return ALLOCATORS[allocate] if isinstance(allocate, str) else allocate
 
 
