@@ -186,14 +186,16 @@ def test_the_dense_targets_of_every_layer_come_from_one_dense_forward(monkeypatc
     calls = []
     record = rc._record
 
-    def counting(gm, nodes, batches):
+    def counting(gm, nodes, batches, **kwargs):
         calls.append((gm is cap.gm, len(nodes)))
-        return record(gm, nodes, batches)
+        return record(gm, nodes, batches, **kwargs)
 
     monkeypatch.setattr(rc, "_record", counting)
     batched = copy.deepcopy(small)
     fits = reconstruct(cap.gm, batched, data)
     assert len(fits) == 4 and [c for c in calls if c[0]] == [(True, 1), (True, 3)]  # the first learns the size
+    placeholders = len([n for n in small.graph.nodes if n.op == "placeholder"])
+    assert [c for c in calls if not c[0]] == [(False, placeholders)]  # the cut model: one resumed run per batch
     init = rc._DenseTargets.__init__
 
     def per_site(self, *args):  # noqa: ANN001, ANN202 - a budget of nothing: one site per dense forward
@@ -206,4 +208,24 @@ def test_the_dense_targets_of_every_layer_come_from_one_dense_forward(monkeypatc
     assert [f.after for f in reconstruct(cap.gm, one_by_one, data)] == [f.after for f in fits]
     assert calls.count((True, 1)) == 4
     for a, b in zip(batched.state_dict().values(), one_by_one.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_cut_model_runs_once_per_batch_across_its_sites_and_fits_as_a_forward_per_site(monkeypatch):
+    """The cut model's inputs to each site come from one run per calibration batch, resumed site after site with
+    the weights re-fitted so far: the fits are bitwise those of a fresh forward up to each site."""
+    import upop_fx.training.reconstruct as rc
+
+    zoo = ZOO["llama"]()
+    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
+    keep = {g.id: list(range(0, g.width, 2)) for g in FindGroups()(cap.gm).value.prunable if g.kind == "mlp"}
+    small = Surgery(keep)(cap.gm).gm
+    data = _batches(zoo, 4)
+    resumed = copy.deepcopy(small)
+    fits = reconstruct(cap.gm, resumed, data)
+    assert len(fits) == 2 and all(f.after < f.before for f in fits)
+    monkeypatch.setattr(rc._CutRuns, "until", lambda self, stop, want: None)  # a forward up to each site
+    fresh = copy.deepcopy(small)
+    assert [f.after for f in reconstruct(cap.gm, fresh, data)] == [f.after for f in fits]
+    for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)

@@ -182,9 +182,9 @@ def _stop_with(values: tuple[torch.Tensor, ...]) -> None:
     raise _Found(values)
 
 
-def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any]) -> list[list[torch.Tensor]]:
-    """Per batch, the values of ``nodes`` when ``gm`` runs it, each as 2-D rows (the last axis kept); the forward
-    stops right after the last of them. The graph is restored afterwards."""
+def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any], rows: bool = True) -> list[list[Any]]:
+    """Per batch, the values of ``nodes`` when ``gm`` runs it, each as 2-D rows (the last axis kept; ``rows=False``:
+    as they are); the forward stops right after the last of them. The graph is restored afterwards."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_after(max(nodes, key=order.__getitem__)):
@@ -198,13 +198,55 @@ def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any]) -> 
                 with torch.no_grad():
                     call(gm, to_device(batch, device))
             except _Found as found:
-                out.append([v.reshape(-1, v.shape[-1]) for v in found.value])
+                out.append([v.reshape(-1, v.shape[-1]) for v in found.value] if rows else list(found.value))
                 continue
             raise RuntimeError(f"the forward never reached {nodes[-1].name}")  # the probe sits after it: unreachable
     finally:
         graph.erase_node(probe)
         gm.recompile()
     return out
+
+
+class _CutRuns:
+    """The cut graph run on every calibration batch and held where the last recording stopped: the next site's
+    recording continues from there, with the weights re-fitted since then read afresh, so that every node runs
+    once per batch over all the sites (a forward up to each site instead is quadratic in the depth). Values are
+    dropped once their last user has run, so what is held is what is live at the stop."""
+
+    def __init__(self, gm: torch.fx.GraphModule, batches: list[Any]) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.free_after: dict[int, list[Node]] = {}
+        last = {a: i for i, n in enumerate(self.nodes) for a in n.all_input_nodes}
+        for n, i in last.items():
+            self.free_after.setdefault(i, []).append(n)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.inputs = [dict(zip(placeholders, values)) for values in _record(gm, placeholders, batches, rows=False)]
+        self.envs: list[dict[Node, Any]] = [{} for _ in batches]
+        self.pos = 0
+        self.interpreter = torch.fx.Interpreter(gm)
+
+    def until(self, stop: Node, want: list[Node]) -> list[list[torch.Tensor]] | None:
+        """Run every batch up to ``stop`` (not including it) and give the values of ``want`` per batch, as 2-D rows;
+        None where the run is already past ``stop``, or a wanted value is not computed before it."""
+        end = self.order[stop]
+        if end < self.pos or any(self.order[w] >= end for w in want):
+            return None
+        out = []
+        with torch.no_grad():
+            for env, inputs in zip(self.envs, self.inputs):
+                self.interpreter.env = env
+                for n in [n for n in env if n.op == "get_attr"]:  # re-fitted since the last stop: read afresh
+                    env[n] = self.interpreter.fetch_attr(n.target)
+                for i in range(self.pos, end):
+                    n = self.nodes[i]
+                    env[n] = inputs[n] if n.op == "placeholder" else self.interpreter.run_node(n)
+                    for dead in self.free_after.get(i, ()):
+                        env.pop(dead, None)
+                out.append([env[w].reshape(-1, env[w].shape[-1]) for w in want])
+        self.pos = end
+        return out
 
 
 class _DenseTargets:
@@ -336,14 +378,19 @@ def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batche
     fits = []
     bar = progress_bar(len(sites), "reconstruct")
     targets = _DenseTargets(dense, sites, calibration)
+    runs = _CutRuns(small, calibration)
     for i, site in enumerate(sites):
         x_node = _linear_parts(site.small)[0]
         width = get_tensor(small, site.weight).shape[1 if site.transposed else 0]
+        want = [x_node] if site.residual is None else [x_node, site.residual]
+        got = runs.until(site.small, want)
+        if got is None:
+            got = _record(small, want, calibration)
         if site.residual is not None:  # the target: what the dense residual stream holds after the add
-            xs, rs = zip(*_record(small, [x_node, site.residual], calibration))
+            xs, rs = zip(*got)
             ys = [d - r if d.shape == r.shape else None for d, r in zip(targets.of(i), rs)]
         if site.residual is None or any(y is None or y.shape != (x.shape[0], width) for x, y in zip(xs, ys)):
-            xs = [x for (x,) in _record(small, [x_node], calibration)]
+            xs = [g[0] for g in got]
             ys = [y for (y,) in _record(dense, [site.dense], calibration)]
         fit, weight, bias = _fit(site, small, xs, ys, ridges)
         if weight is not None:  # new tensors: the old ones may be shared with the dense graph
