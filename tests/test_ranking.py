@@ -113,17 +113,19 @@ def test_per_cost_takes_what_saves_most_time_per_importance_first():
     assert saved(per_cost) >= 0.2 and saved(by_score) >= 0.2
     from upop_fx.search.ranking import importance_by_kind
 
-    imp = importance_by_kind(scores, ["mlp"] * 2 * n)
+    imp = importance_by_kind(scores, ["mlp"] * 2 * n, np.ones(2 * n))
     assert imp[per_cost].sum() < imp[by_score].sum()
 
 
-def test_importance_by_kind_is_non_negative_with_mean_one_per_kind():
+def test_importance_by_kind_is_non_negative_with_its_kinds_mean_cost_as_mean():
     from upop_fx.search.ranking import importance_by_kind
 
-    imp = importance_by_kind(np.array([-3.0, 1.0, 2.0, 10.0, 10.0, 40.0, 7.0, 7.0]), ["a"] * 3 + ["b"] * 3 + ["c"] * 2)
+    costs = np.array([2.0, 2.0, 2.0, 1.0, 3.0, 2.0, 5.0, 5.0])
+    imp = importance_by_kind(np.array([-3.0, 1.0, 2.0, 10.0, 10.0, 40.0, 7.0, 7.0]), ["a"] * 3 + ["b"] * 3 + ["c"] * 2,
+                             costs)
     assert imp.min() == 0.0 and imp[:3].argmin() == 0
-    np.testing.assert_allclose([imp[:3].mean(), imp[3:6].mean()], [1.0, 1.0])
-    assert imp[6:].tolist() == [1.0, 1.0]  # a constant kind: all alike
+    np.testing.assert_allclose([imp[:3].mean(), imp[3:6].mean()], [2.0, 2.0])
+    assert imp[6:].tolist() == [5.0, 5.0]  # a constant kind: its mean cost each
 
 
 def test_per_cost_takes_a_flat_stretch_of_a_table_with_the_chunk_that_saves():

@@ -205,8 +205,9 @@ class Options:
                             "met)", _int(1), metavar="N")
     allocate: Any = _option(
         None, "search", "how the ranking becomes a cut: 'unified' (one ranking over every layer and tower; "
-        "default), 'uniform' (the same fraction of every layer), 'per_cost' (the unified ranking ordered by "
-        "importance per unit saved: under budget='latency' what each removal saves on the measured tables), or a "
+        "default), 'uniform' (the same fraction of every layer), 'per_cost' (the unified ranking with each "
+        "entry's importance divided by what removing it saves relative to its kind's average: under "
+        "budget='latency' on the measured tables), or a "
         "callable "
         "allocate(importance, entries, structures, fraction) -> prune mask", _allocate)
     score: str = _option("gradient", "search", "how the UPop search ranks: 'gradient' (the signed accumulated mask "

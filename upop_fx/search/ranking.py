@@ -4,10 +4,11 @@ Scores are z-scored per structure kind (attention vs MLP), so different kinds co
 of all layers and towers are sorted together, least important first, and removed until the removed cost reaches
 ``ratio × total cost``. Each structure keeps at least one entry.
 
-With ``per_cost=True`` the order is importance per unit of what a removal saves instead: an entry's z-score,
-shifted so that the least important of its kind is 0 and scaled so that the kind's mean is 1, divided by its
-cost — under a latency budget by what its structure's measured table saves from its width at that step — so an
-entry that matters little but costs much time goes before one that matters as little and saves nothing.
+With ``per_cost=True`` the order is importance per unit of what a removal saves instead. An entry's importance
+is its z-score shifted so that the least important of its kind is 0, scaled so that the kind's mean importance is
+the kind's mean cost: an entry that saves what its kind saves on average is ranked by its importance relative to
+its kind, and one that saves more (under a latency budget: what its structure's measured table saves from its
+width at that step) moves ahead.
 """
 
 from __future__ import annotations
@@ -34,19 +35,19 @@ def zscore_by_kind(scores: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
     return out
 
 
-def importance_by_kind(scores: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
-    """Non-negative importance on one scale for every kind: the z-score less its kind's minimum, over the mean of
-    that (0 for the least important entry of a kind, mean 1; a constant kind is all 1). What a per-cost order
-    divides."""
+def importance_by_kind(scores: np.ndarray, kinds: Sequence[str], costs: np.ndarray) -> np.ndarray:
+    """Non-negative importance in the unit of cost: per kind, the z-score less the kind's minimum, scaled so
+    that its mean is the kind's mean cost (0 for the least important entry of a kind; a constant kind: every
+    entry its kind's mean cost). What a per-cost order divides by what a step saves."""
     z = zscore_by_kind(scores, kinds)
     kinds_arr = np.asarray(kinds)
-    out = np.ones_like(z)
+    costs = np.asarray(costs, dtype=np.float64)
+    out = np.zeros_like(z)
     for k in np.unique(kinds_arr):
         m = kinds_arr == k
         shifted = z[m] - z[m].min()
         mean = shifted.mean()
-        if mean > 0:
-            out[m] = shifted / mean
+        out[m] = costs[m].mean() * (shifted / mean if mean > 0 else 1.0)
     return out
 
 
@@ -72,7 +73,8 @@ def select_pruned(
     costs = np.array([e.cost for e in entries])
     if per_cost:
         with np.errstate(divide="ignore", invalid="ignore"):
-            order_key = np.where(costs > 0, importance_by_kind(scores, kinds) / np.where(costs > 0, costs, 1), np.inf)
+            importance = importance_by_kind(scores, kinds, costs)
+            order_key = np.where(costs > 0, importance / np.where(costs > 0, costs, 1), np.inf)
     else:
         order_key = zscore_by_kind(scores, kinds)
     target = ratio * costs.sum()
@@ -200,8 +202,8 @@ def _select_rounded(
 
     kinds = [e.kind for e in entries]
     z = zscore_by_kind(scores, kinds)
-    importance = importance_by_kind(scores, kinds) if per_cost else None
     costs = np.array([e.cost for e in entries])
+    importance = importance_by_kind(scores, kinds, costs) if per_cost else None
     timed = all(s.latency is not None for s in structures)
     members: list[list[int]] = [[] for _ in structures]
     heads: list[list[int]] = [[] for _ in structures]

@@ -126,9 +126,9 @@ def per_cost(
     round_to: int = 1,
 ) -> np.ndarray:  # fmt: skip
     """The unified ranking ordered by importance per unit of cost saved: each entry's importance (its z-score
-    made non-negative, mean 1 per kind) over what removing it saves — under a latency budget what its
-    structure's measured table saves at that width, so a slow structure that matters little goes first; under
-    another budget its parameters or FLOPs."""
+    made non-negative, scaled to its kind's mean cost) over what removing it saves — under a latency budget what
+    its structure's measured table saves at that width, so an entry that saves more time than its kind's average
+    goes earlier; under another budget its parameters or FLOPs."""
     return select_pruned(importance, entries, structures, fraction, round_to, per_cost=True)
 
 
