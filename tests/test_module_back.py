@@ -121,6 +121,19 @@ def with_weights_of(model: torch.nn.Module, graph: torch.fx.GraphModule) -> torc
     return model
 
 
+_HALVED: dict[object, tuple[torch.nn.Module, upop_fx.Result]] = {}
+
+
+def _halved(make) -> tuple[torch.nn.Module, upop_fx.Result]:  # noqa: ANN001
+    """``make()`` and its default magnitude cut at ratio 0.5 on the 2 x 6 prompt, compressed once for every test
+    here that only reads it."""
+    if make not in _HALVED:
+        model = make()
+        _HALVED[make] = model, upop_fx.compress(model, _tokens(2, 6, seed=3), ratio=0.5, method="magnitude",
+                                                retrain_steps=0)
+    return _HALVED[make]
+
+
 @pytest.mark.parametrize("make", [_gpt2, _llama, _mixtral, _qwen3, _gemma3, _bigcode, _deepseek_v3],
                          ids=["gpt2", "llama", "mixtral", "qwen3", "gemma3", "bigcode", "deepseek_v3"])
 def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
@@ -129,10 +142,9 @@ def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     per head) keep their attention whole and lose MLP neurons; DeepSeek-V3 (latent attention) loses v head dims in
     every layer (its latent ranks, which merely held the same number, keep their values) and neurons of its dense
     MLP, its shared expert and its routed experts."""
-    model = make()
-    assert model.config.use_cache  # compress accepts the model with its cache on
+    model, result = _halved(make)
+    assert model.config.use_cache  # compress accepted the model with its cache on
     prompt = _tokens(2, 6, seed=3)
-    result = upop_fx.compress(model, prompt, ratio=0.5, method="magnitude", retrain_steps=0)
     assert result.module is not None, result.report.module_reason
     assert any(row.kept < row.total for row in result.report.groups)
     assert type(result.module) is type(model) and model.config.use_cache
@@ -148,9 +160,8 @@ def test_latent_attention_loses_v_head_dims_and_keeps_its_latent_ranks():
     """DeepSeek-V3's key is assembled in an empty buffer from a per-head part and a rotary part every head shares:
     captured as their concatenation, v's head dims are prunable, and the class expresses them per layer
     (``v_head_dim``). Its latent ranks and q/k head dims, which held the same numbers as v's sizes, keep theirs."""
-    model = _deepseek_v3()
     prompt = _tokens(2, 6, seed=3)
-    result = upop_fx.compress(model, prompt, ratio=0.5, method="magnitude", retrain_steps=0)
+    _, result = _halved(_deepseek_v3)
     v = [row for row in result.report.groups if row.kind == "v"]
     assert len(v) == 2 and all(row.kept < row.total for row in v)
     assert result.module is not None, result.report.module_reason
@@ -172,7 +183,7 @@ def test_llama_graph_only_cut_says_which_option_gives_the_module():
 def test_llama_by_default_keeps_whole_heads_and_says_why():
     """Its class computes one cos/sin table for every layer and sizes q, k and v by one ``head_dim``: the default
     cut removes whole KV groups (a key/value head with its query heads), every kept head at full size."""
-    result = upop_fx.compress(_llama(), _tokens(2, 6, seed=3), ratio=0.5, method="magnitude", retrain_steps=0)
+    _, result = _halved(_llama)
     assert result.module is not None and result.report.module_reason is None
     rows = [row for row in result.report.groups if row.heads]
     assert rows and all(row.kept == row.kept_heads * row.head_dim for row in rows)
