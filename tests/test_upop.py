@@ -113,7 +113,7 @@ def test_cut_against_the_final_masked_model_rechecks_float32_rounding_in_float64
     with caplog.at_level("INFO", logger="upop_fx.pipeline"):
         pruner.finalize()
     assert "in float64" in caplog.text
-    monkeypatch.setattr(pipeline, "FLOAT64_RTOL", -1.0)
+    monkeypatch.setattr(upop_fx.compare, "FLOAT64_RTOL", -1.0)
     pruner = upop_fx.UPop(model, data[0], ratio=0.5, search_steps=6, interval=2)
     _run_loop(pruner, model, data, 6)
     with pytest.raises(upop_fx.errors.SurgeryCheckError, match="in float64"):

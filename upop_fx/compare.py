@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["relative_error", "in_float64", "float64_error", "FLOAT64_RTOL"]
+__all__ = ["relative_error", "in_float64", "float64_error", "agrees", "FLOAT64_RTOL"]
 
 #: the relative error two float64 runs of the same function may differ by (rounding, amplified through a deep
 #: model) — a wrong cut differs by far more
@@ -88,3 +88,14 @@ def float64_error(small: torch.fx.GraphModule, ref: torch.fx.GraphModule, args: 
     except Exception as exc:  # noqa: BLE001 - any failure to run widened leaves the float32 verdict
         log.debug("no float64 rerun (%s: %s)", type(exc).__name__, exc)
         return None
+
+
+def agrees(err: float, rtol: float, small: torch.fx.GraphModule, ref: torch.fx.GraphModule, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[bool, float | None]:
+    """The verdict of a check that measured ``err`` (float32) between ``small`` and ``ref``: whether they agree —
+    ``err`` within ``rtol``, or else both rerun in float64 within :data:`FLOAT64_RTOL` (rounding, not a wrong
+    cut) — and the float64 error (None where it was not needed or cannot be had)."""
+    if err <= rtol:
+        return True, None
+    err64 = float64_error(small, ref, args, kwargs)
+    return err64 is not None and err64 <= FLOAT64_RTOL, err64

@@ -35,7 +35,7 @@ import torch
 
 from .calibration import calibrated_cut, measured_generation
 from .capture.program import cache_off, capture, get_capture, guard_fixed_sizes
-from .compare import FLOAT64_RTOL, float64_error, relative_error
+from .compare import agrees, relative_error
 from .errors import ConfigError, InputError, NoPrunableGroupError, SurgeryCheckError
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
 from .ir.groups import GroupAnalysis
@@ -189,10 +189,10 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
         with torch.no_grad():
             gap = relative_error(small(*info.args, **info.kwargs), selection.final(*info.args, **info.kwargs))
         log.info("cut vs the final masked model: relative error %.2e", gap)
-        gap64 = None if gap <= MASKED_RTOL else float64_error(small, selection.final, info.args, info.kwargs)
+        ok, gap64 = agrees(gap, MASKED_RTOL, small, selection.final, info.args, info.kwargs)
         if gap64 is not None:
             log.info("cut vs the final masked model: relative error %.2e in float64", gap64)
-        if not (gap <= MASKED_RTOL or gap64 is not None and gap64 <= FLOAT64_RTOL):
+        if not ok:
             in64 = f", {gap64:.3g} in float64" if gap64 is not None else ""
             raise SurgeryCheckError(
                 f"the reduced model differs from the final masked model (relative error {gap:.3g}{in64})")

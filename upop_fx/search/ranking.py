@@ -149,14 +149,16 @@ class _Walk:
         step = np.concatenate(taken)
         return _ratio(float(self.importance[step].sum()), saved), step
 
+    def _is_head(self, step: np.ndarray) -> bool:
+        return bool(self.n_heads) and len(step) == 1 and step[0] in self.heads
+
+    def _after(self, step: np.ndarray) -> tuple[int, int]:
+        """The heads and dims kept once ``step`` goes."""
+        return (self.h - 1, self.j) if self._is_head(step) else (self.h, self.j - len(step))
+
     def _saves(self, step: np.ndarray) -> float:
         """What removing ``step`` now would save (the structure's table, else the entries' cost)."""
-        h, j = self.h, self.j
-        if self.n_heads and len(step) == 1 and step[0] in self.heads:
-            nh, nj = h - 1, j
-        else:
-            nh, nj = h, j - len(step)
-        return self._saved(h, j, nh, nj, step)
+        return self._saved(self.h, self.j, *self._after(step), step)
 
     def _saved(self, h: int, j: int, nh: int, nj: int, step: np.ndarray) -> float:
         if self.table is not None:
@@ -171,14 +173,12 @@ class _Walk:
         """Remove ``step`` (a head, or one or more chunks in order); what it saves (the table's fraction of the
         dense latency, else its cost)."""
         h, j = self.h, self.j
-        if self.n_heads and len(step) == 1 and step[0] in self.heads:
-            self.h -= 1
-        else:
+        if not self._is_head(step):
             left = len(step)
             while left > 0:
                 left -= len(self.chunks[self.next_chunk])
                 self.next_chunk += 1
-            self.j -= len(step)
+        self.h, self.j = self._after(step)
         return self._saved(h, j, self.h, self.j, step)
 
 

@@ -189,13 +189,12 @@ assert tuple(ALLOCATORS) == ALLOCATIONS
 
 
 def allocation(options: Options) -> Allocate:
-    """The allocation ``options.allocate`` names (None: :func:`unified`, at ``options.round_to``), or the callable
-    itself."""
-    allocate = options.allocate
-    if allocate is None or allocate == "unified":
-        return lambda imp, ent, st, f: unified(imp, ent, st, f, options.round_to)
-    if allocate == "per_cost":
-        return lambda imp, ent, st, f: per_cost(imp, ent, st, f, options.round_to)
+    """The allocation ``options.allocate`` names (None: :func:`unified`; it and :func:`per_cost` at
+    ``options.round_to``), or the callable itself."""
+    allocate = "unified" if options.allocate is None else options.allocate
+    if allocate in ("unified", "per_cost"):  # the unified walks, at options.round_to
+        walk = ALLOCATORS[allocate]
+        return lambda imp, ent, st, f: walk(imp, ent, st, f, options.round_to)  # type: ignore[call-arg]
     return ALLOCATORS[allocate] if isinstance(allocate, str) else allocate
 
 
