@@ -10,6 +10,9 @@ distillation batches and the search's seed):
   the search (a channel's mask is its head's times its dim's);
 * ``latency heads+dims per_cost`` — the same with ``allocate="per_cost"``: the walk takes entries in order of
   importance per unit of measured latency saved, not of importance alone;
+* ``latency heads+dims layerwise`` — the heads+dims run whose retrain also matches the residual stream after
+  every cut layer to the dense model's (``layer_distillation=1.0``, :mod:`upop_fx.training.layerwise`); the same
+  search, so the same cut for a seed;
 * ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
   :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
   so every model's own speedup is measured and reported beside its accuracy).
@@ -54,9 +57,15 @@ log = logging.getLogger("benchmarks.latency_accuracy")
 
 BATCH, SEQ = 8, 128
 COLUMNS = ["budget", "seed", "ratio", "speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc", "minutes"]
-#: budget label -> (budget, granularity, allocation); "flops" runs at the matched ratio
-VARIANTS = {"latency": ("latency", "upop", "unified"), "latency heads+dims": ("latency", "heads+dims", "unified"),
-            "latency heads+dims per_cost": ("latency", "heads+dims", "per_cost"), "flops": ("flops", "upop", "unified")}
+#: budget label -> the options of its compress; "flops" runs at the matched ratio
+_HEADS_DIMS = {"budget": "latency", "granularity": "heads+dims"}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "latency": {"budget": "latency", "granularity": "upop"},
+    "latency heads+dims": _HEADS_DIMS,
+    "latency heads+dims per_cost": {**_HEADS_DIMS, "allocate": "per_cost"},
+    "latency heads+dims layerwise": {**_HEADS_DIMS, "layer_distillation": 1.0},
+    "flops": {"budget": "flops", "granularity": "upop"},
+}
 METRICS = ["speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc"]
 
 
@@ -115,13 +124,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in args.seeds:
             data = corpus.batches(2 * args.steps, args.batch_size, seed=seed)
             for label in args.variants:
-                budget, granularity, allocate = VARIANTS[label]
-                r = flops_ratio if budget == "flops" else ratio
-                extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if budget == "latency" else {}
+                options = VARIANTS[label]
+                r = flops_ratio if options["budget"] == "flops" else ratio
+                extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if options["budget"] == "latency" else {}
                 t0 = time.perf_counter()
                 result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps,
                                           retrain_steps=args.steps, lr=args.lr, interval=args.interval, seed=seed,
-                                          budget=budget, granularity=granularity, allocate=allocate, **extra)
+                                          **options, **extra)
                 minutes = (time.perf_counter() - t0) / 60
                 small = result.model
                 rows.append({"budget": label, "seed": seed, "ratio": r, "speedup": speedup(small),
@@ -129,6 +138,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              **evaluate(small, corpus, dense), "minutes": round(minutes, 2)})
                 if result.report.latency:
                     rows[-1]["reported_speedup"] = result.report.latency["measured_speedup"]
+                check = result.report.retrain_check
+                if check:  # the retrain's guard: the check loss at the cut, at the end, and the step whose weights were kept
+                    rows[-1]["retrain_check"] = {"cut": check[0][1], "end": check[-1][1],
+                                                 "kept_step": int(min(check, key=lambda h: h[1])[0])}
                 log.info("%s", rows[-1])
     return {"machine": machine() | {"load_average_end": list(os.getloadavg())},
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
@@ -159,11 +172,19 @@ def render(payload: dict[str, Any]) -> str:
             lines += ["", f"- MRR: {label} {lat['mrr']} against FLOP budget {flo['mrr']} at measured speedups "
                           f"{lat['speedup']} and {flo['speedup']}: {label} "
                           f"{'at least as good' if lat['mrr_mean'] >= flo['mrr_mean'] else 'BEHIND'}."]
-    base, walk = by.get("latency heads+dims"), by.get("latency heads+dims per_cost")
-    if base and walk:
-        lines += ["", f"- MRR: the per-cost walk {walk['mrr']} against the importance walk {base['mrr']} at measured "
-                      f"speedups {walk['speedup']} and {base['speedup']}: per_cost "
-                      f"{'at least as good' if walk['mrr_mean'] >= base['mrr_mean'] else 'BEHIND'}."]
+    base = by.get("latency heads+dims")
+    for label, what in (("latency heads+dims per_cost", "the per-cost walk"),
+                        ("latency heads+dims layerwise", "the layer-wise retrain")):
+        other = by.get(label)
+        if base and other:
+            lines += ["", f"- MRR: {what} {other['mrr']} against latency heads+dims {base['mrr']} at measured "
+                          f"speedups {other['speedup']} and {base['speedup']}: {what} "
+                          f"{'at least as good' if other['mrr_mean'] >= base['mrr_mean'] else 'BEHIND'}."]
+    kept = [f"{r['budget']} seed {r['seed']}: step {r['retrain_check']['kept_step']}" for r in payload["rows"]
+            if "retrain_check" in r]
+    if kept:
+        lines += ["", "- The retrain's weights kept (the step with the lowest loss on the check batches; 0: the cut): "
+                      + "; ".join(kept) + "."]
     return "\n".join(lines) + "\n"
 
 

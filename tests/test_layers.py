@@ -51,7 +51,7 @@ ORDER = {
     "passes": ["rules", "base", "blocks", "param_views", "trace", "split_slots", "find_groups", "insert_masks",
                "sort_experts", "fuse_attention", "surgery", ""],
     "passes.rules": ["registry", "_util", "attention", "elementwise", "indexing", "shape", "linear", ""],
-    "training": ["distributed", "checkpoint", "loop", "reconstruct", ""],
+    "training": ["distributed", "checkpoint", "loop", "reconstruct", "layerwise", ""],
     "runtime": ["sessions", "timing", "decode", "export", "decoder_onnx", "runners", "latency_tables", "speed", ""],
     "search": ["ranking", "strategy", "magnitude", "activation", "upop", ""],
     "module": ["scale_fold", "rotary", "rebuild", "pretrained", "class_limits", ""],

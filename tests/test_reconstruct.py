@@ -229,3 +229,21 @@ def test_the_cut_model_runs_once_per_batch_across_its_sites_and_fits_as_a_forwar
     assert [f.after for f in reconstruct(cap.gm, fresh, data)] == [f.after for f in fits]
     for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_retrains_check_batches_are_not_the_ones_reconstruction_fits_on():
+    from upop_fx.pipeline import fit_and_check
+
+    batches = [{"i": i} for i in range(8)]
+    fit, check = fit_and_check(batches, batches, split=True)
+    assert check == [batches[3], batches[7]] and fit == [b for b in batches if b not in check]
+    assert fit_and_check(batches, batches, split=False) == (batches, batches)
+    assert fit_and_check(batches[:1], batches[:1], split=True) == (batches[:1], batches[:1])
+    zoo = ZOO["bert"]()
+    data = _batches(zoo, 12)
+    kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=8)
+    rows = zoo.example_inputs["input_ids"].numel()
+    alone = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=0, **kwargs)
+    both = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=2, **kwargs)
+    assert {f["rows"] for f in alone.report.reconstruction} == {8 * rows}
+    assert {f["rows"] for f in both.report.reconstruction} == {6 * rows}

@@ -224,6 +224,11 @@ class Options:
     lr: float = _option(1e-4, "training", "AdamW learning rate of the search and the retrain", _non_negative)
     retrain_steps: int = _option(100, "training", "fine-tuning steps of the dense small model after the cut "
                                  "(0: none)", _int(0), metavar="N")
+    layer_distillation: float = _option(
+        0.0, "training", "weight of the layer-wise term of the retrain's distillation (when it distils: no loss_fn, "
+        "no labels): the mean, over the residual stream right after each cut layer, of each feature's squared error "
+        "against the dense model's over the dense model's variance of it, added to the output distillation "
+        "(upop_fx.training.layerwise). 0: the outputs alone", _non_negative)
     reconstruct: bool = _option(
         True, "training", "with data: after the cut (before any retrain), re-fit each cut layer's output "
         "projection and bias by ridge least squares so that the residual stream matches the dense model's on "
@@ -232,7 +237,8 @@ class Options:
     calibration_batches: int = _option(
         16, "training", "batches of `data` read after the search: the reconstruction's calibration batches, and the "
         "retrain's check batches (the loss on them is measured along the retrain, and the weights where it was "
-        "lowest are kept: a retrain never ends worse on them than the cut). 0: none (no reconstruction, no check)",
+        "lowest are kept: a retrain never ends worse on them than the cut); with both, every fourth batch is a check "
+        "batch that the reconstruction does not fit on. 0: none (no reconstruction, no check)",
         _int(0), metavar="N")
     precision: str = _option("fp32", "training", "'fp32', 'bf16' (autocast) or 'fp16' (autocast and a gradient "
                              "scaler); mask gradients are accumulated in float64 either way", _choice(PRECISIONS))

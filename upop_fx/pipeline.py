@@ -54,10 +54,11 @@ from .search.strategy import Prepared, Selection, Strategy
 from .search.upop import UPopSearch
 from .training import distributed
 from .training.checkpoint import Checkpointer
+from .training.layerwise import LayerwiseDistillation
 from .training.loop import Batches, Training, has_task_loss, make_objective, retrain
 from .training.reconstruct import reconstruct
 
-__all__ = ["Result", "prepare", "finish", "run", "retrain_result", "strategy_for", "seeded", "run_fingerprint"]
+__all__ = ["Result", "prepare", "finish", "run", "fit_and_check", "retrain_result", "strategy_for", "seeded", "run_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +287,13 @@ def run(
             selection = strategy.select(prepared, batches, objective)
         if not early:  # read after the search: the batches that follow it in a stream
             held, inputs = take_calibration()  # the reconstruction's, and the retrain's check batches
-        result = finish(prepared, selection, strategy.name, inputs if options.reconstruct and held else None)
+        fit, check = fit_and_check(held, inputs, options.reconstruct and options.retrain_steps > 0)
+        result = finish(prepared, selection, strategy.name, fit if options.reconstruct and fit else None)
         if options.retrain_steps:  # retrain() checks that the data holds its steps
             with phase(result.report.seconds, "retrain"):
                 result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
-                                                          options.lr, example, prepared.training, check=held or None)
+                                                          options.lr, example, prepared.training, check=check or None,
+                                                          layer_distillation=options.layer_distillation)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -299,21 +302,46 @@ def run(
     return result
 
 
+def fit_and_check(held: list[Any], inputs: list[Any], split: bool) -> tuple[list[Any], list[Any]]:
+    """The calibration batches' model inputs that reconstruction fits on, and the batches the retrain's guard
+    measures on. ``split`` (both run): every fourth batch goes to the guard alone — measured on the batches the
+    cut was fitted to, the cut would look better than it is and a retrain that helps would be thrown away; with
+    a single batch, both use it. Otherwise every batch serves the one that runs."""
+    if not split or len(held) < 2:
+        return inputs, held
+    checked = [i for i in range(len(held)) if i % 4 == 3] or [len(held) - 1]
+    return [x for i, x in enumerate(inputs) if i not in checked], [held[i] for i in checked]
+
+
 def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
                    lr: float, example: Any, training: Training | None = None, check: list[Any] | None = None,
-                   ) -> list[float]:  # fmt: skip
+                   layer_distillation: float = 0.0) -> list[float]:  # fmt: skip
     """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` when there
     is one, its weights then copied into the graph ``result.model`` (checked equal); else the graph. The module
     trains in train mode (dropout as the model defines it) on a task loss, and in eval mode when it distils: the
     teacher runs without dropout, and what is matched is its deterministic output, not a noisy copy of it. Returns the losses. ``check``: batches on which the loss is
     measured along the way; the weights where it was lowest are kept, the measurements are in
-    ``result.report.retrain_check``."""
+    ``result.report.retrain_check``. ``layer_distillation`` (> 0, when it distils from a captured ``teacher``):
+    the graph trains on :class:`~upop_fx.training.layerwise.LayerwiseDistillation` with that weight — its
+    residual stream is tapped — and the module, which computes what the graph computes in eval mode, receives
+    its weights."""
     module = result.module
     history: list[tuple[int, float]] = []
-    if module is None:
-        losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
-                         check=check, history=history)
+    layerwise = (layer_distillation > 0 and loss_fn is None and isinstance(teacher, torch.fx.GraphModule)
+                 and not has_task_loss(result.model, example))
+    if module is None or layerwise:
+        if layerwise:
+            with LayerwiseDistillation(teacher, result.model, layer_distillation) as objective:
+                log.info("retrain: layer-wise distillation at %d points of the residual stream (weight %g)",
+                         objective.points, layer_distillation)
+                losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
+                                 check=check, history=history, objective=objective)
+        else:
+            losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
+                             check=check, history=history)
         result.report.retrain_check = [list(h) for h in history]
+        if module is not None:
+            _graph_weights_into(module, result.model)
         return losses
     module.train(loss_fn is not None or has_task_loss(result.model, example))
     try:
@@ -326,10 +354,25 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     graph = module_tensors(result.model)  # the module's rotary frequencies may be sliced; the graph slices its tables
     sliced = frozenset(n for n, t in module.named_buffers() if n in graph and graph[n].shape != t.shape)
     copy_weights(module, result.model, sliced_ok=False, skip=sliced)  # tensors the graph lacks are unused by the forward
-    gap = module_gap(module, result.model)
+    _check_same(module, result.model)
+    return losses
+
+
+def _graph_weights_into(module: torch.nn.Module, graph: torch.fx.GraphModule) -> None:
+    """The retrained graph's parameters copied into the module (its buffers, rotary frequencies included, were not
+    trained), checked equal."""
+    theirs = dict(module.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in graph.named_parameters(remove_duplicate=False):
+            if name in theirs:
+                theirs[name].copy_(p)
+    _check_same(module, graph)
+
+
+def _check_same(module: torch.nn.Module, graph: torch.fx.GraphModule) -> None:
+    gap = module_gap(module, graph)
     if not gap <= 1e-4:
         raise SurgeryCheckError(f"after the retrain the graph and the module differ (relative error {gap:.3g})")
-    return losses
 
 
 def run_fingerprint(gm: torch.fx.GraphModule, settings: dict[str, Any]) -> dict[str, Any]:

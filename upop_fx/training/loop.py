@@ -42,7 +42,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
-    "make_objective", "to_device", "train_steps", "retrain", "BestWeights", "VARIANCE_FLOOR",
+    "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "VARIANCE_FLOOR",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,22 @@ def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
             terms.append(torch.nn.functional.kl_div(flat_s.log_softmax(-1), flat_t.log_softmax(-1), log_target=True,
                                                     reduction="batchmean"))
         elif t.dim() >= 2 and t.numel() // t.shape[-1] >= 2:
-            rows = t.reshape(-1, t.shape[-1])
-            var = rows.var(0, unbiased=False)
-            var = var.clamp_min(VARIANCE_FLOOR * float(var.mean()) + 1e-12)
-            terms.append(((s - t).reshape(-1, t.shape[-1]).pow(2) / var).mean())
+            terms.append(feature_loss(s, t))
         else:
             terms.append(torch.nn.functional.mse_loss(s, t) / (t.pow(2).mean() + 1e-8))
     if not terms:
         raise InputError("distillation needs at least one floating-point model output; pass a loss_fn")
     return torch.stack(terms).sum()
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The squared error of each feature (last axis) of ``student`` against ``teacher``, divided by the teacher's
+    variance of that feature over its rows (every other axis), floored at :data:`VARIANCE_FLOOR` of the mean
+    variance; averaged. ``teacher`` needs at least two rows."""
+    rows = teacher.reshape(-1, teacher.shape[-1])
+    var = rows.var(0, unbiased=False)
+    var = var.clamp_min(VARIANCE_FLOOR * float(var.mean()) + 1e-12)
+    return ((student.reshape(-1, teacher.shape[-1]) - rows).pow(2) / var).mean()
 
 
 def _named(path: tuple[Any, ...], name: str) -> bool:
@@ -458,6 +465,7 @@ def retrain(
     training: Training | None = None,
     check: list[Any] | None = None,
     history: list[tuple[int, float]] | None = None,
+    objective: Objective | None = None,
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
@@ -466,13 +474,15 @@ def retrain(
     ``training``: precision and checkpoints (phase ``"retrain"``), see :func:`train_steps`.
     ``check``: batches (as ``data`` yields them; the first :data:`CHECK_BATCHES`) on which the loss is measured
     before the first step and every ``steps // 5`` steps; the weights where it was lowest are the ones kept (:class:`BestWeights`); the
-    measurements are appended to ``history`` as ``(steps done, loss)``.
+    measurements are appended to ``history`` as ``(steps done, loss)``. ``objective``: the loss to use instead
+    (a :class:`~upop_fx.training.layerwise.LayerwiseDistillation`).
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = to_device(example_inputs, device)
-    objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example))
+    if objective is None:
+        objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example))
     params = [p for p in model.parameters() if p.requires_grad]
     guard = BestWeights(model, objective, check[:CHECK_BATCHES], max(1, steps // 5)) if check else None
     resumed = training is not None and training.checkpoint is not None and training.checkpoint.path("retrain").is_file()
