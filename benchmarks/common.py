@@ -159,15 +159,17 @@ def write_results(
 
 def seed_summary(rows: list[dict[str, Any]], key: str, metrics: list[str]) -> list[dict[str, Any]]:
     """Per value of ``rows[i][key]`` (in order of appearance): the number of seeds, and for each of ``metrics``
-    ``"mean ± std"`` (sample std; 0 for one seed) with the mean alone under ``<metric>_mean``."""
+    ``"mean ± std"`` (sample std; 0 for one seed) with the mean and the std alone under ``<metric>_mean`` and
+    ``<metric>_std``."""
     out = []
     for label in dict.fromkeys(r[key] for r in rows):
         mine = [r for r in rows if r[key] == label]
         entry: dict[str, Any] = {key: label, "seeds": len(mine)}
         for m in metrics:
             values = np.array([r[m] for r in mine], dtype=np.float64)
-            entry[m] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
-            entry[f"{m}_mean"] = float(values.mean())
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            entry[m] = f"{values.mean():.3f} ± {std:.3f}"
+            entry[f"{m}_mean"], entry[f"{m}_std"] = float(values.mean()), std
         out.append(entry)
     return out
 

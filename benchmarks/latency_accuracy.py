@@ -10,9 +10,8 @@ distillation batches and the search's seed):
   the search (a channel's mask is its head's times its dim's);
 * ``latency heads+dims per_cost`` — the same with ``allocate="per_cost"``: the walk takes entries in order of
   importance per unit of measured latency saved, not of importance alone;
-* ``latency heads+dims layerwise`` — the heads+dims run whose retrain also matches the residual stream after
-  every cut layer to the dense model's (``layer_distillation=1.0``, :mod:`upop_fx.training.layerwise`); the same
-  search, so the same cut for a seed;
+* ``latency heads+dims layerwise`` — the heads+dims run whose search and retrain also match the residual stream
+  after every (cut) layer to the dense model's (``layer_distillation=1.0``, :mod:`upop_fx.training.layerwise`);
 * ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
   :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
   so every model's own speedup is measured and reported beside its accuracy).
@@ -178,14 +177,21 @@ def render(payload: dict[str, Any]) -> str:
         other = by.get(label)
         if base and other:
             lines += ["", f"- MRR: {what} {other['mrr']} against latency heads+dims {base['mrr']} at measured "
-                          f"speedups {other['speedup']} and {base['speedup']}: {what} "
-                          f"{'at least as good' if other['mrr_mean'] >= base['mrr_mean'] else 'BEHIND'}."]
+                          f"speedups {other['speedup']} and {base['speedup']}: {what} {_verdict(other, base)}."]
     kept = [f"{r['budget']} seed {r['seed']}: step {r['retrain_check']['kept_step']}" for r in payload["rows"]
             if "retrain_check" in r]
     if kept:
         lines += ["", "- The retrain's weights kept (the step with the lowest loss on the check batches; 0: the cut): "
                       + "; ".join(kept) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(a: dict[str, Any], b: dict[str, Any], metric: str = "mrr") -> str:
+    """How ``a``'s mean compares with ``b``'s: tied when they differ by less than the larger standard deviation."""
+    gap = a[f"{metric}_mean"] - b[f"{metric}_mean"]
+    if abs(gap) < max(a.get(f"{metric}_std", 0.0), b.get(f"{metric}_std", 0.0)):
+        return f"tied (they differ by {gap:+.3f}, under one standard deviation)"
+    return "ahead" if gap > 0 else "BEHIND"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,3 +86,27 @@ def test_a_task_loss_or_a_loss_fn_retrains_without_the_layer_term():
     plain = upop_fx.compress(zoo.model, labelled, ratio=0.3, method="magnitude", data=data, retrain_steps=2,
                              calibration_batches=2)
     assert result.report.retrain_check == plain.report.retrain_check
+
+
+def test_the_search_distils_layer_wise_at_every_residual_write_of_the_masked_graph(monkeypatch):
+    from upop_fx.search import upop as search
+
+    seen = []
+    real = search.train_steps
+
+    def recording(model, params, objective, *args, **kwargs):
+        seen.append(objective)
+        return real(model, params, objective, *args, **kwargs)
+
+    monkeypatch.setattr(search, "train_steps", recording)
+    zoo = ZOO["bert"]()
+    data = _batches(zoo, 8)
+    kwargs = dict(ratio=0.5, data=data, search_steps=4, interval=2, retrain_steps=0, calibration_batches=0, lr=1e-3)
+    plain = upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
+    layered = upop_fx.compress(zoo.model, zoo.example_inputs, layer_distillation=1.0, **kwargs)
+    assert not isinstance(seen[0], LayerwiseDistillation)
+    # two layers, each with an attention output projection and an MLP second layer writing into the stream
+    assert isinstance(seen[1], LayerwiseDistillation) and seen[1].points == 4
+    assert layered.losses["search"][0] == pytest.approx(plain.losses["search"][0], abs=1e-6)  # masks 1: the teacher
+    assert layered.losses["search"] != plain.losses["search"]
+    assert "_keep" not in layered.model.code

@@ -39,6 +39,7 @@ Example (the state driven by hand; ``upop_fx.UPop`` wraps this with capture and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -53,6 +54,7 @@ from ..errors import ConfigError, UPopError
 from ..passes import InsertMasks, get_masks
 from ..passes.fuse_attention import FuseMaskedAttention
 from ..training import distributed
+from ..training.layerwise import LayerwiseDistillation, named_points
 from ..training.loop import Batches, Distillation, Objective, Training, train_steps
 from .magnitude import magnitude_scores
 from .strategy import Prepared, Selection, allocation, checked
@@ -88,17 +90,26 @@ class UPopSearch:
             raise ConfigError("the UPop search trains: it needs an objective")
         state = self.start(prepared)
         options = prepared.options
-        if isinstance(objective, Distillation) and state.fused:
-            objective = Distillation(state.matched_teacher())
+        layers: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if isinstance(objective, Distillation):
+            if state.fused:
+                objective = Distillation(state.matched_teacher())
+            teacher = objective.teacher
+            if options.layer_distillation > 0 and isinstance(teacher, torch.fx.GraphModule):
+                objective = layers = LayerwiseDistillation(teacher, state.model, options.layer_distillation,
+                                                           named_points(teacher, state.model))
+                log.info("search: layer-wise distillation at %d points of the residual stream (weight %g)",
+                         objective.points, options.layer_distillation)
 
         def after(i: int, grad_scale: float) -> str:
             return f"pi={state.step(grad_scale):.4f}"
 
-        losses = train_steps(
-            state.model, list(state.parameters()), objective, batches, options.search_steps, options.lr,
-            "upop search", after, log_every=options.interval, training=prepared.training or Training(),
-            phase="search", state=state,
-        )  # fmt: skip
+        with layers:
+            losses = train_steps(
+                state.model, list(state.parameters()), objective, batches, options.search_steps, options.lr,
+                "upop search", after, log_every=options.interval, training=prepared.training or Training(),
+                phase="search", state=state,
+            )  # fmt: skip
         return state.selection(losses)
 
 

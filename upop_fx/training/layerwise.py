@@ -37,9 +37,9 @@ import torch
 from torch.fx import Node
 
 from .loop import Distillation, call, distillation_loss, feature_loss
-from .reconstruct import refit_sites
+from .reconstruct import linear_parts, refit_sites, residual_add
 
-__all__ = ["Taps", "LayerwiseDistillation", "residual_points"]
+__all__ = ["Taps", "LayerwiseDistillation", "residual_points", "named_points"]
 
 
 class Taps:
@@ -84,15 +84,31 @@ def residual_points(dense: torch.fx.GraphModule, small: torch.fx.GraphModule) ->
             if s.small_add is not None and s.dense_add is not None]
 
 
+def named_points(teacher: torch.fx.GraphModule, student: torch.fx.GraphModule) -> list[tuple[Node, Node]]:
+    """``(node of student, node of teacher)``: the residual stream right after every linear layer that writes
+    into it, paired by node name — for a student made from the teacher's graph by adding nodes (the search's
+    masked graph), where every layer may yet be cut."""
+    names = {n.name: n for n in teacher.graph.nodes}
+    pairs = []
+    for n in student.graph.nodes:
+        if linear_parts(n) is None:
+            continue
+        added = residual_add(n)
+        if added is not None and added[0].name in names:
+            pairs.append((added[0], names[added[0].name]))
+    return pairs
+
+
 class LayerwiseDistillation(Distillation):
     """The output distillation of ``student`` (the cut graph) against ``teacher`` (the dense graph) plus
-    ``weight`` times the mean :func:`feature_loss` over :func:`residual_points`. A context manager: the taps are
-    in both graphs while it is open. The objective takes the student (or the student wrapped, as by
-    ``DistributedDataParallel``) and a batch, as every objective does."""
+    ``weight`` times the mean :func:`feature_loss` over ``pairs`` (default :func:`residual_points`). A context
+    manager: the taps are in both graphs while it is open. The objective takes the student (or the student
+    wrapped, as by ``DistributedDataParallel``) and a batch, as every objective does."""
 
-    def __init__(self, teacher: torch.fx.GraphModule, student: torch.fx.GraphModule, weight: float) -> None:
+    def __init__(self, teacher: torch.fx.GraphModule, student: torch.fx.GraphModule, weight: float,
+                 pairs: list[tuple[Node, Node]] | None = None) -> None:
         super().__init__(teacher)
-        pairs = residual_points(teacher, student)
+        pairs = residual_points(teacher, student) if pairs is None else pairs
         self.weight = weight
         self.points = len(pairs)
         self._student = Taps(student, [s for s, _ in pairs])

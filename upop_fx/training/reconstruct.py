@@ -50,7 +50,7 @@ from ..passes.base import get_tensor, set_tensor
 from . import distributed
 from .loop import call, to_device
 
-__all__ = ["LayerFit", "reconstruct", "refit_sites", "input_norms", "stored_transposed", "RIDGES"]
+__all__ = ["LayerFit", "reconstruct", "refit_sites", "linear_parts", "residual_add", "input_norms", "stored_transposed", "RIDGES"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class _Site:
     residual: Node | None = None
 
 
-def _linear_parts(n: Node) -> tuple[Node, Node, Node | None, bool] | None:
+def linear_parts(n: Node) -> tuple[Node, Node, Node | None, bool] | None:
     """``(input, weight, bias, transposed)`` of a linear map node with ``get_attr`` weight (and bias)."""
     if n.op != "call_function":
         return None
@@ -121,7 +121,7 @@ _PASS_THROUGH = (_aten.dropout.default, _aten.clone.default, _aten.alias.default
                  _aten.reshape.default, _aten._unsafe_view.default)
 
 
-def _residual_add(n: Node) -> tuple[Node, Node] | None:
+def residual_add(n: Node) -> tuple[Node, Node] | None:
     """``(add, other operand)`` when ``n``'s value goes, through ops of :data:`_PASS_THROUGH` only, into a plain
     ``aten.add.Tensor`` (a residual connection) as its only use."""
     path = n
@@ -147,23 +147,23 @@ def refit_sites(dense: torch.fx.GraphModule, small: torch.fx.GraphModule) -> lis
             uses[n.target] = len(n.users)
     in_dense: dict[str, Node] = {}
     for n in dense.graph.nodes:
-        parts = _linear_parts(n)
+        parts = linear_parts(n)
         if parts is not None:
             in_dense.setdefault(parts[1].target, n)
     sites = []
     for n in small.graph.nodes:
-        parts = _linear_parts(n)
+        parts = linear_parts(n)
         if parts is None:
             continue
         _, w, b, transposed = parts
         d = in_dense.get(w.target)
-        if d is None or uses.get(w.target) != 1 or _linear_parts(d)[3] != transposed:
+        if d is None or uses.get(w.target) != 1 or linear_parts(d)[3] != transposed:
             continue
         ws, wd = get_tensor(small, w.target), get_tensor(dense, w.target)
         in_axis, out_axis = (0, 1) if transposed else (1, 0)
         if ws.dim() == 2 and ws.shape[out_axis] == wd.shape[out_axis] and ws.shape[in_axis] < wd.shape[in_axis]:
             site = _Site(n, d, w.target, b.target if b is not None else None, transposed)
-            small_res, dense_res = _residual_add(n), _residual_add(d)
+            small_res, dense_res = residual_add(n), residual_add(d)
             if small_res is not None and dense_res is not None:
                 site.small_add, site.residual = small_res
                 site.dense_add = dense_res[0]
@@ -380,7 +380,7 @@ def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batche
     targets = _DenseTargets(dense, sites, calibration)
     runs = _CutRuns(small, calibration)
     for i, site in enumerate(sites):
-        x_node = _linear_parts(site.small)[0]
+        x_node = linear_parts(site.small)[0]
         width = get_tensor(small, site.weight).shape[1 if site.transposed else 0]
         want = [x_node] if site.residual is None else [x_node, site.residual]
         got = runs.until(site.small, want)
@@ -409,7 +409,7 @@ def stored_transposed(gm: torch.fx.GraphModule) -> dict[str, bool]:
     """Per linear map's weight name: whether it is stored ``(in, out)`` (``addmm``: Hugging Face's Conv1D)."""
     out = {}
     for n in gm.graph.nodes:
-        parts = _linear_parts(n)
+        parts = linear_parts(n)
         if parts is not None:
             out[parts[1].target] = parts[3]
     return out
@@ -431,7 +431,7 @@ def input_norms(gm: torch.fx.GraphModule, batches: Iterable[Any]) -> dict[str, t
         return accumulate
 
     for n in list(graph.nodes):
-        parts = _linear_parts(n)
+        parts = linear_parts(n)
         if parts is not None:
             with graph.inserting_after(n):
                 probes.append(graph.call_function(accumulator(parts[1].target), (parts[0],)))
