@@ -158,7 +158,7 @@ def restrict_to_class(model: torch.nn.Module, gm: torch.fx.GraphModule, analysis
         if keep is None:
             break
         small = Surgery(keep)(gm).gm
-        back = rebuild(model, gm, small, analysis, removed_labels(analysis, keep), granularity, recapture=False)
+        back = rebuild(model, gm, small, analysis, removed_labels(analysis, keep), granularity)
         if back.module is not None:
             break
         texts = _alike(model, back.problems.at)

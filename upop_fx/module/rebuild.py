@@ -13,8 +13,8 @@ guessing at a model's code:
   ``(B, T, H, 64)`` that became ``(B, T, H, 32)``) belongs to the module whose forward produced it
   (``nn_module_stack``); the integer attribute of that module holding the old size takes the new one.
 
-Then the copy is **verified**: captured again and compared with the cut graph on the example inputs and at a
-second batch/sequence size. Whatever cannot be expressed — a size no attribute holds, one attribute serving two
+Then the copy is **verified**: run as its caller runs it and compared with the cut graph on the example inputs,
+over its KV cache where it is a decoder, and at a second batch/sequence size. Whatever cannot be expressed — a size no attribute holds, one attribute serving two
 sizes that the cut made different, an attention scale that only exists as the default ``1/sqrt(head size)``, a
 rotary table shared by layers that keep different pairs (where they keep the same, the class's frequencies are
 sliced: :mod:`.rotary`), ops that surgery had to insert — makes the module
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..capture.program import cache_off, capture, get_capture, prompt_ids, run_module
+from ..capture.program import cache_off, get_capture, prompt_ids, run_module
 from ..compare import relative_error
 from ..ir.groups import GroupAnalysis
 from ..passes.base import module_tensors, set_tensor
@@ -435,16 +435,15 @@ def _run_failure(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
     return None, None
 
 
-def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: bool = True
-            ) -> tuple[str | None, str | None]:
-    """``(None, None)`` when ``module`` runs, equals ``small`` on the example inputs (eagerly, and over its KV cache
-    where it is a decoder: :func:`_cache_failure`), and, captured again unless ``recapture`` is False, equals it at
-    a second size too; else ``(why, the module path that failed where known)``."""
+def _verify(module: torch.nn.Module, small: torch.fx.GraphModule) -> tuple[str | None, str | None]:
+    """``(None, None)`` when ``module`` runs and equals ``small`` on the example inputs, over its KV cache where it
+    is a decoder (:func:`_cache_failure`), and at a second batch/sequence size; else ``(why, the module path that
+    failed where known)``. The module is run as its caller runs it, eagerly: capturing it again would prove that
+    ``torch.export`` still follows it, which an export of the module checks itself, at the cost of a capture."""
     info = get_capture(small)
     why, path = _run_failure(module, info.args, info.kwargs)
     if why is not None:
         return why, path
-    # the cheap checks first: a try of the coincidence search that fails them costs no capture
     err = module_gap(module, small)
     if not err <= RTOL:
         return (f"the rebuilt module differs from the cut graph (relative error {err:.3g} at input shapes "
@@ -452,27 +451,15 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: boo
     why = _cache_failure(module, info.kwargs)
     if why is not None:
         return why, None
-    if recapture:
-        try:
-            again: Any = capture(module, info.kwargs or info.args).gm
-        except Exception as exc:  # noqa: BLE001 — any failure is the reason the module is not returned
-            return (f"the rebuilt module cannot be captured again: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:300]}", None)
-    else:
-        again = module
-    sizes = ((False, False), (True, True), (False, True), (True, False))
-    tried = 0 if recapture else 1  # run eagerly, the module was compared at the example's size above
-    for grow, shrink in sizes if recapture else sizes[1:]:
+    for grow, shrink in ((True, True), (False, True), (True, False)):
         args, kwargs = varied_inputs(info.args, info.kwargs, info.dynamic_shapes, grow, shrink)
-        if (grow or shrink) and tried >= 2:
-            break
         try:
             want = run_module(small, args, kwargs)
         except Exception:  # noqa: BLE001 — the graph does not run at this size; try another
             continue
         try:
             with cache_off(module):
-                got = run_module(again, args, kwargs)
+                got = run_module(module, args, kwargs)
         except Exception as exc:  # noqa: BLE001
             return (f"the rebuilt module fails to run at input shapes {_shapes(args, kwargs)}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", _failing_module(module, exc))
@@ -480,10 +467,8 @@ def _verify(module: torch.nn.Module, small: torch.fx.GraphModule, recapture: boo
         if not err <= RTOL:
             return (f"the rebuilt module differs from the cut graph (relative error {err:.3g} at input shapes "
                     f"{_shapes(args, kwargs)})"), None
-        tried += 1
-    if tried < 2:
-        return "the cut graph runs at no second input size to compare the rebuilt module with", None
-    return None, None
+        return None, None
+    return "the cut graph runs at no second input size to compare the rebuilt module with", None
 
 
 def _cache_failure(module: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
@@ -525,27 +510,26 @@ def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[int, ..
 
 # ------------------------------------------------------------------------------------------- rebuild
 def rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
-            analysis: GroupAnalysis, removed: np.ndarray, granularity: str = "upop", recapture: bool = True,
+            analysis: GroupAnalysis, removed: np.ndarray, granularity: str = "upop",
             fold: bool = True) -> Rebuilt:
     """A copy of ``model`` cut as ``small`` (the surgery of ``dense``), verified; see the module docstring.
 
     ``removed``: the removed labels of ``analysis`` (:func:`~upop_fx.passes.surgery.removed_labels`).
-    ``recapture=False`` verifies by running the module eagerly instead of capturing it again (a trial cut's check).
     ``fold``: first fold into ``small``'s q/k weights, in place and exactly, the attention scales the class would
     recompute from the narrowed head size (:func:`~upop_fx.module.scale_fold.fold_scales`); where the module
     fails with the fold, it is undone and the module tried again."""
     undo = fold_scales(model, dense, small, analysis, removed) if fold else None
-    back = _rebuild(model, dense, small, analysis, removed, granularity, recapture)
+    back = _rebuild(model, dense, small, analysis, removed, granularity)
     if back.module is None and undo is not None:
         undo()
-        again = _rebuild(model, dense, small, analysis, removed, granularity, recapture)
+        again = _rebuild(model, dense, small, analysis, removed, granularity)
         if again.module is not None:
             return again
     return back  # the graph stays unfolded: both equal the dense model's cut
 
 
 def _rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.fx.GraphModule,
-             analysis: GroupAnalysis, removed: np.ndarray, granularity: str, recapture: bool) -> Rebuilt:
+             analysis: GroupAnalysis, removed: np.ndarray, granularity: str) -> Rebuilt:
     problems = Problems()
     why, same = tables_problem(analysis, removed)
     frequencies = frequency_slices(dense, analysis, removed) if why is not None and same else None
@@ -594,9 +578,9 @@ def _rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.f
     if not problems:
         module.eval()
         if owners or changes:
-            why, path = _verify(module, small, recapture)
+            why, path = _verify(module, small)
             if why is not None:
-                why, path = _unpatch_coincidences(model, module, small, patched, by_weights, recapture, (why, path))
+                why, path = _unpatch_coincidences(model, module, small, patched, by_weights, (why, path))
         else:  # nothing resized: the model itself, with new weights
             why, path = _same_as(module, small)
         if why is not None:
@@ -611,7 +595,7 @@ def _rebuild(model: torch.nn.Module, dense: torch.fx.GraphModule, small: torch.f
 
 def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small: torch.fx.GraphModule,
                           patched: dict[str, dict[str, Any]], by_weights: dict[str, dict[str, Any]],
-                          recapture: bool, failed: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+                          failed: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
     """Where the verification failed: give back their original value to the attributes of one name in one class
     that a shape literal patched (an attribute that merely held the same number, such as a count of KV groups
     equal to the count of KV heads, a layer's index, or a latent rank equal to a head's width): up to
@@ -645,7 +629,7 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
             for subset in itertools.combinations(sorted(keys), size):
                 for key in subset:
                     put(key, original=False)
-                if _verify(module, small, recapture)[0] is None:
+                if _verify(module, small)[0] is None:
                     return kept(sorted(set(keys) - set(subset)))
                 for key in subset:
                     put(key, original=True)
@@ -654,19 +638,19 @@ def _unpatch_coincidences(model: torch.nn.Module, module: torch.nn.Module, small
         return failed
     for key in sorted(keys):  # one alone
         put(key, original=True)
-        if _verify(module, small, recapture)[0] is None:
+        if _verify(module, small)[0] is None:
             return kept([key])
         put(key, original=False)
     for key in keys:  # several together (a layer's index and its count of KV groups): all, then patch back what may be
         put(key, original=True)
-    if _verify(module, small, recapture)[0] is not None:
+    if _verify(module, small)[0] is not None:
         for key in keys:
             put(key, original=False)
         return failed
     originals = sorted(keys)
     for key in sorted(keys):
         put(key, original=False)
-        if _verify(module, small, recapture)[0] is None:
+        if _verify(module, small)[0] is None:
             originals.remove(key)
         else:
             put(key, original=True)
