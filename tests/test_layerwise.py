@@ -66,7 +66,7 @@ def test_compress_retrains_layer_wise_and_the_module_takes_the_graphs_weights():
     # no check batches: the weights of the last step are kept, whatever the losses did
     kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=0, retrain_steps=4, lr=1e-3)
     cut = upop_fx.compress(zoo.model, zoo.example_inputs, **{**kwargs, "retrain_steps": 0})
-    plain = upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
+    plain = upop_fx.compress(zoo.model, zoo.example_inputs, layer_distillation=0.0, **kwargs)
     layered = upop_fx.compress(zoo.model, zoo.example_inputs, layer_distillation=1.0, **kwargs)
     assert layered.module is not None and type(layered.module) is type(zoo.model)
     assert "_keep" not in layered.model.code  # the taps are gone from the returned graph
@@ -82,9 +82,9 @@ def test_a_task_loss_or_a_loss_fn_retrains_without_the_layer_term():
     labelled = {**zoo.example_inputs, "labels": torch.tensor([0, 1, 0, 1])[: zoo.example_inputs["input_ids"].shape[0]]}
     data = [labelled] * 6
     result = upop_fx.compress(zoo.model, labelled, ratio=0.3, method="magnitude", data=data, retrain_steps=2,
-                              calibration_batches=2, layer_distillation=1.0)
+                              calibration_batches=2)
     plain = upop_fx.compress(zoo.model, labelled, ratio=0.3, method="magnitude", data=data, retrain_steps=2,
-                             calibration_batches=2)
+                             calibration_batches=2, layer_distillation=0.0)
     assert result.report.retrain_check == plain.report.retrain_check
 
 
@@ -102,8 +102,8 @@ def test_the_search_distils_layer_wise_at_every_residual_write_of_the_masked_gra
     zoo = ZOO["bert"]()
     data = _batches(zoo, 8)
     kwargs = dict(ratio=0.5, data=data, search_steps=4, interval=2, retrain_steps=0, calibration_batches=0, lr=1e-3)
-    plain = upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
-    layered = upop_fx.compress(zoo.model, zoo.example_inputs, layer_distillation=1.0, **kwargs)
+    plain = upop_fx.compress(zoo.model, zoo.example_inputs, layer_distillation=0.0, **kwargs)
+    layered = upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)  # the default: 1
     assert not isinstance(seen[0], LayerwiseDistillation)
     # two layers, each with an attention output projection and an MLP second layer writing into the stream
     assert isinstance(seen[1], LayerwiseDistillation) and seen[1].points == 4

@@ -132,7 +132,8 @@ def test_prepare_step_finalize_equals_compress(tiny):
     model, data = tiny
     kwargs = dict(ratio=0.5, interval=3, seed=7)
     result = upop_fx.compress(model, data[0], data=data, search_steps=9, retrain_steps=0, lr=1e-4,
-                              calibration_batches=0, **kwargs)  # the hand-driven loop re-fits nothing
+                              calibration_batches=0, layer_distillation=0.0, **kwargs)  # the loop: outputs alone,
+    # and it re-fits nothing
     torch.manual_seed(0)  # the pruner seeds itself; the outer state must not matter
     pruner = upop_fx.UPop(model, data[0], search_steps=9, **kwargs)
     _run_loop(pruner, model, data, 9)

@@ -225,11 +225,11 @@ class Options:
     retrain_steps: int = _option(100, "training", "fine-tuning steps of the dense small model after the cut "
                                  "(0: none)", _int(0), metavar="N")
     layer_distillation: float = _option(
-        0.0, "training", "weight of the layer-wise term of the search's and the retrain's distillation (when they "
+        1.0, "training", "weight of the layer-wise term of the search's and the retrain's distillation (when they "
         "distil: no loss_fn, no labels): the mean, over the residual stream right after each layer that may be (in "
         "the search) or was (in the retrain) cut, of each feature's squared error against the dense model's over "
-        "the dense model's variance of it, added to the output distillation (upop_fx.training.layerwise). 0: the "
-        "outputs alone", _non_negative)
+        "the dense model's variance of it, added to the output distillation (upop_fx.training.layerwise); the default "
+        "is what benchmarks/results/latency_layerwise says. 0: the outputs alone", _non_negative)
     reconstruct: bool = _option(
         True, "training", "with data: after the cut (before any retrain), re-fit each cut layer's output "
         "projection and bias by ridge least squares so that the residual stream matches the dense model's on "
