@@ -315,18 +315,20 @@ def fit_and_check(held: list[Any], inputs: list[Any], split: bool) -> tuple[list
 
 def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
                    lr: float, example: Any, training: Training | None = None, check: list[Any] | None = None,
-                   layer_distillation: float = 0.0) -> list[float]:  # fmt: skip
+                   layer_distillation: float | None = None) -> list[float]:  # fmt: skip
     """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` when there
     is one, its weights then copied into the graph ``result.model`` (checked equal); else the graph. The module
     trains in train mode (dropout as the model defines it) on a task loss, and in eval mode when it distils: the
     teacher runs without dropout, and what is matched is its deterministic output, not a noisy copy of it. Returns the losses. ``check``: batches on which the loss is
     measured along the way; the weights where it was lowest are kept, the measurements are in
-    ``result.report.retrain_check``. ``layer_distillation`` (> 0, when it distils from a captured ``teacher``):
-    the graph trains on :class:`~upop_fx.training.layerwise.LayerwiseDistillation` with that weight — its
+    ``result.report.retrain_check``. ``layer_distillation`` (None: the option's default; > 0, when it distils from
+    a captured ``teacher``): the graph trains on :class:`~upop_fx.training.layerwise.LayerwiseDistillation` with that weight — its
     residual stream is tapped — and the module, which computes what the graph computes in eval mode, receives
     its weights."""
     module = result.module
     history: list[tuple[int, float]] = []
+    if layer_distillation is None:
+        layer_distillation = Options().layer_distillation
     layerwise = (layer_distillation > 0 and loss_fn is None and isinstance(teacher, torch.fx.GraphModule)
                  and not has_task_loss(result.model, example))
     if module is None or layerwise:

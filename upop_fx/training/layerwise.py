@@ -1,8 +1,10 @@
-"""Layer-wise distillation: the cut model's residual stream after each cut layer held to the dense model's.
+"""Layer-wise distillation: the residual stream after each (cut) layer held to the dense model's.
 
 A cut leaves the residual stream's width whole, so the value right after each cut layer's residual add (an
-attention block's, an MLP's: the sites :func:`~upop_fx.training.reconstruct.refit_sites` finds) exists in both
-graphs with the same shape. :class:`LayerwiseDistillation` adds to the output distillation
+attention block's, an MLP's: the sites :func:`~upop_fx.training.reconstruct.refit_sites` finds,
+:func:`residual_points`) exists in both graphs with the same shape; in the search's masked graph, where every
+layer may yet be cut, the points are the residual adds after every linear layer, paired by node name with the
+teacher's (:func:`named_points`). :class:`LayerwiseDistillation` adds to the output distillation
 (:func:`~upop_fx.training.loop.distillation_loss`) the mean over those points of
 :func:`~upop_fx.training.loop.feature_loss` — each feature's squared error over the teacher's variance of it —
 times a weight (CoFi's layer distillation). The output loss alone lets every layer drift as long as the last one
