@@ -12,6 +12,7 @@ distillation batches and the search's seed):
   importance per unit of measured latency saved, not of importance alone;
 * ``latency heads+dims layerwise`` — the heads+dims run whose search and retrain also match the residual stream
   after every (cut) layer to the dense model's (``layer_distillation=1.0``, :mod:`upop_fx.training.layerwise`);
+* ``latency heads+dims layerwise no retrain`` — the same search and reconstruction, no retrain step;
 * ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
   :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
   so every model's own speedup is measured and reported beside its accuracy).
@@ -67,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "latency heads+dims": _HEADS_DIMS,
     "latency heads+dims per_cost": {**_HEADS_DIMS, "allocate": "per_cost"},
     "latency heads+dims layerwise": {**_HEADS_DIMS, "layer_distillation": 1.0},
+    "latency heads+dims layerwise no retrain": {**_HEADS_DIMS, "layer_distillation": 1.0, "retrain_steps": 0},
     "flops": {"budget": "flops", "granularity": "upop", **_OUTPUTS},
 }
 METRICS = ["speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc"]
@@ -133,9 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r = flops_ratio if options["budget"] == "flops" else ratio
                 extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if options["budget"] == "latency" else {}
                 t0 = time.perf_counter()
-                result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps,
-                                          retrain_steps=args.steps, lr=args.lr, interval=args.interval, seed=seed,
-                                          **options, **extra)
+                result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps, lr=args.lr,
+                                          interval=args.interval, seed=seed,
+                                          **{"retrain_steps": args.steps, **options, **extra})
                 minutes = (time.perf_counter() - t0) / 60
                 small = result.model
                 rows.append({"budget": label, "seed": seed, "ratio": r, "speedup": speedup(small),
