@@ -56,7 +56,7 @@ from .training import distributed
 from .training.checkpoint import Checkpointer
 from .training.layerwise import LayerwiseDistillation
 from .training.loop import Batches, Training, has_task_loss, make_objective, retrain
-from .training.reconstruct import reconstruct
+from .training.reconstruct import every_fourth, reconstruct
 
 __all__ = ["Result", "prepare", "finish", "run", "fit_and_check", "retrain_result", "strategy_for", "seeded", "run_fingerprint"]
 
@@ -307,9 +307,9 @@ def fit_and_check(held: list[Any], inputs: list[Any], split: bool) -> tuple[list
     measures on. ``split`` (both run): every fourth batch goes to the guard alone — measured on the batches the
     cut was fitted to, the cut would look better than it is and a retrain that helps would be thrown away; with
     a single batch, both use it. Otherwise every batch serves the one that runs."""
-    if not split or len(held) < 2:
+    checked = sorted(every_fourth(len(held))) if split else []
+    if not checked:
         return inputs, held
-    checked = [i for i in range(len(held)) if i % 4 == 3] or [len(held) - 1]
     return [x for i, x in enumerate(inputs) if i not in checked], [held[i] for i in checked]
 
 
@@ -329,23 +329,21 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     history: list[tuple[int, float]] = []
     if layer_distillation is None:
         layer_distillation = Options().layer_distillation
-    layerwise = (layer_distillation > 0 and loss_fn is None and isinstance(teacher, torch.fx.GraphModule)
-                 and not has_task_loss(result.model, example))
+    task = loss_fn is None and has_task_loss(result.model, example)
+    layerwise = layer_distillation > 0 and loss_fn is None and not task and isinstance(teacher, torch.fx.GraphModule)
     if module is None or layerwise:
-        if layerwise:
-            with LayerwiseDistillation(teacher, result.model, layer_distillation) as objective:
+        objective = LayerwiseDistillation(teacher, result.model, layer_distillation) if layerwise else None
+        with objective or contextlib.nullcontext():
+            if objective is not None:
                 log.info("retrain: layer-wise distillation at %d points of the residual stream (weight %g)",
                          objective.points, layer_distillation)
-                losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
-                                 check=check, history=history, objective=objective)
-        else:
             losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
-                             check=check, history=history)
+                             check=check, history=history, objective=objective)
         result.report.retrain_check = [list(h) for h in history]
         if module is not None:
             _graph_weights_into(module, result.model)
         return losses
-    module.train(loss_fn is not None or has_task_loss(result.model, example))
+    module.train(loss_fn is not None or task)
     try:
         with cache_off(module):
             losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training, check=check,

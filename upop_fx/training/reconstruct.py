@@ -50,7 +50,7 @@ from ..passes.base import get_tensor, set_tensor
 from . import distributed
 from .loop import call, to_device
 
-__all__ = ["LayerFit", "reconstruct", "refit_sites", "linear_parts", "residual_add", "input_norms", "stored_transposed", "RIDGES"]
+__all__ = ["LayerFit", "reconstruct", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "RIDGES"]
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,12 @@ class _Sums:
         return new
 
 
+def every_fourth(n: int) -> set[int]:
+    """The held-out indices among ``n`` calibration batches: every fourth, at least the last one; none of a
+    single batch."""
+    return {i for i in range(n) if i % 4 == 3} or ({n - 1} if n > 1 else set())
+
+
 def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: list[torch.Tensor],
          ridges: tuple[float, ...]) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:
     """One site's fit: its :class:`LayerFit`, and the new weight and bias (None: not applied). With two batches
@@ -340,7 +346,7 @@ def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: l
     out_features, in_features = w.shape
     bias0 = b0.double() if b0 is not None else torch.zeros(out_features, dtype=torch.float64, device=w.device)
     w_aug = torch.cat([w, bias0[:, None]], 1)
-    held = {i for i in range(len(xs)) if i % 4 == 3} or ({len(xs) - 1} if len(xs) > 1 else set())
+    held = every_fourth(len(xs))
     part = [_Sums.of([x for i, x in enumerate(xs) if (i in held) == h], [y for i, y in enumerate(ys) if (i in held) == h],
                      in_features, out_features, w.device) for h in (False, True)]  # fmt: skip
     everything = part[0] + part[1]
