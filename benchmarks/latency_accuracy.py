@@ -115,9 +115,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         deployed = ((), example)  # every file exported as export_onnx writes it (dynamic axes), timed at `timing`
         dense_call = runner("onnxruntime-cpu", model, ((), timing), work, "dense", deployed)
 
+        loads: list[dict[str, Any]] = []  # each timed group's load before and after, in the order timed
+
         def speedup(small: torch.nn.Module) -> float:
             call = runner("onnxruntime-cpu", small, ((), timing), work, "probe", deployed)
             (_, (saved,)), load = quiet_timing(lambda: saved_interleaved(dense_call, call, runs=args.runs, warmup=2))
+            loads.append(load)
             if load["loaded"]:
                 log.warning("a speed measurement ran under load: %s", load)
             return 1 / (1 - saved)  # the median per-round saving, as the library's own check
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 small = result.model
                 rows.append({"budget": label, "seed": seed, "ratio": r, "speedup": speedup(small),
                              "flops_reduction": flops_dense / count_flops(small, (), timing),
-                             **evaluate(small, corpus, dense), "minutes": round(minutes, 2)})
+                             **evaluate(small, corpus, dense), "minutes": round(minutes, 2), "load": loads[-1]})
                 if result.report.latency:
                     rows[-1]["reported_speedup"] = result.report.latency["measured_speedup"]
                 check = result.report.retrain_check
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows[-1]["retrain_check"] = {"cut": check[0][1], "end": check[-1][1],
                                                  "kept_step": int(min(check, key=lambda h: h[1])[0])}
                 log.info("%s", rows[-1])
-    return {"machine": machine() | {"load_average_end": list(os.getloadavg())},
+    return {"machine": machine() | {"load_average_end": list(os.getloadavg()), "timed_groups": loads},
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
                       "batch_size": args.batch_size, "lr": args.lr, "interval": args.interval,
                       "articles": int(len(corpus.labels)), "flops_ratio_probes": probes},
@@ -177,8 +180,7 @@ def render(payload: dict[str, Any]) -> str:
         if label in by and "flops" in by:
             lat, flo = by[label], by["flops"]
             lines += ["", f"- MRR: {label} {lat['mrr']} against FLOP budget {flo['mrr']} at measured speedups "
-                          f"{lat['speedup']} and {flo['speedup']}: {label} "
-                          f"{'at least as good' if lat['mrr_mean'] >= flo['mrr_mean'] else 'BEHIND'}."]
+                          f"{lat['speedup']} and {flo['speedup']}: {label} {_verdict(lat, flo)}."]
     base = by.get("latency heads+dims")
     for label, what in (("latency heads+dims per_cost", "the per-cost walk"),
                         ("latency heads+dims layerwise", "layer-wise distillation")):
@@ -189,6 +191,12 @@ def render(payload: dict[str, Any]) -> str:
                           + _paired(payload["rows"], label, "latency heads+dims")]
     kept = [f"{r['budget']} seed {r['seed']}: step {r['retrain_check']['kept_step']}" for r in payload["rows"]
             if "retrain_check" in r]
+    groups = m.get("timed_groups")
+    if groups:  # each speed measurement's load average before and after (the group itself raises it)
+        lines += ["", "- Timed groups, load average before → after (max before "
+                      f"{max(g['load_before'] for g in groups):.2f}; groups flagged as loaded: "
+                      f"{sum(g['loaded'] for g in groups)}): "
+                      + ", ".join(f"{g['load_before']:.2f} → {g['load_after']:.2f}" for g in groups) + "."]
     if kept:
         lines += ["", "- The retrain's weights kept (the step with the lowest loss on the check batches; 0: the cut): "
                       + "; ".join(kept) + "."]
