@@ -65,7 +65,7 @@ def save(result: Any, example_inputs: Any, directory: str | os.PathLike[str], *,
         ep, _, _, _ = export_program(result.model, example_inputs)
         torch.export.save(ep, stage / "model.pt2")
         if onnx:
-            export_onnx(result.model, example_inputs, stage / "model.onnx", optimize=False)
+            export_onnx(result.model, example_inputs, stage / "model.onnx", optimize=False, exported=ep)
         payload = {**result.report.to_dict(), **(extra or {})}
         (stage / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         (stage / "report.md").write_text(report_markdown(result.report))

@@ -98,6 +98,8 @@ def export_onnx(
     dynamic: bool = True,
     optimize: bool = True,
     opset: int | None = None,
+    *,
+    exported: torch.export.ExportedProgram | None = None,
 ) -> ExportInfo:
     """Export ``model`` to ONNX at ``path``, checked against PyTorch in ONNX Runtime.
 
@@ -111,6 +113,8 @@ def export_onnx(
         optimize: also write ONNX Runtime's optimised graph as ``<stem>.opt.onnx`` (runs in ONNX Runtime's CPU
             provider; it holds ONNX Runtime contrib ops) and check it.
         opset: the ONNX opset (one of :data:`SUPPORTED_OPSETS`); None = the exporter's default.
+        exported: ``torch.export`` of ``model`` at ``example_inputs`` already made (with ``dynamic``'s axes, as
+            :func:`~upop_fx.capture.program.export_program` makes it), translated instead of exporting again.
 
     Raises:
         InputError: ``model`` is not a module, or the inputs are malformed or do not fit the model.
@@ -130,7 +134,7 @@ def export_onnx(
     except Exception as exc:
         raise InputError(f"the model raises on example_inputs: {type(exc).__name__}: {_first_line(exc)}") from exc
     with _staging(dest.parent) as stage:
-        ep = _torch_export(work, args, kwargs, dynamic)
+        ep = exported if exported is not None else _torch_export(work, args, kwargs, dynamic)
         program = _onnx_program(ep, opset, type(model).__name__)
         feeds = _Inputs.build(work, ep, args, kwargs)
         output_names = _output_names(expected)
