@@ -15,7 +15,11 @@ distillation batches and the search's seed):
 * ``latency heads+dims layerwise no retrain`` — the same search and reconstruction, no retrain step;
 * ``flops``   — UPop with ``budget="flops"`` at the ratio whose cut runs as fast: found once per run with
   :func:`benchmarks.common.match_speedup` on magnitude cuts (the search's selection differs from magnitude's,
-  so every model's own speedup is measured and reported beside its accuracy).
+  so every model's own speedup is measured and reported beside its accuracy);
+* ``torch-pruning`` (asked for by name) — Torch-Pruning's group-magnitude pruner (q/k/v head dims and MLP neurons
+  at one ratio for every layer) at the ratio whose cut runs as fast, found the same way; then the same
+  distillation for as many steps as UPop searches and retrains (it has no search; eager, so from the outputs
+  alone), with the same guard (the best weights on the check batches kept).
 
 Both search and retrain by the same unlabelled distillation on BBC News bodies and headlines, and are scored as
 in :mod:`benchmarks.accuracy_minilm` (headline → body MRR and Recall@1 over all 2,225 articles, the dense
@@ -30,6 +34,8 @@ Writes ``benchmarks/results/latency_accuracy.json`` and ``.md`` (mean ± std ove
     python -m benchmarks.latency_accuracy --seeds 0 --steps 20 --quick     # smoke run
     python -m benchmarks.latency_accuracy --variants "latency heads+dims" "latency heads+dims per_cost" \
         --name latency_walk                                   # the two latency walks side by side
+    python -m benchmarks.latency_accuracy --steps 150 --variants "latency heads+dims layerwise" torch-pruning \
+        --name latency_torch_pruning                          # UPop's default against Torch-Pruning
 """
 
 from __future__ import annotations
@@ -48,11 +54,13 @@ import torch
 
 import upop_fx
 from upop_fx.datasets import load_minilm
+from upop_fx.options import Options
 from upop_fx.report import count_flops
 from upop_fx.runtime.runners import runner
 from upop_fx.runtime.timing import saved_interleaved
+from upop_fx.training.reconstruct import every_fourth
 
-from .accuracy_minilm import Corpus, embed, evaluate
+from .accuracy_minilm import Corpus, embed, evaluate, torch_pruning
 from .common import RESULTS, machine, markdown_table, match_speedup, quiet_timing, seed_summary, write_results
 
 log = logging.getLogger("benchmarks.latency_accuracy")
@@ -71,6 +79,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "latency heads+dims layerwise no retrain": {**_HEADS_DIMS, "layer_distillation": 1.0, "retrain_steps": 0},
     "flops": {"budget": "flops", "granularity": "upop", **_OUTPUTS},
 }
+#: Torch-Pruning's group-magnitude pruner (q/k/v head dims and MLP neurons, one ratio for every layer) at the ratio
+#: whose cut runs as fast as asked, found once per run; then the same distillation for search + retrain steps
+TORCH_PRUNING = "torch-pruning"
 METRICS = ["speedup", "flops_reduction", "mrr", "recall_at_1", "probe_acc"]
 
 
@@ -84,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--runs", type=int, default=20, help="timed rounds per speed measurement (default 20)")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                   help="which models to compress per seed (default: all three)")
+    p.add_argument("--variants", nargs="+", choices=[*VARIANTS, TORCH_PRUNING], default=list(VARIANTS),
+                   help=f"which models to compress per seed (default: every UPop variant; {TORCH_PRUNING!r}: "
+                   "Torch-Pruning at the same measured speed)")
     p.add_argument("--name", default=None, help="results file name (default latency_accuracy, or "
                    "latency_accuracy_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run (written as *_quick)")
@@ -131,9 +143,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lambda r: upop_fx.compress(model, example, r, "magnitude", retrain_steps=0, budget="flops").model,
                 speedup, args.speedup, ratio)
             log.info("flops budget: ratio %.3f for %.2fx (probes %s)", flops_ratio, args.speedup, probes)
+        tp_ratio, tp_probes = None, []
+        if TORCH_PRUNING in args.variants:  # the Torch-Pruning ratio that runs as fast as asked (no retrain)
+            _, tp_ratio, _, tp_probes = match_speedup(lambda r: torch_pruning(model, example, r), speedup,
+                                                      args.speedup, ratio)
+            log.info("torch-pruning: ratio %.3f for %.2fx (probes %s)", tp_ratio, args.speedup, tp_probes)
         for seed in args.seeds:
             data = corpus.batches(2 * args.steps, args.batch_size, seed=seed)
-            for label in args.variants:
+            if TORCH_PRUNING in args.variants:
+                rows.append(_torch_pruning_row(model, example, tp_ratio, data, seed, args, speedup, corpus, dense,
+                                               flops_dense, timing) | {"load": loads[-1]})
+            for label in (v for v in args.variants if v != TORCH_PRUNING):
                 options = VARIANTS[label]
                 r = flops_ratio if options["budget"] == "flops" else ratio
                 extra = {"runtime": "onnxruntime-cpu", "latency_shape": (BATCH, SEQ)} if options["budget"] == "latency" else {}
@@ -156,8 +176,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"machine": machine() | {"load_average_end": list(os.getloadavg()), "timed_groups": loads},
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
                       "batch_size": args.batch_size, "lr": args.lr, "interval": args.interval,
-                      "articles": int(len(corpus.labels)), "flops_ratio_probes": probes},
+                      "articles": int(len(corpus.labels)), "flops_ratio_probes": probes,
+                      "torch_pruning_probes": tp_probes},
             "rows": rows, "summary": seed_summary(rows, "budget", METRICS)}
+
+
+def _torch_pruning_row(model: torch.nn.Module, example: Any, ratio: float, data: list[Any], seed: int,
+                       args: argparse.Namespace, speedup: Any, corpus: Corpus, dense: dict[str, Any],
+                       flops_dense: float, timing: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Torch-Pruning's cut at ``ratio``, retrained by the same distillation from the dense model for as many steps
+    as UPop searches and retrains (it has no search), with the same guard: the loss on UPop's check batches (the
+    held-out calibration batches after the search) measured along the way and the best weights kept."""
+    t0 = time.perf_counter()
+    small = torch_pruning(model, example, ratio)
+    held = [data[(args.steps + i) % len(data)] for i in sorted(every_fourth(Options().calibration_batches))]
+    history: list[tuple[int, float]] = []
+    torch.manual_seed(seed)
+    upop_fx.retrain(small, model, data, None, 2 * args.steps, args.lr, example, check=held, history=history)
+    small.eval()
+    row = {"budget": TORCH_PRUNING, "seed": seed, "ratio": ratio, "speedup": speedup(small),
+           "flops_reduction": flops_dense / count_flops(small, (), timing), **evaluate(small, corpus, dense),
+           "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    if history:
+        row["retrain_check"] = {"cut": history[0][1], "end": history[-1][1],
+                                "kept_step": int(min(history, key=lambda h: h[1])[0])}
+    log.info("%s", row)
+    return row
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -169,7 +213,10 @@ def render(payload: dict[str, Any]) -> str:
         f"UPop, {s['steps']} search + {s['steps']} retrain steps of distillation (batch {s['batch_size']}, lr "
         f"{s['lr']}); asked {s['speedup']}x of the measured ONNX Runtime CPU latency at batch {s['batch']}, "
         f"{s['seq']} tokens; the FLOP budget at the ratio whose magnitude cut measured as fast "
-        f"(probes: {s['flops_ratio_probes'] or 'no FLOP-budget row'}). Speedups timed against the dense model, interleaved. Machine: "
+        f"(probes: {s['flops_ratio_probes'] or 'no FLOP-budget row'}); Torch-Pruning (q/k/v head dims and MLP "
+        f"neurons at one ratio, group magnitude) at the ratio whose cut measured as fast (probes: "
+        f"{s.get('torch_pruning_probes') or 'no Torch-Pruning row'}), retrained by the same distillation for "
+        f"{2 * s['steps']} steps with the same guard. Speedups timed against the dense model, interleaved. Machine: "
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}. Mean ± std over seeds.",
         "",
         markdown_table(payload["summary"], ["budget", "seeds", *METRICS]),
@@ -189,6 +236,14 @@ def render(payload: dict[str, Any]) -> str:
             lines += ["", f"- MRR: {what} {other['mrr']} against latency heads+dims {base['mrr']} at measured "
                           f"speedups {other['speedup']} and {base['speedup']}: {what} {_verdict(other, base)}."
                           + _paired(payload["rows"], label, "latency heads+dims")]
+    tp = by.get(TORCH_PRUNING)
+    for label, other in by.items() if tp else ():
+        if label.startswith("latency") and other["seeds"] > 1:
+            margin = other["mrr_mean"] - other.get("mrr_std", 0.0) - tp["mrr_mean"]
+            lines += ["", f"- MRR: {label} {other['mrr']} against Torch-Pruning {tp['mrr']} at measured speedups "
+                          f"{other['speedup']} and {tp['speedup']}: {label} {_verdict(other, tp)}; its mean − std is "
+                          f"{abs(margin):.3f} {'above' if margin > 0 else 'BELOW'} Torch-Pruning's mean."
+                          + _paired(payload["rows"], label, TORCH_PRUNING)]
     kept = [f"{r['budget']} seed {r['seed']}: step {r['retrain_check']['kept_step']}" for r in payload["rows"]
             if "retrain_check" in r]
     groups = m.get("timed_groups")
