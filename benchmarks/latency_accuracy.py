@@ -98,13 +98,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", choices=[*VARIANTS, TORCH_PRUNING], default=list(VARIANTS),
                    help=f"which models to compress per seed (default: every UPop variant; {TORCH_PRUNING!r}: "
                    "Torch-Pruning at the same measured speed)")
+    p.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE",
+                   help="compress options for every UPop variant, over the variant's own (e.g. layer_distillation=4; "
+                   "the value read as JSON, else as a string); recorded in the results' setup")
     p.add_argument("--name", default=None, help="results file name (default latency_accuracy, or "
                    "latency_accuracy_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="64 articles, for a smoke run (written as *_quick)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--render", action="store_true", help="measure nothing: write the .md again from the results "
                    "file's .json (its summary recomputed), as this version of the script tells it")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.set = dict(_option(item) for item in args.set)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def _option(item: str) -> tuple[str, Any]:
+    """``"name=value"`` as ``(name, value)``, the value read as JSON where it is (numbers, true, null), else kept
+    as the string."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--set takes OPTION=VALUE, not {item!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 result = upop_fx.compress(model, example, r, "upop", data=data, search_steps=args.steps, lr=args.lr,
                                           interval=args.interval, seed=seed,
-                                          **{"retrain_steps": args.steps, **options, **extra})
+                                          **{"retrain_steps": args.steps, **options, **extra, **args.set})
                 minutes = (time.perf_counter() - t0) / 60
                 small = result.model
                 rows.append({"budget": label, "seed": seed, "ratio": r, "speedup": speedup(small),
@@ -177,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
                       "batch_size": args.batch_size, "lr": args.lr, "interval": args.interval,
                       "articles": int(len(corpus.labels)), "flops_ratio_probes": probes,
-                      "torch_pruning_probes": tp_probes},
+                      "torch_pruning_probes": tp_probes, "options": args.set},
             "rows": rows, "summary": seed_summary(rows, "budget", METRICS)}
 
 
@@ -211,7 +231,7 @@ def render(payload: dict[str, Any]) -> str:
         "# Accuracy at equal measured speed: latency budget against FLOP budget (all-MiniLM-L6-v2, BBC News)",
         "",
         f"UPop, {s['steps']} search + {s['steps']} retrain steps of distillation (batch {s['batch_size']}, lr "
-        f"{s['lr']}); asked {s['speedup']}x of the measured ONNX Runtime CPU latency at batch {s['batch']}, "
+        f"{s['lr']}{''.join(f', {k}={v}' for k, v in s.get('options', {}).items())}); asked {s['speedup']}x of the measured ONNX Runtime CPU latency at batch {s['batch']}, "
         f"{s['seq']} tokens; the FLOP budget at the ratio whose magnitude cut measured as fast "
         f"(probes: {s['flops_ratio_probes'] or 'no FLOP-budget row'}); Torch-Pruning (q/k/v head dims and MLP "
         f"neurons at one ratio, group magnitude) at the ratio whose cut measured as fast (probes: "
