@@ -212,7 +212,8 @@ def _torch_pruning_row(model: torch.nn.Module, example: Any, ratio: float, data:
     held = [data[(args.steps + i) % len(data)] for i in sorted(every_fourth(Options().calibration_batches))]
     history: list[tuple[int, float]] = []
     torch.manual_seed(seed)
-    upop_fx.retrain(small, model, data, None, 2 * args.steps, args.lr, example, check=held, history=history)
+    steps = args.steps + args.set.get("retrain_steps", args.steps)  # UPop's search + retrain steps
+    upop_fx.retrain(small, model, data, None, steps, args.lr, example, check=held, history=history)
     small.eval()
     row = {"budget": TORCH_PRUNING, "seed": seed, "ratio": ratio, "speedup": speedup(small),
            "flops_reduction": flops_dense / count_flops(small, (), timing), **evaluate(small, corpus, dense),
@@ -230,13 +231,13 @@ def render(payload: dict[str, Any]) -> str:
     lines = [
         "# Accuracy at equal measured speed: latency budget against FLOP budget (all-MiniLM-L6-v2, BBC News)",
         "",
-        f"UPop, {s['steps']} search + {s['steps']} retrain steps of distillation (batch {s['batch_size']}, lr "
+        f"UPop, {s['steps']} search + {s.get('options', {}).get('retrain_steps', s['steps'])} retrain steps of distillation (batch {s['batch_size']}, lr "
         f"{s['lr']}{''.join(f', {k}={v}' for k, v in s.get('options', {}).items())}); asked {s['speedup']}x of the measured ONNX Runtime CPU latency at batch {s['batch']}, "
         f"{s['seq']} tokens; the FLOP budget at the ratio whose magnitude cut measured as fast "
         f"(probes: {s['flops_ratio_probes'] or 'no FLOP-budget row'}); Torch-Pruning (q/k/v head dims and MLP "
         f"neurons at one ratio, group magnitude) at the ratio whose cut measured as fast (probes: "
         f"{s.get('torch_pruning_probes') or 'no Torch-Pruning row'}), retrained by the same distillation for "
-        f"{2 * s['steps']} steps with the same guard. Speedups timed against the dense model, interleaved. Machine: "
+        f"{s['steps'] + s.get('options', {}).get('retrain_steps', s['steps'])} steps with the same guard. Speedups timed against the dense model, interleaved. Machine: "
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}. Mean ± std over seeds.",
         "",
         markdown_table(payload["summary"], ["budget", "seeds", *METRICS]),
