@@ -1,4 +1,4 @@
-"""At equal measured speed, does ``budget="latency"`` keep as much of all-MiniLM-L6-v2 as ``budget="flops"``?
+r"""At equal measured speed, does ``budget="latency"`` keep as much of all-MiniLM-L6-v2 as ``budget="flops"``?
 
 A latency budget removes what costs time on the runtime; a FLOP budget what costs arithmetic. For the same
 measured speedup they keep different models: this script compares their accuracy there. Per seed (the
@@ -36,6 +36,9 @@ Writes ``benchmarks/results/latency_accuracy.json`` and ``.md`` (mean ± std ove
         --name latency_walk                                   # the two latency walks side by side
     python -m benchmarks.latency_accuracy --steps 150 --variants "latency heads+dims layerwise" torch-pruning \
         --name latency_torch_pruning                          # UPop's default against Torch-Pruning
+    python -m benchmarks.latency_accuracy --steps 80 --lr 2e-4 --set retrain_steps=220 \
+        --variants "latency heads+dims layerwise" torch-pruning --name latency_torch_pruning_recipe
+                                                              # 300 steps spent mostly on the retrain
 """
 
 from __future__ import annotations
