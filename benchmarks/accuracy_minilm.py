@@ -83,6 +83,16 @@ def embed(model: torch.nn.Module, tokens: dict[str, torch.Tensor], batch_size: i
     return torch.nn.functional.normalize(torch.cat(outs), dim=-1)
 
 
+def dense_reference(model: torch.nn.Module, corpus: Corpus) -> dict[str, Any]:
+    """What :func:`evaluate` compares with: the dense model's body embeddings (``"bodies"``) and the fixed
+    logistic-regression probe fitted on the train-split ones (``"probe"``)."""
+    from sklearn.linear_model import LogisticRegression
+
+    bodies = embed(model, corpus.bodies)
+    probe = LogisticRegression(max_iter=2000).fit(bodies[corpus.train].numpy(), corpus.labels[corpus.train])
+    return {"bodies": bodies, "probe": probe}
+
+
 def evaluate(model: torch.nn.Module, corpus: Corpus, dense: dict[str, Any], bodies: torch.Tensor | None = None) -> dict[str, float]:
     h = embed(model, corpus.heads)
     b = embed(model, corpus.bodies) if bodies is None else bodies
@@ -132,11 +142,9 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     model, tokenizer = load_minilm()
     corpus = Corpus(tokenizer, 64 if args.quick else None)
     log.info("articles: %d (train %d, test %d)", len(corpus.labels), len(corpus.train), len(corpus.test))
-    from sklearn.linear_model import LogisticRegression
 
     t0 = time.perf_counter()
-    dense = {"bodies": embed(model, corpus.bodies)}
-    dense["probe"] = LogisticRegression(max_iter=2000).fit(dense["bodies"][corpus.train].numpy(), corpus.labels[corpus.train])
+    dense = dense_reference(model, corpus)
     rows = []
     params_dense = sum(p.numel() for p in model.parameters())
     if "dense" in args.methods:

@@ -35,7 +35,7 @@ from upop_fx.ir.entries import keep_jaccard
 from upop_fx.search.strategy import Prepared
 from upop_fx.search.upop import UPopSearch, UPopState
 
-from .accuracy_minilm import Corpus, embed, evaluate
+from .accuracy_minilm import Corpus, dense_reference, evaluate
 from .common import RESULTS, machine, markdown_table, write_results
 
 log = logging.getLogger("benchmarks.keep_stability")
@@ -65,11 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_minilm()
     model.eval()
     corpus = Corpus(tokenizer, 64 if args.quick else None)
-    from sklearn.linear_model import LogisticRegression
-
-    dense = {"bodies": embed(model, corpus.bodies)}
-    dense["probe"] = LogisticRegression(max_iter=2000).fit(dense["bodies"][corpus.train].numpy(),
-                                                           corpus.labels[corpus.train])
+    dense = dense_reference(model, corpus)
     example = {k: v[:2] for k, v in corpus.bodies.items()}
     rows, kept = [], {}
     for first in FIRSTS:

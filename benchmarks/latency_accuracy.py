@@ -63,7 +63,7 @@ from upop_fx.runtime.runners import runner
 from upop_fx.runtime.timing import saved_interleaved
 from upop_fx.training.reconstruct import every_fourth
 
-from .accuracy_minilm import Corpus, embed, evaluate, torch_pruning
+from .accuracy_minilm import Corpus, dense_reference, evaluate, torch_pruning
 from .common import RESULTS, machine, markdown_table, match_speedup, quiet_timing, seed_summary, write_results
 
 log = logging.getLogger("benchmarks.latency_accuracy")
@@ -134,11 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_minilm()
     model.eval()
     corpus = Corpus(tokenizer, 64 if args.quick else None)
-    from sklearn.linear_model import LogisticRegression
-
-    dense = {"bodies": embed(model, corpus.bodies)}
-    dense["probe"] = LogisticRegression(max_iter=2000).fit(dense["bodies"][corpus.train].numpy(),
-                                                           corpus.labels[corpus.train])
+    dense = dense_reference(model, corpus)
     rows = [{"budget": "dense", "seed": None, "ratio": 0.0, "speedup": 1.0, "flops_reduction": 1.0,
              **evaluate(model, corpus, dense, dense["bodies"]), "minutes": 0.0}]
     timing = {k: v[:BATCH] for k, v in corpus.bodies.items()}  # real articles, 128 tokens

@@ -41,7 +41,7 @@ from upop_fx.runtime.runners import runner
 from upop_fx.runtime.timing import saved_interleaved
 from upop_fx.training.loop import Batches
 
-from .accuracy_minilm import Corpus, embed, evaluate
+from .accuracy_minilm import Corpus, dense_reference, evaluate
 from .common import RESULTS, machine, markdown_table, quiet_timing, seed_summary, write_results
 
 log = logging.getLogger("benchmarks.reconstruction")
@@ -76,11 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_minilm()
     model.eval()
     corpus = Corpus(tokenizer, 64 if args.quick else None)
-    from sklearn.linear_model import LogisticRegression
-
-    dense = {"bodies": embed(model, corpus.bodies)}
-    dense["probe"] = LogisticRegression(max_iter=2000).fit(dense["bodies"][corpus.train].numpy(),
-                                                           corpus.labels[corpus.train])
+    dense = dense_reference(model, corpus)
     base = evaluate(model, corpus, dense, dense["bodies"])
     rows = [{"row": "dense", "seed": None, "speedup": 1.0, **base, "mrr_vs_dense": 1.0, "minutes": 0.0}]
     timing = {k: v[:BATCH] for k, v in corpus.bodies.items()}
