@@ -12,7 +12,8 @@
   - ``magnitude``: ``upop_fx.compress(method="magnitude")`` — global one-shot ranking by mean |weight|;
   - ``uniform_magnitude``: mean |weight| ranking, the same fraction in every structure.
 
-  Every row is one ``upop_fx.compress`` call (``retrain_steps=0``) followed by ``upop_fx.retrain``; the uniform
+  Every row is one ``upop_fx.compress`` call (``retrain_steps=0``) followed by the library's retrain with its
+  best-weights guard on held-out batches (:func:`~upop_fx.pipeline.retrain_result`); the uniform
   rows pass ``allocate="uniform"`` (``upop_fx.uniform``): the search loop, the scores, the schedule and the
   mask updates stay UPop's (or magnitude's), only the allocation of the cut changes.
 """
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 
 import upop_fx
+from upop_fx.pipeline import retrain_result
+from upop_fx.training.loop import Batches
 
 __all__ = [
     "Digits",
@@ -159,12 +162,21 @@ def compress_run(
     granularity: str = "upop",
     seed: int = 0,
     score: str = "gradient",
+    check: list[Any] | None = None,
+    distill: bool = False,
     **compress_kwargs: Any,
 ) -> RunOutcome:
     """One method: search/rank → cut → evaluate → the same retrain for every method → evaluate.
-    ``compress_kwargs`` go to ``upop_fx.compress`` as they are (``own_class``, ``loss`` options, …)."""
+
+    ``data`` and ``check`` are ``(inputs, target)`` batches. The retrain is the library's own
+    (:func:`upop_fx.pipeline.retrain_result`, what ``compress(retrain_steps=...)`` runs): with ``check``, its loss
+    is measured on those batches along the way and the best weights are kept. ``distill``: the search and the
+    retrain learn from the dense model (its outputs, and layer by layer) on the inputs alone instead of from
+    ``loss_fn`` and the targets. ``compress_kwargs`` go to ``upop_fx.compress`` as they are (``own_class``, …)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if distill:
+        data, check, loss_fn = [x for x, _ in data], [x for x, _ in check or []], None
     t0 = time.perf_counter()
     searched = method in ("unified", "uniform")
     result = upop_fx.compress(
@@ -180,8 +192,10 @@ def compress_run(
     t1 = time.perf_counter()
     retrain_losses = []
     if retrain_steps:
-        retrain_losses = upop_fx.retrain(result.model, None, data, loss_fn, retrain_steps,
-                                         retrain_lr if retrain_lr is not None else lr, example)
+        teacher = upop_fx.capture(model, example).gm if distill else None
+        torch.manual_seed(seed)
+        retrain_losses = retrain_result(result, teacher, Batches(data, example), loss_fn, retrain_steps,
+                                        retrain_lr if retrain_lr is not None else lr, example, check=check or None)
     minutes = (t_cut + time.perf_counter() - t1) / 60
     return RunOutcome(method, result, metrics_cut, evaluate(result.model), minutes, search_losses, retrain_losses)
 

@@ -40,6 +40,8 @@ import torch
 
 from upop_fx import SCORES
 
+from upop_fx.training.loop import CHECK_BATCHES
+
 from .common import RESULTS, machine, markdown_table
 from .digits_data import Digits, compress_run, load_digits_split, towers_summary, train_loop
 
@@ -102,6 +104,9 @@ def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None
     p.add_argument("--retrain-steps", type=int, default=d["retrain_steps"])
     p.add_argument("--lr", type=float, default=d["lr"], help="AdamW lr of the search and the retrain")
     p.add_argument("--interval", type=int, default=d["interval"], help="UPop's mask-update interval")
+    p.add_argument("--distill", action="store_true",
+                   help="search and retrain by distillation from the dense model (its outputs and every layer's, "
+                        "on the training inputs alone) instead of on the task's loss and targets")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, nothing written unless --out")
     p.add_argument("--out", default=None, help=f"results name under benchmarks/results (default {task.name})")
@@ -130,6 +135,7 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     log.info("%s seed %d: dense %s (%.1f min)", task.name, seed, dense, train_minutes)
     gen.manual_seed(10_000 + seed)  # the compression batches: the same for every method of this seed
     data = [setup.make_batch(gen) for _ in range(max(args.search_steps, args.retrain_steps, 1))]
+    check = [setup.make_batch(gen) for _ in range(CHECK_BATCHES)]  # the retrain's guard: batches it never trains on
     rows = [{"method": "dense", "seed": seed, "score": None, **dense, f"{task.metric}_cut": dense[task.metric],
              "params": sum(p.numel() for p in setup.model.parameters()), "minutes": round(train_minutes, 2)}]
     for method in args.methods:
@@ -137,7 +143,8 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
         score = score or args.score
         out = compress_run(base, setup.model, data[0][0], data, setup.loss_fn, setup.evaluate, ratio=args.ratio,
                            search_steps=args.search_steps, retrain_steps=args.retrain_steps, lr=args.lr,
-                           interval=args.interval, seed=seed, score=score, **setup.compress)
+                           interval=args.interval, seed=seed, score=score, check=check, distill=args.distill,
+                           **setup.compress)
         towers = towers_summary(out.result.report)
         rows.append({
             "method": method, "seed": seed, "score": score if base != "magnitude" else None, **out.metrics,
@@ -145,10 +152,16 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
             **{f"kept_{name}": t["kept_fraction"] for name, t in towers.items()},
             "layers": {name: t["layers"] for name, t in towers.items()},
             "params": out.result.report.params_after, "minutes": round(out.minutes, 2),
+            **_kept_step(out.result.report.retrain_check),
         })  # fmt: skip
         log.info("%s seed %d %s: %s %.2f right after the cut, %.2f after the retrain (%.1f min)", task.name, seed,
                  method, task.metric, rows[-1][f"{task.metric}_cut"], rows[-1][task.metric], out.minutes)
     return rows
+
+
+def _kept_step(history: list[list[float]]) -> dict[str, int]:
+    """The retrain step whose weights the guard kept (0: the cut itself), when the retrain was measured."""
+    return {"retrain_step_kept": int(min(history, key=lambda h: h[1])[0])} if history else {}
 
 
 def summarize(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -167,11 +180,18 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     return out
 
 
-def verdict(summary: list[dict[str, Any]], metric: str) -> list[str]:
+def verdict(summary: list[dict[str, Any]], metric: str, rows: list[dict[str, Any]] | None = None) -> list[str]:
     """The targets, checked on the means: unified within :data:`WITHIN_DENSE` points of dense after the retrain,
-    and ahead of uniform right after the cut."""
+    and ahead of uniform right after the cut; with ``rows``, on how many compressed rows the retrain ended at or
+    above the cut it started from."""
     by = {r["method"]: r for r in summary}
     lines = []
+    pruned = [r for r in rows or [] if r["method"] != "dense"]
+    if pruned:
+        worse = [f"{r['method']} seed {r['seed']} ({r[f'{metric}_cut']:.2f} → {r[metric]:.2f})" for r in pruned
+                 if r[metric] < r[f"{metric}_cut"]]
+        lines.append(f"after the retrain ≥ right after the cut on {len(pruned) - len(worse)} of {len(pruned)} rows"
+                     + (f"; below on {', '.join(worse)}" if worse else ""))
     if "dense" in by and "unified" in by:
         gap = by["dense"][metric] - by["unified"][metric]
         lines.append(f"unified after the retrain: {by['unified'][metric]:.2f} ± {by['unified'][metric + '_std']:.2f} "
@@ -207,7 +227,7 @@ def render(task: Task, payload: dict[str, Any]) -> str:
               markdown_table(_pm(summary, [metric, f"{metric}_cut", *kept, "minutes"]),
                              ["method", "seeds", metric, f"{metric}_cut", *kept, "minutes"]), ""]
     lines += [f"- {v}" for v in payload["verdict"]] + ["", "## Every run", ""]
-    cols = ["method", "seed", "score", metric, f"{metric}_cut", *kept, "params", "minutes"]
+    cols = ["method", "seed", "score", metric, f"{metric}_cut", *kept, "params", "retrain_step_kept", "minutes"]
     lines += [markdown_table(rows, cols), "", "## Kept per layer (first to last)", ""]
     for r in rows:
         for tower, layers in r.get("layers", {}).items():
@@ -227,7 +247,7 @@ def run_main(task: Task, argv: list[str] | None = None, doc: str | None = None) 
     summary = summarize(rows, task.metric)
     payload = {"task": task.name, "metric": task.metric, "about": task.describe, "paper": task.paper,
                "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
-               "machine": machine(), "rows": rows, "summary": summary, "verdict": verdict(summary, task.metric),
+               "machine": machine(), "rows": rows, "summary": summary, "verdict": verdict(summary, task.metric, rows),
                "total_minutes": round((time.perf_counter() - start) / 60, 2)}  # fmt: skip
     for line in payload["verdict"]:
         log.info("%s", line)

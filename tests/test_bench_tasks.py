@@ -113,6 +113,9 @@ def test_summary_and_targets_are_computed_over_seeds():
     lines = verdict(list(summary.values()), "m")
     assert "1.00 points behind" in lines[0] and "met" in lines[0] and "NOT" not in lines[0]
     assert "unified ahead) met" in lines[1]
+    rows[3]["m"] = 49.0  # unified seed 0: its retrain ended below its cut
+    lines = verdict(list(summary.values()), "m", rows)
+    assert lines[0] == "after the retrain ≥ right after the cut on 5 of 6 rows; below on unified seed 0 (50.00 → 49.00)"
 
 
 TASKS = [caption_digits, vqa_digits, nlvr2_digits, segmenter_digits, vit_digits, clip_digits]
@@ -153,7 +156,8 @@ def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
     pruned = [r for r in payload["rows"] if r["method"] != "dense"]
     assert all(any(k.startswith("kept_") for k in r) for r in pruned)
     assert all(r["params"] < payload["rows"][0]["params"] for r in pruned)
-    assert len(payload["verdict"]) == 2
+    assert len(payload["verdict"]) == 3
+    assert all("retrain_step_kept" in r for r in pruned)  # the guard measured every retrain
     text = render(module.TASK, payload)
     assert f"| method | seeds | {metric} | {metric}_cut |" in text and "Kept per layer" in text
 
