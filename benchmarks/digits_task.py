@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from upop_fx import SCORES
-
 from upop_fx.training.loop import CHECK_BATCHES
 
 from .common import RESULTS, machine, markdown_table
