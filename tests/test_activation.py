@@ -80,3 +80,35 @@ def test_compress_activation_prunes_the_dead_neuron_and_reads_the_calibration_ba
     assert 5 not in result.keep[mlp] and 5 in magnitude.keep[mlp]
     assert result.report.method == "activation"
     torch.testing.assert_close(result.model(batches[1]), result.reference()(batches[1]))
+
+
+def test_upop_first_marking_by_activation_ranks_on_the_calibration_batches_read_before_the_search():
+    """first_marking="activation": the calibration batches are read first (from a stream, the search trains on the
+    batches after them) and the step-0 marking is the activation-weighted ranking on them; with one search step that marking is
+    the cut, so the dead neuron (largest weights, never active) goes, where the magnitude marking keeps it."""
+    from upop_fx import pipeline
+    from upop_fx.search.upop import UPopSearch
+
+    layer = _layer()
+    batches = [torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    seen = {}  # Recording reads one batch more than the run: the stream's next one when the search starts
+
+    class Recording(UPopSearch):
+        def select(self, prepared, batches_, objective):
+            seen["calibration"] = prepared.calibration
+            seen["first_search_batch"] = next(iter(batches_.take(1)))
+            return super().select(prepared, batches_, objective)
+
+    common = dict(ratio=0.25, search_steps=1, interval=1, calibration_batches=3, retrain_steps=0,
+                  allocate="uniform", reconstruct=False)
+    by_activation = pipeline.run(layer, batches[0], Recording(), data=iter(batches), first_marking="activation",
+                                 **common)
+    assert [b is x for b, x in zip(seen["calibration"], batches[:3])] == [True] * 3
+    assert seen["first_search_batch"] is batches[3]
+    by_magnitude = pipeline.run(layer, batches[0], Recording(), data=iter(batches), **common)
+    assert seen["first_search_batch"] is batches[0]  # the default reads them after the search
+    mlp = next(g.id for g in by_activation.analysis.prunable if g.kind == "mlp")
+    assert 5 not in by_activation.keep[mlp] and 5 in by_magnitude.keep[mlp]
+    expected = upop_fx.compress(layer, batches[0], 0.25, "activation", data=batches, calibration_batches=3,
+                                retrain_steps=0, allocate="uniform", reconstruct=False)
+    assert by_activation.keep == expected.keep  # the same ranking as the one-shot method on the same batches

@@ -33,7 +33,7 @@ from .errors import ConfigError
 
 __all__ = [
     "cache_root",
-    "Options", "GROUPS", "METHODS", "BUDGETS", "GRANULARITIES", "SCORES", "ALLOCATIONS", "PRECISIONS",
+    "Options", "GROUPS", "METHODS", "BUDGETS", "GRANULARITIES", "SCORES", "FIRST_MARKINGS", "ALLOCATIONS", "PRECISIONS",
     "RUNTIMES", "LATENCY_PHASES", "check_choice", "check_int", "check_runtime", "check_latency_shape", "resolve_granularity",
 ]  # fmt: skip
 
@@ -48,6 +48,8 @@ METHODS = ("upop", "magnitude", "activation")
 BUDGETS = ("params", "flops", "latency")
 GRANULARITIES = ("upop", "qk_v", "heads", "heads+dims")
 SCORES = ("gradient", "sensitivity")
+#: how UPop's first marking (step 0, before any mask gradient carries a signal) ranks the entries
+FIRST_MARKINGS = ("magnitude", "activation")
 #: the allocations selectable by name (their functions: :data:`upop_fx.search.strategy.ALLOCATORS`)
 ALLOCATIONS = ("unified", "uniform", "per_cost")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -213,6 +215,11 @@ class Options:
     score: str = _option("gradient", "search", "how the UPop search ranks: 'gradient' (the signed accumulated mask "
                          "gradient, the paper's) or 'sensitivity' (accumulated |gradient|: prunes what the loss "
                          "never sees first)", _choice(SCORES))
+    first_marking: str = _option(
+        "magnitude", "search", "how the UPop search ranks its first marking (step 0, when distillation's mask "
+        "gradients are still zero): 'magnitude' (mean |weight|) or 'activation' (|weight| x the norm of the "
+        "activation it multiplies, on the calibration batches, which are then read before the search instead of "
+        "after it; on the example inputs without data)", _choice(FIRST_MARKINGS))
     search_steps: int = _option(100, "search", "training steps of the UPop search (a data-free method reads none)",
                                 _int(1), metavar="N")
     interval: int = _option(10, "search", "the UPop search re-selects the entries to prune every this many steps",

@@ -280,7 +280,8 @@ def run(
             held = list(batches.take(calibration))
             return held, [b[0] if loss_fn is not None else b for b in held]
 
-        early = getattr(strategy, "reads_calibration", False)  # a one-shot strategy that ranks on them
+        # a one-shot strategy that ranks on them, or a search whose first marking does
+        early = getattr(strategy, "reads_calibration", False) or (search_steps > 0 and options.first_marking == "activation")
         held, inputs = take_calibration() if early else ([], [])
         prepared.calibration = inputs or None
         with phase(prepared.seconds, "selection"):

@@ -14,8 +14,9 @@ finalize.
 * **Progressive pruning**: ``π_t = p · sin(π (t+1) / (2T))``; marked masks are set to ``1 − π_t / p``, the
   others to 1, re-selected every ``interval`` steps and at the last step, where the marked masks are exactly 0,
   so surgery changes nothing ("no weight gap").
-* **The first marking** (step 0) is ranked by weight magnitude (:func:`~upop_fx.search.magnitude.magnitude_scores`),
-  not by the one gradient seen so far: distilling from the dense model, that gradient is exactly zero at step 0
+* **The first marking** (step 0) is ranked by weight magnitude (:func:`~upop_fx.search.magnitude.magnitude_scores`;
+  ``first_marking="activation"``: by |weight| × the norm of the activation it multiplies on the calibration
+  batches, :func:`~upop_fx.search.activation.activation_scores`), not by the one gradient seen so far: distilling from the dense model, that gradient is exactly zero at step 0
   (student = teacher), and z-scoring would let rounding noise (a fused kernel's last bits) or index order
   decide which entries the whole search then starts from. From step ``interval`` on, the masks have moved, the
   gradients carry the loss, and the accumulated scores rank as in the paper.
@@ -56,6 +57,8 @@ from ..passes.fuse_attention import FuseMaskedAttention
 from ..training import distributed
 from ..training.layerwise import LayerwiseDistillation, named_points
 from ..training.loop import Batches, Distillation, Objective, Training, train_steps
+from ..training.reconstruct import input_norms
+from .activation import activation_scores
 from .magnitude import magnitude_scores
 from .strategy import Prepared, Selection, allocation, checked
 
@@ -180,7 +183,12 @@ class UPopState:
     @functools.cached_property
     def _prior(self) -> np.ndarray:
         """The first marking's ranking (see the module docstring): read once, and only by a search at step 0."""
-        return magnitude_scores(self.prepared.captured.gm, self.prepared.analysis, self.state.entries)
+        p = self.prepared
+        if p.options.first_marking == "activation":
+            info = p.captured.info
+            norms = input_norms(p.captured.gm, p.calibration or [info.kwargs or info.args])
+            return activation_scores(p.captured.gm, p.analysis, self.state.entries, norms)
+        return magnitude_scores(p.captured.gm, p.analysis, self.state.entries)
 
     def _importance(self) -> np.ndarray:
         if self.t == 0:  # no gradient to rank on yet (see the module docstring): the weights' magnitude
