@@ -1,8 +1,10 @@
 """How much does UPop's choice depend on the order of the data? The Jaccard overlap of the entries two searches
-keep, on all-MiniLM-L6-v2 with BBC News distillation batches in different orders, for two first markings:
+keep, on all-MiniLM-L6-v2 with BBC News distillation batches in different orders, for three first markings:
 
 * ``magnitude`` — the default: the first marking (step 0) ranked by weight magnitude, because distilling from
   the dense model the step-0 mask gradients are zero up to rounding (:mod:`upop_fx.search.upop`);
+* ``activation`` — ``first_marking="activation"``: ranked by |weight| × the norm of the activation it multiplies
+  on the calibration batches (:mod:`upop_fx.search.activation`);
 * ``step-0 gradient`` — the paper's ranking from step 0 on: the first marking made from the one (zero) gradient
   accumulated so far, so rounding noise and index order decide where the search starts.
 
@@ -13,7 +15,7 @@ pairs (:func:`upop_fx.ir.entries.keep_jaccard`), mean over the pairs. Each cut's
 :mod:`benchmarks.accuracy_minilm` (headline → body MRR over all 2,225 articles). Writes
 ``benchmarks/results/keep_stability.json`` and ``.md``.
 
-    python -m benchmarks.keep_stability                      # 2 first markings x 3 orders, about 10 minutes
+    python -m benchmarks.keep_stability                      # 3 first markings x 3 orders, about 15 minutes
     python -m benchmarks.keep_stability --quick --steps 4 --seeds 0 1 --out /tmp   # smoke run
 """
 
@@ -58,7 +60,9 @@ class _GradientFirst(UPopSearch):
         return _GradientFirstState(prepared, self)
 
 
-FIRSTS = {"magnitude": UPopSearch, "step-0 gradient": _GradientFirst}
+#: per first marking: the search, and the options it runs with
+FIRSTS = {"magnitude": (UPopSearch, {}), "activation": (UPopSearch, {"first_marking": "activation"}),
+          "step-0 gradient": (_GradientFirst, {})}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,20 +72,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = dense_reference(model, corpus)
     example = {k: v[:2] for k, v in corpus.bodies.items()}
     rows, kept = [], {}
-    for first in FIRSTS:
+    for first in args.firsts:
+        search, options = FIRSTS[first]
         for seed in args.seeds:
             data = corpus.batches(args.steps + 16, args.batch_size, seed=seed)
             t0 = time.perf_counter()
-            result = pipeline.run(model, example, FIRSTS[first](), data=data, ratio=args.ratio, method="upop",
+            result = pipeline.run(model, example, search(), data=data, ratio=args.ratio, method="upop",
                                   budget="flops", search_steps=args.steps, retrain_steps=0, lr=args.lr,
-                                  interval=args.interval, seed=seed)
+                                  interval=args.interval, seed=seed, **options)
             kept[first, seed] = result.keep
             rows.append({"first": first, "seed": seed, "kept": sum(map(len, result.keep.values())),
                          "channels": sum(g.width for g in result.analysis.prunable), **evaluate(result.model, corpus, dense),
                          "minutes": round((time.perf_counter() - t0) / 60, 2)})
             log.info("%s", rows[-1])
     summary = []
-    for first in FIRSTS:
+    for first in args.firsts:
         pairs = [keep_jaccard(kept[first, a], kept[first, b]) for a, b in itertools.combinations(args.seeds, 2)]
         mrr = [r["mrr"] for r in rows if r["first"] == first]
         summary.append({"first": first, "orders": len(args.seeds), "jaccard_kept": float(np.mean(pairs)),
@@ -115,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.keep_stability", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data orders (default 0 1 2)")
+    p.add_argument("--firsts", nargs="+", default=list(FIRSTS), choices=list(FIRSTS),
+                   help="the first markings to compare (default: all)")
     p.add_argument("--steps", type=int, default=40, help="search steps (default 40)")
     p.add_argument("--ratio", type=float, default=0.5, help="the fraction of the FLOPs to remove (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -329,3 +329,51 @@ def test_onnxruntime_tables_and_check_time_the_file_as_deployed(tmp_path, monkey
     assert exported and all(exported_as == (True, 2) for exported_as in exported)
     tables = [json.loads(f.read_text()) for f in (tmp_path / "latency").glob("*.json")]
     assert [r["timed"] for r in tables if "class" in r] == ["deployed", "deployed"]
+
+
+class _Burst(SimulatedRuntime):
+    """A simulated runtime on which, while ``slow`` is set, each model named there runs that many times slower:
+    another job taking the cores for a while, and slowing the two models unevenly."""
+
+    slow: dict[str, float] = {}
+
+    def build(self, runtime, gm, inputs, workdir, name, export_inputs=None):
+        ms = self.ms_of(gm)
+        self.built.append((name, ms))
+
+        def call() -> None:
+            self.now += self.slow.get(name, 1.0) * ms / 1e3
+
+        return call
+
+
+def test_a_calibration_timing_disturbed_by_another_job_is_timed_again(encoder, tmp_path, monkeypatch):
+    """The first timing of the cut beside the dense model runs while another job slows the dense model 1.8x and
+    the cut 1.2x: its dense median strays from the tables' by more than DISTURBED, so it is timed again, and the
+    undisturbed timing is the one the report (and the calibration) use."""
+    from upop_fx import calibration
+    from upop_fx.runtime import timing
+
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    sim = _Burst().install(monkeypatch)
+    original, timings = timing.saved_interleaved, []
+
+    def saved_interleaved(*fns, **kw):
+        if sim.built[-1][0] != "cut0":  # the tables' timings: undisturbed
+            return original(*fns, **kw)
+        sim.slow = {"dense": 1.8, "cut0": 1.2} if not timings else {}
+        timings.append(sim.slow)
+        try:
+            return original(*fns, **kw)
+        finally:
+            sim.slow = {}
+
+    monkeypatch.setattr(timing, "saved_interleaved", saved_interleaved)
+    model, x = encoder
+    result = upop_fx.compress(model, x, 0.3, method="magnitude", retrain_steps=0, budget="latency",
+                              runtime="torch-cpu")
+    lat = result.report.latency
+    assert len(timings) == 2 and lat["retimed"] == 1
+    assert lat["measured_dense_ms"] == pytest.approx(lat["dense_ms"], rel=1e-6)
+    assert lat["measured_speedup"] == pytest.approx(lat["predicted_speedup"], rel=1e-6)  # not the disturbed 1.8/1.2
+    assert len(lat["rounds"]) == 1 and calibration.DISTURBED < 0.8
