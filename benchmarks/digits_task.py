@@ -10,14 +10,18 @@ for every task:
 * **dense**: the task's pretraining stage if it has one (``--pretrain-steps``), then ``--train-steps`` of AdamW
   (warm-up + cosine) on the task's loss;
 * **methods**, at ``--ratio`` of the prunable parameters, each through :func:`~benchmarks.digits_data.compress_run`
-  (search or one-shot ranking → cut → score → the same retrain → score): ``unified`` (UPop's one ranking over
+  (search or one-shot ranking → cut → score → the same retrain → score; the retrain is the library's own, and
+  keeps its best weights by the loss on batches it never trains on): ``unified`` (UPop's one ranking over
   every tower, ranked by ``--score``), ``uniform`` (the same search, every structure of every tower pruned by the
   same fraction), ``magnitude`` (one-shot mean-|weight| ranking), and ``unified_<score>`` for the other ranking
   scores (the evidence for the default score: ``benchmarks.score_default`` reads these rows);
+* **objective** (``--distill``): the task's loss on its targets (default), or distillation from the dense model
+  (its outputs and every layer's residual stream) on the training inputs alone, for the search and the retrain;
 * **rows**: ``{"method", "seed", "score", METRIC, METRIC + "_cut", "kept_<tower>", "layers", "params", "minutes"}``
   (``METRIC_cut``: right after the cut; ``METRIC``: after the retrain; ``layers``: the kept fraction per layer of
-  every tower), and a summary per method (mean ± std over the seeds) checked against the targets: ``unified``
-  within 2 points of dense after the retrain, and ahead of ``uniform`` right after the cut.
+  every tower; ``retrain_step_kept``: the step whose weights the retrain kept), and a summary per method (mean ±
+  std over the seeds) checked against the targets: ``unified`` within 2 points of dense after the retrain, and
+  ahead of ``uniform`` right after the cut; and on how many rows the retrain ended at or above the cut.
 
 Example (a task module's ``main`` is ``run_main(TASK, argv)``)::
 
