@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from upop_fx import SCORES
-from upop_fx.training.loop import CHECK_BATCHES
+from upop_fx.training.loop import CHECK_BATCHES, kept_step
 
 from .common import RESULTS, machine, markdown_table
 from .digits_data import Digits, compress_run, load_digits_split, towers_summary, train_loop
@@ -155,16 +155,12 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
             **{f"kept_{name}": t["kept_fraction"] for name, t in towers.items()},
             "layers": {name: t["layers"] for name, t in towers.items()},
             "params": out.result.report.params_after, "minutes": round(out.minutes, 2),
-            **_kept_step(out.result.report.retrain_check),
+            **({"retrain_step_kept": kept_step(out.result.report.retrain_check)}
+               if out.result.report.retrain_check else {}),
         })  # fmt: skip
         log.info("%s seed %d %s: %s %.2f right after the cut, %.2f after the retrain (%.1f min)", task.name, seed,
                  method, task.metric, rows[-1][f"{task.metric}_cut"], rows[-1][task.metric], out.minutes)
     return rows
-
-
-def _kept_step(history: list[list[float]]) -> dict[str, int]:
-    """The retrain step whose weights the guard kept (0: the cut itself), when the retrain was measured."""
-    return {"retrain_step_kept": int(min(history, key=lambda h: h[1])[0])} if history else {}
 
 
 def summarize(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:

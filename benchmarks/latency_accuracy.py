@@ -61,6 +61,7 @@ from upop_fx.options import Options
 from upop_fx.report import count_flops
 from upop_fx.runtime.runners import runner
 from upop_fx.runtime.timing import saved_interleaved
+from upop_fx.training.loop import kept_step
 from upop_fx.training.reconstruct import every_fourth
 
 from .accuracy_minilm import Corpus, dense_reference, evaluate, torch_pruning
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 check = result.report.retrain_check
                 if check:  # the retrain's guard: the check loss at the cut, at the end, and the step whose weights were kept
                     rows[-1]["retrain_check"] = {"cut": check[0][1], "end": check[-1][1],
-                                                 "kept_step": int(min(check, key=lambda h: h[1])[0])}
+                                                 "kept_step": kept_step(check)}
                 log.info("%s", rows[-1])
     return {"machine": machine() | {"load_average_end": list(os.getloadavg()), "timed_groups": loads},
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
@@ -219,7 +220,7 @@ def _torch_pruning_row(model: torch.nn.Module, example: Any, ratio: float, data:
            "minutes": round((time.perf_counter() - t0) / 60, 2)}
     if history:
         row["retrain_check"] = {"cut": history[0][1], "end": history[-1][1],
-                                "kept_step": int(min(history, key=lambda h: h[1])[0])}
+                                "kept_step": kept_step(history)}
     log.info("%s", row)
     return row
 

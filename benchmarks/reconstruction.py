@@ -39,7 +39,7 @@ from upop_fx.datasets import load_minilm
 from upop_fx.pipeline import retrain_result
 from upop_fx.runtime.runners import runner
 from upop_fx.runtime.timing import saved_interleaved
-from upop_fx.training.loop import Batches
+from upop_fx.training.loop import Batches, kept_step
 
 from .accuracy_minilm import Corpus, dense_reference, evaluate
 from .common import RESULTS, machine, markdown_table, quiet_timing, seed_summary, write_results
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                check=check)
             rows.append(row("upop + reconstruction + retrain", seed, retrained.model,
                             searched + (time.perf_counter() - t0) / 60))
-            rows[-1]["kept_step"] = int(min(retrained.report.retrain_check, key=lambda h: h[1])[0])
+            rows[-1]["kept_step"] = kept_step(retrained.report.retrain_check)
     return {"machine": machine() | {"load_average_end": list(os.getloadavg())},
             "setup": {"speedup": args.speedup, "batch": BATCH, "seq": SEQ, "steps": args.steps,
                       "batch_size": args.batch_size, "calibration_batches": args.calibration, "lr": 1e-4,

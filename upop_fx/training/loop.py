@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,7 +42,8 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
-    "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "VARIANCE_FLOOR",
+    "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "kept_step",
+    "VARIANCE_FLOOR",
 ]
 
 log = logging.getLogger(__name__)
@@ -403,6 +404,12 @@ def _gathered(pending: list[torch.Tensor]) -> list[float]:
 CHECK_BATCHES = 8
 
 
+def kept_step(history: Sequence[Sequence[float]]) -> int:
+    """Of a retrain guard's measurements ``(steps done, check loss)`` (``report.retrain_check``), the steps done
+    where the check loss was lowest: the weights kept (the first such; 0 before any measurement)."""
+    return int(min(history, key=lambda h: h[1])[0]) if history else 0
+
+
 class BestWeights:
     """The retrain's guard (a :class:`PhaseState`): the objective on fixed check batches, measured before the
     first step and every ``every`` steps, and the weights where it was lowest, put back at the end — so a retrain
@@ -415,8 +422,8 @@ class BestWeights:
 
     @property
     def best_step(self) -> int:
-        """The steps done where the check loss was lowest (the first such, 0 before any measurement)."""
-        return min(self.history, key=lambda h: h[1])[0] if self.history else 0
+        """The steps done where the check loss was lowest (:func:`kept_step`)."""
+        return kept_step(self.history)
 
     def measure(self, done: int) -> str:
         """Measure the check loss after ``done`` steps; keep a copy of the weights when it is the lowest yet."""
