@@ -214,8 +214,8 @@ def test_disentangled_attention_prunes_q_k_with_their_relative_projections():
 
 
 def test_a_weight_on_the_left_of_a_matmul_is_reported():
-    """``W @ x`` mixes rows (tokens), not channels: no rule follows it, and it is listed as not prunable with the
-    weight's name instead of being missing from the report."""
+    """``W @ x`` over an activation whose channels are on its last axis mixes rows (tokens), not channels: the
+    weight's rows are listed as not prunable with its name instead of being missing from the report."""
 
     class LeftWeight(torch.nn.Module):
         def __init__(self) -> None:

@@ -254,6 +254,59 @@ def test_matmul_with_parameter_weight():
     np.testing.assert_array_equal(tr.use("o.weight", "in").labels, tr.labels("w"))
 
 
+def test_a_parameter_on_the_left_of_a_matmul_seeds_the_second_last_axis():
+    """``W1 @ x`` (channels first: a token-mixing MLP): x's axis -2 meets W1's columns, the output's axis -2 carries
+    W1's rows, a bias of shape [out, 1] follows them, and ``W2 @ h`` consumes them."""
+    def fn(m, x):  # x: (B, 4, T)
+        return (m.w2 @ torch.relu(m.w1 @ x + m.b1)).sum(-1)
+
+    tr = trace(fn, torch.randn(2, 4, 5), w1=_p(6, 4), b1=_p(6, 1), w2=_p(3, 6))
+    first, second = tr.nodes(aten.matmul)
+    b = tr.block(first)
+    assert b.axes == (1,) and b.labels.shape == (6,)
+    assert tr.use("w1", "out").axis == 0
+    consumed = tr.use("w2", "in")
+    assert consumed.axis == 1 and consumed.node == second.name
+    np.testing.assert_array_equal(consumed.labels, b.labels)
+    assert tr.reasons(b.labels) == []
+
+
+def test_channels_on_the_last_axis_pass_through_a_weight_on_the_left():
+    """``mix @ h`` with ``h``'s channels on its last axis mixes its rows: every column, a removed (zero) one
+    included, is kept, so ``fc``'s channels reach ``o`` and stay prunable."""
+    tr = trace(lambda m, x: m.o(m.mix @ F.gelu(m.fc(x))).sum(-1), x3(), fc=nn.Linear(4, 6), mix=_p(5, 5),
+               o=nn.Linear(6, 2))
+    mm = tr.block(tr.node(aten.matmul))
+    assert mm.axes == (2,) and mm.zero
+    np.testing.assert_array_equal(mm.labels, tr.labels("fc.weight"))
+    np.testing.assert_array_equal(tr.use("o.weight", "in").labels, tr.labels("fc.weight"))
+    assert tr.reasons(tr.labels("fc.weight")) == []
+
+
+def test_a_token_mixing_mlp_with_weights_on_the_left_is_cut_exactly():
+    """Hidden channels of ``W2 @ gelu(W1 @ x + b1)`` are pruned; with the removed ones dead in the original, the
+    cut computes exactly what it did, the class comes back, and the zeroed reference agrees at another batch."""
+    def fn(m, x):
+        return x + m.w2 @ F.gelu(m.w1 @ x + m.b1)
+
+    torch.manual_seed(0)
+    model = Net(fn, w1=_p(32, 8), b1=_p(32, 1), w2=_p(8, 32)).eval()
+    with torch.no_grad():  # the 16 smallest hidden channels feed nothing: removing them changes nothing
+        model.w1.mul_(torch.linspace(0.1, 1.0, 32)[:, None])
+        model.w2[:, :16] = 0.0
+    x = torch.randn(2, 8, 5)
+    result = upop_fx.compress(model, x, 0.4, "magnitude", retrain_steps=0)
+    mlp = [g for g in result.report.groups if g.kind == "mlp"]
+    assert len(mlp) == 1 and mlp[0].kept < 32
+    result.model.graph.lint()
+    assert type(result.module) is Net and result.module.w1.shape[0] == mlp[0].kept
+    other = torch.randn(3, 8, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(other), model(other))  # exact: only dead channels went
+        torch.testing.assert_close(result.model(other), result.module(other))
+        torch.testing.assert_close(result.model(other), result.reference()(other))
+
+
 def test_addmm_with_computed_weight_is_refused():
     def fn(m, x):
         return torch.addmm(m.b, m.a(x).view(-1, 6), m.w * 1.0).sum(-1)

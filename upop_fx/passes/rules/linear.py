@@ -2,7 +2,7 @@
 use of the weight) and creates fresh labels for its output features (``out`` uses of weight rows and bias).
 
 Covers ``linear`` (weight ``[out, in]``), ``addmm``/``mm``/``matmul`` with a parameter ``[in, out]`` (GPT-2's
-Conv1D), ``conv2d``/``convolution`` (groups=1) and ``embedding``; the weight may be a view of a parameter (a chunk
+Conv1D) or a parameter ``[out, in]`` on the left (``W @ x``: features on the second last axis), ``conv2d``/``convolution`` (groups=1) and ``embedding``; the weight may be a view of a parameter (a chunk
 of a packed projection, ``W.T``: :mod:`..param_views`). A *depthwise* convolution (``groups`` = channels, one
 filter per channel: Segformer's Mix-FFN) passes its input's channels through, its filters and bias re-producing
 them, and surgery rewrites ``groups`` to the kept count.
@@ -73,6 +73,8 @@ def matmul_param(ctx: Any, node: Node) -> Block | None:
         bias, x, w = None, node.args[0], node.args[1]
     if ctx.is_param(w) and rank(w) == 3 and node.target != aten.addmm.default and rank(x) == 3:
         return _stacked(ctx, node, x, w)  # one weight per batch entry: stacked experts
+    if bias is None and ctx.is_param(x) and rank(x) == 2 and not ctx.is_param(w) and rank(w) >= 2:
+        return _weight_on_the_left(ctx, node, x, w)
     if not ctx.is_param(w) or rank(w) != 2:
         if bias is None and any(ctx.block(n) is not None for n in node.all_input_nodes):
             return activation_matmul(ctx, node)
@@ -86,6 +88,22 @@ def matmul_param(ctx: Any, node: Node) -> Block | None:
     if bias is not None and ctx.is_param(bias) and rank(bias) != 1:
         bias = None
     return _seed(ctx, node, rank(node) - 1, w, 1, bias)
+
+
+def _weight_on_the_left(ctx: Any, node: Node, w: Node, x: Node) -> Block | None:
+    """``W @ x`` with a parameter ``W [out, in]`` and an activation ``x [..., in, cols]``. Where ``x``'s channels
+    are on its last axis (``cols``), ``W`` mixes rows (tokens) and keeps every column: the channels pass through
+    unchanged (a removed one stays zero), and ``W``'s rows are reported as not prunable. Otherwise the features
+    are on the second last axis (a channels-first layout, a token-mixing MLP): ``x``'s axis ``-2`` is contracted
+    against ``W``'s columns and the output's axis ``-2`` carries ``W``'s rows, as ``linear`` does on the last
+    axis."""
+    block, r = ctx.block(x), rank(x)
+    if block is not None and block.axes == (r - 1,):
+        return Block((rank(node) - 1,), block.labels, block.outer, block.zero)
+    out_features = int(val(w).shape[0])
+    rows = numel(node) // out_features
+    contract(ctx, block, r - 2, w, 1, 2.0 * rows * out_features)
+    return _seed(ctx, node, rank(node) - 2, w, 0, None)
 
 
 def _stacked(ctx: Any, node: Node, x: Node, w: Node) -> Block | None:
