@@ -161,3 +161,18 @@ def test_a_buffer_filled_by_slice_copies_is_captured_as_the_cat_of_its_pieces(ea
     assert (torch.ops.aten.new_empty.default in targets) is not rewritten
     if rewritten:  # (the other two read uninitialised memory: nothing to compare)
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_another_size_on_an_axis_capture_keeps_static_is_refused_by_name():
+    """Axes other than the batch and the sequence are captured at the example's size: another size there (an
+    image of another resolution, a feature width) is an InputError naming the input, the axis and the size,
+    instead of torch's guard failure; batch and sequence still vary."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    cap = upop_fx.capture(layer, torch.randn(2, 5, 16))
+    assert [(f.input, f.axis, f.size, f.asked) for f in cap.info.static] == [("src", 2, 16, False)]
+    assert cap.gm(torch.randn(3, 7, 16)).shape == (3, 7, 16)
+    with pytest.raises(upop_fx.InputError, match="captured at size 16 on axis 2 of input 'src', got 12"):
+        cap.gm(torch.randn(3, 7, 12))
+    result = upop_fx.compress(layer, torch.randn(2, 5, 16), ratio=0.5, method="magnitude", retrain_steps=0)
+    with pytest.raises(upop_fx.InputError, match="captured at size 16 on axis 2"):
+        result.model(torch.randn(2, 5, 12))

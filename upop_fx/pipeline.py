@@ -214,7 +214,7 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
         result.report.prunable_cost_removed = 1 - row["predicted_ms"] / prepared.latency.dense_ms
     result.losses["search"] = list(selection.losses)
     result.report.runs_only_at = [f.describe() for f in info.fixed]
-    guard_fixed_sizes(small, info.fixed)  # another size: an InputError naming the fixed one, not torch's guard
+    guard_fixed_sizes(small, info.fixed + info.static)  # another size: an InputError naming the fixed one, not torch's guard
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
         removed = removed_labels(prepared.analysis, keep)

@@ -4,7 +4,9 @@ The batch axis (axis 0 of every tensor input: one shared ``Dim("batch")``, since
 their batch) and the sequence axis (axis 1 of integer token tensors of rank 2 and of float tensors of rank 3) are
 made dynamic, so the captured graph — and everything made from it — runs at other batch sizes and sequence
 lengths than the example's. Where the model fixes the batch size (a literal batch in a reshape), capture falls
-back to one automatic batch dim per input. A model whose config asks for a KV cache (``use_cache=True``, every
+back to one automatic batch dim per input; every other axis is captured at the example's size, and the graph
+refuses another size there (or on a batch or sequence axis the model's code fixed) with an
+:class:`~upop_fx.errors.InputError` naming the input, the axis and the size. A model whose config asks for a KV cache (``use_cache=True``, every
 Hugging Face decoder's default) is captured without it: the cache is an inference-time output, not part of the
 function being pruned. Non-contiguous example tensors are captured as contiguous copies (torch.export guards an
 input's strides), and a keyword input the forward does not take is refused before capture. When torch.export
@@ -48,6 +50,7 @@ from .filled_buffers import fill_to_cat
 __all__ = [
     "CAPTURE_KEY", "CaptureInfo", "Captured", "capture", "get_capture", "export_program", "normalize_inputs",
     "run_module", "dynamic_shapes", "batch_size_of", "cache_off", "is_sequence", "sequence_lengths", "FixedSize", "fixed_sizes",
+    "static_sizes",
     "guard_fixed_sizes", "unknown_keywords", "capture_failure", "PROMPT_INPUTS", "prompt_ids",
 ]
 
@@ -69,12 +72,15 @@ class CaptureInfo:
     model_name: str
     #: input axes asked to be dynamic that the model's code fixed (torch.export made them constants)
     fixed: list[FixedSize] = field(default_factory=list)
+    #: input axes capture never asks to vary: the graph runs at the example's size there
+    static: list[FixedSize] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class FixedSize:
-    """An input axis capture asked to keep dynamic (batch, sequence) that the model's code fixed: the graph runs
-    only at ``size`` there. ``input``: the forward's parameter (or keyword) name; ``position``: its index among
+    """An input axis at which the captured graph runs only at ``size``: one capture asked to keep dynamic (batch,
+    sequence) that the model's code fixed (``asked``), or one capture never asks to vary (a feature or image
+    axis: ``asked=False``). ``input``: the forward's parameter (or keyword) name; ``position``: its index among
     the positional inputs, or None for a keyword input."""
 
     input: str
@@ -83,8 +89,11 @@ class FixedSize:
     size: int
     #: the model's line that fixed it (``file:line: code``), where torch.export's guard was added from it
     source: str | None = None
+    asked: bool = True
 
     def describe(self) -> str:
+        if not self.asked:
+            return f"size {self.size} on axis {self.axis} of input {self.input!r}"
         what = "batch" if self.axis == 0 else "sequence length"
         where = f", fixed by {self.source}" if self.source else ""
         return f"{what} {self.size} (input {self.input!r}, axis {self.axis}{where})"
@@ -95,12 +104,11 @@ class FixedSize:
         return int(t.shape[self.axis]) if isinstance(t, torch.Tensor) and t.dim() > self.axis else None
 
 
-def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[Any, ...],
-                kwargs: dict[str, Any], sources: Mapping[int, traceback.FrameSummary] | None = None) -> list[FixedSize]:
-    """The axes of the top-level tensor inputs that capture asked to be dynamic but ``gm`` (``ep.module()``)
-    holds as constants. Placeholders are matched with the inputs in order, checked against their shapes; an
-    input nested in a container is not examined. ``sources``: constant → the model's frame that pinned a size
-    to it (:func:`guard_sources`)."""
+def _top_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> list[tuple[str, int | None, torch.Tensor, torch.Tensor]]:
+    """The top-level tensor inputs as ``(name, position, example, placeholder value)``: placeholders matched with
+    the inputs in order, checked against their shapes (none where that order does not hold); an input nested in
+    a container is left out."""
     leaves = [(path, t) for path, t in pytree.tree_flatten_with_path((args, kwargs))[0]
               if isinstance(t, torch.Tensor)]
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
@@ -119,9 +127,19 @@ def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[An
             continue
         top, key = path[0].idx, path[1]
         if top == 0:
-            position, name = key.idx, (params[key.idx] if key.idx < len(params) else f"args[{key.idx}]")
+            out.append((params[key.idx] if key.idx < len(params) else f"args[{key.idx}]", key.idx, t, v))
         else:
-            position, name = None, str(key.key)
+            out.append((str(key.key), None, t, v))
+    return out
+
+
+def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any], sources: Mapping[int, traceback.FrameSummary] | None = None) -> list[FixedSize]:
+    """The axes of the top-level tensor inputs that capture asked to be dynamic but ``gm`` (``ep.module()``)
+    holds as constants. ``sources``: constant → the model's frame that pinned a size to it
+    (:func:`guard_sources`)."""
+    out = []
+    for name, position, t, v in _top_inputs(gm, model, args, kwargs):
         for axis in _dynamic_axes(t, None) or {}:
             if is_concrete_int(v.shape[axis]):  # an int, or a SymInt export pinned to a constant
                 size = int(v.shape[axis])
@@ -129,6 +147,17 @@ def fixed_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[An
                 source = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}" if frame else None
                 out.append(FixedSize(name, position, axis, size, source))
     return out
+
+
+def static_sizes(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> list[FixedSize]:
+    """The axes of the top-level tensor inputs that capture never asks to vary (neither batch nor sequence) and
+    ``gm`` holds as constants (not tied to a dynamic one): the graph runs only at the example's size there
+    (``asked=False``)."""
+    return [FixedSize(name, position, axis, int(t.shape[axis]), asked=False)
+            for name, position, t, v in _top_inputs(gm, model, args, kwargs)
+            for axis in range(t.dim())
+            if axis not in (_dynamic_axes(t, None) or {}) and is_concrete_int(v.shape[axis])]
 
 
 class _GuardSources(logging.Handler):
@@ -176,10 +205,15 @@ def guard_fixed_sizes(gm: torch.nn.Module, fixed: list[FixedSize]) -> None:
     def check(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for f in fixed:
             got = f.value(args, kwargs)
-            if got is not None and got != f.size:
+            if got is None or got == f.size:
+                continue
+            if f.asked:
                 raise InputError(f"this model runs only at {f.describe()}, got {got}: the model's code fixes that "
                                  "size (a literal in a reshape or a loop over it), so the capture could not keep it "
                                  "dynamic; compress it with inputs of the size you will run it at")
+            raise InputError(f"this model was captured at {f.describe()}, got {got}: capture keeps the batch axis "
+                             "and a sequence axis dynamic and every other axis at the example's size; compress it "
+                             "with example inputs of the size you will run it at")
 
     gm.register_forward_pre_hook(check, with_kwargs=True, prepend=True)
 
@@ -363,8 +397,10 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> Captured:
     if filled:
         log.debug("capture: %d buffer(s) filled by slice copies rewritten to cat", filled)
     fixed = fixed_sizes(gm, model, args, kwargs, sources)
-    gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__, fixed)
-    guard_fixed_sizes(gm, fixed)
+    static = static_sizes(gm, model, args, kwargs)
+    gm.meta[CAPTURE_KEY] = CaptureInfo(args, kwargs, batch_size_of(args, kwargs), spec, type(model).__name__, fixed,
+                                       static)
+    guard_fixed_sizes(gm, fixed + static)
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
     for f in fixed:
         log.info("%s runs only at %s: its code fixes that size, so the captured graph cannot vary it",
