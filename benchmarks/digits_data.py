@@ -164,6 +164,7 @@ def compress_run(
     score: str = "gradient",
     check: list[Any] | None = None,
     distill: bool = False,
+    retrain_schedule: str | None = None,
     **compress_kwargs: Any,
 ) -> RunOutcome:
     """One method: search/rank → cut → evaluate → the same retrain for every method → evaluate.
@@ -172,7 +173,8 @@ def compress_run(
     (:func:`upop_fx.pipeline.retrain_result`, what ``compress(retrain_steps=...)`` runs): with ``check``, its loss
     is measured on those batches along the way and the best weights are kept. ``distill``: the search and the
     retrain learn from the dense model (its outputs, and layer by layer) on the inputs alone instead of from
-    ``loss_fn`` and the targets. ``compress_kwargs`` go to ``upop_fx.compress`` as they are (``own_class``, …)."""
+    ``loss_fn`` and the targets. ``retrain_schedule``: the retrain's learning rate (None: ``Options.retrain_schedule``).
+    ``compress_kwargs`` go to ``upop_fx.compress`` as they are (``own_class``, …)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if distill:
@@ -195,7 +197,8 @@ def compress_run(
         teacher = upop_fx.capture(model, example).gm if distill else None
         torch.manual_seed(seed)
         retrain_losses = retrain_result(result, teacher, Batches(data, example), loss_fn, retrain_steps,
-                                        retrain_lr if retrain_lr is not None else lr, example, check=check or None)
+                                        retrain_lr if retrain_lr is not None else lr, example, check=check or None,
+                                        schedule=retrain_schedule)
     minutes = (t_cut + time.perf_counter() - t1) / 60
     return RunOutcome(method, result, metrics_cut, evaluate(result.model), minutes, search_losses, retrain_losses)
 

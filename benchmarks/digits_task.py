@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from upop_fx import SCORES
+from upop_fx.options import SCHEDULES, Options
 from upop_fx.training.loop import CHECK_BATCHES, kept_step
 
 from .common import RESULTS, machine, markdown_table
@@ -110,6 +111,9 @@ def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None
     p.add_argument("--distill", action="store_true",
                    help="search and retrain by distillation from the dense model (its outputs and every layer's, "
                         "on the training inputs alone) instead of on the task's loss and targets")
+    p.add_argument("--retrain-schedule", default=Options().retrain_schedule, choices=SCHEDULES,
+                   help="the retrain's learning rate: constant, or a warm-up then a cosine decay to 0 (default: the "
+                        "library's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, nothing written unless --out")
     p.add_argument("--out", default=None, help=f"results name under benchmarks/results (default {task.name})")
@@ -147,7 +151,7 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
         out = compress_run(base, setup.model, data[0][0], data, setup.loss_fn, setup.evaluate, ratio=args.ratio,
                            search_steps=args.search_steps, retrain_steps=args.retrain_steps, lr=args.lr,
                            interval=args.interval, seed=seed, score=score, check=check, distill=args.distill,
-                           **setup.compress)
+                           retrain_schedule=args.retrain_schedule, **setup.compress)
         towers = towers_summary(out.result.report)
         rows.append({
             "method": method, "seed": seed, "score": score if base != "magnitude" else None, **out.metrics,

@@ -205,7 +205,7 @@ def _torch_pruning_row(model: torch.nn.Module, example: Any, ratio: float, data:
                        args: argparse.Namespace, speedup: Any, corpus: Corpus, dense: dict[str, Any],
                        flops_dense: float, timing: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Torch-Pruning's cut at ``ratio``, retrained by the same distillation from the dense model for as many steps
-    as UPop searches and retrains (it has no search), with the same guard: the loss on UPop's check batches (the
+    as UPop searches and retrains (it has no search), with the same learning-rate schedule and the same guard: the loss on UPop's check batches (the
     held-out calibration batches after the search) measured along the way and the best weights kept."""
     t0 = time.perf_counter()
     small = torch_pruning(model, example, ratio)
@@ -213,7 +213,8 @@ def _torch_pruning_row(model: torch.nn.Module, example: Any, ratio: float, data:
     history: list[tuple[int, float]] = []
     torch.manual_seed(seed)
     steps = args.steps + args.set.get("retrain_steps", args.steps)  # UPop's search + retrain steps
-    upop_fx.retrain(small, model, data, None, steps, args.lr, example, check=held, history=history)
+    upop_fx.retrain(small, model, data, None, steps, args.lr, example, check=held, history=history,
+                    schedule=args.set.get("retrain_schedule", Options().retrain_schedule))
     small.eval()
     row = {"budget": TORCH_PRUNING, "seed": seed, "ratio": ratio, "speedup": speedup(small),
            "flops_reduction": flops_dense / count_flops(small, (), timing), **evaluate(small, corpus, dense),

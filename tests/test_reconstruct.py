@@ -149,6 +149,32 @@ def test_retrain_never_ends_worse_than_the_cut_on_its_check_batches():
     assert list(wrecked.report.seconds)[-1] == "retrain" and "retrain" not in cut.report.seconds
 
 
+def test_the_cosine_retrain_warms_up_then_decays_to_zero(monkeypatch):
+    """retrain_schedule="cosine": each retrain step's learning rate is lr x lr_factor, a linear warm-up over the
+    first tenth of the steps then a cosine decay to 0; "constant" (the default) keeps lr."""
+    from upop_fx.training.loop import lr_factor
+
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    zoo = ZOO["bert"]()
+    data = [zoo.example_inputs, zoo.other_inputs] * 15
+    kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=2, retrain_steps=20, lr=1e-3)
+    upop_fx.compress(zoo.model, zoo.example_inputs, retrain_schedule="cosine", **kwargs)
+    assert seen == pytest.approx([1e-3 * lr_factor("cosine", i, 20) for i in range(20)])
+    assert seen[0] == pytest.approx(5e-4) and max(seen) == pytest.approx(1e-3) and seen[-1] == 0.0
+    seen.clear()
+    upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
+    assert seen == [1e-3] * 20
+    with pytest.raises(upop_fx.ConfigError, match="retrain_schedule must be one of"):
+        upop_fx.compress(zoo.model, zoo.example_inputs, retrain_schedule="linear", **kwargs)
+
+
 def test_distillation_loss_weighs_features_by_their_spread_and_logits_by_kl():
     gen = torch.Generator().manual_seed(0)
     t = torch.randn(4, 6, 8, generator=gen) * torch.linspace(0.5, 2, 8)

@@ -34,6 +34,7 @@ from .errors import ConfigError
 __all__ = [
     "cache_root",
     "Options", "GROUPS", "METHODS", "BUDGETS", "GRANULARITIES", "SCORES", "FIRST_MARKINGS", "ALLOCATIONS", "PRECISIONS",
+    "SCHEDULES",
     "RUNTIMES", "LATENCY_PHASES", "check_choice", "check_int", "check_runtime", "check_latency_shape", "resolve_granularity",
 ]  # fmt: skip
 
@@ -53,6 +54,8 @@ FIRST_MARKINGS = ("magnitude", "activation")
 #: the allocations selectable by name (their functions: :data:`upop_fx.search.strategy.ALLOCATORS`)
 ALLOCATIONS = ("unified", "uniform", "per_cost")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: the retrain's learning-rate schedules (:func:`upop_fx.training.loop.lr_factor`)
+SCHEDULES = ("constant", "cosine")
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 #: what a latency budget times: one call of the model ("forward": an encoder's call, a decoder's prefill) or one
 #: generated token per sequence ("decode")
@@ -231,6 +234,9 @@ class Options:
     lr: float = _option(1e-4, "training", "AdamW learning rate of the search and the retrain", _non_negative)
     retrain_steps: int = _option(100, "training", "fine-tuning steps of the dense small model after the cut "
                                  "(0: none)", _int(0), metavar="N")
+    retrain_schedule: str = _option(
+        "constant", "training", "the retrain's learning rate: 'constant' (lr throughout) or 'cosine' (a linear "
+        "warm-up over the first tenth of the steps, then a cosine decay to 0)", _choice(SCHEDULES))
     layer_distillation: float = _option(
         1.0, "training", "weight of the layer-wise term of the search's and the retrain's distillation (when they "
         "distil: no loss_fn, no labels): the mean, over the residual stream right after each layer that may be (in "

@@ -294,7 +294,8 @@ def run(
             with phase(result.report.seconds, "retrain"):
                 result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
                                                           options.lr, example, prepared.training, check=check or None,
-                                                          layer_distillation=options.layer_distillation)
+                                                          layer_distillation=options.layer_distillation,
+                                                          schedule=options.retrain_schedule)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -316,7 +317,7 @@ def fit_and_check(held: list[Any], inputs: list[Any], split: bool) -> tuple[list
 
 def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
                    lr: float, example: Any, training: Training | None = None, check: list[Any] | None = None,
-                   layer_distillation: float | None = None) -> list[float]:  # fmt: skip
+                   layer_distillation: float | None = None, schedule: str | None = None) -> list[float]:  # fmt: skip
     """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` when there
     is one, its weights then copied into the graph ``result.model`` (checked equal); else the graph. The module
     trains in train mode (dropout as the model defines it) on a task loss, and in eval mode when it distils: the
@@ -325,11 +326,13 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     ``result.report.retrain_check``. ``layer_distillation`` (None: the option's default; > 0, when it distils from
     a captured ``teacher``): the graph trains on :class:`~upop_fx.training.layerwise.LayerwiseDistillation` with that weight — its
     residual stream is tapped — and the module, which computes what the graph computes in eval mode, receives
-    its weights."""
+    its weights. ``schedule`` (None: the option's default): the learning rate's (``Options.retrain_schedule``)."""
     module = result.module
     history: list[tuple[int, float]] = []
     if layer_distillation is None:
         layer_distillation = Options().layer_distillation
+    if schedule is None:
+        schedule = Options().retrain_schedule
     task = loss_fn is None and has_task_loss(result.model, example)
     layerwise = layer_distillation > 0 and loss_fn is None and not task and isinstance(teacher, torch.fx.GraphModule)
     if module is None or layerwise:
@@ -339,7 +342,7 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
                 log.info("retrain: layer-wise distillation at %d points of the residual stream (weight %g)",
                          objective.points, layer_distillation)
             losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
-                             check=check, history=history, objective=objective)
+                             check=check, history=history, objective=objective, schedule=schedule)
         result.report.retrain_check = [list(h) for h in history]
         if module is not None:
             _graph_weights_into(module, result.model)
@@ -348,7 +351,7 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     try:
         with cache_off(module):
             losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training, check=check,
-                             history=history)
+                             history=history, schedule=schedule)
     finally:
         module.eval()
     result.report.retrain_check = [list(h) for h in history]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,13 +37,14 @@ import torch
 from ..capture.program import normalize_inputs
 from ..errors import InputError
 from ..logs import progress_bar
-from ..options import PRECISIONS, check_choice
+from ..options import PRECISIONS, SCHEDULES, check_choice
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
     "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "kept_step",
+    "lr_factor",
     "VARIANCE_FLOOR",
 ]
 
@@ -304,6 +306,25 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The factor on the learning rate at ``step`` (0-based) of ``steps``: 1 throughout (``"constant"``), or
+    (``"cosine"``) a linear warm-up over the first tenth of the steps, then a cosine decay that reaches 0 after the
+    last step — a fresh optimizer's first normalised steps are the largest it takes, and the weights it ends on
+    are those of a small step.
+
+    Example:
+        >>> [round(lr_factor("cosine", i, 10), 3) for i in range(10)]
+        [1.0, 0.97, 0.883, 0.75, 0.587, 0.413, 0.25, 0.117, 0.03, 0.0]
+    """
+    check_choice("schedule", schedule, SCHEDULES)
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 10)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step + 1 - warm) / max(1, steps - warm)))
+
+
 def train_steps(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -318,8 +339,10 @@ def train_steps(
     training: Training | None = None,
     phase: str | None = None,
     state: PhaseState | None = None,
+    schedule: str = "constant",
 ) -> list[float]:
     """``steps`` AdamW steps of ``objective`` on ``steps`` batches of ``batches``; returns the step losses.
+    ``schedule``: the learning rate of each step (:func:`lr_factor`).
 
     Runs where ``model`` is (batches are moved to its device), in ``training.precision``, under
     ``DistributedDataParallel`` inside a process group (losses then averaged over ranks). With a checkpointer,
@@ -357,6 +380,8 @@ def train_steps(
     note = ""
     for i, batch in enumerate(batches.take(steps, skip=start), start):
         batch = to_device(batch, device)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(schedule, i, steps)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = objective(net, batch)
         grad_scale = 1.0
@@ -473,6 +498,7 @@ def retrain(
     check: list[Any] | None = None,
     history: list[tuple[int, float]] | None = None,
     objective: Objective | None = None,
+    schedule: str = "constant",
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
@@ -482,7 +508,8 @@ def retrain(
     ``check``: batches (as ``data`` yields them; the first :data:`CHECK_BATCHES`) on which the loss is measured
     before the first step and every ``steps // 5`` steps; the weights where it was lowest are the ones kept (:class:`BestWeights`); the
     measurements are appended to ``history`` as ``(steps done, loss)``. ``objective``: the loss to use instead
-    (a :class:`~upop_fx.training.layerwise.LayerwiseDistillation`).
+    (a :class:`~upop_fx.training.layerwise.LayerwiseDistillation`). ``schedule``: the learning rate's
+    (:func:`lr_factor`).
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
@@ -497,7 +524,7 @@ def retrain(
         guard.measure(0)
     losses = train_steps(model, params, objective, batches, steps, lr, "retrain",
                          guard.after_step if guard is not None else None, training=training, phase="retrain",
-                         state=guard)
+                         state=guard, schedule=schedule)
     if guard is not None:
         if not guard.history or guard.history[-1][0] != steps:
             guard.measure(steps)
