@@ -214,7 +214,7 @@ def _torch_pruning_row(model: torch.nn.Module, example: Any, ratio: float, data:
     torch.manual_seed(seed)
     steps = args.steps + args.set.get("retrain_steps", args.steps)  # UPop's search + retrain steps
     upop_fx.retrain(small, model, data, None, steps, args.lr, example, check=held, history=history,
-                    schedule=args.set.get("retrain_schedule", Options().retrain_schedule))
+                    schedule=args.set.get("retrain_schedule"))
     small.eval()
     row = {"budget": TORCH_PRUNING, "seed": seed, "ratio": ratio, "speedup": speedup(small),
            "flops_reduction": flops_dense / count_flops(small, (), timing), **evaluate(small, corpus, dense),

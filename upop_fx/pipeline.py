@@ -326,13 +326,11 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     ``result.report.retrain_check``. ``layer_distillation`` (None: the option's default; > 0, when it distils from
     a captured ``teacher``): the graph trains on :class:`~upop_fx.training.layerwise.LayerwiseDistillation` with that weight — its
     residual stream is tapped — and the module, which computes what the graph computes in eval mode, receives
-    its weights. ``schedule`` (None: the option's default): the learning rate's (``Options.retrain_schedule``)."""
+    its weights. ``schedule``: the learning rate's (None: ``Options.retrain_schedule``'s default)."""
     module = result.module
     history: list[tuple[int, float]] = []
     if layer_distillation is None:
         layer_distillation = Options().layer_distillation
-    if schedule is None:
-        schedule = Options().retrain_schedule
     task = loss_fn is None and has_task_loss(result.model, example)
     layerwise = layer_distillation > 0 and loss_fn is None and not task and isinstance(teacher, torch.fx.GraphModule)
     if module is None or layerwise:

@@ -37,7 +37,7 @@ import torch
 from ..capture.program import normalize_inputs
 from ..errors import InputError
 from ..logs import progress_bar
-from ..options import PRECISIONS, SCHEDULES, check_choice
+from ..options import PRECISIONS, SCHEDULES, Options, check_choice
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 
@@ -498,7 +498,7 @@ def retrain(
     check: list[Any] | None = None,
     history: list[tuple[int, float]] | None = None,
     objective: Objective | None = None,
-    schedule: str = "constant",
+    schedule: str | None = None,
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
@@ -509,7 +509,7 @@ def retrain(
     before the first step and every ``steps // 5`` steps; the weights where it was lowest are the ones kept (:class:`BestWeights`); the
     measurements are appended to ``history`` as ``(steps done, loss)``. ``objective``: the loss to use instead
     (a :class:`~upop_fx.training.layerwise.LayerwiseDistillation`). ``schedule``: the learning rate's
-    (:func:`lr_factor`).
+    (:func:`lr_factor`; None: ``Options.retrain_schedule``'s default).
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
@@ -524,7 +524,7 @@ def retrain(
         guard.measure(0)
     losses = train_steps(model, params, objective, batches, steps, lr, "retrain",
                          guard.after_step if guard is not None else None, training=training, phase="retrain",
-                         state=guard, schedule=schedule)
+                         state=guard, schedule=schedule if schedule is not None else Options().retrain_schedule)
     if guard is not None:
         if not guard.history or guard.history[-1][0] != steps:
             guard.measure(steps)
