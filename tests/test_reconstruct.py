@@ -150,8 +150,8 @@ def test_retrain_never_ends_worse_than_the_cut_on_its_check_batches():
 
 
 def test_the_cosine_retrain_warms_up_then_decays_to_zero(monkeypatch):
-    """retrain_schedule="cosine" (the default): each retrain step's learning rate is lr x lr_factor, a linear
-    warm-up over the first tenth of the steps then a cosine decay to 0; "constant" keeps lr."""
+    """retrain_schedule="cosine": each retrain step's learning rate is lr x lr_factor, a linear warm-up over the
+    first tenth of the steps then a cosine decay to 0; "constant" (the default) keeps lr."""
     from upop_fx.training.loop import lr_factor
 
     seen: list[float] = []
@@ -165,11 +165,11 @@ def test_the_cosine_retrain_warms_up_then_decays_to_zero(monkeypatch):
     zoo = ZOO["bert"]()
     data = [zoo.example_inputs, zoo.other_inputs] * 15
     kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=2, retrain_steps=20, lr=1e-3)
-    upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
+    upop_fx.compress(zoo.model, zoo.example_inputs, retrain_schedule="cosine", **kwargs)
     assert seen == pytest.approx([1e-3 * lr_factor("cosine", i, 20) for i in range(20)])
     assert seen[0] == pytest.approx(5e-4) and max(seen) == pytest.approx(1e-3) and seen[-1] == 0.0
     seen.clear()
-    upop_fx.compress(zoo.model, zoo.example_inputs, retrain_schedule="constant", **kwargs)
+    upop_fx.compress(zoo.model, zoo.example_inputs, **kwargs)
     assert seen == [1e-3] * 20
     with pytest.raises(upop_fx.ConfigError, match="retrain_schedule must be one of"):
         upop_fx.compress(zoo.model, zoo.example_inputs, retrain_schedule="linear", **kwargs)

@@ -235,9 +235,8 @@ class Options:
     retrain_steps: int = _option(100, "training", "fine-tuning steps of the dense small model after the cut "
                                  "(0: none)", _int(0), metavar="N")
     retrain_schedule: str = _option(
-        "cosine", "training", "the retrain's learning rate: 'cosine' (a linear warm-up over the first tenth of the "
-        "steps, then a cosine decay to 0; the default, as benchmarks/results/nlvr2_digits_distill_cosine and "
-        "latency_recipe_cosine say) or 'constant' (lr throughout)", _choice(SCHEDULES))
+        "constant", "training", "the retrain's learning rate: 'constant' (lr throughout) or 'cosine' (a linear "
+        "warm-up over the first tenth of the steps, then a cosine decay to 0)", _choice(SCHEDULES))
     layer_distillation: float = _option(
         1.0, "training", "weight of the layer-wise term of the search's and the retrain's distillation (when they "
         "distil: no loss_fn, no labels): the mean, over the residual stream right after each layer that may be (in "
