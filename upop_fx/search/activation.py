@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -32,7 +34,7 @@ from ..training.reconstruct import input_norms, stored_transposed
 from .magnitude import entry_means
 from .strategy import Prepared, Selection, allocation, checked
 
-__all__ = ["Activation", "activation_scores"]
+__all__ = ["Activation", "activation_scores", "calibrated_scores"]
 
 
 class Activation:
@@ -45,15 +47,20 @@ class Activation:
     reads_calibration = True  #: the pipeline hands it the calibration batches as ``prepared.calibration``
 
     def select(self, prepared: Prepared, batches: Batches, objective: Objective | None) -> Selection:
-        calibration = prepared.calibration or [batches.example]
-        norms = input_norms(prepared.captured.gm, calibration)
-        scores = activation_scores(prepared.captured.gm, prepared.analysis, prepared.entries, norms)
+        scores = calibrated_scores(prepared, batches.example)
         fn = allocation(prepared.options)
 
         def allocate(fraction: float) -> np.ndarray:
             return checked(fn(scores, prepared.entries, prepared.structures, fraction), prepared.entries)
 
         return Selection(allocate(prepared.target), prepared.captured.gm, reselect=allocate)
+
+
+def calibrated_scores(prepared: Prepared, example: Any) -> np.ndarray:
+    """:func:`activation_scores` of ``prepared``'s entries, the input norms read on its calibration batches
+    (``example``, the model inputs of the example, when it has none)."""
+    norms = input_norms(prepared.captured.gm, prepared.calibration or [example])
+    return activation_scores(prepared.captured.gm, prepared.analysis, prepared.entries, norms)
 
 
 def _weighted(w: torch.Tensor, norms: torch.Tensor, transposed: bool, axis: int) -> np.ndarray:

@@ -57,8 +57,7 @@ from ..passes.fuse_attention import FuseMaskedAttention
 from ..training import distributed
 from ..training.layerwise import LayerwiseDistillation, named_points
 from ..training.loop import Batches, Distillation, Objective, Training, train_steps
-from ..training.reconstruct import input_norms
-from .activation import activation_scores
+from .activation import calibrated_scores
 from .magnitude import magnitude_scores
 from .strategy import Prepared, Selection, allocation, checked
 
@@ -185,9 +184,7 @@ class UPopState:
         """The first marking's ranking (see the module docstring): read once, and only by a search at step 0."""
         p = self.prepared
         if p.options.first_marking == "activation":
-            info = p.captured.info
-            norms = input_norms(p.captured.gm, p.calibration or [info.kwargs or info.args])
-            return activation_scores(p.captured.gm, p.analysis, self.state.entries, norms)
+            return calibrated_scores(p, p.captured.info.kwargs or p.captured.info.args)
         return magnitude_scores(p.captured.gm, p.analysis, self.state.entries)
 
     def _importance(self) -> np.ndarray:
