@@ -159,25 +159,28 @@ GOLDEN = {
         ('v', 'model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],
-    "gemma3": [  # one KV head: v is one head of 16 dims broadcast to both query heads; q/k normalised per head
-        ('v', 'model.layers', 0, 1, 16, 16, False),
+    "gemma3": [  # one KV head, copied per query head: v is two heads of 16 dims; q/k normalised per head, and the
+        # one key head's norm reduces over all its dims, so q/k stay whole
+        ('v', 'model.layers', 0, 2, 16, 32, False),
         ('mlp', 'model.layers', 0, None, None, 64, False),
-        ('v', 'model.layers', 1, 1, 16, 16, False),
+        ('v', 'model.layers', 1, 2, 16, 32, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],
-    "bigcode": [  # multi-query: the query heads meet one key head, so a q/k dim goes from every query head
-        ('qk', 'transformer.h', 0, 1, 8, 8, False),
-        ('v', 'transformer.h', 0, 1, 8, 8, False),
+    "bigcode": [  # multi-query: the one key/value head is copied per query head, so query heads go alone
+        ('qk', 'transformer.h', 0, 4, 8, 32, False),
+        ('v', 'transformer.h', 0, 4, 8, 32, False),
         ('mlp', 'transformer.h', 0, None, None, 64, False),
-        ('qk', 'transformer.h', 1, 1, 8, 8, False),
-        ('v', 'transformer.h', 1, 1, 8, 8, False),
+        ('qk', 'transformer.h', 1, 4, 8, 32, False),
+        ('v', 'transformer.h', 1, 4, 8, 32, False),
         ('mlp', 'transformer.h', 1, None, None, 64, False),
     ],
-    "deepseek_v3": [  # latent attention: v's head dims (the key, filled piece by piece, is read as the cat of its
-        # per-head part and the rotary part every head shares, which couples q/k across the heads: not prunable);
+    "deepseek_v3": [  # latent attention: the key is the cat of its per-head part and the rotary part every head
+        # shares, copied per head, so a head's q/k dims are its own: 8 dims and 2 rotary pairs per head; v's head dims;
         # the dense first MLP, then the shared expert and the 4 routed experts (one group, neuron j of each)
+        ('qk', 'model.layers', 0, 4, 10, 40, False),
         ('v', 'model.layers', 0, 4, 8, 32, False),
         ('mlp', 'model.layers', 0, None, None, 64, False),
+        ('qk', 'model.layers', 1, 4, 10, 40, False),
         ('v', 'model.layers', 1, 4, 8, 32, False),
         ('mlp', 'model.layers', 1, None, None, 16, False),
         ('mlp', 'model.layers', 1, None, None, 16, False),
@@ -327,7 +330,7 @@ def test_groups_are_consistent(analysed):
         assert (g.cost_params > 0).all() and (g.cost_flops > 0).all(), g.describe()
         assert not seen & set(g.classes.tolist())
         seen |= set(g.classes.tolist())
-        covered = np.zeros(g.width, dtype=bool)
+        covered = np.isin(g.classes, list(_copied(analysis)))  # a per-head copy: produced by its source
         for _, _, chan in g.producers:
             covered[chan[chan >= 0]] = True
         assert covered.all(), g.describe()
@@ -345,7 +348,20 @@ def test_param_cost_matches_weights(analysed):
             hit = covered.setdefault((name, axis), np.zeros(len(chan), dtype=bool))
             hit |= chan >= 0
         expected = sum(int(hit.sum()) * params[n].numel() // params[n].shape[a] for (n, a), hit in covered.items())
-        assert g.cost_params.sum() == expected, g.describe()
+        mine = set(g.classes.tolist())
+        for c in result.value.copies:  # the rows of a broadcast head, shared by the classes of its copies
+            if set(result.value.label_class[c.copies].reshape(-1).tolist()) <= mine:
+                source = set(c.source.reshape(-1).tolist())
+                for u in result.value.uses:
+                    if u.role == "out" and source & set(u.labels.tolist()):
+                        rows = int(np.isin(u.labels, list(source)).sum())
+                        expected += rows * params[u.name].numel() // params[u.name].shape[u.axis]
+        assert g.cost_params.sum() == pytest.approx(expected), g.describe()
+
+
+def _copied(analysis) -> set[int]:  # noqa: ANN001
+    """The classes of per-head copies of a broadcast key/value head."""
+    return {int(r) for c in analysis.copies for r in analysis.label_class[c.copies].reshape(-1).tolist()}
 
 
 def test_attention_flops_include_score_matrix():

@@ -23,13 +23,14 @@ from .models import ZOO, _tokens
 
 def with_dead_channels(model: torch.nn.Module, result: upop_fx.Result) -> torch.nn.Module:
     """``model`` (the original, of the same parameter names) with the channels ``result`` removed zeroed where
-    they are produced: the function ``result.module`` computes, in the original's shapes."""
+    they are produced and where they are consumed (a query head's copy of a shared key/value head has no
+    producer of its own): the function ``result.module`` computes, in the original's shapes."""
     removed = removed_labels(result.analysis, result.keep)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for u in result.analysis.uses:
             drop = u.where[np.nonzero(removed[u.labels])[0]]
-            if u.role == "out" and len(drop) and u.name in params:
+            if len(drop) and u.name in params:
                 params[u.name].index_fill_(u.axis, torch.as_tensor(drop), 0)
     return model
 
@@ -139,9 +140,9 @@ def _halved(make) -> tuple[torch.nn.Module, upop_fx.Result]:  # noqa: ANN001
 def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     """With the defaults: Llama and Mixtral (one rotary table for all layers) lose whole KV groups, GPT-2 head dims,
     the multi-query StarCoder-style decoder head dims of its one key/value head; Qwen3 and Gemma 3 (q/k normalised
-    per head) keep their attention whole and lose MLP neurons; DeepSeek-V3 (latent attention) loses v head dims in
-    every layer (its latent ranks, which merely held the same number, keep their values) and neurons of its dense
-    MLP, its shared expert and its routed experts."""
+    per head) keep their attention whole and lose MLP neurons; DeepSeek-V3 (latent attention) loses whole heads in
+    every layer (its latent ranks keep their values) and neurons of its dense MLP, its shared expert and its routed
+    experts."""
     model, result = _halved(make)
     assert model.config.use_cache  # compress accepted the model with its cache on
     prompt = _tokens(2, 6, seed=3)
@@ -156,19 +157,48 @@ def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     assert torch.equal(_greedy(upop_fx.from_pretrained(tmp_path / "small"), **prompt), want)
 
 
-def test_latent_attention_loses_v_head_dims_and_keeps_its_latent_ranks():
-    """DeepSeek-V3's key is assembled in an empty buffer from a per-head part and a rotary part every head shares:
-    captured as their concatenation, v's head dims are prunable, and the class expresses them per layer
-    (``v_head_dim``). Its latent ranks and q/k head dims, which held the same numbers as v's sizes, keep theirs."""
+def test_multi_query_decoder_loses_query_heads_in_its_class_and_generates_as_the_original(tmp_path):
+    """A StarCoder-style decoder with one key/value head fused into ``c_attn``, cut by whole heads: each layer loses
+    query heads (its one key/value head, copied per query head, keeps every row), in its own class, which generates
+    as the original with the same channels dead, and again after a save and a fresh load."""
+    model = _bigcode()
+    prompt = _tokens(2, 6, seed=3)
+    result = upop_fx.compress(model, _tokens(2, 6, seed=3), ratio=0.25, method="magnitude", retrain_steps=0,
+                              granularity="heads")
+    assert result.module is not None and result.report.class_limits == [], result.report.module_reason
+    rows = [row for row in result.report.groups if row.kind == "qk"]
+    assert rows and all(row.kept_heads < row.heads for row in rows)
+    for layer, row in zip(result.module.transformer.h, rows):
+        kv = 2 * 8  # the one key and value head: whole
+        assert layer.attn.c_attn.out_features == row.kept_heads * 8 + kv
+        assert layer.attn.c_proj.in_features == row.kept_heads * 8
+    original = with_dead_channels(with_weights_of(_bigcode(), result.dense), result)
+    want = _greedy(original, **prompt)
+    assert len(set(want[:, 6:].reshape(-1).tolist())) > 2  # tokens that can tell two models apart
+    assert torch.equal(_greedy(result.module, **prompt), want)
+    upop_fx.save_pretrained(result.module, tmp_path / "small")
+    assert torch.equal(_greedy(upop_fx.from_pretrained(tmp_path / "small"), **prompt), want)
+
+
+def test_latent_attention_loses_whole_heads_and_keeps_its_latent_ranks():
+    """DeepSeek-V3's key is assembled in an empty buffer from a per-head part and a rotary part every head shares
+    (one key head ``expand``-ed over the heads): captured as their concatenation, with the shared part copied per
+    head, a head's q, k and v dims are its own, and whole heads go (its class computes one rotary table for every
+    layer, so head dims do not). The rotary key's projection keeps every row; the latent ranks keep theirs."""
     prompt = _tokens(2, 6, seed=3)
     _, result = _halved(_deepseek_v3)
-    v = [row for row in result.report.groups if row.kind == "v"]
-    assert len(v) == 2 and all(row.kept < row.total for row in v)
+    analysis = result.analysis
+    assert len(analysis.copies) == 2 and all(c.copies.shape == (4, 4) for c in analysis.copies)
+    rows = {(row.layer, row.kind): row for row in result.report.groups if row.kind in ("qk", "v")}
+    assert len(rows) == 4 and all(row.kept_heads < row.heads for row in rows.values())
     assert result.module is not None, result.report.module_reason
-    for layer, row in zip(result.module.model.layers, v):
-        attn = layer.self_attn
-        assert attn.v_head_dim == row.kept // row.heads < 8
-        assert (attn.qk_nope_head_dim, attn.kv_lora_rank, attn.q_lora_rank) == (8, 16, 16)
+    for i, layer in enumerate(result.module.model.layers):
+        attn, qk, v = layer.self_attn, rows[(i, "qk")], rows[(i, "v")]
+        assert qk.kept_heads == v.kept_heads and v.kept == v.kept_heads * 8
+        assert attn.q_b_proj.out_features == qk.kept_heads * 12 and attn.o_proj.in_features == v.kept
+        assert (attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim) == (8, 4, 8)
+        assert (attn.kv_lora_rank, attn.q_lora_rank) == (16, 16)
+        assert attn.kv_a_proj_with_mqa.out_features == 16 + 4  # the latent and the shared rotary key: whole
     torch.testing.assert_close(result.module(**prompt).logits, result.model(**prompt).logits, rtol=1e-4, atol=1e-5)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import upop_fx
 from upop_fx.ir.groups import DIMS_KEY, Block
+from upop_fx.passes import FindGroups, Surgery
 from upop_fx.passes.rules import REWRITES, RULES, SEEDING, key_of
 from upop_fx.passes.rules._util import dim_expr
 from upop_fx.passes.trace import LabelTracer
@@ -996,19 +997,53 @@ def test_attention_operand_without_head_layout_is_refused():
     assert tr.tracer.sites == []
 
 
-def test_one_key_value_head_broadcast_to_every_query_head_is_multi_query():
-    """k and v of one head, expanded over the query heads (their labels only on the head-dim axis): q dim j of
-    every head meets k dim j, so they are one channel; v dim j reaches the output dim j of every head."""
-    def fn(m, x):
-        B, T, _ = x.shape
-        q = m.q(x).view(B, T, 2, 4).transpose(1, 2)
-        k, v = (p(x).unsqueeze(1).expand(B, 2, T, 4) for p in (m.k, m.v))
-        return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8))
+def _multi_query(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Two query heads over one key/value head ``expand``-ed to both (their labels only on the head-dim axis)."""
+    B, T, _ = x.shape
+    q = m.q(x).view(B, T, 2, 4).transpose(1, 2)
+    k, v = (p(x).unsqueeze(1).expand(B, 2, T, 4) for p in (m.k, m.v))
+    return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8))
 
-    tr = trace(fn, x3(c=8), q=nn.Linear(8, 8), k=nn.Linear(8, 4), v=nn.Linear(8, 4), o=nn.Linear(8, 8))
+
+def _multi_query_parts() -> dict[str, nn.Module]:
+    return dict(q=nn.Linear(8, 8), k=nn.Linear(8, 4), v=nn.Linear(8, 4), o=nn.Linear(8, 8))
+
+
+def test_one_key_value_head_broadcast_to_every_query_head_is_copied_per_head():
+    """k and v of one head, expanded over the query heads: the expand's head axis gets fresh labels per head (a
+    copy of k and of v for each query head), so q dim j of head 0 and of head 1 are different classes — a query
+    head can go alone — and k's and v's own rows are the copies' sources, in no class of the attention."""
+    tr = trace(_multi_query, x3(c=8), **_multi_query_parts())
     q, k = tr.roots(tr.labels("q.weight")), tr.roots(tr.labels("k.weight"))
-    assert q[:4].tolist() == q[4:].tolist() == k.tolist()  # head 0 dim j, head 1 dim j and k dim j: one class
+    assert len(set(q.tolist())) == 8 and not set(q.tolist()) & set(k.tolist())
+    copies = {c.node: c for c in tr.tracer.copies}
+    assert len(copies) == 2 and all(c.copies.shape == (2, 4) for c in copies.values())
+    by_source = {tuple(c.source.tolist()): c for c in copies.values()}
+    kc = by_source[tuple(tr.labels("k.weight").tolist())]
+    assert tr.roots(kc.copies).reshape(-1).tolist() == q.tolist()  # head h's copy of k dim j meets q head h dim j
+    expand = tr.node(aten.expand)
+    assert tr.block(expand).axes == (1, 3)  # the head axis carries the copies: surgery rewrites its literal
     assert len(tr.tracer.sites) == 1 and not tr.reasons(tr.labels("v.weight"))
+
+
+def test_a_query_head_goes_alone_and_the_shared_head_goes_with_its_last_copy():
+    """Surgery on the multi-query attention (checked against the zeroed reference): removing query head 1 keeps
+    every row of k and v and rewrites the expand's head count; removing head dim 0 from both query heads removes
+    k's and v's row 0 with it."""
+    model = Net(_multi_query, **_multi_query_parts()).eval()
+    x = x3(c=8)
+    cap = upop_fx.capture(model, x)
+    analysis = FindGroups()(cap.gm).value
+    qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
+    assert (qk.heads, qk.head_dim, v.heads, v.head_dim) == (2, 4, 2, 4)
+    one_head = Surgery({qk.id: range(4), v.id: range(4)})(cap.gm).gm
+    assert one_head.k.weight.shape == one_head.v.weight.shape == (4, 8)
+    assert one_head.q.weight.shape == (4, 8) and one_head.o.weight.shape == (8, 4)
+    expand = next(n for n in one_head.graph.nodes if n.target == aten.expand.default)
+    assert expand.args[1][1] == 1
+    no_dim0 = Surgery({qk.id: [1, 2, 3, 5, 6, 7], v.id: [1, 2, 3, 5, 6, 7]})(cap.gm).gm
+    assert no_dim0.k.weight.shape == no_dim0.v.weight.shape == (3, 8)
+    torch.testing.assert_close(no_dim0.k.weight, model.k.weight[1:])
 
 
 def test_sdpa_rewrite_pins_the_scale_where_the_head_dim_shrinks():

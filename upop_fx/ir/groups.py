@@ -26,6 +26,7 @@ __all__ = [
     "ParamUse",
     "AttentionSite",
     "TableUse",
+    "HeadCopies",
     "DimGroup",
     "GroupAnalysis",
     "get_analysis",
@@ -112,6 +113,33 @@ class TableUse:
     operand: int
     axis: int
     labels: np.ndarray  # (rows, size of axis)
+
+
+@dataclass
+class HeadCopies:
+    """Channels that ``node`` (an ``expand``) broadcasts over an attention's query heads — multi-query attention's
+    one key/value head, latent attention's rotary key part — labelled afresh in every head: ``copies[h]`` are head
+    ``h``'s copies of ``source`` (``copies.shape == (heads, *source.shape)``). A query head goes with its copies; a
+    source channel (its projection's row) goes only when every copy of it goes (:func:`source_removed`)."""
+
+    node: str
+    copies: np.ndarray
+    source: np.ndarray
+
+
+def source_removed(copies: list[HeadCopies], removed: np.ndarray) -> np.ndarray:
+    """The source labels of ``copies`` whose every copy is ``removed`` (a boolean array over labels), as a
+    boolean array over labels: True at each such source label."""
+    out = np.zeros_like(removed)
+    if not copies:
+        return out
+    kept_any = np.zeros_like(removed)
+    for c in copies:
+        src = np.broadcast_to(c.source, c.copies.shape)
+        np.logical_or.at(kept_any, src.reshape(-1), ~removed[c.copies.reshape(-1)])
+    for c in copies:
+        out[c.source.reshape(-1)] = True
+    return out & ~kept_any
 
 
 @dataclass
@@ -241,6 +269,7 @@ class GroupAnalysis:
     batch_size: int
     seeded: list[str] = field(default_factory=list)  # nodes whose output channels were labelled (in a group)
     tables: list[TableUse] = field(default_factory=list)  # computed tensors multiplying channels (RoPE cos/sin)
+    copies: list[HeadCopies] = field(default_factory=list)  # channels broadcast over the query heads, per head
 
     @property
     def prunable(self) -> list[DimGroup]:

@@ -12,7 +12,9 @@ rule per op family (``passes/rules``). Classes (labels that must go together) co
 are the connected components of the producer–class graph held by networkx. A group is classified from the graph
 alone: its classes are the q/k dims of an attention (``qk``), its v dims (``v``), or hidden neurons consumed by
 a following matmul (``mlp``). A group that touches an op without a rule, reaches the model output, or is
-normalised is kept in the listing as not prunable, with the node and reason.
+normalised is kept in the listing as not prunable, with the node and reason. A key/value head broadcast over the
+query heads by an ``expand`` is copied per head (:class:`~upop_fx.ir.groups.HeadCopies`): its copies are in the
+attention's groups, its own rows (the copies' source) in none — they go with the last of their copies.
 
 Example:
     >>> import torch, upop_fx
@@ -35,7 +37,7 @@ import torch
 from ..capture.program import get_capture
 from ..errors import PostconditionError, PreconditionError
 from ..ir.cost import class_costs
-from ..ir.groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, get_analysis
+from ..ir.groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, HeadCopies, get_analysis
 from .base import GraphPass, PassResult
 from .param_views import ParamView, resolve
 from .rules import REWRITES, key_of
@@ -78,6 +80,7 @@ class FindGroups(GraphPass[GroupAnalysis]):
         tracer = LabelTracer(gm)
         tracer.run()
         _tie_shared_entries(tracer)
+        _settle_copies(tracer)
         analysis = _group(gm, tracer, get_capture(gm).batch_size)
         nodes = {n.name: n for n in gm.graph.nodes}
         for name in unlisted_weights(gm, analysis):  # no rule labelled them: listed, not left out
@@ -179,14 +182,36 @@ def _tie_shared_entries(tracer: LabelTracer) -> None:
                 first[key] = label
 
 
+def _settle_copies(tracer: LabelTracer) -> None:
+    """Keep the per-head copies of a broadcast key/value head (:class:`~upop_fx.ir.groups.HeadCopies`) only where
+    their source can follow them: a source that is refused, read as an attention's own q or v, or coupled with
+    its copies, makes the copies their source again (unioned), as if never copied."""
+    roots = tracer.roots()
+    refused = {int(roots[x]) for x in tracer.refusals}
+    claimed = {int(r) for s in tracer.sites for labels in (s.q, s.v) if labels is not None
+               for r in np.unique(roots[labels]).tolist()}
+    copied = {int(r) for c in tracer.copies for r in np.unique(roots[c.copies]).tolist()}
+    kept = []
+    for c in tracer.copies:
+        sources = {int(r) for r in np.unique(roots[c.source]).tolist()}
+        if sources & (refused | claimed | copied):
+            tracer.union(c.copies, np.broadcast_to(c.source, c.copies.shape))
+            roots = tracer.roots()
+        else:
+            kept.append(c)
+    tracer.copies = kept
+
+
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
     roots = tracer.roots()
-    graph = _coupling_graph(tracer, roots)
+    sources = {int(r) for c in tracer.copies for r in np.unique(roots[c.source]).tolist()}
+    graph = _coupling_graph(tracer, roots, sources)
     refused: dict[int, str] = {}
     for label, reason in tracer.refusals.items():
         refused.setdefault(int(roots[label]), reason)
     shapes = {n.target: tuple(int(d) for d in n.meta["val"].shape) for n in gm.graph.nodes if n.op == "get_attr"}
     cost_p, cost_f = class_costs(roots, tracer.uses, tracer.sites, shapes, batch_size)
+    _share_source_costs(roots, tracer.copies, cost_p, cost_f)
     uses_by_class: dict[int, list[int]] = defaultdict(list)
     for i, u in enumerate(tracer.uses):
         for r in set(roots[u.labels].tolist()):
@@ -236,7 +261,23 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
         g.shape_nodes = [name for name, rs in shape_nodes.items() if rs & classes]
         groups.append(g)
     seeded = list(dict.fromkeys(name for name, _ in tracer.seeds))
-    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size, seeded, tracer.tables)
+    return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size, seeded, tracer.tables,
+                         tracer.copies)
+
+
+def _share_source_costs(roots: np.ndarray, copies: list[HeadCopies], cost_p: np.ndarray, cost_f: np.ndarray) -> None:
+    """A broadcast source's cost (its projection's rows) shared equally by the classes of its copies: it is
+    saved once all of them go, so a query head carries its share (an estimate; a latency budget measures)."""
+    of_source: dict[int, set[int]] = defaultdict(set)
+    for c in copies:
+        src = np.broadcast_to(roots[c.source], c.copies.shape)
+        for s, r in zip(src.reshape(-1).tolist(), roots[c.copies].reshape(-1).tolist()):
+            of_source[s].add(r)
+    for s, rs in of_source.items():
+        for cost in (cost_p, cost_f):
+            share, cost[s] = cost[s] / len(rs), 0.0
+            for r in rs:
+                cost[r] += share
 
 
 def _shape_nodes(gm: torch.fx.GraphModule, roots: np.ndarray) -> dict[str, set[int]]:
@@ -256,10 +297,11 @@ def _shape_nodes(gm: torch.fx.GraphModule, roots: np.ndarray) -> dict[str, set[i
     return out
 
 
-def _coupling_graph(tracer: LabelTracer, roots: np.ndarray) -> nx.Graph:
-    """Classes linked into structures: an attention's q/k dims, its v dims, and the rest of each producer."""
+def _coupling_graph(tracer: LabelTracer, roots: np.ndarray, sources: set[int]) -> nx.Graph:
+    """Classes linked into structures: an attention's q/k dims, its v dims, and the rest of each producer. The
+    ``sources`` of per-head copies are in none: they follow their copies."""
     graph = nx.Graph()
-    graph.add_nodes_from(np.unique(roots).tolist())
+    graph.add_nodes_from(r for r in np.unique(roots).tolist() if r not in sources)
     claimed: set[int] = set()
     for site in tracer.sites:
         for labels in (site.q, site.v):
@@ -268,7 +310,7 @@ def _coupling_graph(tracer: LabelTracer, roots: np.ndarray) -> nx.Graph:
                 claimed.update(r)
                 nx.add_path(graph, r)
     for _, labels in tracer.seeds:
-        free = [r for r in dict.fromkeys(roots[labels].tolist()) if r not in claimed]
+        free = [r for r in dict.fromkeys(roots[labels].tolist()) if r not in claimed and r not in sources]
         nx.add_path(graph, free)
     return graph
 

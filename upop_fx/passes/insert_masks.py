@@ -4,7 +4,9 @@ Requires: ``gm`` analysed by :class:`~upop_fx.passes.find_groups.FindGroups`; th
 entries over that analysis (:func:`~upop_fx.ir.entries.build_entries`, configured in ``__init__``), entries
 grouped by structure in order — the same objects the rest of the run ranks, so a mask element *is* an entry.
 Ensures (functional): a *new* GraphModule whose producers of prunable channels (Linear/conv outputs: q, k and
-v projections, MLP hidden neurons *before* the activation) are multiplied by a gathered view of the masks;
+v projections, MLP hidden neurons *before* the activation), and the ``expand`` that copies a shared key/value head
+per query head (:class:`~upop_fx.ir.groups.HeadCopies`: each copy masked as its query head's), are multiplied by a
+gathered view of the masks;
 ``gm.meta["upop_masks"]`` holds the :class:`MaskState`, and each ``mul`` that applies a mask carries a
 :class:`MaskTag` under ``node.meta["upop_mask"]`` (what :class:`~upop_fx.passes.fuse_attention.FuseMaskedAttention`
 reads). With every mask at 1.0 the graph computes exactly what it did (multiplication by 1.0 is exact):
@@ -177,14 +179,17 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
             slices, state) -> None:  # noqa: ANN001  # fmt: skip
     graph = gm.graph
     seeds = {u.node for u in analysis.uses if u.role == "out"}
+    copied = {c.node for c in analysis.copies}  # a key/value head broadcast over the query heads: its copies
     nodes = {n.name: n for n in graph.nodes}
-    for name in sorted(seeds, key=lambda n: list(nodes).index(n)):
+    order = {name: i for i, name in enumerate(nodes)}
+    for name in sorted(seeds | copied, key=order.__getitem__):
         node = nodes[name]
         block = node.meta.get(DIMS_KEY)
-        if block is None or block.labels.ndim != 1:
+        if block is None or (block.labels.ndim != 1 or any(o != 1 for o in block.outer)) and name not in copied:
             continue
-        slots = label_slot[block.labels]
-        heads = head_slot[block.labels] if head_slot is not None else np.zeros_like(slots)
+        flat = block.labels.reshape(-1)
+        slots = label_slot[flat]
+        heads = head_slot[flat] if head_slot is not None else np.zeros_like(slots)
         if not slots.any() and not heads.any():
             continue
         used = sorted({_structure_of(int(x), slices) for x in (*slots, *heads) if x})
@@ -202,6 +207,7 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
             holder.register_buffer(head_name, torch.as_tensor(_local(heads, offsets, slices), device=device), persistent=False)
         axis = block.axes[0]
         rank = node.meta["val"].dim()
+        shape = [block.axis_labels(a) if a in block.axes else 1 for a in range(axis, rank)]
         users = list(node.users)
         emit = _Emitter(graph, node)
         masks = [emit("get_attr", f"{MASK_MODULE}.m{s}") for s in used]
@@ -217,7 +223,7 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
         cast = dtype if dtype != torch.float32 else None  # keep the activation's dtype (bf16/fp16 models)
         if cast is not None:
             last = emit("call_function", torch.ops.aten.to.dtype, (last, dtype))
-        view = (-1, *[1] * (rank - 1 - axis)) if axis != rank - 1 else None
+        view = (-1 if len(block.axes) == 1 else shape[0], *shape[1:]) if shape != [len(flat)] else None
         if view is not None:
             last = emit("call_function", torch.ops.aten.view.default, (last, list(view)))
         masked = emit("call_function", torch.ops.aten.mul.Tensor, (node, last))

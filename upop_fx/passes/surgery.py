@@ -40,7 +40,7 @@ from ..capture.program import get_capture, run_module
 from ..compare import agrees, relative_error
 from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
 from ..ir.entries import Entry, keep_sets
-from ..ir.groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis
+from ..ir.groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis, source_removed
 from .base import GraphPass, PassResult, copy_structure, own_tensors, set_tensor
 from .blocks import RAGGED, compact
 from .param_views import rewrite_views
@@ -62,7 +62,9 @@ class SurgeryInfo:
 
 
 def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray, share: bool = False) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose removed channels are zeroed where they are produced (weight rows, biases).
+    """A copy of ``gm`` whose removed channels are zeroed where they are produced (weight rows, biases) and where
+    they are consumed (the columns surgery cuts: alone they change nothing where the channel is zero already, and
+    they remove a query head's per-head copy of a key/value head that other heads still read).
 
     ``share=True``: the tensors it does not zero are ``gm``'s own (for a read-only check that should not hold a
     second full copy of the model); otherwise every tensor is copied."""
@@ -71,8 +73,6 @@ def zeroed_reference(gm: torch.fx.GraphModule, removed: np.ndarray, share: bool 
     shared = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
     with torch.no_grad():
         for u in analysis.uses:
-            if u.role != "out":
-                continue
             drop = u.where[np.nonzero(removed[u.labels])[0]]
             if len(drop):
                 t = _get(ref, u.name)
@@ -215,7 +215,16 @@ def removed_labels(analysis: GroupAnalysis, keep: Mapping[int, Iterable[int]]) -
         if not kept.any():
             raise SurgeryError(f"group {g.describe()}: at least one channel must be kept")
         removed_roots.extend(g.classes[~kept].tolist())
-    return np.isin(analysis.label_class, np.asarray(removed_roots, dtype=np.int64))
+    removed = np.isin(analysis.label_class, np.asarray(removed_roots, dtype=np.int64))
+    if analysis.copies:  # a broadcast source goes with the last of its copies (every label of its class)
+        gone = source_removed(analysis.copies, removed)
+        sources = np.zeros_like(removed)
+        for c in analysis.copies:
+            sources[c.source.reshape(-1)] = True
+        kept_classes = np.unique(analysis.label_class[sources & ~gone])
+        classes = np.setdiff1d(np.unique(analysis.label_class[gone]), kept_classes)
+        removed |= np.isin(analysis.label_class, classes)
+    return removed
 
 
 def _compact_any(b: Any, removed: np.ndarray, where: str) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..ir.groups import DIMS_KEY, AttentionSite, Block, ParamUse, TableUse
+from ..ir.groups import DIMS_KEY, AttentionSite, Block, HeadCopies, ParamUse, TableUse
 from .param_views import ParamView, resolve
 from .rules import RULES, SEEDING, key_of
 
@@ -39,6 +39,7 @@ class LabelTracer:
         self.sites: list[AttentionSite] = []
         self.tables: list[TableUse] = []
         self.seeds: list[tuple[str, np.ndarray]] = []
+        self.copies: list[HeadCopies] = []  # channels broadcast over query heads, labelled per head
         self.refusals: dict[int, str] = {}  # label -> first reason its class cannot be removed
         self.slices: dict[int, str] = {}  # label -> why its class is a whole slice (a head's dims reduced together)
         self.node: Node | None = None
@@ -52,6 +53,17 @@ class LabelTracer:
         labels = np.arange(start, start + n, dtype=np.int64).reshape(shape)
         self.seeds.append((self.node.name if self.node is not None else "", labels.reshape(-1)))
         return labels
+
+    def copy_labels(self, node: Node, source: np.ndarray, heads: int) -> np.ndarray:
+        """Fresh labels for ``heads`` copies of ``source`` made by ``node`` (shape ``(heads, *source.shape)``),
+        recorded as :class:`~upop_fx.ir.groups.HeadCopies` (the copies are seeded at ``node``)."""
+        current, self.node = self.node, node
+        try:
+            copies = self.new_labels((heads, *source.shape))
+        finally:
+            self.node = current
+        self.copies.append(HeadCopies(node.name, copies, source.copy()))
+        return copies
 
     def find(self, x: int) -> int:
         parent = self.parent

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ...ir.groups import AttentionSite, Block
+from ...ir.groups import DIMS_KEY, AttentionSite, Block
 from ._util import arg, concrete, rank, val
-from .registry import rewrite, rule
+from .registry import RULES, key_of, rewrite, rule
 
 aten = torch.ops.aten
 
@@ -40,9 +40,110 @@ def _heads(ctx: Any, x: Any) -> tuple[np.ndarray | None, bool]:
     return None, False
 
 
+#: ops between a head broadcast and the attention that only move values (their rules are re-run on the copies)
+_LAYOUT = {key_of(op) for op in (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze,
+                                 aten.slice, aten.transpose, aten.permute, aten.clone, aten.alias, aten._to_copy,
+                                 aten.cat)}  # fmt: skip
+
+
+def _broadcast_chain(x: Node, heads: int) -> tuple[list[Node], int] | None:
+    """The ``expand`` that broadcasts ``x``'s channels over its ``heads`` query heads (an axis of size 1 made
+    ``heads``: repeat_kv of one KV head, latent attention's rotary key ``expand``-ed to every head) and the layout
+    ops from it to ``x``, in graph order, with the expand's broadcast axis; None where there is no such chain."""
+    found: list[tuple[list[Node], int]] = []
+
+    def walk(n: Node, path: list[Node], depth: int) -> None:
+        if depth > 8 or not isinstance(n, Node) or n.op != "call_function" or n.meta.get(DIMS_KEY) is None:
+            return
+        if n.target == aten.expand.default:
+            src, out = val(n.args[0]).shape, val(n).shape
+            off = len(out) - len(src)
+            axes = [a for a in range(off, len(out)) if concrete(src[a - off]) == 1 and concrete(out[a]) == heads]
+            if len(axes) == 1 and isinstance(n.args[1][axes[0]], int):
+                found.append(([n, *reversed(path)], axes[0]))
+            return
+        if key_of(n.target) not in _LAYOUT:
+            return
+        for a in n.all_input_nodes:
+            walk(a, [*path, n], depth + 1)
+
+    walk(x, [], 0)
+    if len(found) != 1:
+        return None
+    nodes, axis = found[0]
+    inside = set(nodes)
+    if any(set(n.users) - inside for n in nodes[:-1]) or len(x.users) != 1:  # each read by the next alone
+        return None
+    return nodes, axis
+
+
+def _is_broadcast(b: Block, x: Node, heads: int, head_axis: int) -> bool:
+    """Whether ``x``'s channels are the same in all its ``heads`` heads (one head broadcast over them), for some
+    or all of its head dims."""
+    r = rank(x)
+    if b.axes == (r - 1,):
+        return concrete(val(x).shape[head_axis]) == heads
+    if len(b.axes) == 2 and b.axes == (head_axis, r - 1) and b.labels.shape[0] == heads:
+        return bool((b.labels == b.labels[:1]).all(axis=0).any())
+    return False
+
+
+def copy_broadcast_heads(ctx: Any, x: Any, heads: int) -> None:
+    """Give an attention operand ``x`` (a key or value, heads on its third-last axis) whose channels an ``expand``
+    broadcast over the ``heads`` query heads fresh labels per head (:meth:`LabelTracer.copy_labels`): the expand's
+    new head axis carries them, and the layout ops from it to ``x`` are re-run on them, so that the head axis is
+    a labelled axis (surgery rewrites its literal sizes as it does any channel size). Without copies, q dim ``j``
+    of every head would meet the one key dim ``j``, coupling the heads: none could go alone. Where the copies do
+    not reach ``x`` as one clean ``(heads, dims)`` block, they are the source again (unioned with it)."""
+    if not isinstance(x, Node) or heads < 2:
+        return
+    b, head_axis = ctx.block(x), rank(x) - 3
+    if b is None or head_axis < 0 or not _is_broadcast(b, x, heads, head_axis):
+        return
+    chain = _broadcast_chain(x, heads)
+    if chain is None:
+        return
+    nodes, axis = chain
+    expand = nodes[0]
+    eb = expand.meta[DIMS_KEY]
+    if any(o != 1 for o in eb.outer) or axis in eb.axes:
+        return
+    saved = {n.name: n.meta.get(DIMS_KEY) for n in nodes}
+    copies = ctx.copy_labels(expand, eb.labels, heads)
+    axes = tuple(sorted((*eb.axes, axis)))
+    labels = np.moveaxis(copies, 0, axes.index(axis))
+    expand.meta[DIMS_KEY] = Block(axes, labels, zero=eb.zero)
+    current = ctx.node
+    try:
+        for n in nodes[1:]:
+            ctx.node = n
+            n.meta[DIMS_KEY] = RULES[key_of(n.target)](ctx, n)
+    finally:
+        ctx.node = current
+    nb = ctx.block(x)
+    clean = (nb is not None and nb.axes == (head_axis, rank(x) - 1) and all(o == 1 for o in nb.outer)
+             and nb.labels.shape[0] == heads and not (nb.labels == nb.labels[:1]).all(axis=0).any())
+    if not clean:  # the copies are their source again
+        ctx.union(copies, np.broadcast_to(eb.labels, copies.shape))
+        ctx.copies.pop()
+        for n in nodes:
+            n.meta[DIMS_KEY] = saved[n.name]
+
+
+def _query_heads(ctx: Any, q: Any) -> int:
+    """The number of query heads of an attention's ``q`` (``(..., H, T, d)``)."""
+    b = ctx.block(q)
+    if b is not None and len(b.axes) == 2 and b.axes[1] == rank(q) - 1:
+        return int(b.labels.shape[0])
+    return concrete(val(q).shape[-3]) if rank(q) >= 3 else 1
+
+
 @rule(aten.scaled_dot_product_attention)
 def sdpa(ctx: Any, node: Node) -> Block | None:
     q, k, v = node.args[0], node.args[1], node.args[2]
+    heads = _query_heads(ctx, q)
+    copy_broadcast_heads(ctx, k, heads)
+    copy_broadcast_heads(ctx, v, heads)
     (ql, q_ok), (kl, k_ok), (vl, v_ok) = _heads(ctx, q), _heads(ctx, k), _heads(ctx, v)
     if not (q_ok and k_ok and v_ok):
         for x in (q, k, v):
