@@ -90,7 +90,6 @@ CLASS_LIMITS = {
     "gptj": "whole heads only",
     "llava": "whole heads only",
     "deepseek_v3": "whole heads only",  # one rotary table for all layers: latent attention loses whole heads
-    "gemma3": "left whole",  # one KV head normalised per head: no whole head can go, and one head_dim sizes v
     "blip_vqa": "left whole",  # the vision attention reshapes to embed_dim // num_heads of its input width
     "blip_caption": "left whole",
     "torch_encoder": "left whole",  # nn.MultiheadAttention: head size = embed_dim // num_heads

@@ -159,10 +159,12 @@ GOLDEN = {
         ('v', 'model.layers', 1, 2, 8, 16, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],
-    "gemma3": [  # one KV head, copied per query head: v is two heads of 16 dims; q/k normalised per head, and the
-        # one key head's norm reduces over all its dims, so q/k stay whole
+    "gemma3": [  # one KV head, copied per query head; q/k normalised per head (the one key head's norm makes its
+        # dims one class, which goes with the last query head): a q/k channel is a whole head; v two heads of 16 dims
+        ('qk', 'model.layers', 0, 2, 1, 2, False),
         ('v', 'model.layers', 0, 2, 16, 32, False),
         ('mlp', 'model.layers', 0, None, None, 64, False),
+        ('qk', 'model.layers', 1, 2, 1, 2, False),
         ('v', 'model.layers', 1, 2, 16, 32, False),
         ('mlp', 'model.layers', 1, None, None, 64, False),
     ],

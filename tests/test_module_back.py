@@ -140,7 +140,7 @@ def _halved(make) -> tuple[torch.nn.Module, upop_fx.Result]:  # noqa: ANN001
 def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     """With the defaults: Llama and Mixtral (one rotary table for all layers) lose whole KV groups, GPT-2 head dims,
     the multi-query StarCoder-style decoder head dims of its one key/value head; Qwen3 and Gemma 3 (q/k normalised
-    per head) keep their attention whole and lose MLP neurons; DeepSeek-V3 (latent attention) loses whole heads in
+    per head) whole heads at most (Gemma 3: query heads over its one key/value head) and MLP neurons; DeepSeek-V3 (latent attention) loses whole heads in
     every layer (its latent ranks keep their values) and neurons of its dense MLP, its shared expert and its routed
     experts."""
     model, result = _halved(make)

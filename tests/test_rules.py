@@ -1026,6 +1026,28 @@ def test_one_key_value_head_broadcast_to_every_query_head_is_copied_per_head():
     assert len(tr.tracer.sites) == 1 and not tr.reasons(tr.labels("v.weight"))
 
 
+@pytest.mark.parametrize("norm", ["rms_norm", "mean"])
+def test_one_key_head_normalised_before_its_broadcast_is_one_class_with_its_query_heads_apart(norm):
+    """The one key head normalised over its dims (Gemma 3's k_norm, as ``F.rms_norm`` or written with ``mean``)
+    before it is expanded over the query heads: its dims are one class (they go together, with the last query
+    head), not refused; each query head's q dims meet only that head's copy."""
+    def fn(m, x):
+        B, T, _ = x.shape
+        q = m.q(x).view(B, T, 2, 4).transpose(1, 2)
+        k = m.k(x).view(B, T, 1, 4)
+        k = F.rms_norm(k, (4,)) if norm == "rms_norm" else k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
+        k = k.transpose(1, 2).expand(B, 2, T, 4)
+        v = m.v(x).unsqueeze(1).expand(B, 2, T, 4)
+        return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8))
+
+    tr = trace(fn, x3(c=8), **_multi_query_parts())
+    k = tr.roots(tr.labels("k.weight"))
+    assert len(set(k.tolist())) == 1 and not tr.reasons(tr.labels("k.weight"))
+    q = tr.roots(tr.labels("q.weight"))
+    assert len(set(q.tolist())) == 8 and not set(q.tolist()) & set(k.tolist())
+    assert len(tr.tracer.copies) == 2
+
+
 def test_a_query_head_goes_alone_and_the_shared_head_goes_with_its_last_copy():
     """Surgery on the multi-query attention (checked against the zeroed reference): removing query head 1 keeps
     every row of k and v and rewrites the expand's head count; removing head dim 0 from both query heads removes

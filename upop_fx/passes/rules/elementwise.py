@@ -194,8 +194,12 @@ def norm(ctx: Any, node: Node) -> Block | None:
     if node.target.overloadpacket in (aten.layer_norm, aten.native_layer_norm, aten.rms_norm):
         normed = tuple(range(last + 1 - len(node.args[1]), last + 1))
         reduced = tuple(a for a in b.axes if a in normed)
-        if reduced and len(reduced) < len(b.axes):  # a norm per head: whole heads can go
-            if _per_slice(ctx, b, reduced, list(normed), True, "normalises a head's dims together (a per-head norm)") is None:
+        one_head = _single_head(node.args[0], b, reduced)
+        if reduced and (len(reduced) < len(b.axes) or one_head):  # a norm per head: whole heads can go
+            why = "normalises a head's dims together (a per-head norm)"
+            if one_head:
+                ctx.couple_slices(b, reduced, why)
+            elif _per_slice(ctx, b, reduced, list(normed), True, why) is None:
                 return None
             bias = arg(node, 3, "bias") if node.target.overloadpacket != aten.rms_norm else None
             out = Block(b.axes, b.labels, b.outer, b.zero and bias is None)  # its weight spans whole heads: not cut
@@ -264,6 +268,9 @@ def _per_slice(ctx: Any, b: Block, reduced: tuple[int, ...], dims: list[int], ke
     axis (a norm over the hidden width) the channels are refused. Returns the per-slice block (the reduced axes
     dropped from the labels; ``dims``: every axis reduced, labelled or not), or None where refused."""
     rest = [i for i, a in enumerate(b.axes) if a not in reduced]
+    if not rest and _single_head(ctx.node.args[0], b, reduced):  # one head's dims: one slice, one class
+        ctx.couple_slices(b, reduced, reason)
+        return None
     if not rest or any(b.outer[b.axes.index(a)] != 1 for a in reduced):
         ctx.refuse_block(b, "reduction over channels")
         return None
@@ -271,6 +278,15 @@ def _per_slice(ctx: Any, b: Block, reduced: tuple[int, ...], dims: list[int], ke
     kept = [b.axes[i] for i in rest]
     axes = tuple(kept) if keepdim else tuple(a - sum(d < a for d in dims) for a in kept)
     return Block(axes, heads, tuple(b.outer[i] for i in rest), b.zero)
+
+
+def _single_head(x: Any, b: Block, reduced: tuple[int, ...]) -> bool:
+    """``x`` is one attention head (``(..., 1, d)`` or ``(..., 1, T, d)``: a literal size-1 axis before the tokens or
+    the dims, as one key/value head is before it is broadcast over the query heads) whose dims are all reduced."""
+    v = val(x)
+    if len(reduced) != 1 or b.axes != reduced or reduced[0] != v.dim() - 1 or v.dim() < 3 or b.outer != (1,):
+        return False
+    return any(isinstance(v.shape[a], int) and v.shape[a] == 1 for a in (v.dim() - 2, v.dim() - 3))
 
 
 __all__: list[str] = []
