@@ -114,9 +114,11 @@ def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Mod
 
 def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps: int, blocks: int,
         methods: tuple[str, ...] = METHODS, runs: int = 5, load: Callable[[], tuple[Any, Any]] | None = None,
-        check_batches: int | None = None, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        check_batches: int | None = None, save: Callable[[dict[str, Any]], None] | None = None,
+        lr: float | None = None) -> dict[str, Any]:
     """Every row (see the module docstring) of the model ``load()`` gives (model, tokenizer; default SmolLM2).
     ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default);
+    ``lr``: AdamW's learning rate of the search and of every retrain (None: upop_fx's default);
     ``save``: called with the payload so far after each asked speed (a long run keeps what it measured)."""
     import upop_fx
     from upop_fx import datasets
@@ -129,6 +131,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
             "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
     example = next(_stream(train, tok, 0))
     options = upop_fx.Options() if check_batches is None else upop_fx.Options(calibration_batches=check_batches)
+    lr = options.lr if lr is None else lr
 
     def sample(m: torch.nn.Module) -> list[str]:
         out = []
@@ -150,7 +153,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     def payload() -> dict[str, Any]:
         done = sorted({r["asked"] for r in rows})  # a run stopped early holds fewer than it asked for
         return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "speeds_done": done, "seeds": seeds,
-                "search_steps": search_steps,
+                "search_steps": search_steps, "lr": lr,
                 "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
                 "machine": machine(), "dense": dense_row, "rows": rows,
                 "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
@@ -165,7 +168,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     result = upop_fx.compress(
                         model, example, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
                         latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
-                        retrain_steps=retrain_steps, data=_stream(train, tok, seed), seed=seed,
+                        retrain_steps=retrain_steps, lr=lr, data=_stream(train, tok, seed), seed=seed,
                         calibration_batches=options.calibration_batches)  # fmt: skip
                 if result.module is None:
                     raise RuntimeError(f"{method}: no module of the model's class ({result.report.module_reason})")
@@ -190,7 +193,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     stream = _stream(train, tok, seed)
                     check = [next(stream) for _ in range(options.calibration_batches)]
                     with cache_off(pruned):
-                        retrain(pruned, model, stream, None, retrain_steps, options.lr, example, check=check)
+                        retrain(pruned, model, stream, None, retrain_steps, lr, example, check=check)
                     pruned.eval()
                 cuts["torch-pruning"] = pruned
                 info["torch-pruning"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
@@ -226,7 +229,7 @@ def report(payload: dict[str, Any]) -> str:
         f"Decode: batch 1, {payload['context']}-token KV cache; prefill: {payload['prefill_batch']} x "
         f"{payload['context']} tokens; both measured through generate(), every cut of one asked speed interleaved "
         f"with the dense model. Search {payload['search_steps']} steps (UPop), retrain {payload['retrain_steps']} "
-        f"steps (every method); seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
+        f"steps (every method), lr {payload.get('lr', 1e-4):g}; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
         f" (of {payload['speeds']}); perplexity over {payload['blocks']} batches of 4 x 256 "
         "tokens of each held-out text.", "",
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="rows to run")
     p.add_argument("--search-steps", type=int, default=40, help="UPop's search steps")
     p.add_argument("--retrain-steps", type=int, default=60, help="retrain steps of every method")
+    p.add_argument("--lr", type=float, default=None, help="AdamW lr of the search and every retrain "
+                   "(default: upop_fx's)")
     p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
     p.add_argument("--runs", type=int, default=5, help="timed rounds per model in each timed group")
     p.add_argument("--name", default="decoder_smollm2", help="results file name (without extension)")
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
 
     payload = run(args.speeds, args.seeds, args.search_steps, args.retrain_steps, args.blocks, tuple(args.methods),
-                  args.runs, save=save)
+                  args.runs, save=save, lr=args.lr)
     save(payload)
     print(report(payload))
     return 0
