@@ -112,6 +112,24 @@ def _deepseek_v3():
     return DeepseekV3ForCausalLM(cfg).eval()
 
 
+def _gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTJConfig(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=64,
+                     initializer_range=0.3, bos_token_id=1, eos_token_id=99, pad_token_id=0)
+    return GPTJForCausalLM(cfg).eval()
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.3, bos_token_id=1,
+                      eos_token_id=99, pad_token_id=0)
+    return BloomForCausalLM(cfg).eval()
+
+
 def with_weights_of(model: torch.nn.Module, graph: torch.fx.GraphModule) -> torch.nn.Module:
     """``model`` with the tensors of the captured ``graph`` (of the same names): the stacked experts' neurons in
     the order the analysis sorted them into."""
@@ -135,14 +153,14 @@ def _halved(make) -> tuple[torch.nn.Module, upop_fx.Result]:  # noqa: ANN001
     return _HALVED[make]
 
 
-@pytest.mark.parametrize("make", [_gpt2, _llama, _mixtral, _qwen3, _gemma3, _bigcode, _deepseek_v3],
-                         ids=["gpt2", "llama", "mixtral", "qwen3", "gemma3", "bigcode", "deepseek_v3"])
+@pytest.mark.parametrize("make", [_gpt2, _llama, _mixtral, _qwen3, _gemma3, _bigcode, _deepseek_v3, _gptj, _bloom],
+                         ids=["gpt2", "llama", "mixtral", "qwen3", "gemma3", "bigcode", "deepseek_v3", "gptj", "bloom"])
 def test_decoder_generates_as_the_original_with_dead_channels(make, tmp_path):
     """With the defaults: Llama and Mixtral (one rotary table for all layers) lose whole KV groups, GPT-2 head dims,
     the multi-query StarCoder-style decoder head dims of its one key/value head; Qwen3 and Gemma 3 (q/k normalised
     per head) whole heads at most (Gemma 3: query heads over its one key/value head) and MLP neurons; DeepSeek-V3 (latent attention) loses whole heads in
     every layer (its latent ranks keep their values) and neurons of its dense MLP, its shared expert and its routed
-    experts."""
+    experts; GPT-J (a rotary table held as a buffer) whole heads; BLOOM (ALiBi fixes its heads) head dims."""
     model, result = _halved(make)
     assert model.config.use_cache  # compress accepted the model with its cache on
     prompt = _tokens(2, 6, seed=3)

@@ -81,7 +81,7 @@ class Result:
     module: torch.nn.Module | None = None
 
     def reference(self) -> torch.fx.GraphModule:
-        """``dense`` with every removed channel zeroed where it is produced: what ``model`` equaled at the cut
+        """``dense`` with every removed channel zeroed where it is produced and consumed: what ``model`` equaled at the cut
         (before any reconstruction or retraining)."""
         return zeroed_reference(self.dense, removed_labels(self.analysis, self.keep))
 

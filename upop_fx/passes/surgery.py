@@ -6,7 +6,7 @@ prunable groups (configured in ``__init__``).
 Ensures (functional): a *new* GraphModule (the input is untouched; its nodes carry no stale ``meta["val"]`` —
 capture it again to analyse it further) whose parameters are sliced, whose literal shapes, split sizes,
 indices and attention scales are rewritten, which passes ``graph.lint()``, and whose outputs on the example
-inputs equal the reference — the original graph with the producers of removed channels zeroed — within
+inputs equal the reference — the original graph with the producers and consumers of removed channels zeroed — within
 ``rtol`` (relative error in norm) — or, where float32's rounding through a deep model passes ``rtol``, equal it
 within :data:`~upop_fx.compare.FLOAT64_RTOL` with both run in float64. Otherwise
 :class:`~upop_fx.errors.SurgeryCheckError` (a ``PostconditionError``) is raised. Keep-sets that remove nothing return ``gm`` itself, ``modified=False``.

@@ -123,7 +123,9 @@ def copy_broadcast_heads(ctx: Any, x: Any, heads: int) -> None:
     nb = ctx.block(x)
     clean = (nb is not None and nb.axes == (head_axis, rank(x) - 1) and all(o == 1 for o in nb.outer)
              and nb.labels.shape[0] == heads and not (nb.labels == nb.labels[:1]).all(axis=0).any())
-    if not clean:  # the copies are their source again
+    if not clean:  # the copies are their source again (what the re-run refused of them is forgotten)
+        for label in copies.reshape(-1).tolist():
+            ctx.refusals.pop(label, None)
         ctx.union(copies, np.broadcast_to(eb.labels, copies.shape))
         ctx.copies.pop()
         for n in nodes:
