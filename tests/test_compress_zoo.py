@@ -187,7 +187,8 @@ def test_windowed_attention_with_pooled_queries_is_pruned_exactly_in_its_class()
 
 def test_eager_multi_query_attention_broadcast_by_the_matmul_is_pruned_exactly():
     """One key/value head of size-1 head axis, broadcast over the query heads by ``q @ kᵀ`` and ``probs @ v``
-    (no ``expand``): head dims go from every query head and the one KV head at once, exactly."""
+    (no ``expand``): copied per query head by the matmuls, so head dims go from every query head and the one KV
+    head at once, and whole query heads go alone (the KV head kept whole), exactly."""
 
     class MultiQuery(torch.nn.Module):
         def __init__(self) -> None:
@@ -203,14 +204,22 @@ def test_eager_multi_query_attention_broadcast_by_the_matmul_is_pruned_exactly()
             return x + self.o((probs @ v).transpose(1, 2).reshape(B, T, -1))
 
     torch.manual_seed(0)
-    result = upop_fx.compress(MultiQuery().eval(), torch.randn(2, 5, 16), ratio=0.5, method="magnitude",
-                              retrain_steps=0)
+    model = MultiQuery().eval()
+    result = upop_fx.compress(model, torch.randn(2, 5, 16), ratio=0.5, method="magnitude", retrain_steps=0)
     kinds = {row.kind: row for row in result.report.groups}
-    assert kinds["qk"].heads == kinds["v"].heads == 1 and kinds["qk"].kept < kinds["qk"].total
+    assert kinds["qk"].heads == kinds["v"].heads == 4 and kinds["qk"].kept < kinds["qk"].total
+    assert result.module.k.out_features == kinds["qk"].kept // 4  # dim j of every head: k's row j went with them
     other = torch.randn(3, 7, 16)
     with torch.no_grad():
         torch.testing.assert_close(result.model(other), result.reference()(other), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result.module(other), result.model(other), rtol=1e-5, atol=1e-6)
+    heads = upop_fx.compress(model, torch.randn(2, 5, 16), ratio=0.3, method="magnitude", retrain_steps=0,
+                             granularity="heads", own_class=False)
+    kinds = {row.kind: row for row in heads.report.groups}
+    assert kinds["qk"].kept_heads < 4 and kinds["qk"].kept == 4 * kinds["qk"].kept_heads
+    assert dict(heads.model.named_parameters())["k.weight"].shape == (4, 16)  # the KV head: whole
+    with torch.no_grad():
+        torch.testing.assert_close(heads.model(other), heads.reference()(other), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["cohere", "gemma3"])

@@ -234,7 +234,7 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
     if (ab is not None and bb is not None and len(ab.axes) == len(bb.axes) == 2 and ab.axes[1] == ra - 1
             and bb.axes[1] == rb - 2 and ab.axes[0] - ra == bb.axes[0] - rb <= -3):  # (H, .., T, d) @ (H, .., d, T)
         clean = ab.outer[1:] == bb.outer[1:] == (1,) and str(ab.outer[0]) == str(bb.outer[0])
-        bb = _broadcast_head(bb, b, ab.labels.shape[0])
+        bb = _broadcast_head(ctx, node, bb, b, ab.labels.shape[0])
         if ab.labels.shape != bb.labels.shape or not clean or not (ab.zero and bb.zero):
             ctx.refuse_block(ab, "attention scores with mismatched q/k head layouts")
             ctx.refuse_block(bb, "attention scores with mismatched q/k head layouts")
@@ -250,7 +250,7 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
     if ab is None and bb is not None and len(bb.axes) == 2 and bb.axes[0] <= rb - 3 and bb.axes[1] == rb - 1 and bb.outer[1] == 1:
         idx = _site_upstream(a)
         out = val(node)
-        bb = _broadcast_head(bb, b, concrete(out.shape[bb.axes[0] + r - rb]))
+        bb = _broadcast_head(ctx, node, bb, b, concrete(out.shape[bb.axes[0] + r - rb]))
         batch = _batch(bb, b, out)
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(val(a).shape[-1])
         if idx is not None and ctx.sites[idx].v is None:
@@ -266,11 +266,14 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
     return None
 
 
-def _broadcast_head(block: Block, x: Node, heads: int) -> Block:
-    """``block`` with its one head repeated ``heads`` times where ``x``'s head axis has size 1 (the matmul
-    broadcasts it over the query heads); unchanged otherwise."""
+def _broadcast_head(ctx: Any, node: Node, block: Block, x: Node, heads: int) -> Block:
+    """``block`` with its one head made ``heads`` where ``x``'s head axis has size 1 (the matmul ``node`` broadcasts
+    it over the query heads): a fresh copy of its labels per query head (:meth:`LabelTracer.copy_labels`, as for
+    an ``expand``-ed head), its labels repeated where the head axis holds an outer factor; unchanged otherwise."""
     if block.labels.shape[0] != 1 or heads == 1 or concrete(val(x).shape[block.axes[0]]) != 1:
         return block
+    if all(o == 1 for o in block.outer):
+        return Block(block.axes, ctx.copy_labels(node, block.labels[0], heads), block.outer, block.zero)
     return Block(block.axes, np.repeat(block.labels, heads, axis=0), block.outer, block.zero)
 
 
