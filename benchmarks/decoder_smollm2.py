@@ -229,7 +229,7 @@ def report(payload: dict[str, Any]) -> str:
         f"Decode: batch 1, {payload['context']}-token KV cache; prefill: {payload['prefill_batch']} x "
         f"{payload['context']} tokens; both measured through generate(), every cut of one asked speed interleaved "
         f"with the dense model. Search {payload['search_steps']} steps (UPop), retrain {payload['retrain_steps']} "
-        f"steps (every method), lr {payload.get('lr', 1e-4):g}; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
+        f"steps (every method), lr {payload['lr']:g}; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
         f" (of {payload['speeds']}); perplexity over {payload['blocks']} batches of 4 x 256 "
         "tokens of each held-out text.", "",
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",

@@ -127,19 +127,17 @@ class HeadCopies:
     source: np.ndarray
 
 
-def source_removed(copies: list[HeadCopies], removed: np.ndarray) -> np.ndarray:
-    """The source labels of ``copies`` whose every copy is ``removed`` (a boolean array over labels), as a
-    boolean array over labels: True at each such source label."""
-    out = np.zeros_like(removed)
-    if not copies:
-        return out
+def source_removed(copies: list[HeadCopies], removed: np.ndarray, label_class: np.ndarray) -> np.ndarray:
+    """Boolean array over labels: True at every label of each source class (``label_class``: label -> class) whose
+    every label's every copy is ``removed`` (a boolean array over labels): a source goes with its last copy."""
+    sources = np.zeros_like(removed)
     kept_any = np.zeros_like(removed)
     for c in copies:
+        sources[c.source.reshape(-1)] = True
         src = np.broadcast_to(c.source, c.copies.shape)
         np.logical_or.at(kept_any, src.reshape(-1), ~removed[c.copies.reshape(-1)])
-    for c in copies:
-        out[c.source.reshape(-1)] = True
-    return out & ~kept_any
+    gone = np.setdiff1d(label_class[sources & ~kept_any], label_class[sources & kept_any])
+    return np.isin(label_class, gone)
 
 
 @dataclass

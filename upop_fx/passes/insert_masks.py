@@ -185,7 +185,7 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
     for name in sorted(seeds | copied, key=order.__getitem__):
         node = nodes[name]
         block = node.meta.get(DIMS_KEY)
-        if block is None or (block.labels.ndim != 1 or any(o != 1 for o in block.outer)) and name not in copied:
+        if block is None or (block.labels.ndim != 1 and name not in copied):  # copies: clean (heads, dims)
             continue
         flat = block.labels.reshape(-1)
         slots = label_slot[flat]

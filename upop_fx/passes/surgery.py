@@ -216,15 +216,7 @@ def removed_labels(analysis: GroupAnalysis, keep: Mapping[int, Iterable[int]]) -
             raise SurgeryError(f"group {g.describe()}: at least one channel must be kept")
         removed_roots.extend(g.classes[~kept].tolist())
     removed = np.isin(analysis.label_class, np.asarray(removed_roots, dtype=np.int64))
-    if analysis.copies:  # a broadcast source goes with the last of its copies (every label of its class)
-        gone = source_removed(analysis.copies, removed)
-        sources = np.zeros_like(removed)
-        for c in analysis.copies:
-            sources[c.source.reshape(-1)] = True
-        kept_classes = np.unique(analysis.label_class[sources & ~gone])
-        classes = np.setdiff1d(np.unique(analysis.label_class[gone]), kept_classes)
-        removed |= np.isin(analysis.label_class, classes)
-    return removed
+    return removed | source_removed(analysis.copies, removed, analysis.label_class)
 
 
 def _compact_any(b: Any, removed: np.ndarray, where: str) -> Any:

@@ -265,8 +265,10 @@ def _per_slice(ctx: Any, b: Block, reduced: tuple[int, ...], dims: list[int], ke
     """A reduction (or a norm's statistics) over the channels of ``reduced`` axes while other labelled axes stay
     (a mean over each head's dims): a slice goes whole or not at all — a whole zero slice reduces to zero and
     leaves the other slices' statistics as they were — so each slice becomes one class. Without another labelled
-    axis (a norm over the hidden width) the channels are refused. Returns the per-slice block (the reduced axes
-    dropped from the labels; ``dims``: every axis reduced, labelled or not), or None where refused."""
+    axis (a norm over the hidden width) the channels are refused, unless the tensor is one attention head
+    (:func:`_single_head`: its dims become one class). Returns the per-slice block (the reduced axes dropped from
+    the labels; ``dims``: every axis reduced, labelled or not), or None where refused or where it is one head (its
+    statistic is then one value per token, carrying no channel)."""
     rest = [i for i, a in enumerate(b.axes) if a not in reduced]
     if not rest and _single_head(ctx.node.args[0], b, reduced):  # one head's dims: one slice, one class
         ctx.couple_slices(b, reduced, reason)
