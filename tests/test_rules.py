@@ -24,6 +24,7 @@ from upop_fx.ir.groups import DIMS_KEY, Block
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.passes.rules import REWRITES, RULES, SEEDING, key_of
 from upop_fx.passes.rules._util import dim_expr
+from upop_fx.passes.surgery import removed_labels, zeroed_reference
 from upop_fx.passes.trace import LabelTracer
 
 aten = torch.ops.aten
@@ -859,6 +860,102 @@ def test_select_and_slice_rewrites_renumber_positions():
     sel2 = gone.node(aten.select)
     with pytest.raises(ValueError, match="removed entirely"):
         REWRITES[key_of(sel2.target)](RewriteCtx(gone, removed=gone.labels("a.weight")[8:]), sel2)
+
+
+class _PaddedHeads(nn.Module):
+    """Attention whose head dim (6) is padded to a kernel's size (8) before attention and sliced back after; the
+    scale is computed from the head dim, as a class writes it."""
+
+    def __init__(self, eager: bool = False, heads: int = 3, d: int = 6) -> None:
+        super().__init__()
+        self.eager, self.heads, self.d = eager, heads, d
+        self.q, self.k, self.v = (nn.Linear(16, heads * d) for _ in range(3))
+        self.o = nn.Linear(heads * d, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (F.pad(p(x).view(B, T, self.heads, self.d).transpose(1, 2), (0, 8 - self.d))
+                   for p in (self.q, self.k, self.v))
+        if self.eager:
+            a = torch.softmax(q @ k.transpose(-2, -1) * self.d**-0.5, -1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, scale=self.d**-0.5)
+        return x + self.o(a[..., : self.d].transpose(1, 2).reshape(B, T, self.heads * self.d))
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_padded_head_dim_follows_its_heads(eager):
+    """The positions a pad adds to a head dim are no channel: each pad records the rows (heads) its positions
+    extend, the attention's site holds the projections' (heads, 6) labels alone, and nothing is refused."""
+    model = _PaddedHeads(eager).eval()
+    tr = Traced(lambda n, x: n.m(x), (torch.randn(2, 5, 16),), {"m": model})
+    (site,) = tr.tracer.sites
+    for role in "qkv":
+        np.testing.assert_array_equal(getattr(site, role), tr.labels(f"m.{role}.weight").reshape(3, 6))
+        assert tr.reasons(tr.labels(f"m.{role}.weight")) == []
+    pads = tr.tracer.paddings
+    assert [p.labels.shape for p in pads] == [(3, 2)] * 3
+    np.testing.assert_array_equal(pads[0].rows, tr.labels("m.q.weight").reshape(3, 6))
+    assert tr.tracer.is_padding(pads[0].labels).all() and not tr.tracer.is_padding(site.q).any()
+    padded_q = tr.block(tr.node(aten.pad))
+    assert padded_q.labels.shape == (3, 8) and (padded_q.labels[:, 6:] == pads[0].labels).all()
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_padded_heads_are_cut_exactly_and_the_class_comes_back(eager):
+    """Removing a head takes its padding along, removing a head dim keeps it: the pad widths stay, the cut graph
+    equals the zeroed reference at another shape, and the class comes back (its own pad and scale, verified)."""
+    torch.manual_seed(0)
+    model = _PaddedHeads(eager).eval()
+    cap = upop_fx.capture(model, torch.randn(2, 5, 16))
+    analysis = FindGroups()(cap.gm).value
+    qk, v = (next(g for g in analysis.prunable if g.kind == kind) for kind in ("qk", "v"))
+    assert (qk.heads, qk.head_dim, v.heads, v.head_dim) == (3, 6, 3, 6)
+    no_head_1 = [j for j in range(18) if j // 6 != 1]
+    no_dim_0, no_dim_2 = [j for j in range(18) if j % 6], [j for j in range(18) if j % 6 != 2]
+    x = torch.randn(3, 7, 16)
+    for keep in ({qk.id: no_head_1, v.id: no_head_1}, {qk.id: no_dim_0, v.id: no_dim_2}):
+        cut = Surgery(keep)(cap.gm).gm
+        cut.graph.lint()
+        assert [n.args[1] for n in cut.graph.nodes if n.target == aten.pad.default] == [[0, 2]] * 3
+        reference = zeroed_reference(cap.gm, removed_labels(analysis, keep))
+        torch.testing.assert_close(cut(x), reference(x))
+    result = upop_fx.compress(model, torch.randn(2, 5, 16), ratio=0.4, method="magnitude", retrain_steps=0)
+    assert type(result.module) is _PaddedHeads and result.module.d < 6
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), result.model(x))
+
+
+def test_pads_of_channels_and_of_tokens():
+    """A padded hidden layer read by a wider weight: its neurons stay free, the weight's padded columns follow them.
+    Refused: a reflect pad of channels, a query padded where its key has channels; a non-zero pad of the tokens
+    makes a removed channel non-zero there."""
+    tr = trace(lambda m, x: m.down(F.pad(F.relu(m.up(x)), (0, 2))).sum(-1), x3(c=8),
+               up=nn.Linear(8, 6), down=nn.Linear(8, 3))
+    up = tr.labels("up.weight")
+    assert tr.reasons(up) == [] and len(set(tr.roots(up).tolist())) == 6
+    np.testing.assert_array_equal(tr.use("down.weight", "in").labels[:6], up)
+    reflect = trace(lambda m, x: m.down(F.pad(m.up(x), (1, 1), mode="reflect")).sum(-1), x3(c=8),
+                    up=nn.Linear(8, 6), down=nn.Linear(8, 3))
+    assert reflect.reasons(reflect.labels("up.weight")) == [
+        f"node {reflect.node(aten.pad).name} (aten.pad.default): a reflect pad of a channel axis (it copies "
+        "channels into the padding)"]
+    tokens = trace(lambda m, x: m.down(F.pad(m.up(x).transpose(1, 2), (0, 2), value=1.0).transpose(1, 2)).sum(-1),
+                   x3(c=8), up=nn.Linear(8, 6), down=nn.Linear(6, 3))
+    assert tokens.reasons(tokens.labels("up.weight")) == [
+        f"node {tokens.node(aten.linear, 1).name} (aten.linear.default): {NOT_ZERO}"]
+
+    def mixed(m, x):
+        B, T, _ = x.shape
+        q = F.pad(m.q(x).view(B, T, 2, 2).transpose(1, 2), (0, 2))
+        k, v = (p(x).view(B, T, 2, 4).transpose(1, 2) for p in (m.k, m.v))
+        return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8)).sum(-1)
+
+    model = Net(mixed, q=nn.Linear(8, 4), k=nn.Linear(8, 8), v=nn.Linear(8, 8), o=nn.Linear(8, 3)).eval()
+    analysis = FindGroups()(upop_fx.capture(model, x3(c=8)).gm).value
+    qk = next(g for g in analysis.groups if g.kind == "qk")
+    assert not qk.prunable and "its padded positions are coupled with channels of a weight" in qk.reason
+    assert next(g for g in analysis.groups if g.kind == "v").prunable
 
 
 # --------------------------------------------------------------------------------------------- attention.py

@@ -27,6 +27,9 @@ __all__ = [
     "AttentionSite",
     "TableUse",
     "HeadCopies",
+    "Padding",
+    "followers",
+    "followers_removed",
     "DimGroup",
     "GroupAnalysis",
     "get_analysis",
@@ -120,24 +123,56 @@ class HeadCopies:
     """Channels that ``node`` (an ``expand``) broadcasts over an attention's query heads — multi-query attention's
     one key/value head, latent attention's rotary key part — labelled afresh in every head: ``copies[h]`` are head
     ``h``'s copies of ``source`` (``copies.shape == (heads, *source.shape)``). A query head goes with its copies; a
-    source channel (its projection's row) goes only when every copy of it goes (:func:`source_removed`)."""
+    source channel (its projection's row) goes only when every copy of it goes (:func:`followers_removed`)."""
 
     node: str
     copies: np.ndarray
     source: np.ndarray
 
 
-def source_removed(copies: list[HeadCopies], removed: np.ndarray, label_class: np.ndarray) -> np.ndarray:
-    """Boolean array over labels: True at every label of each source class (``label_class``: label -> class) whose
-    every label's every copy is ``removed`` (a boolean array over labels): a source goes with its last copy."""
-    sources = np.zeros_like(removed)
-    kept_any = np.zeros_like(removed)
-    for c in copies:
-        sources[c.source.reshape(-1)] = True
-        src = np.broadcast_to(c.source, c.copies.shape)
-        np.logical_or.at(kept_any, src.reshape(-1), ~removed[c.copies.reshape(-1)])
-    gone = np.setdiff1d(label_class[sources & ~kept_any], label_class[sources & kept_any])
-    return np.isin(label_class, gone)
+@dataclass
+class Padding:
+    """Positions a constant pad (``node``) adds along a channel axis (a head dim padded to a kernel's size),
+    labelled afresh: ``labels[i]`` are the added positions of row ``i`` (one position of the block's other
+    labelled axes: a head), ``rows[i]`` the labels of the row they extend. A padded position is no channel of any
+    weight: it goes only with its whole row (a removed head takes its padding along), so the pad widths never
+    change."""
+
+    node: str
+    labels: np.ndarray  # (rows, added positions)
+    rows: np.ndarray  # (rows, channels of the padded axis)
+
+
+def followers(copies: list[HeadCopies], paddings: list[Padding]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels that follow others, elementwise ``(follower, leader)``: a follower's class goes only when the leaders
+    of all its labels are removed — a broadcast head's source with its copies, a padded position with its row."""
+    pairs = [np.broadcast_arrays(c.source, c.copies) for c in copies]
+    pairs += [np.broadcast_arrays(p.labels[:, :, None], p.rows[:, None, :]) for p in paddings]
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return (np.concatenate([f.reshape(-1) for f, _ in pairs]).astype(np.int64),
+            np.concatenate([lead.reshape(-1) for _, lead in pairs]).astype(np.int64))
+
+
+def followers_removed(copies: list[HeadCopies], paddings: list[Padding], removed: np.ndarray,
+                      label_class: np.ndarray) -> np.ndarray:
+    """Boolean array over labels: ``removed`` (a boolean array over labels) with every follower class
+    (:func:`followers`; ``label_class``: label -> class) whose every label's every leader is removed: a source goes
+    with its last copy, a padded position with its row. Repeated until nothing changes (a pad of copies follows
+    them)."""
+    follower, leader = followers(copies, paddings)
+    out = removed.copy()
+    while follower.size:
+        is_follower = np.zeros_like(out)
+        kept_any = np.zeros_like(out)
+        is_follower[follower] = True
+        np.logical_or.at(kept_any, follower, ~out[leader])
+        gone = np.setdiff1d(label_class[is_follower & ~kept_any], label_class[is_follower & kept_any])
+        now = out | np.isin(label_class, gone)
+        if np.array_equal(now, out):
+            break
+        out = now
+    return out
 
 
 @dataclass
@@ -268,6 +303,7 @@ class GroupAnalysis:
     seeded: list[str] = field(default_factory=list)  # nodes whose output channels were labelled (in a group)
     tables: list[TableUse] = field(default_factory=list)  # computed tensors multiplying channels (RoPE cos/sin)
     copies: list[HeadCopies] = field(default_factory=list)  # channels broadcast over the query heads, per head
+    paddings: list[Padding] = field(default_factory=list)  # positions a constant pad adds along a channel axis
 
     @property
     def prunable(self) -> list[DimGroup]:

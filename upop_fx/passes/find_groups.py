@@ -14,7 +14,9 @@ alone: its classes are the q/k dims of an attention (``qk``), its v dims (``v``)
 a following matmul (``mlp``). A group that touches an op without a rule, reaches the model output, or is
 normalised is kept in the listing as not prunable, with the node and reason. A key/value head broadcast over the
 query heads by an ``expand`` is copied per head (:class:`~upop_fx.ir.groups.HeadCopies`): its copies are in the
-attention's groups, its own rows (the copies' source) in none — they go with the last of their copies.
+attention's groups, its own rows (the copies' source) in none — they go with the last of their copies. The
+positions a constant pad adds along a channel axis (:class:`~upop_fx.ir.groups.Padding`) are in no group either:
+they go with their whole row (a head).
 
 Example:
     >>> import torch, upop_fx
@@ -37,7 +39,7 @@ import torch
 from ..capture.program import get_capture
 from ..errors import PostconditionError, PreconditionError
 from ..ir.cost import class_costs
-from ..ir.groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, HeadCopies, get_analysis
+from ..ir.groups import DIMS_KEY, GROUPS_KEY, AttentionSite, DimGroup, GroupAnalysis, followers, get_analysis
 from .base import GraphPass, PassResult
 from .param_views import ParamView, resolve
 from .rules import REWRITES, key_of
@@ -81,6 +83,7 @@ class FindGroups(GraphPass[GroupAnalysis]):
         tracer.run()
         _tie_shared_entries(tracer)
         _settle_copies(tracer)
+        _settle_paddings(gm, tracer)
         analysis = _group(gm, tracer, get_capture(gm).batch_size)
         nodes = {n.name: n for n in gm.graph.nodes}
         for name in unlisted_weights(gm, analysis):  # no rule labelled them: listed, not left out
@@ -202,16 +205,43 @@ def _settle_copies(tracer: LabelTracer) -> None:
     tracer.copies = kept
 
 
+def _settle_paddings(gm: torch.fx.GraphModule, tracer: LabelTracer) -> None:
+    """Keep a pad's positions (:class:`~upop_fx.ir.groups.Padding`) following their rows only where their classes
+    hold padded positions alone: one coupled with a weight's channels (a key padded where its query is not) cannot
+    follow, so its rows and it are refused, and it is forgotten; a refused one refuses its rows (what could not go
+    with them, they keep)."""
+    roots = tracer.roots()
+    padded = tracer.is_padding(np.arange(len(roots)))
+    mixed = set(roots[padded].tolist()) & set(roots[~padded].tolist())
+    refused = {int(roots[x]): why for x, why in sorted(tracer.refusals.items())}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kept = []
+    for p in tracer.paddings:
+        classes = set(roots[p.labels].reshape(-1).tolist())
+        tracer.node = nodes[p.node]
+        if classes & mixed:
+            tracer.refuse(p.rows, "its padded positions are coupled with channels of a weight")
+            tracer.refuse(p.labels, "its padded positions are coupled with channels of a weight")
+            continue
+        why = next((refused[r] for r in sorted(classes) if r in refused), None)
+        if why is not None:
+            for x in p.rows.reshape(-1).tolist():
+                tracer.refusals.setdefault(int(x), why)
+        kept.append(p)
+    tracer.node = None
+    tracer.paddings = kept
+
+
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
     roots = tracer.roots()
-    sources = {int(r) for c in tracer.copies for r in np.unique(roots[c.source]).tolist()}
+    sources = {int(r) for r in np.unique(roots[followers(tracer.copies, tracer.paddings)[0]]).tolist()}
     graph = _coupling_graph(tracer, roots, sources)
     refused: dict[int, str] = {}
     for label, reason in tracer.refusals.items():
         refused.setdefault(int(roots[label]), reason)
     shapes = {n.target: tuple(int(d) for d in n.meta["val"].shape) for n in gm.graph.nodes if n.op == "get_attr"}
     cost_p, cost_f = class_costs(roots, tracer.uses, tracer.sites, shapes, batch_size)
-    _share_source_costs(roots, tracer.copies, cost_p, cost_f)
+    _share_follower_costs(roots, tracer, cost_p, cost_f)
     uses_by_class: dict[int, list[int]] = defaultdict(list)
     for i, u in enumerate(tracer.uses):
         for r in set(roots[u.labels].tolist()):
@@ -262,17 +292,17 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
         groups.append(g)
     seeded = list(dict.fromkeys(name for name, _ in tracer.seeds))
     return GroupAnalysis(groups, tracer.uses, tracer.sites, roots, class_channel, batch_size, seeded, tracer.tables,
-                         tracer.copies)
+                         tracer.copies, tracer.paddings)
 
 
-def _share_source_costs(roots: np.ndarray, copies: list[HeadCopies], cost_p: np.ndarray, cost_f: np.ndarray) -> None:
-    """A broadcast source's cost (its projection's rows) shared equally by the classes of its copies: it is
-    saved once all of them go, so a query head carries its share (an estimate; a latency budget measures)."""
+def _share_follower_costs(roots: np.ndarray, tracer: LabelTracer, cost_p: np.ndarray, cost_f: np.ndarray) -> None:
+    """A follower's cost (:func:`~upop_fx.ir.groups.followers`: a broadcast source's projection rows, the weight
+    entries a padded position meets) shared equally by the classes it follows: it is saved once all of them go,
+    so a query head carries its share (an estimate; a latency budget measures)."""
     of_source: dict[int, set[int]] = defaultdict(set)
-    for c in copies:
-        src = np.broadcast_to(roots[c.source], c.copies.shape)
-        for s, r in zip(src.reshape(-1).tolist(), roots[c.copies].reshape(-1).tolist()):
-            of_source[s].add(r)
+    follower, leader = followers(tracer.copies, tracer.paddings)
+    for s, r in zip(roots[follower].tolist(), roots[leader].tolist()):
+        of_source[s].add(r)
     for s, rs in of_source.items():
         for cost in (cost_p, cost_f):
             share, cost[s] = cost[s] / len(rs), 0.0

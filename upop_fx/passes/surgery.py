@@ -40,7 +40,7 @@ from ..capture.program import get_capture, run_module
 from ..compare import agrees, relative_error
 from ..errors import PreconditionError, SurgeryCheckError, SurgeryError
 from ..ir.entries import Entry, keep_sets
-from ..ir.groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, get_analysis, source_removed
+from ..ir.groups import DIMS_KEY, GROUPS_KEY, Block, GroupAnalysis, followers_removed, get_analysis
 from .base import GraphPass, PassResult, copy_structure, own_tensors, set_tensor
 from .blocks import RAGGED, compact
 from .param_views import rewrite_views
@@ -197,7 +197,8 @@ def cut_entries(dense: torch.fx.GraphModule, analysis: GroupAnalysis, entries: l
 
 
 def removed_labels(analysis: GroupAnalysis, keep: Mapping[int, Iterable[int]]) -> np.ndarray:
-    """Boolean array over labels: True where the label's class is removed by ``keep``."""
+    """Boolean array over labels: True where the label's class is removed by ``keep``, or follows removed ones
+    (a broadcast head's source, a padded position: :func:`~upop_fx.ir.groups.followers_removed`)."""
     removed_roots: list[int] = []
     for gid, chans in keep.items():
         if not 0 <= gid < len(analysis.groups):
@@ -216,7 +217,7 @@ def removed_labels(analysis: GroupAnalysis, keep: Mapping[int, Iterable[int]]) -
             raise SurgeryError(f"group {g.describe()}: at least one channel must be kept")
         removed_roots.extend(g.classes[~kept].tolist())
     removed = np.isin(analysis.label_class, np.asarray(removed_roots, dtype=np.int64))
-    return removed | source_removed(analysis.copies, removed, analysis.label_class)
+    return followers_removed(analysis.copies, analysis.paddings, removed, analysis.label_class)
 
 
 def _compact_any(b: Any, removed: np.ndarray, where: str) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..ir.groups import DIMS_KEY, AttentionSite, Block, HeadCopies, ParamUse, TableUse
+from ..ir.groups import DIMS_KEY, AttentionSite, Block, HeadCopies, Padding, ParamUse, TableUse
 from .param_views import ParamView, resolve
 from .rules import RULES, SEEDING, key_of
 
@@ -40,19 +40,42 @@ class LabelTracer:
         self.tables: list[TableUse] = []
         self.seeds: list[tuple[str, np.ndarray]] = []
         self.copies: list[HeadCopies] = []  # channels broadcast over query heads, labelled per head
+        self.paddings: list[Padding] = []  # positions a constant pad adds along a channel axis
+        self._padded = np.zeros(0, dtype=bool)  # label -> a padded position (no channel of any weight)
         self.refusals: dict[int, str] = {}  # label -> first reason its class cannot be removed
         self.slices: dict[int, str] = {}  # label -> why its class is a whole slice (a head's dims reduced together)
         self.node: Node | None = None
         self._views: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- labels
-    def new_labels(self, shape: tuple[int, ...]) -> np.ndarray:
+    def new_labels(self, shape: tuple[int, ...], seed: bool = True) -> np.ndarray:
+        """Fresh labels; ``seed``: channels the current node produces (in its groups, masked during the search)."""
         n = int(np.prod(shape)) if shape else 1
         start = len(self.parent)
         self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
+        self._padded = np.concatenate([self._padded, np.zeros(n, dtype=bool)])
         labels = np.arange(start, start + n, dtype=np.int64).reshape(shape)
-        self.seeds.append((self.node.name if self.node is not None else "", labels.reshape(-1)))
+        if seed:
+            self.seeds.append((self.node.name if self.node is not None else "", labels.reshape(-1)))
         return labels
+
+    def pad_labels(self, block: Block, axis: int, before: int, after: int) -> Block:
+        """``block`` with ``before`` and ``after`` positions added along its tensor ``axis`` by a constant pad of
+        the current node: fresh labels, recorded as a :class:`~upop_fx.ir.groups.Padding` of the rows they extend
+        (they go only with their whole row)."""
+        i = block.axes.index(axis)
+        moved = np.moveaxis(block.labels, i, -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        added = self.new_labels((rows.shape[0], before + after), seed=False)
+        self._padded[added.reshape(-1)] = True
+        self.paddings.append(Padding(self.node.name, added, rows.copy()))
+        wide = np.concatenate([added[:, :before], rows, added[:, before:]], axis=1)
+        labels = np.moveaxis(wide.reshape(*moved.shape[:-1], wide.shape[1]), -1, i)
+        return Block(block.axes, np.ascontiguousarray(labels), block.outer, block.zero)
+
+    def is_padding(self, labels: np.ndarray) -> np.ndarray:
+        """Per label: whether it is a padded position (:meth:`pad_labels`)."""
+        return self._padded[np.asarray(labels)]
 
     def copy_labels(self, node: Node, source: np.ndarray, heads: int) -> np.ndarray:
         """Fresh labels for ``heads`` copies of ``source`` made by ``node`` (shape ``(heads, *source.shape)``),

@@ -3,8 +3,9 @@
 q and k enter as ``(..., H, T, d)`` with their labels on the head and dim axes (axes may stand between the heads
 and the tokens: Hiera's ``(B, H, windows, T, d)``); ``q[h, j]`` meets ``k[h, j]`` in
 the score ``q·kᵀ``, so the two are unioned. v's labels pass to the output (``out[h, :, j]`` is a mix of
-``v[h, :, j]``). The site is recorded for the group analysis; surgery pins the scale, which SDPA would otherwise
-recompute from the reduced head dim.
+``v[h, :, j]``). The site is recorded for the group analysis, without the head-dim positions a constant pad
+added (they follow their heads); surgery pins the scale, which SDPA would otherwise recompute from the reduced head
+dim.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def _heads(ctx: Any, x: Any) -> tuple[np.ndarray | None, bool]:
         # (the head axis is taken to be SDPA's, ``r - 3``)
         return np.repeat(b.labels[None], concrete(val(x).shape[r - 3]), axis=0), b.zero
     return None, False
+
+
+def _unpadded(ctx: Any, *heads: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
+    """Attention operands' ``(heads, head_dim)`` labels (of the same shape) without the head-dim positions that a
+    constant pad added in every one of them (a head dim padded to a kernel's size: no channel of the site, they
+    follow their heads)."""
+    present = [h for h in heads if h is not None]
+    if not present:
+        return heads
+    padded = np.all([ctx.is_padding(h).all(axis=0) for h in present], axis=0)
+    if not padded.any():
+        return heads
+    return tuple(None if h is None else h[:, ~padded] for h in heads)
 
 
 #: ops between a head broadcast and the attention that only move values (their rules are re-run on the copies)
@@ -106,8 +120,8 @@ def copy_broadcast_heads(ctx: Any, x: Any, heads: int) -> None:
     nodes, axis = chain
     expand = nodes[0]
     eb = expand.meta[DIMS_KEY]
-    if any(o != 1 for o in eb.outer) or axis in eb.axes:
-        return
+    if any(o != 1 for o in eb.outer) or axis in eb.axes or ctx.is_padding(eb.labels).any():
+        return  # (a padded head broadcast stays one: its padding follows the source row)
     saved = {n.name: n.meta.get(DIMS_KEY) for n in nodes}
     copies = ctx.copy_labels(expand, eb.labels, heads)
     axes = tuple(sorted((*eb.axes, axis)))
@@ -157,6 +171,7 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
         ql = kl = None
     if ql is not None:
         ctx.union(ql, kl)
+    site_q, site_k = _unpadded(ctx, ql, kl)
     mask = arg(node, 3, "attn_mask")
     if mask is not None:
         ctx.refuse_block(ctx.block(mask), "channels used as an attention mask")
@@ -169,7 +184,7 @@ def sdpa(ctx: Any, node: Node) -> Block | None:
     pair_flops = 2.0 * batch * concrete(qv.shape[-2]) * concrete(kv.shape[-2])
     ctx.sites.append(
         AttentionSite(
-            node=node.name, q=ql, k=kl, v=vl, scale=arg(node, 6, "scale"), index=len(ctx.sites),
+            node=node.name, q=site_q, k=site_k, v=_unpadded(ctx, vl)[0], scale=arg(node, 6, "scale"), index=len(ctx.sites),
             flops_qk=pair_flops, flops_v=pair_flops,
         )
     )  # fmt: skip
@@ -243,7 +258,8 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
         out = val(node)
         batch = _batch(ab, a, out)
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(out.shape[-1])
-        site = AttentionSite(node=node.name, q=ab.labels, k=bb.labels, v=None, scale=None, index=len(ctx.sites), flops_qk=flops)
+        q, k = _unpadded(ctx, ab.labels, bb.labels)
+        site = AttentionSite(node=node.name, q=q, k=k, v=None, scale=None, index=len(ctx.sites), flops_qk=flops)
         ctx.sites.append(site)
         node.meta[SCORES_KEY] = site.index
         return None
@@ -253,13 +269,14 @@ def activation_matmul(ctx: Any, node: Node, a: Any = None, b: Any = None) -> Blo
         bb = _broadcast_head(ctx, node, bb, b, concrete(out.shape[bb.axes[0] + r - rb]))
         batch = _batch(bb, b, out)
         flops = 2.0 * batch * concrete(out.shape[-2]) * concrete(val(a).shape[-1])
+        v = _unpadded(ctx, bb.labels)[0]
         if idx is not None and ctx.sites[idx].v is None:
-            ctx.sites[idx].v, ctx.sites[idx].flops_v = bb.labels, flops
+            ctx.sites[idx].v, ctx.sites[idx].flops_v = v, flops
             bias = _per_head_bias(a)
             if bias is not None and ctx.sites[idx].fixed_heads is None:
                 ctx.sites[idx].fixed_heads = f"node {bias}: an additive score bias differs per head"
         else:
-            ctx.sites.append(AttentionSite(node=node.name, q=None, k=None, v=bb.labels, scale=None, index=len(ctx.sites), flops_v=flops))
+            ctx.sites.append(AttentionSite(node=node.name, q=None, k=None, v=v, scale=None, index=len(ctx.sites), flops_v=flops))
         return Block((bb.axes[0] + r - rb, r - 1), bb.labels, bb.outer, zero=bb.zero)
     for x in (ab, bb):
         ctx.refuse_block(x, "matmul of two activations that is not an attention pattern")

@@ -4,6 +4,10 @@ Along an unlabelled axis these ops pass the labels through; along a labelled axi
 same way they cut the tensor (``split(3·C)`` of GPT-2's ``c_attn``, ``unbind(0)`` of timm's ``(3, B, H, T, d)``,
 ``select`` of ``nn.MultiheadAttention``'s unflattened ``in_proj``). Surgery recomputes split sizes, indices
 and slice bounds from the labels that survive.
+
+A constant pad along a labelled axis (a head dim padded to a kernel's size before attention) adds positions that
+are no channel: they get fresh labels that follow their row (:meth:`~upop_fx.passes.trace.LabelTracer.pad_labels`:
+a removed head takes its padding along), so the pad widths never change.
 """
 
 from __future__ import annotations
@@ -95,6 +99,41 @@ def slice_(ctx: Any, node: Node) -> Block | None:
         return None
     idx = np.arange(b.labels.shape[i])[slice(start, end, step)]
     return Block(b.axes, np.take(b.labels, idx, axis=i), b.outer, b.zero)
+
+
+@rule(aten.pad, aten.constant_pad_nd)
+def pad(ctx: Any, node: Node) -> Block | None:
+    """``F.pad``: along an unlabelled axis (tokens) the labels pass through; a constant pad of a labelled axis adds
+    padded positions (:meth:`~upop_fx.passes.trace.LabelTracer.pad_labels`; of any value: they go only with their
+    whole row, and whatever meets them with it). Where tokens are padded, a removed channel stays zero if the value
+    is 0 or the mode copies values (reflect, replicate, circular). Refused on a channel axis: another
+    mode (it copies channels into the padding), a negative width (a crop), a width computed in the graph."""
+    b = ctx.block(node.args[0])
+    r = rank(node.args[0])
+    widths = list(node.args[1])
+    constant_nd = node.target.overloadpacket is aten.constant_pad_nd
+    mode = "constant" if constant_nd else arg(node, 2, "mode", "constant")
+    value = arg(node, 2, "value", 0) if constant_nd else arg(node, 3, "value", None)
+    out = b
+    for k in range(len(widths) // 2):
+        axis, before, after = r - 1 - k, widths[2 * k], widths[2 * k + 1]
+        if before == 0 and after == 0:
+            continue
+        if axis not in b.axes:  # tokens padded with a non-zero value: a removed channel is that value there
+            out = Block(out.axes, out.labels, out.outer, out.zero and (mode != "constant" or not value))
+            continue
+        if not (isinstance(before, int) and isinstance(after, int)) or before < 0 or after < 0:
+            why = "a pad of a channel axis by a computed or negative width"
+        elif mode != "constant":
+            why = f"a {mode} pad of a channel axis (it copies channels into the padding)"
+        elif b.outer[b.axes.index(axis)] != 1:
+            why = "a pad of an axis that mixes channels with other dims"
+        else:
+            out = ctx.pad_labels(out, axis, before, after)
+            continue
+        ctx.refuse_block(b, why)
+        return None
+    return out
 
 
 @rule(aten.index, seeding=True)
