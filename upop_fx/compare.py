@@ -41,8 +41,12 @@ def relative_error(out: Any, ref: Any) -> float:
         if not y.is_floating_point():
             worst = max(worst, 0.0 if torch.equal(x, y) else float("inf"))
             continue
-        den = y.double().norm().item()
-        worst = max(worst, (x.double() - y.double()).norm().item() / max(den, 1e-12))
+        common = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)  # half types: float32
+        x, y = x.to(common), y.to(common)
+        # norms accumulated in float64; the difference itself is exact to an ulp of its own size
+        den = torch.linalg.vector_norm(y, dtype=torch.float64).item()
+        num = torch.linalg.vector_norm(x - y, dtype=torch.float64).item()
+        worst = max(worst, num / max(den, 1e-12))
     return worst
 
 

@@ -305,6 +305,12 @@ class GroupAnalysis:
     copies: list[HeadCopies] = field(default_factory=list)  # channels broadcast over the query heads, per head
     paddings: list[Padding] = field(default_factory=list)  # positions a constant pad adds along a channel axis
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> GroupAnalysis:
+        """Shared, not copied: the analysis is read-only once :class:`~upop_fx.passes.find_groups.FindGroups` made
+        it, and a graph copied for a cut or a reference would otherwise copy a class per vocabulary entry of an LM
+        head each time."""
+        return self
+
     @property
     def prunable(self) -> list[DimGroup]:
         return [g for g in self.groups if g.prunable]
