@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -70,22 +72,38 @@ def test_search_step_benchmark_times_three_real_training_steps(tmp_path, monkeyp
     assert "| search |" in (tmp_path / "search_step_small.md").read_text()
 
 
+@functools.cache
+def _small_tokenizer():
+    """A byte-level BPE tokenizer of 512 words trained on CPython's documentation (``pydoc_data.topics``): the
+    tiny models' text, with an LM head 60x narrower than a 30k-word tokenizer's (the head dominated the runs)."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(sorted(topics.values()), trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", eos_token="[SEP]")
+
+
 def _tiny_llama(hidden: int = 32, intermediate: int = 64):
-    """A random Llama of SmolLM2's layout (grouped-query heads, SwiGLU MLP), with MiniLM's tokenizer for text."""
+    """A random Llama of SmolLM2's layout (grouped-query heads, SwiGLU MLP), with a small tokenizer for text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from upop_fx.datasets import load_minilm
-
-    _, tok = load_minilm()
+    tok = _small_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(config).eval(), tok
 
 
 def test_shared_rotary_benchmark_compares_both_cuts_of_a_llama(tmp_path):
-    """The comparison of ``benchmarks.shared_rotary`` on a tiny random Llama (MiniLM's tokenizer for the text):
+    """The comparison of ``benchmarks.shared_rotary`` on a tiny random Llama (a small tokenizer for the text):
     the dense row and both cuts, each of the model's class, with finite perplexities; the shared cut narrows the
     heads, the default keeps their size."""
     from benchmarks import shared_rotary
