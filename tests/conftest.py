@@ -20,6 +20,19 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)
 
 
+#: test modules that share the zoo's compressed models (``tests.models.half``): one xdist group, so one worker
+#: compresses each model once for both
+SHARED_ZOO = {"test_compress_zoo.py", "test_groups.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` (``make test``), each test module runs in one worker, as ``--dist loadscope``
+    would place it (its module fixtures are built once), and the modules of :data:`SHARED_ZOO` in the same one."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("zoo" if name in SHARED_ZOO else str(item.path)))
+
+
 @pytest.fixture
 def encoder():
     """A 2-layer ``nn.TransformerEncoder`` (packed in_proj, implicit scale) and an input."""

@@ -18,6 +18,7 @@ How to capture a zoo model (the zoo, not the test, knows which axes are dynamic)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -578,3 +579,14 @@ def all_names() -> list[str]:
 
 def get(name: str) -> ZooModel:
     return ZOO[name]()
+
+
+@functools.cache
+def half(name: str) -> tuple[ZooModel, Any]:
+    """Zoo model ``name`` and its ``upop_fx.compress`` at ratio 0.5 by magnitude, without a retrain — once per test
+    process: ``test_compress_zoo`` checks the cut, ``test_groups`` the analysis of the graph it captured
+    (``result.dense``). Neither changes them (conftest runs both modules in one xdist worker)."""
+    import upop_fx
+
+    zoo = get(name)
+    return zoo, upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0)

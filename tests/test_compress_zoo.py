@@ -15,6 +15,7 @@ from upop_fx.ir.entries import build_entries
 from upop_fx.module.rebuild import RTOL
 from upop_fx.report import count_params
 
+from . import models
 from .models import ZOO
 
 
@@ -25,8 +26,7 @@ def _call(module, inputs):
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def half(request):
-    zoo = ZOO[request.param]()
-    return zoo, upop_fx.compress(zoo.model, zoo.example_inputs, ratio=0.5, method="magnitude", retrain_steps=0)
+    return models.half(request.param)
 
 
 def test_half_removes_requested_cost(half):

@@ -4,6 +4,8 @@ unlisted: every weight's output channels are in a group or reported as not pruna
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,11 @@ import torch
 import upop_fx
 from upop_fx.ir.groups import DIMS_KEY, GROUPS_KEY, get_analysis
 from upop_fx.passes import FindGroups
+from upop_fx.passes.base import copy_structure
 from upop_fx.passes.find_groups import unlisted_weights
 from upop_fx.passes.param_views import ParamView, resolve
 
+from . import models
 from .models import ZOO
 
 # (kind, tower, layer, heads, head_dim, width, cross) of every prunable group, in graph order.
@@ -267,10 +271,11 @@ GOLDEN = {
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def analysed(request):
-    zoo = ZOO[request.param]()
-    cap = upop_fx.capture(zoo.model, zoo.example_inputs)
-    result = FindGroups()(cap.gm)
-    return zoo, cap, result
+    """The zoo model, the graph ``compress`` captured of it (``tests.models.half``; a copy, analysed afresh here)
+    and the FindGroups result."""
+    zoo, result = models.half(request.param)
+    cap = SimpleNamespace(gm=copy_structure(result.dense))
+    return zoo, cap, FindGroups()(cap.gm)
 
 
 def test_golden_listing(analysed):
