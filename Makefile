@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check upop_fx tests benchmarks
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20 tests --doctest-modules upop_fx
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=20 tests --doctest-modules upop_fx
 
 BENCH := $(VENV)/.bench-installed
 $(BENCH): $(STAMP)

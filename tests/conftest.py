@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
+from typing import Any
 
 # Kernel tests run Triton in its CPU interpreter. Triton reads this once, when it is first imported — and
 # torch may import it early — so it is set here, before torch, for the whole test process.
@@ -20,17 +22,24 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)
 
 
-#: test modules that share the zoo's compressed models (``tests.models.half``): one xdist group, so one worker
+#: test modules that share the zoo's compressed models (``tests.models.half``): one xdist scope, so one worker
 #: compresses each model once for both
 SHARED_ZOO = {"test_compress_zoo.py", "test_groups.py"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` (``make test``), each test module runs in one worker, as ``--dist loadscope``
-    would place it (its module fixtures are built once), and the modules of :data:`SHARED_ZOO` in the same one."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("zoo" if name in SHARED_ZOO else str(item.path)))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``--dist loadscope`` (``make test``): each test module runs in one worker (its module fixtures are
+    built once), and the modules of :data:`SHARED_ZOO` in the same one."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedZoo(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "zoo" if Path(scope.split("::")[0]).name in SHARED_ZOO else scope
+
+    return SharedZoo(config, log)
 
 
 @pytest.fixture

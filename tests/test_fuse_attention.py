@@ -232,6 +232,38 @@ def test_heads_times_dims_masks_stay_unfused_and_exact(name):
     _assert_same_function(before, masked, MODELS[name][2])
 
 
+class _MultiQuery(nn.Module):
+    """One key/value head of 16 dims broadcast (``expand``) to two query heads: its per-head copies carry the masks
+    of their query heads (``analysis.copies``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.o = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, 2, 16).transpose(1, 2)
+        k, v = (p(x).view(B, T, 1, 16).transpose(1, 2).expand(B, 2, T, 16) for p in (self.k, self.v))
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 32))
+
+
+@pytest.mark.parametrize("granularity", ["upop", "heads"])
+def test_a_key_value_head_copied_per_query_head_fuses(granularity):
+    """Multi-query attention: the masks sit on the expand's per-head copies of k and v (the SDPA reads the masking
+    ``mul`` itself); the kernel takes them as any head's, equal to the masked graph in outputs and gradients."""
+    cap = upop_fx.capture(_MultiQuery().eval(), torch.randn(2, 8, 32))
+    FindGroups()(cap.gm)
+    assert len(get_analysis(cap.gm).copies) == 2
+    masked = _masked(cap, granularity)
+    fused = copy.deepcopy(masked)
+    result = FuseMaskedAttention(force=True)(fused)
+    assert result.value.fused == ["scaled_dot_product_attention"] and not result.value.skipped
+    fused.graph.lint()
+    _assert_same_function(masked, fused, (torch.randn(3, 6, 32),))
+
+
 def test_different_q_and_k_masks_stay_unfused():
     masked, _ = _attn("padding")
     k_idx = [n for n in masked.graph.nodes if n.op == "get_attr" and "idx_" in n.target][1]  # q, k, v producers

@@ -227,6 +227,7 @@ def _insert(gm: torch.fx.GraphModule, analysis: GroupAnalysis, label_slot: np.nd
         if view is not None:
             last = emit("call_function", torch.ops.aten.view.default, (last, list(view)))
         masked = emit("call_function", torch.ops.aten.mul.Tensor, (node, last))
+        masked.meta["val"] = node.meta["val"]  # the mask broadcasts to the producer's shape, in its dtype
         masked.meta[MASK_TAG_KEY] = MaskTag(
             name, tuple(f"{MASK_MODULE}.m{s}" for s in used), f"{MASK_MODULE}.{idx_name}", cast, view,
             None if head_name is None else f"{MASK_MODULE}.{head_name}",
