@@ -951,11 +951,20 @@ def test_pads_of_channels_and_of_tokens():
         k, v = (p(x).view(B, T, 2, 4).transpose(1, 2) for p in (m.k, m.v))
         return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8)).sum(-1)
 
-    model = Net(mixed, q=nn.Linear(8, 4), k=nn.Linear(8, 8), v=nn.Linear(8, 8), o=nn.Linear(8, 3)).eval()
-    analysis = FindGroups()(upop_fx.capture(model, x3(c=8)).gm).value
-    qk = next(g for g in analysis.groups if g.kind == "qk")
-    assert not qk.prunable and "its padded positions are coupled with channels of a weight" in qk.reason
-    assert next(g for g in analysis.groups if g.kind == "v").prunable
+    def partly(m, x):  # the key padded by one where the query is padded by two: one position of each is padding
+        B, T, _ = x.shape
+        q = F.pad(m.q(x).view(B, T, 2, 2).transpose(1, 2), (0, 2))
+        k = F.pad(m.k(x).view(B, T, 2, 3).transpose(1, 2), (0, 1))
+        v = m.v(x).view(B, T, 2, 4).transpose(1, 2)
+        return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 8)).sum(-1)
+
+    for fn, k_width in ((mixed, 8), (partly, 6)):
+        model = Net(fn, q=nn.Linear(8, 4), k=nn.Linear(8, k_width), v=nn.Linear(8, 8), o=nn.Linear(8, 3)).eval()
+        analysis = FindGroups()(upop_fx.capture(model, x3(c=8)).gm).value
+        qk = next(g for g in analysis.groups if g.kind == "qk")
+        assert not qk.prunable and "its padded positions are coupled with channels of a weight" in qk.reason
+        assert next(g for g in analysis.groups if g.kind == "v").prunable
+        assert analysis.paddings == []  # both pads forgotten: their positions joined the refused class
 
 
 # --------------------------------------------------------------------------------------------- attention.py

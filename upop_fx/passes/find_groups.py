@@ -207,29 +207,32 @@ def _settle_copies(tracer: LabelTracer) -> None:
 
 def _settle_paddings(gm: torch.fx.GraphModule, tracer: LabelTracer) -> None:
     """Keep a pad's positions (:class:`~upop_fx.ir.groups.Padding`) following their rows only where their classes
-    hold padded positions alone: one coupled with a weight's channels (a key padded where its query is not) cannot
-    follow, so its rows and it are refused, and it is forgotten; a refused one refuses its rows (what could not go
-    with them, they keep)."""
-    roots = tracer.roots()
-    padded = tracer.is_padding(np.arange(len(roots)))
-    mixed = set(roots[padded].tolist()) & set(roots[~padded].tolist())
-    refused = {int(roots[x]): why for x, why in sorted(tracer.refusals.items())}
+    hold padded positions alone. One coupled with a weight's channels (a key padded where its query is not) cannot
+    follow: its rows and it are refused, its positions joined to that class (none is left in no group), and it is
+    forgotten — until no kept pad touches such a class. A refused pad refuses its rows (what could not go with
+    them, they keep)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    kept = []
-    for p in tracer.paddings:
-        classes = set(roots[p.labels].reshape(-1).tolist())
+    why = "its padded positions are coupled with channels of a weight"
+    while True:
+        roots = tracer.roots()
+        padded = tracer.is_padding(np.arange(len(roots)))
+        mixed = set(roots[padded].tolist()) & set(roots[~padded].tolist())
+        p = next((p for p in tracer.paddings if set(roots[p.labels].reshape(-1).tolist()) & mixed), None)
+        if p is None:
+            break
         tracer.node = nodes[p.node]
-        if classes & mixed:
-            tracer.refuse(p.rows, "its padded positions are coupled with channels of a weight")
-            tracer.refuse(p.labels, "its padded positions are coupled with channels of a weight")
-            continue
-        why = next((refused[r] for r in sorted(classes) if r in refused), None)
-        if why is not None:
+        tracer.refuse(p.rows, why)
+        tracer.refuse(p.labels, why)
+        joined = next(x for x in p.labels.reshape(-1).tolist() if int(roots[x]) in mixed)
+        tracer.union(p.labels.reshape(-1), np.array([joined]))
+        tracer.paddings.remove(p)
+    refused = {int(roots[x]): reason for x, reason in sorted(tracer.refusals.items())}
+    for p in tracer.paddings:
+        reason = next((refused[r] for r in sorted(set(roots[p.labels].reshape(-1).tolist())) if r in refused), None)
+        if reason is not None:
             for x in p.rows.reshape(-1).tolist():
-                tracer.refusals.setdefault(int(x), why)
-        kept.append(p)
+                tracer.refusals.setdefault(int(x), reason)
     tracer.node = None
-    tracer.paddings = kept
 
 
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
