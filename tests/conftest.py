@@ -32,6 +32,7 @@ LONG_FIRST = ("test_cli.py", "test_module_back.py", "test_bench_tasks.py", "test
               "test_recipe.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist runs the suite in one process
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under ``--dist loadscope`` (``make test``): each test module runs in one worker (its module fixtures are
     built once), the modules of :data:`SHARED_ZOO` in the same one; the zoo and :data:`LONG_FIRST` go out first."""
