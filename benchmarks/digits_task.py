@@ -115,7 +115,7 @@ def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None
                    help="the retrain's learning rate: constant, or a warm-up then a cosine decay to 0 (default: the "
                         "library's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, nothing written unless --out")
+    p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, two calibration batches, nothing written unless --out")
     p.add_argument("--out", default=None, help=f"results name under benchmarks/results (default {task.name})")
     args = p.parse_args(argv)
     if args.methods is None:
@@ -145,13 +145,14 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     check = [setup.make_batch(gen) for _ in range(CHECK_BATCHES)]  # the retrain's guard: batches it never trains on
     rows = [{"method": "dense", "seed": seed, "score": None, **dense, f"{task.metric}_cut": dense[task.metric],
              "params": sum(p.numel() for p in setup.model.parameters()), "minutes": round(train_minutes, 2)}]
+    smoke = {"calibration_batches": 2} if args.quick else {}  # a smoke run re-fits on two batches, not sixteen
     for method in args.methods:
         base, _, score = method.partition("_")
         score = score or args.score
         out = compress_run(base, setup.model, data[0][0], data, setup.loss_fn, setup.evaluate, ratio=args.ratio,
                            search_steps=args.search_steps, retrain_steps=args.retrain_steps, lr=args.lr,
                            interval=args.interval, seed=seed, score=score, check=check, distill=args.distill,
-                           retrain_schedule=args.retrain_schedule, **setup.compress)
+                           retrain_schedule=args.retrain_schedule, **setup.compress, **smoke)
         towers = towers_summary(out.result.report)
         rows.append({
             "method": method, "seed": seed, "score": score if base != "magnitude" else None, **out.metrics,
