@@ -162,10 +162,10 @@ def followers_removed(copies: list[HeadCopies], paddings: list[Padding], removed
     them)."""
     follower, leader = followers(copies, paddings)
     out = removed.copy()
+    is_follower = np.zeros_like(out)
+    is_follower[follower] = True
     while follower.size:
-        is_follower = np.zeros_like(out)
         kept_any = np.zeros_like(out)
-        is_follower[follower] = True
         np.logical_or.at(kept_any, follower, ~out[leader])
         gone = np.setdiff1d(label_class[is_follower & ~kept_any], label_class[is_follower & kept_any])
         now = out | np.isin(label_class, gone)

@@ -237,14 +237,15 @@ def _settle_paddings(gm: torch.fx.GraphModule, tracer: LabelTracer) -> None:
 
 def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> GroupAnalysis:
     roots = tracer.roots()
-    sources = {int(r) for r in np.unique(roots[followers(tracer.copies, tracer.paddings)[0]]).tolist()}
+    follower, leader = followers(tracer.copies, tracer.paddings)
+    sources = {int(r) for r in np.unique(roots[follower]).tolist()}
     graph = _coupling_graph(tracer, roots, sources)
     refused: dict[int, str] = {}
     for label, reason in tracer.refusals.items():
         refused.setdefault(int(roots[label]), reason)
     shapes = {n.target: tuple(int(d) for d in n.meta["val"].shape) for n in gm.graph.nodes if n.op == "get_attr"}
     cost_p, cost_f = class_costs(roots, tracer.uses, tracer.sites, shapes, batch_size)
-    _share_follower_costs(roots, tracer, cost_p, cost_f)
+    _share_follower_costs(roots[follower], roots[leader], cost_p, cost_f)
     uses_by_class: dict[int, list[int]] = defaultdict(list)
     for i, u in enumerate(tracer.uses):
         for r in set(roots[u.labels].tolist()):
@@ -298,13 +299,13 @@ def _group(gm: torch.fx.GraphModule, tracer: LabelTracer, batch_size: int) -> Gr
                          tracer.copies, tracer.paddings)
 
 
-def _share_follower_costs(roots: np.ndarray, tracer: LabelTracer, cost_p: np.ndarray, cost_f: np.ndarray) -> None:
-    """A follower's cost (:func:`~upop_fx.ir.groups.followers`: a broadcast source's projection rows, the weight
-    entries a padded position meets) shared equally by the classes it follows: it is saved once all of them go,
-    so a query head carries its share (an estimate; a latency budget measures)."""
+def _share_follower_costs(follower: np.ndarray, leader: np.ndarray, cost_p: np.ndarray, cost_f: np.ndarray) -> None:
+    """A follower class's cost (``follower[i]`` follows ``leader[i]``, as classes: :func:`~upop_fx.ir.groups.followers`
+    — a broadcast source's projection rows, the weight entries a padded position meets) shared equally by the
+    classes it follows: it is saved once all of them go, so a query head carries its share (an estimate; a latency
+    budget measures)."""
     of_source: dict[int, set[int]] = defaultdict(set)
-    follower, leader = followers(tracer.copies, tracer.paddings)
-    for s, r in zip(roots[follower].tolist(), roots[leader].tolist()):
+    for s, r in zip(follower.tolist(), leader.tolist()):
         of_source[s].add(r)
     for s, rs in of_source.items():
         for cost in (cost_p, cost_f):
