@@ -4,6 +4,7 @@ they wrote."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -151,6 +152,31 @@ def test_report_json_matches_markdown(workdir):
     assert report["cli"]["source"] == str(minilm_path().resolve())
 
 
+@pytest.fixture
+def command(monkeypatch, capsys):
+    """``command(argv, cwd) -> (exit code, stdout, stderr)``: ``upop-fx`` run in this process, in ``cwd``; the
+    logger level and progress setting it changes are restored."""
+    from upop_fx import logs
+    from upop_fx.cli import main
+
+    monkeypatch.setattr(logs, "_bars", logs._bars)
+    logger = logging.getLogger("upop_fx")
+    level = logger.level
+
+    def run(argv: list[str], cwd: Path) -> tuple[int, str, str]:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: a usage error, or --help
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    logger.setLevel(level)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -163,29 +189,30 @@ def test_report_json_matches_markdown(workdir):
         (["bench", "nowhere"], "no report.json"),
     ],
 )
-def test_bad_input_exits_with_one_line(tmp_path, argv, message):
+def test_bad_input_exits_with_one_line(tmp_path, argv, message, command):
+    """In process (the entry point itself runs in the documented commands above): the same ``main``."""
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     argv = [str(minilm_path()) if a == "MODEL" else a for a in argv]
-    proc = subprocess.run([str(BIN / "upop-fx"), *argv], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("upop-fx")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    code, _, err = command(argv, tmp_path)
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("upop-fx")]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing half-written
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
-def test_help_explains_every_option():
+def test_help_explains_every_option(command, tmp_path):
     """Every field of Options is a flag, shown with its doc (the one explanation of the option)."""
     import dataclasses
 
-    proc = subprocess.run([str(BIN / "upop-fx"), "compress", "--help"], env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0
-    help_text = " ".join(proc.stdout.split())
+    code, out, _ = command(["compress", "--help"], tmp_path)
+    assert code == 0
+    help_text = " ".join(out.split())
     for f in dataclasses.fields(upop_fx.Options):
         assert "--" + f.name.replace("_", "-") in help_text
         if not f.metadata["cli"]:  # verbose: the command's own -v / -q say it for the command line
             continue
         assert " ".join(f.metadata["doc"].split())[:40] in help_text, f.name
     for opt in ("--out", "--data", "examples:", "search options", "latency options"):
-        assert opt in proc.stdout
+        assert opt in out

@@ -19,7 +19,7 @@ from upop_fx.runtime.runners import latency_inputs
 from upop_fx.search.ranking import select_pruned
 from upop_fx.search.strategy import uniform
 
-from .simulated_runtime import SimulatedRuntime
+from .simulated_runtime import SimulatedRuntime, params_ms
 
 
 @pytest.fixture
@@ -131,17 +131,38 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
         upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, own_class=False, budget="latency", runtime="torch-cpu")
 
 
+def _fake_decode(monkeypatch, step_ms):
+    """``generate``'s timings replaced by ``step_ms(model)`` per token (the prompt: a token's time per position);
+    returns the list of calls."""
+    from upop_fx.runtime.decode import DecodeTiming
+
+    calls = []
+
+    def fake(models, batch=1, context=256, new_tokens=32, runs=5, warmup=1, seed=0):
+        calls.append((batch, context, new_tokens, runs))
+        out = []
+        for m in models:
+            step = step_ms(m)
+            out.append(DecodeTiming(context * step, context * step + (new_tokens - 1) * step, step, batch * 1e3 / step,
+                                    batch, context, new_tokens))
+        return out
+
+    monkeypatch.setattr(upop_fx.calibration, "decode_latency", fake)
+    return calls
+
+
 def test_a_decode_budget_times_one_token_and_measures_generate(tmp_path, monkeypatch):
-    """``latency_phase="decode"``: the tables and the calibration time the graph on one token per sequence at the
-    asked batch; the decoder's class comes back, and its prefill and decode through ``generate`` (with the KV
-    cache) are measured beside the dense model's at the asked context, in the report."""
-    from upop_fx.calibration import GENERATED_TOKENS
+    """``latency_phase="decode"``: the tables time the graph on one token per sequence at the asked batch; the
+    decoder's class comes back, and its prefill and decode through ``generate`` (with the KV cache) are measured
+    beside the dense model's at the asked context, in the report."""
+    from upop_fx.calibration import DECODE_RUNS, GENERATED_TOKENS
     from upop_fx.runtime import runners
 
     from .models import ZOO
 
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
     sim = SimulatedRuntime().install(monkeypatch)
+    decoded = _fake_decode(monkeypatch, params_ms)  # decode costs what the graph's one token costs
     timed = []
 
     def recording(runtime, gm, inputs, *rest, **kwargs):
@@ -159,10 +180,35 @@ def test_a_decode_budget_times_one_token_and_measures_generate(tmp_path, monkeyp
     g = lat["generate"]
     assert (g["batch"], g["context"], g["new_tokens"]) == (1, 24, GENERATED_TOKENS)
     assert g["dense"]["context"] == g["cut"]["context"] == 24 and g["cut"]["prefill_ms"] >= 0
+    assert g["decode_speedup"] == pytest.approx(lat["measured_speedup"])  # the fake decode costs the graph's time
+    assert decoded and all(c == (1, 24, GENERATED_TOKENS, DECODE_RUNS) for c in decoded)  # timed once per round
+    assert len(decoded) == len(lat["rounds"]) and all("graph_speedup" in r for r in lat["rounds"])
     table = result.report.table()
     assert "one decode token on torch-cpu (batch 1, seq 1)" in table
-    assert "generate with the KV cache (batch 1, context 24)" in table
+    assert "generate with the KV cache (batch 1, context 24)" in table and "calibrated to this decode" in table
     assert zoo.model.training is False  # the caller's model was timed and left as it was
+
+
+def test_a_decode_budget_is_calibrated_to_decode_through_generate(tmp_path, monkeypatch):
+    """Decode through ``generate`` is faked to gain more from the cut than the graph's one token (as the work
+    over the KV cache shrinks with the heads): the first cut passes the asked decode speedup by far, so it is
+    re-selected for less, judged by ``generate`` — not by the graph, which measured it as predicted."""
+    from .models import ZOO
+
+    monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
+    SimulatedRuntime(lambda gm: params_ms(gm, overhead=0.05)).install(monkeypatch)
+    _fake_decode(monkeypatch, lambda m: params_ms(m, overhead=0.0) ** 2)
+    zoo = ZOO["llama"]()
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, 0.2, method="magnitude", retrain_steps=0,
+                              budget="latency", runtime="torch-cpu", latency_phase="decode", latency_shape=(1, 24))
+    lat = result.report.latency
+    first, second = lat["rounds"][:2]
+    assert first["graph_speedup"] == pytest.approx(first["predicted_speedup"], rel=0.02)  # the graph: as predicted
+    assert first["measured_speedup"] > 1.08 * 1.25  # generate: well past the ask
+    assert second["target"] < 0.2  # so less is removed
+    kept = lat["rounds"][lat["kept_round"]]
+    assert kept["measured_speedup"] == lat["generate"]["decode_speedup"] >= 1.25
+    assert result.module is not None and type(result.module) is type(zoo.model)
 
 
 def _fake_measurements(monkeypatch, speedup):

@@ -5,7 +5,8 @@ A cut chosen by the latency model (:mod:`upop_fx.ir.latency_model`) is timed bes
 measured speedup falls short of the asked one, or passes it by more than :data:`OVER`, the strategy re-selects
 (``Selection.reselect``) for another target — first assuming the measured time stays the same multiple of the
 predicted one, then along the line through the last two rounds — up to :data:`CALIBRATIONS` times. The slowest
-round that reaches the ask is kept.
+round that reaches the ask is kept. A decoder cut for its decode speed (``latency_phase="decode"``) is judged by
+what its user pays, decode through ``generate`` with the KV cache, where its class comes back.
 
 Example:
     >>> from upop_fx.calibration import next_target
@@ -33,7 +34,8 @@ from .runtime.runners import deployed_inputs, latency_inputs, runner, timed_roun
 from .search.strategy import Prepared, Selection
 from .training import distributed
 
-__all__ = ["CALIBRATIONS", "SHORT", "OVER", "DISTURBED", "RETIMES", "GENERATED_TOKENS", "calibrated_cut", "next_target", "measured_generation"]
+__all__ = ["CALIBRATIONS", "SHORT", "OVER", "DISTURBED", "RETIMES", "GENERATED_TOKENS", "DECODE_RUNS", "calibrated_cut",
+           "next_target", "achieved", "measured_generation"]
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +52,35 @@ SHORT, OVER = 1.0, 1.08
 DISTURBED, RETIMES = 0.25, 2
 #: the greedy tokens each timed ``generate`` of :func:`measured_generation` produces after its prompt
 GENERATED_TOKENS = 16
+#: the interleaved ``generate`` rounds that judge a decode-budget cut (:func:`calibrated_cut`)
+DECODE_RUNS = 5
 
 
 def calibrated_cut(
     prepared: Prepared, selection: Selection, pruned: np.ndarray, small: torch.fx.GraphModule,
+    module_of: Callable[[np.ndarray, torch.fx.GraphModule], torch.nn.Module | None] | None = None,
 ) -> tuple[np.ndarray, torch.fx.GraphModule, dict[str, Any]]:  # fmt: skip
     """Time the cut ``small`` on the runtime beside the prediction; while it measures outside
     ``[SHORT, OVER] × asked``, re-select (``selection.reselect``) with the miss folded into the target
-    (:func:`next_target`: the measured / predicted ratio, then the line through the last two rounds) and cut again (up to :data:`CALIBRATIONS` times). Of the rounds, the one kept is the slowest that reaches
+    (:func:`next_target`: the measured / predicted ratio, then the line through the last two rounds) and cut
+    again (up to :data:`CALIBRATIONS` times). Of the rounds, the one kept is the slowest that reaches
     ``SHORT × asked`` (the fastest when none does). Returns its selection, its cut and the report's latency row
     (with ``rounds``: target, predicted and measured speedup of each round, and ``kept_round``). Under
     ``torchrun`` rank 0 alone times (:func:`~upop_fx.training.distributed.on_main`), so every rank keeps the
-    same round."""
+    same round.
+
+    With ``latency_phase="decode"``, the speedup a round is judged by is what a decoder's user pays: decode
+    through ``generate`` with the KV cache at the asked context (:func:`measured_generation`, in the row's
+    ``generate``), where ``module_of(pruned, small)`` gives the caller's class cut so and it can generate; the
+    tables time one token without a cache, which misses the attention over the cache and its copies (a cut of
+    KV heads saves more there than on one token). Elsewhere, and where no module comes back, the graph's time on
+    the runtime."""
     asked = 1 / (1 - prepared.options.ratio)
     model = prepared.latency
     info = prepared.captured.info
     inputs = latency_inputs(info, model.shape)
     exported = deployed_inputs(model.runtime, info, model.shape)
+    decodes = module_of is not None and prepared.options.latency_phase == "decode" and _generates(prepared)
     with tempfile.TemporaryDirectory() as d:
         dense: list[Callable[[], Any]] = []  # built once, on the rank that times
 
@@ -75,7 +89,12 @@ def calibrated_cut(
                 if not dense:
                     dense.append(runner(model.runtime, selection.dense, inputs, Path(d), "dense", exported))
                 cut = runner(model.runtime, small, inputs, Path(d), name, exported)
-                return _latency_row(prepared, pruned, dense[0], cut)
+                row = _latency_row(prepared, pruned, dense[0], cut)
+                module = module_of(pruned, small) if decodes else None
+                generation = measured_generation(prepared, module, runs=DECODE_RUNS) if module is not None else None
+                if generation is not None:
+                    row["generate"] = generation
+                return row
 
             # under torchrun rank 0 times and every rank gets its row: the ranks re-select alike
             return distributed.on_main(measure)
@@ -86,7 +105,7 @@ def calibrated_cut(
         target = prepared.options.ratio
         most = model.most_saved()
         for i in range(CALIBRATIONS if selection.reselect is not None else 0):
-            speedup = row["measured_speedup"]
+            speedup = achieved(row)
             short, over = speedup < SHORT * asked, speedup > OVER * asked
             if not (short or over) or (short and target >= most):
                 break
@@ -98,8 +117,8 @@ def calibrated_cut(
             rounds.append(_round(target, row))
             log.info("latency: measured %.2fx of the asked %.2fx; re-selected for %.0f%% of the predicted latency",
                      speedup, asked, 100 * target)
-    reached = [i for i, (_, _, r) in enumerate(tried) if r["measured_speedup"] >= SHORT * asked]
-    speed = [r["measured_speedup"] for _, _, r in tried]
+    reached = [i for i, (_, _, r) in enumerate(tried) if achieved(r) >= SHORT * asked]
+    speed = [achieved(r) for _, _, r in tried]
     kept = min(reached, key=speed.__getitem__) if reached else max(range(len(tried)), key=speed.__getitem__)
     pruned, small, row = tried[kept]
     row["rounds"], row["kept_round"] = rounds, kept
@@ -121,8 +140,17 @@ def next_target(ratio: float, rounds: list[dict[str, float]], most: float) -> fl
     return float(min(most, max(target, 1e-3)))
 
 
+def achieved(row: dict[str, Any]) -> float:
+    """The speedup a calibration round is judged by: decode through ``generate`` where the row has it (see
+    :func:`calibrated_cut`), else the graph's on the runtime."""
+    return float(row["generate"]["decode_speedup"]) if row.get("generate") else float(row["measured_speedup"])
+
+
 def _round(target: float, row: dict[str, Any]) -> dict[str, float]:
-    return {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": row["measured_speedup"]}
+    out = {"target": target, "predicted_speedup": row["predicted_speedup"], "measured_speedup": achieved(row)}
+    if row.get("generate"):
+        out["graph_speedup"] = row["measured_speedup"]
+    return out
 
 
 def _timed_seq(prepared: Prepared) -> int | None:
@@ -180,6 +208,14 @@ def _can_generate(model: torch.nn.Module) -> bool:
 
 def _speedup(dense_ms: float, cut_ms: float) -> float:
     return dense_ms / cut_ms if cut_ms > 0 else float("nan")
+
+
+def _generates(prepared: Prepared) -> bool:
+    """Whether :func:`measured_generation` can time a module of the caller's class: a model that generates from
+    a prompt alone, on a torch runtime."""
+    info = prepared.captured.info
+    return (prompt_ids(info.args, info.kwargs) is not None and isinstance(prepared.source, torch.nn.Module)
+            and _can_generate(prepared.source) and prepared.latency.runtime.startswith("torch"))
 
 
 def measured_generation(prepared: Prepared, module: torch.nn.Module, runs: int = 3) -> dict[str, Any] | None:

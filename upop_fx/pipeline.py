@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from .ir.groups import GroupAnalysis
 from .ir.latency_model import LatencyModel, priced
 from .logs import phase, quiet, verbosity
 from .module.class_limits import restrict_to_class
-from .module.rebuild import copy_weights, module_gap, module_tensors, rebuild
+from .module.rebuild import Rebuilt, copy_weights, module_gap, module_tensors, rebuild
 from .options import Options
 from .passes import FindGroups, SortExperts
 from .passes.surgery import cut_entries, removed_labels, zeroed_reference
@@ -180,7 +181,9 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
     row = None
     if prepared.latency is not None:
         with phase(seconds, "latency calibration"):
-            pruned, small, row = calibrated_cut(prepared, selection, pruned, small)
+            pruned, small, row = calibrated_cut(
+                prepared, selection, pruned, small,
+                lambda p, g: _module_back(prepared, selection, copy.deepcopy(g), p).module)  # g itself stays unfolded
     # ranks that would cut differently fail here, whatever chose the cut (a strategy, your own loop, a latency
     # budget's re-selection), not later as different models
     distributed.check_same(distributed.checksum([pruned]), "the entries to prune")
@@ -217,22 +220,29 @@ def finish(prepared: Prepared, selection: Selection, method: str, calibration: I
     guard_fixed_sizes(small, info.fixed + info.static)  # another size: an InputError naming the fixed one, not torch's guard
     small.eval()  # the captured graph already runs as in inference (dropout fixed); .training now says so
     if prepared.source is not None:
-        removed = removed_labels(prepared.analysis, keep)
         with phase(seconds, "rebuild"):
-            back = rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity,
-                           fold=prepared.options.own_class)  # own_class=False: the graph keeps the original's weights
+            back = _module_back(prepared, selection, small, pruned)
         result.module, result.report.module_reason = back.module, back.reason
         if back.module is None and not prepared.options.own_class:
             result.report.module_reason += " — own_class=True (the default) cuts only what the class can express"
         if back.module is None:
             log.info("no module of %s's class for this cut (result.model is the graph): %s",
                      type(prepared.source).__name__, back.reason)
-        if row is not None and back.module is not None:
+        if row is not None and back.module is not None and "generate" not in row:  # else timed by the calibration
             with phase(seconds, "generate"):
                 generation = distributed.on_main(lambda: measured_generation(prepared, back.module))
             if generation is not None:
                 row["generate"] = generation
     return result
+
+
+def _module_back(prepared: Prepared, selection: Selection, small: torch.fx.GraphModule, pruned: np.ndarray) -> Rebuilt:
+    """The caller's model cut as ``small`` (``pruned`` of ``prepared.entries``), verified
+    (:func:`~upop_fx.module.rebuild.rebuild`; with ``own_class``, the attention scales are folded into ``small``
+    in place)."""
+    removed = removed_labels(prepared.analysis, keep_sets(prepared.analysis, prepared.entries, pruned))
+    return rebuild(prepared.source, selection.dense, small, prepared.analysis, removed, prepared.granularity,
+                   fold=prepared.options.own_class)  # own_class=False: the graph keeps the original's weights
 
 
 def run(

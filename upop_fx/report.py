@@ -74,7 +74,8 @@ class Report:
     #: what that floor cut measured (``floor_summed``, ``floor_measured``) and each calibration round (``rounds``);
     #: ``phase`` (``latency_phase``), and for a module that can ``generate()`` on a torch runtime, ``generate``:
     #: prefill and decode with the KV cache, dense and cut, measured
-    #: (:func:`~upop_fx.calibration.measured_generation`)
+    #: (:func:`~upop_fx.calibration.measured_generation`); with ``phase="decode"`` the rounds were judged by that
+    #: decode speedup (each round's ``graph_speedup`` is the graph's one token)
     latency: dict[str, Any] | None = None
     #: sizes the model's code fixed at capture (``"batch 2 (input 'x', axis 0)"``): the graph runs only at those
     runs_only_at: list[str] = field(default_factory=list)
@@ -161,6 +162,8 @@ class Report:
                     f"{g['dense']['prefill_ms']:.1f} -> {g['cut']['prefill_ms']:.1f} ms ({g['prefill_speedup']:.2f}x), "
                     f"decode {g['dense']['decode_ms']:.2f} -> {g['cut']['decode_ms']:.2f} ms per token "
                     f"({g['decode_speedup']:.2f}x), measured"
+                    + ("; the cut was calibrated to this decode" if any("graph_speedup" in r for r in t.get("rounds", []))
+                       else "")
                 )
         towers = self.towers()
         if len(towers) > 1:
