@@ -18,10 +18,13 @@ decoding for the dense model and the pruned graphs):
 
 Compressed with UPop's unified search, the uniform search and magnitude at ratio 0.5 (both towers' head dims
 and MLP neurons), each followed by the same retrain; three seeds (split, init, batches, search). See
-:mod:`benchmarks.digits_task` for the runner and the results format.
+:mod:`benchmarks.digits_task` for the runner and the results format. With ``--guard metric`` the retrain keeps its
+weights by the CIDEr of the greedy captions of :data:`GUARD_IMAGES` training images (a fixed sample per seed;
+never the held-out split) instead of by the caption loss on held batches, which does not follow CIDEr here.
 
     python -m benchmarks.caption_digits                   # 3 seeds, written to benchmarks/results/caption_digits.*
     python -m benchmarks.caption_digits --seeds 0 --quick   # a smoke run
+    python -m benchmarks.caption_digits --distill --guard metric --out caption_digits_distill_guard
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ TEMPLATES = [
     "a {w} written by hand",
 ]
 PAD, SEP, BOS = 0, 1, 2
+#: the training images whose captions' CIDEr the retrain's guard follows with ``--guard metric``
+GUARD_IMAGES = 360
 
 
 def caption(template: str, digit: int) -> str:
@@ -191,14 +196,17 @@ def setup(digits: Digits, seed: int, args: argparse.Namespace) -> Setup:
         pixels = images(digits, shift(digits.x_train[idx], gen))
         return {"pixel_values": pixels, "input_ids": ids, "attention_mask": (ids != PAD).long()}, ids
 
-    references = [[caption(t, int(d)) for t in TEMPLATES] for d in digits.y_test]
-
-    def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        texts = [vocab.decode(row) for row in greedy(m, images(digits, digits.x_test), vocab.length).tolist()]
-        hits = [first_digit(t) == int(d) for t, d in zip(texts, digits.y_test)]
+    def scored(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        texts = [vocab.decode(row) for row in greedy(m, images(digits, x), vocab.length).tolist()]
+        hits = [first_digit(t) == int(d) for t, d in zip(texts, y)]
+        references = [[caption(t, int(d)) for t in TEMPLATES] for d in y]
         return {"cider": cider(texts, references), "digit_acc": 100 * sum(hits) / len(hits)}
 
-    return Setup(model, make_batch, caption_loss, evaluate, pretrain=vision_pretraining(model.vision_model, digits, args))
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:GUARD_IMAGES]  # training images
+
+    return Setup(model, make_batch, caption_loss, lambda m: scored(m, digits.x_test, digits.y_test),
+                 pretrain=vision_pretraining(model.vision_model, digits, args),
+                 guard=lambda m: scored(m, digits.x_train[sample], digits.y_train[sample])["cider"])
 
 
 TASK = Task(

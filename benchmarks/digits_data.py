@@ -165,6 +165,7 @@ def compress_run(
     check: list[Any] | None = None,
     distill: bool = False,
     retrain_schedule: str | None = None,
+    retrain_score: Callable[[torch.nn.Module], float] | None = None,
     **compress_kwargs: Any,
 ) -> RunOutcome:
     """One method: search/rank → cut → evaluate → the same retrain for every method → evaluate.
@@ -174,6 +175,7 @@ def compress_run(
     is measured on those batches along the way and the best weights are kept. ``distill``: the search and the
     retrain learn from the dense model (its outputs, and layer by layer) on the inputs alone instead of from
     ``loss_fn`` and the targets. ``retrain_schedule``: the retrain's learning rate (None: ``Options.retrain_schedule``).
+    ``retrain_score``: what the retrain's guard follows instead of the loss on ``check`` (``Options.retrain_score``).
     ``compress_kwargs`` go to ``upop_fx.compress`` as they are (``own_class``, …)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -198,7 +200,7 @@ def compress_run(
         torch.manual_seed(seed)
         retrain_losses = retrain_result(result, teacher, Batches(data, example), loss_fn, retrain_steps,
                                         retrain_lr if retrain_lr is not None else lr, example, check=check or None,
-                                        schedule=retrain_schedule)
+                                        schedule=retrain_schedule, score=retrain_score)
     minutes = (t_cut + time.perf_counter() - t1) / 60
     return RunOutcome(method, result, metrics_cut, evaluate(result.model), minutes, search_losses, retrain_losses)
 

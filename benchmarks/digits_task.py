@@ -11,7 +11,8 @@ for every task:
   (warm-up + cosine) on the task's loss;
 * **methods**, at ``--ratio`` of the prunable parameters, each through :func:`~benchmarks.digits_data.compress_run`
   (search or one-shot ranking → cut → score → the same retrain → score; the retrain is the library's own, and
-  keeps its best weights by the loss on batches it never trains on): ``unified`` (UPop's one ranking over
+  keeps its best weights by the loss on batches it never trains on, or with ``--guard metric`` by the task's
+  metric on a fixed sample of training images): ``unified`` (UPop's one ranking over
   every tower, ranked by ``--score``), ``uniform`` (the same search, every structure of every tower pruned by the
   same fraction), ``magnitude`` (one-shot mean-|weight| ranking), and ``unified_<score>`` for the other ranking
   scores (the evidence for the default score: ``benchmarks.score_default`` reads these rows);
@@ -73,6 +74,9 @@ class Setup:
     #: ``pretrain(gen)``: a stage before the task's training, counted in the dense minutes (the BLIP tasks
     #: pretrain the vision tower on digit classification, as BLIP starts from a pretrained ViT)
     pretrain: Callable[[torch.Generator], None] | None = None
+    #: ``guard(model) -> points``: the task's metric on a fixed sample of *training* images (never the held-out
+    #: split), what the retrain's guard follows with ``--guard metric``; None: the task offers none
+    guard: Callable[[torch.nn.Module], float] | None = None
 
 
 @dataclass
@@ -114,6 +118,10 @@ def parse_args(task: Task, argv: list[str] | None = None, doc: str | None = None
     p.add_argument("--retrain-schedule", default=Options().retrain_schedule, choices=SCHEDULES,
                    help="the retrain's learning rate: constant, or a warm-up then a cosine decay to 0 (default: the "
                         "library's)")
+    p.add_argument("--guard", default="loss", choices=("loss", "metric"),
+                   help="what the retrain's guard keeps the best weights by: the loss on held batches (default), or "
+                        "the task's metric on a fixed sample of training images (never the test split; for a task "
+                        "whose loss does not follow its metric)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, two calibration batches, nothing written unless --out")
     p.add_argument("--out", default=None, help=f"results name under benchmarks/results (default {task.name})")
@@ -131,6 +139,8 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     digits = load_digits_split(seed=seed)
     torch.manual_seed(seed)
     setup = task.setup(digits, seed, args)
+    if args.guard == "metric" and setup.guard is None:
+        raise SystemExit(f"{task.name} offers no metric on training images for --guard metric")
     gen = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
     if setup.pretrain is not None and args.pretrain_steps:
@@ -146,13 +156,14 @@ def run_seed(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     rows = [{"method": "dense", "seed": seed, "score": None, **dense, f"{task.metric}_cut": dense[task.metric],
              "params": sum(p.numel() for p in setup.model.parameters()), "minutes": round(train_minutes, 2)}]
     smoke = {"calibration_batches": 2} if args.quick else {}  # a smoke run re-fits on two batches, not sixteen
+    guard = setup.guard if args.guard == "metric" else None
     for method in args.methods:
         base, _, score = method.partition("_")
         score = score or args.score
         out = compress_run(base, setup.model, data[0][0], data, setup.loss_fn, setup.evaluate, ratio=args.ratio,
                            search_steps=args.search_steps, retrain_steps=args.retrain_steps, lr=args.lr,
                            interval=args.interval, seed=seed, score=score, check=check, distill=args.distill,
-                           retrain_schedule=args.retrain_schedule, **setup.compress, **smoke)
+                           retrain_schedule=args.retrain_schedule, retrain_score=guard, **setup.compress, **smoke)
         towers = towers_summary(out.result.report)
         rows.append({
             "method": method, "seed": seed, "score": score if base != "magnitude" else None, **out.metrics,

@@ -162,6 +162,23 @@ def test_every_task_runs_end_to_end_on_a_tiny_budget(module):
     assert f"| method | seeds | {metric} | {metric}_cut |" in text and "Kept per layer" in text
 
 
+@pytest.mark.slow
+def test_the_captioner_retrain_can_keep_its_weights_by_cider_on_training_images():
+    from benchmarks import caption_digits
+
+    payload = caption_digits.main(["--seeds", "0", "--quick", "--train-steps", "5", "--distill", "--guard", "metric",
+                                   "--methods", "unified"])
+    (row,) = [r for r in payload["rows"] if r["method"] == "unified"]
+    assert payload["config"]["guard"] == "metric" and "retrain_step_kept" in row
+
+
+def test_a_task_without_a_training_metric_refuses_guard_metric():
+    from benchmarks import vit_digits
+
+    with pytest.raises(SystemExit, match="offers no metric on training images"):
+        vit_digits.main(["--seeds", "0", "--quick", "--guard", "metric"])
+
+
 def _score_rows(metric: str, gradient: list[float], sensitivity: list[float]) -> dict:
     rows = [{"method": "unified", "score": "gradient", metric: v, f"{metric}_cut": v - 1} for v in gradient]
     rows += [{"method": "unified_sensitivity", "score": "sensitivity", metric: v, f"{metric}_cut": v - 1}

@@ -149,6 +149,43 @@ def test_retrain_never_ends_worse_than_the_cut_on_its_check_batches():
     assert list(wrecked.report.seconds)[-1] == "retrain" and "retrain" not in cut.report.seconds
 
 
+@pytest.mark.parametrize("best, distil", [("cut", True), ("end", False)])
+def test_a_retrain_score_is_what_the_guard_keeps_the_best_weights_by(best, distil):
+    """``retrain_score``: the guard follows the caller's score (higher is better) instead of the check loss. Scored
+    by closeness to the cut's weights the retrain keeps the cut; scored by distance from them it keeps the last
+    weights, even where the check loss rose. The score reads the module of the caller's class, also where the
+    graph trains (layer-wise distillation: the graph's weights copied in first)."""
+    zoo = ZOO["bert"]()
+    data = [zoo.example_inputs, zoo.other_inputs] * 4
+    kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=2, reconstruct=False)
+    if not distil:  # a loss of the caller's: the module trains
+        kwargs |= dict(data=[(x, None) for x in data], loss_fn=lambda out, _: out.last_hidden_state.pow(2).mean())
+    cut = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=0, **kwargs)
+    start = cut.module.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    seen = []
+
+    def score(model):
+        seen.append((type(model), model.training, torch.is_grad_enabled()))
+        moved = float((model.encoder.layer[0].intermediate.dense.weight - start).norm())
+        return -moved if best == "cut" else moved
+
+    result = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=10, lr=1.0, retrain_score=score, **kwargs)
+    report = result.report
+    assert report.retrain_scored and [int(s) for s, _ in report.retrain_check] == [0, 2, 4, 6, 8, 10]
+    assert seen == [(type(zoo.model), False, False)] * 6  # the module, in eval mode, without gradients
+    scores = [-v for _, v in report.retrain_check]
+    weight = result.module.encoder.layer[0].intermediate.dense.weight
+    if best == "cut":
+        assert scores[0] == 0.0 == max(scores)
+        torch.testing.assert_close(weight, start)
+        torch.testing.assert_close(result.model(**zoo.other_inputs), cut.model(**zoo.other_inputs))
+    else:
+        assert scores[-1] == max(scores) > 0 and not torch.equal(weight, start)
+    assert "retrain: score " in report.table()
+    with pytest.raises(upop_fx.ConfigError, match="retrain_score must be a callable"):
+        upop_fx.compress(zoo.model, zoo.example_inputs, retrain_score=0.5, **kwargs)
+
+
 def test_the_cosine_retrain_warms_up_then_decays_to_zero(monkeypatch):
     """retrain_schedule="cosine": each retrain step's learning rate is lr x lr_factor, a linear warm-up over the
     first tenth of the steps then a cosine decay to 0; "constant" (the default) keeps lr."""

@@ -107,6 +107,11 @@ def _allocate(name: str, value: object) -> None:
 _allocate.choices = ALLOCATIONS  # type: ignore[attr-defined]  # the CLI offers the names
 
 
+def _optional_callable(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise ConfigError(f"{name} must be a callable or None, got {value!r}")
+
+
 def _path(name: str, value: object) -> None:
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise ConfigError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
@@ -254,6 +259,13 @@ class Options:
         "lowest are kept: a retrain never ends worse on them than the cut); with both, every fourth batch is a check "
         "batch that the reconstruction does not fit on. 0: none (no reconstruction, no check)",
         _int(0), metavar="N")
+    retrain_score: Any = _option(
+        None, "training", "a callable score(model) -> float, higher is better (accuracy, CIDEr, ... on a split of "
+        "yours that is not your test set), that the retrain's guard follows instead of the loss on the check "
+        "batches: measured at the cut and every fifth of the retrain, the weights with the best score kept. It is "
+        "given result.module where there is one, else the graph, in eval mode and without gradients. Use it where "
+        "the loss does not follow the quality (a captioner whose greedy text is judged, not its token loss). "
+        "None: the check loss", _optional_callable, cli=False)
     precision: str = _option("fp32", "training", "'fp32', 'bf16' (autocast) or 'fp16' (autocast and a gradient "
                              "scaler); mask gradients are accumulated in float64 either way", _choice(PRECISIONS))
     checkpoint_dir: str | os.PathLike[str] | None = _option(

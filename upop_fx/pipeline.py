@@ -305,7 +305,8 @@ def run(
                 result.losses["retrain"] = retrain_result(result, teacher, batches, loss_fn, options.retrain_steps,
                                                           options.lr, example, prepared.training, check=check or None,
                                                           layer_distillation=options.layer_distillation,
-                                                          schedule=options.retrain_schedule)
+                                                          schedule=options.retrain_schedule,
+                                                          score=options.retrain_score)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -327,7 +328,8 @@ def fit_and_check(held: list[Any], inputs: list[Any], split: bool) -> tuple[list
 
 def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
                    lr: float, example: Any, training: Training | None = None, check: list[Any] | None = None,
-                   layer_distillation: float | None = None, schedule: str | None = None) -> list[float]:  # fmt: skip
+                   layer_distillation: float | None = None, schedule: str | None = None,
+                   score: Callable[[torch.nn.Module], float] | None = None) -> list[float]:  # fmt: skip
     """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` when there
     is one, its weights then copied into the graph ``result.model`` (checked equal); else the graph. The module
     trains in train mode (dropout as the model defines it) on a task loss, and in eval mode when it distils: the
@@ -336,9 +338,12 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     ``result.report.retrain_check``. ``layer_distillation`` (None: the option's default; > 0, when it distils from
     a captured ``teacher``): the graph trains on :class:`~upop_fx.training.layerwise.LayerwiseDistillation` with that weight — its
     residual stream is tapped — and the module, which computes what the graph computes in eval mode, receives
-    its weights. ``schedule``: the learning rate's (None: ``Options.retrain_schedule``'s default)."""
+    its weights. ``schedule``: the learning rate's (None: ``Options.retrain_schedule``'s default). ``score``:
+    what the guard follows instead of the check loss (``Options.retrain_score``), given ``result.module`` where
+    there is one (the graph's weights copied in first when the graph trains), else the graph."""
     module = result.module
     history: list[tuple[int, float]] = []
+    result.report.retrain_scored = score is not None
     if layer_distillation is None:
         layer_distillation = Options().layer_distillation
     task = loss_fn is None and has_task_loss(result.model, example)
@@ -349,8 +354,13 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
             if objective is not None:
                 log.info("retrain: layer-wise distillation at %d points of the residual stream (weight %g)",
                          objective.points, layer_distillation)
+            graph_score = score
+            if score is not None and module is not None:  # the caller's score reads the module it gets back
+                def graph_score(graph: torch.nn.Module) -> float:
+                    _graph_weights_into(module, graph)
+                    return score(module)
             losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
-                             check=check, history=history, objective=objective, schedule=schedule)
+                             check=check, history=history, objective=objective, schedule=schedule, score=graph_score)
         result.report.retrain_check = [list(h) for h in history]
         if module is not None:
             _graph_weights_into(module, result.model)
@@ -359,7 +369,7 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     try:
         with cache_off(module):
             losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training, check=check,
-                             history=history, schedule=schedule)
+                             history=history, schedule=schedule, score=score)
     finally:
         module.eval()
     result.report.retrain_check = [list(h) for h in history]

@@ -83,8 +83,10 @@ class Report:
     #: the calibration batches before and after (:class:`~upop_fx.training.reconstruct.LayerFit`)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)
     #: the retrain's check loss ``[steps done, loss]`` (measured on held batches before the first step and along
-    #: the way); the weights kept are those of the lowest
+    #: the way); the weights kept are those of the lowest. With ``retrain_scored``, minus ``options.retrain_score``
     retrain_check: list[list[float]] = field(default_factory=list)
+    #: whether ``retrain_check`` holds minus the caller's ``retrain_score`` rather than a check loss
+    retrain_scored: bool = False
     #: wall-clock seconds of each phase of the run, in the order they ran (capture, groups, latency tables,
     #: selection, cut, latency calibration, report, reconstruction, rebuild, generate, retrain: those it had)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -144,8 +146,9 @@ class Report:
                          f"relative error {before:.3f} -> {after:.3f} (calibration batches)")
         if self.retrain_check:
             first, best = self.retrain_check[0], min(self.retrain_check, key=lambda h: h[1])
-            lines.append(f"retrain: check loss {first[1]:.4f} at the cut -> {best[1]:.4f}, the weights after "
-                         f"{int(best[0])} steps kept")
+            sign, what = (-1, "score") if self.retrain_scored else (1, "check loss")
+            lines.append(f"retrain: {what} {sign * first[1]:.4f} at the cut -> {sign * best[1]:.4f}, the weights "
+                         f"after {int(best[0])} steps kept")
         if self.latency:
             t = self.latency
             seq = f", seq {t['seq']}" if t.get("seq") else ""

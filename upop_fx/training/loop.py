@@ -436,13 +436,16 @@ def kept_step(history: Sequence[Sequence[float]]) -> int:
 
 
 class BestWeights:
-    """The retrain's guard (a :class:`PhaseState`): the objective on fixed check batches, measured before the
-    first step and every ``every`` steps, and the weights where it was lowest, put back at the end — so a retrain
-    never ends worse, on those batches, than the cut it started from."""
+    """The retrain's guard (a :class:`PhaseState`): the objective on fixed check batches — or, given ``score``,
+    minus ``score(model)`` (a quality, higher is better) — measured before the first step and every ``every``
+    steps, and the weights where it was lowest, put back at the end — so a retrain never ends worse, on those
+    batches or by that score, than the cut it started from."""
 
-    def __init__(self, model: torch.nn.Module, objective: Objective, check: list[Any], every: int) -> None:
+    def __init__(self, model: torch.nn.Module, objective: Objective, check: list[Any], every: int,
+                 score: Callable[[torch.nn.Module], float] | None = None) -> None:
         self.model, self.objective, self.check, self.every = model, objective, check, max(1, every)
-        self.history: list[tuple[int, float]] = []  # (steps done, check loss)
+        self.score = score
+        self.history: list[tuple[int, float]] = []  # (steps done, check loss or minus the score)
         self.best: dict[str, torch.Tensor] | None = None  # a copy of the weights at the lowest check loss
 
     @property
@@ -456,14 +459,17 @@ class BestWeights:
         self.model.eval()
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            loss = sum(float(self.objective(self.model, to_device(b, device))) for b in self.check) / len(self.check)
+            if self.score is not None:
+                loss = -float(self.score(self.model))
+            else:
+                loss = sum(float(self.objective(self.model, to_device(b, device))) for b in self.check) / len(self.check)
         self.model.train(was_training)
         if distributed.active():
             loss = _gathered([torch.tensor(loss, device=device)])[0]
         if not self.history or loss < min(v for _, v in self.history):
             self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.history.append((done, loss))
-        return f"check={loss:.4f}"
+        return f"score={-loss:.4f}" if self.score is not None else f"check={loss:.4f}"
 
     def after_step(self, i: int, grad_scale: float) -> str:
         done = i + 1
@@ -473,8 +479,9 @@ class BestWeights:
         """Put the best weights back (when the last measurement was not the best)."""
         if self.best is not None and self.history and self.best_step != self.history[-1][0]:
             self.model.load_state_dict(self.best)
-            log.info("retrain: kept the weights after %d steps (check loss %.5f; %.5f at the end)", self.best_step,
-                     min(v for _, v in self.history), self.history[-1][1])
+            sign, what = (-1, "score") if self.score is not None else (1, "check loss")
+            log.info("retrain: kept the weights after %d steps (%s %.5f; %.5f at the end)", self.best_step, what,
+                     sign * min(v for _, v in self.history), sign * self.history[-1][1])
         self.best = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -499,6 +506,7 @@ def retrain(
     history: list[tuple[int, float]] | None = None,
     objective: Objective | None = None,
     schedule: str | None = None,
+    score: Callable[[torch.nn.Module], float] | None = None,
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
@@ -509,7 +517,9 @@ def retrain(
     before the first step and every ``steps // 5`` steps; the weights where it was lowest are the ones kept (:class:`BestWeights`); the
     measurements are appended to ``history`` as ``(steps done, loss)``. ``objective``: the loss to use instead
     (a :class:`~upop_fx.training.layerwise.LayerwiseDistillation`). ``schedule``: the learning rate's
-    (:func:`lr_factor`; None: ``Options.retrain_schedule``'s default).
+    (:func:`lr_factor`; None: ``Options.retrain_schedule``'s default). ``score``: a quality of ``model``
+    (higher is better) that the guard follows instead of the check loss (``Options.retrain_score``; the history
+    then holds minus the score); it needs no ``check`` batches.
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
@@ -518,7 +528,9 @@ def retrain(
     if objective is None:
         objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example))
     params = [p for p in model.parameters() if p.requires_grad]
-    guard = BestWeights(model, objective, check[:CHECK_BATCHES], max(1, steps // 5)) if check else None
+    every = max(1, steps // 5)
+    guard = (BestWeights(model, objective, [], every, score) if score is not None
+             else BestWeights(model, objective, check[:CHECK_BATCHES], every) if check else None)
     resumed = training is not None and training.checkpoint is not None and training.checkpoint.path("retrain").is_file()
     if guard is not None and not resumed:  # a resumed phase has its measurements in its checkpoint
         guard.measure(0)
