@@ -350,8 +350,8 @@ def test_a_class_cut_is_shared_among_its_structures_and_the_floor_bends_the_sum(
 def test_onnxruntime_tables_and_check_time_the_file_as_deployed(tmp_path, monkeypatch):
     """On ONNX Runtime every timed file is exported as ``export_onnx`` writes it (dynamic axes), at a batch of at
     least 2, and timed at the latency shape — batch 1 here. Real timing: only load-proof assertions (a small ask
-    that any load leaves reachable, a positive measurement). One layer and one width per table: the time goes to
-    the exports."""
+    that any load leaves reachable, a positive measurement). One layer, one width per table, three timed rounds
+    and no re-selection: the time goes to the exports."""
     import json
 
     import upop_fx.runtime.latency_tables as latency_tables
@@ -359,6 +359,9 @@ def test_onnxruntime_tables_and_check_time_the_file_as_deployed(tmp_path, monkey
 
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path))
     monkeypatch.setattr(latency_tables, "GRID", (0.5,))
+    for module in (latency_tables, upop_fx.calibration):  # a few rounds: what is checked is what was timed
+        monkeypatch.setattr(module, "timed_rounds", lambda ms, least, seconds: 3)
+    monkeypatch.setattr(upop_fx.calibration, "CALIBRATIONS", 0)  # the re-selection has its own tests
     exported = []
     real = runners.export_for_timing
 
