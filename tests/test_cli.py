@@ -187,6 +187,7 @@ def command(monkeypatch, capsys):
         (["compress", "MODEL", "--out", "o", "--budget", "latency", "--latency-shape", "8x128"], "BATCH,SEQ"),
         (["compress", "MODEL", "--ratio", "0.5", "--out", "taken"], "exists and is not empty"),
         (["bench", "nowhere"], "no report.json"),
+        (["compress", "MODEL", "--out", "o", "--retrain-score", "nowhere:score"], "cannot import 'nowhere:score'"),
     ],
 )
 def test_bad_input_exits_with_one_line(tmp_path, argv, message, command):
@@ -200,6 +201,14 @@ def test_bad_input_exits_with_one_line(tmp_path, argv, message, command):
     assert len(lines) == 1 and message in lines[0], err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing half-written
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_a_callable_option_is_read_as_module_colon_function():
+    from tests import scaleout
+    from upop_fx.cli import _options_of, _parser
+
+    args = _parser().parse_args(["compress", "MODEL", "--out", "o", "--retrain-score", "tests.scaleout:summary"])
+    assert _options_of(args).retrain_score is scaleout.summary
 
 
 def test_help_explains_every_option(command, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,18 @@ def _parse_shape(text: str) -> tuple[int, int | None]:
                                          f"got {text!r}") from exc
 
 
+def _parse_callable(text: str) -> Callable[..., Any]:
+    """``"package.module:function"`` → that function (the CLI's form of a callable option)."""
+    module, _, name = text.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if module and name else None
+    except (ImportError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot import {text!r}: {exc}") from exc
+    if not callable(fn):
+        raise argparse.ArgumentTypeError(f"MODULE:FUNCTION naming a callable expected, got {text!r}")
+    return fn
+
+
 def resolve_granularity(granularity: str | None, budget: str) -> str:
     """The granularity a run uses: ``granularity``, or where it is None ``"heads+dims"`` under a latency budget
     (removing a head is what removes its softmax and score work) and ``"upop"`` under any other."""
@@ -265,7 +278,8 @@ class Options:
         "batches: measured at the cut and every fifth of the retrain, the weights with the best score kept. It is "
         "given result.module where there is one, else the graph, in eval mode and without gradients. Use it where "
         "the loss does not follow the quality (a captioner whose greedy text is judged, not its token loss). "
-        "None: the check loss", _optional_callable, cli=False)
+        "None: the check loss. On the command line: MODULE:FUNCTION", _optional_callable, parse=_parse_callable,
+        metavar="MODULE:FUNCTION")
     precision: str = _option("fp32", "training", "'fp32', 'bf16' (autocast) or 'fp16' (autocast and a gradient "
                              "scaler); mask gradients are accumulated in float64 either way", _choice(PRECISIONS))
     checkpoint_dir: str | os.PathLike[str] | None = _option(
