@@ -226,15 +226,13 @@ def measured_generation(prepared: Prepared, module: torch.nn.Module, runs: int =
     from a prompt alone (its example is not :func:`~upop_fx.capture.program.prompt_ids`), or an ONNX Runtime
     runtime (its decode needs the exported cache: :func:`~upop_fx.runtime.decoder_onnx.export_decoder_onnx`)."""
     source, runtime, options = prepared.source, prepared.latency.runtime, prepared.options
-    info = prepared.captured.info
-    ids = prompt_ids(info.args, info.kwargs)
-    if ids is None:
-        return None
-    if not (isinstance(source, torch.nn.Module) and _can_generate(source) and _can_generate(module)):
+    if not (_generates(prepared) and _can_generate(module)):
         return None
     params = next(module.parameters(), None)
-    if not runtime.startswith("torch") or params is None or params.device.type != runtime.split("-")[1]:
+    if params is None or params.device.type != runtime.split("-")[1]:
         return None
+    info = prepared.captured.info
+    ids = prompt_ids(info.args, info.kwargs)
     batch = options.latency_shape[0] if options.latency_shape is not None else 1
     context = options.latency_shape[1] if options.latency_shape is not None else None
     context = context if context is not None else int(ids.shape[1])
