@@ -29,6 +29,7 @@ from .errors import (
     UPopError,
 )
 from .ir.groups import DimGroup, GroupAnalysis
+from .module.depth import Depth, drop_layers
 from .module.pretrained import from_pretrained, save_pretrained
 from .options import ALLOCATIONS, BUDGETS, GRANULARITIES, METHODS, PRECISIONS, RUNTIMES, SCORES, Options
 from .pipeline import Result
@@ -42,6 +43,8 @@ __all__ = [
     "load",
     "save_pretrained",
     "from_pretrained",
+    "drop_layers",
+    "Depth",
     "export_onnx",
     "retrain",
     "UPop",

@@ -1,0 +1,189 @@
+"""upop_fx.drop_layers: whole layers of the stack removed, the class kept, verified, generating, reloadable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import upop_fx
+from tests import models
+from upop_fx.module.depth import block_influence, layer_stack
+
+ZOO = ["llama", "qwen3", "gemma3", "mixtral", "gpt2", "bigcode", "bert", "vit", "timm_vit", "torch_encoder"]
+GENERATIVE = ["llama", "qwen3", "gemma3", "gpt2", "bigcode"]
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _skipped(model: torch.nn.Module, stack: str, dropped: list[int]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks making the ``dropped`` layers of ``model`` pass their input on (the reference, written here)."""
+
+    def skip(_m, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+
+    layers = model.get_submodule(stack)
+    return [layers[i].register_forward_hook(skip, with_kwargs=True) for i in dropped]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_a_dropped_layer_leaves_the_function_of_the_original_with_it_skipped(name):
+    zoo = models.get(name)
+    before = _state(zoo.model)
+    depth = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[0])
+    assert type(depth.module) is type(zoo.model) and depth.dropped == [0] and depth.error <= 1e-5
+    stack = zoo.model.get_submodule(depth.stack)
+    assert len(depth.module.get_submodule(depth.stack)) == len(stack) - 1
+    # the caller's model is untouched: same weights, no hooks left, same depth
+    assert all(torch.equal(v, before[k]) for k, v in zoo.model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in zoo.model.modules())
+    handles = _skipped(zoo.model, depth.stack, [0])
+    try:
+        with torch.no_grad():
+            want = zoo.call(zoo.other_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    args, kwargs = zoo.split(zoo.other_inputs)
+    with torch.no_grad():
+        got = depth.module(*args, **kwargs)
+    assert upop_fx.compare.relative_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_the_shallower_decoder_generates_with_its_kv_cache_as_the_original_with_the_layer_skipped(name):
+    zoo = models.get(name)
+    depth = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[0])
+    prompt = {k: zoo.example_inputs[k] for k in ("input_ids", "attention_mask")}
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "use_cache": True, "pad_token_id": 0}
+    handles = _skipped(zoo.model, depth.stack, [0])
+    try:
+        with torch.no_grad():
+            want = zoo.model.generate(**prompt, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        assert torch.equal(depth.module.generate(**prompt, **kw), want)
+
+
+def _llama(layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, bos_token_id=1,
+                      eos_token_id=99, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _batches(n: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(2, 99, (2, 10), generator=g)} for _ in range(n)]
+
+
+def test_a_layer_that_adds_nothing_has_no_influence_and_goes_first():
+    """Layer 2 writes nothing to the residual stream (its output projections are zero): its block influence is
+    exactly 0, the others' above it, n=1 removes it, and the shallower model equals the original itself."""
+    model = _llama()
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    influence = block_influence(model, _batches())
+    assert influence[2] == pytest.approx(0.0, abs=1e-12) and min(influence[:2] + influence[3:]) > 1e-4
+    ids = _batches(1)[0]
+    depth = upop_fx.drop_layers(model, ids, 1, data=_batches())
+    assert depth.dropped == [2] and depth.influence == influence
+    with torch.no_grad():
+        torch.testing.assert_close(depth.module(**ids).logits, model(**ids).logits, rtol=1e-5, atol=1e-6)
+    assert [layer.self_attn.layer_idx for layer in depth.module.model.layers] == [0, 1, 2]
+    assert "3 of 4 layers" not in depth.describe() and "1 of 4 layers of model.layers removed: [2]" == depth.describe()
+
+
+def test_the_shallower_model_is_a_stock_checkpoint_that_plain_transformers_generates_with(tmp_path):
+    model = _llama()
+    depth = upop_fx.drop_layers(model, _batches(1)[0], 2, data=_batches())
+    path = upop_fx.save_pretrained(depth.module, tmp_path / "shallow")
+    assert json.loads((path / "upop_fx.json").read_text())["layout"] == "stock"
+    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 2
+    prompt = _batches(1)[0]["input_ids"][:, :6]
+    with torch.no_grad():
+        want = depth.module.generate(input_ids=prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}).eval()\n"
+        f"ids = torch.tensor({prompt.tolist()})\n"
+        "out = m.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)\n"
+        "assert 'upop_fx' not in sys.modules\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == want.tolist()
+
+
+def test_per_layer_config_lists_follow_the_kept_layers():
+    zoo = models.get("gemma3")  # layer_types: a sliding-window layer, then a global one
+    depth = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[0])
+    assert depth.module.config.layer_types == ["full_attention"] and depth.module.config.num_hidden_layers == 1
+    assert zoo.model.config.layer_types == ["sliding_attention", "full_attention"]
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+
+class _Towers(torch.nn.Module):
+    def __init__(self, block: type[torch.nn.Module] = _Residual) -> None:
+        super().__init__()
+        self.a = torch.nn.ModuleList([block() for _ in range(2)])
+        self.b = torch.nn.ModuleList([block() for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.a, *self.b]:
+            x = layer(x) if isinstance(layer, _Residual) else x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: upop_fx.drop_layers(m, x, 0, data=[x]), "remove at least one"),
+    (lambda m, x: upop_fx.drop_layers(m, x, 4, data=[x]), "keep at least one"),
+    (lambda m, x: upop_fx.drop_layers(m, x, 1), "needs data"),
+    (lambda m, x: upop_fx.drop_layers(m, x, layers=[7]), "layers 0..3"),
+    (lambda m, x: upop_fx.drop_layers(m, x, 1, layers=[0]), "either n"),
+    (lambda m, x: upop_fx.drop_layers(m, x, layers=[0], stack="model.norm"), "not a list"),
+])
+def test_a_bad_request_is_a_clear_error(call, message):
+    model = _llama()
+    with pytest.raises(upop_fx.InputError, match=message):
+        call(model, _batches(1)[0])
+
+
+def test_a_model_without_one_stack_is_asked_to_name_it():
+    with pytest.raises(upop_fx.InputError, match="no nn.ModuleList or nn.Sequential"):
+        layer_stack(torch.nn.Linear(4, 4))
+    towers = _Towers()
+    with pytest.raises(upop_fx.InputError, match="several stacks of 2 layers .*a, b"):
+        layer_stack(towers)
+    depth = upop_fx.drop_layers(towers, torch.randn(3, 4), layers=[1], stack="b")
+    assert len(depth.module.b) == 1 and len(towers.b) == 2
+
+
+def test_layers_that_are_not_blocks_to_skip_are_refused_not_cut_wrong():
+    """The residual add is outside the layers (``x + layer(x)`` in the owner's forward): removing a layer is not
+    the layer passing its input on, and the check says so instead of returning another function."""
+    towers = _Towers(block=lambda: torch.nn.Linear(4, 4))
+    with pytest.raises(upop_fx.PostconditionError, match="does not use them as blocks"):
+        upop_fx.drop_layers(towers, torch.randn(3, 4), layers=[1], stack="b")
