@@ -12,6 +12,9 @@ one generated token per sequence at batch 1 with a 256-token KV cache, the regim
   retrain: ``--retrain-steps`` steps distilled from the dense model's token distributions (KL), the weights with
   the lowest loss on 16 check batches kept. UPop searches ``--search-steps`` steps first; the two one-shot scores
   read the calibration batches.
+* ``depth`` — ``upop_fx.drop_layers``: whole layers removed, those of least block influence on the calibration
+  batches, as many as the *measured* decode speedup needs (the UPop row's when it ran, else the asked one; matched
+  as Torch-Pruning's is), then the same retrain.
 * ``torch-pruning`` — Torch-Pruning's LLM pruning (:mod:`benchmarks.tp_decoder`) at the ratio whose *measured*
   decode speedup matches the UPop row's, measured the same way (:func:`benchmarks.common.match_speedup`), then the same
   retrain (:func:`upop_fx.training.loop.retrain`: same steps, learning rate, objective and check batches).
@@ -54,7 +57,7 @@ from benchmarks.common import (
 
 log = logging.getLogger("benchmarks.decoder_smollm2")
 
-METHODS = ("upop", "magnitude", "activation", "torch-pruning")
+METHODS = ("upop", "magnitude", "activation", "torch-pruning", "depth")
 #: decode is timed at batch 1 over a KV cache of this many tokens; prefill at PREFILL_BATCH × CONTEXT
 CONTEXT, PREFILL_BATCH, NEW_TOKENS = 256, 4, 16
 PROMPTS = ("The government said on Monday that", "Shares in the company rose after", "In Python, a list is",
@@ -75,14 +78,14 @@ def _stream(texts: list[str], tok: Any, seed: int) -> Iterator[dict[str, torch.T
 
 
 def _widths(model: torch.nn.Module) -> dict[str, str]:
-    """KV heads and MLP neurons per layer, as 'min..max'."""
+    """The layers, and the KV heads and MLP neurons per layer as 'min..max'."""
     layers = model.model.layers
 
     def span(values: list[int]) -> str:
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}..{max(values)}"
 
     head_dim = layers[0].self_attn.head_dim
-    return {"kv_heads": span([layer.self_attn.k_proj.out_features // head_dim for layer in layers]),
+    return {"layers": len(layers), "kv_heads": span([layer.self_attn.k_proj.out_features // head_dim for layer in layers]),
             "mlp": span([layer.mlp.up_proj.out_features for layer in layers])}
 
 
@@ -162,7 +165,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
         for asked in speeds:
             cuts: dict[str, torch.nn.Module] = {}
             info: dict[str, dict[str, Any]] = {}
-            for method in [m for m in methods if m != "torch-pruning"]:
+            for method in [m for m in methods if m not in ("torch-pruning", "depth")]:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     result = upop_fx.compress(
@@ -179,12 +182,34 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                                 "in_compress_decode": lat["generate"]["decode_speedup"],
                                 "phase_seconds": result.report.seconds}  # fmt: skip
                 log.info("%.2fx seed %d %s: %s", asked, seed, method, result.report.table().splitlines()[-3:])
+            speedup = _decode_speedup(model, runs)
+            # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
+            target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", "depth"} & set(methods) else asked
+            if "depth" in methods:
+                t0 = time.perf_counter()
+                with RssPeak() as mem:
+                    stream = _stream(train, tok, seed)
+                    calibration = [next(stream) for _ in range(options.calibration_batches)]
+                    layers = len(model.model.layers)
+
+                    def shallower(ratio: float, layers: int = layers, data: list[Any] = calibration) -> torch.nn.Module:
+                        n = min(layers - 1, max(1, round(ratio * layers)))
+                        return upop_fx.drop_layers(model, example, n, data=data).module
+
+                    shallow, ratio, speed, probes = common.match_speedup(
+                        shallower, speedup, target, min(0.9, 0.8 * (1 - 1 / target)))
+                    stream = _stream(train, tok, seed)
+                    check = [next(stream) for _ in range(options.calibration_batches)]
+                    with cache_off(shallow):
+                        retrain(shallow, model, stream, None, retrain_steps, lr, example, check=check)
+                    shallow.eval()
+                cuts["depth"] = shallow
+                info["depth"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
+                                 "layers_removed": layers - len(shallow.model.layers), "depth_probes": probes,
+                                 "depth_target": target}  # fmt: skip
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder
 
-                speedup = _decode_speedup(model, runs)
-                # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
-                target = speedup(cuts["upop"]) if "upop" in cuts else asked
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     pruned, ratio, speed, probes = common.match_speedup(
@@ -216,7 +241,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
 
 
 COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc",
-           "ppl_pydoc", "params", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
+           "ppl_pydoc", "params", "layers", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
 
 
 def report(payload: dict[str, Any]) -> str:

@@ -150,8 +150,8 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     monkeypatch.setattr(bench.common, "quiet_timing", lambda timer: (timer(), quiet))  # no wait for a quiet machine
     monkeypatch.setattr(bench, "CONTEXT", 32)
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path / "cache"))
-    # one upop_fx row (the others differ only in `method`), and Torch-Pruning's where it is installed
-    methods = ("upop",) + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
+    # one upop_fx row (the others differ only in `method`), the layers removed, and Torch-Pruning's where it is installed
+    methods = ("upop", "depth") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
     payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
                         load=lambda: _tiny_llama(128, 512), check_batches=2)
     assert [r["method"] for r in payload["rows"]] == list(methods)
