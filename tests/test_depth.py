@@ -13,8 +13,9 @@ import upop_fx
 from tests import models
 from upop_fx.module.depth import block_influence, layer_stack
 
-ZOO = ["llama", "qwen3", "gemma3", "mixtral", "gpt2", "bigcode", "bert", "vit", "timm_vit", "torch_encoder"]
-GENERATIVE = ["llama", "qwen3", "gemma3", "gpt2", "bigcode"]
+ZOO = ["llama", "qwen3", "gemma3", "mixtral", "deepseek_v3", "gpt2", "gptj", "bloom", "bigcode", "bert", "distilbert",
+       "deberta_v2", "vit", "timm_vit", "torch_encoder"]
+GENERATIVE = ["llama", "qwen3", "gemma3", "deepseek_v3", "gpt2", "bigcode"]
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,6 +55,25 @@ def test_a_dropped_layer_leaves_the_function_of_the_original_with_it_skipped(nam
     with torch.no_grad():
         got = depth.module(*args, **kwargs)
     assert upop_fx.compare.relative_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("name, stack", [("clip", "text_model.encoder.layers"), ("clip", "vision_model.encoder.layers"),
+                                         ("llava", "model.language_model.layers"),
+                                         ("blip_caption", "text_decoder.bert.encoder.layer")])
+def test_a_tower_of_a_multimodal_model_is_named_and_cut_alone(name, stack):
+    zoo = models.get(name)
+    with pytest.raises(upop_fx.InputError, match="several stacks"):
+        upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[1])
+    depth = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[1], stack=stack)
+    assert depth.error <= 1e-5 and len(depth.module.get_submodule(stack)) == len(zoo.model.get_submodule(stack)) - 1
+
+
+def test_a_tower_whose_depth_the_model_reads_is_refused():
+    """LLaVA takes its image features from the vision tower's second-to-last layer: without a layer it would take
+    another layer's, which the check sees."""
+    zoo = models.get("llava")
+    with pytest.raises(upop_fx.PostconditionError, match="does not use them as blocks"):
+        upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[1], stack="model.vision_tower.encoder.layers")
 
 
 @pytest.mark.parametrize("name", GENERATIVE)
