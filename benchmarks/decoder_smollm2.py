@@ -105,6 +105,22 @@ def _timings(models: list[torch.nn.Module], runs: int) -> tuple[list[Any], list[
     return got["decode"], got["prefill"], load
 
 
+def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], made: dict[int, Any]
+               ) -> Callable[[float], torch.nn.Module]:
+    """``ratio -> model`` without that fraction of its layers (``upop_fx.drop_layers`` by block influence on
+    ``calibration``), each probe's :class:`upop_fx.Depth` kept in ``made`` by ``id`` of its module."""
+    import upop_fx
+
+    layers = len(model.model.layers)
+
+    def make(ratio: float) -> torch.nn.Module:
+        depth = upop_fx.drop_layers(model, example, min(layers - 1, max(1, round(ratio * layers))), data=calibration)
+        made[id(depth.module)] = depth
+        return depth.module
+
+    return make
+
+
 def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Module], float]:
     from upop_fx.runtime.decode import decode_latency
 
@@ -190,14 +206,9 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 with RssPeak() as mem:
                     stream = _stream(train, tok, seed)
                     calibration = [next(stream) for _ in range(options.calibration_batches)]
-                    layers = len(model.model.layers)
-
-                    def shallower(ratio: float, layers: int = layers, data: list[Any] = calibration) -> torch.nn.Module:
-                        n = min(layers - 1, max(1, round(ratio * layers)))
-                        return upop_fx.drop_layers(model, example, n, data=data).module
-
+                    made: dict[int, Any] = {}  # each probe's Depth, by its module
                     shallow, ratio, speed, probes = common.match_speedup(
-                        shallower, speedup, target, min(0.9, 0.8 * (1 - 1 / target)))
+                        _shallower(model, example, calibration, made), speedup, target, min(0.9, (1 - 1 / target) / 0.9))  # fmt: skip (first probe: the layers take ~90% of a step)
                     stream = _stream(train, tok, seed)
                     check = [next(stream) for _ in range(options.calibration_batches)]
                     with cache_off(shallow):
@@ -205,8 +216,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     shallow.eval()
                 cuts["depth"] = shallow
                 info["depth"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
-                                 "layers_removed": layers - len(shallow.model.layers), "depth_probes": probes,
-                                 "depth_target": target}  # fmt: skip
+                                 "layers_removed": made[id(shallow)].dropped, "depth_probes": probes,
+                                 "block_influence": made[id(shallow)].influence, "depth_target": target}  # fmt: skip
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder
 
