@@ -18,6 +18,7 @@ from upop_fx.module.rebuild import rebuild
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.passes.surgery import removed_labels
 
+from .fresh_process import plain_generate
 from .models import ZOO, _tokens
 
 
@@ -506,18 +507,7 @@ def test_a_uniform_decoder_cut_is_a_stock_checkpoint_that_plain_transformers_gen
     config = json.loads((path / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 32)
     want = _greedy(result.module, **prompt)
-    code = (
-        "import json, sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}).eval()\n"
-        f"ids = torch.tensor({prompt['input_ids'].tolist()}); mask = torch.tensor({prompt['attention_mask'].tolist()})\n"
-        "out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)\n"
-        "assert 'upop_fx' not in sys.modules\n"
-        "print(json.dumps(out.tolist()))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == want.tolist()
+    assert plain_generate(path, input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"]) == want.tolist()
 
 
 def test_module_trains_with_the_hugging_face_trainer(bert_small, tmp_path):
