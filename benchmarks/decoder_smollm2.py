@@ -33,6 +33,7 @@ Writes ``benchmarks/results/decoder_smollm2.json`` and ``.md``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sys
@@ -122,6 +123,33 @@ def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], mad
     return make
 
 
+def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list[str], tok: Any, seed: int,
+                  steps: int, lr: float, example: Any, check_batches: int) -> None:
+    """The retrain every matched row gets (:func:`upop_fx.training.loop.retrain`): distilled from ``dense`` on the
+    seed's training stream, the best weights on its first ``check_batches`` batches kept; then eval mode."""
+    from upop_fx.capture.program import cache_off
+    from upop_fx.training.loop import retrain
+
+    stream = _stream(texts, tok, seed)
+    check = [next(stream) for _ in range(check_batches)]
+    with cache_off(model):
+        retrain(model, dense, stream, None, steps, lr, example, check=check)
+    model.eval()
+
+
+def _matched_then_retrained(make: Callable[[float], torch.nn.Module], speedup: Callable[[torch.nn.Module], float],
+                            target: float, first: float, same_retrain: Callable[[torch.nn.Module], None]
+                            ) -> tuple[torch.nn.Module, float, list[tuple[float, float]], dict[str, Any]]:
+    """``make(ratio)`` at the ratio whose measured ``speedup`` is ``target`` (:func:`benchmarks.common.match_speedup`
+    from ``first``), then ``same_retrain``: ``(model, ratio, probes, {compress_min, peak_mib})``, both phases in
+    the minutes and the memory."""
+    t0 = time.perf_counter()
+    with RssPeak() as mem:
+        model, ratio, _, probes = common.match_speedup(make, speedup, target, first)
+        same_retrain(model)
+    return model, ratio, probes, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib}
+
+
 def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Module], float]:
     from upop_fx.runtime.decode import decode_latency
 
@@ -142,8 +170,6 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     ``save``: called with the payload so far after each asked speed (a long run keeps what it measured)."""
     import upop_fx
     from upop_fx import datasets
-    from upop_fx.capture.program import cache_off
-    from upop_fx.training.loop import retrain
 
     model, tok = (load or datasets.load_smollm2)()
     train = list(datasets.bbc_texts("train"))
@@ -202,39 +228,25 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
             speedup = _decode_speedup(model, runs)
             # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
             target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", "depth"} & set(methods) else asked
+            same_retrain = functools.partial(_same_retrain, dense=model, texts=train, tok=tok, seed=seed,
+                                             steps=retrain_steps, lr=lr, example=example,
+                                             check_batches=options.calibration_batches)
             if "depth" in methods:
-                t0 = time.perf_counter()
-                with RssPeak() as mem:
-                    stream = _stream(train, tok, seed)
-                    calibration = [next(stream) for _ in range(options.calibration_batches)]
-                    made: dict[int, Any] = {}  # each probe's Depth, by its module
-                    shallow, ratio, speed, probes = common.match_speedup(
-                        _shallower(model, example, calibration, made), speedup, target, min(0.9, (1 - 1 / target) / 0.9))  # fmt: skip (first probe: the layers take ~90% of a step)
-                    stream = _stream(train, tok, seed)
-                    check = [next(stream) for _ in range(options.calibration_batches)]
-                    with cache_off(shallow):
-                        retrain(shallow, model, stream, None, retrain_steps, lr, example, check=check)
-                    shallow.eval()
-                cuts["depth"] = shallow
-                info["depth"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
-                                 "layers_removed": made[id(shallow)].dropped, "depth_probes": probes,
-                                 "block_influence": made[id(shallow)].influence, "depth_target": target}  # fmt: skip
+                stream = _stream(train, tok, seed)
+                calibration = [next(stream) for _ in range(options.calibration_batches)]
+                made: dict[int, Any] = {}  # each probe's Depth, by its module
+                cuts["depth"], _, probes, info["depth"] = _matched_then_retrained(
+                    _shallower(model, example, calibration, made), speedup, target,
+                    min(0.9, (1 - 1 / target) / 0.9), same_retrain)  # fmt: skip (first probe: the layers take ~90% of a step)
+                info["depth"] |= {"layers_removed": made[id(cuts["depth"])].dropped, "depth_probes": probes,
+                                  "block_influence": made[id(cuts["depth"])].influence, "depth_target": target}
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder
 
-                t0 = time.perf_counter()
-                with RssPeak() as mem:
-                    pruned, ratio, speed, probes = common.match_speedup(
-                        lambda r: tp_prune_decoder(model, example, r), speedup, target,
-                        min(0.9, max(0.05, 1.3 * (1 - 1 / target))))  # fmt: skip (a target at or under 1x: a small first probe)
-                    stream = _stream(train, tok, seed)
-                    check = [next(stream) for _ in range(options.calibration_batches)]
-                    with cache_off(pruned):
-                        retrain(pruned, model, stream, None, retrain_steps, lr, example, check=check)
-                    pruned.eval()
-                cuts["torch-pruning"] = pruned
-                info["torch-pruning"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
-                                         "tp_ratio": ratio, "tp_probes": probes, "tp_target": target}  # fmt: skip
+                cuts["torch-pruning"], ratio, probes, info["torch-pruning"] = _matched_then_retrained(
+                    lambda r: tp_prune_decoder(model, example, r), speedup, target,
+                    min(0.9, max(0.05, 1.3 * (1 - 1 / target))), same_retrain)  # fmt: skip (a target at or under 1x: a small first probe)
+                info["torch-pruning"] |= {"tp_ratio": ratio, "tp_probes": probes, "tp_target": target}
             names = list(cuts)
             decode, prefill, load_info = _timings([model, *cuts.values()], runs)
             for i, name in enumerate(names, start=1):
