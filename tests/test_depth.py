@@ -107,6 +107,20 @@ def _batches(n: int = 3):
     return [{"input_ids": torch.randint(2, 99, (2, 10), generator=g)} for _ in range(n)]
 
 
+def test_padding_does_not_count_in_the_influence():
+    """Right padding with its attention mask: the causal model's real tokens are those of the unpadded batch, and
+    the padded positions (whatever their hidden states) are left out, so the influence is the unpadded one's."""
+    model = _llama()
+    real = _batches()
+    padded = [{"input_ids": torch.cat([b["input_ids"], torch.full((2, 5), 7)], 1),
+               "attention_mask": torch.cat([torch.ones(2, 10, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)], 1)}
+              for b in real]  # fmt: skip
+    want = block_influence(model, real)
+    assert block_influence(model, padded) == pytest.approx(want, rel=1e-9)
+    unmasked = [{"input_ids": b["input_ids"]} for b in padded]  # the same tokens counted: a different figure
+    assert block_influence(model, unmasked) != pytest.approx(want, rel=1e-3)
+
+
 def test_a_layer_that_adds_nothing_has_no_influence_and_goes_first():
     """Layer 2 writes nothing to the residual stream (its output projections are zero): its block influence is
     exactly 0, the others' above it, n=1 removes it, and the shallower model equals the original itself."""

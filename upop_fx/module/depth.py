@@ -130,11 +130,14 @@ def _run(model: torch.nn.Module, inputs: Any) -> Any:
 
 def block_influence(model: torch.nn.Module, batches: Iterable[Any], stack: str | None = None) -> list[float]:
     """Per layer of ``model``'s stack: one minus the mean cosine similarity, over every token of ``batches``
-    (model inputs), between the hidden states the layer receives and the ones it passes on."""
+    (model inputs), between the hidden states the layer receives and the ones it passes on. Padding is left out:
+    where a batch is a dict whose ``attention_mask`` has the shape of the layer's tokens, only the positions it
+    marks count."""
     name, layers = layer_stack(model, stack)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     counts = torch.zeros(len(layers), dtype=torch.float64)
     seen: dict[int, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]  # the running batch's attention mask
     handles = []
     for i, layer in enumerate(layers):
 
@@ -149,13 +152,17 @@ def block_influence(model: torch.nn.Module, batches: Iterable[Any], stack: str |
                 raise InputError(f"{name}[{i}] ({type(_m).__name__}): its input and output hidden states could "
                                  "not be read as one tensor of the same shape, so its influence cannot be measured")
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
-            sums[i] += (1 - cos).sum()
-            counts[i] += cos.numel()
+            tokens = mask[0] if mask[0] is not None and mask[0].shape == cos.shape else torch.ones_like(cos)
+            tokens = tokens.to(cos.device, torch.float64)
+            sums[i] += ((1 - cos) * tokens).sum()
+            counts[i] += tokens.sum()
 
         handles += [layer.register_forward_pre_hook(before, with_kwargs=True),
                     layer.register_forward_hook(after, with_kwargs=True)]
     try:
         for batch in batches:
+            given = batch.get("attention_mask") if isinstance(batch, dict) else None
+            mask[0] = given if isinstance(given, torch.Tensor) else None
             _run(model, batch)
     finally:
         for h in handles:
