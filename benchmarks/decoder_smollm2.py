@@ -14,7 +14,9 @@ one generated token per sequence at batch 1 with a 256-token KV cache, the regim
   read the calibration batches.
 * ``depth`` — ``upop_fx.drop_layers``: whole layers removed, those of least block influence on the calibration
   batches, as many as the *measured* decode speedup needs (the UPop row's when it ran, else the asked one; matched
-  as Torch-Pruning's is), then the same retrain.
+  as Torch-Pruning's is), each gap bridged on the calibration batches (the kept layer before it re-fitted to give
+  the stream the original had after it), then the same retrain. ``depth-unbridged``: the same without the
+  bridges. Both also report the perplexities right after the cut (``ppl_*_cut``, before any training).
 * ``torch-pruning`` — Torch-Pruning's LLM pruning (:mod:`benchmarks.tp_decoder`) at the ratio whose *measured*
   decode speedup matches the UPop row's, measured the same way (:func:`benchmarks.common.match_speedup`), then the same
   retrain (:func:`upop_fx.training.loop.retrain`: same steps, learning rate, objective and check batches).
@@ -59,7 +61,9 @@ from upop_fx.calibration import GENERATED_TOKENS
 
 log = logging.getLogger("benchmarks.decoder_smollm2")
 
-METHODS = ("upop", "magnitude", "activation", "torch-pruning", "depth")
+METHODS = ("upop", "magnitude", "activation", "torch-pruning", "depth", "depth-unbridged")
+#: the rows cut by whole layers (:func:`upop_fx.drop_layers`), and whether each bridges its gaps
+DEPTH_ROWS = {"depth": True, "depth-unbridged": False}
 #: decode is timed at batch 1 over a KV cache of this many tokens; prefill at PREFILL_BATCH × CONTEXT
 CONTEXT, PREFILL_BATCH, NEW_TOKENS = 256, 4, GENERATED_TOKENS  # decode timed as compress times it
 PROMPTS = ("The government said on Monday that", "Shares in the company rose after", "In Python, a list is",
@@ -107,16 +111,18 @@ def _timings(models: list[torch.nn.Module], runs: int) -> tuple[list[Any], list[
     return got["decode"], got["prefill"], load
 
 
-def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], made: dict[int, Any]
+def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], made: dict[int, Any], bridge: bool
                ) -> Callable[[float], torch.nn.Module]:
     """``ratio -> model`` without that fraction of its layers (``upop_fx.drop_layers`` by block influence on
-    ``calibration``), each probe's :class:`upop_fx.Depth` kept in ``made`` by ``id`` of its module."""
+    ``calibration``, the gaps bridged or not), each probe's :class:`upop_fx.Depth` kept in ``made`` by ``id`` of
+    its module."""
     import upop_fx
 
     layers = len(model.model.layers)
 
     def make(ratio: float) -> torch.nn.Module:
-        depth = upop_fx.drop_layers(model, example, min(layers - 1, max(1, round(ratio * layers))), data=calibration)
+        depth = upop_fx.drop_layers(model, example, min(layers - 1, max(1, round(ratio * layers))), data=calibration,
+                                    bridge=bridge)
         made[id(depth.module)] = depth
         return depth.module
 
@@ -138,16 +144,23 @@ def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list
 
 
 def _matched_then_retrained(make: Callable[[float], torch.nn.Module], speedup: Callable[[torch.nn.Module], float],
-                            target: float, first: float, same_retrain: Callable[[torch.nn.Module], None]
+                            target: float, first: float, same_retrain: Callable[[torch.nn.Module], None],
+                            at_cut: Callable[[torch.nn.Module], dict[str, Any]] | None = None
                             ) -> tuple[torch.nn.Module, float, list[tuple[float, float]], dict[str, Any]]:
     """``make(ratio)`` at the ratio whose measured ``speedup`` is ``target`` (:func:`benchmarks.common.match_speedup`
-    from ``first``), then ``same_retrain``: ``(model, ratio, probes, {compress_min, peak_mib})``, both phases in
-    the minutes and the memory."""
+    from ``first``), then ``same_retrain``: ``(model, ratio, probes, {compress_min, peak_mib, ...})``, both phases
+    in the minutes and the memory. ``at_cut``: what to measure on the cut before the retrain (merged into the
+    dict; its time is not in the minutes)."""
     t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
     with RssPeak() as mem:
         model, ratio, _, probes = common.match_speedup(make, speedup, target, first)
+        if at_cut is not None:
+            t1 = time.perf_counter()
+            extra = at_cut(model)
+            t0 += time.perf_counter() - t1
         same_retrain(model)
-    return model, ratio, probes, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib}
+    return model, ratio, probes, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib, **extra}
 
 
 def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Module], float]:
@@ -208,7 +221,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
         for asked in speeds:
             cuts: dict[str, torch.nn.Module] = {}
             info: dict[str, dict[str, Any]] = {}
-            for method in [m for m in methods if m not in ("torch-pruning", "depth")]:
+            for method in [m for m in methods if m != "torch-pruning" and m not in DEPTH_ROWS]:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     result = upop_fx.compress(
@@ -227,19 +240,29 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 log.info("%.2fx seed %d %s: %s", asked, seed, method, result.report.table().splitlines()[-3:])
             speedup = _decode_speedup(model, runs)
             # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
-            target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", "depth"} & set(methods) else asked
+            target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", *DEPTH_ROWS} & set(methods) else asked
             same_retrain = functools.partial(_same_retrain, dense=model, texts=train, tok=tok, seed=seed,
                                              steps=retrain_steps, lr=lr, example=example,
                                              check_batches=options.calibration_batches)
-            if "depth" in methods:
+            for method, bridge in DEPTH_ROWS.items():
+                if method not in methods:
+                    continue
                 stream = _stream(train, tok, seed)
                 calibration = [next(stream) for _ in range(options.calibration_batches)]
                 made: dict[int, Any] = {}  # each probe's Depth, by its module
-                cuts["depth"], _, probes, info["depth"] = _matched_then_retrained(
-                    _shallower(model, example, calibration, made), speedup, target,
-                    min(0.9, (1 - 1 / target) / 0.9), same_retrain)  # fmt: skip (first probe: the layers take ~90% of a step)
-                info["depth"] |= {"layers_removed": made[id(cuts["depth"])].dropped, "depth_probes": probes,
-                                  "block_influence": made[id(cuts["depth"])].influence, "depth_target": target}
+
+                def at_cut(m: torch.nn.Module) -> dict[str, Any]:
+                    return {f"{k}_cut": v for k, v in quality(m).items() if k.startswith("ppl_")}
+
+                cuts[method], _, probes, info[method] = _matched_then_retrained(
+                    _shallower(model, example, calibration, made, bridge), speedup, target,
+                    min(0.9, (1 - 1 / target) / 0.9), same_retrain, at_cut)  # fmt: skip (first probe: the layers take ~90% of a step)
+                depth = made[id(cuts[method])]
+                info[method] |= {"layers_removed": depth.dropped, "depth_probes": probes, "depth_target": target,
+                                 "block_influence": depth.influence,
+                                 "bridges": [{"gap": b.gap, "weight": b.weight, "why": b.why,
+                                              "fit": b.fit.to_dict() if b.fit is not None else None}
+                                             for b in depth.bridges]}  # fmt: skip
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder
 
@@ -264,8 +287,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     return payload()
 
 
-COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc",
-           "ppl_pydoc", "params", "layers", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
+COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc_cut",
+           "ppl_pydoc_cut", "ppl_bbc", "ppl_pydoc", "params", "layers", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
 
 
 def report(payload: dict[str, Any]) -> str:

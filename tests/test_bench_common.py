@@ -159,6 +159,8 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     for r in payload["rows"]:
         assert r["params"] < dense["params"] and 0 < r["ppl_bbc"] < float("inf") and len(r["samples"]) == 5
         assert r["decode_speedup"] > 0 and r["prefill_speedup"] > 0
+    depth = next(r for r in payload["rows"] if r["method"] == "depth")  # measured right after the cut too
+    assert 0 < depth["ppl_bbc_cut"] < float("inf") and depth["bridges"] and depth["layers_removed"]
     bench.write_results("decoder", payload, bench.COLUMNS, tmp_path, markdown=bench.report(payload))
     assert json.loads((tmp_path / "decoder.json").read_text())["rows"][0]["method"] == "upop"
     assert "| 1.05x upop |" in (tmp_path / "decoder.md").read_text()

@@ -136,7 +136,10 @@ def test_a_layer_that_adds_nothing_has_no_influence_and_goes_first():
     with torch.no_grad():
         torch.testing.assert_close(depth.module(**ids).logits, model(**ids).logits, rtol=1e-5, atol=1e-6)
     assert [layer.self_attn.layer_idx for layer in depth.module.model.layers] == [0, 1, 2]
-    assert depth.describe() == "1 of 4 layers of model.layers removed: [2]"
+    # nothing to bridge: the stream after layer 1 already is the one after layer 2
+    assert [b.applied for b in depth.bridges] == [False]
+    assert depth.describe() == ("1 of 4 layers of model.layers removed: [2]\n"
+                                "  not bridged [2]: the fit did not lower the held-out error")
 
 
 def test_the_shallower_model_is_a_stock_checkpoint_that_plain_transformers_generates_with(tmp_path):
@@ -209,3 +212,73 @@ def test_layers_that_are_not_blocks_to_skip_are_refused_not_cut_wrong():
     towers = _Towers(block=lambda: torch.nn.Linear(4, 4))
     with pytest.raises(upop_fx.PostconditionError, match="does not use them as blocks"):
         upop_fx.drop_layers(towers, torch.randn(3, 4), layers=[1], stack="b")
+
+
+def _calibration(n: int = 8, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(2, 99, (4, 16), generator=g)} for _ in range(n)]
+
+
+def _changed(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    sb = b.state_dict()
+    return [k for k, v in a.state_dict().items() if not torch.equal(v, sb[k])]
+
+
+def test_a_bridge_brings_the_stream_after_a_gap_back_toward_the_original():
+    """Layers 2 and 3 removed: layer 1's MLP output map is re-fitted so that its stream is the original's after
+    layer 3. It alone changes, its calibration error falls, and on other inputs the stream the next layer
+    receives, and the logits, are nearer the original's than without the bridge."""
+    model = _llama(6)
+    plain = upop_fx.drop_layers(model, _batches(1)[0], layers=[2, 3], data=_calibration(), bridge=False)
+    bridged = upop_fx.drop_layers(model, _batches(1)[0], layers=[2, 3], data=_calibration())
+    assert plain.bridges == [] and len(bridged.bridges) == 1
+    b = bridged.bridges[0]
+    assert (b.layer, b.gap, b.weight, b.applied) == (1, [2, 3], "model.layers.1.mlp.down_proj", True)
+    assert b.fit.after < b.fit.before and b.fit.held_after < b.fit.held_before
+    assert _changed(bridged.module, plain.module) == ["model.layers.1.mlp.down_proj.weight"]
+    other = _calibration(4, seed=9)
+    with torch.no_grad():
+        want = [model(**x, output_hidden_states=True) for x in other]  # hidden_states[4]: after layer 3
+        got = [[m(**x, output_hidden_states=True) for x in other] for m in (plain.module, bridged.module)]
+    stream = [upop_fx.compare.relative_error([o.hidden_states[2] for o in outs], [w.hidden_states[4] for w in want])
+              for outs in got]
+    logits = [upop_fx.compare.relative_error([o.logits for o in outs], [w.logits for w in want]) for outs in got]
+    assert stream[1] < stream[0] and logits[1] < logits[0], (stream, logits)
+    assert "bridged [2, 3] by re-fitting model.layers.1.mlp.down_proj" in bridged.describe()
+
+
+def test_conv1d_maps_are_bridged_too():
+    """GPT-2 writes its MLP output through Hugging Face's Conv1D (weight stored (in, out))."""
+    zoo = models.get("gpt2")
+    ids = zoo.example_inputs["input_ids"]
+    g = torch.Generator().manual_seed(4)
+    data = [{"input_ids": torch.randint(0, int(ids.max()) + 1, (4, 12), generator=g)} for _ in range(8)]
+    depth = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[1], data=data)
+    (b,) = depth.bridges
+    assert b.weight.endswith("mlp.c_proj") and b.applied and b.fit.after < b.fit.before
+
+
+def test_a_post_norm_layer_is_not_bridged_and_left_as_it_was():
+    """BERT normalises after its residual add: a re-fitted map cannot set the stream, so the bridge is undone
+    and says why; the module is the one without bridges."""
+    zoo = models.get("bert")
+    ids = zoo.example_inputs["input_ids"]
+    g = torch.Generator().manual_seed(5)
+    data = [{"input_ids": torch.randint(0, int(ids.max()) + 1, (4, 12), generator=g)} for _ in range(8)]
+    bridged = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[1], data=data)
+    plain = upop_fx.drop_layers(zoo.model, zoo.example_inputs, layers=[1], data=data, bridge=False)
+    (b,) = bridged.bridges
+    assert not b.applied and _changed(bridged.module, plain.module) == []
+    assert b.why is not None and ("not the stream plus" in b.why or b.fit.ridge is None)
+
+
+def test_a_gap_at_the_start_has_nothing_to_bridge_from():
+    depth = upop_fx.drop_layers(_llama(), _batches(1)[0], layers=[0, 2], data=_calibration())
+    assert [b.gap for b in depth.bridges] == [[0], [2]]
+    assert depth.bridges[0].why == "the gap starts the stack: no kept layer before it"
+    assert depth.bridges[1].layer == 1
+
+
+def test_bridging_without_data_is_refused():
+    with pytest.raises(upop_fx.InputError, match="bridging the gaps needs data"):
+        upop_fx.drop_layers(_llama(), _batches(1)[0], layers=[1], bridge=True)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .capture.program import run_module
+from .training.loop import guard_reading
 
 __all__ = ["GroupRow", "Report", "count_params", "count_flops"]
 
@@ -146,7 +147,7 @@ class Report:
                          f"relative error {before:.3f} -> {after:.3f} (calibration batches)")
         if self.retrain_check:
             first, best = self.retrain_check[0], min(self.retrain_check, key=lambda h: h[1])
-            sign, what = (-1, "score") if self.retrain_scored else (1, "check loss")
+            sign, what = guard_reading(self.retrain_scored)
             lines.append(f"retrain: {what} {sign * first[1]:.4f} at the cut -> {sign * best[1]:.4f}, the weights "
                          f"after {int(best[0])} steps kept")
         if self.latency:

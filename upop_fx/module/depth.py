@@ -14,6 +14,14 @@ config that owns the stack says the new depth (``num_hidden_layers``, per-layer 
 ``generate()`` runs with the cache and ``upop_fx.save_pretrained`` writes a stock checkpoint. The result is
 *verified*: on the example inputs it gives the original model's outputs with the same layers skipped.
 
+With calibration ``data``, each run of removed layers is then **bridged** (``bridge=True``, the default with data):
+the last linear map of the kept layer before the gap that writes its output into the residual stream (an MLP's
+second layer) is re-fitted by ridge least squares (:func:`~upop_fx.training.reconstruct.fit_linear`, on the
+calibration tokens) so that the stream it leaves is the one the original model had *after* the removed layers —
+the next kept layer receives what it used to. A layer whose output is not the stream plus that map's output (a
+norm after the residual add) is left as it was, with the reason; each bridge's error before and after is in
+``Depth.bridges``.
+
 Example:
     >>> import torch, upop_fx
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,7 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,13 +48,33 @@ import torch
 from ..capture.program import cache_off, normalize_inputs
 from ..compare import relative_error
 from ..errors import InputError, PostconditionError
+from ..training.reconstruct import LayerFit, fit_linear
 
-__all__ = ["Depth", "drop_layers", "layer_stack", "block_influence", "DEPTH_RTOL"]
+__all__ = ["Depth", "Bridge", "drop_layers", "layer_stack", "block_influence", "DEPTH_RTOL", "BRIDGE_RTOL"]
 
 log = logging.getLogger(__name__)
 
 #: the largest relative error between the shallower model and the original with the same layers skipped
 DEPTH_RTOL = 1e-5
+#: a bridge is kept when the layer's output moved by what its re-fitted map's output moved, to this relative error
+BRIDGE_RTOL = 1e-4
+
+
+@dataclass
+class Bridge:
+    """One run of removed layers (``gap``, original numbering) and the kept layer before it (``layer``) whose map
+    ``weight`` (qualified name) was re-fitted to stand in for them: its :class:`LayerFit` (relative errors on the
+    calibration tokens), or ``why`` it was not."""
+
+    layer: int | None
+    gap: list[int]
+    weight: str | None = None
+    fit: LayerFit | None = None
+    why: str | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.fit is not None and self.fit.ridge is not None and self.why is None
 
 
 @dataclass
@@ -54,18 +82,28 @@ class Depth:
     """What :func:`drop_layers` returns: the shallower ``module`` (a copy, of the caller's class), the ``stack``'s
     qualified name, the ``dropped`` layer indices (in the original numbering), each layer's block ``influence``
     (None where the layers were named, not ranked) and the verified ``error`` against the original with those
-    layers skipped."""
+    layers skipped (before the bridges), and the ``bridges`` over the gaps (empty without data or with
+    ``bridge=False``)."""
 
     module: torch.nn.Module
     stack: str
     dropped: list[int]
     influence: list[float] | None
     error: float
+    bridges: list[Bridge] = field(default_factory=list)
 
     def describe(self) -> str:
-        """One line for a report."""
+        """One line for a report (and one per bridge)."""
         n = len(self.dropped) + len(_stack_of(self.module, self.stack))
-        return f"{len(self.dropped)} of {n} layers of {self.stack} removed: {self.dropped}"
+        lines = [f"{len(self.dropped)} of {n} layers of {self.stack} removed: {self.dropped}"]
+        for b in self.bridges:
+            if b.applied:
+                assert b.fit is not None
+                lines.append(f"  bridged {b.gap} by re-fitting {b.weight}: relative error {b.fit.before:.4f} -> "
+                             f"{b.fit.after:.4f} on {b.fit.rows} calibration tokens")
+            else:
+                lines.append(f"  not bridged {b.gap}: {b.why or 'the fit did not lower the held-out error'}")
+        return "\n".join(lines)
 
 
 #: the containers a stack of layers is held in
@@ -222,17 +260,115 @@ def _update_config(config: Any, before: int, kept: list[int]) -> list[str]:
     return changed
 
 
+def _gaps(total: int, dropped: list[int]) -> list[tuple[int | None, list[int]]]:
+    """Each run of consecutive removed layers, with the kept layer before it (None: the run starts the stack)."""
+    runs: list[tuple[int | None, list[int]]] = []
+    for i in dropped:
+        if runs and runs[-1][1][-1] == i - 1:
+            runs[-1][1].append(i)
+        else:
+            runs.append((i - 1 if i > 0 else None, [i]))
+    return runs
+
+
+def _outputs(model: torch.nn.Module, modules: dict[Any, torch.nn.Module], batches: list[Any]
+             ) -> dict[Any, list[tuple[Any, torch.Tensor]]]:  # fmt: skip
+    """Per key, per batch: the module's ``(input args, output)`` (its hidden states: :func:`_hidden`)."""
+    seen: dict[Any, list[tuple[Any, torch.Tensor]]] = {k: [] for k in modules}
+    handles = []
+    for key, m in modules.items():
+
+        def keep(_m: Any, args: tuple[Any, ...], out: Any, key: Any = key) -> None:
+            seen[key].append((args, _hidden(out)))
+
+        handles.append(m.register_forward_hook(keep))
+    try:
+        for batch in batches:
+            _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _is_map(m: torch.nn.Module) -> bool:
+    """A linear map with a 2-D weight: ``nn.Linear`` (``(out, in)``) or Hugging Face's ``Conv1D`` (``(in, out)``)."""
+    return isinstance(m, torch.nn.Linear) or (type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None
+                                              and m.weight.dim() == 2)
+
+
+def _last_map(layer: torch.nn.Module, batch: Any, model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """The linear map (:func:`_is_map`) of ``layer`` that runs last with an output of the layer's own shape: the one
+    that writes into the residual stream at the end of a pre-norm block."""
+    order: list[tuple[str, torch.nn.Module, torch.Size]] = []
+    handles = [m.register_forward_hook(lambda m, _a, out, name=name: order.append((name, m, out.shape)))
+               for name, m in layer.named_modules() if _is_map(m)]
+    handles.append(layer.register_forward_hook(lambda _m, _a, out: order.append(("", layer, _hidden(out).shape))))
+    try:
+        _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order or order[-1][0] != "":
+        return None
+    shape = order[-1][2]
+    found = [(n, m) for n, m, sh in order[:-1] if sh == shape]
+    return found[-1] if found else None
+
+
+def _bridge(work: torch.nn.Module, name: str, position: int, before: int, gap: list[int], targets: list[torch.Tensor],
+            calibration: list[Any]) -> Bridge:
+    """Re-fit the last map of the kept layer at ``position`` (``before`` in the original numbering) so that the
+    stream after it is ``targets`` (the original's after ``gap``), per calibration batch; kept only when the
+    layer's output moves by what the map's output moves (the layer ends in ``stream + map(x)``)."""
+    layer = _stack_of(work, name)[position]
+    found = _last_map(layer, calibration[0], work)
+    if found is None:
+        return Bridge(before, gap, why="no linear map of the layer writes an output of the layer's shape")
+    where, linear = found
+    qualified = f"{name}.{position}.{where}"
+    got = _outputs(work, {"map": linear, "layer": layer}, calibration)
+    if not len(got["map"]) == len(got["layer"]) == len(targets):
+        return Bridge(before, gap, qualified, why=f"{where} does not run once per forward")
+    xs = [args[0].reshape(-1, args[0].shape[-1]) for args, _ in got["map"]]
+    # what the map must give: the target stream minus the rest of the layer's output
+    ys = [(t - (o - m)).reshape(-1, t.shape[-1]) for t, (_, o), (_, m) in zip(targets, got["layer"], got["map"])]
+    transposed = not isinstance(linear, torch.nn.Linear)  # Conv1D stores (in, out)
+    w0 = linear.weight.t() if transposed else linear.weight
+    fit, weight, bias = fit_linear(qualified, w0, linear.bias, xs, ys)
+    if weight is None:
+        return Bridge(before, gap, qualified, fit)
+    old = (linear.weight.data, linear.bias.data if linear.bias is not None else None)
+    linear.weight.data = (weight.t() if transposed else weight).contiguous()
+    if bias is not None:
+        linear.bias.data = bias
+    after = _outputs(work, {"map": linear, "layer": layer}, calibration[:1])
+    moved = got["layer"][0][1] - got["map"][0][1] + after["map"][0][1]
+    if relative_error(after["layer"][0][1], moved) > BRIDGE_RTOL:
+        linear.weight.data = old[0]
+        if old[1] is not None:
+            linear.bias.data = old[1]
+        return Bridge(before, gap, qualified, fit, why=f"the layer's output is not the stream plus {where}'s output "
+                                                     "(a norm or another map after it)")
+    return Bridge(before, gap, qualified, fit)
+
+
 def drop_layers(model: torch.nn.Module, example_inputs: Any, n: int | None = None, *,
                 layers: Sequence[int] | None = None, data: Iterable[Any] | None = None,
-                stack: str | None = None) -> Depth:
+                stack: str | None = None, bridge: bool | None = None) -> Depth:
     """A copy of ``model`` without ``n`` layers of its stack (those of least block influence on ``data``, an
-    iterable of model inputs) or without the named ``layers``; verified on ``example_inputs`` against ``model``
-    with the same layers skipped. ``model`` is not changed. ``stack``: the qualified name of the ``ModuleList``
-    (default: :func:`layer_stack`'s choice)."""
+    iterable of model inputs: a few calibration batches) or without the named ``layers``; verified on
+    ``example_inputs`` against ``model`` with the same layers skipped, then each gap bridged on ``data`` (see the
+    module docstring; ``bridge``: default True when ``data`` is given). ``model`` is not changed. ``stack``: the
+    qualified name of the ``ModuleList`` (default: :func:`layer_stack`'s choice)."""
     name, original = layer_stack(model, stack)
     total = len(original)
     if (n is None) == (layers is None):
         raise InputError("give either n (how many layers to remove, ranked on data) or layers (which ones)")
+    bridge = data is not None if bridge is None else bridge
+    if bridge and data is None:
+        raise InputError("bridging the gaps needs data (calibration batches of model inputs); or bridge=False")
+    calibration = list(data) if data is not None else []  # a few batches: read by the ranking and the bridges
     work = copy.deepcopy(model)
     training = model.training
     work.eval()
@@ -243,7 +379,7 @@ def drop_layers(model: torch.nn.Module, example_inputs: Any, n: int | None = Non
             raise InputError(f"n={n}: the stack {name} has {total} layers; remove at least one and keep at least one")
         if data is None:
             raise InputError("ranking layers by block influence needs data (calibration batches of model inputs)")
-        influence = block_influence(work, data, name)
+        influence = block_influence(work, calibration, name)
         dropped = sorted(sorted(range(total), key=lambda i: influence[i])[:n])
     else:
         dropped = sorted(set(layers))
@@ -251,6 +387,9 @@ def drop_layers(model: torch.nn.Module, example_inputs: Any, n: int | None = Non
         if bad or len(dropped) >= total:
             raise InputError(f"layers={list(layers)}: the stack {name} has layers 0..{total - 1}; keep at least one")
     work_layers = _stack_of(work, name)
+    gaps = _gaps(total, dropped) if bridge else []
+    with cache_off(work):  # what the original's stream is after each gap, per calibration batch
+        streams = _outputs(work, {g[-1]: work_layers[g[-1]] for before, g in gaps if before is not None}, calibration)
     handles = _skipping(work_layers, dropped)
     try:
         with cache_off(work):  # a KV cache is no output to compare
@@ -274,7 +413,15 @@ def drop_layers(model: torch.nn.Module, example_inputs: Any, n: int | None = Non
                                  f"skipped (relative error {error:.2e}): its forward does not use them as blocks "
                                  "that can go (one that reads the number of layers, or a layer whose output is not the "
                                  "hidden states passed on)")
+    bridges = []
+    with cache_off(work):
+        for before, gap in gaps:  # in order: each fitted with the ones before it in place
+            if before is None:
+                bridges.append(Bridge(None, gap, why="the gap starts the stack: no kept layer before it"))
+                continue
+            targets = [out for _, out in streams[gap[-1]]]
+            bridges.append(_bridge(work, name, kept.index(before), before, gap, targets, calibration))
     work.train(training)
-    log.info("depth: removed layers %s of %s (%d -> %d); config fields updated: %s", dropped, name, total, len(kept),
-             ", ".join(changed) or "none")
-    return Depth(work, name, dropped, influence, error)
+    log.info("depth: removed layers %s of %s (%d -> %d); config fields updated: %s; %d of %d gaps bridged", dropped,
+             name, total, len(kept), ", ".join(changed) or "none", sum(b.applied for b in bridges), len(bridges))
+    return Depth(work, name, dropped, influence, error, bridges)

@@ -43,7 +43,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
-    "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "kept_step",
+    "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "kept_step", "guard_reading",
     "lr_factor",
     "VARIANCE_FLOOR",
 ]
@@ -429,6 +429,12 @@ def _gathered(pending: list[torch.Tensor]) -> list[float]:
 CHECK_BATCHES = 8
 
 
+def guard_reading(scored: bool) -> tuple[int, str]:
+    """How to read a retrain guard's measurements: ``(sign, what)`` — a history entry times ``sign`` is ``what``
+    (minus the caller's score when the guard follows one, else the check loss itself)."""
+    return (-1, "score") if scored else (1, "check loss")
+
+
 def kept_step(history: Sequence[Sequence[float]]) -> int:
     """Of a retrain guard's measurements ``(steps done, check loss)`` (``report.retrain_check``), the steps done
     where the check loss was lowest: the weights kept (the first such; 0 before any measurement)."""
@@ -479,7 +485,7 @@ class BestWeights:
         """Put the best weights back (when the last measurement was not the best)."""
         if self.best is not None and self.history and self.best_step != self.history[-1][0]:
             self.model.load_state_dict(self.best)
-            sign, what = (-1, "score") if self.score is not None else (1, "check loss")
+            sign, what = guard_reading(self.score is not None)
             log.info("retrain: kept the weights after %d steps (%s %.5f; %.5f at the end)", self.best_step, what,
                      sign * min(v for _, v in self.history), sign * self.history[-1][1])
         self.best = None

@@ -50,7 +50,7 @@ from ..passes.base import get_tensor, set_tensor
 from . import distributed
 from .loop import call, to_device
 
-__all__ = ["LayerFit", "reconstruct", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "RIDGES"]
+__all__ = ["LayerFit", "reconstruct", "fit_linear", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "RIDGES"]
 
 log = logging.getLogger(__name__)
 
@@ -334,41 +334,50 @@ def every_fourth(n: int) -> set[int]:
     return {i for i in range(n) if i % 4 == 3} or ({n - 1} if n > 1 else set())
 
 
-def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: list[torch.Tensor],
-         ridges: tuple[float, ...]) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:
-    """One site's fit: its :class:`LayerFit`, and the new weight and bias (None: not applied). With two batches
-    or more, every fourth (at least one) is held out: each ridge weight is fitted on the others and the one with
-    the lowest held-out error is chosen; when none beats the cut weights there, nothing is applied. The chosen
-    weight is then fitted on all the batches."""
-    w0 = get_tensor(small, site.weight).detach()
-    b0 = get_tensor(small, site.bias).detach() if site.bias else None
-    w = (w0.t() if site.transposed else w0).double()  # (out, in)
+def fit_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, xs: list[torch.Tensor],
+               ys: list[torch.Tensor], ridges: tuple[float, ...] = RIDGES
+               ) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """The ridge fit of one linear map ``weight`` (``(out, in)``; ``bias`` or None) to give ``ys`` from ``xs``
+    (per calibration batch, ``(rows, in)`` and ``(rows, out)``): its :class:`LayerFit` (named ``name``), and the
+    new weight and bias in the dtypes of the given ones (None: not applied). With two batches or more, every
+    fourth (at least one) is held out: each ridge weight is fitted on the others and the one with the lowest
+    held-out error is chosen; when none beats the given weights there, nothing is applied. The chosen ridge is
+    then fitted on all the batches."""
+    w = weight.detach().double()
     out_features, in_features = w.shape
-    bias0 = b0.double() if b0 is not None else torch.zeros(out_features, dtype=torch.float64, device=w.device)
+    bias0 = bias.detach().double() if bias is not None else torch.zeros(out_features, dtype=torch.float64, device=w.device)
     w_aug = torch.cat([w, bias0[:, None]], 1)
     held = every_fourth(len(xs))
     part = [_Sums.of([x for i, x in enumerate(xs) if (i in held) == h], [y for i, y in enumerate(ys) if (i in held) == h],
                      in_features, out_features, w.device) for h in (False, True)]  # fmt: skip
     everything = part[0] + part[1]
-    fit = LayerFit(site.weight, everything.rows, everything.error(w_aug), everything.error(w_aug))
+    fit = LayerFit(name, everything.rows, everything.error(w_aug), everything.error(w_aug))
     ridge = ridges[len(ridges) // 2]
     if held:
         fit.held_before = part[1].error(w_aug)
-        trials = {r: part[1].error(part[0].solve(w_aug, r, b0 is not None)) for r in ridges}
+        trials = {r: part[1].error(part[0].solve(w_aug, r, bias is not None)) for r in ridges}
         ridge = min(trials, key=trials.__getitem__)
         if not trials[ridge] < fit.held_before:
             fit.held_after = fit.held_before
             return fit, None, None
         fit.held_after = trials[ridge]
-    new = everything.solve(w_aug, ridge, b0 is not None)
+    new = everything.solve(w_aug, ridge, bias is not None)
     after = everything.error(new)
     if not after < fit.before:
         return fit, None, None
     fit.after, fit.ridge = after, ridge
-    weight = new[:, :-1]
-    weight = (weight.t() if site.transposed else weight).to(w0.dtype).contiguous()
-    bias = new[:, -1].to(b0.dtype) if b0 is not None else None
-    return fit, weight, bias
+    return fit, new[:, :-1].to(weight.dtype), new[:, -1].to(bias.dtype) if bias is not None else None
+
+
+def _fit(site: _Site, small: torch.fx.GraphModule, xs: list[torch.Tensor], ys: list[torch.Tensor],
+         ridges: tuple[float, ...]) -> tuple[LayerFit, torch.Tensor | None, torch.Tensor | None]:
+    """One site's fit (:func:`fit_linear`), the new weight in the layout the graph stores it in."""
+    w0 = get_tensor(small, site.weight).detach()
+    b0 = get_tensor(small, site.bias).detach() if site.bias else None
+    fit, weight, bias = fit_linear(site.weight, w0.t() if site.transposed else w0, b0, xs, ys, ridges)
+    if weight is not None and site.transposed:
+        weight = weight.t()
+    return fit, weight.contiguous() if weight is not None else None, bias
 
 
 def reconstruct(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, batches: Iterable[Any],
