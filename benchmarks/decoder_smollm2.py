@@ -261,6 +261,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 info[method] |= {"layers_removed": depth.dropped, "depth_probes": probes, "depth_target": target,
                                  "block_influence": depth.influence,
                                  "bridges": [{"gap": b.gap, "weight": b.weight, "why": b.why,
+                                              "stream_before": b.stream_before, "stream_after": b.stream_after,
                                               "fit": b.fit.to_dict() if b.fit is not None else None}
                                              for b in depth.bridges]}  # fmt: skip
             if "torch-pruning" in methods:

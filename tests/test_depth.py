@@ -234,7 +234,7 @@ def test_a_bridge_brings_the_stream_after_a_gap_back_toward_the_original():
     assert plain.bridges == [] and len(bridged.bridges) == 1
     b = bridged.bridges[0]
     assert (b.layer, b.gap, b.weight, b.applied) == (1, [2, 3], "model.layers.1.mlp.down_proj", True)
-    assert b.fit.after < b.fit.before and b.fit.held_after < b.fit.held_before
+    assert b.fit.after < b.fit.before and b.fit.held_after < b.fit.held_before and b.stream_after < b.stream_before
     assert _changed(bridged.module, plain.module) == ["model.layers.1.mlp.down_proj.weight"]
     other = _calibration(4, seed=9)
     with torch.no_grad():

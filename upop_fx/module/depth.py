@@ -64,13 +64,18 @@ BRIDGE_RTOL = 1e-4
 class Bridge:
     """One run of removed layers (``gap``, original numbering) and the kept layer before it (``layer``) whose map
     ``weight`` (qualified name) was re-fitted to stand in for them: its :class:`LayerFit` (relative errors on the
-    calibration tokens), or ``why`` it was not."""
+    calibration tokens), or ``why`` it was not; kept only where the stream the next layer receives came nearer the
+    original's."""
 
     layer: int | None
     gap: list[int]
     weight: str | None = None
     fit: LayerFit | None = None
     why: str | None = None
+    #: the relative error of the stream the next kept layer receives against the original's after the gap, on
+    #: the calibration batches, before and after the re-fit (None: not re-fitted)
+    stream_before: float | None = None
+    stream_after: float | None = None
 
     @property
     def applied(self) -> bool:
@@ -99,8 +104,9 @@ class Depth:
         for b in self.bridges:
             if b.applied:
                 assert b.fit is not None
-                lines.append(f"  bridged {b.gap} by re-fitting {b.weight}: relative error {b.fit.before:.4f} -> "
-                             f"{b.fit.after:.4f} on {b.fit.rows} calibration tokens")
+                lines.append(f"  bridged {b.gap} by re-fitting {b.weight}: the stream after it against the original's "
+                             f"after the gap, relative error {b.stream_before:.4f} -> {b.stream_after:.4f} on "
+                             f"{b.fit.rows} calibration tokens")
             else:
                 lines.append(f"  not bridged {b.gap}: {b.why or 'the fit did not lower the held-out error'}")
         return "\n".join(lines)
@@ -342,15 +348,21 @@ def _bridge(work: torch.nn.Module, name: str, position: int, before: int, gap: l
     linear.weight.data = (weight.t() if transposed else weight).contiguous()
     if bias is not None:
         linear.bias.data = bias
-    after = _outputs(work, {"map": linear, "layer": layer}, calibration[:1])
+    after = _outputs(work, {"map": linear, "layer": layer}, calibration)
+    streams = (relative_error([o for _, o in got["layer"]], targets),
+               relative_error([o for _, o in after["layer"]], targets))
     moved = got["layer"][0][1] - got["map"][0][1] + after["map"][0][1]
-    if relative_error(after["layer"][0][1], moved) > BRIDGE_RTOL:
+    tolerance = max(BRIDGE_RTOL, 8 * torch.finfo(moved.dtype).eps)  # the add's rounding in low precision
+    why = None
+    if relative_error(after["layer"][0][1], moved) > tolerance:
+        why = f"the layer's output is not the stream plus {where}'s output (a norm or another map after it)"
+    elif not streams[1] < streams[0]:
+        why = "the stream the next layer receives did not come nearer the original's"
+    if why is not None:
         linear.weight.data = old[0]
         if old[1] is not None:
             linear.bias.data = old[1]
-        return Bridge(before, gap, qualified, fit, why=f"the layer's output is not the stream plus {where}'s output "
-                                                     "(a norm or another map after it)")
-    return Bridge(before, gap, qualified, fit)
+    return Bridge(before, gap, qualified, fit, why, *streams)
 
 
 def drop_layers(model: torch.nn.Module, example_inputs: Any, n: int | None = None, *,
