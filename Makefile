@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory bench-search-step bench-decoder bench-shared-rotary gpu-check lint clean
+.PHONY: demo test bench bench-accuracy bench-latency bench-latency-budget bench-kernels bench-tasks bench-memory bench-search-step bench-decoder bench-shared-rotary bench-depth-bridge gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,9 @@ bench-decoder: $(SMOLLM2)  ## SmolLM2 at asked decode speeds: UPop vs magnitude 
 
 bench-shared-rotary: $(SMOLLM2)  ## SmolLM2: whole heads or shared rotary pairs under its one rotary table
 	$(PY) -m benchmarks.shared_rotary
+
+bench-depth-bridge: $(SMOLLM2)  ## SmolLM2 without whole layers, no training: each gap bridged or not
+	$(PY) -m benchmarks.depth_bridge
 
 # The prepared GPU check (kernel tests on CUDA, kernel benchmark, search on CUDA): on a GPU machine without
 # a package registry run `PYTHONPATH=. bash benchmarks/gpu_check.sh gpu_results` with its own Python instead.

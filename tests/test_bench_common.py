@@ -90,16 +90,30 @@ def _small_tokenizer():
                                    sep_token="[SEP]", eos_token="[SEP]")
 
 
-def _tiny_llama(hidden: int = 32, intermediate: int = 64):
+def _tiny_llama(hidden: int = 32, intermediate: int = 64, layers: int = 2):
     """A random Llama of SmolLM2's layout (grouped-query heads, SwiGLU MLP), with a small tokenizer for text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _small_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(config).eval(), tok
+
+
+def test_depth_bridge_benchmark_removes_the_same_layers_bridged_and_not(tmp_path):
+    """``benchmarks.depth_bridge`` on a tiny random Llama of 4 layers: per seed the same layer removed twice, once
+    with its gap bridged; finite perplexities; the files written."""
+    from benchmarks import depth_bridge
+
+    payload = depth_bridge.run([1], [0], blocks=1, load=lambda: _tiny_llama(layers=4), calibration_batches=2)
+    plain, bridged = payload["rows"]
+    assert (plain["bridged"], bridged["bridged"]) == (False, True) and plain["dropped"] == bridged["dropped"]
+    assert plain["bridges"] == [] and len(bridged["bridges"]) == 1
+    assert all(0 < r[k] < float("inf") for r in payload["rows"] for k in ("ppl_bbc", "ppl_pydoc"))
+    depth_bridge.write_results("bridge", payload, depth_bridge.COLUMNS, tmp_path, markdown=depth_bridge.report(payload))
+    assert "1 layers, bridged" in (tmp_path / "bridge.md").read_text()
 
 
 def test_shared_rotary_benchmark_compares_both_cuts_of_a_llama(tmp_path):
