@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ log = logging.getLogger("benchmarks.depth_bridge")
 COLUMNS = ["layers_removed", "seed", "bridged", "ppl_bbc", "ppl_pydoc", "dropped", "gaps_bridged"]
 
 
-def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None,
-        calibration_batches: int | None = None) -> dict[str, Any]:
-    """Every row (``layers`` × ``seeds`` × bridged or not) and the dense model's perplexities."""
+def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None, calibration_batches: int | None = None,
+        save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every row (``layers`` × ``seeds`` × bridged or not) and the dense model's perplexities; ``save`` is given
+    the payload so far after each pair of rows (a run stopped early keeps what it measured)."""
     import upop_fx
     from upop_fx import datasets
 
@@ -59,6 +61,15 @@ def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None,
 
     dense = quality(model)
     rows: list[dict[str, Any]] = []
+
+    def payload() -> dict[str, Any]:
+        return {
+            "question": __doc__.split("\n\n")[0].replace("\n", " "),
+            "layers": layers, "seeds": seeds, "blocks": blocks, "calibration_batches": n_calibration,
+            "machine": machine(), "dense": dense, "rows": rows,
+            "summary": seed_summary(rows, "row", ["ppl_bbc", "ppl_pydoc"]),
+        }  # fmt: skip
+
     for n in layers:
         for seed in seeds:
             stream = _stream(train, tok, seed)
@@ -73,15 +84,12 @@ def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None,
                     "bridges": [{"gap": b.gap, "weight": b.weight, "why": b.why, "stream_before": b.stream_before,
                                  "stream_after": b.stream_after} for b in depth.bridges],
                 })  # fmt: skip
+                rows[-1]["row"] = f"{n} layers, {'bridged' if is_bridged else 'not bridged'}"
                 log.info("%s", {k: v for k, v in rows[-1].items() if k != "bridges"})
-    for r in rows:
-        r["row"] = f"{r['layers_removed']} layers, {'bridged' if r['bridged'] else 'not bridged'}"
-    return {
-        "question": __doc__.split("\n\n")[0].replace("\n", " "),
-        "layers": layers, "seeds": seeds, "blocks": blocks, "calibration_batches": n_calibration,
-        "machine": machine(), "dense": dense, "rows": rows,
-        "summary": seed_summary(rows, "row", ["ppl_bbc", "ppl_pydoc"]),
-    }  # fmt: skip
+            if save is not None:
+                save(payload())
+
+    return payload()
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -107,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    payload = run(args.layers, args.seeds, args.blocks)
-    write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
+    def save(payload: dict[str, Any]) -> None:
+        write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
+
+    payload = run(args.layers, args.seeds, args.blocks, save=save)
+    save(payload)
     print(report(payload))
     return 0
 
