@@ -53,7 +53,7 @@ def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None, cali
     model.eval()
     held = {"bbc": list(datasets.lm_batches(datasets.bbc_texts("held_out"), tok, block=256, batch=4, limit=blocks)),
             "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
-    train = datasets.bbc_texts("train")
+    train = list(datasets.bbc_texts("train"))  # read once: every seed orders it anew
     n_calibration = calibration_batches or upop_fx.Options().calibration_batches
 
     def quality(m: Any) -> dict[str, float]:

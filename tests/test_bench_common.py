@@ -103,14 +103,14 @@ def _tiny_llama(hidden: int = 32, intermediate: int = 64, layers: int = 2):
 
 
 def test_depth_bridge_benchmark_removes_the_same_layers_bridged_and_not(tmp_path):
-    """``benchmarks.depth_bridge`` on a tiny random Llama of 4 layers: per seed the same layer removed twice, once
-    with its gap bridged; finite perplexities; the files written."""
+    """``benchmarks.depth_bridge`` on a tiny random Llama of 4 layers, two seeds: per seed the same layer removed
+    twice, once with its gap bridged; finite perplexities; the files written."""
     from benchmarks import depth_bridge
 
-    payload = depth_bridge.run([1], [0], blocks=1, load=lambda: _tiny_llama(layers=4), calibration_batches=2)
-    plain, bridged = payload["rows"]
-    assert (plain["bridged"], bridged["bridged"]) == (False, True) and plain["dropped"] == bridged["dropped"]
-    assert plain["bridges"] == [] and len(bridged["bridges"]) == 1
+    payload = depth_bridge.run([1], [0, 1], blocks=1, load=lambda: _tiny_llama(layers=4), calibration_batches=2)
+    assert [(r["seed"], r["bridged"]) for r in payload["rows"]] == [(0, False), (0, True), (1, False), (1, True)]
+    plain, bridged = payload["rows"][:2]
+    assert plain["dropped"] == bridged["dropped"] and plain["bridges"] == [] and len(bridged["bridges"]) == 1
     assert all(0 < r[k] < float("inf") for r in payload["rows"] for k in ("ppl_bbc", "ppl_pydoc"))
     depth_bridge.write_results("bridge", payload, depth_bridge.COLUMNS, tmp_path, markdown=depth_bridge.report(payload))
     assert "1 layers, bridged" in (tmp_path / "bridge.md").read_text()
