@@ -174,6 +174,37 @@ def seed_summary(rows: list[dict[str, Any]], key: str, metrics: list[str]) -> li
     return out
 
 
+def add_results_options(p: argparse.ArgumentParser, name: str) -> None:
+    """``--name`` (the results file's name, default ``name``) and ``--out`` (its directory)."""
+    p.add_argument("--name", default=name, help="results file name (without extension)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+
+
+def results_saver(args: argparse.Namespace, columns: list[str], report: Callable[[dict[str, Any]], str]
+                  ) -> Callable[[dict[str, Any]], None]:  # fmt: skip
+    """``save(payload)``: :func:`write_results` under ``args.name`` and ``args.out`` (:func:`add_results_options`),
+    the markdown being ``report(payload)`` — for a run that saves what it measured as it goes."""
+
+    def save(payload: dict[str, Any]) -> None:
+        write_results(args.name, payload, columns, args.out, markdown=report(payload))
+
+    return save
+
+
+def lm_held_out(tok: Any, blocks: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The decoder benchmarks' held-out text, by name: BBC News held-out articles and Python's documentation
+    (``pydoc_data.topics``, out of domain), each its first ``blocks`` batches of 4 × 256 tokens with ``labels``."""
+    from upop_fx import datasets
+
+    return {"bbc": list(datasets.lm_batches(datasets.bbc_texts("held_out"), tok, block=256, batch=4, limit=blocks)),
+            "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
+
+
+def perplexities(model: torch.nn.Module, held: dict[str, list[dict[str, torch.Tensor]]]) -> dict[str, float]:
+    """``{"ppl_<name>": perplexity}`` of ``model`` on each held-out text of ``held`` (:func:`lm_held_out`)."""
+    return {f"ppl_{k}": perplexity(model, v) for k, v in held.items()}
+
+
 def perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """exp of the mean token loss of a causal LM over ``batches`` (its own shifted loss; each batch carries
     ``labels``), weighted by the tokens of each batch."""

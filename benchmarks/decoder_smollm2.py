@@ -41,21 +41,21 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import common
 from benchmarks.common import (
-    RESULTS,
     RssPeak,
+    add_results_options,
     arg_parser,
+    lm_held_out,
     machine,
     markdown_table,
-    perplexity,
+    perplexities,
+    results_saver,
     seed_summary,
-    write_results,
 )
 from upop_fx.calibration import GENERATED_TOKENS
 
@@ -186,8 +186,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
 
     model, tok = (load or datasets.load_smollm2)()
     train = list(datasets.bbc_texts("train"))
-    held = {"bbc": list(datasets.lm_batches(datasets.bbc_texts("held_out"), tok, block=256, batch=4, limit=blocks)),
-            "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
+    held = lm_held_out(tok, blocks)
     example = next(_stream(train, tok, 0))
     options = upop_fx.Options() if check_batches is None else upop_fx.Options(calibration_batches=check_batches)
     lr = options.lr if lr is None else lr
@@ -203,8 +202,10 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
         return out
 
     def quality(m: torch.nn.Module) -> dict[str, Any]:
-        return {**{f"ppl_{k}": perplexity(m, v) for k, v in held.items()},
-                "params": sum(p.numel() for p in m.parameters())}
+        return {**perplexities(m, held), "params": sum(p.numel() for p in m.parameters())}
+
+    def at_cut(m: torch.nn.Module) -> dict[str, Any]:  # a depth row right after its cut, before the retrain
+        return {f"{k}_cut": v for k, v in perplexities(m, held).items()}
 
     dense_row = {"method": "dense", **quality(model), **_widths(model), "samples": sample(model)}
     rows: list[dict[str, Any]] = []
@@ -250,20 +251,13 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 stream = _stream(train, tok, seed)
                 calibration = [next(stream) for _ in range(options.calibration_batches)]
                 made: dict[int, Any] = {}  # each probe's Depth, by its module
-
-                def at_cut(m: torch.nn.Module) -> dict[str, Any]:
-                    return {f"{k}_cut": v for k, v in quality(m).items() if k.startswith("ppl_")}
-
                 cuts[method], _, probes, info[method] = _matched_then_retrained(
                     _shallower(model, example, calibration, made, bridge), speedup, target,
                     min(0.9, (1 - 1 / target) / 0.9), same_retrain, at_cut)  # fmt: skip (first probe: the layers take ~90% of a step)
                 depth = made[id(cuts[method])]
                 info[method] |= {"layers_removed": depth.dropped, "depth_probes": probes, "depth_target": target,
                                  "block_influence": depth.influence,
-                                 "bridges": [{"gap": b.gap, "weight": b.weight, "why": b.why,
-                                              "stream_before": b.stream_before, "stream_after": b.stream_after,
-                                              "fit": b.fit.to_dict() if b.fit is not None else None}
-                                             for b in depth.bridges]}  # fmt: skip
+                                 "bridges": [b.to_dict() for b in depth.bridges]}
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder
 
@@ -327,13 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: upop_fx's)")
     p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
     p.add_argument("--runs", type=int, default=5, help="timed rounds per model in each timed group")
-    p.add_argument("--name", default="decoder_smollm2", help="results file name (without extension)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    add_results_options(p, "decoder_smollm2")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    def save(payload: dict[str, Any]) -> None:
-        write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
-
+    save = results_saver(args, COLUMNS, report)
     payload = run(args.speeds, args.seeds, args.search_steps, args.retrain_steps, args.blocks, tuple(args.methods),
                   args.runs, save=save, lr=args.lr)
     save(payload)

@@ -23,17 +23,17 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    RESULTS,
+    add_results_options,
     arg_parser,
+    lm_held_out,
     machine,
     markdown_table,
-    perplexity,
+    perplexities,
+    results_saver,
     seed_summary,
-    write_results,
 )
 from benchmarks.decoder_smollm2 import _stream
 
@@ -51,15 +51,11 @@ def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None, cali
 
     model, tok = (load or datasets.load_smollm2)()
     model.eval()
-    held = {"bbc": list(datasets.lm_batches(datasets.bbc_texts("held_out"), tok, block=256, batch=4, limit=blocks)),
-            "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
+    held = lm_held_out(tok, blocks)
     train = list(datasets.bbc_texts("train"))  # read once: every seed orders it anew
     n_calibration = calibration_batches or upop_fx.Options().calibration_batches
 
-    def quality(m: Any) -> dict[str, float]:
-        return {f"ppl_{k}": perplexity(m, v) for k, v in held.items()}
-
-    dense = quality(model)
+    dense = perplexities(model, held)
     rows: list[dict[str, Any]] = []
 
     def payload() -> dict[str, Any]:
@@ -78,11 +74,10 @@ def run(layers: list[int], seeds: list[int], blocks: int, load: Any = None, cali
             plain = upop_fx.drop_layers(model, calibration[0], layers=bridged.dropped, bridge=False)
             for depth, is_bridged in ((plain, False), (bridged, True)):
                 rows.append({
-                    "layers_removed": n, "seed": seed, "bridged": is_bridged, **quality(depth.module),
+                    "layers_removed": n, "seed": seed, "bridged": is_bridged, **perplexities(depth.module, held),
                     "dropped": depth.dropped, "gaps_bridged": f"{sum(b.applied for b in depth.bridges)}/"
                     f"{len(depth.bridges)}" if is_bridged else "",
-                    "bridges": [{"gap": b.gap, "weight": b.weight, "why": b.why, "stream_before": b.stream_before,
-                                 "stream_after": b.stream_after} for b in depth.bridges],
+                    "bridges": [b.to_dict() for b in depth.bridges],
                 })  # fmt: skip
                 rows[-1]["row"] = f"{n} layers, {'bridged' if is_bridged else 'not bridged'}"
                 log.info("%s", {k: v for k, v in rows[-1].items() if k != "bridges"})
@@ -111,13 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, nargs="+", default=[8, 12], help="layers removed (of 30)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the calibration batches' order)")
     p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
-    p.add_argument("--name", default="depth_bridge", help="results file name (without extension)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    add_results_options(p, "depth_bridge")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    def save(payload: dict[str, Any]) -> None:
-        write_results(args.name, payload, COLUMNS, args.out, markdown=report(payload))
-
+    save = results_saver(args, COLUMNS, report)
     payload = run(args.layers, args.seeds, args.blocks, save=save)
     save(payload)
     print(report(payload))

@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, arg_parser, machine, markdown_table, perplexity, write_results
+from benchmarks.common import (
+    RESULTS,
+    arg_parser,
+    lm_held_out,
+    machine,
+    markdown_table,
+    perplexities,
+    write_results,
+)
 
 log = logging.getLogger("benchmarks.shared_rotary")
 
@@ -40,8 +48,7 @@ def run(ratio: float, blocks: int, load: Callable[[], tuple[Any, Any]] | None = 
     model, tok = (load or datasets.load_smollm2)()
     calib = [{k: v for k, v in b.items() if k != "labels"}
              for b in datasets.lm_batches(datasets.bbc_texts("train"), tok, block=128, batch=4, limit=8)]
-    held = {"bbc": list(datasets.lm_batches(datasets.bbc_texts("held_out"), tok, block=256, batch=4, limit=blocks)),
-            "pydoc": list(datasets.lm_batches(datasets.pydoc_texts(), tok, block=256, batch=4, limit=blocks))}
+    held = lm_held_out(tok, blocks)
     prompt = {k: v for k, v in tok(PROMPT, return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
 
     def sample(m: torch.nn.Module) -> str:
@@ -49,7 +56,7 @@ def run(ratio: float, blocks: int, load: Callable[[], tuple[Any, Any]] | None = 
             return tok.decode(m.generate(**prompt, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True)
 
     rows = [{"cut": "dense", "params": sum(p.numel() for p in model.parameters()),
-             **{f"ppl_{k}": perplexity(model, v) for k, v in held.items()}, "sample": sample(model)}]
+             **perplexities(model, held), "sample": sample(model)}]
     for shared in (False, True):
         t0 = time.perf_counter()
         result = upop_fx.compress(model, calib[0], ratio=ratio, method="activation", retrain_steps=0, data=calib,
@@ -61,7 +68,7 @@ def run(ratio: float, blocks: int, load: Callable[[], tuple[Any, Any]] | None = 
         rows.append({
             "cut": "shared rotary pairs" if shared else "whole heads (default)",
             "params": sum(p.numel() for p in m.parameters()),
-            **{f"ppl_{k}": perplexity(m, v) for k, v in held.items()},
+            **perplexities(m, held),
             "head_dim": attn.head_dim, "kv_heads_per_layer": f"{min(heads)}..{max(heads)}",
             "compress_s": round(seconds), "sample": sample(m),
         })  # fmt: skip

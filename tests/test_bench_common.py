@@ -112,7 +112,7 @@ def test_depth_bridge_benchmark_removes_the_same_layers_bridged_and_not(tmp_path
     plain, bridged = payload["rows"][:2]
     assert plain["dropped"] == bridged["dropped"] and plain["bridges"] == [] and len(bridged["bridges"]) == 1
     assert all(0 < r[k] < float("inf") for r in payload["rows"] for k in ("ppl_bbc", "ppl_pydoc"))
-    depth_bridge.write_results("bridge", payload, depth_bridge.COLUMNS, tmp_path, markdown=depth_bridge.report(payload))
+    common.write_results("bridge", payload, depth_bridge.COLUMNS, tmp_path, markdown=depth_bridge.report(payload))
     assert "1 layers, bridged" in (tmp_path / "bridge.md").read_text()
 
 
@@ -175,6 +175,6 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
         assert r["decode_speedup"] > 0 and r["prefill_speedup"] > 0
     depth = next(r for r in payload["rows"] if r["method"] == "depth")  # measured right after the cut too
     assert 0 < depth["ppl_bbc_cut"] < float("inf") and depth["bridges"] and depth["layers_removed"]
-    bench.write_results("decoder", payload, bench.COLUMNS, tmp_path, markdown=bench.report(payload))
+    common.write_results("decoder", payload, bench.COLUMNS, tmp_path, markdown=bench.report(payload))
     assert json.loads((tmp_path / "decoder.json").read_text())["rows"][0]["method"] == "upop"
     assert "| 1.05x upop |" in (tmp_path / "decoder.md").read_text()

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -80,6 +80,9 @@ class Bridge:
     @property
     def applied(self) -> bool:
         return self.fit is not None and self.fit.ridge is not None and self.why is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "applied": self.applied}
 
 
 @dataclass
@@ -281,6 +284,8 @@ def _outputs(model: torch.nn.Module, modules: dict[Any, torch.nn.Module], batche
              ) -> dict[Any, list[tuple[Any, torch.Tensor]]]:  # fmt: skip
     """Per key, per batch: the module's ``(input args, output)`` (its hidden states: :func:`_hidden`)."""
     seen: dict[Any, list[tuple[Any, torch.Tensor]]] = {k: [] for k in modules}
+    if not modules:  # nothing to read: no forward to run
+        return seen
     handles = []
     for key, m in modules.items():
 
