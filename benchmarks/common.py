@@ -133,6 +133,8 @@ def machine() -> dict[str, Any]:
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
+        if isinstance(v, bool):  # before int: a bool is an int, and would print as 0 or 1
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
         if isinstance(v, int):

@@ -38,6 +38,12 @@ def test_a_group_that_never_runs_quiet_is_marked(monkeypatch):
     assert load["loaded"] is True and load["tries"] == 2 and load["load_before"] == 3.0
 
 
+def test_a_table_prints_flags_as_words_and_numbers_by_their_kind():
+    rows = [{"bridged": True, "layers": 22, "ppl": 62.81, "big": 1104.9}, {"bridged": False}]
+    table = common.markdown_table(rows, ["bridged", "layers", "ppl", "big"]).splitlines()
+    assert table[2] == "| yes | 22 | 62.810 | 1,105 |" and table[3] == "| no |  |  |  |"
+
+
 def test_match_speedup_finds_the_ratio_of_a_measured_speedup():
     from benchmarks.common import match_speedup
 
