@@ -112,9 +112,7 @@ def test_padding_does_not_count_in_the_influence():
     the padded positions (whatever their hidden states) are left out, so the influence is the unpadded one's."""
     model = _llama()
     real = _batches()
-    padded = [{"input_ids": torch.cat([b["input_ids"], torch.full((2, 5), 7)], 1),
-               "attention_mask": torch.cat([torch.ones(2, 10, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)], 1)}
-              for b in real]  # fmt: skip
+    padded = _right_padded(real)
     want = block_influence(model, real)
     assert block_influence(model, padded) == pytest.approx(want, rel=1e-9)
     unmasked = [{"input_ids": b["input_ids"]} for b in padded]  # the same tokens counted: a different figure
@@ -245,6 +243,29 @@ def test_a_bridge_brings_the_stream_after_a_gap_back_toward_the_original():
     logits = [upop_fx.compare.relative_error([o.logits for o in outs], [w.logits for w in want]) for outs in got]
     assert stream[1] < stream[0] and logits[1] < logits[0], (stream, logits)
     assert "bridged [2, 3] by re-fitting model.layers.1.mlp.down_proj" in bridged.describe()
+
+
+def _right_padded(batches, pad: int = 5):
+    """Each batch with ``pad`` padding tokens after it, and the attention mask that says so."""
+    return [{"input_ids": torch.cat([b["input_ids"], torch.full((b["input_ids"].shape[0], pad), 7)], 1),
+             "attention_mask": torch.cat([torch.ones_like(b["input_ids"]),
+                                          torch.zeros(b["input_ids"].shape[0], pad, dtype=torch.long)], 1)}
+            for b in batches]  # fmt: skip
+
+
+def test_padding_does_not_count_in_a_bridge():
+    """Right padding with its mask: a causal model's real positions are those of the unpadded batches, so the
+    bridge fitted on the padded batches is the one fitted on the unpadded ones (and it is another one when the
+    padding is counted as tokens)."""
+    model, real = _llama(6), _calibration()
+    padded = _right_padded(real)
+    fitted = [upop_fx.drop_layers(model, real[0], layers=[2, 3], data=d)
+              for d in (real, padded, [{"input_ids": b["input_ids"]} for b in padded])]
+    weights = [d.module.model.layers[1].mlp.down_proj.weight for d in fitted]
+    assert all(d.bridges[0].applied for d in fitted)
+    assert torch.allclose(weights[1], weights[0], rtol=1e-4, atol=1e-6)
+    assert fitted[1].bridges[0].fit.rows == fitted[0].bridges[0].fit.rows
+    assert not torch.allclose(weights[2], weights[0], rtol=1e-4, atol=1e-6)
 
 
 def test_conv1d_maps_are_bridged_too():

@@ -16,7 +16,7 @@ import upop_fx
 from upop_fx.compare import relative_error
 from upop_fx.passes import FindGroups, Surgery
 from upop_fx.training.loop import VARIANCE_FLOOR, distillation_loss
-from upop_fx.training.reconstruct import reconstruct, refit_sites
+from upop_fx.training.reconstruct import input_norms, reconstruct, refit_sites
 
 from .models import ZOO, ZooModel, _pixels, _tokens
 
@@ -57,16 +57,24 @@ def _cut(name: str):
     return zoo, cap.gm, Surgery(keep)(cap.gm).gm
 
 
+def _real(batch, t: torch.Tensor) -> torch.Tensor:
+    """The (batch, tokens, features) value's rows at the batch's real tokens (the zoo's text batches pad their last
+    row)."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return t[mask.bool()] if mask is not None else t.reshape(-1, t.shape[-1])
+
+
 def _site_error(dense: torch.fx.GraphModule, small: torch.fx.GraphModule, site, batches) -> float:
-    """The residual sum's error at ``site``, over the centred spread of its target, computed from node values."""
+    """The residual sum's error at ``site`` on the real tokens, over the centred spread of its target, computed
+    from node values."""
     num = 0.0
     ys = []
     for b in batches:
         d, s = _values(dense, b), _values(small, b)
-        target = d[site.dense_add.name] - s[site.residual.name]
-        got = s[site.small_add.name] - s[site.residual.name]
+        target = _real(b, d[site.dense_add.name] - s[site.residual.name])
+        got = _real(b, s[site.small_add.name] - s[site.residual.name])
         num += float((got - target).double().pow(2).sum())
-        ys.append(target.double().reshape(-1, target.shape[-1]))
+        ys.append(target.double())
     y = torch.cat(ys)
     return num / float((y - y.mean(0)).pow(2).sum())
 
@@ -113,6 +121,31 @@ def test_reconstruct_is_deterministic_and_leaves_uncut_layers():
     assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), twin.state_dict().values()))
     # an uncut model has nothing to re-fit
     assert reconstruct(dense, copy.deepcopy(dense), batches) == []
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])  # linear on (batch, tokens, features); Conv1D's 2-D addmm
+def test_padded_positions_are_no_rows_of_the_fits(name):
+    """The same batches with other tokens at their padded positions (the mask unchanged): the real tokens' values
+    are the same, so are the fits, on as many rows as there are real tokens, and the activation score's input
+    norms."""
+    zoo, dense, small = _cut(name)
+    batches = _batches(zoo, 8)
+    other = []
+    for i, b in enumerate(batches):
+        ids = b["input_ids"].clone()
+        pad = b["attention_mask"] == 0
+        ids[pad] = torch.randint(3, 50, (int(pad.sum()),), generator=torch.Generator().manual_seed(i))
+        other.append({**b, "input_ids": ids})
+    twin = copy.deepcopy(small)
+    fits = [reconstruct(dense, small, batches), reconstruct(dense, twin, other)]
+    assert fits[0] and all(f.rows == sum(int(b["attention_mask"].sum()) for b in batches) for f in fits[0])
+    for a, b in zip(*fits):
+        assert a.ridge == b.ridge and math.isclose(a.after, b.after, rel_tol=1e-4), (a, b)
+    for (k, a), b in zip(small.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), k
+    norms = [input_norms(dense, batches), input_norms(dense, other)]  # the activation score's norms alike
+    assert norms[0].keys() == norms[1].keys() and all(torch.allclose(norms[0][k], norms[1][k], rtol=1e-5)
+                                                      for k in norms[0])
 
 
 def test_compress_reconstructs_by_default_with_data_and_the_module_follows():
@@ -283,7 +316,7 @@ def test_the_cut_model_runs_once_per_batch_across_its_sites_and_fits_as_a_forwar
     cap = upop_fx.capture(zoo.model, zoo.example_inputs)
     keep = {g.id: list(range(0, g.width, 2)) for g in FindGroups()(cap.gm).value.prunable if g.kind == "mlp"}
     small = Surgery(keep)(cap.gm).gm
-    data = _batches(zoo, 4)
+    data = _batches(zoo, 6)  # enough real tokens for both fits to pass their held-out check
     resumed = copy.deepcopy(small)
     fits = reconstruct(cap.gm, resumed, data)
     assert len(fits) == 2 and all(f.after < f.before for f in fits)
@@ -305,7 +338,8 @@ def test_the_retrains_check_batches_are_not_the_ones_reconstruction_fits_on():
     zoo = ZOO["bert"]()
     data = _batches(zoo, 12)
     kwargs = dict(ratio=0.5, method="magnitude", data=data, calibration_batches=8)
-    rows = zoo.example_inputs["input_ids"].numel()
+    rows = int(data[0]["attention_mask"].sum())  # the real tokens of each batch (every batch pads alike)
+    assert all(int(b["attention_mask"].sum()) == rows for b in data)
     alone = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=0, **kwargs)
     both = upop_fx.compress(zoo.model, zoo.example_inputs, retrain_steps=2, **kwargs)
     assert {f["rows"] for f in alone.report.reconstruction} == {8 * rows}

@@ -20,7 +20,8 @@ second layer) is re-fitted by ridge least squares (:func:`~upop_fx.training.reco
 calibration tokens) so that the stream it leaves is the one the original model had *after* the removed layers —
 the next kept layer receives what it used to. A layer whose output is not the stream plus that map's output (a
 norm after the residual add) is left as it was, with the reason; each bridge's error before and after is in
-``Depth.bridges``.
+``Depth.bridges``. Padded positions (where a dict batch's ``attention_mask`` marks them) count in neither the
+ranking nor the bridges' fits.
 
 Example:
     >>> import torch, upop_fx
@@ -48,7 +49,7 @@ import torch
 from ..capture.program import cache_off, normalize_inputs
 from ..compare import relative_error
 from ..errors import InputError, PostconditionError
-from ..training.reconstruct import LayerFit, fit_linear
+from ..training.reconstruct import LayerFit, fit_linear, real_rows, token_mask
 
 __all__ = ["Depth", "Bridge", "drop_layers", "layer_stack", "block_influence", "DEPTH_RTOL", "BRIDGE_RTOL"]
 
@@ -184,7 +185,7 @@ def block_influence(model: torch.nn.Module, batches: Iterable[Any], stack: str |
     sums = torch.zeros(len(layers), dtype=torch.float64)
     counts = torch.zeros(len(layers), dtype=torch.float64)
     seen: dict[int, torch.Tensor] = {}
-    mask: list[torch.Tensor | None] = [None]  # the running batch's attention mask
+    running: list[Any] = [None]  # the batch being run
     handles = []
     for i, layer in enumerate(layers):
 
@@ -199,8 +200,8 @@ def block_influence(model: torch.nn.Module, batches: Iterable[Any], stack: str |
                 raise InputError(f"{name}[{i}] ({type(_m).__name__}): its input and output hidden states could "
                                  "not be read as one tensor of the same shape, so its influence cannot be measured")
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
-            tokens = mask[0] if mask[0] is not None and mask[0].shape == cos.shape else torch.ones_like(cos)
-            tokens = tokens.to(cos.device, torch.float64)
+            real = token_mask(running[0], h_out.shape[:-1])
+            tokens = torch.ones_like(cos) if real is None else real.to(cos.device, torch.float64)
             sums[i] += ((1 - cos) * tokens).sum()
             counts[i] += tokens.sum()
 
@@ -208,8 +209,7 @@ def block_influence(model: torch.nn.Module, batches: Iterable[Any], stack: str |
                     layer.register_forward_hook(after, with_kwargs=True)]
     try:
         for batch in batches:
-            given = batch.get("attention_mask") if isinstance(batch, dict) else None
-            mask[0] = given if isinstance(given, torch.Tensor) else None
+            running[0] = batch
             _run(model, batch)
     finally:
         for h in handles:
@@ -341,9 +341,9 @@ def _bridge(work: torch.nn.Module, name: str, position: int, before: int, gap: l
     got = _outputs(work, {"map": linear, "layer": layer}, calibration)
     if not len(got["map"]) == len(got["layer"]) == len(targets):
         return Bridge(before, gap, qualified, why=f"{where} does not run once per forward")
-    xs = [args[0].reshape(-1, args[0].shape[-1]) for args, _ in got["map"]]
+    xs = [real_rows(b, args[0]) for b, (args, _) in zip(calibration, got["map"])]
     # what the map must give: the target stream minus the rest of the layer's output
-    ys = [(t - (o - m)).reshape(-1, t.shape[-1]) for t, (_, o), (_, m) in zip(targets, got["layer"], got["map"])]
+    ys = [real_rows(b, t - (o - m)) for b, t, (_, o), (_, m) in zip(calibration, targets, got["layer"], got["map"])]
     transposed = not isinstance(linear, torch.nn.Linear)  # Conv1D stores (in, out)
     w0 = linear.weight.t() if transposed else linear.weight
     fit, weight, bias = fit_linear(qualified, w0, linear.bias, xs, ys)
@@ -354,8 +354,9 @@ def _bridge(work: torch.nn.Module, name: str, position: int, before: int, gap: l
     if bias is not None:
         linear.bias.data = bias
     after = _outputs(work, {"map": linear, "layer": layer}, calibration)
-    streams = (relative_error([o for _, o in got["layer"]], targets),
-               relative_error([o for _, o in after["layer"]], targets))
+    real_targets = [real_rows(b, t) for b, t in zip(calibration, targets)]
+    streams = tuple(relative_error([real_rows(b, o) for b, (_, o) in zip(calibration, out["layer"])], real_targets)
+                    for out in (got, after))
     moved = got["layer"][0][1] - got["map"][0][1] + after["map"][0][1]
     tolerance = max(BRIDGE_RTOL, 8 * torch.finfo(moved.dtype).eps)  # the add's rounding in low precision
     why = None

@@ -15,8 +15,9 @@ absorbs the mean of what the removed channels gave (FLAP's compensation); the we
 to stand in for the removed ones (Kwon et al.'s mask tuning). Each layer's error on the calibration batches —
 ``‖X Wᵀ + b − Y‖²`` over the centred ``‖Y − Ȳ‖²`` — is reported before and after, on all of them and on the
 held-out ones; a fit that does not lower the held-out error (too few calibration rows for the layer's width) is
-not applied. Deterministic: no randomness, fixed order. Inside a process group the sums are added over the ranks
-(each with its own calibration batches), so every rank fits the same weights.
+not applied. Padded positions (where a batch's ``attention_mask`` marks them) are no rows of ``X`` or ``Y``.
+Deterministic: no randomness, fixed order. Inside a process group the sums are added over the ranks (each with
+its own calibration batches), so every rank fits the same weights.
 
 A layer is re-fitted when it is a linear map (``aten.linear``; ``aten.addmm`` with a weight parameter, Hugging
 Face's ``Conv1D``) whose weight the cut narrowed on its input axis and left whole on its output axis, and which
@@ -50,7 +51,7 @@ from ..passes.base import get_tensor, set_tensor
 from . import distributed
 from .loop import call, to_device
 
-__all__ = ["LayerFit", "reconstruct", "fit_linear", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "RIDGES"]
+__all__ = ["LayerFit", "reconstruct", "fit_linear", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "real_rows", "token_mask", "RIDGES"]
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,39 @@ class _Found(Exception):
         self.value = value
 
 
+def _attention_mask(batch: Any) -> torch.Tensor | None:
+    given = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return given if isinstance(given, torch.Tensor) else None
+
+
+def token_mask(batch: Any, shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
+    """Which of the ``shape`` positions (a value's axes before its features) hold real tokens: the batch's
+    ``attention_mask`` (a dict batch's) as booleans where it has that shape; None where there is none."""
+    given = _attention_mask(batch)
+    return given.bool() if given is not None and tuple(given.shape) == tuple(shape) else None
+
+
+def real_rows(batch: Any, v: torch.Tensor) -> torch.Tensor:
+    """``v`` (``(..., features)``, the value of a layer run on ``batch``) as 2-D rows of features, padded positions
+    left out: those the batch's attention mask marks where ``v`` has the mask's token axes, or holds them
+    flattened into one (a 2-D ``addmm``'s input). Padding is no token to fit or to rank by."""
+    rows = v.reshape(-1, v.shape[-1])
+    given = _attention_mask(batch)
+    if given is None or given.dim() < 2:
+        return rows
+    if tuple(v.shape[:-1]) == tuple(given.shape) or (v.dim() == 2 and v.shape[0] == given.numel()):
+        return rows[given.reshape(-1).bool().to(v.device)]
+    return rows
+
+
 def _stop_with(values: tuple[torch.Tensor, ...]) -> None:
     raise _Found(values)
 
 
 def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any], rows: bool = True) -> list[list[Any]]:
-    """Per batch, the values of ``nodes`` when ``gm`` runs it, each as 2-D rows (the last axis kept; ``rows=False``:
-    as they are); the forward stops right after the last of them. The graph is restored afterwards."""
+    """Per batch, the values of ``nodes`` when ``gm`` runs it, each as 2-D rows of its real tokens (:func:`real_rows`;
+    ``rows=False``: as they are); the forward stops right after the last of them. The graph is restored
+    afterwards."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_after(max(nodes, key=order.__getitem__)):
@@ -198,7 +225,7 @@ def _record(gm: torch.fx.GraphModule, nodes: list[Node], batches: list[Any], row
                 with torch.no_grad():
                     call(gm, to_device(batch, device))
             except _Found as found:
-                out.append([v.reshape(-1, v.shape[-1]) for v in found.value] if rows else list(found.value))
+                out.append([real_rows(batch, v) for v in found.value] if rows else list(found.value))
                 continue
             raise RuntimeError(f"the forward never reached {nodes[-1].name}")  # the probe sits after it: unreachable
     finally:
@@ -222,20 +249,22 @@ class _CutRuns:
         for n, i in last.items():
             self.free_after.setdefault(i, []).append(n)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.batches = batches
         self.inputs = [dict(zip(placeholders, values)) for values in _record(gm, placeholders, batches, rows=False)]
         self.envs: list[dict[Node, Any]] = [{} for _ in batches]
         self.pos = 0
         self.interpreter = torch.fx.Interpreter(gm)
 
     def until(self, stop: Node, want: list[Node]) -> list[list[torch.Tensor]] | None:
-        """Run every batch up to ``stop`` (not including it) and give the values of ``want`` per batch, as 2-D rows;
+        """Run every batch up to ``stop`` (not including it) and give the values of ``want`` per batch, as 2-D rows
+        of real tokens (:func:`real_rows`);
         None where the run is already past ``stop``, or a wanted value is not computed before it."""
         end = self.order[stop]
         if end < self.pos or any(self.order[w] >= end for w in want):
             return None
         out = []
         with torch.no_grad():
-            for env, inputs in zip(self.envs, self.inputs):
+            for env, inputs, batch in zip(self.envs, self.inputs, self.batches):
                 self.interpreter.env = env
                 for n in [n for n in env if n.op == "get_attr"]:  # re-fitted since the last stop: read afresh
                     env[n] = self.interpreter.fetch_attr(n.target)
@@ -244,7 +273,7 @@ class _CutRuns:
                     env[n] = inputs[n] if n.op == "placeholder" else self.interpreter.run_node(n)
                     for dead in self.free_after.get(i, ()):
                         env.pop(dead, None)
-                out.append([env[w].reshape(-1, env[w].shape[-1]) for w in want])
+                out.append([real_rows(batch, env[w]) for w in want])
         self.pos = end
         return out
 
@@ -432,15 +461,17 @@ def stored_transposed(gm: torch.fx.GraphModule) -> dict[str, bool]:
 
 def input_norms(gm: torch.fx.GraphModule, batches: Iterable[Any]) -> dict[str, torch.Tensor]:
     """Per linear map of ``gm`` (by its weight's name): the root sum of squares of each input feature over every
-    row (sample × position) of ``batches`` — the ``‖X_j‖`` of an activation-weighted importance. ``gm`` runs each
-    batch once; its graph is restored afterwards."""
+    row (sample × position; padding left out, :func:`real_rows`) of ``batches`` — the ``‖X_j‖`` of an
+    activation-weighted importance. ``gm`` runs each batch once; its graph is restored afterwards."""
     graph = gm.graph
     sums: dict[str, torch.Tensor] = {}
     probes = []
 
+    running: list[Any] = [None]  # the batch being run: its padding is left out
+
     def accumulator(key: str) -> Any:
         def accumulate(x: torch.Tensor) -> None:
-            sq = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+            sq = real_rows(running[0], x.detach()).double().pow(2).sum(0)
             sums[key] = sums[key] + sq if key in sums else sq
 
         return accumulate
@@ -454,6 +485,7 @@ def input_norms(gm: torch.fx.GraphModule, batches: Iterable[Any]) -> dict[str, t
     try:
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for batch in batches:
+            running[0] = batch
             with torch.no_grad():
                 call(gm, to_device(batch, device))
     finally:
