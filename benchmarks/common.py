@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from upop_fx.runtime.timing import cpu_name
+
 __all__ = [
     "machine", "cpu_name", "write_results", "markdown_table", "quiet_timing", "match_speedup", "arg_parser", "RESULTS",
     "perplexity", "RssPeak",
@@ -97,17 +99,6 @@ def match_speedup(make: Callable[[float], Any], speedup_of: Callable[[Any], floa
             ratio = float(min(0.95, max(0.0, r1 + (1 / target - 1 / s1) / slope)))
     best = min(tried, key=lambda t: abs(t[1] / target - 1))
     return best[2], best[0], best[1], [(r, s) for r, s, _ in tried]
-
-
-def cpu_name(default: str | None = None) -> str:
-    """The CPU's model name from /proc/cpuinfo, else ``default`` (else what ``platform`` says)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return default if default is not None else platform.processor() or platform.machine()
 
 
 def arg_parser(doc: str) -> argparse.ArgumentParser:

@@ -345,6 +345,11 @@ def test_a_class_cut_is_shared_among_its_structures_and_the_floor_bends_the_sum(
                             prepared.captured.info, "torch-cpu")
     assert again.measured == [] and [list(t) for t in again.saved] == [list(t) for t in latency.saved]  # cached
     assert again.overlap == pytest.approx(0.05)  # the floor too
+    # another CPU model on a host of the same name and architecture (a re-provisioned VM): measured afresh
+    monkeypatch.setattr(upop_fx.runtime.timing, "cpu_name", lambda default=None: "Another CPU @ 1.00GHz")
+    elsewhere = measure_latency(prepared.captured.gm, prepared.analysis, prepared.structures, prepared.entries,
+                                prepared.captured.info, "torch-cpu")
+    assert len(elsewhere.measured) == 3
 
 
 def test_onnxruntime_tables_and_check_time_the_file_as_deployed(tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ def cache_dir() -> Path:
 
 def _machine() -> dict[str, Any]:
     return {
-        "node": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "node": platform.node(), "processor": timing.cpu_name(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

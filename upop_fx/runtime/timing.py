@@ -13,17 +13,31 @@ Example:
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["time_interleaved", "saved_interleaved", "clock", "load_average"]
+__all__ = ["time_interleaved", "saved_interleaved", "clock", "load_average", "cpu_name"]
 
 #: the clock every timed call reads (seconds, monotonic); tests put a simulated clock here
 clock = time.perf_counter
+
+
+def cpu_name(default: str | None = None) -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s ``model name``), else ``default``, else what ``platform`` says (on
+    Linux only the architecture: ``x86_64`` for every x86 CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default if default is not None else platform.processor() or platform.machine()
 
 
 def load_average() -> float | None:
