@@ -27,7 +27,8 @@ every cut of one asked speed, interleaved in one group (load recorded, rerun abo
 BBC articles and on Python's documentation (``pydoc_data.topics``, out of domain; the first ``--blocks`` batches
 of 4 × 256 tokens of each); parameters; the compress minutes (Torch-Pruning's include its speed matching) and, for
 upop_fx's rows, where they went (``report.seconds`` per phase, in the JSON); the peak resident memory of the compress above the process's level before it; five greedy samples from fixed prompts.
-Writes ``benchmarks/results/decoder_smollm2.json`` and ``.md``.
+Writes ``benchmarks/results/decoder_smollm2.json`` and ``.md`` after every retrained cut (a stopped run keeps its
+rows, those not timed yet listed apart) and after every asked speed.
 
     python -m benchmarks.decoder_smollm2                                 # 1.3x 1.6x 2x, seed 0
     python -m benchmarks.decoder_smollm2 --speeds 1.3 --seeds 0 1 2      # three seeds at one speed
@@ -64,6 +65,9 @@ log = logging.getLogger("benchmarks.decoder_smollm2")
 METHODS = ("upop", "magnitude", "activation", "torch-pruning", "depth", "depth-unbridged")
 #: the rows cut by whole layers (:func:`upop_fx.drop_layers`), and whether each bridges its gaps
 DEPTH_ROWS = {"depth": True, "depth-unbridged": False}
+#: Torch-Pruning's speed match probes up to this many ratios: its decode speed barely moves until most of every
+#: layer is gone, then steeply (at 1.6x asked, ratios 0.53, 0.67 and 0.95 read 1.48x, 1.51x and 1.86x)
+TP_PROBES = 4
 #: decode is timed at batch 1 over a KV cache of this many tokens; prefill at PREFILL_BATCH × CONTEXT
 CONTEXT, PREFILL_BATCH, NEW_TOKENS = 256, 4, GENERATED_TOKENS  # decode timed as compress times it
 PROMPTS = ("The government said on Monday that", "Shares in the company rose after", "In Python, a list is",
@@ -145,22 +149,22 @@ def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list
 
 def _matched_then_retrained(make: Callable[[float], torch.nn.Module], speedup: Callable[[torch.nn.Module], float],
                             target: float, first: float, same_retrain: Callable[[torch.nn.Module], None],
-                            at_cut: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+                            at_cut: Callable[[torch.nn.Module], dict[str, Any]] | None = None, probes: int = 3
                             ) -> tuple[torch.nn.Module, float, list[tuple[float, float]], dict[str, Any]]:
     """``make(ratio)`` at the ratio whose measured ``speedup`` is ``target`` (:func:`benchmarks.common.match_speedup`
-    from ``first``), then ``same_retrain``: ``(model, ratio, probes, {compress_min, peak_mib, ...})``, both phases
-    in the minutes and the memory. ``at_cut``: what to measure on the cut before the retrain (merged into the
-    dict; its time is not in the minutes)."""
+    from ``first``, at most ``probes`` probes), then ``same_retrain``: ``(model, ratio, probes, {compress_min,
+    peak_mib, ...})``, both phases in the minutes and the memory. ``at_cut``: what to measure on the cut before the
+    retrain (merged into the dict; its time is not in the minutes)."""
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     with RssPeak() as mem:
-        model, ratio, _, probes = common.match_speedup(make, speedup, target, first)
+        model, ratio, _, tried = common.match_speedup(make, speedup, target, first, probes=probes)
         if at_cut is not None:
             t1 = time.perf_counter()
             extra = at_cut(model)
             t0 += time.perf_counter() - t1
         same_retrain(model)
-    return model, ratio, probes, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib, **extra}
+    return model, ratio, tried, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib, **extra}
 
 
 def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Module], float]:
@@ -180,7 +184,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     """Every row (see the module docstring) of the model ``load()`` gives (model, tokenizer; default SmolLM2).
     ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default);
     ``lr``: AdamW's learning rate of the search and of every retrain (None: upop_fx's default);
-    ``save``: called with the payload so far after each asked speed (a long run keeps what it measured)."""
+    ``save``: called with the payload so far after each retrained cut (its row under ``untimed`` until its speed's
+    timed group has run) and after each asked speed: a long run stopped early keeps what it measured."""
     import upop_fx
     from upop_fx import datasets
 
@@ -208,20 +213,30 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
         return {f"{k}_cut": v for k, v in perplexities(m, held).items()}
 
     dense_row = {"method": "dense", **quality(model), **_widths(model), "samples": sample(model)}
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []  # timed beside the dense model
+    untimed: list[dict[str, Any]] = []  # cut and retrained, measured but for their speed: the group times them
 
     def payload() -> dict[str, Any]:
         done = sorted({r["asked"] for r in rows})  # a run stopped early holds fewer than it asked for
         return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "speeds_done": done, "seeds": seeds,
                 "search_steps": search_steps, "lr": lr,
                 "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
-                "machine": machine(), "dense": dense_row, "rows": rows,
+                "machine": machine(), "dense": dense_row, "rows": rows, "untimed": untimed,
                 "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
                                         ["decode_speedup", "prefill_speedup", "ppl_bbc", "ppl_pydoc"])}  # fmt: skip
     for seed in seeds:
         for asked in speeds:
             cuts: dict[str, torch.nn.Module] = {}
             info: dict[str, dict[str, Any]] = {}
+
+            def measured(name: str, seed: int = seed, asked: float = asked, cuts: dict = cuts, info: dict = info
+                         ) -> None:  # fmt: skip
+                """The row of a retrained cut but for its speed, saved at once: a run stopped before the timed
+                group keeps it (under ``untimed``)."""
+                untimed.append({"seed": seed, "asked": asked, "method": name, **quality(cuts[name]),
+                                **_widths(cuts[name]), **info[name], "samples": sample(cuts[name])})
+                if save is not None:
+                    save(payload())
             for method in [m for m in methods if m != "torch-pruning" and m not in DEPTH_ROWS]:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
@@ -239,6 +254,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                                 "in_compress_decode": lat["generate"]["decode_speedup"],
                                 "phase_seconds": result.report.seconds}  # fmt: skip
                 log.info("%.2fx seed %d %s: %s", asked, seed, method, result.report.table().splitlines()[-3:])
+                measured(method)
             speedup = _decode_speedup(model, runs)
             # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
             target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", *DEPTH_ROWS} & set(methods) else asked
@@ -258,25 +274,28 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 info[method] |= {"layers_removed": depth.dropped, "depth_probes": probes, "depth_target": target,
                                  "block_influence": depth.influence,
                                  "bridges": [b.to_dict() for b in depth.bridges]}
+                measured(method)
             if "torch-pruning" in methods:
                 from benchmarks.tp_decoder import tp_prune_decoder
 
                 cuts["torch-pruning"], ratio, probes, info["torch-pruning"] = _matched_then_retrained(
                     lambda r: tp_prune_decoder(model, example, r), speedup, target,
-                    min(0.9, max(0.05, 1.3 * (1 - 1 / target))), same_retrain)  # fmt: skip (a target at or under 1x: a small first probe)
+                    min(0.9, max(0.05, 1.3 * (1 - 1 / target))), same_retrain,
+                    probes=TP_PROBES)  # fmt: skip (a target at or under 1x: a small first probe)
                 info["torch-pruning"] |= {"tp_ratio": ratio, "tp_probes": probes, "tp_target": target}
+                measured("torch-pruning")
             names = list(cuts)
             decode, prefill, load_info = _timings([model, *cuts.values()], runs)
-            for i, name in enumerate(names, start=1):
+            for i, row in enumerate(untimed[-len(names):], start=1):  # in the order of cuts
                 rows.append({
-                    "seed": seed, "asked": asked, "method": name,
+                    **{k: row[k] for k in ("seed", "asked", "method")},
                     "decode_speedup": decode[0].decode_ms / decode[i].decode_ms,
                     "prefill_speedup": prefill[0].prefill_ms / prefill[i].prefill_ms,
                     "decode_ms": decode[i].decode_ms, "dense_decode_ms": decode[0].decode_ms,
-                    **quality(cuts[name]), **_widths(cuts[name]), **info[name], "timing": load_info,
-                    "samples": sample(cuts[name]),
+                    **row, "timing": load_info,
                 })  # fmt: skip
                 log.info("%s", {k: v for k, v in rows[-1].items() if k != "samples"})
+            del untimed[-len(names):]
             if save is not None:
                 save(payload())
     return payload()
@@ -284,6 +303,9 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
 
 COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc_cut",
            "ppl_pydoc_cut", "ppl_bbc", "ppl_pydoc", "params", "layers", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
+
+
+UNTIMED = [c for c in COLUMNS if c not in ("decode_speedup", "prefill_speedup")]
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -302,6 +324,9 @@ def report(payload: dict[str, Any]) -> str:
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
         f"Dense: ppl_bbc {dense['ppl_bbc']:.2f}, ppl_pydoc {dense['ppl_pydoc']:.2f}, params {dense['params']:,}", "",
         markdown_table(payload["rows"], COLUMNS), "",
+        *([f"Cut and retrained, not timed yet (the run stopped before their timed group): "
+           f"{len(payload['untimed'])} rows", "", markdown_table(payload["untimed"], UNTIMED), ""]
+          if payload.get("untimed") else []),
         "Per asked speed and method (mean ± std over the seeds):", "",
         markdown_table(payload["summary"], ["row", "seeds", "decode_speedup", "prefill_speedup", "ppl_bbc",
                                             "ppl_pydoc"]), "",

@@ -172,8 +172,14 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path / "cache"))
     # one upop_fx row (the others differ only in `method`), the layers removed, and Torch-Pruning's where it is installed
     methods = ("upop", "depth") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
+    saved = []  # a copy of what each save held: a long run keeps every retrained row before its timed group
     payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
-                        load=lambda: _tiny_llama(128, 512), check_batches=2)
+                        load=lambda: _tiny_llama(128, 512), check_batches=2, save=lambda p: saved.append(json.loads(
+                            json.dumps({"rows": p["rows"], "untimed": p["untimed"], "md": bench.report(p)}))))
+    assert [[r["method"] for r in p["untimed"]] for p in saved[:-1]] == [list(methods[:i + 1]) for i in
+                                                                          range(len(methods))]
+    assert all(not p["rows"] and "not timed yet" in p["md"] for p in saved[:-1])
+    assert saved[-1]["untimed"] == payload["untimed"] == [] and "not timed yet" not in saved[-1]["md"]
     assert [r["method"] for r in payload["rows"]] == list(methods)
     dense = payload["dense"]
     for r in payload["rows"]:
