@@ -284,18 +284,15 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     probes=TP_PROBES)  # fmt: skip (a target at or under 1x: a small first probe)
                 info["torch-pruning"] |= {"tp_ratio": ratio, "tp_probes": probes, "tp_target": target}
                 measured("torch-pruning")
-            names = list(cuts)
             decode, prefill, load_info = _timings([model, *cuts.values()], runs)
-            for i, row in enumerate(untimed[-len(names):], start=1):  # in the order of cuts
+            for i, row in enumerate(untimed, start=1):  # this speed's cuts, in the order of cuts
                 rows.append({
-                    **{k: row[k] for k in ("seed", "asked", "method")},
-                    "decode_speedup": decode[0].decode_ms / decode[i].decode_ms,
+                    **row, "decode_speedup": decode[0].decode_ms / decode[i].decode_ms,
                     "prefill_speedup": prefill[0].prefill_ms / prefill[i].prefill_ms,
-                    "decode_ms": decode[i].decode_ms, "dense_decode_ms": decode[0].decode_ms,
-                    **row, "timing": load_info,
+                    "decode_ms": decode[i].decode_ms, "dense_decode_ms": decode[0].decode_ms, "timing": load_info,
                 })  # fmt: skip
                 log.info("%s", {k: v for k, v in rows[-1].items() if k != "samples"})
-            del untimed[-len(names):]
+            untimed.clear()
             if save is not None:
                 save(payload())
     return payload()

@@ -257,8 +257,8 @@ class _CutRuns:
 
     def until(self, stop: Node, want: list[Node]) -> list[list[torch.Tensor]] | None:
         """Run every batch up to ``stop`` (not including it) and give the values of ``want`` per batch, as 2-D rows
-        of real tokens (:func:`real_rows`);
-        None where the run is already past ``stop``, or a wanted value is not computed before it."""
+        of real tokens (:func:`real_rows`); None where the run is already past ``stop``, or a wanted value is not
+        computed before it."""
         end = self.order[stop]
         if end < self.pos or any(self.order[w] >= end for w in want):
             return None
