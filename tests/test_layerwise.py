@@ -14,7 +14,7 @@ from upop_fx.training.layerwise import LayerwiseDistillation, Taps, residual_poi
 from upop_fx.training.loop import distillation_loss
 
 from .models import ZOO
-from .test_reconstruct import _batches, _cut, _values
+from .test_reconstruct import _batches, _cut, _real, _values
 
 
 def _spread_error(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -38,10 +38,31 @@ def test_the_layer_loss_is_the_spread_error_of_the_residual_stream_after_each_cu
     points = residual_points(dense, small)
     assert objective.points == len(points) > 0
     d, s = _values(dense, batch), _values(small, batch)
-    layers = torch.stack([_spread_error(s[a.name], d[b.name]) for a, b in points]).mean()
+    layers = torch.stack([_spread_error(_real(batch, s[a.name]), _real(batch, d[b.name])) for a, b in points]).mean()
     with torch.no_grad():
-        outputs = distillation_loss(small(**batch), dense(**batch))
+        outputs = distillation_loss(small(**batch), dense(**batch), batch["attention_mask"])
     torch.testing.assert_close(loss.double(), outputs.double() + 0.5 * layers, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_padding_is_no_token_to_distil(name):
+    """Other tokens at a batch's padded positions (its mask unchanged) change the padded positions' outputs and
+    streams, not the real tokens': the output and layer-wise distillation losses are the same; counted with the
+    padding they are not."""
+    zoo, dense, small = _cut(name)
+    batch = _batches(zoo, 1)[0]
+    pad = batch["attention_mask"] == 0
+    assert pad.any()
+    ids = batch["input_ids"].clone()
+    ids[pad] = torch.randint(3, 50, (int(pad.sum()),), generator=torch.Generator().manual_seed(0))
+    other = {**batch, "input_ids": ids}
+    objective = LayerwiseDistillation(dense, small, weight=1.0)
+    with objective, torch.no_grad():
+        losses = [objective(small, b) for b in (batch, other)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        counted = [distillation_loss(small(**b), dense(**b)) for b in (batch, other)]
+    assert not torch.allclose(counted[0], counted[1], rtol=1e-3)
 
 
 def test_taps_keep_the_values_with_their_gradient_and_only_while_open():

@@ -49,7 +49,8 @@ import torch
 from ..capture.program import cache_off, normalize_inputs
 from ..compare import relative_error
 from ..errors import InputError, PostconditionError
-from ..training.reconstruct import LayerFit, fit_linear, real_rows, token_mask
+from ..training.loop import real_rows, token_mask
+from ..training.reconstruct import LayerFit, fit_linear
 
 __all__ = ["Depth", "Bridge", "drop_layers", "layer_stack", "block_influence", "DEPTH_RTOL", "BRIDGE_RTOL"]
 

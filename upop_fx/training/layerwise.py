@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from .loop import Distillation, call, distillation_loss, feature_loss
+from .loop import Distillation, attention_mask, call, distillation_loss, feature_loss, real_rows
 from .reconstruct import linear_parts, refit_sites, residual_add
 
 __all__ = ["Taps", "LayerwiseDistillation", "residual_points", "named_points"]
@@ -135,8 +135,9 @@ class LayerwiseDistillation(Distillation):
         with torch.no_grad():
             reference = call(self.teacher, batch)
         targets = self._teacher.take() if self.points else []
-        loss = distillation_loss(call(model, batch), reference)
+        loss = distillation_loss(call(model, batch), reference, attention_mask(batch))
         if not self.points:
             return loss
-        layers = [feature_loss(s.float(), t.float()) for s, t in zip(self._student.take(), targets)]
+        layers = [feature_loss(real_rows(batch, s.float()), real_rows(batch, t.float()))
+                  for s, t in zip(self._student.take(), targets)]
         return loss + self.weight * torch.stack(layers).mean()

@@ -44,7 +44,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
     "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "kept_step", "guard_reading",
-    "lr_factor",
+    "lr_factor", "attention_mask", "real_rows", "token_mask",
     "VARIANCE_FLOOR",
 ]
 
@@ -67,7 +67,33 @@ def call(model: torch.nn.Module, inputs: Any) -> Any:
 VARIANCE_FLOOR = 1e-2
 
 
-def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """A dict batch's ``attention_mask`` tensor (1 at real tokens, 0 at padding); None where it has none."""
+    given = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return given if isinstance(given, torch.Tensor) else None
+
+
+def token_mask(batch: Any, shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
+    """Which of the ``shape`` positions (a value's axes before its features) hold real tokens: the batch's
+    ``attention_mask`` (a dict batch's) as booleans where it has that shape; None where there is none."""
+    given = attention_mask(batch)
+    return given.bool() if given is not None and tuple(given.shape) == tuple(shape) else None
+
+
+def real_rows(batch: Any, v: torch.Tensor) -> torch.Tensor:
+    """``v`` (``(..., features)``, the value of a layer run on ``batch``) as 2-D rows of features, padded positions
+    left out: those the batch's attention mask marks where ``v`` has the mask's token axes, or holds them
+    flattened into one (a 2-D ``addmm``'s input). Padding is no token to fit or to rank by."""
+    rows = v.reshape(-1, v.shape[-1])
+    given = attention_mask(batch)
+    if given is None or given.dim() < 2:
+        return rows
+    if tuple(v.shape[:-1]) == tuple(given.shape) or (v.dim() == 2 and v.shape[0] == given.numel()):
+        return rows[given.reshape(-1).bool().to(v.device)]
+    return rows
+
+
+def distillation_loss(student: Any, teacher: Any, real: torch.Tensor | None = None) -> torch.Tensor:
     """The distillation loss of a student's outputs against the teacher's: a sum of one term per floating-point
     output, each scale-free so that outputs of different scales weigh alike.
 
@@ -79,6 +105,16 @@ def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
       not against a large component all inputs share (which a plain MSE over ``mean(teacher²)`` is dominated by,
       so that matching it rewards collapsing onto it).
     * A scalar or one row: ``mse / mean(teacher²)``.
+
+    ``real``: which positions hold real tokens (a batch's ``attention_mask``); an output whose axes before its
+    features are the mask's counts those positions alone, so that padding neither adds to the loss nor widens the
+    variances. None: every position.
+
+    Example:
+        >>> t = torch.tensor([[[0.0, 1.0], [2.0, 3.0], [9.0, 9.0]]])
+        >>> s = torch.tensor([[[0.0, 1.0], [2.0, 3.0], [0.0, 0.0]]])  # wrong at the padded third position only
+        >>> float(distillation_loss(s, t, real=torch.tensor([[1, 1, 0]])))
+        0.0
     """
     s_leaves = torch.utils._pytree.tree_leaves(student)
     t_paths, _ = torch.utils._pytree.tree_flatten_with_path(teacher)
@@ -87,6 +123,9 @@ def distillation_loss(student: Any, teacher: Any) -> torch.Tensor:
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             continue
         s, t = s.float(), t.float()
+        if real is not None and t.dim() >= 2 and tuple(t.shape[:-1]) == tuple(real.shape):
+            keep = real.reshape(-1).bool().to(t.device)
+            s, t = s.reshape(-1, s.shape[-1])[keep], t.reshape(-1, t.shape[-1])[keep]
         if _named(path, "logits") and t.dim() >= 2:
             flat_t, flat_s = t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1])
             terms.append(torch.nn.functional.kl_div(flat_s.log_softmax(-1), flat_t.log_softmax(-1), log_target=True,
@@ -163,7 +202,7 @@ class Distillation:
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         with torch.no_grad():
             reference = call(self.teacher, batch)
-        return distillation_loss(call(model, batch), reference)
+        return distillation_loss(call(model, batch), reference, attention_mask(batch))
 
 
 class Batches:

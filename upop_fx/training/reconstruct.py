@@ -49,9 +49,9 @@ from torch.fx import Node
 from ..logs import progress_bar
 from ..passes.base import get_tensor, set_tensor
 from . import distributed
-from .loop import call, to_device
+from .loop import call, real_rows, to_device
 
-__all__ = ["LayerFit", "reconstruct", "fit_linear", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "real_rows", "token_mask", "RIDGES"]
+__all__ = ["LayerFit", "reconstruct", "fit_linear", "refit_sites", "linear_parts", "residual_add", "every_fourth", "input_norms", "stored_transposed", "RIDGES"]
 
 log = logging.getLogger(__name__)
 
@@ -177,31 +177,6 @@ class _Found(Exception):
 
     def __init__(self, value: tuple[torch.Tensor, ...]) -> None:
         self.value = value
-
-
-def _attention_mask(batch: Any) -> torch.Tensor | None:
-    given = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return given if isinstance(given, torch.Tensor) else None
-
-
-def token_mask(batch: Any, shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
-    """Which of the ``shape`` positions (a value's axes before its features) hold real tokens: the batch's
-    ``attention_mask`` (a dict batch's) as booleans where it has that shape; None where there is none."""
-    given = _attention_mask(batch)
-    return given.bool() if given is not None and tuple(given.shape) == tuple(shape) else None
-
-
-def real_rows(batch: Any, v: torch.Tensor) -> torch.Tensor:
-    """``v`` (``(..., features)``, the value of a layer run on ``batch``) as 2-D rows of features, padded positions
-    left out: those the batch's attention mask marks where ``v`` has the mask's token axes, or holds them
-    flattened into one (a 2-D ``addmm``'s input). Padding is no token to fit or to rank by."""
-    rows = v.reshape(-1, v.shape[-1])
-    given = _attention_mask(batch)
-    if given is None or given.dim() < 2:
-        return rows
-    if tuple(v.shape[:-1]) == tuple(given.shape) or (v.dim() == 2 and v.shape[0] == given.numel()):
-        return rows[given.reshape(-1).bool().to(v.device)]
-    return rows
 
 
 def _stop_with(values: tuple[torch.Tensor, ...]) -> None:
