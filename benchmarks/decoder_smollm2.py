@@ -59,6 +59,7 @@ from benchmarks.common import (
     seed_summary,
 )
 from upop_fx.calibration import GENERATED_TOKENS
+from upop_fx.options import SCHEDULES
 
 log = logging.getLogger("benchmarks.decoder_smollm2")
 
@@ -134,16 +135,17 @@ def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], mad
 
 
 def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list[str], tok: Any, seed: int,
-                  steps: int, lr: float, example: Any, check_batches: int) -> None:
+                  steps: int, lr: float, example: Any, check_batches: int, schedule: str | None = None) -> None:
     """The retrain every matched row gets (:func:`upop_fx.training.loop.retrain`): distilled from ``dense`` on the
-    seed's training stream, the best weights on its first ``check_batches`` batches kept; then eval mode."""
+    seed's training stream at ``schedule``'s learning rate, the best weights on its first ``check_batches`` batches
+    kept; then eval mode."""
     from upop_fx.capture.program import cache_off
     from upop_fx.training.loop import retrain
 
     stream = _stream(texts, tok, seed)
     check = [next(stream) for _ in range(check_batches)]
     with cache_off(model):
-        retrain(model, dense, stream, None, steps, lr, example, check=check)
+        retrain(model, dense, stream, None, steps, lr, example, check=check, schedule=schedule)
     model.eval()
 
 
@@ -180,10 +182,11 @@ def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Mod
 def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps: int, blocks: int,
         methods: tuple[str, ...] = METHODS, runs: int = 5, load: Callable[[], tuple[Any, Any]] | None = None,
         check_batches: int | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        lr: float | None = None) -> dict[str, Any]:
+        lr: float | None = None, schedule: str | None = None) -> dict[str, Any]:
     """Every row (see the module docstring) of the model ``load()`` gives (model, tokenizer; default SmolLM2).
     ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default);
-    ``lr``: AdamW's learning rate of the search and of every retrain (None: upop_fx's default);
+    ``lr``: AdamW's learning rate of the search and of every retrain (None: upop_fx's default); ``schedule``: every
+    retrain's learning-rate schedule (None: upop_fx's default, ``Options.retrain_schedule``);
     ``save``: called with the payload so far after each retrained cut (its row under ``untimed`` until its speed's
     timed group has run) and after each asked speed: a long run stopped early keeps what it measured."""
     import upop_fx
@@ -195,6 +198,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     example = next(_stream(train, tok, 0))
     options = upop_fx.Options() if check_batches is None else upop_fx.Options(calibration_batches=check_batches)
     lr = options.lr if lr is None else lr
+    schedule = options.retrain_schedule if schedule is None else schedule
 
     def sample(m: torch.nn.Module) -> list[str]:
         out = []
@@ -219,7 +223,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     def payload() -> dict[str, Any]:
         done = sorted({r["asked"] for r in rows})  # a run stopped early holds fewer than it asked for
         return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "speeds_done": done, "seeds": seeds,
-                "search_steps": search_steps, "lr": lr,
+                "search_steps": search_steps, "lr": lr, "schedule": schedule,
                 "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
                 "machine": machine(), "dense": dense_row, "rows": rows, "untimed": untimed,
                 "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
@@ -243,7 +247,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     result = upop_fx.compress(
                         model, example, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
                         latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
-                        retrain_steps=retrain_steps, lr=lr, data=_stream(train, tok, seed), seed=seed,
+                        retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed),
+                        seed=seed,
                         calibration_batches=options.calibration_batches)  # fmt: skip
                 if result.module is None:
                     raise RuntimeError(f"{method}: no module of the model's class ({result.report.module_reason})")
@@ -259,7 +264,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
             # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
             target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", *DEPTH_ROWS} & set(methods) else asked
             same_retrain = functools.partial(_same_retrain, dense=model, texts=train, tok=tok, seed=seed,
-                                             steps=retrain_steps, lr=lr, example=example,
+                                             steps=retrain_steps, lr=lr, schedule=schedule, example=example,
                                              check_batches=options.calibration_batches)
             for method, bridge in DEPTH_ROWS.items():
                 if method not in methods:
@@ -315,7 +320,7 @@ def report(payload: dict[str, Any]) -> str:
         f"Decode: batch 1, {payload['context']}-token KV cache; prefill: {payload['prefill_batch']} x "
         f"{payload['context']} tokens; both measured through generate(), every cut of one asked speed interleaved "
         f"with the dense model. Search {payload['search_steps']} steps (UPop), retrain {payload['retrain_steps']} "
-        f"steps (every method), lr {payload['lr']:g}; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
+        f"steps (every method), lr {payload['lr']:g}, {payload.get('schedule', 'constant')} schedule; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
         f" (of {payload['speeds']}); perplexity over {payload['blocks']} batches of 4 x 256 "
         "tokens of each held-out text.", "",
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
@@ -341,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain-steps", type=int, default=60, help="retrain steps of every method")
     p.add_argument("--lr", type=float, default=None, help="AdamW lr of the search and every retrain "
                    "(default: upop_fx's)")
+    p.add_argument("--retrain-schedule", default=None, choices=SCHEDULES, help="every retrain's learning rate: "
+                   "constant, or a warm-up then a cosine decay to 0 (default: upop_fx's)")
     p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
     p.add_argument("--runs", type=int, default=5, help="timed rounds per model in each timed group")
     add_results_options(p, "decoder_smollm2")
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     save = results_saver(args, COLUMNS, report)
     payload = run(args.speeds, args.seeds, args.search_steps, args.retrain_steps, args.blocks, tuple(args.methods),
-                  args.runs, save=save, lr=args.lr)
+                  args.runs, save=save, lr=args.lr, schedule=args.retrain_schedule)
     save(payload)
     print(report(payload))
     return 0
