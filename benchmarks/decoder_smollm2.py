@@ -79,13 +79,14 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _stream(texts: list[str], tok: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Training batches of 4 × 128 tokens without labels (the retrain distils), articles in a seeded order."""
+def _stream(texts: list[str], tok: Any, seed: int, labels: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches of 4 × 128 tokens, articles in a seeded order; without labels (the training distils alone)
+    unless ``labels``."""
     from upop_fx import datasets
 
     order = list(texts)
     random.Random(seed).shuffle(order)
-    return (_inputs(b) for b in datasets.lm_batches(order, tok, block=128, batch=4))
+    return (b if labels else _inputs(b) for b in datasets.lm_batches(order, tok, block=128, batch=4))
 
 
 def _widths(model: torch.nn.Module) -> dict[str, str]:
@@ -135,17 +136,21 @@ def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], mad
 
 
 def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list[str], tok: Any, seed: int,
-                  steps: int, lr: float, example: Any, check_batches: int, schedule: str | None = None) -> None:
+                  steps: int, lr: float, example: Any, check_batches: int, schedule: str | None = None,
+                  task_weight: float = 0.0) -> None:
     """The retrain every matched row gets (:func:`upop_fx.training.loop.retrain`): distilled from ``dense`` on the
-    seed's training stream at ``schedule``'s learning rate, the best weights on its first ``check_batches`` batches
-    kept; then eval mode."""
+    seed's training stream at ``schedule``'s learning rate (with ``task_weight`` > 0, on batches with labels, plus
+    that weight times the model's own loss), the best weights on its first ``check_batches`` batches kept; then
+    eval mode."""
     from upop_fx.capture.program import cache_off
     from upop_fx.training.loop import retrain
 
-    stream = _stream(texts, tok, seed)
+    labels = task_weight > 0
+    stream = _stream(texts, tok, seed, labels)
     check = [next(stream) for _ in range(check_batches)]
+    example = next(_stream(texts, tok, 0, labels)) if labels else example
     with cache_off(model):
-        retrain(model, dense, stream, None, steps, lr, example, check=check, schedule=schedule)
+        retrain(model, dense, stream, None, steps, lr, example, check=check, schedule=schedule, task_weight=task_weight)
     model.eval()
 
 
@@ -182,11 +187,13 @@ def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Mod
 def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps: int, blocks: int,
         methods: tuple[str, ...] = METHODS, runs: int = 5, load: Callable[[], tuple[Any, Any]] | None = None,
         check_batches: int | None = None, save: Callable[[dict[str, Any]], None] | None = None,
-        lr: float | None = None, schedule: str | None = None) -> dict[str, Any]:
+        lr: float | None = None, schedule: str | None = None, task_weight: float = 0.0) -> dict[str, Any]:
     """Every row (see the module docstring) of the model ``load()`` gives (model, tokenizer; default SmolLM2).
     ``check_batches``: the calibration and retrain-check batches of every method (None: upop_fx's default);
     ``lr``: AdamW's learning rate of the search and of every retrain (None: upop_fx's default); ``schedule``: every
-    retrain's learning-rate schedule (None: upop_fx's default, ``Options.retrain_schedule``);
+    retrain's learning-rate schedule (None: upop_fx's default, ``Options.retrain_schedule``); ``task_weight``: > 0
+    trains every search and retrain on batches with labels, on the distillation plus that weight times the model's
+    own loss (``Options.task_loss_weight``);
     ``save``: called with the payload so far after each retrained cut (its row under ``untimed`` until its speed's
     timed group has run) and after each asked speed: a long run stopped early keeps what it measured."""
     import upop_fx
@@ -223,7 +230,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     def payload() -> dict[str, Any]:
         done = sorted({r["asked"] for r in rows})  # a run stopped early holds fewer than it asked for
         return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "speeds_done": done, "seeds": seeds,
-                "search_steps": search_steps, "lr": lr, "schedule": schedule,
+                "search_steps": search_steps, "lr": lr, "schedule": schedule, "task_weight": task_weight,
                 "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
                 "machine": machine(), "dense": dense_row, "rows": rows, "untimed": untimed,
                 "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
@@ -245,10 +252,10 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     result = upop_fx.compress(
-                        model, example, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
+                        model, next(_stream(train, tok, 0, True)) if task_weight > 0 else example, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
                         latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
-                        retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed),
-                        seed=seed,
+                        retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed, task_weight > 0),
+                        seed=seed, task_loss_weight=task_weight,
                         calibration_batches=options.calibration_batches)  # fmt: skip
                 if result.module is None:
                     raise RuntimeError(f"{method}: no module of the model's class ({result.report.module_reason})")
@@ -265,6 +272,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
             target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", *DEPTH_ROWS} & set(methods) else asked
             same_retrain = functools.partial(_same_retrain, dense=model, texts=train, tok=tok, seed=seed,
                                              steps=retrain_steps, lr=lr, schedule=schedule, example=example,
+                                             task_weight=task_weight,
                                              check_batches=options.calibration_batches)
             for method, bridge in DEPTH_ROWS.items():
                 if method not in methods:
@@ -310,6 +318,10 @@ COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "pred
 UNTIMED = [c for c in COLUMNS if c not in ("decode_speedup", "prefill_speedup")]
 
 
+def _objective(task_weight: float) -> str:
+    return f"distillation + {task_weight:g} x the own loss" if task_weight > 0 else "distillation alone"
+
+
 def report(payload: dict[str, Any]) -> str:
     dense = payload["dense"]
     samples = [f"- dense: {dense['samples']}"] + [
@@ -320,7 +332,8 @@ def report(payload: dict[str, Any]) -> str:
         f"Decode: batch 1, {payload['context']}-token KV cache; prefill: {payload['prefill_batch']} x "
         f"{payload['context']} tokens; both measured through generate(), every cut of one asked speed interleaved "
         f"with the dense model. Search {payload['search_steps']} steps (UPop), retrain {payload['retrain_steps']} "
-        f"steps (every method), lr {payload['lr']:g}, {payload.get('schedule', 'constant')} schedule; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
+        f"steps (every method), lr {payload['lr']:g}, {payload.get('schedule', 'constant')} schedule, "
+        f"{_objective(payload.get('task_weight', 0.0))}; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
         f" (of {payload['speeds']}); perplexity over {payload['blocks']} batches of 4 x 256 "
         "tokens of each held-out text.", "",
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
@@ -348,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: upop_fx's)")
     p.add_argument("--retrain-schedule", default=None, choices=SCHEDULES, help="every retrain's learning rate: "
                    "constant, or a warm-up then a cosine decay to 0 (default: upop_fx's)")
+    p.add_argument("--task-loss-weight", type=float, default=0.0, help="> 0: every search and retrain trains on "
+                   "batches with labels, on the distillation plus this weight times the model's own loss (default: "
+                   "distillation alone)")
     p.add_argument("--blocks", type=int, default=4, help="held-out batches of 4 x 256 tokens per text")
     p.add_argument("--runs", type=int, default=5, help="timed rounds per model in each timed group")
     add_results_options(p, "decoder_smollm2")
@@ -355,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     save = results_saver(args, COLUMNS, report)
     payload = run(args.speeds, args.seeds, args.search_steps, args.retrain_steps, args.blocks, tuple(args.methods),
-                  args.runs, save=save, lr=args.lr, schedule=args.retrain_schedule)
+                  args.runs, save=save, lr=args.lr, schedule=args.retrain_schedule,
+                  task_weight=args.task_loss_weight)
     save(payload)
     print(report(payload))
     return 0

@@ -174,7 +174,7 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     methods = ("upop", "depth") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
     saved = []  # a copy of what each save held: a long run keeps every retrained row before its timed group
     payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
-                        load=lambda: _tiny_llama(128, 512), check_batches=2, save=lambda p: saved.append(json.loads(
+                        load=lambda: _tiny_llama(128, 512), check_batches=2, schedule="cosine", task_weight=0.5, save=lambda p: saved.append(json.loads(
                             json.dumps({"rows": p["rows"], "untimed": p["untimed"], "md": bench.report(p)}))))
     assert [[r["method"] for r in p["untimed"]] for p in saved[:-1]] == [list(methods[:i + 1]) for i in
                                                                           range(len(methods))]
@@ -190,3 +190,4 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     common.write_results("decoder", payload, bench.COLUMNS, tmp_path, markdown=bench.report(payload))
     assert json.loads((tmp_path / "decoder.json").read_text())["rows"][0]["method"] == "upop"
     assert "| 1.05x upop |" in (tmp_path / "decoder.md").read_text()
+    assert "cosine schedule, distillation + 0.5 x the own loss" in saved[-1]["md"]  # every row trained on labels

@@ -131,3 +131,34 @@ def test_the_search_distils_layer_wise_at_every_residual_write_of_the_masked_gra
     assert layered.losses["search"][0] == pytest.approx(plain.losses["search"][0], abs=1e-6)  # masks 1: the teacher
     assert layered.losses["search"] != plain.losses["search"]
     assert "_keep" not in layered.model.code
+
+
+def test_a_task_loss_weight_distils_and_adds_the_models_own_loss():
+    """With labels, ``task_weight`` > 0: the KL of the class distributions (the ``loss`` output is no output to
+    match) plus the weight times the student's own loss; 0: the own loss alone, as before."""
+    from upop_fx.training.loop import Distillation, make_objective
+
+    zoo = ZOO["bert_cls"]()
+    batch = {**zoo.example_inputs, "labels": torch.tensor([0, 1, 0, 1])[: zoo.example_inputs["input_ids"].shape[0]]}
+    student = __import__("copy").deepcopy(zoo.model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        s, t = student(**batch), zoo.model(**batch)
+        mixed = make_objective(None, zoo.model, task_loss=True, task_weight=0.5)
+        assert isinstance(mixed, Distillation)
+        kl = torch.nn.functional.kl_div(s.logits.log_softmax(-1), t.logits.log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+        torch.testing.assert_close(mixed(student, batch), kl + 0.5 * s.loss)
+        torch.testing.assert_close(make_objective(None, zoo.model, task_loss=True)(student, batch), s.loss)
+
+
+def test_compress_with_a_task_loss_weight_distils_layer_wise_with_labels():
+    zoo = ZOO["bert_cls"]()
+    labelled = {**zoo.example_inputs, "labels": torch.tensor([0, 1, 0, 1])[: zoo.example_inputs["input_ids"].shape[0]]}
+    kwargs = dict(ratio=0.3, method="magnitude", data=[labelled] * 6, retrain_steps=2, calibration_batches=2)
+    own = upop_fx.compress(zoo.model, labelled, **kwargs)
+    mixed = upop_fx.compress(zoo.model, labelled, task_loss_weight=0.5, layer_distillation=0.0, **kwargs)
+    layered = upop_fx.compress(zoo.model, labelled, task_loss_weight=0.5, **kwargs)
+    assert mixed.losses["retrain"][0] < layered.losses["retrain"][0]  # the same cut and batch: a layer term more
+    assert mixed.report.retrain_check != own.report.retrain_check

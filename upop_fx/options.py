@@ -261,6 +261,12 @@ class Options:
         "the search) or was (in the retrain) cut, of each feature's squared error against the dense model's over "
         "the dense model's variance of it, added to the output distillation (upop_fx.training.layerwise); the default "
         "is what benchmarks/results/latency_layerwise says. 0: the outputs alone", _non_negative)
+    task_loss_weight: float = _option(
+        0.0, "training", "when the batches carry labels and the model returns its own .loss (a Hugging Face model): "
+        "0 trains on that loss alone; w > 0 distils from the dense model (as without labels) and adds w times that "
+        "loss, so that the data's own signal adds to the dense model's distributions instead of replacing them "
+        "(benchmarks/results/decoder_smollm2_mix says what it does on SmolLM2). No effect without labels or with a "
+        "loss_fn", _non_negative)
     reconstruct: bool = _option(
         True, "training", "with data: after the cut (before any retrain), re-fit each cut layer's output "
         "projection and bias by ridge least squares so that the residual stream matches the dense model's on "

@@ -282,7 +282,7 @@ def run(
         task = loss_fn is None and has_task_loss(teacher, info.kwargs)
         if task:
             log.info("training on the model's own loss (the inputs carry labels)")
-        objective = make_objective(loss_fn, teacher, task)
+        objective = make_objective(loss_fn, teacher, task, options.task_loss_weight)
         batches = Batches(data, example)
         calibration = options.calibration_batches if data is not None else 0
         batches.require(search_steps + calibration + options.retrain_steps)
@@ -306,7 +306,8 @@ def run(
                                                           options.lr, example, prepared.training, check=check or None,
                                                           layer_distillation=options.layer_distillation,
                                                           schedule=options.retrain_schedule,
-                                                          score=options.retrain_score)
+                                                          score=options.retrain_score,
+                                                          task_weight=options.task_loss_weight)
         log.info(
             "compressed %s with %s: params %d -> %d, FLOPs %d -> %d",
             type(model).__name__, strategy.name, result.report.params_before, result.report.params_after,
@@ -329,7 +330,8 @@ def fit_and_check(held: list[Any], inputs: list[Any], split: bool) -> tuple[list
 def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any, loss_fn: Any, steps: int,
                    lr: float, example: Any, training: Training | None = None, check: list[Any] | None = None,
                    layer_distillation: float | None = None, schedule: str | None = None,
-                   score: Callable[[torch.nn.Module], float] | None = None) -> list[float]:  # fmt: skip
+                   score: Callable[[torch.nn.Module], float] | None = None,
+                   task_weight: float = 0.0) -> list[float]:  # fmt: skip
     """Fine-tune the cut model for ``steps`` (:func:`~upop_fx.training.loop.retrain`): ``result.module`` when there
     is one, its weights then copied into the graph ``result.model`` (checked equal); else the graph. The module
     trains in train mode (dropout as the model defines it) on a task loss, and in eval mode when it distils: the
@@ -340,16 +342,19 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
     residual stream is tapped — and the module, which computes what the graph computes in eval mode, receives
     its weights. ``schedule``: the learning rate's (None: ``Options.retrain_schedule``'s default). ``score``:
     what the guard follows instead of the check loss (``Options.retrain_score``), given ``result.module`` where
-    there is one (the graph's weights copied in first when the graph trains), else the graph."""
+    there is one (the graph's weights copied in first when the graph trains), else the graph. ``task_weight``:
+    with labels, > 0 distils and adds that weight times the model's own loss (``Options.task_loss_weight``)."""
     module = result.module
     history: list[tuple[int, float]] = []
     result.report.retrain_scored = score is not None
     if layer_distillation is None:
         layer_distillation = Options().layer_distillation
     task = loss_fn is None and has_task_loss(result.model, example)
-    layerwise = layer_distillation > 0 and loss_fn is None and not task and isinstance(teacher, torch.fx.GraphModule)
+    distils = loss_fn is None and (not task or task_weight > 0)
+    layerwise = layer_distillation > 0 and distils and isinstance(teacher, torch.fx.GraphModule)
     if module is None or layerwise:
-        objective = LayerwiseDistillation(teacher, result.model, layer_distillation) if layerwise else None
+        objective = (LayerwiseDistillation(teacher, result.model, layer_distillation, task_weight=task_weight if task
+                                           else 0.0) if layerwise else None)
         with objective or contextlib.nullcontext():
             if objective is not None:
                 log.info("retrain: layer-wise distillation at %d points of the residual stream (weight %g)",
@@ -360,16 +365,17 @@ def retrain_result(result: Result, teacher: torch.nn.Module | None, batches: Any
                     _graph_weights_into(module, graph)
                     return score(module)
             losses = retrain(result.model, teacher, batches, loss_fn, steps, lr, example, training=training,
-                             check=check, history=history, objective=objective, schedule=schedule, score=graph_score)
+                             check=check, history=history, objective=objective, schedule=schedule, score=graph_score,
+                             task_weight=task_weight)
         result.report.retrain_check = [list(h) for h in history]
         if module is not None:
             _graph_weights_into(module, result.model)
         return losses
-    module.train(loss_fn is not None or task)
+    module.train(not distils)
     try:
         with cache_off(module):
             losses = retrain(module, teacher, batches, loss_fn, steps, lr, example, training=training, check=check,
-                             history=history, schedule=schedule, score=score)
+                             history=history, schedule=schedule, score=score, task_weight=task_weight)
     finally:
         module.eval()
     result.report.retrain_check = [list(h) for h in history]

@@ -338,9 +338,10 @@ PROMPT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 def prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The ``(batch, tokens)`` ids of a call made with a prompt alone (keyword inputs among
-    :data:`PROMPT_INPUTS`: no image, no encoder input); None for any other call."""
+    :data:`PROMPT_INPUTS`: no image, no encoder input; ``labels`` for training's sake, which generation does not
+    read); None for any other call."""
     ids = kwargs.get("input_ids")
-    if args or not set(kwargs) <= PROMPT_INPUTS or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+    if args or not set(kwargs) - {"labels"} <= PROMPT_INPUTS or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return None
     return ids
 

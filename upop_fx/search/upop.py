@@ -94,12 +94,13 @@ class UPopSearch:
         options = prepared.options
         layers: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if isinstance(objective, Distillation):
+            task_weight = objective.task_weight
             if state.fused:
-                objective = Distillation(state.matched_teacher())
+                objective = Distillation(state.matched_teacher(), task_weight)
             teacher = objective.teacher
             if options.layer_distillation > 0 and isinstance(teacher, torch.fx.GraphModule):
                 objective = layers = LayerwiseDistillation(teacher, state.model, options.layer_distillation,
-                                                           named_points(teacher, state.model))
+                                                           named_points(teacher, state.model), task_weight)
                 log.info("search: layer-wise distillation at %d points of the residual stream (weight %g)",
                          objective.points, options.layer_distillation)
 

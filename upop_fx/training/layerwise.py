@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from .loop import Distillation, attention_mask, call, distillation_loss, feature_loss, real_rows
+from .loop import Distillation, call, feature_loss, real_rows
 from .reconstruct import linear_parts, refit_sites, residual_add
 
 __all__ = ["Taps", "LayerwiseDistillation", "residual_points", "named_points"]
@@ -108,8 +108,8 @@ class LayerwiseDistillation(Distillation):
     wrapped, as by ``DistributedDataParallel``) and a batch, as every objective does."""
 
     def __init__(self, teacher: torch.fx.GraphModule, student: torch.fx.GraphModule, weight: float,
-                 pairs: list[tuple[Node, Node]] | None = None) -> None:
-        super().__init__(teacher)
+                 pairs: list[tuple[Node, Node]] | None = None, task_weight: float = 0.0) -> None:
+        super().__init__(teacher, task_weight)
         pairs = residual_points(teacher, student) if pairs is None else pairs
         self.weight = weight
         self.points = len(pairs)
@@ -135,7 +135,7 @@ class LayerwiseDistillation(Distillation):
         with torch.no_grad():
             reference = call(self.teacher, batch)
         targets = self._teacher.take() if self.points else []
-        loss = distillation_loss(call(model, batch), reference, attention_mask(batch))
+        loss = self.output_loss(call(model, batch), reference, batch)
         if not self.points:
             return loss
         layers = [feature_loss(real_rows(batch, s.float()), real_rows(batch, t.float()))

@@ -4,7 +4,8 @@ A *batch* is what ``data`` yields. The loss (:func:`make_objective`) is, in this
 
 * ``loss_fn(outputs, target)`` when a ``loss_fn`` is given; each batch is then an ``(inputs, target)`` pair;
 * the model's own loss, when the example inputs carry ``labels`` and the model's output has a ``.loss``
-  (Hugging Face models): batches are model inputs with their labels, taken as they come;
+  (Hugging Face models): batches are model inputs with their labels, taken as they come; with a
+  ``task_weight`` (``Options.task_loss_weight``) > 0, distillation (below) plus that weight times the own loss;
 * otherwise distillation from the dense model (:func:`distillation_loss`): KL divergence on ``logits``, and on
   every other floating-point output the squared error of each feature over the teacher's variance of it.
 
@@ -166,7 +167,8 @@ def has_task_loss(model: torch.nn.Module, example_inputs: Any) -> bool:
         return isinstance(getattr(call(model, example_inputs), "loss", None), torch.Tensor)
 
 
-def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task_loss: bool = False) -> Objective:
+def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task_loss: bool = False,
+                   task_weight: float = 0.0) -> Objective:
     """The loss of one batch (see the module docstring for which one applies)."""
     if loss_fn is not None:
 
@@ -177,7 +179,7 @@ def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task
             return loss_fn(call(model, inputs), target)
 
         return user
-    if task_loss:
+    if task_loss and not task_weight > 0:
 
         def own(model: torch.nn.Module, batch: Any) -> torch.Tensor:
             loss = getattr(call(model, batch), "loss", None)
@@ -188,21 +190,42 @@ def make_objective(loss_fn: LossFn | None, teacher: torch.nn.Module | None, task
         return own
     if teacher is None:
         raise InputError("distillation needs the dense model as a teacher")
-    return Distillation(teacher)
+    return Distillation(teacher, task_weight if task_loss else 0.0)
 
 
 class Distillation:
     """The default objective: :func:`distillation_loss` of the model's outputs against ``teacher``'s on the
-    same batch (the teacher run without gradients). A search may swap in a teacher that computes the same
-    function with the student's own arithmetic (:attr:`teacher`), so that the loss starts at exactly zero."""
+    same batch (the teacher run without gradients; a ``loss`` output is no output to match), plus ``task_weight``
+    times the model's own ``.loss`` when that is > 0 (the batches then carry labels). A search may swap in a
+    teacher that computes the same function with the student's own arithmetic (:attr:`teacher`), so that the
+    distillation starts at exactly zero."""
 
-    def __init__(self, teacher: torch.nn.Module) -> None:
+    def __init__(self, teacher: torch.nn.Module, task_weight: float = 0.0) -> None:
         self.teacher = teacher
+        self.task_weight = task_weight
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         with torch.no_grad():
             reference = call(self.teacher, batch)
-        return distillation_loss(call(model, batch), reference, attention_mask(batch))
+        return self.output_loss(call(model, batch), reference, batch)
+
+    def output_loss(self, outputs: Any, reference: Any, batch: Any) -> torch.Tensor:
+        """The loss of the model's ``outputs`` on ``batch`` against the teacher's ``reference``."""
+        loss = distillation_loss(_matched(outputs), _matched(reference), attention_mask(batch))
+        if not self.task_weight > 0:
+            return loss
+        own = getattr(outputs, "loss", None)
+        if not isinstance(own, torch.Tensor):
+            raise InputError("task_loss_weight > 0, but the model returned no .loss for this batch (does it carry "
+                             "'labels'?)")
+        return loss + self.task_weight * own
+
+
+def _matched(outputs: Any) -> Any:
+    """A model's outputs as distillation matches them: a mapping's (a ``ModelOutput``'s) ``loss`` left out."""
+    if isinstance(outputs, Mapping) and "loss" in outputs:
+        return {k: v for k, v in outputs.items() if k != "loss"}
+    return outputs
 
 
 class Batches:
@@ -552,6 +575,7 @@ def retrain(
     objective: Objective | None = None,
     schedule: str | None = None,
     score: Callable[[torch.nn.Module], float] | None = None,
+    task_weight: float | None = None,
 ) -> list[float]:
     """Fine-tune the dense small ``model`` in place for ``steps`` AdamW steps; returns the losses.
 
@@ -564,14 +588,16 @@ def retrain(
     (a :class:`~upop_fx.training.layerwise.LayerwiseDistillation`). ``schedule``: the learning rate's
     (:func:`lr_factor`; None: ``Options.retrain_schedule``'s default). ``score``: a quality of ``model``
     (higher is better) that the guard follows instead of the check loss (``Options.retrain_score``; the history
-    then holds minus the score); it needs no ``check`` batches.
+    then holds minus the score); it needs no ``check`` batches. ``task_weight``: with labels, the weight of the
+    model's own loss added to distillation (:func:`make_objective`; None: ``Options.task_loss_weight``'s default).
     """
     batches = data if isinstance(data, Batches) else Batches(data, example_inputs)
     batches.require(steps)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = to_device(example_inputs, device)
     if objective is None:
-        objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example))
+        weight = Options().task_loss_weight if task_weight is None else task_weight
+        objective = make_objective(loss_fn, teacher, loss_fn is None and has_task_loss(model, example), weight)
     params = [p for p in model.parameters() if p.requires_grad]
     every = max(1, steps // 5)
     guard = (BestWeights(model, objective, [], every, score) if score is not None
