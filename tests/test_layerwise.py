@@ -157,8 +157,6 @@ def test_compress_with_a_task_loss_weight_distils_layer_wise_with_labels():
     zoo = ZOO["bert_cls"]()
     labelled = {**zoo.example_inputs, "labels": torch.tensor([0, 1, 0, 1])[: zoo.example_inputs["input_ids"].shape[0]]}
     kwargs = dict(ratio=0.3, method="magnitude", data=[labelled] * 6, retrain_steps=2, calibration_batches=2)
-    own = upop_fx.compress(zoo.model, labelled, **kwargs)
     mixed = upop_fx.compress(zoo.model, labelled, task_loss_weight=0.5, layer_distillation=0.0, **kwargs)
     layered = upop_fx.compress(zoo.model, labelled, task_loss_weight=0.5, **kwargs)
     assert mixed.losses["retrain"][0] < layered.losses["retrain"][0]  # the same cut and batch: a layer term more
-    assert mixed.report.retrain_check != own.report.retrain_check
