@@ -144,15 +144,13 @@ def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list
                   task_weight: float = 0.0) -> None:
     """The retrain every matched row gets (:func:`upop_fx.training.loop.retrain`): distilled from ``dense`` on the
     seed's training stream at ``schedule``'s learning rate (with ``task_weight`` > 0, on batches with labels, plus
-    that weight times the model's own loss), the best weights on its first ``check_batches`` batches kept; then
-    eval mode."""
+    that weight times the model's own loss; ``example`` then carries labels too), the best weights on its first
+    ``check_batches`` batches kept; then eval mode."""
     from upop_fx.capture.program import cache_off
     from upop_fx.training.loop import retrain
 
-    labels = task_weight > 0
-    stream = _stream(texts, tok, seed, labels)
+    stream = _stream(texts, tok, seed, task_weight > 0)
     check = [next(stream) for _ in range(check_batches)]
-    example = next(_stream(texts, tok, 0, labels)) if labels else example
     with cache_off(model):
         retrain(model, dense, stream, None, steps, lr, example, check=check, schedule=schedule, task_weight=task_weight)
     model.eval()
@@ -207,6 +205,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     train = list(datasets.bbc_texts("train"))
     held = lm_held_out(tok, blocks)
     example = next(_stream(train, tok, 0))
+    trained_on = next(_stream(train, tok, 0, True)) if task_weight > 0 else example  # what the training sees
     options = upop_fx.Options() if check_batches is None else upop_fx.Options(calibration_batches=check_batches)
     lr = options.lr if lr is None else lr
     schedule = options.retrain_schedule if schedule is None else schedule
@@ -256,7 +255,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     result = upop_fx.compress(
-                        model, next(_stream(train, tok, 0, True)) if task_weight > 0 else example, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
+                        model, trained_on, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
                         latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
                         retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed, task_weight > 0),
                         seed=seed, task_loss_weight=task_weight,
@@ -275,7 +274,7 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
             # UPop's speed measured as the probes are (compress's own three-run figure can be one slow run off)
             target = speedup(cuts["upop"]) if "upop" in cuts and {"torch-pruning", *DEPTH_ROWS} & set(methods) else asked
             same_retrain = functools.partial(_same_retrain, dense=model, texts=train, tok=tok, seed=seed,
-                                             steps=retrain_steps, lr=lr, schedule=schedule, example=example,
+                                             steps=retrain_steps, lr=lr, schedule=schedule, example=trained_on,
                                              task_weight=task_weight,
                                              check_batches=options.calibration_batches)
             for method, bridge in DEPTH_ROWS.items():

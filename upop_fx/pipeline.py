@@ -281,7 +281,9 @@ def run(
         example = info.kwargs or info.args
         task = loss_fn is None and has_task_loss(teacher, info.kwargs)
         if task:
-            log.info("training on the model's own loss (the inputs carry labels)")
+            log.info("training on the model's own loss (the inputs carry labels)%s",
+                     f", beside distillation (weight {options.task_loss_weight:g})" if options.task_loss_weight > 0
+                     else "")
         objective = make_objective(loss_fn, teacher, task, options.task_loss_weight)
         batches = Batches(data, example)
         calibration = options.calibration_batches if data is not None else 0

@@ -45,7 +45,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 __all__ = [
     "Batches", "Objective", "Training", "PhaseState", "AfterStep", "call", "distillation_loss", "Distillation",
     "make_objective", "feature_loss", "to_device", "train_steps", "retrain", "BestWeights", "kept_step", "guard_reading",
-    "lr_factor", "attention_mask", "real_rows", "token_mask",
+    "lr_factor", "attention_mask", "real_rows", "masked_rows", "token_mask",
     "VARIANCE_FLOOR",
 ]
 
@@ -85,12 +85,17 @@ def real_rows(batch: Any, v: torch.Tensor) -> torch.Tensor:
     """``v`` (``(..., features)``, the value of a layer run on ``batch``) as 2-D rows of features, padded positions
     left out: those the batch's attention mask marks where ``v`` has the mask's token axes, or holds them
     flattened into one (a 2-D ``addmm``'s input). Padding is no token to fit or to rank by."""
+    return masked_rows(attention_mask(batch), v)
+
+
+def masked_rows(mask: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """``v`` as 2-D rows of features, the rows where ``mask`` (``(batch, tokens)``, 0 at padding) is 0 left out
+    when ``v`` has the mask's token axes or holds them flattened into one; every row otherwise."""
     rows = v.reshape(-1, v.shape[-1])
-    given = attention_mask(batch)
-    if given is None or given.dim() < 2:
+    if mask is None or mask.dim() < 2:
         return rows
-    if tuple(v.shape[:-1]) == tuple(given.shape) or (v.dim() == 2 and v.shape[0] == given.numel()):
-        return rows[given.reshape(-1).bool().to(v.device)]
+    if tuple(v.shape[:-1]) == tuple(mask.shape) or (v.dim() == 2 and v.shape[0] == mask.numel()):
+        return rows[mask.reshape(-1).bool().to(v.device)]
     return rows
 
 
@@ -124,9 +129,8 @@ def distillation_loss(student: Any, teacher: Any, real: torch.Tensor | None = No
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             continue
         s, t = s.float(), t.float()
-        if real is not None and t.dim() >= 2 and tuple(t.shape[:-1]) == tuple(real.shape):
-            keep = real.reshape(-1).bool().to(t.device)
-            s, t = s.reshape(-1, s.shape[-1])[keep], t.reshape(-1, t.shape[-1])[keep]
+        if real is not None and t.dim() >= 2:
+            s, t = masked_rows(real, s), masked_rows(real, t)
         if _named(path, "logits") and t.dim() >= 2:
             flat_t, flat_s = t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1])
             terms.append(torch.nn.functional.kl_div(flat_s.log_softmax(-1), flat_t.log_softmax(-1), log_target=True,
