@@ -49,3 +49,24 @@ class SimulatedRuntime:
         monkeypatch.setitem(runners.RUNNERS, runtime, self.build)
         monkeypatch.setattr(timing, "clock", self.clock)
         return self
+
+
+class SimulatedClockOnRealRuntime(SimulatedRuntime):
+    """The real runtime builds and runs every model (an ONNX Runtime session on the exported file, say), while
+    the clock is the simulated one: the export and deployment path is exercised for real, and every timing-based
+    decision is still a deterministic function of the model."""
+
+    def install(self, monkeypatch: Any, runtime: str = "torch-cpu") -> SimulatedRuntime:
+        self.real_build = runners.RUNNERS[runtime]
+        return super().install(monkeypatch, runtime)
+
+    def build(self, runtime: str, gm: torch.nn.Module, inputs: Any, workdir: Path, name: str,
+              export_inputs: Any = None) -> Callable[[], None]:
+        real_call = self.real_build(runtime, gm, inputs, workdir, name, export_inputs)
+        simulated = super().build(runtime, gm, inputs, workdir, name, export_inputs)
+
+        def call() -> None:
+            real_call()
+            simulated()
+
+        return call
