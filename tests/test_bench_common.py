@@ -187,9 +187,26 @@ def test_decoder_benchmark_runs_every_method_at_an_asked_decode_speed(tmp_path, 
         assert (r["params"] < dense["params"]) != (r["method"] == "dense-retrained")  # the reference keeps all
         assert 0 < r["ppl_bbc"] < float("inf") and len(r["samples"]) == 5
         assert r["decode_speedup"] > 0 and r["prefill_speedup"] > 0
+        assert r["retrain_kept"] in [done for done, _ in r["retrain_check"]]  # the guard measured what it kept
+    # the reference's guard follows its own next-token loss on the check batches: at step 0, the dense model's
+    from upop_fx import datasets
+
+    model, tok = _tiny_llama(128, 512)
+    stream = bench._stream(list(datasets.bbc_texts("train")), tok, 0, True)
+    with torch.no_grad():
+        own = [float(model(**next(stream)).loss) for _ in range(2)]
+    reference = next(r for r in payload["rows"] if r["method"] == "dense-retrained")
+    assert reference["retrain_check"][0] == [0, pytest.approx(sum(own) / 2, rel=1e-5)]
     depth = next(r for r in payload["rows"] if r["method"] == "depth")  # measured right after the cut too
     assert 0 < depth["ppl_bbc_cut"] < float("inf") and depth["bridges"] and depth["layers_removed"]
     common.write_results("decoder", payload, bench.COLUMNS, tmp_path, markdown=bench.report(payload))
     assert json.loads((tmp_path / "decoder.json").read_text())["rows"][0]["method"] == "upop"
     assert "| 1.05x upop |" in (tmp_path / "decoder.md").read_text()
     assert "cosine schedule, distillation + 0.5 x the own loss" in saved[-1]["md"]  # every row trained on labels
+    # an ask beyond the prunable share of decode is recorded as refused, and the run goes on without it
+    beyond = bench.run([20.0], [0], search_steps=1, retrain_steps=1, blocks=1, methods=("upop",), runs=1,
+                       load=lambda: _tiny_llama(128, 512), check_batches=2)
+    [refused] = beyond["refused"]
+    assert beyond["rows"] == [] and (refused["method"], refused["asked"]) == ("upop", 20.0)
+    assert refused["most_saved"] < 0.95 and "account for at most" in refused["reason"]
+    assert "20.0x upop (seed 0): at most" in bench.report(beyond)

@@ -127,8 +127,9 @@ def test_compress_with_a_latency_budget_reports_a_prediction_and_a_measurement(e
     assert again.report.latency["measured_classes"] == []  # every table came from the cache
     assert again.keep == result.keep
     most = t["floor_measured"]  # what the floor cut saves: the most a ratio may ask
-    with pytest.raises(ConfigError, match=f"account for at most {100 * most:.0f}%"):
+    with pytest.raises(upop_fx.UnreachableRatioError, match=f"account for at most {100 * most:.0f}%") as refused:
         upop_fx.compress(model, x, 0.95, method="magnitude", retrain_steps=0, own_class=False, budget="latency", runtime="torch-cpu")
+    assert isinstance(refused.value, ConfigError) and (refused.value.ratio, refused.value.most) == (0.95, pytest.approx(most))
 
 
 def _fake_decode(monkeypatch, step_ms):

@@ -26,6 +26,7 @@ from .errors import (
     PreconditionError,
     SurgeryCheckError,
     SurgeryError,
+    UnreachableRatioError,
     UPopError,
 )
 from .ir.groups import DimGroup, GroupAnalysis
@@ -72,6 +73,7 @@ __all__ = [
     "Report",
     "UPopError",
     "ConfigError",
+    "UnreachableRatioError",
     "InputError",
     "CaptureError",
     "CheckpointError",

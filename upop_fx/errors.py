@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "UPopError",
     "ConfigError",
+    "UnreachableRatioError",
     "InputError",
     "CaptureError",
     "NoPrunableGroupError",
@@ -35,6 +36,15 @@ class UPopError(Exception):
 
 class ConfigError(UPopError, ValueError):
     """An argument is out of range or unknown (a ratio outside [0, 1), an unknown method, ...)."""
+
+
+class UnreachableRatioError(ConfigError):
+    """A latency budget asks to remove more of the measured latency than every prunable structure together
+    accounts for (``ratio`` asked, ``most`` the largest fraction pruning could save on that runtime and shape)."""
+
+    def __init__(self, message: str, ratio: float, most: float) -> None:
+        super().__init__(message)
+        self.ratio, self.most = ratio, most
 
 
 class InputError(UPopError, ValueError):

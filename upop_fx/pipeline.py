@@ -37,7 +37,7 @@ import torch
 from .calibration import calibrated_cut, measured_generation
 from .capture.program import cache_off, capture, get_capture, guard_fixed_sizes
 from .compare import agrees, relative_error
-from .errors import ConfigError, InputError, NoPrunableGroupError, SurgeryCheckError
+from .errors import ConfigError, InputError, NoPrunableGroupError, SurgeryCheckError, UnreachableRatioError
 from .ir.entries import build_entries, group_cost, keep_sets, removed_fraction
 from .ir.groups import GroupAnalysis
 from .ir.latency_model import LatencyModel, priced
@@ -159,11 +159,11 @@ def _check_reachable(ratio: float, latency: LatencyModel) -> None:
     log.info("latency on %s at batch %d%s: dense %.2f ms; the most pruning can save: %.0f%%", latency.runtime,
              batch, f", seq {seq}" if seq else " (the inputs' own length)", latency.dense_ms, 100 * most)
     if ratio > most:
-        raise ConfigError(
+        raise UnreachableRatioError(
             f"ratio={ratio} asks to remove {100 * ratio:.0f}% of the measured latency "
             f"({latency.dense_ms:.2f} ms on {latency.runtime}), but the prunable structures account for at most "
             f"{100 * most:.0f}% (the rest — embeddings, norms, the head, overheads — does not shrink); ask for less "
-            "(the tables are cached: a second call measures only the dense model)"
+            "(the tables are cached: a second call measures only the dense model)", ratio, most
         )
 
 
