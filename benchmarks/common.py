@@ -79,26 +79,34 @@ def match_speedup(make: Callable[[float], Any], speedup_of: Callable[[Any], floa
     """The ratio at which ``make(ratio)`` (a pruned model) runs ``target`` times faster, by measurement.
 
     ``speedup_of(model)`` measures a speedup. The time left is taken to fall linearly with the ratio: the
-    first step fits a line through (0, 1) and the first probe, the next ones through the last two probes. Stops
-    within ``tolerance`` of ``target`` or after ``probes`` probes; returns the probe closest to ``target``:
-    ``(model, ratio, speedup, [(ratio, speedup), ...])``.
+    first step fits a line through (0, 1) and the first probe, the next ones through the last two probes. A probe
+    of a ratio already tried (the step clamped at 0.95, say) times that model again instead of rebuilding it, and
+    the ratio's speedup is the mean of its timings. Stops within ``tolerance`` of ``target`` or after ``probes``
+    probes; returns the ratio whose mean speedup is closest to ``target``: ``(model, ratio, mean speedup,
+    [(ratio, speedup) of each probe, in order])``.
     """
-    tried: list[tuple[float, float, Any]] = []
+    made: dict[float, tuple[Any, list[float]]] = {}  # ratio -> (model, its timings)
+    tried: list[tuple[float, float]] = []  # (ratio, mean speedup so far) of each probe, in order
     for _ in range(probes):
-        model = make(ratio)
-        speedup = speedup_of(model)
-        tried.append((ratio, speedup, model))
-        log.info("speed match: ratio %.3f -> %.3fx (target %.3fx)", ratio, speedup, target)
+        if ratio not in made:
+            made[ratio] = (make(ratio), [])
+        model, timings = made[ratio]
+        timings.append(speedup_of(model))
+        speedup = sum(timings) / len(timings)
+        tried.append((ratio, timings[-1]))
+        log.info("speed match: ratio %.3f -> %.3fx (target %.3fx%s)", ratio, timings[-1], target,
+                 f"; mean of {len(timings)}: {speedup:.3f}x" if len(timings) > 1 else "")
         if abs(speedup / target - 1) <= tolerance:
             break
-        (r0, s0), (r1, s1) = ((0.0, 1.0), tried[-1][:2]) if len(tried) == 1 else (tried[-2][:2], tried[-1][:2])
+        (r0, s0), (r1, s1) = ((0.0, 1.0), (ratio, speedup)) if len(tried) == 1 else (tried[-2], (ratio, speedup))
         slope = (1 / s1 - 1 / s0) / (r1 - r0) if r1 != r0 else 0.0
         if slope >= 0:  # no progress to extrapolate from: step by the shortfall
             ratio = float(min(0.95, max(0.0, ratio * (1 - 1 / target) / max(1e-3, 1 - 1 / speedup))))
         else:
             ratio = float(min(0.95, max(0.0, r1 + (1 / target - 1 / s1) / slope)))
-    best = min(tried, key=lambda t: abs(t[1] / target - 1))
-    return best[2], best[0], best[1], [(r, s) for r, s, _ in tried]
+    means = {r: sum(t) / len(t) for r, (_, t) in made.items()}
+    best = min(means, key=lambda r: abs(means[r] / target - 1))
+    return made[best][0], best, means[best], tried
 
 
 def arg_parser(doc: str) -> argparse.ArgumentParser:

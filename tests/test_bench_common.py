@@ -56,6 +56,27 @@ def test_match_speedup_finds_the_ratio_of_a_measured_speedup():
     assert len(probes) == 3 and speedup == pytest.approx(1 / 0.3)  # out of reach: the closest probe
 
 
+def test_a_ratio_probed_again_is_timed_again_not_rebuilt_and_its_timings_averaged():
+    """Out of reach, the step clamps at 0.95 and probes it again: the same model is timed again (built once), the
+    ratio's speedup is the mean of its noisy timings, and each probe's own timing is in the record."""
+    from benchmarks.common import match_speedup
+
+    built, noise = [], iter([1.0, 1.1, 0.9, 1.0])
+
+    def make(r):
+        built.append(r)
+        return r
+
+    def measure(r):  # at most 2x, each timing off by the next noise factor
+        return 1 / max(0.5, 1 - 0.6 * r) * next(noise)
+
+    model, ratio, speedup, probes = match_speedup(make, measure, 3.0, 0.5, probes=4)
+    assert built == [0.5, 0.95] and ratio == model == 0.95
+    assert [r for r, _ in probes] == [0.5, 0.95, 0.95, 0.95]
+    assert [s for _, s in probes] == pytest.approx([1 / 0.7, 2.2, 1.8, 2.0])
+    assert speedup == pytest.approx(2.0)  # the mean of 0.95's three timings
+
+
 def test_search_step_benchmark_times_three_real_training_steps(tmp_path, monkeypatch):
     """The smoke run of ``benchmarks.search_step``: each variant's step runs and trains a copy (the caller's
     model is untouched), and the result files hold one row per variant with its ratio to the eager step."""
