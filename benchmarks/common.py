@@ -86,7 +86,7 @@ def match_speedup(make: Callable[[float], Any], speedup_of: Callable[[Any], floa
     [(ratio, speedup) of each probe, in order])``.
     """
     made: dict[float, tuple[Any, list[float]]] = {}  # ratio -> (model, its timings)
-    tried: list[tuple[float, float]] = []  # (ratio, mean speedup so far) of each probe, in order
+    tried: list[tuple[float, float]] = []  # (ratio, its own timing) of each probe, in order
     for _ in range(probes):
         if ratio not in made:
             made[ratio] = (make(ratio), [])

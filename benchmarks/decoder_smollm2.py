@@ -41,10 +41,10 @@ rows, those not timed yet listed apart) and after every asked speed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
+import math
 import random
 import sys
 import time
@@ -143,13 +143,11 @@ def _shallower(model: torch.nn.Module, example: Any, calibration: list[Any], mad
 
 
 def _own_loss_score(check: list[dict[str, torch.Tensor]]) -> Callable[[torch.nn.Module], float]:
-    """``model -> minus its mean next-token loss on check`` (batches with labels that the retrain never trains on):
-    a guard that follows what the model predicts, not how close it stays to its teacher."""
+    """``model -> minus its mean next-token loss on check`` (the log of :func:`benchmarks.common.perplexity` on
+    batches with labels that the retrain never trains on): a guard that follows what the model predicts, not how
+    close it stays to its teacher."""
 
-    def score(model: torch.nn.Module) -> float:
-        return -sum(float(model(**batch).loss) for batch in check) / len(check)
-
-    return score
+    return lambda model: -math.log(common.perplexity(model, check))
 
 
 def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list[str], tok: Any, seed: int,
@@ -175,22 +173,6 @@ def _same_retrain(model: torch.nn.Module, *, dense: torch.nn.Module, texts: list
                 score=score, history=history)
     model.eval()
     return _guard_info(history)
-
-
-@contextlib.contextmanager
-def _refusal(refused: list[dict[str, Any]], **row: Any) -> Iterator[list[str]]:
-    """Inside: a compress whose ask the prunable structures cannot meet (:class:`upop_fx.UnreachableRatioError`)
-    is recorded in ``refused`` (``row`` and the share they account for) instead of ending the run; the list
-    yielded holds the refusal's message then."""
-    import upop_fx
-
-    said: list[str] = []
-    try:
-        yield said
-    except upop_fx.UnreachableRatioError as exc:
-        refused.append({**row, "most_saved": exc.most, "max_speedup": 1 / (1 - exc.most), "reason": str(exc)})
-        said.append(str(exc))
-        log.info("%s", refused[-1])
 
 
 def _guard_info(history: list[Any]) -> dict[str, Any]:
@@ -301,14 +283,18 @@ def run(speeds: list[float], seeds: list[int], search_steps: int, retrain_steps:
                     save(payload())
             for method in [m for m in methods if m not in ("torch-pruning", "dense-retrained", *DEPTH_ROWS)]:
                 t0 = time.perf_counter()
-                with RssPeak() as mem, _refusal(refused, seed=seed, asked=asked, method=method) as unreachable:
-                    result = upop_fx.compress(
-                        model, trained_on, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
-                        latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
-                        retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed, task_weight > 0),
-                        seed=seed, task_loss_weight=task_weight,
-                        calibration_batches=options.calibration_batches)  # fmt: skip
-                if unreachable:
+                try:
+                    with RssPeak() as mem:
+                        result = upop_fx.compress(
+                            model, trained_on, ratio=1 - 1 / asked, method=method, budget="latency", runtime="torch-cpu",
+                            latency_phase="decode", latency_shape=(1, CONTEXT), search_steps=search_steps,
+                            retrain_steps=retrain_steps, retrain_schedule=schedule, lr=lr, data=_stream(train, tok, seed, task_weight > 0),
+                            seed=seed, task_loss_weight=task_weight,
+                            calibration_batches=options.calibration_batches)  # fmt: skip
+                except upop_fx.UnreachableRatioError as exc:  # recorded, and the run goes on without this row
+                    refused.append({"seed": seed, "asked": asked, "method": method, "most_saved": exc.most,
+                                    "max_speedup": 1 / (1 - exc.most), "reason": str(exc)})
+                    log.info("%s", refused[-1])
                     continue
                 if result.module is None:
                     raise RuntimeError(f"{method}: no module of the model's class ({result.report.module_reason})")
